@@ -1,0 +1,40 @@
+"""Entry point of the `blda` command: the click group and uniform error reporting."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from blda_tools import __version__
+from blda_tools.errors import BLDAError
+
+
+class _Group(click.Group):
+    """A click group that turns BLDAError into a one-line message and exit status 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BLDAError as error:
+            click.secho(f"error: {error}", fg="red", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="blda")
+def cli() -> None:
+    """Measure and remove class bias in segmentation models (BLDA, ICML 2025)."""
+
+
+def _register_commands() -> None:
+    # Each command module adds itself here once it does real work; no placeholders.
+    from blda_cli import commands
+
+    for command in commands.ALL:
+        cli.add_command(command)
+
+
+def main() -> None:
+    _register_commands()
+    cli()

@@ -1,0 +1,27 @@
+"""The package installs what it says and the README's commands are the ones CI runs."""
+
+import pkgutil
+import re
+import tomllib
+from pathlib import Path
+
+import blda_tools
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_library_subpackage_is_listed_in_pyproject():
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"blda_tools"} | {
+        f"blda_tools.{m.name}" for m in pkgutil.iter_modules(blda_tools.__path__) if m.ispkg
+    }
+    assert found <= listed, f"add to pyproject.toml packages: {sorted(found - listed)}"
+
+
+def test_ci_runs_the_readme_test_command():
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    test_command = [line for line in ci_lines if "pytest" in line and not line.startswith("#")]
+    assert len(test_command) == 1
+    readme = (ROOT / "README.md").read_text()
+    quickstart = re.search(r"## Quickstart(.*?)\n## ", readme, re.S).group(1)
+    assert test_command[0].strip() in quickstart
