@@ -1,0 +1,389 @@
+"""What every dataset shares: the sample type, the base class, image/label reading and writing.
+
+A dataset is a fixed list of (image file, label file or None, name) built from a directory
+listing when it is constructed; files are only opened in `__getitem__`, so `len()` and `names`
+are cheap and a dataset can be sent to DataLoader worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from PIL import Image
+
+from blda_tools.errors import BLDAError
+from blda_tools.fileio import atomic_output
+
+IGNORE_INDEX = 255
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+# Pillow modes whose pixel values are label ids as stored (no colour conversion).
+_ID_MODES = ("L", "P", "I;16", "I;16B", "I;16L", "I")
+
+RGB = tuple[int, int, int]
+
+
+class CorruptSampleError(BLDAError):
+    """An image or label file of one sample cannot be decoded.
+
+    Raised by `__getitem__`, naming the file, so that callers can skip the sample with a
+    warning and count it, or stop (the CLI's `--strict`).
+    """
+
+
+@dataclass(frozen=True)
+class SegmentationSample:
+    """One sample as every dataset returns it.
+
+    `image` is a uint8 tensor (3, H, W) in RGB order. `label` is an int64 tensor (H, W) of
+    train ids with `ignore_index` 255 for unlabelled pixels, or None when the dataset has no
+    labels; the classification dataset stores a 0-d int64 class index instead. `name` is a
+    stable identifier: the image path relative to the data root, without extension, with `/`.
+    """
+
+    image: torch.Tensor
+    label: torch.Tensor | None
+    name: str
+
+
+class SegmentationDataset:
+    """A list of image files with optional label files, read on access.
+
+    Subclasses discover the files in `__init__`, pass them here, and implement `read_label`
+    (file -> int64 train ids). `align` decides what happens when image and label sizes differ;
+    by default that sample is corrupt.
+    """
+
+    dataset_name = "dataset"
+    ignore_index = IGNORE_INDEX
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        *,
+        image_paths: Sequence[Path],
+        label_paths: Sequence[Path] | None,
+        class_names: Sequence[str],
+        palette: Sequence[RGB],
+    ) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.image_paths: tuple[Path, ...] = tuple(image_paths)
+        self.label_paths: tuple[Path, ...] | None = (
+            None if label_paths is None else tuple(label_paths)
+        )
+        self.class_names: tuple[str, ...] = tuple(class_names)
+        self.palette: list[RGB] = [tuple(int(v) for v in color) for color in palette]
+        if len(self.palette) != len(self.class_names):
+            raise BLDAError(
+                f"{self.dataset_name}: palette has {len(self.palette)} colours for "
+                f"{len(self.class_names)} classes; expected one RGB colour per class"
+            )
+        self._names = tuple(sample_name(path, self.root) for path in self.image_paths)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def has_labels(self) -> bool:
+        return self.label_paths is not None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every sample's name, in index order (from the listing; no file is opened)."""
+        return self._names
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def __getitem__(self, index: int) -> SegmentationSample:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"{self.dataset_name}: index {index} out of range for {len(self)}")
+        index = index % len(self)
+        image = read_rgb_image(self.image_paths[index])
+        label = None
+        if self.label_paths is not None:
+            label = self.read_label(self.label_paths[index])
+            image = self.align(index, image, label)
+        return SegmentationSample(image=pil_to_tensor(image), label=label, name=self._names[index])
+
+    def read_label(self, path: Path) -> torch.Tensor:
+        """Read one label file as an int64 (H, W) tensor of train ids (255 = ignore)."""
+        raise NotImplementedError
+
+    def align(self, index: int, image: Image.Image, label: torch.Tensor) -> Image.Image:
+        """Return the image matching the label's size; a mismatch makes the sample corrupt."""
+        label_size = (label.shape[-1], label.shape[-2])
+        if image.size != label_size:
+            raise CorruptSampleError(
+                f"{self.image_paths[index]}: image is {image.size[0]}x{image.size[1]} but its "
+                f"label {self.label_paths[index]} is {label_size[0]}x{label_size[1]} (W x H); "
+                "expected equal sizes"
+            )
+        return image
+
+    def __repr__(self) -> str:
+        labels = "with labels" if self.has_labels else "without labels"
+        return (
+            f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, "
+            f"{len(self)} images {labels}, {self.num_classes} classes)"
+        )
+
+
+def sample_name(path: Path, root: Path) -> str:
+    """The path relative to `root` without extension, with `/` separators."""
+    relative = PurePosixPath(path.relative_to(root).as_posix())
+    return str(relative.with_suffix(""))
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def read_rgb_image(path: Path) -> Image.Image:
+    """Open and fully decode an image as 8-bit RGB, or raise `CorruptSampleError` naming it."""
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return opened.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise CorruptSampleError(f"{path}: cannot read image ({error})") from None
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB Pillow image -> uint8 tensor (3, H, W)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def read_id_image(path: Path) -> np.ndarray:
+    """Read a single-channel label PNG (8-bit, palette indices or 16-bit) as stored values.
+
+    Palette PNGs (GTA5 labels) give their indices, never colours. A colour image is refused:
+    it is usually the `*_color.png` visualisation rather than the id file.
+    """
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            if opened.mode not in _ID_MODES:
+                raise CorruptSampleError(
+                    f"{path}: label image has mode {opened.mode}; expected a single-channel "
+                    "label-id PNG (8-bit, palette or 16-bit), not a colour visualisation"
+                )
+            return np.array(opened)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise CorruptSampleError(f"{path}: cannot read label ({error})") from None
+
+
+def map_ids(ids: np.ndarray, lookup: torch.Tensor) -> torch.Tensor:
+    """Map stored ids through a 256-entry table; ids outside the table become ignore (255)."""
+    values = torch.from_numpy(ids.astype(np.int64, copy=False))
+    inside = (values >= 0) & (values < lookup.numel())
+    return torch.where(inside, lookup[values.clamp(0, lookup.numel() - 1)], IGNORE_INDEX)
+
+
+def train_id_lookup(pairs: dict[int, int]) -> torch.Tensor:
+    """A 256-entry int64 table, stored id -> train id, 255 for every id not in `pairs`."""
+    lookup = torch.full((256,), IGNORE_INDEX, dtype=torch.int64)
+    for stored_id, train_id in pairs.items():
+        lookup[stored_id] = train_id
+    return lookup
+
+
+def identity_lookup(num_classes: int) -> torch.Tensor:
+    """Table for files that already hold train ids: 0..C-1 kept, everything else ignore."""
+    return train_id_lookup({train_id: train_id for train_id in range(num_classes)})
+
+
+# ---------------------------------------------------------------- listing and splits
+
+
+def require_dir(path: Path, dataset: str, what: str) -> Path:
+    """Raise a `BLDAError` naming the expected folder if `path` is not a directory."""
+    if not path.is_dir():
+        problem = "is not a folder" if path.exists() else "does not exist"
+        raise BLDAError(f"{dataset}: expected folder {path} ({what}); it {problem}")
+    return path
+
+
+def image_key(relative: PurePosixPath) -> str:
+    """A file's key for matching images to labels: relative path without image extension."""
+    if relative.suffix.lower() in IMAGE_EXTENSIONS:
+        relative = relative.with_suffix("")
+    return relative.as_posix()
+
+
+def list_files(directory: Path, extensions: Sequence[str]) -> dict[str, Path]:
+    """Every file below `directory` with one of `extensions` (any case), by `image_key`."""
+    found: dict[str, Path] = {}
+    for dirpath, _dirnames, filenames in os.walk(directory):
+        for filename in filenames:
+            if os.path.splitext(filename)[1].lower() in extensions:
+                path = Path(dirpath, filename)
+                key = image_key(PurePosixPath(path.relative_to(directory).as_posix()))
+                if key in found:
+                    raise BLDAError(
+                        f"{path}: same name as {found[key]} up to the extension; "
+                        "expected one file per name"
+                    )
+                found[key] = path
+    return dict(sorted(found.items()))
+
+
+def select_split(keys: Sequence[str], split: str, dataset: str, image_dir: Path) -> list[str]:
+    """Keys of the split: all of them for "all", else those listed in the file `split`.
+
+    A list file holds one image per line: a key (`00001`), a file name (`00001.png`) or a path
+    starting with the image folder's name (`images/00001.png`). Blank lines and lines starting
+    with `#` are skipped. Entries are kept in the file's order.
+    """
+    if split == "all":
+        return list(keys)
+    list_file = Path(split)
+    if not list_file.is_file():
+        raise BLDAError(
+            f"{dataset}: split {split!r} is neither 'all' nor an existing list file "
+            "(one image name per line)"
+        )
+    available = set(keys)
+    selected: list[str] = []
+    seen: set[str] = set()
+    for number, line in enumerate(list_file.read_text().splitlines(), start=1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        relative = PurePosixPath(entry.replace("\\", "/"))
+        if relative.parts and relative.parts[0] == image_dir.name and len(relative.parts) > 1:
+            relative = PurePosixPath(*relative.parts[1:])
+        key = image_key(relative)
+        if key not in available:
+            raise BLDAError(f"{list_file}:{number}: no image {entry!r} under {image_dir}")
+        if key in seen:
+            raise BLDAError(f"{list_file}:{number}: image {entry!r} is listed twice")
+        seen.add(key)
+        selected.append(key)
+    if not selected:
+        raise BLDAError(f"{list_file}: split list file names no images")
+    return selected
+
+
+def pair_labels(
+    image_keys: Sequence[str],
+    labels_by_key: dict[str, Path],
+    *,
+    dataset: str,
+    all_image_keys: Sequence[str],
+    expected_label: str,
+) -> list[Path] | None:
+    """The label file of each image, or None when the dataset has no labels at all.
+
+    Labels without an image are an error (a broken or mixed-up extraction), and so is a
+    partly labelled split (metrics over it would silently cover only some images).
+    `expected_label` describes where a label should be, for the message.
+    """
+    orphans = sorted(set(labels_by_key) - set(all_image_keys))
+    if orphans:
+        raise BLDAError(
+            f"{dataset}: label file {labels_by_key[orphans[0]]} has no matching image "
+            f"({len(orphans)} label files without images)"
+        )
+    if not labels_by_key:
+        return None
+    missing = [key for key in image_keys if key not in labels_by_key]
+    if missing:
+        raise BLDAError(
+            f"{dataset}: {len(missing)} of {len(image_keys)} images have no label file; "
+            f"first: image {missing[0]!r}, expected label {expected_label.format(key=missing[0])}"
+        )
+    return [labels_by_key[key] for key in image_keys]
+
+
+def read_names_option(
+    value: Sequence[str] | str | os.PathLike, option: str, max_classes: int | None = 255
+) -> list[str]:
+    """A list of class names given directly or as a text file with one name per line.
+
+    Segmentation labels are 8-bit with 255 as ignore, hence at most 255 classes (ids 0..254) by default.
+    """
+    if isinstance(value, (str, os.PathLike)):
+        path = Path(value)
+        if not path.is_file():
+            raise BLDAError(f"{option}: file {path} does not exist (one class name per line)")
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        names = [str(name) for name in value]
+    if not names:
+        raise BLDAError(f"{option}: no class names given")
+    if len(set(names)) != len(names):
+        raise BLDAError(f"{option}: class names must be unique, got {names}")
+    if max_classes is not None and len(names) > max_classes:
+        raise BLDAError(
+            f"{option}: {len(names)} classes; at most {max_classes} (255 is the ignore index)"
+        )
+    return names
+
+
+# ---------------------------------------------------------------- colours and writing
+
+
+def default_palette(num_classes: int) -> list[RGB]:
+    """Distinct colours for any number of classes (the PASCAL VOC bit-interleaving scheme)."""
+    palette = []
+    for index in range(num_classes):
+        red = green = blue = 0
+        code = index
+        for bit in range(7, -1, -1):
+            red |= ((code >> 0) & 1) << bit
+            green |= ((code >> 1) & 1) << bit
+            blue |= ((code >> 2) & 1) << bit
+            code >>= 3
+        palette.append((red, green, blue))
+    return palette
+
+
+def label_to_color(
+    label: torch.Tensor | np.ndarray, palette: Sequence[RGB], ignore_color: RGB = (0, 0, 0)
+) -> torch.Tensor:
+    """Colour a train-id map: (H, W) ints -> uint8 (H, W, 3).
+
+    Pixel value i < len(palette) gets `palette[i]`; the ignore index and any other value get
+    `ignore_color`. Negative values are refused.
+    """
+    label = torch.as_tensor(label)
+    if label.dtype.is_floating_point or label.dtype == torch.bool:
+        raise BLDAError(f"label_to_color: expected an integer label map, got {label.dtype}")
+    if label.numel() and int(label.min()) < 0:
+        raise BLDAError("label_to_color: label map has negative values; expected train ids")
+    table = torch.tensor([*palette, ignore_color], dtype=torch.uint8).reshape(-1, 3)
+    beyond = len(table) - 1
+    return table[label.long().clamp(max=beyond)]
+
+
+def write_label_png(path: str | os.PathLike, train_ids: torch.Tensor | np.ndarray) -> None:
+    """Write a (H, W) train-id map as an 8-bit grayscale PNG (atomically)."""
+    values = torch.as_tensor(train_ids)
+    if values.ndim != 2 or values.dtype.is_floating_point:
+        raise BLDAError(
+            f"{path}: expected an integer (H, W) train-id map, got {tuple(values.shape)} "
+            f"{values.dtype}"
+        )
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) > 255):
+        raise BLDAError(f"{path}: train ids must lie in 0..255 to be written as an 8-bit PNG")
+    image = Image.fromarray(values.to(torch.uint8).numpy())
+    with atomic_output(path) as temporary:
+        image.save(temporary, format="PNG")
+
+
+def write_color_png(
+    path: str | os.PathLike, train_ids: torch.Tensor | np.ndarray, palette: Sequence[RGB]
+) -> None:
+    """Write a (H, W) train-id map as an RGB PNG coloured with `palette` (atomically)."""
+    colors = label_to_color(train_ids, palette)
+    if colors.ndim != 3:
+        raise BLDAError(f"{path}: expected a (H, W) train-id map, got {tuple(colors.shape[:-1])}")
+    with atomic_output(path) as temporary:
+        Image.fromarray(colors.numpy()).save(temporary, format="PNG")
