@@ -1,0 +1,98 @@
+"""The built-in architectures, registered by name (imported lazily by the registry)."""
+
+from __future__ import annotations
+
+from blda_tools.models.deeplabv2 import DLV2_REDUCED_DILATIONS, DLV2Head, ResNetV1c
+from blda_tools.models.heads import DAFORMER_FUSION_DILATIONS, DAFormerHead, SegFormerHead
+from blda_tools.models.mit import MIT_CONFIGS, MixVisionTransformer
+from blda_tools.models.registry import register_model
+from blda_tools.models.segmentor import Segmentor
+from blda_tools.models.tiny import TinyDecoder, TinyEncoder
+
+# SegFormer decoder width of the released configs: 256 for B0/B1, 768 for B2-B5.
+SEGFORMER_EMBED_DIMS = {"b0": 256, "b1": 256, "b2": 768, "b3": 768, "b4": 768, "b5": 768}
+
+
+def _daformer(variant: str):
+    def factory(
+        num_classes: int,
+        *,
+        embed_dim: int = 256,
+        dilations: tuple[int, ...] = DAFORMER_FUSION_DILATIONS,
+        dropout_ratio: float = 0.1,
+        drop_path_rate: float = 0.1,
+        regression_head: bool = False,
+    ) -> Segmentor:
+        backbone = MixVisionTransformer(MIT_CONFIGS[variant], drop_path_rate=drop_path_rate)
+        head = DAFormerHead(
+            backbone.embed_dims,
+            num_classes,
+            embed_dim=embed_dim,
+            channels=embed_dim,
+            dilations=dilations,
+            dropout_ratio=dropout_ratio,
+            regression_head=regression_head,
+        )
+        # BLDA checkpoints add the regression head `conv_reg`; it is not needed for logits.
+        optional = () if regression_head else ("decode_head.conv_reg.",)
+        return Segmentor(
+            backbone,
+            head,
+            feature_channels=head.channels,
+            output_stride=4,
+            optional_checkpoint_keys=optional,
+        )
+
+    factory.__doc__ = (
+        f"MiT-{variant.upper()} encoder with the DAFormer head (separable ASPP fusion)."
+    )
+    return factory
+
+
+def _segformer(variant: str):
+    def factory(
+        num_classes: int,
+        *,
+        embed_dim: int = SEGFORMER_EMBED_DIMS[variant],
+        dropout_ratio: float = 0.1,
+        drop_path_rate: float = 0.1,
+    ) -> Segmentor:
+        backbone = MixVisionTransformer(MIT_CONFIGS[variant], drop_path_rate=drop_path_rate)
+        head = SegFormerHead(
+            backbone.embed_dims, num_classes, embed_dim=embed_dim, dropout_ratio=dropout_ratio
+        )
+        # mmseg's BaseDecodeHead builds a `conv_seg` the SegFormer head never uses; released
+        # checkpoints carry it.
+        return Segmentor(
+            backbone,
+            head,
+            feature_channels=head.channels,
+            output_stride=4,
+            optional_checkpoint_keys=("decode_head.conv_seg.",),
+        )
+
+    factory.__doc__ = f"MiT-{variant.upper()} encoder with SegFormer's all-MLP head."
+    return factory
+
+
+for _variant in MIT_CONFIGS:
+    register_model(f"daformer_mit{_variant}")(_daformer(_variant))
+    register_model(f"segformer_mit{_variant}")(_segformer(_variant))
+
+
+@register_model("deeplabv2_r101")
+def deeplabv2_r101(
+    num_classes: int, *, dilations: tuple[int, ...] = DLV2_REDUCED_DILATIONS
+) -> Segmentor:
+    """ResNet-101 V1c + DeepLabV2 classifier (DAFormer's `dlv2red`, dilations 6 and 12)."""
+    backbone = ResNetV1c()
+    head = DLV2Head(backbone.out_channels, num_classes, dilations)
+    return Segmentor(backbone, head, feature_channels=backbone.out_channels, output_stride=8)
+
+
+@register_model("tiny")
+def tiny(num_classes: int, *, channels: int = 64) -> Segmentor:
+    """Small CNN encoder-decoder (~0.2 M parameters), logits at 1/4 resolution."""
+    backbone = TinyEncoder()
+    head = TinyDecoder(backbone.out_channels, num_classes, channels=channels)
+    return Segmentor(backbone, head, feature_channels=channels, output_stride=4)

@@ -1,0 +1,101 @@
+"""`load_model`: what the CLI's `--model` / `--checkpoint` options resolve to.
+
+`--model` is a registered architecture, `torchscript` (the checkpoint is a TorchScript archive)
+or `package.module:factory`, a user's function returning an `nn.Module` (a plugin).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from blda_tools.errors import BLDAError
+from blda_tools.models.checkpoints import LoadReport, load_checkpoint
+from blda_tools.models.registry import create_model
+
+TORCHSCRIPT = "torchscript"
+
+
+def load_model(
+    arch_or_spec: str,
+    num_classes: int,
+    checkpoint: str | os.PathLike | None = None,
+    weights: str = "student",
+    trust_checkpoint: bool = False,
+    strict: bool = True,
+) -> nn.Module:
+    """Build (or load) the model named by `arch_or_spec` and load `checkpoint` into it.
+
+    With `strict=False`, keys that could not be loaded are reported in a warning.
+    """
+    if arch_or_spec == TORCHSCRIPT:
+        return _load_torchscript(checkpoint)
+    if ":" in arch_or_spec:
+        model = _build_plugin(arch_or_spec, num_classes)
+    else:
+        model = create_model(arch_or_spec, num_classes)
+    if checkpoint is not None:
+        report = load_checkpoint(model, checkpoint, weights, trust_checkpoint, strict=strict)
+        _warn_partial(report, checkpoint)
+    return model
+
+
+def _load_torchscript(checkpoint: str | os.PathLike | None) -> nn.Module:
+    if checkpoint is None:
+        raise BLDAError("--model torchscript: needs --checkpoint FILE (the TorchScript archive)")
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise BLDAError(f"--checkpoint {path}: no such file")
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
+        raise BLDAError(
+            f"--checkpoint {path}: not a TorchScript archive ({first_line}); "
+            "save one with torch.jit.script(model).save(path), or pass the architecture name"
+        ) from None
+
+
+def _build_plugin(spec: str, num_classes: int) -> nn.Module:
+    module_name, _, factory_name = spec.partition(":")
+    if not module_name or not factory_name:
+        raise BLDAError(f"--model {spec}: expected 'package.module:factory'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise BLDAError(
+            f"--model {spec}: cannot import module {module_name!r} ({error}); "
+            "is it installed or on PYTHONPATH?"
+        ) from None
+    factory = getattr(module, factory_name, None)
+    if factory is None or not callable(factory):
+        raise BLDAError(f"--model {spec}: module {module_name} has no callable {factory_name!r}")
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    takes_num_classes = "num_classes" in parameters or any(
+        p.kind == p.VAR_KEYWORD for p in parameters.values()
+    )
+    model = factory(num_classes=num_classes) if takes_num_classes else factory()
+    if not isinstance(model, nn.Module):
+        raise BLDAError(
+            f"--model {spec}: the factory returned {type(model).__name__}, expected a torch nn.Module"
+        )
+    return model
+
+
+def _warn_partial(report: LoadReport, checkpoint: str | os.PathLike) -> None:
+    if report.missing or report.unexpected:
+        warnings.warn(
+            f"{checkpoint}: loaded partially; missing: {', '.join(report.missing) or 'none'}; "
+            f"unexpected: {', '.join(report.unexpected) or 'none'}",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,68 @@
+"""The encoder-decoder wrapper every built-in model shares, and ImageNet input normalisation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from blda_tools.errors import BLDAError
+
+# ImageNet statistics on 0-255 RGB, as in mmseg's `img_norm_cfg`.
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """Turn 0-255 RGB images `(..., 3, H, W)` (uint8 or float) into ImageNet-normalised float32."""
+    if images.dim() < 3 or images.shape[-3] != 3:
+        raise BLDAError(
+            f"normalize: images must have shape (..., 3, H, W) (RGB), got {tuple(images.shape)}"
+        )
+    if not (images.dtype == torch.uint8 or images.is_floating_point()):
+        raise BLDAError(f"normalize: images must be uint8 or float 0-255, got {images.dtype}")
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
+    return (images.float() - mean) / std
+
+
+class Segmentor(nn.Module):
+    """`backbone` (image -> list of feature maps) followed by `decode_head` (-> logits).
+
+    Attributes used by the rest of the toolkit:
+      * `feature_channels`: channels of the decoder features returned by
+        `forward_with_features` (the input of an auxiliary 1 x 1 head);
+      * `output_stride`: input size / logit size;
+      * `optional_checkpoint_keys`: key prefixes that released checkpoints may carry although
+        this model does not use them (dropped, and reported, when loading).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        decode_head: nn.Module,
+        *,
+        feature_channels: int,
+        output_stride: int,
+        optional_checkpoint_keys: Sequence[str] = (),
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.decode_head = decode_head
+        self.feature_channels = feature_channels
+        self.output_stride = output_stride
+        self.optional_checkpoint_keys = tuple(optional_checkpoint_keys)
+
+    def forward_with_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return `(logits (B, C, h, w), decoder features (B, feature_channels, h, w))`."""
+        return self.decode_head.forward_with_features(self.backbone(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits `(B, C, H / output_stride, W / output_stride)` for normalised images."""
+        return self.forward_with_features(images)[0]
+
+    @staticmethod
+    def normalize(images: torch.Tensor) -> torch.Tensor:
+        """ImageNet normalisation of 0-255 RGB images (see `blda_tools.models.normalize`)."""
+        return normalize(images)
