@@ -1,0 +1,68 @@
+"""`blda synthcity make`: generate the SynthCity domain-shift benchmark."""
+
+from __future__ import annotations
+
+import re
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from blda_cli.progress import progress_bar
+from blda_tools.datasets.synthcity import CLASS_NAMES, SynthCityInfo, make_synthcity, split_counts
+from blda_tools.errors import BLDAError
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """Parse ``HxW`` (e.g. ``256x512``) into (height, width)."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if match is None:
+        raise BLDAError(f"--size: expected HxW like 256x512, got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+@click.group("synthcity")
+def synthcity() -> None:
+    """SynthCity: generated street scenes with a class-dependent domain shift."""
+
+
+@synthcity.command("make")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--images", default=100, show_default=True, type=int,
+              help="N: N source images and N target images (split into train and val).")  # fmt: skip
+@click.option("--size", "size_text", default="256x512", show_default=True, help="HxW in pixels.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same files.")
+@click.option("--val-fraction", default=0.25, show_default=True, type=float,
+              help="Share of the N target images that go to the val split.")  # fmt: skip
+@click.option("--overwrite", is_flag=True, help="Replace a SynthCity set already in --out.")
+@click.option("--workers", default=1, show_default=True, type=int,
+              help="Processes to generate with (same files whatever the number).")  # fmt: skip
+def make(out, images, size_text, seed, val_fraction, overwrite, workers) -> None:
+    """Write source (GTA5 layout) and target (Cityscapes layout) images and labels."""
+    size = parse_size(size_text)
+    total = sum(split_counts(images, val_fraction).values())
+    with progress_bar("synthcity", total, unit="images") as advance:
+        info = make_synthcity(out, images=images, size=size, seed=seed,
+                              val_fraction=val_fraction, progress=lambda done, _: advance(1),
+                              overwrite=overwrite, workers=workers)  # fmt: skip
+    Console().print(_summary(info))
+
+
+def _summary(info: SynthCityInfo) -> Table:
+    """Images per split, where they are, and the commonest and rarest classes."""
+    table = Table(title=f"SynthCity {info.size[0]}x{info.size[1]}, seed {info.seed}: {info.root}")
+    for column in ("split", "images", "layout", "commonest class", "rarest class"):
+        table.add_column(column)
+    layouts = {"source": "GTA5", "target/train": "Cityscapes", "target/val": "Cityscapes"}
+    for split, count in info.counts.items():
+        pixels = info.class_pixels.get(split, [])
+        ranked = sorted(range(len(pixels)), key=lambda c: pixels[c])
+        common, rare = (
+            (_share(pixels, ranked[-1]), _share(pixels, ranked[0])) if pixels else ("-", "-")
+        )
+        table.add_row(split, str(count), layouts[split], common, rare)
+    return table
+
+
+def _share(pixels: list[int], train_id: int) -> str:
+    return f"{CLASS_NAMES[train_id]} ({100 * pixels[train_id] / max(sum(pixels), 1):.2f}%)"
