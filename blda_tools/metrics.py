@@ -1,0 +1,272 @@
+"""Segmentation metrics and class-bias measures (paper Eq. 4, Eq. 5, Tables 15 and 18).
+
+Conventions, used everywhere in blda:
+- Metrics are fractions in [0, 1].
+- A class with no pixels and no predictions has NaN IoU and accuracy and is left out of every
+  mean and standard deviation (`SegmentationMetrics.excluded` lists it). A class with predictions
+  but no pixels has IoU 0 (as in the Cityscapes evaluator) and NaN accuracy (recall is undefined).
+- Standard deviations are population standard deviations (ddof=0); this reproduces the "std"
+  columns of the paper's tables (e.g. DAFormer's per-class IoU in Table 14 gives 16.8).
+- Jensen-Shannon divergence uses the natural logarithm, so it lies in [0, ln 2].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from blda_tools.errors import BLDAError
+
+
+def _as_float64(values, name: str) -> torch.Tensor:
+    tensor = torch.as_tensor(np.asarray(values) if not torch.is_tensor(values) else values)
+    return tensor.to(torch.float64)
+
+
+def _square_confusion(confusion, name: str = "confusion") -> torch.Tensor:
+    matrix = _as_float64(confusion, name)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] == 0:
+        raise BLDAError(
+            f"{name}: expected a non-empty square (C, C) matrix, got {tuple(matrix.shape)}"
+        )
+    if (matrix < 0).any() or not torch.isfinite(matrix).all():
+        raise BLDAError(f"{name}: counts must be finite and non-negative")
+    return matrix
+
+
+def _nan_mean_std(values: torch.Tensor) -> tuple[float, float]:
+    kept = values[~torch.isnan(values)]
+    if kept.numel() == 0:
+        return math.nan, math.nan
+    return float(kept.mean()), float(kept.std(correction=0))
+
+
+@dataclass(frozen=True)
+class SegmentationMetrics:
+    """Per-class IoU and accuracy (recall) with their means and population stds."""
+
+    iou: tuple[float, ...]
+    acc: tuple[float, ...]
+    miou: float
+    macc: float
+    iou_std: float
+    acc_std: float
+    class_pixels: tuple[int, ...]
+    excluded: tuple[int, ...]  # classes with no pixels and no predictions
+
+    @classmethod
+    def from_confusion(cls, confusion) -> SegmentationMetrics:
+        """Metrics of a confusion matrix (rows = true class, columns = predicted class)."""
+        matrix = _square_confusion(confusion)
+        true_positive = torch.diagonal(matrix)
+        pixels = matrix.sum(1)
+        predicted = matrix.sum(0)
+        union = pixels + predicted - true_positive
+        iou = torch.where(union > 0, true_positive / union, math.nan)
+        acc = torch.where(pixels > 0, true_positive / pixels, math.nan)
+        miou, iou_std = _nan_mean_std(iou)
+        macc, acc_std = _nan_mean_std(acc)
+        excluded = tuple(int(c) for c in torch.nonzero(union == 0).flatten())
+        return cls(
+            iou=tuple(iou.tolist()),
+            acc=tuple(acc.tolist()),
+            miou=miou,
+            macc=macc,
+            iou_std=iou_std,
+            acc_std=acc_std,
+            class_pixels=tuple(int(p) for p in pixels.tolist()),
+            excluded=excluded,
+        )
+
+
+def bias_from_confusion(confusion) -> torch.Tensor:
+    """Bias(l) of Eq. 4 from a confusion matrix (rows = true class c, columns = prediction l).
+
+    ``Bias(l) = mean_c P(argmax = l | y = c) - 1/C``. Rows with no pixels carry no estimate of
+    P(. | c), so the mean runs over the K present rows only, while the uniform reference stays
+    1/C over all C classes; the biases therefore still sum to 0. Returns ``(C,)`` float64.
+    """
+    matrix = _square_confusion(confusion)
+    row_totals = matrix.sum(1)
+    present = row_totals > 0
+    if not present.any():
+        raise BLDAError("confusion: every row is empty, Bias (Eq. 4) is undefined")
+    conditional = matrix[present] / row_totals[present, None]  # P(l | c), Eq. 4
+    return conditional.mean(0) - 1.0 / matrix.shape[0]
+
+
+# Gauss-Legendre nodes on [0, 1]: inside one bin each CDF is linear (mass uniform within the bin),
+# so the Eq. 5 integrand is a polynomial of degree C - 1 there; ceil(C / 2) nodes integrate it
+# exactly.
+def _unit_gauss_legendre(points: int) -> tuple[torch.Tensor, torch.Tensor]:
+    nodes, weights = np.polynomial.legendre.leggauss(points)
+    return torch.from_numpy((nodes + 1) / 2), torch.from_numpy(weights / 2)
+
+
+def prediction_probabilities_from_histograms(histogram) -> torch.Tensor:
+    """P(argmax = l | y = c) of Eq. 5 for every (c, l), from per-cell logit histograms.
+
+    `histogram` is ``(C, C, B)`` counts (or masses) on one uniform grid; mass is taken as uniform
+    within each bin, and the integral ``int P_cl(z) prod_{y' != l} F_cy'(z) dz`` is computed
+    exactly for that piecewise-uniform model by Gauss-Legendre quadrature inside each bin. The
+    product over y' != l is ``exp(sum_y' log F_cy' - log F_cl)``, so no loop over class pairs.
+    Rows c whose cells are empty give NaN. Logits clipped into the grid's edge bins are treated as
+    lying in those bins, so keep the grid wide enough (the statistics record how many were
+    clipped). Returns ``(C, C)`` float64.
+    """
+    counts = _as_float64(histogram, "histogram")
+    if counts.ndim != 3 or counts.shape[0] != counts.shape[1]:
+        raise BLDAError(f"histogram: expected shape (C, C, B), got {tuple(counts.shape)}")
+    num_classes = counts.shape[0]
+    totals = counts.sum(2, keepdim=True)
+    mass = counts / totals  # per-bin probability of each cell; NaN for empty cells
+    cdf_below = torch.cumsum(mass, 2) - mass  # F at each bin's left edge
+    nodes, weights = _unit_gauss_legendre(max(1, math.ceil(num_classes / 2)))
+    probability = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+    for node, weight in zip(nodes.tolist(), weights.tolist(), strict=True):
+        cdf = cdf_below + node * mass  # F_cy'(z) at this node of every bin
+        log_cdf = torch.log(cdf)
+        log_all = log_cdf.sum(1, keepdim=True)  # sum over y' of log F_cy'
+        others = torch.exp(log_all - log_cdf)  # prod over y' != l
+        # The density is mass / width and dz = width * d(node): widths cancel.
+        integrand = torch.where(mass > 0, mass * others, 0.0)
+        probability += weight * integrand.sum(2)
+    empty_row = (totals.squeeze(2) == 0).any(1)
+    probability[empty_row] = math.nan
+    return probability
+
+
+def bias_from_histograms(histogram) -> torch.Tensor:
+    """Bias(l) estimated from logit distributions alone: Eq. 5 plugged into Eq. 4, ``(C,)``.
+
+    Rows with no pixels are left out of the mean as in `bias_from_confusion`.
+    """
+    probability = prediction_probabilities_from_histograms(histogram)
+    present = ~torch.isnan(probability).any(1)
+    if not present.any():
+        raise BLDAError("histogram: every row is empty, Bias (Eq. 5) is undefined")
+    return probability[present].mean(0) - 1.0 / probability.shape[0]
+
+
+def _average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..n with ties given their average rank."""
+    order = torch.argsort(values, stable=True)
+    sorted_values = values[order]
+    ranks = torch.empty_like(values)
+    ranks[order] = torch.arange(1, values.numel() + 1, dtype=torch.float64)
+    _, group, group_sizes = torch.unique_consecutive(
+        sorted_values, return_inverse=True, return_counts=True
+    )
+    rank_sums = torch.zeros(group_sizes.numel(), dtype=torch.float64)
+    rank_sums.index_add_(0, group, ranks[order])
+    ranks[order] = (rank_sums / group_sizes)[group]
+    return ranks
+
+
+def spearman(first, second) -> float:
+    """Spearman rank correlation (average ranks for ties); pairs with a NaN are dropped.
+
+    NaN when fewer than two pairs remain or either side is constant.
+    """
+    a = _as_float64(first, "first").flatten()
+    b = _as_float64(second, "second").flatten()
+    if a.shape != b.shape:
+        raise BLDAError(f"spearman: lengths differ ({a.numel()} and {b.numel()})")
+    kept = ~(torch.isnan(a) | torch.isnan(b))
+    a, b = a[kept], b[kept]
+    if a.numel() < 2:
+        return math.nan
+    rank_a = _average_ranks(a) - (a.numel() + 1) / 2
+    rank_b = _average_ranks(b) - (b.numel() + 1) / 2
+    denominator = torch.sqrt((rank_a * rank_a).sum() * (rank_b * rank_b).sum())
+    if denominator == 0:
+        return math.nan
+    return float((rank_a * rank_b).sum() / denominator)
+
+
+@dataclass(frozen=True)
+class PredictionGroup:
+    """One group of Table 18: its classes and the mean/std of their IoU and accuracy."""
+
+    classes: tuple[int, ...]
+    iou_mean: float
+    iou_std: float
+    acc_mean: float
+    acc_std: float
+
+
+def prediction_groups(bias, iou, acc) -> dict[str, PredictionGroup]:
+    """Over-predicted (Bias > 0) and under-predicted (Bias < 0) groups (Appendix L, Table 18).
+
+    Classes with Bias exactly 0 or NaN belong to neither; NaN IoU/accuracy values are left out of
+    the group statistics (population std).
+    """
+    bias = _as_float64(bias, "bias")
+    iou = _as_float64(iou, "iou")
+    acc = _as_float64(acc, "acc")
+    if not (bias.shape == iou.shape == acc.shape) or bias.ndim != 1:
+        raise BLDAError(
+            f"prediction_groups: bias, iou and acc must be (C,) vectors of equal length, got "
+            f"{tuple(bias.shape)}, {tuple(iou.shape)}, {tuple(acc.shape)}"
+        )
+    groups = {}
+    for name, members in (("over", bias > 0), ("under", bias < 0)):
+        iou_mean, iou_std = _nan_mean_std(iou[members])
+        acc_mean, acc_std = _nan_mean_std(acc[members])
+        classes = tuple(int(c) for c in torch.nonzero(members).flatten())
+        groups[name] = PredictionGroup(classes, iou_mean, iou_std, acc_mean, acc_std)
+    return groups
+
+
+def js_divergence(p, q) -> torch.Tensor:
+    """Jensen-Shannon divergence (natural log, in [0, ln 2]) between discrete distributions.
+
+    `p` and `q` hold non-negative masses or counts on the same grid along the last dimension
+    (broadcast over leading dimensions); each is normalised to sum to 1. NaN where one is empty.
+    """
+    p = _as_float64(p, "p")
+    q = _as_float64(q, "q")
+    if (p < 0).any() or (q < 0).any():
+        raise BLDAError("js_divergence: masses must be non-negative")
+    p_total = p.sum(-1, keepdim=True)
+    q_total = q.sum(-1, keepdim=True)
+    p = p / p_total
+    q = q / q_total
+    middle = (p + q) / 2
+
+    def relative_entropy(x: torch.Tensor) -> torch.Tensor:
+        # 0 * log(0 / m) = 0; where x > 0, m > 0 too.
+        terms = torch.where(x > 0, x * torch.log(x / torch.where(x > 0, middle, 1.0)), 0.0)
+        return terms.sum(-1)
+
+    divergence = ((relative_entropy(p) + relative_entropy(q)) / 2).clamp_(min=0)
+    empty = (p_total == 0) | (q_total == 0)
+    return torch.where(empty.squeeze(-1), math.nan, divergence)
+
+
+def anchor_divergences(histogram) -> tuple[torch.Tensor, torch.Tensor]:
+    """Table 15: JS divergence of each class's logit distributions from the global anchors.
+
+    `histogram` is ``(C, C, B)``. Returns ``(js_positive, js_negative)``, each ``(C,)``:
+    js_positive[l] = JS(cell [l, l], global positive anchor = all diagonal cells pooled);
+    js_negative[l] = mean over c != l of JS(cell [c, l], global negative anchor = all
+    off-diagonal cells pooled), empty cells left out. NaN where no cell qualifies.
+    """
+    counts = _as_float64(histogram, "histogram")
+    if counts.ndim != 3 or counts.shape[0] != counts.shape[1]:
+        raise BLDAError(f"histogram: expected shape (C, C, B), got {tuple(counts.shape)}")
+    num_classes = counts.shape[0]
+    diagonal = torch.eye(num_classes, dtype=torch.bool)
+    positive_cells = counts[diagonal]  # (C, B): cell [l, l] for each l
+    positive_anchor = positive_cells.sum(0)
+    negative_anchor = counts.sum((0, 1)) - positive_anchor
+    js_positive = js_divergence(positive_cells, positive_anchor)
+    js_cells = js_divergence(counts, negative_anchor)  # (C, C)
+    usable = (~diagonal) & (counts.sum(2) > 0)
+    js_sum = torch.where(usable, js_cells, 0.0).sum(0)
+    usable_count = usable.sum(0)
+    js_negative = torch.where(usable_count > 0, js_sum / usable_count, math.nan)
+    return js_positive, js_negative

@@ -1,0 +1,267 @@
+"""Streaming logit-set statistics, checked against numpy / scikit-learn on the same rows."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import confusion_matrix
+
+import blda_tools.statistics as statistics_module
+from blda_tools.errors import BLDAError
+from blda_tools.statistics import LogitGrid, LogitSetStatistics, collect_statistics
+
+GRID = LogitGrid(-4.0, 4.0, 16)  # width 0.5
+
+
+def away_from_edges(rng: np.random.Generator, shape, grid: LogitGrid, spread: int = 2):
+    """Values at least 5% of a bin from every edge (bin assignment is float32 arithmetic),
+    including some up to `spread` bins outside the grid on both sides."""
+    bins = rng.integers(-spread, grid.bins + spread, size=shape)
+    offsets = rng.uniform(0.05, 0.95, size=shape)
+    return (grid.low + (bins + offsets) * grid.width).astype(np.float32)
+
+
+def random_rows(seed: int, n: int, num_classes: int = 3, ignore_fraction: float = 0.1):
+    rng = np.random.default_rng(seed)
+    logits = away_from_edges(rng, (n, num_classes), GRID)
+    labels = rng.integers(0, num_classes, size=n)
+    labels[rng.random(n) < ignore_fraction] = 255
+    return logits, labels
+
+
+def filled(logits, labels, num_classes: int = 3, grid: LogitGrid = GRID) -> LogitSetStatistics:
+    statistics = LogitSetStatistics(num_classes, grid)
+    statistics.update(torch.from_numpy(logits), torch.from_numpy(labels))
+    return statistics
+
+
+def assert_same(a: LogitSetStatistics, b: LogitSetStatistics) -> None:
+    for name in ("histogram", "count", "confusion", "clipped", "minimum", "maximum"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for name in ("sum", "sum_squares"):
+        # float32 products over blocks of rows, added in float64: the order of the rows changes
+        # the last float32 digits (|values| <= 6, at most a few thousand rows here).
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-6, atol=1e-4)
+    assert a.num_ignored == b.num_ignored
+
+
+def test_every_cell_matches_numpy():
+    logits, labels = random_rows(0, 3000)
+    statistics = filled(logits, labels)
+    edges = np.linspace(GRID.low, GRID.high, GRID.bins + 1)
+    for c in range(3):
+        rows = logits[labels == c]
+        for k in range(3):
+            values = rows[:, k].astype(np.float64)
+            # Values outside the grid belong to the edge bins.
+            expected, _ = np.histogram(np.clip(values, GRID.low, GRID.high), bins=edges)
+            np.testing.assert_array_equal(statistics.histogram[c, k].numpy(), expected)
+            assert statistics.count[c, k] == len(values)
+            assert statistics.sum[c, k].item() == pytest.approx(values.sum(), rel=1e-6, abs=1e-4)
+            assert statistics.mean()[c, k].item() == pytest.approx(
+                values.mean(), rel=1e-6, abs=1e-6
+            )
+            assert statistics.variance()[c, k].item() == pytest.approx(values.var(), rel=1e-5)
+            assert statistics.std()[c, k].item() == pytest.approx(values.std(), rel=1e-5)
+            assert statistics.minimum[c, k].item() == values.min()
+            assert statistics.maximum[c, k].item() == values.max()
+            outside = np.sum((values < GRID.low) | (values > GRID.high))
+            assert statistics.clipped[c, k].item() == outside
+    kept = labels != 255
+    expected_confusion = confusion_matrix(
+        labels[kept], logits[kept].argmax(1), labels=list(range(3))
+    )
+    np.testing.assert_array_equal(statistics.confusion.numpy(), expected_confusion)
+    assert statistics.num_ignored == int((~kept).sum())
+
+
+def test_grid_edges_centers_width():
+    grid = LogitGrid(-1.0, 3.0, 8)
+    np.testing.assert_allclose(grid.edges.numpy(), np.linspace(-1, 3, 9))
+    np.testing.assert_allclose(grid.centers.numpy(), np.arange(8) * 0.5 - 0.75)
+    assert grid.width == 0.5
+    with pytest.raises(BLDAError, match="low < high"):
+        LogitGrid(1.0, 1.0, 4)
+    with pytest.raises(BLDAError, match="bins"):
+        LogitGrid(0.0, 1.0, 0)
+
+
+def test_ignored_pixels_are_skipped():
+    logits, labels = random_rows(1, 500, ignore_fraction=0.3)
+    kept = labels != 255
+    with_ignored = filled(logits, labels)
+    only_kept = filled(logits[kept], labels[kept])
+    for name in ("histogram", "count", "confusion", "minimum", "maximum", "clipped"):
+        assert torch.equal(getattr(with_ignored, name), getattr(only_kept, name)), name
+    torch.testing.assert_close(with_ignored.sum, only_kept.sum, rtol=1e-6, atol=1e-4)
+
+
+def test_sub_chunks_in_threads_give_the_same_result(monkeypatch):
+    logits, labels = random_rows(2, 2000)
+    whole = filled(logits, labels)
+    monkeypatch.setattr(statistics_module, "SUB_CHUNK_ROWS", 128)
+    assert_same(filled(logits, labels), whole)
+
+
+def test_merge_of_two_halves_equals_the_whole():
+    logits, labels = random_rows(3, 1001)
+    whole = filled(logits, labels)
+    merged = filled(logits[:400], labels[:400]).merge(filled(logits[400:], labels[400:]))
+    assert_same(merged, whole)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 60), st.integers(1, 60), st.integers(1, 60))
+def test_merge_is_commutative_and_associative(seed, n1, n2, n3):
+    parts = [random_rows(seed + i, n) for i, n in enumerate((n1, n2, n3))]
+
+    def stats(i):
+        return filled(*parts[i])
+
+    left = stats(0).merge(stats(1)).merge(stats(2))
+    right = stats(0).merge(stats(1).merge(stats(2)))
+    swapped = stats(2).merge(stats(0)).merge(stats(1))
+    assert_same(left, right)
+    assert_same(left, swapped)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 300))
+def test_density_integrates_to_one(seed, n):
+    logits, labels = random_rows(seed, n)
+    statistics = filled(logits, labels)
+    total = statistics.density().sum(2) * GRID.width
+    present = statistics.count > 0
+    torch.testing.assert_close(total[present], torch.ones_like(total[present]))
+    assert torch.isnan(total[~present]).all()
+
+
+def test_anchor_histograms_pool_diagonal_and_off_diagonal_cells():
+    logits, labels = random_rows(4, 400)
+    statistics = filled(logits, labels)
+    kept = labels != 255
+    edges = np.linspace(GRID.low, GRID.high, GRID.bins + 1)
+    clipped = np.clip(logits[kept].astype(np.float64), GRID.low, GRID.high)
+    own_class = np.eye(3, dtype=bool)[labels[kept]]
+    positive, _ = np.histogram(clipped[own_class], bins=edges)
+    negative, _ = np.histogram(clipped[~own_class], bins=edges)
+    np.testing.assert_array_equal(statistics.positive_anchor_histogram().numpy(), positive)
+    np.testing.assert_array_equal(statistics.negative_anchor_histogram().numpy(), negative)
+
+
+def test_save_load_round_trip(tmp_path):
+    logits, labels = random_rows(5, 300)
+    statistics = LogitSetStatistics(3, GRID, class_names=["a", "b", "c"])
+    statistics.update(torch.from_numpy(logits), torch.from_numpy(labels))
+    statistics.save(tmp_path / "stats.h5")
+    loaded = LogitSetStatistics.load(tmp_path / "stats.h5")
+    assert_same(loaded, statistics)
+    assert loaded.grid == GRID and loaded.class_names == ("a", "b", "c")
+    assert not (tmp_path / "stats.h5.partial").exists()
+
+
+def test_load_refuses_other_files(tmp_path):
+    (tmp_path / "text.h5").write_text("not hdf5")
+    with pytest.raises(BLDAError, match="text.h5"):
+        LogitSetStatistics.load(tmp_path / "text.h5")
+    with h5py.File(tmp_path / "other.h5", "w") as file:
+        file.create_dataset("x", data=[1, 2])
+    with pytest.raises(BLDAError, match="not a blda statistics file"):
+        LogitSetStatistics.load(tmp_path / "other.h5")
+    filled(*random_rows(6, 50)).save(tmp_path / "broken.h5")
+    with h5py.File(tmp_path / "broken.h5", "a") as file:
+        del file["confusion"]
+    with pytest.raises(BLDAError, match="confusion"):
+        LogitSetStatistics.load(tmp_path / "broken.h5")
+
+
+def test_merge_refuses_mismatches():
+    statistics = LogitSetStatistics(3, GRID)
+    with pytest.raises(BLDAError, match="grid"):
+        statistics.merge(LogitSetStatistics(3, LogitGrid(-4.0, 4.0, 32)))
+    with pytest.raises(BLDAError, match="classes"):
+        statistics.merge(LogitSetStatistics(4, GRID))
+
+
+def test_bad_input_raises_and_leaves_statistics_unchanged():
+    logits, labels = random_rows(7, 100)
+    statistics = filled(logits, labels)
+    before = filled(logits, labels)
+    bad_label = labels.copy()
+    bad_label[5] = 3
+    with pytest.raises(BLDAError, match=r"value 3 is outside \[0, 3\)"):
+        statistics.update(torch.from_numpy(logits), torch.from_numpy(bad_label))
+    for bad_value in (np.nan, np.inf):
+        broken = logits.copy()
+        broken[7, 1] = bad_value
+        with pytest.raises(BLDAError, match="NaN or infinite"):
+            statistics.update(torch.from_numpy(broken), torch.from_numpy(labels))
+    with pytest.raises(BLDAError, match="labels: expected shape"):
+        statistics.update(torch.from_numpy(logits), torch.from_numpy(labels[:-1]))
+    with pytest.raises(BLDAError, match=r"logits: expected shape \(n, 3\)"):
+        statistics.update(torch.from_numpy(logits[:, :2]), torch.from_numpy(labels))
+    assert_same(statistics, before)
+
+
+# ---------------------------------------------------------------- collection from a logit store
+store = pytest.importorskip("blda_tools.store")
+
+
+def write_store(path, logits, labels=None):
+    with store.LogitWriter(path, ["a", "b", "c"], dtype="float32") as writer:
+        writer.add(logits, labels)
+    return store.LogitStore(path)
+
+
+def test_collect_ground_truth_and_pseudo_labels(tmp_path):
+    logits, labels = random_rows(8, 700)
+    labelled = write_store(tmp_path / "gt.h5", logits, labels)
+    assert_same(
+        collect_statistics(labelled, "gt", grid=GRID, rows_per_chunk=128), filled(logits, labels)
+    )
+    assert_same(collect_statistics(labelled, "auto", grid=GRID), filled(logits, labels))
+    pseudo = collect_statistics(labelled, "pseudo", grid=GRID, rows_per_chunk=100)
+    # Pseudo-labels cover every pixel, including those ignored in the ground truth.
+    assert_same(pseudo, filled(logits, logits.argmax(1)))
+    unlabelled = write_store(tmp_path / "nolabels.h5", logits)
+    assert_same(collect_statistics(unlabelled, "auto", grid=GRID), pseudo)
+    with pytest.raises(BLDAError, match="no ground-truth labels"):
+        collect_statistics(unlabelled, "gt", grid=GRID)
+    with pytest.raises(BLDAError, match="labels: expected one of"):
+        collect_statistics(unlabelled, "truth", grid=GRID)
+
+
+def test_collect_with_two_workers_equals_one(tmp_path):
+    logits, labels = random_rows(9, 2000)
+    labelled = write_store(tmp_path / "gt.h5", logits, labels)
+    seen = []
+    two = collect_statistics(
+        labelled, grid=GRID, workers=2, rows_per_chunk=256, progress=seen.append
+    )
+    assert_same(two, collect_statistics(labelled, grid=GRID, rows_per_chunk=256))
+    assert sum(seen) == 2000
+
+
+def test_many_small_updates_equal_one_update():
+    # Exercises the running min/max refinement, which skips cells whose extremes can not change.
+    logits, labels = random_rows(10, 3000)
+    streamed = LogitSetStatistics(3, GRID)
+    for start in range(0, 3000, 97):
+        streamed.update(
+            torch.from_numpy(logits[start : start + 97]),
+            torch.from_numpy(labels[start : start + 97]),
+        )
+    assert_same(streamed, filled(logits, labels))
+
+
+def test_confusion_takes_the_first_of_tied_maxima_like_numpy():
+    rng = np.random.default_rng(11)
+    logits = rng.integers(0, 3, size=(500, 4)).astype(np.float32)  # many ties
+    labels = rng.integers(0, 4, size=500)
+    statistics = filled(logits, labels, num_classes=4)
+    expected = confusion_matrix(labels, logits.argmax(1), labels=list(range(4)))
+    np.testing.assert_array_equal(statistics.confusion.numpy(), expected)
