@@ -1,0 +1,364 @@
+"""The `blda diagnose` job: logit-set statistics, bias, metrics, plots and a report.
+
+`diagnose(stores, out_dir)` streams one or more logit stores (shards read as one) into
+`LogitSetStatistics` (the logit-set matrix M of Eq. 3 as histograms), then derives:
+- per-class IoU and accuracy from the ground-truth confusion matrix, when the store has labels;
+- Bias(l) from the confusion matrix (Eq. 4) and estimated from the logit distributions alone
+  (Eq. 5), with their Spearman rank correlation;
+- over- and under-predicted groups (Table 18) and JS divergences to the anchors (Table 15).
+It writes `diagnosis.json`, `statistics.h5` (reusable by `blda calibrate`), PNG plots and a
+self-contained `report.html`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from blda_tools import __version__, metrics, plots
+from blda_tools.fileio import atomic_output, ensure_writable_dir
+from blda_tools.report import Report
+from blda_tools.statistics import (
+    LogitGrid,
+    LogitSetStatistics,
+    collect_statistics,
+    resolve_label_source,
+)
+from blda_tools.store import LogitStore
+
+PLOT_FILES = {
+    "bias": "bias.png",
+    "densities": "logit_densities.png",
+    "confusion": "confusion.png",
+    "frequency": "frequency_vs_accuracy.png",
+}
+
+
+@dataclass
+class Diagnosis:
+    """Everything `diagnose` measured; `to_json()` is the content of `diagnosis.json`.
+
+    Metrics are fractions in [0, 1]. Fields that need ground truth (IoU, accuracy, Bias from
+    Eq. 4) are None when the store has no labels. A class with no pixels and no predictions is
+    NaN (null in JSON) and listed in `excluded_classes`.
+    """
+
+    classes: list[str]
+    label_source: str
+    num_pixels: int
+    class_pixels: list[int] | None
+    iou: list[float] | None
+    acc: list[float] | None
+    miou: float | None
+    macc: float | None
+    iou_std: float | None
+    acc_std: float | None
+    bias: list[float] | None
+    bias_estimated: list[float]
+    bias_rank_correlation: float | None
+    groups: dict | None
+    confusion: list[list[int]] | None
+    js_positive: list[float]
+    js_negative: list[float]
+    excluded_classes: list[str]
+    stores: list[str]
+    clipped_logits: int
+    notes: list[str] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        content = asdict(self)
+        content["producer"] = f"blda diagnose {__version__}"
+        return _nan_to_none(content)
+
+
+def diagnose(
+    stores: str | os.PathLike | Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    labels: str = "auto",
+    workers: int = 1,
+    grid: LogitGrid | None = None,
+    plots_and_report: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> Diagnosis:
+    """Diagnose class bias from logit stores and write the results to `out_dir`.
+
+    `labels` chooses the rows of the logit-set matrix: "gt" (ground truth), "pseudo" (argmax of
+    the logits) or "auto" (ground truth when the stores have it, else pseudo-labels). Metrics and
+    Eq. 4 always use the ground truth when it exists. `workers` processes share the streaming.
+    `progress(rows)` is called as rows are processed (the CLI draws a bar with it).
+    """
+    out_dir = ensure_writable_dir(out_dir)
+    store = LogitStore(stores)
+    source = resolve_label_source(labels, store.has_labels, where=", ".join(map(str, store.paths)))
+    notes = []
+    if source == "pseudo":
+        notes.append(
+            "Rows of the logit-set matrix are pseudo-labels (argmax of the logits): "
+            + ("the store has no ground-truth labels." if not store.has_labels else "as asked.")
+        )
+    statistics = collect_statistics(
+        store, labels=source, grid=grid, workers=workers, progress=progress
+    )
+    ground_truth = statistics if source == "gt" else None
+    if source == "pseudo" and store.has_labels:
+        # Metrics and Eq. 4 still come from the ground truth: a second, cheap pass.
+        ground_truth = _ground_truth_confusion(store, progress)
+    statistics.save(out_dir / "statistics.h5")
+    diagnosis = _measure(store, statistics, ground_truth, source, notes)
+    diagnosis.files["statistics"] = "statistics.h5"
+    if plots_and_report:
+        diagnosis.files.update(_draw_plots(diagnosis, statistics, out_dir))
+        diagnosis.files["report"] = "report.html"
+        write_report(diagnosis, out_dir)
+    diagnosis.files["diagnosis"] = "diagnosis.json"
+    with atomic_output(out_dir / "diagnosis.json") as temporary:
+        temporary.write_text(json.dumps(diagnosis.to_json(), indent=2) + "\n", encoding="utf-8")
+    return diagnosis
+
+
+def _ground_truth_confusion(store: LogitStore, progress) -> LogitSetStatistics:
+    """A statistics object holding only the ground-truth confusion matrix."""
+    num_classes = store.num_classes
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64)
+    for chunk in store.iter_chunks():
+        kept = chunk.labels != store.ignore_index
+        pairs = chunk.labels[kept] * num_classes + chunk.logits[kept].argmax(1)
+        confusion += torch.bincount(pairs, minlength=num_classes * num_classes)
+        if progress is not None:
+            progress(chunk.logits.shape[0])
+    holder = LogitSetStatistics(num_classes, LogitGrid(bins=1), store.ignore_index)
+    holder.confusion = confusion.view(num_classes, num_classes)
+    return holder
+
+
+def _measure(store, statistics, ground_truth, source, notes) -> Diagnosis:
+    names = list(store.class_names)
+    bias_estimated = metrics.bias_from_histograms(statistics.histogram)  # Eq. 5
+    js_positive, js_negative = metrics.anchor_divergences(statistics.histogram)  # Table 15
+    clipped = int(statistics.clipped.sum())
+    if clipped:
+        notes.append(
+            f"{clipped} logits fell outside the histogram grid [{statistics.grid.low}, "
+            f"{statistics.grid.high}] and were counted in its edge bins."
+        )
+    diagnosis = Diagnosis(
+        classes=names,
+        label_source=source,
+        num_pixels=int(statistics.confusion.sum()),
+        class_pixels=None,
+        iou=None,
+        acc=None,
+        miou=None,
+        macc=None,
+        iou_std=None,
+        acc_std=None,
+        bias=None,
+        bias_estimated=bias_estimated.tolist(),
+        bias_rank_correlation=None,
+        groups=None,
+        confusion=None,
+        js_positive=js_positive.tolist(),
+        js_negative=js_negative.tolist(),
+        excluded_classes=[],
+        stores=[str(path) for path in store.paths],
+        clipped_logits=clipped,
+        notes=notes,
+    )
+    if ground_truth is None:
+        notes.append("No ground truth: IoU, accuracy and Bias from Eq. 4 are not available.")
+        return diagnosis
+    scores = metrics.SegmentationMetrics.from_confusion(ground_truth.confusion)
+    bias = metrics.bias_from_confusion(ground_truth.confusion)  # Eq. 4
+    groups = metrics.prediction_groups(bias, scores.iou, scores.acc)  # Table 18
+    diagnosis.num_pixels = int(ground_truth.confusion.sum())
+    diagnosis.class_pixels = list(scores.class_pixels)
+    diagnosis.iou, diagnosis.acc = list(scores.iou), list(scores.acc)
+    diagnosis.miou, diagnosis.macc = scores.miou, scores.macc
+    diagnosis.iou_std, diagnosis.acc_std = scores.iou_std, scores.acc_std
+    diagnosis.bias = bias.tolist()
+    diagnosis.confusion = ground_truth.confusion.tolist()
+    diagnosis.bias_rank_correlation = metrics.spearman(bias, bias_estimated)
+    diagnosis.groups = {
+        name: {**asdict(group), "classes": [names[c] for c in group.classes]}
+        for name, group in groups.items()
+    }
+    diagnosis.excluded_classes = [names[c] for c in scores.excluded]
+    if scores.excluded:
+        notes.append(
+            "Classes with no pixels and no predictions are NaN and left out of every mean: "
+            + ", ".join(diagnosis.excluded_classes)
+        )
+    return diagnosis
+
+
+def _draw_plots(diagnosis: Diagnosis, statistics: LogitSetStatistics, out_dir: Path) -> dict:
+    names = diagnosis.classes
+    density = statistics.density().numpy()
+    num_classes = len(names)
+    diagonal = torch.eye(num_classes, dtype=torch.bool)
+    # A class's negative set pools M_cl over c != l (Eq. 3), weighted by the cells' counts.
+    off_diagonal_histogram = statistics.histogram.clone()
+    off_diagonal_histogram[diagonal] = 0
+    negative = off_diagonal_histogram.sum(0).double()
+    negative = negative / negative.sum(1, keepdim=True).clamp(min=1) / statistics.grid.width
+    positive_anchor = statistics.positive_anchor_histogram().double()
+    negative_anchor = statistics.negative_anchor_histogram().double()
+    width = statistics.grid.width
+    files = {}
+    files["densities"] = plots.plot_logit_densities(
+        names,
+        statistics.grid.centers.numpy(),
+        density[range(num_classes), range(num_classes)],
+        negative.numpy(),
+        (positive_anchor / positive_anchor.sum().clamp(min=1) / width).numpy(),
+        (negative_anchor / negative_anchor.sum().clamp(min=1) / width).numpy(),
+        path=out_dir / PLOT_FILES["densities"],
+    )
+    if diagnosis.bias is not None:
+        files["bias"] = plots.plot_bias(
+            names,
+            _nan(diagnosis.bias),
+            _nan(diagnosis.bias_estimated),
+            path=out_dir / PLOT_FILES["bias"],
+        )
+        files["confusion"] = plots.plot_confusion(
+            names, np.array(diagnosis.confusion), path=out_dir / PLOT_FILES["confusion"]
+        )
+        files["frequency"] = plots.plot_frequency_vs_accuracy(
+            names,
+            diagnosis.class_pixels,
+            _nan(diagnosis.acc),
+            path=out_dir / PLOT_FILES["frequency"],
+        )
+    else:
+        files["bias"] = plots.plot_bias(
+            names, _nan(diagnosis.bias_estimated), path=out_dir / PLOT_FILES["bias"]
+        )
+    return {key: Path(value).name for key, value in files.items()}
+
+
+def write_report(diagnosis: Diagnosis, out_dir: Path) -> Path:
+    """The self-contained HTML report of a diagnosis (images embedded)."""
+    report = Report("blda diagnosis")
+    report.paragraph(
+        f"{diagnosis.num_pixels:,} labelled pixels from {len(diagnosis.stores)} store(s): "
+        + ", ".join(diagnosis.stores)
+        + f". Rows of the logit-set matrix: {diagnosis.label_source}."
+    )
+    for note in diagnosis.notes:
+        report.note(note, kind="warning" if "outside" in note else "info")
+    if diagnosis.miou is not None:
+        report.heading("Summary")
+        report.table(
+            ["mIoU", "mAcc", "IoU std", "Acc std", "Spearman(Eq. 4, Eq. 5)"],
+            [
+                [
+                    diagnosis.miou,
+                    diagnosis.macc,
+                    diagnosis.iou_std,
+                    diagnosis.acc_std,
+                    diagnosis.bias_rank_correlation,
+                ]
+            ],
+            number_format={
+                "mIoU": ".1%",
+                "mAcc": ".1%",
+                "IoU std": ".1%",
+                "Acc std": ".1%",
+                "Spearman(Eq. 4, Eq. 5)": ".3f",
+            },
+        )
+        report.heading("Over- and under-predicted classes (Table 18)")
+        report.table(
+            ["group", "classes", "IoU mean", "IoU std", "Acc mean", "Acc std"],
+            [
+                [
+                    name,
+                    ", ".join(group["classes"]),
+                    group["iou_mean"],
+                    group["iou_std"],
+                    group["acc_mean"],
+                    group["acc_std"],
+                ]
+                for name, group in diagnosis.groups.items()
+            ],
+            number_format=".1%",
+        )
+    report.heading("Per class")
+    report.table(*class_table(diagnosis), number_format=CLASS_TABLE_FORMATS)
+    captions = {
+        "bias": "Bias per class (Eq. 4 bars; Eq. 5 estimate from logits as markers).",
+        "densities": "Positive and negative logit densities per class against the global anchors.",
+        "confusion": "Row-normalised confusion matrix.",
+        "frequency": "Class frequency against accuracy.",
+    }
+    report.heading("Figures")
+    for key, caption in captions.items():
+        if key in diagnosis.files:
+            report.image(out_dir / diagnosis.files[key], caption)
+    return report.save(out_dir / "report.html")
+
+
+CLASS_TABLE_FORMATS = {
+    "pixels": ",d",
+    "IoU": ".1%",
+    "Acc": ".1%",
+    "Bias (Eq. 4)": "+.4f",
+    "Bias est. (Eq. 5)": "+.4f",
+    "JS pos": ".3f",
+    "JS neg": ".3f",
+}
+
+
+def class_table(diagnosis: Diagnosis) -> tuple[list[str], list[list]]:
+    """Columns and rows of the per-class table shared by the report and the terminal."""
+    columns = [
+        "class",
+        "pixels",
+        "IoU",
+        "Acc",
+        "Bias (Eq. 4)",
+        "Bias est. (Eq. 5)",
+        "JS pos",
+        "JS neg",
+    ]
+    count = len(diagnosis.classes)
+    missing = [None] * count
+    rows = [
+        list(values)
+        for values in zip(
+            diagnosis.classes,
+            diagnosis.class_pixels or missing,
+            diagnosis.iou or missing,
+            diagnosis.acc or missing,
+            diagnosis.bias or missing,
+            diagnosis.bias_estimated,
+            diagnosis.js_positive,
+            diagnosis.js_negative,
+            strict=True,
+        )
+    ]
+    return columns, rows
+
+
+def _nan(values):
+    return [math.nan if value is None else value for value in values]
+
+
+def _nan_to_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _nan_to_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nan_to_none(item) for item in value]
+    return value

@@ -1,0 +1,112 @@
+"""`blda diagnose`: parse options, call `blda_tools.diagnose.diagnose`, print the results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from blda_cli.progress import console, progress_bar
+from blda_tools.diagnose import CLASS_TABLE_FORMATS, class_table, diagnose
+from blda_tools.statistics import LogitGrid
+from blda_tools.store import LogitStore
+
+
+@click.command("diagnose")
+@click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output directory (created if needed).",
+)
+@click.option(
+    "--labels",
+    type=click.Choice(["auto", "gt", "pseudo"]),
+    default="auto",
+    show_default=True,
+    help="Rows of the logit-set matrix: ground truth, pseudo-labels (argmax), or ground "
+    "truth when the stores have it.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Processes that stream parts of the stores in parallel.",
+)
+@click.option(
+    "--grid",
+    "grid_spec",
+    default="-50:50:4000",
+    show_default=True,
+    help="Histogram grid LOW:HIGH:BINS shared by every class pair.",
+)
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plots and the HTML report.")
+def diagnose_command(stores, out_dir, labels, workers, grid_spec, no_plots):
+    """Measure class bias from logit STORES (shards of one store may be listed together).
+
+    Writes DIR/diagnosis.json, DIR/statistics.h5 (reused by `blda calibrate`), PNG plots and a
+    self-contained DIR/report.html.
+    """
+    grid = parse_grid(grid_spec)
+    total = LogitStore(stores).num_rows
+    with progress_bar("diagnose", total, unit="px") as advance:
+        result = diagnose(
+            stores,
+            out_dir,
+            labels=labels,
+            workers=workers,
+            grid=grid,
+            plots_and_report=not no_plots,
+            progress=advance,
+        )
+    console.print(_results_table(result))
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    if result.miou is not None:
+        console.print(
+            f"mIoU {result.miou:.1%}  mAcc {result.macc:.1%}  IoU std {result.iou_std:.1%}  "
+            f"Spearman(Eq. 4, Eq. 5) {_fmt(result.bias_rank_correlation, '.3f')}"
+        )
+    console.print(
+        f"wrote {out_dir}/diagnosis.json" + ("" if no_plots else f", {out_dir}/report.html")
+    )
+
+
+def parse_grid(spec: str) -> LogitGrid:
+    """LOW:HIGH:BINS -> LogitGrid, with a clear error for anything else."""
+    parts = spec.split(":")
+    try:
+        low, high, bins = float(parts[0]), float(parts[1]), int(parts[2])
+        if len(parts) != 3:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise click.BadParameter(
+            f"expected LOW:HIGH:BINS like -50:50:4000, got {spec!r}", param_hint="--grid"
+        ) from None
+    return LogitGrid(low=low, high=high, bins=bins)
+
+
+def _results_table(result) -> Table:
+    columns, rows = class_table(result)
+    table = Table(title="Class bias (Bias > 0: over-predicted)", show_lines=False)
+    for column in columns:
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for row in rows:
+        cells = [row[0]] + [
+            _fmt(value, CLASS_TABLE_FORMATS[column])
+            for column, value in zip(columns[1:], row[1:], strict=True)
+        ]
+        bias = row[4] if row[4] is not None else row[5]
+        style = "red" if bias is not None and bias > 0 else None
+        table.add_row(*cells, style=style)
+    return table
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "n/a"
+    return format(value, spec)
