@@ -1,0 +1,499 @@
+"""The `blda dump-logits` job: a model's logits on a dataset, written to a logit store.
+
+Images are decoded in DataLoader worker processes while the main process runs the model and
+writes the store (`LogitWriter`, atomic: `<out>.partial` until complete), so loading overlaps
+compute. Per image the store keeps the full map at label resolution, every `stride`-th pixel
+in both axes, or `pixels_per_image` sampled pixels (uniformly, or stratified by class), with
+their positions.
+
+Resume: `resume=True` reopens `<out>.partial` and skips the images already stored; sampling is
+seeded per image name, so the result equals an uninterrupted run. Sharding: when `WORLD_SIZE`
+> 1 (torchrun), rank r takes images r, r + W, ... and writes `<stem>.rank<r>-of-<W><suffix>`;
+the shards read as one store (`LogitStore([...])`, `blda diagnose SHARD...`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+import warnings
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import h5py
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from blda_tools import __version__
+from blda_tools.datasets import CorruptSampleError, build_dataset
+from blda_tools.errors import BLDAError
+from blda_tools.fileio import partial_path
+from blda_tools.inference import (
+    InferenceSettings,
+    default_inference,
+    distributed_rank,
+    predict_logits,
+    select_device,
+)
+from blda_tools.models import load_model, normalize
+from blda_tools.store import LogitWriter
+
+# Metadata that must match between an unfinished store and a resumed run.
+RESUME_KEYS = ("model", "checkpoint", "weights", "dataset", "split", "inference", "sampling")
+
+
+class CorruptImageWarning(UserWarning):
+    """An image that cannot be decoded was skipped (counted in `DumpSummary.corrupt`)."""
+
+
+@dataclass(frozen=True)
+class PixelSampling:
+    """Which pixels of each logit map are stored.
+
+    `stride` keeps every stride-th pixel in both axes (a raster). `pixels_per_image` N keeps N
+    random labelled pixels (all pixels for unlabelled images) with their positions; with
+    `stratified`, N is shared equally among the classes present (pseudo-labels for unlabelled
+    images), a class with fewer pixels giving all of them and its remainder going to the
+    others. Sampling is seeded by `seed` and the image name, so it does not depend on order.
+    """
+
+    stride: int = 1
+    pixels_per_image: int | None = None
+    stratified: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for option, value in (("stride", self.stride), ("pixels-per-image", self.pixels_per_image)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise BLDAError(f"--{option}: expected a positive integer, got {value!r}")
+        if self.pixels_per_image is not None and self.stride != 1:
+            raise BLDAError("--stride and --pixels-per-image: choose one way of subsampling")
+        if self.stratified and self.pixels_per_image is None:
+            raise BLDAError("--stratified: only applies with --pixels-per-image N")
+
+
+@dataclass
+class DumpSummary:
+    """What a dump did. `corrupt` lists the skipped images' messages."""
+
+    out: Path
+    has_labels: bool
+    images_already_stored: int = 0
+    images_written: int = 0
+    rows_written: int = 0
+    corrupt: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    rank: int = 0
+    world_size: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_written / self.seconds if self.seconds > 0 else 0.0
+
+
+def shard_path(out: str | os.PathLike, rank: int, world_size: int) -> Path:
+    """The file rank `rank` of `world_size` writes: `<stem>.rank<r>-of-<W><suffix>`."""
+    out = Path(out)
+    if world_size <= 1:
+        return out
+    return out.with_name(f"{out.stem}.rank{rank}-of-{world_size}{out.suffix}")
+
+
+# ---------------------------------------------------------------------------- pixel sampling
+
+
+def stratified_quota(class_counts: torch.Tensor, total: int) -> torch.Tensor:
+    """Pixels to take per class: `total` shared as equally as the class counts allow.
+
+    Water-filling: every class gets `min(count, level)` for the largest level whose sum stays
+    within `total`; the few pixels left go one each to the lowest-numbered classes that still
+    have pixels. Takes everything when `total >= class_counts.sum()`.
+    """
+    counts = class_counts.long()
+    if total >= int(counts.sum()):
+        return counts.clone()
+    low, high = 0, int(counts.max())  # invariant: sum(min(counts, low)) <= total < ... high
+    while high - low > 1:
+        middle = (low + high) // 2
+        if int(counts.clamp(max=middle).sum()) <= total:
+            low = middle
+        else:
+            high = middle
+    quota = counts.clamp(max=low)
+    has_room = counts > low
+    extra = has_room & (has_room.cumsum(0) <= total - int(quota.sum()))
+    return quota + extra.long()
+
+
+def sample_pixels(
+    strata: torch.Tensor, eligible: torch.Tensor, count: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Sorted flat indices of `count` random eligible pixels, split over `strata` by
+    `stratified_quota` (a single stratum: a plain random sample). Inputs are `(P,)` on the CPU."""
+    keys = torch.rand(strata.shape, generator=generator)
+    candidates = torch.nonzero(eligible).squeeze(1)
+    # Random order, then grouped by stratum (stable): each stratum's first `quota` are kept.
+    candidates = candidates[keys[candidates].argsort(stable=True)]
+    candidate_strata = strata[candidates]
+    candidates = candidates[candidate_strata.argsort(stable=True)]
+    candidate_strata = strata[candidates]
+    counts = torch.bincount(candidate_strata, minlength=1)
+    quota = stratified_quota(counts, count)
+    first_of_stratum = counts.cumsum(0) - counts
+    rank_in_stratum = torch.arange(len(candidates)) - first_of_stratum[candidate_strata]
+    kept = candidates[rank_in_stratum < quota[candidate_strata]]
+    return kept.sort().values
+
+
+def _image_generator(seed: int, name: str) -> torch.Generator:
+    # Seeded by the name, not the position: resumed and sharded runs draw the same pixels.
+    return torch.Generator().manual_seed((seed << 32) + zlib.crc32(name.encode()))
+
+
+# ---------------------------------------------------------------------------- the job
+
+
+class _DecodedItems(Dataset):
+    """Dataset items by position in `indices`, with decoding failures returned, not raised
+    (a raise inside a worker would end the whole DataLoader)."""
+
+    def __init__(self, dataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int):
+        try:
+            return self.dataset[self.indices[position]], None
+        except CorruptSampleError as error:
+            return None, str(error)
+
+
+def _as_list(batch):
+    return batch
+
+
+def _single_threaded_worker(_worker_id: int) -> None:
+    # Workers only decode images; their own thread pools would compete with the model.
+    torch.set_num_threads(1)
+
+
+class _BackgroundWriter:
+    """Hands `add` calls to one thread of this process, so that converting and writing an
+    image overlaps the next forward pass. At most `depth` images wait; the first error is
+    raised in the caller, and leaving the block waits until every queued image is stored."""
+
+    def __init__(self, writer: LogitWriter, depth: int = 2) -> None:
+        self._writer, self._error = writer, None
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._work, name="blda-store-writer", daemon=True)
+
+    def __enter__(self) -> _BackgroundWriter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._queue.put(None)
+        self._thread.join()  # the store is closed next: nothing may be writing then
+        if exc_info[0] is None:
+            self._raise_failure()
+
+    def add(self, *args, **kwargs) -> None:
+        self._raise_failure()
+        self._queue.put((args, kwargs))
+
+    def _raise_failure(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _work(self) -> None:
+        while (task := self._queue.get()) is not None:
+            if self._error is None:  # after a failure, only drain the queue
+                try:
+                    self._writer.add(*task[0], **task[1])
+                except BaseException as error:
+                    self._error = error
+
+
+@dataclass
+class DumpJob:
+    """A dump ready to run: dataset, model and output resolved, images still to do known.
+
+    Build it with `prepare_dump`; `total` is the number of images `run` will go through (the
+    CLI sizes its progress bar with it).
+    """
+
+    dataset: object
+    model: torch.nn.Module
+    device: torch.device
+    inference: InferenceSettings
+    sampling: PixelSampling
+    out: Path
+    pending: list[int]
+    already_stored: int
+    writer_options: dict
+    strict: bool
+    workers: int
+    batch_size: int
+    rank: int
+    world_size: int
+
+    @property
+    def total(self) -> int:
+        return len(self.pending)
+
+    def run(self, progress: Callable[[int], None] | None = None) -> DumpSummary:
+        """Predict and store every pending image; `progress(n)` after every n images."""
+        started = time.perf_counter()
+        summary = DumpSummary(
+            self.out,
+            self.dataset.has_labels,
+            self.already_stored,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        # Worker processes start (fork) before the store is opened and the writer thread runs.
+        batches = iter(self._loader())
+        with LogitWriter(self.out, resume=True, **self.writer_options) as writer:
+            with _BackgroundWriter(writer) as background:
+                for group in self._groups_of_equal_size(batches, summary, progress):
+                    self._predict_and_write(group, background, summary)
+                    if progress is not None:
+                        progress(len(group))
+        summary.seconds = time.perf_counter() - started
+        if summary.images_written + self.already_stored == 0:
+            self.out.unlink()  # an empty store would only fail later, in every reader
+            raise BLDAError(f"{self.out}: no image could be read ({len(summary.corrupt)} corrupt)")
+        if not summary.has_labels:
+            summary.notes.append(
+                "The dataset has no labels: the store holds logits only "
+                "(diagnose will use pseudo-labels)."
+            )
+        if summary.corrupt:
+            summary.notes.append(f"{len(summary.corrupt)} corrupt image(s) skipped.")
+        return summary
+
+    def _loader(self) -> DataLoader:
+        return DataLoader(
+            _DecodedItems(self.dataset, self.pending),
+            batch_size=self.batch_size,
+            num_workers=self.workers,
+            collate_fn=_as_list,
+            worker_init_fn=_single_threaded_worker if self.workers else None,
+            prefetch_factor=4 if self.workers else None,
+        )
+
+    def _groups_of_equal_size(self, batches, summary, progress) -> Iterator[list]:
+        """Decoded samples in dataset order, in runs of equal size (one forward pass each)."""
+        for batch in batches:
+            samples = []
+            for sample, error in batch:
+                if error is None:
+                    samples.append(sample)
+                    continue
+                if self.strict:
+                    raise BLDAError(f"{error} (--strict: stopping at the first corrupt image)")
+                warnings.warn(f"skipped: {error}", CorruptImageWarning, stacklevel=2)
+                summary.corrupt.append(error)
+                if progress is not None:
+                    progress(1)
+            while samples:
+                size = samples[0].image.shape
+                run_length = next(
+                    (i for i, s in enumerate(samples) if s.image.shape != size), len(samples)
+                )
+                yield samples[:run_length]
+                samples = samples[run_length:]
+
+    def _predict_and_write(self, group, writer: _BackgroundWriter, summary: DumpSummary) -> None:
+        images = torch.stack([sample.image for sample in group]).to(self.device)
+        logits = predict_logits(self.model, normalize(images), **asdict(self.inference))
+        for sample, logit_map in zip(group, logits, strict=True):
+            rows = self._store_image(writer, sample, logit_map)
+            summary.images_written += 1
+            summary.rows_written += rows
+
+    def _store_image(self, writer: _BackgroundWriter, sample, logit_map: torch.Tensor) -> int:
+        """Add one image's `(C, H, W)` logits as the sampling asks; return the rows written."""
+        sampling, label = self.sampling, sample.label
+        if sampling.pixels_per_image is None:
+            # (H, W, C) memory seen as (C, H, W): the store's rows are a view, not a numpy
+            # transposed copy (torch's copy is parallel and about ten times faster).
+            pixels_last = logit_map.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+            writer.add(pixels_last, label, sample.name, stride=sampling.stride)
+            height, width = logit_map.shape[-2:]
+            return -(-height // sampling.stride) * -(-width // sampling.stride)
+        num_classes, height, width = logit_map.shape
+        flat_logits = logit_map.reshape(num_classes, -1)
+        if label is not None:
+            strata = label.reshape(-1)
+            eligible = strata != self.dataset.ignore_index
+        else:  # no labels: every pixel is a candidate, strata are the predicted classes
+            strata = flat_logits.argmax(0).cpu()
+            eligible = torch.ones_like(strata, dtype=torch.bool)
+        if not sampling.stratified:
+            strata = torch.zeros_like(strata)
+        positions = sample_pixels(
+            strata,
+            eligible,
+            sampling.pixels_per_image,
+            _image_generator(sampling.seed, sample.name),
+        )
+        rows = flat_logits[:, positions.to(flat_logits.device)].T
+        writer.add(
+            rows,
+            None if label is None else label.reshape(-1)[positions],
+            sample.name,
+            pixel_index=positions,
+            image_size=(height, width),
+        )
+        return len(positions)
+
+
+def prepare_dump(
+    model_spec: str,
+    checkpoint: str | os.PathLike | None,
+    dataset: str,
+    data_root: str | os.PathLike,
+    split: str | None,
+    out: str | os.PathLike,
+    *,
+    weights: str = "student",
+    trust_checkpoint: bool = False,
+    dataset_options: dict | None = None,
+    inference: InferenceSettings | None = None,
+    sampling: PixelSampling | None = None,
+    max_images: int | None = None,
+    resume: bool = False,
+    strict: bool = False,
+    workers: int = 2,
+    batch_size: int = 1,
+    device: str | None = None,
+    dtype: str = "float16",
+    compression: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> DumpJob:
+    """Resolve everything `dump_logits` needs and check it, before any compute.
+
+    `inference=None` takes the dataset's default (`default_inference`: DAFormer's sliding
+    window on 1024 x 2048 for Cityscapes, whole images otherwise). `rank` / `world_size`
+    default to torchrun's environment.
+    """
+    if rank is None or world_size is None:
+        rank, world_size = distributed_rank()
+    _check_counts(max_images=max_images, workers=workers, batch_size=batch_size)
+    data = build_dataset(dataset, data_root, split, **(dataset_options or {}))
+    if data.dataset_name == "image-folder":
+        raise BLDAError(f"--dataset {dataset}: classification; dump-logits stores segmentation")
+    inference = default_inference(dataset) if inference is None else inference
+    sampling = PixelSampling() if sampling is None else sampling
+    out = shard_path(out, rank, world_size)
+    metadata = {
+        "model": model_spec,
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "weights": weights,
+        "dataset": dataset,
+        "data_root": str(data_root),
+        "split": data.split,
+        "inference": inference.to_metadata(),
+        "sampling": vars(sampling).copy(),
+        "shard": {"rank": rank, "world_size": world_size},
+    }
+    stored = _names_already_stored(out, resume, metadata)
+    chosen_device = select_device(device)
+    model = load_model(model_spec, data.num_classes, checkpoint, weights, trust_checkpoint)
+    count = len(data) if max_images is None else min(max_images, len(data))
+    planned = list(range(rank, count, world_size))
+    pending = [index for index in planned if data.names[index] not in stored]
+    writer_options = dict(
+        class_names=data.class_names,
+        ignore_index=data.ignore_index,
+        dtype=dtype,
+        compression=compression,
+        domain=dataset,
+        producer=f"blda dump-logits {__version__}",
+        **metadata,
+    )
+    return DumpJob(
+        dataset=data,
+        model=model.to(chosen_device).eval(),
+        device=chosen_device,
+        inference=inference,
+        sampling=sampling,
+        out=out,
+        pending=pending,
+        already_stored=len(planned) - len(pending),
+        writer_options=writer_options,
+        strict=strict,
+        workers=workers,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def dump_logits(
+    model_spec: str,
+    checkpoint: str | os.PathLike | None,
+    dataset: str,
+    data_root: str | os.PathLike,
+    split: str | None,
+    out: str | os.PathLike,
+    *,
+    progress: Callable[[int], None] | None = None,
+    **options,
+) -> DumpSummary:
+    """Write `model_spec`'s logits on `dataset` to the logit store `out`; see `prepare_dump`
+    for the options and the module docstring for sampling, resume and sharding."""
+    job = prepare_dump(model_spec, checkpoint, dataset, data_root, split, out, **options)
+    return job.run(progress)
+
+
+def _check_counts(**values) -> None:
+    for option, value in values.items():
+        minimum = 0 if option == "workers" else 1
+        if value is not None and (not isinstance(value, int) or value < minimum):
+            raise BLDAError(
+                f"--{option.replace('_', '-')}: expected an integer >= {minimum}, got {value!r}"
+            )
+
+
+def _names_already_stored(out: Path, resume: bool, metadata: dict) -> set[str]:
+    """Images an unfinished store of `out` committed, after checking it may be continued:
+    written with the same settings (else the store would mix two dumps)."""
+    path = partial_path(out)
+    if not resume:
+        if out.exists() or path.exists():
+            raise BLDAError(
+                f"--out {out}: {out if out.exists() else path} exists; delete it, or pass "
+                "--resume to continue an unfinished dump"
+            )
+        return set()
+    if not path.exists():
+        if out.exists():
+            raise BLDAError(f"--resume: {out} is already complete; delete it to dump again")
+        return set()
+    try:
+        with h5py.File(path, "r") as file:
+            stored = json.loads(file.attrs["metadata"])
+            committed = int(file.attrs["committed_images"])
+            names = {name.decode() for name in file["images/name"][:committed]}
+    except (OSError, KeyError, ValueError) as error:
+        raise BLDAError(
+            f"--resume: {path} is not a resumable logit store ({error}); delete it"
+        ) from None
+    for key in RESUME_KEYS:
+        if stored.get(key) != metadata[key]:
+            raise BLDAError(
+                f"--resume: {path} was written with {key}={stored.get(key)!r}, this run has "
+                f"{key}={metadata[key]!r}; use the same options or delete it"
+            )
+    return names

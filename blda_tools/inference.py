@@ -1,0 +1,249 @@
+"""Whole-image and sliding-window inference, as DAFormer / mmseg evaluate, and device choice.
+
+`predict_logits(model, images)` returns logits at the images' (= the labels') resolution:
+
+* `resize=(H, W)` first resizes the images (bilinear, as mmcv's test-time `Resize`);
+* `mode="whole"` runs the model once; `mode="slide"` runs it on `crop`-sized windows on a
+  regular grid `stride` apart, the last window flush with the border (mmseg's
+  `slide_inference`), resizes each window's logits to the window and averages overlapping
+  windows with a count map;
+* the logits are resized back to the input size (bilinear, `align_corners=False`);
+* `flip=True` averages them with those of the horizontally flipped images (flipped back).
+
+DAFormer evaluates Cityscapes on images resized to 1024 x 2048 with 1024 x 1024 windows and
+stride 512 (`CITYSCAPES_INFERENCE`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from blda_tools.errors import BLDAError
+
+MODES = ("whole", "slide")
+
+
+def _checked_size(value, option: str) -> tuple[int, int]:
+    if (
+        not isinstance(value, tuple | list)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        raise BLDAError(f"{option}: expected two positive integers (height, width), got {value!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How logits are predicted; stored in a logit store's metadata (`asdict`).
+
+    `resize` is `(height, width)` or None (native size); `crop` and `stride` are
+    `(height, width)` of the sliding windows (unused by `mode="whole"`). `amp` None means
+    "on where available" (CUDA).
+    """
+
+    mode: str = "whole"
+    crop: tuple[int, int] = (1024, 1024)
+    stride: tuple[int, int] = (512, 512)
+    resize: tuple[int, int] | None = None
+    flip: bool = False
+    amp: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise BLDAError(f"--mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
+        for option, value in (("crop", self.crop), ("window-stride", self.stride)):
+            _checked_size(value, f"--{option}")
+        if self.resize is not None:
+            _checked_size(self.resize, "--resize")
+
+    def to_metadata(self) -> dict:
+        """A JSON-ready dict of the settings (tuples as lists)."""
+        return {key: list(v) if isinstance(v, tuple) else v for key, v in asdict(self).items()}
+
+
+# As DAFormer evaluates Cityscapes val (implementation facts, "DAFormer training recipe").
+CITYSCAPES_INFERENCE = InferenceSettings(
+    mode="slide", crop=(1024, 1024), stride=(512, 512), resize=(1024, 2048)
+)
+
+
+def default_inference(dataset_name: str) -> InferenceSettings:
+    """The settings DAFormer uses for `dataset_name`; whole images at native size otherwise."""
+    return CITYSCAPES_INFERENCE if dataset_name == "cityscapes" else InferenceSettings()
+
+
+def select_device(option: str | torch.device | None = None) -> torch.device:
+    """The device to run on: `option` if given ("cpu", "cuda", "cuda:1", "mps"), else CUDA if
+    available, else the CPU.
+
+    Under torchrun (`LOCAL_RANK` set) "cuda" and the automatic choice mean this process's GPU.
+    Asking for a device that is not there raises `BLDAError`.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    if option is None or str(option) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        device = torch.device(option)
+    except (RuntimeError, TypeError):
+        raise BLDAError(
+            f"--device: {option!r} is not a device; expected auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BLDAError(f"--device {option}: CUDA is not available on this machine")
+        index = local_rank if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise BLDAError(
+                f"--device {option}: GPU {index} does not exist ({torch.cuda.device_count()} found)"
+            )
+        return torch.device("cuda", index)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise BLDAError(f"--device {option}: MPS is not available on this machine")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise BLDAError(f"--device: {option!r} is not supported; expected cpu, cuda or mps")
+    return device
+
+
+def distributed_rank() -> tuple[int, int]:
+    """`(rank, world_size)` from torchrun's environment, `(0, 1)` outside it."""
+    try:
+        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise BLDAError("RANK / WORLD_SIZE: expected integers (as torchrun sets them)") from None
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise BLDAError(f"RANK={rank}, WORLD_SIZE={world_size}: expected 0 <= RANK < WORLD_SIZE")
+    return rank, world_size
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    mode: str = "whole",
+    crop: Sequence[int] = (1024, 1024),
+    stride: Sequence[int] = (512, 512),
+    resize: Sequence[int] | None = None,
+    flip: bool = False,
+    amp: bool | None = None,
+    *,
+    output_size: Sequence[int] | None = None,
+    windows_per_batch: int = 4,
+) -> torch.Tensor:
+    """Float32 logits `(B, C, H_out, W_out)` of normalised images `(B, 3, H, W)`.
+
+    The model runs on the images' device. `(H_out, W_out)` is `output_size` (the labels' size)
+    or `(H, W)`. `amp=None` uses autocast (float16) on CUDA only; `amp=True` elsewhere is an
+    error. `windows_per_batch` bounds how many windows (per image) go through the model at once.
+    """
+    settings = InferenceSettings(
+        mode=mode,
+        crop=tuple(crop),
+        stride=tuple(stride),
+        resize=None if resize is None else tuple(resize),
+        flip=flip,
+        amp=amp,
+    )
+    if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise BLDAError(
+            f"predict_logits: images must be normalised float (B, 3, H, W), got "
+            f"{images.dtype} {tuple(images.shape)}"
+        )
+    output_size = tuple(images.shape[-2:]) if output_size is None else tuple(output_size)
+    _checked_size(output_size, "output_size")
+    forward = _Forward(model, _use_amp(images.device, settings.amp))
+    logits = _predict_resized(forward, images, settings, windows_per_batch)
+    if settings.flip:
+        # mmseg averages the softmax scores of the flips; a logit store needs logits, so the
+        # logits are averaged instead.
+        flipped = _predict_resized(forward, images.flip(-1), settings, windows_per_batch)
+        logits = (logits + flipped.flip(-1)) / 2
+    return _resize(logits, output_size)
+
+
+def _predict_resized(forward, images, settings: InferenceSettings, windows_per_batch: int):
+    """Logits at the (resized) input size: mmseg's `encode_decode` / `slide_inference`."""
+    if settings.resize is not None:
+        images = _resize(images, settings.resize)
+    if settings.mode == "whole":
+        return _resize(forward(images), images.shape[-2:])
+    return _slide(forward, images, settings.crop, settings.stride, windows_per_batch)
+
+
+def window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Window offsets along one axis, as mmseg: a grid `stride` apart, the last one flush with
+    the end (windows are `min(crop, length)` long)."""
+    count = max(length - crop + stride - 1, 0) // stride + 1
+    return [max(min(i * stride + crop, length) - crop, 0) for i in range(count)]
+
+
+def _slide(forward, images, crop, stride, windows_per_batch: int) -> torch.Tensor:
+    batch, _, height, width = images.shape
+    crop_h, crop_w = min(crop[0], height), min(crop[1], width)
+    boxes = [
+        (top, left)
+        for top in window_starts(height, crop[0], stride[0])
+        for left in window_starts(width, crop[1], stride[1])
+    ]
+    total = count = None
+    for first in range(0, len(boxes), windows_per_batch):
+        group = boxes[first : first + windows_per_batch]
+        # Windows of all images in one forward pass: (windows * B, 3, crop_h, crop_w).
+        crops = torch.cat(
+            [images[:, :, top : top + crop_h, left : left + crop_w] for top, left in group]
+        )
+        window_logits = _resize(forward(crops), (crop_h, crop_w))
+        if total is None:
+            num_classes = window_logits.shape[1]
+            total = images.new_zeros((batch, num_classes, height, width), dtype=torch.float32)
+            count = images.new_zeros((1, 1, height, width), dtype=torch.float32)
+        for number, (top, left) in enumerate(group):
+            part = window_logits[number * batch : (number + 1) * batch]
+            total[:, :, top : top + crop_h, left : left + crop_w] += part
+            count[:, :, top : top + crop_h, left : left + crop_w] += 1
+    return total / count
+
+
+class _Forward:
+    """The model as a function of a batch: float32 logits `(B, C, h, w)`, checked."""
+
+    def __init__(self, model, use_amp: bool) -> None:
+        self.model, self.use_amp = model, use_amp
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
+            output = self.model(images)
+        return _checked_logits(output, images)
+
+
+def _checked_logits(output, images: torch.Tensor) -> torch.Tensor:
+    if isinstance(output, dict) and "out" in output:  # torchvision segmentation models
+        output = output["out"]
+    if not isinstance(output, torch.Tensor) or output.dim() != 4 or output.shape[0] != len(images):
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise BLDAError(
+            f"model: returned {shape} for input {tuple(images.shape)}; expected logits "
+            f"({len(images)}, C, h, w)"
+        )
+    return output.float()
+
+
+def _resize(values: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    if tuple(values.shape[-2:]) == tuple(size):
+        return values
+    return F.interpolate(values, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def _use_amp(device: torch.device, amp: bool | None) -> bool:
+    if amp is None:
+        return device.type == "cuda"
+    if amp and device.type != "cuda":
+        raise BLDAError(f"amp: mixed precision is only used on CUDA, the images are on {device}")
+    return bool(amp)

@@ -1,0 +1,239 @@
+"""`blda dump-logits`: parse options, call `blda_tools.dump`, print what was written."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import click
+
+from blda_cli.progress import console, progress_bar
+from blda_tools.datasets import list_datasets
+from blda_tools.dump import CorruptImageWarning, PixelSampling, prepare_dump
+from blda_tools.inference import MODES, default_inference
+
+
+class SizeParam(click.ParamType):
+    """HEIGHTxWIDTH (or one number for a square); `none` where `allow_none`."""
+
+    name = "HxW"
+
+    def __init__(self, allow_none: bool = False) -> None:
+        self.allow_none = allow_none
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple) or value is None:
+            return value
+        text = str(value).strip().lower()
+        if self.allow_none and text == "none":
+            return "none"
+        parts = text.replace(",", "x").split("x")
+        try:
+            numbers = tuple(int(part) for part in parts)
+        except ValueError:
+            numbers = ()
+        if len(numbers) == 1:
+            numbers = numbers * 2
+        if len(numbers) != 2 or min(numbers) < 1:
+            expected = "HEIGHTxWIDTH like 1024x2048" + (", or none" if self.allow_none else "")
+            self.fail(f"expected {expected}, got {value!r}", param, ctx)
+        return numbers
+
+
+@click.command("dump-logits")
+@click.option(
+    "--model",
+    "model_spec",
+    required=True,
+    help="Architecture name (see `blda_tools.models.list_models()`), `torchscript`, or "
+    "`package.module:factory` returning an nn.Module (your own model).",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    help="Checkpoint to load (mmseg UDA, raw state dict, or the TorchScript archive).",
+)
+@click.option(
+    "--weights",
+    type=click.Choice(["student", "teacher"]),
+    default="student",
+    show_default=True,
+    help="Which model of a UDA checkpoint: the student (`model.`) or the EMA teacher "
+    "(`ema_model.`).",
+)
+@click.option(
+    "--trust-checkpoint",
+    is_flag=True,
+    help="Unpickle arbitrary Python objects in the checkpoint (weights_only=False). "
+    "Only for files from a source you trust.",
+)
+@click.option(
+    "--dataset",
+    required=True,
+    type=click.Choice([name for name in list_datasets() if name != "image-folder"]),
+    help="Dataset layout (segmentation datasets).",
+)
+@click.option(
+    "--data-root",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The dataset's root folder, as distributed.",
+)
+@click.option(
+    "--split",
+    default=None,
+    help="Split (Cityscapes: train/val/test) or a list file; "
+    "default: the dataset's default (Cityscapes val).",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The logit store to write (.h5). Under torchrun rank r writes "
+    "<stem>.rank<r>-of-<W>.h5; pass all shards to later commands.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    help="Whole-image or sliding-window inference. Default: slide for Cityscapes "
+    "(as DAFormer evaluates), whole otherwise.",
+)
+@click.option("--crop", type=SizeParam(), help="Sliding-window size HxW. Default: 1024x1024.")
+@click.option(
+    "--window-stride",
+    type=SizeParam(),
+    help="Step between sliding windows HxW. Default: 512x512.",
+)
+@click.option(
+    "--resize",
+    type=SizeParam(allow_none=True),
+    help="Resize images to HxW before inference (logits come back at label resolution), or "
+    "`none`. Default: 1024x2048 for Cityscapes, none otherwise.",
+)
+@click.option("--flip", is_flag=True, help="Average with the horizontally flipped image.")
+@click.option(
+    "--no-amp",
+    is_flag=True,
+    help="No mixed precision on CUDA (float32 throughout); AMP is never used on the CPU.",
+)
+@click.option(
+    "--stride",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Spatial subsampling: store every S-th pixel in both axes.",
+)
+@click.option(
+    "--pixels-per-image",
+    type=click.IntRange(min=1),
+    help="Store N random labelled pixels per image (with their positions) instead of maps.",
+)
+@click.option(
+    "--stratified",
+    is_flag=True,
+    help="With --pixels-per-image: share N equally among the classes present.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the pixel sampling.")
+@click.option(
+    "--max-images", type=click.IntRange(min=1), help="Only the first N images of the split."
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted dump (<out>.partial), skipping the images already stored.",
+)
+@click.option("--strict", is_flag=True, help="Stop at a corrupt image instead of skipping it.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Processes decoding images while the model runs (0: in the main process).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Images per forward pass (images of equal size).",
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto (CUDA when available), cpu, cuda, cuda:N or mps.",
+)
+@click.option(
+    "--float32", is_flag=True, help="Store float32 logits (default float16, half the size)."
+)
+@click.option(
+    "--compression",
+    type=click.Choice(["gzip", "lzf"]),
+    help="Compress the store (smaller, slower to write and read).",
+)
+def dump_logits_command(**options):
+    """Run a segmentation model on a dataset and write its logits to a logit store.
+
+    Logits are stored at label resolution, one row per pixel, with the labels when the
+    dataset has them (an unlabelled split gives a store without labels).
+    """
+    sampling = PixelSampling(
+        stride=options["stride"],
+        pixels_per_image=options["pixels_per_image"],
+        stratified=options["stratified"],
+        seed=options["seed"],
+    )
+    job = prepare_dump(
+        options["model_spec"],
+        options["checkpoint"],
+        options["dataset"],
+        options["data_root"],
+        options["split"],
+        options["out"],
+        weights=options["weights"],
+        trust_checkpoint=options["trust_checkpoint"],
+        inference=_inference_settings(options),
+        sampling=sampling,
+        max_images=options["max_images"],
+        resume=options["resume"],
+        strict=options["strict"],
+        workers=options["workers"],
+        batch_size=options["batch_size"],
+        device=options["device"],
+        dtype="float32" if options["float32"] else "float16",
+        compression=options["compression"],
+    )
+    if job.already_stored:
+        console.print(f"resuming: {job.already_stored} image(s) already stored")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CorruptImageWarning)
+        with progress_bar("dump-logits", job.total, unit="images") as advance:
+            summary = job.run(advance)
+    for warning in caught:
+        console.print(f"[yellow]warning:[/] {warning.message}")
+    for note in summary.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(
+        f"wrote {summary.out}: {summary.images_written} image(s), {summary.rows_written:,} rows "
+        f"on {job.device}, {summary.images_per_second:.2f} images/s"
+    )
+
+
+def _inference_settings(options: dict):
+    """The dataset's default settings with the options given on the command line."""
+    changes = {
+        "mode": options["mode"],
+        "crop": options["crop"],
+        "stride": options["window_stride"],
+        "resize": None if options["resize"] == "none" else options["resize"],
+    }
+    changes = {key: value for key, value in changes.items() if value is not None}
+    if options["resize"] == "none":
+        changes["resize"] = None
+    return dataclasses.replace(
+        default_inference(options["dataset"]),
+        flip=options["flip"],
+        amp=False if options["no_amp"] else None,
+        **changes,
+    )

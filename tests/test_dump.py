@@ -1,0 +1,535 @@
+"""`dump-logits` end to end on tiny Cityscapes-layout fixtures: stored logits and metrics against
+a direct numpy evaluation (cityscapesscripts' label table), a process killed midway then
+resumed against an uninterrupted run, subsampling and stratified sampling against hand-worked
+expectations, sharding, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from cityscapesscripts.helpers.labels import id2label
+from click.testing import CliRunner
+from fixtures_datasets import random_image, write_gray, write_rgb
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from blda_cli.dump_logits import dump_logits_command
+from blda_tools.diagnose import diagnose
+from blda_tools.dump import (
+    CorruptImageWarning,
+    PixelSampling,
+    dump_logits,
+    prepare_dump,
+    sample_pixels,
+    shard_path,
+    stratified_quota,
+)
+from blda_tools.errors import BLDAError
+from blda_tools.inference import InferenceSettings
+from blda_tools.models import create_model
+from blda_tools.store import LogitStore
+
+WHOLE = InferenceSettings(mode="whole")
+# Typed in from mmseg's img_norm_cfg, not imported from the code under test.
+MEAN = np.array([123.675, 116.28, 103.53])
+STD = np.array([58.395, 57.12, 57.375])
+# A per-pixel linear model (1 x 1 conv) with known weights, and a hook that SIGKILLs its own
+# process at the N-th forward pass (BLDA_TEST_KILL_AT), to interrupt a dump deterministically.
+PLUGIN_SOURCE = textwrap.dedent(
+    """
+    import os, signal, time
+    import torch
+    from torch import nn
+
+    class PixelLinear(nn.Conv2d):
+        calls = 0
+
+        def forward(self, x):
+            PixelLinear.calls += 1
+            if PixelLinear.calls == int(os.environ.get("BLDA_TEST_KILL_AT", "0")):
+                time.sleep(2)  # let the store writer thread finish the images before
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().forward(x)
+
+    def weights(num_classes):
+        weight = torch.arange(num_classes * 3, dtype=torch.float32).reshape(num_classes, 3)
+        return torch.sin(weight), torch.linspace(-1, 1, num_classes)
+
+    def build(num_classes):
+        model = PixelLinear(3, num_classes, 1)
+        weight, bias = weights(num_classes)
+        model.weight.data = weight[:, :, None, None].clone()
+        model.bias.data = bias.clone()
+        return model
+
+    def build_huge(num_classes):
+        model = build(num_classes)
+        model.bias.data += 1e6  # beyond float16
+        return model
+    """
+)
+NUM_CLASSES = 19
+
+
+def make_cityscapes(root, count=4, size=(12, 16), split="val", labels=True, label_ids=None):
+    """`count` images in the official layout; label ids random in 0..33 (ignored ids included)."""
+    paths = []
+    for index in range(count):
+        city = ("aachen", "bochum")[index % 2]
+        stem = f"{city}_000000_{index:06d}"
+        paths.append(
+            write_rgb(
+                root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png",
+                random_image(*size, seed=index),
+            )
+        )
+        if labels:
+            ids = np.random.default_rng(100 + index).integers(0, 34, size)
+            ids = ids if label_ids is None else label_ids
+            write_gray(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", ids)
+    return paths
+
+
+def train_ids_of(image_path):
+    """The labelIds file of an image mapped through cityscapesscripts' table with numpy."""
+    label_path = str(image_path).replace("leftImg8bit", "gtFine", 1)
+    label_path = label_path.replace("_leftImg8bit.png", "_gtFine_labelIds.png")
+    ids = np.array(Image.open(label_path))
+    table = np.full(256, 255)
+    for label_id, label in id2label.items():
+        if 0 <= label_id < 256 and 0 <= label.trainId < 255:
+            table[label_id] = label.trainId
+    return table[ids]
+
+
+def normalised(image_path):
+    pixels = np.array(Image.open(image_path).convert("RGB"), dtype=np.float64)
+    return (pixels - MEAN) / STD  # (H, W, 3)
+
+
+def plugin_logits(image_path, num_classes=NUM_CLASSES):
+    """The plugin model's logits (C, H, W), worked out with numpy from its weights."""
+    weight = np.sin(np.arange(num_classes * 3, dtype=np.float32).reshape(num_classes, 3))
+    bias = np.linspace(-1, 1, num_classes, dtype=np.float32)
+    return np.einsum("hwk,ck->chw", normalised(image_path), weight) + bias[:, None, None]
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    """Module spec of the per-pixel plugin model, importable here and in subprocesses."""
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "dump_test_plugin.py").write_text(PLUGIN_SOURCE)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setenv("PYTHONPATH", f"{folder}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return "dump_test_plugin:build"
+
+
+def dump(model, data_root, out, checkpoint=None, split="val", **options):
+    """`dump_logits` on a Cityscapes-layout fixture."""
+    return dump_logits(model, checkpoint, "cityscapes", data_root, split, out, **options)
+
+
+def read_all(path):
+    """Every dataset of an HDF5 store as numpy arrays, and its metadata without `created`."""
+    arrays = {}
+    with h5py.File(path, "r") as file:
+        file.visititems(
+            lambda name, item: (
+                arrays.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None
+            )
+        )
+        attributes = {k: v for k, v in file.attrs.items() if k != "created"}
+    return arrays, attributes
+
+
+def rows_by_image(store):
+    """{name: (logits (n, C), labels (n,), pixel_index or None)} of a (sharded) store."""
+    logits = torch.cat([chunk.logits for chunk in store.iter_chunks()])
+    labels = torch.cat([chunk.labels for chunk in store.iter_chunks()])
+    return {
+        record.name: (
+            logits[record.offset : record.offset + record.count],
+            labels[record.offset : record.offset + record.count],
+            store.read_pixel_index(index),
+        )
+        for index, record in enumerate(store.images)
+    }
+
+
+# ---------------------------------------------------------------- against direct evaluation
+
+
+def test_dump_then_diagnose_equals_direct_evaluation(tmp_path):
+    images = make_cityscapes(tmp_path / "data", count=5, size=(20, 28))
+    torch.manual_seed(0)
+    model = create_model("tiny", NUM_CLASSES).eval()
+    torch.save(model.state_dict(), tmp_path / "tiny.pth")
+    summary = dump(
+        "tiny",
+        tmp_path / "data",
+        tmp_path / "val.h5",
+        checkpoint=tmp_path / "tiny.pth",
+        inference=WHOLE,
+        workers=1,
+        batch_size=2,
+        dtype="float32",
+    )
+    assert (summary.images_written, summary.rows_written) == (5, 5 * 20 * 28)
+    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    with LogitStore(tmp_path / "val.h5") as store:
+        assert store.metadata["producer"] == "blda dump-logits 0.1.0"
+        assert store.metadata["inference"]["mode"] == "whole"
+        assert store.metadata["checkpoint"] == str(tmp_path / "tiny.pth")
+        for index, image_path in enumerate(sorted(images)):
+            x = torch.from_numpy(normalised(image_path)).permute(2, 0, 1)[None].float()
+            with torch.no_grad():
+                direct = F.interpolate(
+                    model(x), size=(20, 28), mode="bilinear", align_corners=False
+                )[0]
+            stored, stored_labels = store.read_image(index)
+            torch.testing.assert_close(stored, direct, atol=1e-5, rtol=1e-5)
+            truth = train_ids_of(image_path)
+            assert np.array_equal(stored_labels.numpy(), truth)
+            kept = truth != 255
+            np.add.at(confusion, (truth[kept], direct.argmax(0).numpy()[kept]), 1)
+    result = diagnose(tmp_path / "val.h5", tmp_path / "diag", plots_and_report=False)
+    assert np.array_equal(np.array(result.confusion), confusion)
+    hits = np.diag(confusion).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = hits / (confusion.sum(0) + confusion.sum(1) - hits)
+    np.testing.assert_allclose(np.array(result.iou, dtype=float), iou, equal_nan=True)
+    assert result.miou == pytest.approx(np.nanmean(iou))
+
+
+# ---------------------------------------------------------------- interruption and resume
+
+
+def test_killed_dump_resumed_equals_uninterrupted_run(tmp_path, plugin):
+    make_cityscapes(tmp_path / "data", count=6, size=(9, 11))
+    arguments = [
+        *("--model", plugin, "--dataset", "cityscapes", "--data-root", str(tmp_path / "data")),
+        *("--mode", "whole", "--resize", "none", "--stride", "2", "--workers", "1"),
+    ]
+    killed = tmp_path / "killed.h5"
+    script = "from blda_cli.dump_logits import dump_logits_command; dump_logits_command()"
+    process = subprocess.run(
+        [sys.executable, "-c", script, *arguments, "--out", str(killed)],
+        env={**os.environ, "BLDA_TEST_KILL_AT": "4"},  # killed computing the 4th image
+        capture_output=True,
+        timeout=120,
+    )
+    assert process.returncode == -9, process.stderr.decode()[-2000:]
+    assert not killed.exists()
+    with h5py.File(tmp_path / "killed.h5.partial", "r") as file:
+        assert file.attrs["committed_images"] == 3
+
+    runner = CliRunner()
+    resumed = runner.invoke(dump_logits_command, [*arguments, "--out", str(killed), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "3 image(s) already stored" in resumed.output
+    whole_run = runner.invoke(dump_logits_command, [*arguments, "--out", str(tmp_path / "a.h5")])
+    assert whole_run.exit_code == 0, whole_run.output
+
+    resumed_arrays, resumed_attributes = read_all(killed)
+    whole_arrays, whole_attributes = read_all(tmp_path / "a.h5")
+    assert resumed_arrays.keys() == whole_arrays.keys() >= {"logits", "labels", "images/name"}
+    for name, values in whole_arrays.items():
+        assert np.array_equal(resumed_arrays[name], values), name
+    assert resumed_attributes == whole_attributes
+
+
+def test_resume_refuses_other_settings_and_existing_outputs(tmp_path, plugin):
+    make_cityscapes(tmp_path / "data", count=2)
+    options = dict(inference=WHOLE, workers=0)
+    dump(plugin, tmp_path / "data", tmp_path / "o.h5", **options)
+    with pytest.raises(BLDAError, match="o.h5 exists; delete it, or pass --resume"):
+        dump(plugin, tmp_path / "data", tmp_path / "o.h5", **options)
+    with pytest.raises(BLDAError, match="already complete"):
+        dump(plugin, tmp_path / "data", tmp_path / "o.h5", resume=True)
+    (tmp_path / "o.h5").rename(tmp_path / "p.h5.partial")
+    with h5py.File(tmp_path / "p.h5.partial", "r+") as file:
+        file.attrs["complete"] = False
+    with pytest.raises(BLDAError, match=r"written with sampling=.*this run has"):
+        dump(
+            plugin,
+            tmp_path / "data",
+            tmp_path / "p.h5",
+            resume=True,
+            sampling=PixelSampling(stride=2),
+            **options,
+        )
+
+
+# ---------------------------------------------------------------- subsampling and sampling
+
+
+def test_stride_keeps_every_sth_pixel_as_computed_by_hand(tmp_path, plugin):
+    images = make_cityscapes(tmp_path / "data", count=2, size=(7, 9))
+    dump(
+        plugin,
+        tmp_path / "data",
+        tmp_path / "s.h5",
+        inference=WHOLE,
+        sampling=PixelSampling(stride=2),
+        workers=0,
+        dtype="float32",
+    )
+    with LogitStore(tmp_path / "s.h5") as store:
+        assert store.num_rows == 2 * 4 * 5  # ceil(7 / 2) * ceil(9 / 2) per image
+        for index, image_path in enumerate(sorted(images)):
+            logits, labels = store.read_image(index)
+            expected = plugin_logits(image_path)[:, ::2, ::2]
+            np.testing.assert_allclose(logits.numpy(), expected, atol=1e-4)
+            assert np.array_equal(labels.numpy(), train_ids_of(image_path)[::2, ::2])
+
+
+@pytest.mark.parametrize(
+    ("counts", "total", "expected"),
+    [
+        ([10, 3, 1], 9, [5, 3, 1]),  # 3 each; class 2 gives 2 back, then class 1 gives 1 back
+        ([10, 3, 1], 10, [6, 3, 1]),
+        ([5, 5, 5], 7, [3, 2, 2]),  # 2 each, the one left goes to the lowest class
+        ([0, 4, 0, 4], 5, [0, 3, 0, 2]),  # absent classes get nothing
+        ([2, 1], 50, [2, 1]),  # fewer pixels than asked: all of them
+    ],
+)
+def test_stratified_quota_hand_worked(counts, total, expected):
+    assert stratified_quota(torch.tensor(counts), total).tolist() == expected
+
+
+def round_robin_quota(counts, total):
+    """Hand out pixels one at a time, classes in turn (lowest first), skipping exhausted ones."""
+    quota = [0] * len(counts)
+    while sum(quota) < min(total, sum(counts)):
+        for index, count in enumerate(counts):
+            if quota[index] < count and sum(quota) < total:
+                quota[index] += 1
+    return quota
+
+
+@settings(max_examples=40, deadline=None)
+@given(counts=st.lists(st.integers(0, 60), min_size=1, max_size=8), total=st.integers(0, 300))
+def test_stratified_quota_equals_handing_out_in_turn(counts, total):
+    quota = stratified_quota(torch.tensor(counts), total).tolist()
+    assert quota == round_robin_quota(counts, total)
+
+
+def test_sample_pixels_draws_the_quota_from_each_stratum_deterministically():
+    strata = torch.tensor([0] * 10 + [1] * 3 + [2] * 1 + [7] * 6)
+    eligible = strata != 7
+    first = sample_pixels(strata, eligible, 9, torch.Generator().manual_seed(5))
+    again = sample_pixels(strata, eligible, 9, torch.Generator().manual_seed(5))
+    assert torch.equal(first, again)
+    assert torch.equal(first, first.unique())  # sorted, no repeats
+    assert torch.bincount(strata[first], minlength=8).tolist() == [5, 3, 1, 0, 0, 0, 0, 0]
+    other = sample_pixels(strata, eligible, 9, torch.Generator().manual_seed(6))
+    assert not torch.equal(first, other)  # another seed, another sample (fixed seeds)
+
+
+def test_pixels_per_image_stratified_matches_hand_worked_counts(tmp_path, plugin):
+    # 3 x 6 labels: road (id 7) 10 pixels, sidewalk (8) 3, building (11) 1, the rest
+    # unlabelled (id 0). N = 9: 3 each; building gives 2 back, sidewalk then needs all of its
+    # 3, road takes the remaining 5.
+    ids = np.array([[7, 7, 7, 7, 7, 7], [7, 7, 7, 7, 8, 8], [8, 11, 0, 0, 0, 0]])
+    images = make_cityscapes(tmp_path / "data", count=2, size=(3, 6), label_ids=ids)
+    common = dict(inference=WHOLE, workers=0, dtype="float32")
+    for name, sampling, expected_counts in [
+        ("strat.h5", PixelSampling(pixels_per_image=9, stratified=True), [5, 3, 1]),
+        ("random.h5", PixelSampling(pixels_per_image=9), None),
+        ("all.h5", PixelSampling(pixels_per_image=100), [10, 3, 1]),
+    ]:
+        data = tmp_path / "data"
+        dump(plugin, data, tmp_path / name, sampling=sampling, **common)
+        with LogitStore(tmp_path / name) as store:
+            for index, image_path in enumerate(sorted(images)):
+                record = store.images[index]
+                assert record.kind == "samples" and (record.height, record.width) == (3, 6)
+                logits, labels, positions = rows_by_image(store)[record.name]
+                positions = positions.numpy()
+                assert np.array_equal(positions, np.unique(positions))
+                truth = train_ids_of(image_path).ravel()
+                assert np.array_equal(labels.numpy(), truth[positions])
+                assert (labels != 255).all()
+                expected_rows = plugin_logits(image_path).reshape(NUM_CLASSES, -1)[:, positions].T
+                np.testing.assert_allclose(logits.numpy(), expected_rows, atol=1e-4)
+                if expected_counts is not None:
+                    assert np.bincount(labels.numpy(), minlength=3)[:3].tolist() == expected_counts
+                else:
+                    assert len(positions) == 9
+    with LogitStore(tmp_path / "strat.h5") as first:
+        # Both images have the same labels, but each image name seeds its own draw.
+        drawn = [positions for _, _, positions in rows_by_image(first).values()]
+        assert not torch.equal(drawn[0], drawn[1])
+        again = tmp_path / "again.h5"
+        dump(
+            plugin,
+            tmp_path / "data",
+            again,
+            sampling=PixelSampling(pixels_per_image=9, stratified=True),
+            **common,
+        )
+        with LogitStore(again) as second:
+            for name, (_, _, positions) in rows_by_image(first).items():
+                assert torch.equal(rows_by_image(second)[name][2], positions)
+
+
+def test_shards_read_together_equal_a_single_run(tmp_path, plugin):
+    make_cityscapes(tmp_path / "data", count=5, size=(6, 8))
+    common = dict(
+        inference=WHOLE,
+        workers=0,
+        sampling=PixelSampling(pixels_per_image=20, stratified=True),
+        dtype="float32",
+    )
+    data = tmp_path / "data"
+    single = dump(plugin, data, tmp_path / "one.h5", **common)
+    shards = [
+        dump(plugin, data, tmp_path / "s.h5", rank=rank, world_size=2, **common).out
+        for rank in (0, 1)
+    ]
+    assert shards == [tmp_path / "s.rank0-of-2.h5", tmp_path / "s.rank1-of-2.h5"]
+    assert shard_path(tmp_path / "s.h5", 1, 2) == shards[1]
+    with LogitStore(single.out) as one, LogitStore(shards) as both:
+        assert [len(LogitStore(s).images) for s in shards] == [3, 2]  # images 0, 2, 4 and 1, 3
+        expected, actual = rows_by_image(one), rows_by_image(both)
+        assert expected.keys() == actual.keys()
+        for name, (logits, labels, positions) in expected.items():
+            assert torch.equal(actual[name][0], logits)
+            assert torch.equal(actual[name][1], labels)
+            assert torch.equal(actual[name][2], positions)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_missing_folder_and_empty_split_are_named(tmp_path, plugin):
+    with pytest.raises(BLDAError, match=str(tmp_path / "nowhere")):
+        dump(plugin, tmp_path / "nowhere", tmp_path / "o.h5")
+    (tmp_path / "empty" / "leftImg8bit" / "val" / "aachen").mkdir(parents=True)
+    with pytest.raises(BLDAError, match=r"no images <city>/\*_leftImg8bit.png under"):
+        dump(plugin, tmp_path / "empty", tmp_path / "o.h5")
+    assert not (tmp_path / "o.h5").exists() and not (tmp_path / "o.h5.partial").exists()
+
+
+def test_images_without_labels_give_a_store_without_labels(tmp_path, plugin):
+    images = make_cityscapes(tmp_path / "data", count=3, split="test", labels=False)
+    summary = dump(
+        plugin,
+        tmp_path / "data",
+        tmp_path / "t.h5",
+        split="test",
+        inference=WHOLE,
+        workers=0,
+        max_images=2,
+        sampling=PixelSampling(pixels_per_image=40, stratified=True),
+        dtype="float32",  # argmax compared with numpy's: no float16 near-ties
+    )
+    assert not summary.has_labels and "no labels" in summary.notes[0]
+    with LogitStore(tmp_path / "t.h5") as store:
+        assert not store.has_labels and store.num_rows == 80 and len(store.images) == 2
+        logits = torch.cat([chunk.logits for chunk in store.iter_chunks()])
+        for index, image_path in enumerate(sorted(images)[:2]):
+            # Without labels the strata are the predicted classes (argmax, worked with numpy).
+            predicted = plugin_logits(image_path).reshape(NUM_CLASSES, -1).argmax(0)
+            quota = round_robin_quota(np.bincount(predicted, minlength=NUM_CLASSES), 40)
+            rows = logits[40 * index : 40 * (index + 1)]
+            assert np.bincount(rows.argmax(1).numpy(), minlength=NUM_CLASSES).tolist() == quota
+
+
+def test_corrupt_image_is_skipped_and_counted_or_fatal_with_strict(tmp_path, plugin):
+    images = make_cityscapes(tmp_path / "data", count=3)
+    broken = sorted(images)[1]
+    broken.write_bytes(b"not a png")
+    with pytest.warns(CorruptImageWarning, match=str(broken)):
+        summary = dump(plugin, tmp_path / "data", tmp_path / "c.h5", inference=WHOLE, workers=1)
+    assert summary.images_written == 2 and len(summary.corrupt) == 1
+    assert str(broken) in summary.corrupt[0]
+    with LogitStore(tmp_path / "c.h5") as store:
+        assert len(store.images) == 2
+    with pytest.raises(BLDAError, match=f"{broken}.*--strict"):
+        dump(plugin, tmp_path / "data", tmp_path / "d.h5", inference=WHOLE, workers=1, strict=True)
+    assert not (tmp_path / "d.h5").exists()
+
+
+def test_all_corrupt_or_float16_overflow_fail_without_leaving_a_store(tmp_path, plugin):
+    images = make_cityscapes(tmp_path / "data", count=2)
+    for image in images:
+        image.write_bytes(b"broken")
+    with (
+        pytest.warns(CorruptImageWarning),
+        pytest.raises(BLDAError, match=r"no image could be read \(2 corrupt\)"),
+    ):
+        dump(plugin, tmp_path / "data", tmp_path / "o.h5", workers=0)
+    assert not (tmp_path / "o.h5").exists() and not (tmp_path / "o.h5.partial").exists()
+    make_cityscapes(tmp_path / "good", count=2)
+    huge = plugin.replace(":build", ":build_huge")
+    arguments = (huge, tmp_path / "good", tmp_path / "h.h5")
+    with pytest.raises(BLDAError, match='beyond the float16 range.*dtype="float32"'):
+        dump(*arguments, inference=WHOLE, workers=0)
+    assert not (tmp_path / "h.h5").exists()
+    with pytest.raises(BLDAError, match="unfinished store holds float16 logits"):
+        dump(*arguments, inference=WHOLE, workers=0, dtype="float32", resume=True)
+    (tmp_path / "h.h5.partial").unlink()
+    summary = dump(*arguments, inference=WHOLE, workers=0, dtype="float32")
+    assert summary.images_written == 2
+
+
+def test_wrong_checkpoint_and_plugin_errors(tmp_path, plugin):
+    make_cityscapes(tmp_path / "data", count=1)
+    torch.save(create_model("tiny", 7).state_dict(), tmp_path / "seven.pth")
+    with pytest.raises(BLDAError, match="seven.pth"):
+        dump("tiny", tmp_path / "data", tmp_path / "o.h5", checkpoint=tmp_path / "seven.pth")
+    torch.save(torch.nn.Conv2d(3, NUM_CLASSES, 1).state_dict(), tmp_path / "conv.pth")
+    with pytest.raises(BLDAError, match="conv.pth"):
+        dump("tiny", tmp_path / "data", tmp_path / "o.h5", checkpoint=tmp_path / "conv.pth")
+    with pytest.raises(BLDAError, match="cannot import module 'no_such_module_blda'"):
+        dump("no_such_module_blda:build", tmp_path / "data", tmp_path / "o.h5")
+    with pytest.raises(BLDAError, match="--stride and --pixels-per-image"):
+        PixelSampling(stride=2, pixels_per_image=10)
+
+
+def test_cli_reports_bad_options_clearly(tmp_path, plugin):
+    make_cityscapes(tmp_path / "data", count=1)
+    runner = CliRunner()
+    base = ["--model", plugin, "--dataset", "cityscapes", "--data-root", str(tmp_path / "data")]
+    result = runner.invoke(
+        dump_logits_command, [*base, "--out", str(tmp_path / "o.h5"), "--resize", "big"]
+    )
+    assert (
+        result.exit_code == 2 and "expected HEIGHTxWIDTH like 1024x2048, or none" in result.output
+    )
+    result = runner.invoke(
+        dump_logits_command, [*base, "--out", str(tmp_path / "o.h5"), "--device", "tpu"]
+    )
+    assert isinstance(result.exception, BLDAError) and "--device" in str(result.exception)
+    job = prepare_dump(plugin, None, "cityscapes", tmp_path / "data", "val", tmp_path / "x.h5")
+    assert job.inference.resize == (1024, 2048) and job.inference.mode == "slide"
+    out = tmp_path / "cli.h5"
+    options = ["--resize", "24x32", "--crop", "16", "--window-stride", "8x8", "--flip", "--no-amp"]
+    result = runner.invoke(dump_logits_command, [*base, "--out", str(out), *options])
+    assert result.exit_code == 0, result.output
+    with LogitStore(out) as store:
+        assert store.metadata["inference"] == {
+            "mode": "slide",
+            "crop": [16, 16],
+            "stride": [8, 8],
+            "resize": [24, 32],
+            "flip": True,
+            "amp": False,
+        }
+        assert store.metadata["sampling"] == {
+            "stride": 1,
+            "pixels_per_image": None,
+            "stratified": False,
+            "seed": 0,
+        }
