@@ -1,0 +1,449 @@
+"""The online BLDA loss (Sec. 3.3.4-3.3.5, Algorithm 1, Eq. 8-10) for any PyTorch training loop.
+
+`BLDALoss` keeps per-domain C x C x K Gaussian mixtures of the logit sets M_cl (Eq. 8) and the
+two global source anchors, updates them every call by momentum EM, and returns the logit-adjusted
+cross-entropy of Eq. 9 plus the CDF regression loss of Eq. 10::
+
+    blda = BLDALoss(num_classes=19)
+    loss = blda(source_logits, source_labels, domain="source", regression=source_cdf_head)
+    loss = loss + blda(mixed_logits, mixed_labels, mixed_weights, domain="mixed")
+
+Speed: per pixel only the C cells of its label row are needed, Delta_{y,c}(f[c]) for every c.
+Each cell's aligned value z' = F_anchor^-1(F_cl(z)) (Eq. 6) is tabulated once per call on a grid
+and gathered with linear interpolation, so no pixel ever evaluates C x C mixtures.
+
+Choices (Algorithm 1 and the release leave them open):
+  * every call that updates (the default) is one iteration: statistics first, then the loss
+    with the new offsets. A set's clock (n) moves only in calls that hold pixels of its domain,
+    so in a loop with a source call and a mixed call, the source set (fed by labelled source
+    pixels and by the pasted weight-1 pixels of the mixed image) is updated twice per
+    training iteration and the target set once;
+  * a cell never updated before takes its first EM estimate as it is (no old estimate to mix);
+  * a class row is sampled whole, so all its cells are updated together; a row gives offsets
+    once updated, and only when the anchors have been updated too;
+  * the anchors are fitted on the sampled source pixels: the positive anchor on f[c] of every
+    sampled pixel, the negative one on f[l] for one uniformly drawn l != c per sampled pixel
+    (an unbiased draw from the pooled off-diagonal cells at 1 / (C - 1) of the cost); they use
+    the same momentum rule (m^n, n = 1 when updated every call, as line 31);
+  * n per cell is capped by `max_samples_per_cell` (1000) to bound the EM cost;
+  * offsets use the exact normal CDF (torch.special.ndtr), not Abramowitz-Stegun.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from blda_tools.errors import BLDAError
+from blda_tools.gmm import mixture_cdf
+from blda_tools.online_state import MixtureSet, OffsetTables, draw_cell_samples
+
+MODES = ("ola", "ola_source", "none")
+DOMAINS = ("source", "target", "mixed")
+REGRESSION_LOSSES = ("l2", "l1")
+REDUCTIONS = ("mean", "sum", "none")
+STATE_FORMAT = "blda.BLDALoss"
+
+
+@dataclass
+class _Pixels:
+    """A batch seen as (B, C, P) logits and (B, P) pixel fields; labels of invalid pixels are 0."""
+
+    logits: Tensor
+    labels: Tensor
+    valid: Tensor
+    in_target: Tensor
+    weights: Tensor | None
+
+    def members(self) -> tuple[Tensor, Tensor]:
+        """Pixels feeding the source and the target statistics (target: 0 < weight, as released;
+        in a mixed image weight 1 marks source pixels, so target pixels there have 0 < w < 1)."""
+        source = self.valid & ~self.in_target
+        target = self.valid & self.in_target
+        if self.weights is not None:
+            target = target & (self.weights > 0)
+        return source, target
+
+
+class BLDALoss(nn.Module):
+    """Online logit adjustment (OLA) and cumulative density estimation (CDE) as one loss.
+
+    Arguments (paper defaults unless marked): `num_classes` C >= 2, `ignore_index`,
+    `n_components` K, `em_steps` T, `momentum` m, `momentum_warmup` (as released: m ramps
+    linearly from 0 over a set's first 1500 updates; 0 disables), `min_samples` N_min (released
+    500; paper 100), `max_samples_per_cell` (cap on n per cell for speed; None = uncapped, as
+    released), `eps` (CDF clamp of the anchor inverse), `tau`, `regression_weight` lambda,
+    `regression_loss` "l2" (paper) or "l1" (release), `mode` "ola" (both domains), "ola_source"
+    (source only; target pixels get plain cross-entropy) or "none" (weighted cross-entropy, no
+    statistics), `anchor_grid_points` (table of the anchors' inverse CDF, as released),
+    `offset_grid_points` (table of each cell's aligned value), `reduction` "mean" (over ALL
+    pixels, ignored ones counting 0: the training loop's and mmseg's convention), "sum" or
+    "none" (per pixel), `seed` (the per-cell sampling draws from a generator seeded by seed and
+    the iteration counter, so a resumed run draws what an uninterrupted one would).
+
+    Buffers (in `state_dict`): the mixture sets `source`, `target` (C x C x K) and `anchors`
+    (2 x K: positive, negative) with their `fitted`, `steps` (n) and `updates` counters, and
+    `iteration` (calls that updated statistics). `last_terms` holds the parts of the last call.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        ignore_index: int = 255,
+        n_components: int = 5,
+        em_steps: int = 3,
+        momentum: float = 0.99,
+        momentum_warmup: int = 1500,
+        min_samples: int = 500,
+        eps: float = 0.01,
+        tau: float = 0.1,
+        regression_weight: float = 0.2,
+        regression_loss: str = "l2",
+        mode: str = "ola",
+        anchor_grid_points: int = 1000,
+        *,
+        offset_grid_points: int = 512,
+        max_samples_per_cell: int | None = 1000,
+        reduction: str = "mean",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_options(locals())
+        self.num_classes = int(num_classes)
+        self.ignore_index = int(ignore_index)
+        self.n_components = int(n_components)
+        self.em_steps = int(em_steps)
+        self.momentum = float(momentum)
+        self.momentum_warmup = int(momentum_warmup)
+        self.min_samples = int(min_samples)
+        self.max_samples_per_cell = max_samples_per_cell and int(max_samples_per_cell)
+        self.eps = float(eps)
+        self.tau = float(tau)
+        self.regression_weight = float(regression_weight)
+        self.regression_loss = regression_loss
+        self.mode = mode
+        self.anchor_grid_points = int(anchor_grid_points)
+        self.offset_grid_points = int(offset_grid_points)
+        self.reduction = reduction
+        self.seed = int(seed)
+        cells = (self.num_classes, self.num_classes)
+        self.source = MixtureSet(cells, self.n_components)
+        self.target = MixtureSet(cells, self.n_components)
+        self.anchors = MixtureSet((2,), self.n_components)
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.int64))
+        self.last_terms: dict = {}
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        weights: Tensor | None = None,
+        domain: str = "source",
+        *,
+        regression: Tensor | None = None,
+        update: bool = True,
+    ) -> Tensor:
+        """Eq. 9 (+ lambda Eq. 10): update the statistics from this batch, then the loss.
+
+        logits ``(N, C)`` or ``(B, C, *spatial)``; labels ``(N,)`` / ``(B, *spatial)`` with the
+        ignore index (ground truth or pseudo-labels); weights the same shape (pseudo-label
+        quality q(p); None = 1); domain "source", "target" or "mixed" (weight 1 marks source
+        pixels, as released); regression the CDF head's output ``(B, 1, *spatial)``, labels'
+        shape or ``(N, 1)`` (None: no Eq. 10 term). The offsets are detached; so is d.
+        """
+        pixels = self._pixels(logits, labels, weights, domain)
+        self.last_terms = {}
+        if update:
+            self._update(pixels)
+        adjusted = logits
+        if self.mode != "none" and self.tau > 0:
+            scaled = self._offsets(pixels, scale=-self.tau)  # Eq. 9: f - tau Delta
+            if scaled is not None:
+                # in place into the detached offsets buffer: one (B, C, H, W) tensor less
+                adjusted = _to_logit_shape(scaled, logits).add_(logits.float())
+        per_pixel = F.cross_entropy(
+            adjusted.float(), labels, reduction="none", ignore_index=self.ignore_index
+        )
+        if weights is not None:
+            per_pixel = per_pixel * weights
+        cross_entropy = self._reduce(per_pixel)
+        total = cross_entropy
+        regression_term = torch.zeros((), device=logits.device)
+        if regression is not None:
+            if self.mode == "none":
+                raise BLDAError(
+                    "regression: mode 'none' keeps no statistics, so there is no CDF target "
+                    "(Eq. 10); use mode 'ola' or 'ola_source', or pass regression=None"
+                )
+            regression_term = self._reduce(self._regression_per_pixel(pixels, regression, labels))
+            total = total + self.regression_weight * regression_term
+        self.last_terms.update(ce=cross_entropy.detach(), regression=regression_term.detach())
+        return total
+
+    @torch.no_grad()
+    def update_statistics(
+        self, logits: Tensor, labels: Tensor, weights: Tensor | None = None, domain="source"
+    ) -> dict:
+        """Only the momentum-EM update of Algorithm 1 (what `forward` does first)."""
+        self._update(self._pixels(logits, labels, weights, domain))
+        return dict(self.last_terms)
+
+    @torch.no_grad()
+    def offsets(
+        self, logits: Tensor, labels: Tensor, domain: str = "source", weights: Tensor | None = None
+    ) -> Tensor:
+        """Delta_{y, c}(f[c]) of Eq. 6 for every pixel and class, shaped like `logits`; zero at
+        ignored pixels and where the label's row or the anchors were never updated."""
+        pixels = self._pixels(logits, labels, weights, domain)
+        offsets = None if self.mode == "none" else self._offsets(pixels)
+        if offsets is None:
+            return torch.zeros_like(logits, dtype=torch.float32)
+        return _to_logit_shape(offsets, logits)
+
+    @torch.no_grad()
+    def regression_target(
+        self, logits: Tensor, labels: Tensor, domain: str = "source", weights: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """d = F_yy(f[y]) (Sec. 3.3.5) shaped like `labels`, and where it exists (bool)."""
+        pixels = self._pixels(logits, labels, weights, domain)
+        target, available = self._cdf_targets(pixels)
+        return target.reshape(labels.shape), available.reshape(labels.shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, mode={self.mode!r}, K={self.n_components}, "
+            f"T={self.em_steps}, momentum={self.momentum}, tau={self.tau}, "
+            f"regression={self.regression_loss}x{self.regression_weight}"
+        )
+
+    def get_extra_state(self) -> dict:
+        return {"format": STATE_FORMAT, "num_classes": self.num_classes, "K": self.n_components}
+
+    def set_extra_state(self, state) -> None:
+        expected = self.get_extra_state()
+        if state != expected:
+            raise BLDAError(f"state_dict: written for {state}, this loss is {expected}")
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As nn.Module, but a mismatched or malformed state raises BLDAError."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except (RuntimeError, KeyError, TypeError) as error:
+            raise BLDAError(f"state_dict: does not fit this BLDALoss ({error})") from None
+
+    # -- input ---------------------------------------------------------------------------------
+
+    def _pixels(self, logits, labels, weights, domain) -> _Pixels:
+        _check_choice("domain", domain, DOMAINS)
+        if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.ndim < 2:
+            raise BLDAError("logits: expected a float tensor (N, C) or (B, C, *spatial)")
+        if logits.shape[1] != self.num_classes:
+            raise BLDAError(
+                f"logits: expected {self.num_classes} classes in dim 1, got {tuple(logits.shape)}"
+            )
+        expected = logits.shape[:1] + logits.shape[2:]
+        if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
+            raise BLDAError("labels: expected an int64 tensor")
+        if labels.shape != expected:
+            raise BLDAError(f"labels: expected shape {tuple(expected)}, got {tuple(labels.shape)}")
+        if weights is not None and (not isinstance(weights, Tensor) or weights.shape != expected):
+            raise BLDAError(f"weights: expected None or a tensor of shape {tuple(expected)}")
+        if domain == "mixed" and weights is None:
+            raise BLDAError("weights: domain 'mixed' needs the pixel weights (1 marks source)")
+        valid = labels != self.ignore_index
+        if bool((valid & ((labels < 0) | (labels >= self.num_classes))).any()):
+            raise BLDAError(
+                f"labels: values must lie in [0, {self.num_classes}) or be the ignore index "
+                f"{self.ignore_index}"
+            )
+        if logits.ndim == 2:  # classification: N pixels of one "image"
+            flat_logits, valid = logits.detach().t()[None], valid[None]
+            flat_labels, flat_weights = labels[None], None if weights is None else weights[None]
+        else:
+            batch = logits.shape[0]
+            flat_logits = logits.detach().reshape(batch, self.num_classes, -1)
+            flat_labels, valid = labels.reshape(batch, -1), valid.reshape(batch, -1)
+            flat_weights = None if weights is None else weights.reshape(batch, -1)
+        if domain == "source":
+            in_target = torch.zeros_like(valid)
+        elif domain == "target":
+            in_target = torch.ones_like(valid)
+        else:
+            in_target = flat_weights != 1
+        flat_labels = torch.where(valid, flat_labels, 0)
+        return _Pixels(flat_logits, flat_labels, valid, in_target, flat_weights)
+
+    # -- statistics (Algorithm 1, lines 6-32) ----------------------------------------------------
+
+    @torch.no_grad()
+    def _update(self, pixels: _Pixels) -> None:
+        self.last_terms = {"n_cells_updated": 0}
+        if self.mode == "none":
+            return
+        self.iteration += 1
+        generator = torch.Generator(device=pixels.logits.device)
+        generator.manual_seed(self.seed * 1_000_003 + int(self.iteration))
+        source_members, target_members = pixels.members()
+        terms = self.last_terms
+        domains = [("source", self.source, source_members)]
+        if self.mode == "ola":
+            domains.append(("target", self.target, target_members))
+        for name, mixture_set, members in domains:
+            if not bool(members.any()):
+                continue  # this domain has no pixel in the call: its clock does not move
+            samples = draw_cell_samples(
+                pixels.logits,
+                pixels.labels,
+                members,
+                self.min_samples,
+                self.max_samples_per_cell,
+                generator,
+            )
+            momentum = mixture_set.effective_momentum(self.momentum, self.momentum_warmup)
+            try:
+                updated = mixture_set.update(
+                    None if samples is None else samples.cells,
+                    None if samples is None else samples.mask,
+                    self.em_steps,
+                    momentum,
+                )
+            except BLDAError as error:  # e.g. NaN logits: name the argument the user passed
+                raise BLDAError(f"logits: {error}") from None
+            terms[f"{name}_cells_updated"] = int(updated.sum())
+            terms["n_cells_updated"] += terms[f"{name}_cells_updated"]
+            terms[f"{name}_samples_per_cell"] = 0 if samples is None else samples.per_cell
+            if name == "source":  # anchors: global source positives and negatives (line 26)
+                momentum = self.anchors.effective_momentum(self.momentum, self.momentum_warmup)
+                anchors = None if samples is None else samples.anchors
+                self.anchors.update(anchors, None, self.em_steps, momentum)
+
+    # -- offsets (Eq. 6) -------------------------------------------------------------------------
+
+    def _sets(self) -> list[MixtureSet]:
+        return [self.source, self.target]
+
+    def _row_active(self) -> Tensor:
+        """(2, C): rows whose every cell was updated (sampling updates whole rows), per domain;
+        none without fitted anchors, and none on the target in mode "ola_source"."""
+        rows = torch.stack([s.fitted.all(dim=1) for s in self._sets()])
+        rows &= bool(self.anchors.fitted.all())
+        if self.mode != "ola":
+            rows[1] = False
+        return rows
+
+    @torch.no_grad()
+    def _offsets(self, pixels: _Pixels, scale: float = 1.0) -> Tensor | None:
+        """scale * Delta (B, C, P), Delta = z'(z) - z gathered per pixel from its label row;
+        None if no row of the batch's domains is active (then there is no offset anywhere)."""
+        row_active = self._row_active()
+        if not bool(row_active.any()):
+            return None
+        tables = OffsetTables.build(
+            self._sets(), self.anchors, self.eps, self.offset_grid_points, self.anchor_grid_points
+        )
+        row = pixels.in_target.long() * self.num_classes + pixels.labels  # (B, P) into 2 C rows
+        gate = (pixels.valid & row_active.reshape(-1)[row]).to(torch.float32).mul_(scale)
+        return tables.gather(pixels.logits.float(), row, gate)
+
+    # -- cumulative density estimation (Eq. 10) --------------------------------------------------
+
+    def _cdf_targets(self, pixels: _Pixels) -> tuple[Tensor, Tensor]:
+        """d = F_yy(f[y]) with the pixel's domain's positive mixture, and where it is defined
+        (labelled pixels whose diagonal cell was updated; never on the target in "ola_source")."""
+        count = self.num_classes
+        diagonal = [
+            torch.stack([getattr(s, name).diagonal(dim1=0, dim2=1).t() for s in self._sets()])
+            for name in ("weights", "means", "variances")
+        ]
+        fitted = torch.stack([s.fitted.diagonal() for s in self._sets()])
+        if self.mode != "ola":
+            fitted[1] = False
+        row = pixels.in_target.long() * count + pixels.labels
+        available = pixels.valid & fitted.reshape(-1)[row]
+        z = pixels.logits.gather(1, pixels.labels[:, None, :])[:, 0].float()
+        flat_row = row.reshape(-1)
+        weights, means, variances = (
+            p.reshape(2 * count, -1).index_select(0, flat_row) for p in diagonal
+        )
+        target = mixture_cdf(z.reshape(-1, 1), weights, means, variances).view_as(z)
+        return torch.where(available, target, 0.0), available
+
+    def _regression_per_pixel(self, pixels: _Pixels, regression: Tensor, labels: Tensor):
+        regression = _regression_like(regression, labels)
+        target, available = self._cdf_targets(pixels)
+        prediction = regression.float().reshape(target.shape)
+        error = prediction - target
+        per_pixel = error.square() if self.regression_loss == "l2" else error.abs()
+        per_pixel = torch.where(available, per_pixel, 0.0)
+        if pixels.weights is not None:
+            per_pixel = per_pixel * pixels.weights
+        return per_pixel.reshape(labels.shape)
+
+    def _reduce(self, per_pixel: Tensor) -> Tensor:
+        if self.reduction == "mean":
+            return per_pixel.mean()
+        if self.reduction == "sum":
+            return per_pixel.sum()
+        return per_pixel
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise BLDAError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_options(options: dict) -> None:
+    """BLDAError naming the first constructor argument out of range."""
+    _check_choice("mode", options["mode"], MODES)
+    _check_choice("regression_loss", options["regression_loss"], REGRESSION_LOSSES)
+    _check_choice("reduction", options["reduction"], REDUCTIONS)
+    components, minimum, cap = (
+        options[k] for k in ("n_components", "min_samples", "max_samples_per_cell")
+    )
+    problems = {
+        "num_classes": ("an integer >= 2", int(options["num_classes"]) < 2),
+        "n_components": ("an integer >= 1", int(components) < 1),
+        "em_steps": ("an integer >= 0", int(options["em_steps"]) < 0),
+        "min_samples": (f"an integer >= n_components={components}", int(minimum) < components),
+        "max_samples_per_cell": (
+            f"None or an integer >= min_samples={minimum}",
+            cap is not None and int(cap) < int(minimum),
+        ),
+        "momentum": ("a number in [0, 1]", not 0.0 <= options["momentum"] <= 1.0),
+        "momentum_warmup": ("an integer >= 0", int(options["momentum_warmup"]) < 0),
+        "eps": ("a number in (0, 0.5)", not 0.0 < options["eps"] < 0.5),
+        "tau": ("a number >= 0", not options["tau"] >= 0),
+        "regression_weight": ("a number >= 0", not options["regression_weight"] >= 0),
+        "anchor_grid_points": ("an integer >= 2", int(options["anchor_grid_points"]) < 2),
+        "offset_grid_points": ("an integer >= 2", int(options["offset_grid_points"]) < 2),
+    }
+    for name, (expected, bad) in problems.items():
+        if bad:
+            raise BLDAError(f"{name}: expected {expected}, got {options[name]!r}")
+
+
+def _to_logit_shape(offsets: Tensor, logits: Tensor) -> Tensor:
+    """(B, C, P) back to the caller's layout: (N, C) or (B, C, *spatial)."""
+    if logits.ndim == 2:
+        return offsets[0].t()
+    return offsets.reshape(logits.shape)
+
+
+def _regression_like(regression, labels: Tensor) -> Tensor:
+    """The head's output as labels' shape: accepts that shape or a singleton channel in dim 1."""
+    if not isinstance(regression, Tensor) or not regression.is_floating_point():
+        raise BLDAError("regression: expected a float tensor (the CDF head's output)")
+    if regression.shape == labels.shape:
+        return regression
+    squeezed = regression.shape[:1] + regression.shape[2:]
+    if regression.ndim == labels.ndim + 1 and regression.shape[1] == 1 and squeezed == labels.shape:
+        return regression.reshape(labels.shape)
+    raise BLDAError(
+        f"regression: expected shape {tuple(labels.shape)} or with a channel of 1 in dim 1, "
+        f"got {tuple(regression.shape)}"
+    )
