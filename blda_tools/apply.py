@@ -1,0 +1,137 @@
+"""`blda calibrate --apply`: a saved calibrator's Eq. 7 predictions for logit stores.
+
+Map images become Cityscapes-style train-id and colour PNGs; stores of samples become one
+prediction store (format in `apply_calibrator`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from blda_tools.calibration import Calibrator
+from blda_tools.datasets import CITYSCAPES_PALETTE, default_palette
+from blda_tools.datasets.base import write_color_png, write_label_png
+from blda_tools.datasets.cityscapes import CITYSCAPES_CLASSES
+from blda_tools.errors import BLDAError
+from blda_tools.fileio import atomic_output, ensure_writable_dir
+from blda_tools.store import LogitStore
+
+Paths = str | os.PathLike | Sequence[str | os.PathLike]
+
+
+PREDICTIONS_FORMAT = "blda-predictions"
+
+
+@dataclass
+class ApplyResult:
+    """What `apply_calibrator` wrote: PNG pairs per map image, or one prediction store."""
+
+    tau: float
+    num_pixels: int
+    images: int
+    files: list[str]
+    prediction_store: str | None
+
+
+def apply_calibrator(
+    calibrator_path: str | os.PathLike,
+    stores: Paths,
+    out_dir: str | os.PathLike,
+    tau: float | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ApplyResult:
+    """Write Eq. 7 predictions of `stores` with a saved calibrator.
+
+    When every image of the stores is a map: `DIR/trainIds/<name>.png` (8-bit train ids,
+    Cityscapes style, ignore 255 never predicted) and `DIR/color/<name>.png`, at the full label
+    size (a map stored with stride s is upsampled by repeating each prediction s x s times).
+    Otherwise one prediction store `DIR/predictions.h5`: attributes `format` =
+    "blda-predictions", `format_version` = 1, `class_names` (JSON list), `tau`, `calibrator`;
+    dataset `prediction` (P,) uint8 (int32 beyond 255 classes), row i being row i of the input
+    stores in the order given; `labels` (P,) copied when the stores have them; and the image
+    index `images/name`, `images/offset`, `images/count` of the input stores.
+    """
+    calibrator = Calibrator.load(calibrator_path)
+    tau = calibrator.tau if tau is None else tau
+    store = LogitStore(stores)
+    calibrator.check_classes(store.class_names, ", ".join(map(str, store.paths)))
+    out_dir = ensure_writable_dir(out_dir)
+    if all(record.kind == "map" for record in store.images):
+        files = _write_prediction_pngs(calibrator, store, out_dir, tau, progress)
+        return ApplyResult(tau, store.num_rows, len(store.images), files, None)
+    path = _write_prediction_store(calibrator, calibrator_path, store, out_dir, tau, progress)
+    return ApplyResult(tau, store.num_rows, len(store.images), [path.name], str(path))
+
+
+def _write_prediction_pngs(calibrator, store, out_dir: Path, tau, progress) -> list[str]:
+    names = calibrator.class_names
+    palette = (
+        CITYSCAPES_PALETTE if tuple(names) == CITYSCAPES_CLASSES else default_palette(len(names))
+    )
+    written = []
+    for index, record in enumerate(store.images):
+        logits, _ = store.read_image(index)
+        height, width = record.shape
+        flat = logits.permute(1, 2, 0).reshape(-1, len(names))
+        prediction = calibrator.predict(flat, tau).view(height, width)
+        if record.stride > 1:
+            prediction = prediction.repeat_interleave(record.stride, 0)
+            prediction = prediction.repeat_interleave(record.stride, 1)
+            prediction = prediction[: record.height, : record.width]
+        relative = _safe_relative_name(record.name, index)
+        for folder, writer in (("trainIds", write_label_png), ("color", None)):
+            target = out_dir / folder / f"{relative}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if writer is None:
+                write_color_png(target, prediction, palette)
+            else:
+                writer(target, prediction)
+            written.append(str(target.relative_to(out_dir)))
+        if progress is not None:
+            progress(record.count)
+    return written
+
+
+def _safe_relative_name(name: str, index: int) -> str:
+    if not name:
+        return f"image{index:06d}"
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts:
+        raise BLDAError(f"image name {name!r}: not a safe relative file name for an output PNG")
+    return name
+
+
+def _write_prediction_store(calibrator, calibrator_path, store, out_dir, tau, progress) -> Path:
+    dtype = np.uint8 if calibrator.num_classes <= 256 else np.int32
+    path = out_dir / "predictions.h5"
+    with atomic_output(path) as temporary, h5py.File(temporary, "w") as file:
+        file.attrs["format"] = PREDICTIONS_FORMAT
+        file.attrs["format_version"] = 1
+        file.attrs["class_names"] = json.dumps(list(calibrator.class_names))
+        file.attrs["tau"] = float(tau)
+        file.attrs["calibrator"] = str(calibrator_path)
+        prediction = file.create_dataset("prediction", (store.num_rows,), dtype=dtype)
+        labels = (
+            file.create_dataset("labels", (store.num_rows,), dtype=np.int32)
+            if store.has_labels
+            else None
+        )
+        for chunk in store.iter_chunks(rows=1 << 16, reuse_buffers=True):
+            rows = slice(chunk.first_row, chunk.first_row + chunk.logits.shape[0])
+            prediction[rows] = calibrator.predict(chunk.logits, tau).numpy().astype(dtype)
+            if labels is not None:
+                labels[rows] = chunk.labels.numpy().astype(np.int32)
+            if progress is not None:
+                progress(chunk.logits.shape[0])
+        images = file.create_group("images")
+        images["name"] = np.array([r.name for r in store.images], dtype=h5py.string_dtype())
+        images["offset"] = np.array([r.offset for r in store.images], dtype=np.int64)
+        images["count"] = np.array([r.count for r in store.images], dtype=np.int64)
+    return path

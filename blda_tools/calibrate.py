@@ -1,0 +1,398 @@
+"""The `blda calibrate` job: fit the Eq. 6 offsets, sweep tau (Eq. 7), choose it honestly, and
+write sweep.csv, calibration.json, plots and calibrator.pt.
+
+Passes over the data: statistics of the fit-on stores (and of the anchor stores when they differ);
+a tau sweep of the select-on stores when given; one sweep of the evaluated stores (every tau at
+once, with the tau = 0 and prior-adjustment baselines); and one pass over the evaluated stores
+at the chosen tau that collects the statistics of the logits before and after calibration, for
+the JS divergences to the anchors (Table 15). The rows of those statistics are the ground truth
+when the evaluated stores have it, else the uncalibrated pseudo-labels (argmax f), the same rows
+before and after: only the logits change. A calibrated logit of a pixel of row class c is
+f[l] + tau Delta_cl(f[l]), the quantity Eq. 7 puts in the softmax.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from blda_tools import __version__, plots
+from blda_tools.calibration import Calibrator, anchor_histograms, gather_offsets
+from blda_tools.errors import BLDAError
+from blda_tools.fileio import atomic_output, ensure_writable_dir
+from blda_tools.gmm import mixture_pdf
+from blda_tools.metrics import SegmentationMetrics, js_divergence
+from blda_tools.statistics import LogitGrid, LogitSetStatistics, collect_statistics
+from blda_tools.store import LogitStore
+from blda_tools.sweep import TauSweep, parse_tau_spec, select_tau, sweep_stores, sweep_table
+
+Paths = str | os.PathLike | Sequence[str | os.PathLike]
+FIT_LABELS = ("gt", "pseudo")
+GMM_PLOT_CELLS = 6
+
+
+@dataclass
+class CalibrationResult:
+    """What `calibrate` measured and chose; `to_json()` is calibration.json."""
+
+    classes: list[str]
+    chosen_tau: float
+    selection: dict
+    warnings: list[str]
+    before: dict | None
+    after: dict | None
+    js: dict
+    unadjusted_cells: list[list[str]]
+    fit: dict
+    sweep: list[dict] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        content = {k: v for k, v in self.__dict__.items() if k != "sweep"}
+        content["producer"] = f"blda calibrate {__version__}"
+        return _nan_to_none(content)
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    """Options of `calibrate` (the CLI's options, one to one)."""
+
+    taus: str | Sequence[float] = "0:1:0.1"
+    fit_on: Paths | None = None
+    fit_labels: str = "pseudo"
+    anchor_from: Paths | None = None
+    anchor: str = "global"
+    select_on: Paths | None = None
+    metric: str = "miou"
+    estimator: str = "gmm"
+    n_components: int = 5
+    eps: float = 0.01
+    min_samples: int = 100
+    table_points: int = 2048
+    grid: LogitGrid = field(default_factory=LogitGrid)
+    plots: bool = True
+
+
+def calibration_passes(stores: Paths, options: CalibrateOptions) -> int:
+    """Rows `calibrate` will stream in all (for a progress bar's total)."""
+    evaluated = LogitStore(stores)
+    # A sweep of the evaluated stores needs their labels; the before/after pass always runs.
+    passes = 2 if evaluated.has_labels else 1
+    total = LogitStore(options.fit_on or stores).num_rows + passes * evaluated.num_rows
+    if options.anchor_from:
+        total += LogitStore(options.anchor_from).num_rows
+    if options.select_on:
+        total += LogitStore(options.select_on).num_rows
+    return total
+
+
+def calibrate(
+    stores: Paths,
+    out_dir: str | os.PathLike,
+    options: CalibrateOptions | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> CalibrationResult:
+    """Fit, sweep, select tau and write the outputs to `out_dir` (see the module docstring)."""
+    options = options or CalibrateOptions()
+    out_dir = ensure_writable_dir(out_dir)
+    taus = (
+        parse_tau_spec(options.taus)
+        if isinstance(options.taus, str)
+        else parse_tau_spec(",".join(str(t) for t in options.taus))
+    )
+    if options.fit_labels not in FIT_LABELS:
+        raise BLDAError(f"--fit-labels: expected gt or pseudo, got {options.fit_labels!r}")
+    evaluated = LogitStore(stores)
+    warnings: list[str] = []
+    fit_store, fit_statistics, anchor_statistics = _fit_statistics(
+        evaluated, options, warnings, progress
+    )
+    calibrator = Calibrator(
+        options.estimator,
+        options.n_components,
+        options.eps,
+        options.min_samples,
+        options.table_points,
+        options.anchor,
+    ).fit(fit_statistics, anchor_statistics)
+    selection, evaluation = _choose_tau(calibrator, evaluated, taus, options, warnings, progress)
+    calibrator.tau = selection["tau"]
+    if evaluation is None and evaluated.has_labels:
+        evaluation = sweep_stores(calibrator, evaluated, taus, progress)
+    before_after = _before_after_statistics(calibrator, evaluated, options.grid, progress)
+    anchors = anchor_histograms(anchor_statistics, options.anchor)
+    result = CalibrationResult(
+        classes=list(calibrator.class_names),
+        chosen_tau=calibrator.tau,
+        selection=selection,
+        warnings=warnings,
+        before=None,
+        after=None,
+        js=_js_summary(before_after, anchors, evaluated.has_labels),
+        unadjusted_cells=[list(cell) for cell in calibrator.unadjusted_cells_],
+        fit=_fit_summary(calibrator, fit_store, options, anchor_statistics is not fit_statistics),
+    )
+    if evaluation is not None:
+        _add_metrics(result, evaluation)
+    _write_outputs(result, calibrator, evaluation, fit_statistics, out_dir, options)
+    return result
+
+
+def _fit_statistics(evaluated, options, warnings, progress):
+    """(fit-on store, its statistics, the anchor statistics), warning when either uses the ground
+    truth of evaluated pixels."""
+    fit_store = LogitStore(options.fit_on) if options.fit_on else evaluated
+    _check_same_classes(evaluated, fit_store, "--fit-on")
+    fit_statistics = collect_statistics(
+        fit_store, labels=options.fit_labels, grid=options.grid, progress=progress
+    )
+    if options.fit_labels == "gt" and _overlap(fit_store, evaluated):
+        warnings.append(
+            "FITTING USES THE GROUND TRUTH OF THE EVALUATED PIXELS (--fit-labels gt on stores "
+            "that are also evaluated): the reported metrics are optimistic."
+        )
+    if not options.anchor_from:
+        return fit_store, fit_statistics, fit_statistics
+    anchor_store = LogitStore(options.anchor_from)
+    _check_same_classes(evaluated, anchor_store, "--anchor-from")
+    anchor_statistics = collect_statistics(
+        anchor_store, labels="auto", grid=options.grid, progress=progress
+    )
+    if anchor_store.has_labels and _overlap(anchor_store, evaluated):
+        warnings.append(
+            "THE ANCHORS USE THE GROUND TRUTH OF THE EVALUATED PIXELS (--anchor-from with "
+            "labelled evaluated stores): the reported metrics are optimistic."
+        )
+    return fit_store, fit_statistics, anchor_statistics
+
+
+def _choose_tau(calibrator, evaluated, taus, options, warnings, progress):
+    """(selection dict, evaluated-store sweep when it was needed for the choice, else None)."""
+    if options.select_on:
+        held_out = LogitStore(options.select_on)
+        sweep = sweep_stores(calibrator, held_out, taus, progress)
+        best = select_tau(sweep.compute(), options.metric, taus)
+        if _overlap(held_out, evaluated):
+            warnings.append(
+                "TAU IS SELECTED ON STORES THAT ARE ALSO EVALUATED (--select-on overlaps the "
+                "evaluated stores): the reported metrics are optimistic."
+            )
+        how = "held-out stores (--select-on)"
+        return _selection(best, how, options.metric, held_out), None
+    if len(taus) == 1:
+        return {"tau": taus[0], "how": "given (--tau with one value)", "metric": None}, None
+    if not evaluated.has_labels:
+        raise BLDAError(
+            "--tau: several values but no labels to choose among them: give --select-on "
+            "STORE with ground truth, or a single --tau value"
+        )
+    sweep = sweep_stores(calibrator, evaluated, taus, progress)
+    best = select_tau(sweep.compute(), options.metric, taus)
+    warnings.append(
+        "TAU IS SELECTED ON THE EVALUATED STORES THEMSELVES (no --select-on): the reported "
+        "metrics at the chosen tau are optimistic."
+    )
+    return _selection(best, "evaluated stores (optimistic)", options.metric, evaluated), sweep
+
+
+def _selection(best, how, metric, store) -> dict:
+    return {
+        "tau": best.tau,
+        "how": how,
+        "metric": metric,
+        "value_on_selection_stores": getattr(best.metrics, metric),
+        "selection_stores": [str(path) for path in store.paths],
+    }
+
+
+def _before_after_statistics(calibrator, store, grid, progress):
+    """Logit-set statistics of the evaluated pixels before and after calibration (one pass)."""
+    kernel = calibrator.kernel_tensors()
+    C, tau = calibrator.num_classes, calibrator.tau
+    made = [LogitSetStatistics(C, grid, store.ignore_index, store.class_names) for _ in range(2)]
+    before, after = made
+    for chunk in store.iter_chunks(rows=1 << 16, reuse_buffers=True):
+        logits = chunk.logits
+        labels = chunk.labels if store.has_labels else logits.argmax(1)
+        before.update(logits, labels)
+        rows = labels.clamp(0, C - 1)  # ignored pixels are skipped by update anyway
+        calibrated = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], 4096):
+            part = logits[start : start + 4096]
+            offsets = gather_offsets(part, *kernel)  # (n, l, c)
+            row = rows[start : start + 4096].view(-1, 1, 1).expand(-1, C, 1)
+            calibrated[start : start + 4096] = part + tau * offsets.gather(2, row).squeeze(2)
+        after.update(calibrated, labels)
+        if progress is not None:
+            progress(logits.shape[0])
+    return before, after
+
+
+def _anchor_js(histogram, positive, negative) -> tuple[list[float], list[float]]:
+    """Table 15: JS(cell [l, l], P_p) and the mean over c != l of JS(cell [c, l], P_n)."""
+    C = histogram.shape[0]
+    diagonal = torch.eye(C, dtype=torch.bool)
+    js_positive = js_divergence(histogram[diagonal], positive)
+    js_cells = js_divergence(histogram, negative)
+    usable = (~diagonal) & (histogram.sum(2) > 0)
+    count = usable.sum(0)
+    total = torch.where(usable, js_cells, 0.0).sum(0)
+    js_negative = torch.where(count > 0, total / count.clamp(min=1), math.nan)
+    return js_positive.tolist(), js_negative.tolist()
+
+
+def _js_summary(before_after, anchors, has_labels) -> dict:
+    before, after = before_after
+    positive_before, negative_before = _anchor_js(before.histogram, *anchors)
+    positive_after, negative_after = _anchor_js(after.histogram, *anchors)
+    return {
+        "rows": "ground truth" if has_labels else "pseudo-labels (uncalibrated argmax)",
+        "positive_before": positive_before,
+        "positive_after": positive_after,
+        "negative_before": negative_before,
+        "negative_after": negative_after,
+    }
+
+
+def _metrics_dict(scores: SegmentationMetrics) -> dict:
+    return {
+        "miou": scores.miou,
+        "macc": scores.macc,
+        "iou_std": scores.iou_std,
+        "acc_std": scores.acc_std,
+        "iou": list(scores.iou),
+        "acc": list(scores.acc),
+    }
+
+
+def _add_metrics(result: CalibrationResult, evaluation: TauSweep) -> None:
+    rows = evaluation.compute()
+    result.sweep = [
+        {"tau": row.tau, "method": row.method, **_metrics_dict(row.metrics)} for row in rows
+    ]
+    by_key = {(row.method, row.tau): row.metrics for row in rows}
+    result.before = _metrics_dict(by_key[("blda", 0.0)])
+    if ("blda", result.chosen_tau) in by_key:
+        result.after = _metrics_dict(by_key[("blda", result.chosen_tau)])
+        result.after["prior_at_same_tau"] = _metrics_dict(by_key[("prior", result.chosen_tau)])
+
+
+def _fit_summary(calibrator, fit_store, options, separate_anchor) -> dict:
+    return {
+        "fit_on": [str(path) for path in fit_store.paths],
+        "fit_labels": options.fit_labels,
+        "anchor": options.anchor,
+        "anchor_from": [str(p) for p in LogitStore(options.anchor_from).paths]
+        if separate_anchor
+        else "fit-on statistics",
+        "estimator": calibrator.estimator,
+        "n_components": calibrator.n_components,
+        "eps": calibrator.eps,
+        "min_samples": calibrator.min_samples,
+        "table_points": calibrator.table_points,
+        "class_prior": calibrator.class_prior_.tolist(),
+    }
+
+
+def _write_outputs(result, calibrator, evaluation, fit_statistics, out_dir: Path, options):
+    calibrator.save(out_dir / "calibrator.pt")
+    result.files["calibrator"] = "calibrator.pt"
+    if evaluation is not None:
+        columns, table = sweep_table(evaluation.compute(), result.classes)
+        with atomic_output(out_dir / "sweep.csv") as temporary:
+            with open(temporary, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(columns)
+                writer.writerows([_csv_value(value) for value in row] for row in table)
+        result.files["sweep"] = "sweep.csv"
+    if options.plots:
+        result.files.update(_draw_plots(result, calibrator, fit_statistics, out_dir))
+    result.files["calibration"] = "calibration.json"
+    with atomic_output(out_dir / "calibration.json") as temporary:
+        temporary.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
+
+
+def _draw_plots(result, calibrator, fit_statistics, out_dir: Path) -> dict[str, str]:
+    files = {}
+    if result.sweep:
+        sweeps = {}
+        for method, label in (("blda", "BLDA"), ("prior", "prior adjustment")):
+            rows = [row for row in result.sweep if row["method"] == method]
+            sweeps[label] = tuple([row[key] for row in rows] for key in ("tau", "miou", "macc"))
+        baseline = (result.before["miou"], result.before["macc"])
+        files["tau_sweep"] = plots.plot_tau_sweep(
+            sweeps, chosen_tau=result.chosen_tau, baseline=baseline, path=out_dir / "tau_sweep.png"
+        )
+        if result.after is not None:
+            for key, name in (("iou", "IoU"), ("acc", "Accuracy")):
+                files[f"per_class_{key}"] = plots.plot_per_class_change(
+                    result.classes,
+                    _nan_list(result.before[key]),
+                    _nan_list(result.after[key]),
+                    name,
+                    path=out_dir / f"per_class_{key}.png",
+                )
+    if calibrator.cell_mixture_ is not None:
+        gmm_plot = _plot_gmm_fits(result, calibrator, fit_statistics, out_dir)
+        if gmm_plot is not None:
+            files["gmm_fits"] = gmm_plot
+    return {key: Path(path).name for key, path in files.items()}
+
+
+def _plot_gmm_fits(result, calibrator, statistics, out_dir: Path):
+    """Fig. 7: the fitted mixtures over the histograms of the most misaligned positive cells."""
+    names = result.classes
+    js = torch.tensor(_nan_list(result.js["positive_before"]), dtype=torch.float64)
+    order = [int(c) for c in torch.argsort(torch.nan_to_num(js, nan=-1.0), descending=True)]
+    mixture = calibrator.cell_mixture_
+    centers = statistics.grid.centers
+    histograms, densities = {}, {}
+    for c in [c for c in order if calibrator.adjusted_[c, c]][:GMM_PLOT_CELLS]:
+        title = f"[{names[c]}, {names[c]}]"
+        histograms[title] = statistics.histogram[c, c].double().numpy()
+        parameters = [mixture[key][c, c].double() for key in ("weights", "means", "variances")]
+        densities[title] = mixture_pdf(centers, *parameters).numpy()
+    if not histograms:
+        return None
+    return plots.plot_gmm_fits(
+        centers.numpy(), histograms, densities, path=out_dir / "gmm_fits.png"
+    )
+
+
+def _check_same_classes(evaluated: LogitStore, other: LogitStore, option: str) -> None:
+    if other.class_names != evaluated.class_names:
+        raise BLDAError(
+            f"{option} {', '.join(map(str, other.paths))}: classes {list(other.class_names)} "
+            f"differ from the evaluated stores' {list(evaluated.class_names)}"
+        )
+
+
+def _overlap(first: LogitStore, second: LogitStore) -> bool:
+    return bool({p.resolve() for p in first.paths} & {p.resolve() for p in second.paths})
+
+
+def _csv_value(value):
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value)
+    return value
+
+
+def _nan_list(values):
+    return [math.nan if value is None else value for value in values]
+
+
+def _nan_to_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _nan_to_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nan_to_none(item) for item in value]
+    return value

@@ -1,0 +1,94 @@
+"""`blda export`: a calibrator as a self-contained TorchScript module.
+
+The module maps logits ``(B, C, H, W)`` to the log scores of Eq. 7 ("balanced logits"), whose
+argmax over C is the calibrated prediction; with a TorchScript segmentation model it maps images
+to balanced logits instead. It scripts the very functions `blda calibrate --apply` runs
+(`blda_tools.calibration.balanced_log_scores_blocks`), with the offset table as
+buffers, so it loads with ``torch.jit.load`` alone, without blda installed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from blda_tools.calibration import BLOCK_PIXELS, Calibrator, balanced_log_scores_blocks, check_tau
+from blda_tools.errors import BLDAError
+from blda_tools.fileio import atomic_output
+
+
+class BalancedLogits(torch.nn.Module):
+    """Logits ``(B, C, H, W)`` -> Eq. 7 log scores ``(B, C, H, W)`` (float32, no gradient)."""
+
+    def __init__(self, calibrator: Calibrator, tau: float) -> None:
+        super().__init__()
+        rows, low, inv_step, high, adjusted_lc = calibrator.kernel_tensors()
+        self.register_buffer("rows", rows.clone())
+        self.register_buffer("low", low.clone())
+        self.register_buffer("inv_step", inv_step.clone())
+        self.register_buffer("high", high.clone())
+        self.register_buffer("adjusted_lc", adjusted_lc.clone())
+        self.tau = float(tau)
+        self.block = BLOCK_PIXELS
+        self.class_names = list(calibrator.class_names)
+
+    def forward(self, logits: Tensor) -> Tensor:
+        if logits.dim() != 4 or logits.shape[1] != len(self.class_names):
+            raise RuntimeError(
+                "expected logits of shape (B, " + str(len(self.class_names)) + ", H, W)"
+            )
+        batch, classes, height, width = logits.shape
+        # Post-hoc: no gradient flows through the offsets (the scratch buffer is written in place).
+        flat = logits.detach().permute(0, 2, 3, 1).reshape(-1, classes).to(torch.float32)
+        flat = flat.contiguous()
+        if not bool(torch.isfinite(flat).all()):
+            raise RuntimeError("logits contain NaN or infinite values")
+        scores = balanced_log_scores_blocks(
+            flat,
+            self.rows,
+            self.low,
+            self.inv_step,
+            self.high,
+            self.adjusted_lc,
+            self.tau,
+            self.block,
+        )
+        return scores.view(batch, height, width, classes).permute(0, 3, 1, 2).contiguous()
+
+
+class BalancedModel(torch.nn.Module):
+    """A TorchScript segmentation model followed by `BalancedLogits` (images -> balanced logits)."""
+
+    def __init__(self, model: torch.nn.Module, balancer: BalancedLogits) -> None:
+        super().__init__()
+        self.model = model
+        self.balancer = balancer
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.balancer(self.model(images))
+
+
+def export_torchscript(
+    calibrator_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    model_path: str | os.PathLike | None = None,
+    tau: float | None = None,
+) -> torch.jit.ScriptModule:
+    """Script the calibrator (optionally after a TorchScript model) and save it to `out_path`."""
+    calibrator = Calibrator.load(calibrator_path)
+    tau = calibrator.tau if tau is None else check_tau(tau, "--tau")
+    module: torch.nn.Module = BalancedLogits(calibrator, tau)
+    if model_path is not None:
+        try:
+            model = torch.jit.load(str(model_path), map_location="cpu")
+        except (RuntimeError, ValueError, OSError) as error:
+            raise BLDAError(
+                f"--model {model_path}: not a loadable TorchScript model ({error})"
+            ) from None
+        module = BalancedModel(model, module)
+    scripted = torch.jit.script(module)
+    with atomic_output(out_path) as temporary:
+        scripted.save(str(temporary))
+    return scripted

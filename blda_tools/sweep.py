@@ -1,0 +1,187 @@
+"""The tau sweep of Eq. 7: tau specs, one pass over the data for every tau, baselines, selection.
+
+`TauSweep` accumulates, for every tau, the confusion matrix of the Eq. 7 prediction ("blda") and
+of prior logit adjustment (Menon et al. 2020: argmax f - tau log pi, "prior"). Per block of pixels
+the table gather (the costly part, `gather_offsets`) is done once and shared by all taus; only
+the exponentials and the sum of Eq. 7 are per tau. tau = 0 is the uncalibrated model for both
+methods and is computed as the plain argmax, so it reproduces the uncalibrated metrics exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from blda_tools.calibration import (
+    BLOCK_PIXELS,
+    Calibrator,
+    check_tau,
+    gather_offsets,
+    log_scores_from_gaps,
+    score_gaps,
+)
+from blda_tools.errors import BLDAError
+from blda_tools.metrics import SegmentationMetrics
+
+METHODS = ("blda", "prior")
+METRICS = ("miou", "macc")
+MAX_TAUS = 1000
+
+
+def parse_tau_spec(spec: str) -> list[float]:
+    """`0.1`, `0:1:0.05` (start:stop:step, stop included) or `0,0.1,0.5,1` -> sorted unique taus.
+
+    BLDAError (naming --tau) for a spec that does not parse, a negative tau, a step <= 0, a stop
+    below the start or more than 1000 values.
+    """
+    text = str(spec).strip()
+    try:
+        if ":" in text:
+            parts = text.split(":")
+            if len(parts) != 3:
+                raise ValueError
+            start, stop, step = (float(part) for part in parts)
+            if not step > 0:
+                raise BLDAError(f"--tau: step must be > 0 in START:STOP:STEP, got {spec!r}")
+            if stop < start:
+                raise BLDAError(f"--tau: STOP is below START in {spec!r}")
+            count = math.floor((stop - start) / step + 1e-9) + 1
+            if count > MAX_TAUS:
+                raise BLDAError(f"--tau: {spec!r} gives {count} values, at most {MAX_TAUS}")
+            # Rounded so that 0:1:0.1 gives 0.3, not 0.30000000000000004.
+            values = [round(start + index * step, 12) for index in range(count)]
+        else:
+            values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise BLDAError(
+            f"--tau: cannot parse {spec!r}; expected a number (0.1), START:STOP:STEP (0:1:0.05) "
+            "or a list (0,0.1,0.5,1)"
+        ) from None
+    return sorted({check_tau(value) for value in values})
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """One line of sweep.csv: a method at one tau, with its metrics."""
+
+    tau: float
+    method: str
+    metrics: SegmentationMetrics
+
+
+class TauSweep:
+    """Streaming confusion matrices of Eq. 7 and prior adjustment for every tau (update/compute)."""
+
+    def __init__(self, calibrator: Calibrator, taus: Sequence[float], block: int = BLOCK_PIXELS):
+        taus = sorted({check_tau(tau) for tau in taus} | {0.0})  # tau = 0: the uncalibrated model
+        self.calibrator, self.taus, self.block = calibrator, taus, int(block)
+        self.num_classes = calibrator.num_classes
+        self.ignore_index = calibrator.ignore_index
+        C, T = self.num_classes, len(taus)
+        self.confusion = {method: torch.zeros(T, C * C, dtype=torch.int64) for method in METHODS}
+        self._log_prior = torch.log(calibrator.class_prior_.to(torch.float32))
+        self._kernel = calibrator.kernel_tensors()
+
+    def update(self, logits: Tensor, labels: Tensor) -> None:
+        """Add pixels: `logits` ``(n, C)`` float32 (finite), `labels` ``(n,)`` with ignore index."""
+        kept = labels != self.ignore_index
+        if not bool(kept.all()):
+            logits, labels = logits[kept], labels[kept]
+        if logits.shape[0] == 0:
+            return
+        C = self.num_classes
+        if int(labels.min()) < 0 or int(labels.max()) >= C:
+            raise BLDAError(f"labels: values outside [0, {C}) other than the ignore index")
+        T = len(self.taus)
+        scratch = torch.empty(min(self.block, logits.shape[0]), C, C)
+        cells = torch.zeros(2 * T * C * C, dtype=torch.int64)
+        for start in range(0, logits.shape[0], self.block):
+            part = logits[start : start + self.block]
+            # Flat confusion index per (method, tau): one bincount for the whole block.
+            index = torch.empty(2, T, part.shape[0], dtype=torch.int64)
+            gaps = None
+            for position, tau in enumerate(self.taus):
+                if tau == 0.0:
+                    index[:, position] = part.argmax(1)
+                    continue
+                if gaps is None:  # the table gather, shared by every tau of this block
+                    gaps = score_gaps(part, gather_offsets(part, *self._kernel))
+                work = scratch[: part.shape[0]]
+                index[0, position] = log_scores_from_gaps(*gaps, tau, work).argmax(1)
+                index[1, position] = torch.add(part, self._log_prior, alpha=-tau).argmax(1)
+            index += labels[start : start + self.block] * C
+            index += (torch.arange(2 * T) * (C * C)).view(2, T, 1)
+            cells += torch.bincount(index.view(-1), minlength=2 * T * C * C)
+        cells = cells.view(2, T, C * C)
+        for method_index, method in enumerate(METHODS):
+            self.confusion[method] += cells[method_index]
+
+    def compute(self) -> list[SweepRow]:
+        """Rows ordered by method, then tau."""
+        C = self.num_classes
+        rows = []
+        for method in METHODS:
+            for index, tau in enumerate(self.taus):
+                confusion = self.confusion[method][index].view(C, C)
+                rows.append(SweepRow(tau, method, SegmentationMetrics.from_confusion(confusion)))
+        return rows
+
+    def confusion_at(self, tau: float, method: str = "blda") -> Tensor:
+        """The ``(C, C)`` confusion matrix of `method` at `tau` (which must be in the sweep)."""
+        return self.confusion[method][self.taus.index(float(tau))].view(
+            self.num_classes, self.num_classes
+        )
+
+
+def sweep_stores(
+    calibrator: Calibrator,
+    store,
+    taus: Sequence[float],
+    progress: Callable[[int], None] | None = None,
+    rows_per_chunk: int = 1 << 16,
+) -> TauSweep:
+    """Stream a labelled `LogitStore` through a `TauSweep` (one pass for every tau)."""
+    if not store.has_labels:
+        raise BLDAError(
+            f"{', '.join(map(str, store.paths))}: the sweep needs ground-truth labels to measure "
+            "mIoU and mAcc, and this store has none"
+        )
+    calibrator.check_classes(store.class_names, ", ".join(map(str, store.paths)))
+    sweep = TauSweep(calibrator, taus)
+    for chunk in store.iter_chunks(rows=rows_per_chunk, reuse_buffers=True):
+        sweep.update(chunk.logits, chunk.labels)
+        if progress is not None:
+            progress(chunk.logits.shape[0])
+    return sweep
+
+
+def select_tau(rows: Sequence[SweepRow], metric: str, taus: Sequence[float]) -> SweepRow:
+    """The "blda" row among `taus` with the best `metric` ("miou" or "macc"); ties go to the
+    smallest tau (the least adjustment)."""
+    if metric not in METRICS:
+        raise BLDAError(f"--metric: expected one of {METRICS}, got {metric!r}")
+    wanted = {float(tau) for tau in taus}
+    candidates = [row for row in rows if row.method == "blda" and row.tau in wanted]
+    scored = [row for row in candidates if not math.isnan(getattr(row.metrics, metric))]
+    if not scored:
+        raise BLDAError(f"--metric: {metric} is undefined for every tau (no labelled pixels?)")
+    return max(scored, key=lambda row: (getattr(row.metrics, metric), -row.tau))
+
+
+def sweep_table(rows: Sequence[SweepRow], class_names: Sequence[str]) -> tuple[list, list]:
+    """Columns and rows of sweep.csv (metrics as fractions in [0, 1])."""
+    columns = ["tau", "method", "miou", "macc", "iou_std", "acc_std"]
+    columns += [f"iou_{name}" for name in class_names] + [f"acc_{name}" for name in class_names]
+    table = []
+    for row in rows:
+        scores = row.metrics
+        table.append(
+            [row.tau, row.method, scores.miou, scores.macc, scores.iou_std, scores.acc_std]
+            + list(scores.iou)
+            + list(scores.acc)
+        )
+    return columns, table

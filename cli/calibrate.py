@@ -1,0 +1,195 @@
+"""`blda calibrate` and `blda export`: parse options, call one library function, print a table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from blda_cli.diagnose import parse_grid
+from blda_cli.progress import console, progress_bar
+from blda_tools.apply import apply_calibrator
+from blda_tools.calibrate import CalibrateOptions, calibrate, calibration_passes
+from blda_tools.export import export_torchscript
+from blda_tools.store import LogitStore
+
+PATH = click.Path(path_type=Path)
+
+
+@click.command("calibrate")
+@click.argument("stores", nargs=-1, required=True, type=PATH)
+@click.option("--out", "out_dir", required=True, type=PATH, help="Output directory.")
+@click.option(
+    "--tau",
+    "tau_spec",
+    default=None,
+    help="Scale of the offsets (Eq. 7): 0.1, START:STOP:STEP (inclusive) or 0,0.1,0.5,1. "
+    "Default 0:1:0.1 when fitting; the calibrator's own tau with --apply.",
+)
+@click.option(
+    "--apply",
+    "apply_path",
+    type=PATH,
+    default=None,
+    help="Apply a saved CALIBRATOR (calibrator.pt) to STORES instead of fitting one.",
+)
+@click.option(
+    "--fit-on",
+    multiple=True,
+    type=PATH,
+    help="Store(s) the class-wise distributions come from (repeat the option for several; "
+    "default: the evaluated STORES).",
+)
+@click.option(
+    "--fit-labels",
+    type=click.Choice(["gt", "pseudo"]),
+    default="pseudo",
+    show_default=True,
+    help="Rows of the fit-on statistics: ground truth or pseudo-labels (argmax).",
+)
+@click.option(
+    "--anchor-from",
+    multiple=True,
+    type=PATH,
+    help="Store(s) the anchors come from (ground truth when present; default: the fit-on "
+    "statistics). Repeat for several.",
+)
+@click.option(
+    "--anchor",
+    default="global",
+    show_default=True,
+    help="'global' (pooled diagonal / off-diagonal cells) or 'class:NAME' (Table 14).",
+)
+@click.option(
+    "--select-on",
+    multiple=True,
+    type=PATH,
+    help="Labelled held-out store(s) on which tau is chosen (repeat for several).",
+)
+@click.option("--metric", type=click.Choice(["miou", "macc"]), default="miou", show_default=True)
+@click.option(
+    "--estimator", type=click.Choice(["gmm", "empirical"]), default="gmm", show_default=True
+)
+@click.option("--components", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--eps", type=float, default=0.01, show_default=True, help="CDF clamp (Eq. 6).")
+@click.option(
+    "--min-samples",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Cells with fewer logits get no offset (listed in calibration.json).",
+)
+@click.option(
+    "--table-points",
+    type=click.IntRange(min=16),
+    default=2048,
+    show_default=True,
+    help="Grid points of each logit column's offset table.",
+)
+@click.option("--grid", "grid_spec", default="-50:50:4000", show_default=True)
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
+def calibrate_command(stores, out_dir, tau_spec, apply_path, **options):
+    """Post-hoc CDF alignment (Eq. 6-7) of logit STORES: fit, sweep tau, choose it, or --apply.
+
+    Writes DIR/sweep.csv, DIR/calibration.json, plots and DIR/calibrator.pt; with --apply,
+    calibrated predictions (PNG pairs per image, or DIR/predictions.h5).
+    """
+    if apply_path is not None:
+        _apply(apply_path, stores, out_dir, tau_spec)
+        return
+    config = CalibrateOptions(
+        taus=tau_spec or "0:1:0.1",
+        fit_on=list(options["fit_on"]) or None,
+        fit_labels=options["fit_labels"],
+        anchor_from=list(options["anchor_from"]) or None,
+        anchor=options["anchor"],
+        select_on=list(options["select_on"]) or None,
+        metric=options["metric"],
+        estimator=options["estimator"],
+        n_components=options["components"],
+        eps=options["eps"],
+        min_samples=options["min_samples"],
+        table_points=options["table_points"],
+        grid=parse_grid(options["grid_spec"]),
+        plots=not options["no_plots"],
+    )
+    with progress_bar("calibrate", calibration_passes(stores, config), unit="px") as advance:
+        result = calibrate(stores, out_dir, config, progress=advance)
+    for warning in result.warnings:
+        console.print(f"[bold red]WARNING:[/] {warning}")
+    console.print(_class_table(result))
+    selection = result.selection
+    console.print(f"chosen tau = {result.chosen_tau:g}, {selection['how']}")
+    if result.unadjusted_cells:
+        console.print(
+            f"[yellow]note:[/] {len(result.unadjusted_cells)} cells have fewer than "
+            f"{config.min_samples} logits and get no offset (listed in calibration.json)"
+        )
+    console.print(f"wrote {out_dir}/calibration.json and {out_dir}/calibrator.pt")
+
+
+def _apply(apply_path, stores, out_dir, tau_spec) -> None:
+    from blda_tools.calibration import check_tau
+
+    tau = None if tau_spec is None else check_tau(tau_spec)
+    total = LogitStore(stores).num_rows
+    with progress_bar("apply", total, unit="px") as advance:
+        result = apply_calibrator(apply_path, stores, out_dir, tau=tau, progress=advance)
+    where = result.prediction_store or f"{len(result.files)} PNG files"
+    console.print(
+        f"tau = {result.tau:g}: {result.num_pixels:,} pixels of {result.images} images -> "
+        f"{where} in {out_dir}"
+    )
+
+
+def _class_table(result) -> Table:
+    table = Table(title=f"Per class, before -> after (tau = {result.chosen_tau:g})")
+    table.add_column("class")
+    for column in ("IoU", "Acc", "JS pos", "JS neg"):
+        table.add_column(column, justify="right")
+    js = result.js
+    for index, name in enumerate(result.classes):
+        cells = [name]
+        for key in ("iou", "acc"):
+            if result.before is None or result.after is None:
+                cells.append("n/a")
+            else:
+                before, after = result.before[key][index], result.after[key][index]
+                cells.append(f"{_pct(before)} -> {_pct(after)}")
+        for key in ("positive", "negative"):
+            before, after = js[f"{key}_before"][index], js[f"{key}_after"][index]
+            cells.append(f"{_num(before)} -> {_num(after)}")
+        table.add_row(*cells)
+    if result.before is not None and result.after is not None:
+        summary = [
+            f"{_pct(result.before[key])} -> {_pct(result.after[key])}" for key in ("miou", "macc")
+        ]
+        table.add_row("mean", *summary, "", "", style="bold")
+    return table
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None or value != value else f"{100 * value:.1f}"
+
+
+def _num(value) -> str:
+    return "n/a" if value is None or value != value else f"{value:.3f}"
+
+
+@click.command("export")
+@click.argument("calibrator_path", type=PATH)
+@click.option("--out", "out_path", required=True, type=PATH, help="Output FILE.pt.")
+@click.option(
+    "--model",
+    "model_path",
+    type=PATH,
+    default=None,
+    help="A TorchScript segmentation model to wrap (images -> balanced logits).",
+)
+@click.option("--tau", type=float, default=None, help="Override the calibrator's tau.")
+def export_command(calibrator_path, out_path, model_path, tau):
+    """Write CALIBRATOR as a self-contained TorchScript module: logits (B, C, H, W) -> Eq. 7
+    log scores (balanced logits), loadable with torch.jit.load without blda."""
+    export_torchscript(calibrator_path, out_path, model_path=model_path, tau=tau)
+    console.print(f"wrote {out_path}")

@@ -1,0 +1,286 @@
+"""`blda calibrate` / `blda export` end to end: outputs, honest tau selection and its warnings,
+--apply against the exported TorchScript module (run without blda), and clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from blda_cli.calibrate import calibrate_command, export_command
+from blda_cli.main import _Group
+from blda_tools.apply import apply_calibrator
+from blda_tools.calibrate import CalibrateOptions, calibrate
+from blda_tools.errors import BLDAError
+from blda_tools.export import export_torchscript
+from blda_tools.statistics import LogitGrid
+from blda_tools.store import LogitWriter
+
+NAMES = ["road", "car", "bike"]
+GRID = "-20:20:400"
+
+
+def _write_store(path: Path, seed: int, names=NAMES, images=3, size=24, stride=1, labels=True):
+    """Maps of Gaussian class-conditional logits with class 0 favoured (over-predicted)."""
+    generator = torch.Generator().manual_seed(seed)
+    with LogitWriter(path, names) as writer:
+        for index in range(images):
+            label = torch.randint(0, len(names), (size, size), generator=generator)
+            label[0, :3] = 255
+            logits = torch.randn(len(names), size, size, generator=generator)
+            logits += 2.0 * torch.nn.functional.one_hot(label.clamp(max=2), len(names)).permute(
+                2, 0, 1
+            )
+            logits[0] += 1.0
+            writer.add(logits, label if labels else None, name=f"city/image{index}", stride=stride)
+    return path
+
+
+def _cli():
+    return _Group(name="blda", commands=[calibrate_command, export_command])
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stores")
+    return {
+        "eval": _write_store(folder / "eval.h5", 1),
+        "select": _write_store(folder / "select.h5", 2),
+        "other": _write_store(folder / "other.h5", 3, names=["road", "car", "bus"]),
+    }
+
+
+def test_calibrate_with_held_out_selection_writes_every_output(stores, tmp_path):
+    out = tmp_path / "out"
+    arguments = ["calibrate", str(stores["eval"]), "--out", str(out), "--tau", "0:1:0.5"]
+    arguments += ["--select-on", str(stores["select"]), "--components", "2"]
+    arguments += ["--min-samples", "20", "--grid", GRID, "--metric", "macc"]
+    result = CliRunner().invoke(_cli(), arguments)
+    assert result.exit_code == 0, result.output
+    assert "WARNING" not in result.output  # held-out selection, pseudo-label fit: honest
+    report = json.loads((out / "calibration.json").read_text())
+    assert report["selection"]["how"].startswith("held-out")
+    assert report["selection"]["selection_stores"] == [str(stores["select"])]
+    for name in (
+        "sweep.csv",
+        "calibrator.pt",
+        "tau_sweep.png",
+        "per_class_iou.png",
+        "gmm_fits.png",
+    ):
+        assert (out / name).is_file(), name
+    with open(out / "sweep.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    expected_columns = ["tau", "method", "miou", "macc", "iou_std", "acc_std"]
+    expected_columns += [f"iou_{n}" for n in NAMES] + [f"acc_{n}" for n in NAMES]
+    assert list(rows[0]) == expected_columns
+    assert {(r["method"], float(r["tau"])) for r in rows} == {
+        (m, t) for m in ("blda", "prior") for t in (0.0, 0.5, 1.0)
+    }
+    # tau = 0 is the uncalibrated model: its metrics from the stored arrays with numpy.
+    with h5py.File(stores["eval"], "r") as file:
+        logits, labels = file["logits"][()].astype(np.float32), file["labels"][()]
+    kept = labels != 255
+    confusion = np.zeros((3, 3), dtype=np.int64)
+    np.add.at(confusion, (labels[kept], logits[kept].argmax(1)), 1)
+    recall = np.diag(confusion) / confusion.sum(1)
+    plain = next(r for r in rows if r["method"] == "blda" and float(r["tau"]) == 0.0)
+    assert float(plain["macc"]) == pytest.approx(recall.mean(), abs=1e-12)
+    chosen = next(
+        r for r in rows if r["method"] == "blda" and float(r["tau"]) == report["chosen_tau"]
+    )
+    assert report["after"]["macc"] == pytest.approx(float(chosen["macc"]))
+    assert len(report["js"]["positive_before"]) == 3 and len(report["js"]["negative_after"]) == 3
+
+
+def test_selecting_on_the_evaluated_stores_and_fitting_on_their_labels_warn_loudly(
+    stores, tmp_path
+):
+    options = CalibrateOptions(
+        taus="0,1",
+        fit_labels="gt",
+        n_components=2,
+        min_samples=20,
+        grid=LogitGrid(-20, 20, 400),
+        plots=False,
+    )
+    result = calibrate(stores["eval"], tmp_path, options)
+    text = " ".join(result.warnings)
+    assert "FITTING USES THE GROUND TRUTH OF THE EVALUATED PIXELS" in text
+    assert "SELECTED ON THE EVALUATED STORES THEMSELVES" in text
+    assert result.selection["how"] == "evaluated stores (optimistic)"
+    saved = json.loads((tmp_path / "calibration.json").read_text())
+    assert saved["warnings"] == result.warnings
+
+
+def test_apply_matches_the_exported_module_run_without_blda(stores, tmp_path):
+    fit = tmp_path / "fit"
+    options = CalibrateOptions(
+        taus="0.8", n_components=2, min_samples=20, grid=LogitGrid(-20, 20, 400), plots=False
+    )
+    calibrate(stores["select"], fit, options)
+    strided = _write_store(tmp_path / "strided.h5", 5, images=2, size=25, stride=2)
+    result = CliRunner().invoke(
+        _cli(),
+        [
+            "calibrate",
+            str(strided),
+            "--apply",
+            str(fit / "calibrator.pt"),
+            "--out",
+            str(tmp_path / "pred"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    png = np.array(Image.open(tmp_path / "pred" / "trainIds" / "city" / "image1.png"))
+    assert png.shape == (25, 25)  # stride-2 map brought back to the full label size
+    assert (tmp_path / "pred" / "color" / "city" / "image1.png").is_file()
+
+    result = CliRunner().invoke(
+        _cli(), ["export", str(fit / "calibrator.pt"), "--out", str(tmp_path / "module.pt")]
+    )
+    assert result.exit_code == 0, result.output
+    with h5py.File(strided, "r") as file:  # image 1: rows 169..337 of a 13 x 13 raster
+        raster = file["logits"][169:338].astype(np.float32).reshape(13, 13, 3)
+    torch.save(torch.from_numpy(raster).permute(2, 0, 1)[None].contiguous(), tmp_path / "x.pt")
+    script = (
+        "import sys; sys.modules['blda_tools'] = None; sys.modules['blda_cli'] = None\n"
+        "import torch\n"
+        f"module = torch.jit.load({str(tmp_path / 'module.pt')!r})\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)\n"
+        "scores = module(x)\n"
+        "assert scores.shape == x.shape and bool((scores <= 0).all())\n"
+        f"torch.save(scores.argmax(1)[0], {str(tmp_path / 'y.pt')!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    exported = torch.load(tmp_path / "y.pt", weights_only=True).numpy()
+    upsampled = exported.repeat(2, 0).repeat(2, 1)[:25, :25]
+    assert np.array_equal(png, upsampled)
+
+
+def test_export_wraps_a_torchscript_model(stores, tmp_path):
+    options = CalibrateOptions(
+        taus="0.5", estimator="empirical", min_samples=20, grid=LogitGrid(-20, 20, 400), plots=False
+    )
+    calibrate(stores["select"], tmp_path, options)
+    model = torch.jit.script(torch.nn.Conv2d(3, 3, 1))
+    model.save(str(tmp_path / "model.pt"))
+    wrapped = export_torchscript(
+        tmp_path / "calibrator.pt", tmp_path / "w.pt", tmp_path / "model.pt"
+    )
+    alone = export_torchscript(tmp_path / "calibrator.pt", tmp_path / "a.pt")
+    images = torch.randn(2, 3, 5, 7)
+    assert torch.equal(wrapped(images), alone(model(images)))
+    with pytest.raises(torch.jit.Error, match="NaN"):
+        alone(torch.full((1, 3, 2, 2), float("nan")))
+
+
+def test_apply_to_sampled_rows_writes_a_prediction_store(stores, tmp_path):
+    calibrate(
+        stores["select"],
+        tmp_path,
+        CalibrateOptions(
+            taus="1",
+            estimator="empirical",
+            min_samples=20,
+            grid=LogitGrid(-20, 20, 400),
+            plots=False,
+        ),
+    )
+    samples = tmp_path / "samples.h5"
+    generator = torch.Generator().manual_seed(9)
+    logits = torch.randn(50, 3, generator=generator) * 3
+    with LogitWriter(samples, NAMES) as writer:
+        writer.add(logits, torch.randint(0, 3, (50,), generator=generator), name="patch")
+    result = apply_calibrator(tmp_path / "calibrator.pt", samples, tmp_path / "pred")
+    with h5py.File(result.prediction_store, "r") as file:
+        assert file.attrs["format"] == "blda-predictions"
+        prediction = file["prediction"][()]
+        assert list(file["images/count"][()]) == [50]
+    from blda_tools.calibration import Calibrator
+
+    expected = Calibrator.load(tmp_path / "calibrator.pt").predict(logits).numpy()
+    assert np.array_equal(prediction, expected)
+
+
+def test_bad_input_gives_clear_errors_and_exit_status_2(stores, tmp_path):
+    calibrate(
+        stores["select"],
+        tmp_path / "fit",
+        CalibrateOptions(
+            taus="1",
+            estimator="empirical",
+            min_samples=20,
+            grid=LogitGrid(-20, 20, 400),
+            plots=False,
+        ),
+    )
+    runner = CliRunner()
+    cases = [
+        (
+            [
+                "calibrate",
+                str(stores["other"]),
+                "--apply",
+                str(tmp_path / "fit" / "calibrator.pt"),
+                "--out",
+                str(tmp_path / "x"),
+            ],
+            "differ from the calibrator's",
+        ),
+        (
+            ["calibrate", str(stores["eval"]), "--out", str(tmp_path / "y"), "--tau", "0:1:0"],
+            "--tau: step must be > 0",
+        ),
+        (
+            ["calibrate", str(stores["eval"]), "--out", str(tmp_path / "y"), "--tau", "-1"],
+            "--tau: expected a finite tau >= 0",
+        ),
+        (
+            [
+                "calibrate",
+                str(stores["eval"]),
+                "--out",
+                str(tmp_path / "y"),
+                "--anchor",
+                "class:bus",
+                "--grid",
+                GRID,
+            ],
+            "unknown class 'bus'",
+        ),
+        (
+            [
+                "calibrate",
+                str(stores["eval"]),
+                "--out",
+                str(tmp_path / "y"),
+                "--fit-on",
+                str(stores["other"]),
+            ],
+            "--fit-on",
+        ),
+    ]
+    for arguments, message in cases:
+        result = runner.invoke(_cli(), arguments)
+        assert result.exit_code == 2, (arguments, result.output)
+        assert message in result.output, (message, result.output)
+        assert "Traceback" not in result.output
+    unlabelled = _write_store(tmp_path / "unlabelled.h5", 4, labels=False)
+    with pytest.raises(BLDAError, match="--select-on"):
+        calibrate(
+            unlabelled,
+            tmp_path / "z",
+            CalibrateOptions(
+                taus="0,1", estimator="empirical", min_samples=20, grid=LogitGrid(-20, 20, 400)
+            ),
+        )
