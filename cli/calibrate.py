@@ -17,7 +17,9 @@ from blda_tools.store import LogitStore
 PATH = click.Path(path_type=Path)
 
 
-@click.command("calibrate")
+@click.command(
+    "calibrate", short_help="Post-hoc CDF alignment (Eq. 6-7): tau sweep, apply, export."
+)
 @click.argument("stores", nargs=-1, required=True, type=PATH)
 @click.option("--out", "out_dir", required=True, type=PATH, help="Output directory.")
 @click.option(
