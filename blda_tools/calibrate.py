@@ -14,7 +14,6 @@ f[l] + tau Delta_cl(f[l]), the quantity Eq. 7 puts in the softmax.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -26,7 +25,13 @@ import torch
 from blda_tools import __version__, plots
 from blda_tools.calibration import Calibrator, anchor_histograms, gather_offsets
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import atomic_output, ensure_writable_dir
+from blda_tools.fileio import (
+    atomic_output,
+    ensure_writable_dir,
+    json_ready,
+    none_to_nan,
+    write_json,
+)
 from blda_tools.gmm import mixture_pdf
 from blda_tools.metrics import SegmentationMetrics, js_divergence
 from blda_tools.statistics import LogitGrid, LogitSetStatistics, collect_statistics
@@ -57,7 +62,7 @@ class CalibrationResult:
     def to_json(self) -> dict:
         content = {k: v for k, v in self.__dict__.items() if k != "sweep"}
         content["producer"] = f"blda calibrate {__version__}"
-        return _nan_to_none(content)
+        return json_ready(content)
 
 
 @dataclass(frozen=True)
@@ -315,8 +320,7 @@ def _write_outputs(result, calibrator, evaluation, fit_statistics, out_dir: Path
     if options.plots:
         result.files.update(_draw_plots(result, calibrator, fit_statistics, out_dir))
     result.files["calibration"] = "calibration.json"
-    with atomic_output(out_dir / "calibration.json") as temporary:
-        temporary.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
+    write_json(out_dir / "calibration.json", result.to_json())
 
 
 def _draw_plots(result, calibrator, fit_statistics, out_dir: Path) -> dict[str, str]:
@@ -334,8 +338,8 @@ def _draw_plots(result, calibrator, fit_statistics, out_dir: Path) -> dict[str, 
             for key, name in (("iou", "IoU"), ("acc", "Accuracy")):
                 files[f"per_class_{key}"] = plots.plot_per_class_change(
                     result.classes,
-                    _nan_list(result.before[key]),
-                    _nan_list(result.after[key]),
+                    none_to_nan(result.before[key]),
+                    none_to_nan(result.after[key]),
                     name,
                     path=out_dir / f"per_class_{key}.png",
                 )
@@ -349,7 +353,7 @@ def _draw_plots(result, calibrator, fit_statistics, out_dir: Path) -> dict[str, 
 def _plot_gmm_fits(result, calibrator, statistics, out_dir: Path):
     """Fig. 7: the fitted mixtures over the histograms of the most misaligned positive cells."""
     names = result.classes
-    js = torch.tensor(_nan_list(result.js["positive_before"]), dtype=torch.float64)
+    js = torch.tensor(none_to_nan(result.js["positive_before"]), dtype=torch.float64)
     order = [int(c) for c in torch.argsort(torch.nan_to_num(js, nan=-1.0), descending=True)]
     mixture = calibrator.cell_mixture_
     centers = statistics.grid.centers
@@ -381,18 +385,4 @@ def _overlap(first: LogitStore, second: LogitStore) -> bool:
 def _csv_value(value):
     if isinstance(value, float):
         return "" if math.isnan(value) else repr(value)
-    return value
-
-
-def _nan_list(values):
-    return [math.nan if value is None else value for value in values]
-
-
-def _nan_to_none(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _nan_to_none(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_nan_to_none(item) for item in value]
     return value

@@ -12,8 +12,6 @@ self-contained `report.html`.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,7 +21,7 @@ import numpy as np
 import torch
 
 from blda_tools import __version__, metrics, plots
-from blda_tools.fileio import atomic_output, ensure_writable_dir
+from blda_tools.fileio import ensure_writable_dir, json_ready, none_to_nan, write_json
 from blda_tools.report import Report
 from blda_tools.statistics import (
     LogitGrid,
@@ -76,7 +74,7 @@ class Diagnosis:
     def to_json(self) -> dict:
         content = asdict(self)
         content["producer"] = f"blda diagnose {__version__}"
-        return _nan_to_none(content)
+        return json_ready(content)
 
 
 def diagnose(
@@ -120,8 +118,7 @@ def diagnose(
         diagnosis.files["report"] = "report.html"
         write_report(diagnosis, out_dir)
     diagnosis.files["diagnosis"] = "diagnosis.json"
-    with atomic_output(out_dir / "diagnosis.json") as temporary:
-        temporary.write_text(json.dumps(diagnosis.to_json(), indent=2) + "\n", encoding="utf-8")
+    write_json(out_dir / "diagnosis.json", diagnosis.to_json())
     return diagnosis
 
 
@@ -226,8 +223,8 @@ def _draw_plots(diagnosis: Diagnosis, statistics: LogitSetStatistics, out_dir: P
     if diagnosis.bias is not None:
         files["bias"] = plots.plot_bias(
             names,
-            _nan(diagnosis.bias),
-            _nan(diagnosis.bias_estimated),
+            none_to_nan(diagnosis.bias),
+            none_to_nan(diagnosis.bias_estimated),
             path=out_dir / PLOT_FILES["bias"],
         )
         files["confusion"] = plots.plot_confusion(
@@ -236,12 +233,12 @@ def _draw_plots(diagnosis: Diagnosis, statistics: LogitSetStatistics, out_dir: P
         files["frequency"] = plots.plot_frequency_vs_accuracy(
             names,
             diagnosis.class_pixels,
-            _nan(diagnosis.acc),
+            none_to_nan(diagnosis.acc),
             path=out_dir / PLOT_FILES["frequency"],
         )
     else:
         files["bias"] = plots.plot_bias(
-            names, _nan(diagnosis.bias_estimated), path=out_dir / PLOT_FILES["bias"]
+            names, none_to_nan(diagnosis.bias_estimated), path=out_dir / PLOT_FILES["bias"]
         )
     return {key: Path(value).name for key, value in files.items()}
 
@@ -348,17 +345,3 @@ def class_table(diagnosis: Diagnosis) -> tuple[list[str], list[list]]:
         )
     ]
     return columns, rows
-
-
-def _nan(values):
-    return [math.nan if value is None else value for value in values]
-
-
-def _nan_to_none(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _nan_to_none(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_nan_to_none(item) for item in value]
-    return value

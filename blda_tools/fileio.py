@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,3 +50,27 @@ def ensure_writable_dir(directory: str | os.PathLike) -> Path:
     if not os.access(directory, os.W_OK | os.X_OK):
         raise BLDAError(f"output directory {directory} is not writable")
     return directory
+
+
+def json_ready(value):
+    """`value` with every NaN or infinite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(item) for item in value]
+    return value
+
+
+def write_json(path: str | os.PathLike, content) -> Path:
+    """Write `content` as indented JSON atomically; NaN and infinities become null."""
+    path = Path(path)
+    with atomic_output(path) as temporary:
+        temporary.write_text(json.dumps(json_ready(content), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def none_to_nan(values) -> list[float]:
+    """The inverse direction for lists read back from JSON: None becomes NaN."""
+    return [math.nan if value is None else value for value in values]
