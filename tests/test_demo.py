@@ -1,0 +1,124 @@
+"""`blda demo --quick` run in-process on the shipped sample, and its bad-input errors.
+
+Truths: the reported uncalibrated metrics and Eq. 4 bias recomputed with numpy from the raw
+HDF5 arrays of the store the demo wrote; the rank correlation recomputed with scipy; the
+sample directory's files compared before and after the run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from scipy.stats import spearmanr
+
+from blda_cli.demo import demo_command
+from blda_tools.demo import DEFAULT_SAMPLE_DIR, DemoSettings, run_demo
+from blda_tools.errors import BLDAError
+from blda_tools.sweep import parse_tau_spec
+
+NUM_CLASSES = 19
+IGNORE = 255
+
+
+def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(path.relative_to(directory)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in directory.rglob("*")
+    }
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One quick demo through the CLI; yields (output directory, CLI result, sample before)."""
+    out = tmp_path_factory.mktemp("demo") / "out"
+    before = snapshot(DEFAULT_SAMPLE_DIR)
+    result = CliRunner().invoke(demo_command, ["--out", str(out), "--quick", "--threads", "1"])
+    return out, result, before
+
+
+def numpy_confusion(store: Path) -> np.ndarray:
+    with h5py.File(store, "r") as file:
+        logits, labels = file["logits"][()].astype(np.float32), file["labels"][()].astype(int)
+    kept = labels != IGNORE
+    pairs = labels[kept] * NUM_CLASSES + logits[kept].argmax(1)
+    return np.bincount(pairs, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
+
+
+def test_demo_completes_and_prints_the_results(demo_run):
+    _, result, _ = demo_run
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    for text in ("sidewalk", "before: mIoU", "after (tau", "Spearman(Eq. 4, Eq. 5)"):
+        assert text in result.output
+
+
+def test_demo_writes_everything_under_out_and_nothing_in_the_sample(demo_run):
+    out, _, sample_before = demo_run
+    for relative in ("report.html", "demo.json", "diagnosis/report.html",
+                     "diagnosis/diagnosis.json", "calibration/calibration.json",
+                     "calibration/sweep.csv", "stores/source.h5", "stores/target_train.h5",
+                     "stores/target_val.h5"):  # fmt: skip
+        assert (out / relative).is_file(), relative
+    page = (out / "report.html").read_text()
+    assert "Before and after calibration" in page and "data:image/png;base64," in page
+    assert snapshot(DEFAULT_SAMPLE_DIR) == sample_before
+
+
+def test_reported_uncalibrated_metrics_match_numpy(demo_run):
+    out, _, _ = demo_run
+    summary = json.loads((out / "demo.json").read_text())
+    confusion = numpy_confusion(out / "stores" / "target_val.h5")
+    true_positive = np.diag(confusion).astype(float)
+    pixels, predicted = confusion.sum(1), confusion.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(
+            pixels + predicted > 0, true_positive / (pixels + predicted - true_positive), np.nan
+        )
+        acc = np.where(pixels > 0, true_positive / pixels, np.nan)
+    assert summary["before"]["miou"] == pytest.approx(np.nanmean(iou), abs=1e-9)
+    assert summary["before"]["macc"] == pytest.approx(np.nanmean(acc), abs=1e-9)
+    assert summary["before"]["iou_std"] == pytest.approx(np.nanstd(iou), abs=1e-9)
+    present = pixels > 0
+    bias = (confusion[present] / pixels[present, None]).mean(0) - 1 / NUM_CLASSES  # Eq. 4
+    np.testing.assert_allclose(summary["bias"], bias, atol=1e-9)
+    pairs = [
+        (b, e)
+        for b, e in zip(summary["bias"], summary["bias_estimated"], strict=True)
+        if e is not None
+    ]  # a class absent from val has no Eq. 5 estimate
+    expected_rho = spearmanr(*zip(*pairs, strict=True)).statistic
+    assert summary["bias_rank_correlation"] == pytest.approx(expected_rho, abs=1e-9)
+
+
+def test_tau_is_chosen_on_target_train_not_on_val(demo_run):
+    out, _, _ = demo_run
+    summary = json.loads((out / "demo.json").read_text())
+    selection = summary["tau_selection"]
+    assert [Path(p).name for p in selection["selection_stores"]] == ["target_train.h5"]
+    assert summary["chosen_tau"] in parse_tau_spec(DemoSettings.quick().taus)
+    assert summary["warnings"] == []  # no overlap between fitting, selection and evaluation
+    calibration = json.loads((out / "calibration" / "calibration.json").read_text())
+    assert calibration["fit"]["fit_labels"] == "pseudo"
+    assert [Path(p).name for p in calibration["fit"]["fit_on"]] == ["target_train.h5"]
+    assert [Path(p).name for p in calibration["fit"]["anchor_from"]] == ["source.h5"]
+
+
+def test_quick_run_reads_eight_images_per_split_at_stride_4(demo_run):
+    out, _, _ = demo_run
+    for name in ("source", "target_train", "target_val"):
+        with h5py.File(out / "stores" / f"{name}.h5", "r") as file:
+            assert file["images"]["stride"][()].tolist() == [4] * 8
+
+
+def test_out_inside_the_sample_is_refused(tmp_path):
+    with pytest.raises(BLDAError, match="--out .*inside the sample directory"):
+        run_demo(DEFAULT_SAMPLE_DIR / "demo_out", settings=DemoSettings.quick())
+
+
+def test_a_directory_without_a_sample_is_refused(tmp_path):
+    with pytest.raises(BLDAError, match="--sample-dir .*tiny_source.pth"):
+        run_demo(tmp_path / "out", sample_dir=tmp_path)
