@@ -5,6 +5,7 @@ from blda_cli.demo import demo_command
 from blda_cli.diagnose import diagnose_command
 from blda_cli.dump_logits import dump_logits_command
 from blda_cli.synthcity import synthcity
+from blda_cli.train import plot_log_command, train_command
 
 ALL = [
     demo_command,
@@ -12,5 +13,7 @@ ALL = [
     diagnose_command,
     calibrate_command,
     export_command,
+    train_command,
+    plot_log_command,
     synthcity,
 ]

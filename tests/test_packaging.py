@@ -2,8 +2,9 @@
 
 import pkgutil
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 import blda_tools
 

@@ -1,0 +1,87 @@
+"""Training checkpoints: atomic writes, tensors and primitive types only, exact resume.
+
+Layout (the weights part is mmseg-like, so `blda_tools.models.load_checkpoint` reads ours as it
+reads DAFormer's):
+    {"state_dict": {"model.<key>": tensor, "ema_model.<key>": tensor},
+     "meta": {"iteration", "config" (resolved TOML text), "arch", "class_names", "best_miou", ...},
+     "optimizer", "scheduler", "scaler", "loss": state dicts,
+     "rng": {"python", "numpy", "torch", "cuda"}, "sampler": {"seed", "next_micro_step"}}
+Everything loads with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from blda_tools.errors import BLDAError
+from blda_tools.fileio import atomic_output
+
+
+def weights_state_dict(student: nn.Module, teacher: nn.Module | None) -> dict[str, torch.Tensor]:
+    """`model.<key>` for the student and `ema_model.<key>` for the teacher, as in mmseg UDA."""
+    state = {f"model.{k}": v.detach().clone() for k, v in student.state_dict().items()}
+    if teacher is not None:
+        state.update(
+            {f"ema_model.{k}": v.detach().clone() for k, v in teacher.state_dict().items()}
+        )
+    return state
+
+
+def split_weights(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries under `prefix.` with the prefix removed."""
+    start = len(prefix) + 1
+    return {k[start:]: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
+
+
+def capture_rng_state() -> dict:
+    """Python, numpy, torch (and CUDA) global generator states as tensors / primitives."""
+    version, python_state, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()  # noqa: NPY002 (the global state is what others use)
+    state = {
+        "python": [version, list(python_state), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of `capture_rng_state`."""
+    version, python_state, gauss = state["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state(  # noqa: NPY002
+        (name, keys.numpy().astype(np.uint32), position, has_gauss, cached)
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
+    """Write `checkpoint` atomically (a partial file never carries the final name)."""
+    with atomic_output(path) as temporary:
+        torch.save(checkpoint, temporary)
+
+
+def load_training_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint written by `save_checkpoint`, safely (`weights_only=True`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BLDAError(f"{path}: no checkpoint to resume from (expected a file)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt or unsafe files
+        raise BLDAError(f"{path}: cannot read the checkpoint: {error}") from None
+    missing = {"state_dict", "meta", "optimizer", "rng", "sampler"} - set(checkpoint)
+    if missing:
+        raise BLDAError(
+            f"{path}: not a blda training checkpoint (missing {', '.join(sorted(missing))})"
+        )
+    return checkpoint

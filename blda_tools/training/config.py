@@ -1,0 +1,422 @@
+"""Training configuration: a typed schema with defaults, TOML files, `--set` overrides, validation.
+
+A configuration is a tree of dataclasses (`TrainingConfig` and one section per concept). Every
+key has a default and a docstring-like comment in `KEY_DOCS`; a TOML file only lists what it
+changes. Shipped configs live in `blda_tools/configs/*.toml` and are found by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from blda_tools.errors import BLDAError
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    iterations: int = 40000
+    batch_size: int = 2
+    accumulate: int = 1
+    device: str = "auto"
+    amp: str = "none"
+    num_workers: int = 2
+    log_interval: int = 50
+    checkpoint_interval: int = 4000
+    live: bool = True
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "daformer_mitb5"
+    backbone_weights: str = ""
+    pretrained: str = ""
+    trust_checkpoint: bool = False
+
+
+@dataclass
+class DataConfig:
+    root: str = ""
+    source: str = "gta5"
+    source_root: str = "gta"
+    source_split: str = "all"
+    source_size: list[int] = field(default_factory=lambda: [720, 1280])
+    target: str = "cityscapes"
+    target_root: str = "cityscapes"
+    target_split: str = "train"
+    target_size: list[int] = field(default_factory=lambda: [512, 1024])
+    val_split: str = "val"
+
+
+@dataclass
+class AugmentConfig:
+    crop_size: list[int] = field(default_factory=lambda: [512, 512])
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    flip: bool = True
+    cat_max_ratio: float = 0.75
+    color_jitter_strength: float = 0.2
+    color_jitter_probability: float = 0.2
+    blur: bool = True
+
+
+@dataclass
+class SelfTrainingConfig:
+    enabled: bool = True
+    ema_alpha: float = 0.999
+    pseudo_threshold: float = 0.968
+    ignore_top_rows: int = 15
+    ignore_bottom_rows: int = 120
+    mix: str = "class"
+
+
+@dataclass
+class RareClassSamplingConfig:
+    enabled: bool = True
+    temperature: float = 0.01
+    min_pixels: int = 3000
+    min_crop_ratio: float = 0.5
+
+
+@dataclass
+class FeatureDistanceConfig:
+    enabled: bool = False
+    weight: float = 0.005
+    classes: list[int] = field(default_factory=lambda: [6, 7, 11, 12, 13, 14, 15, 16, 17, 18])
+    scale_min_ratio: float = 0.75
+    imagenet_weights: str = ""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-5
+    head_lr_mult: float = 10.0
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    head_keys: list[str] = field(default_factory=lambda: ["head"])
+    no_decay_keys: list[str] = field(default_factory=lambda: ["norm", "pos_block"])
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6
+    poly_power: float = 1.0
+    min_lr: float = 0.0
+
+
+@dataclass
+class LossConfig:
+    name: str = "cross_entropy"
+
+
+@dataclass
+class EvaluationConfig:
+    interval: int = 4000
+    resize: list[int] = field(default_factory=lambda: [1024, 2048])
+    crop_size: list[int] = field(default_factory=lambda: [1024, 1024])
+    stride: list[int] = field(default_factory=lambda: [512, 512])
+    max_images: int = 0
+    classes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class TrainingConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
+    rcs: RareClassSamplingConfig = field(default_factory=RareClassSamplingConfig)
+    feature_distance: FeatureDistanceConfig = field(default_factory=FeatureDistanceConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+
+KEY_DOCS: dict[str, str] = {
+    "run.seed": "seed of every random stream (data, augmentation, mixing, model init)",
+    "run.iterations": "optimizer steps in the whole run (the poly schedule ends here)",
+    "run.batch_size": "source images (and as many target images) per process and micro-batch",
+    "run.accumulate": "micro-batches whose gradients are summed before each optimizer step",
+    "run.device": "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'",
+    "run.amp": "'none', 'bf16' or 'fp16' autocast; CUDA only",
+    "run.num_workers": "DataLoader worker processes per training process",
+    "run.log_interval": "iterations between log.jsonl records and live-view updates",
+    "run.checkpoint_interval": "iterations between checkpoints/latest.pth writes",
+    "run.live": "show the rich live view on a terminal",
+    "model.arch": "architecture name for blda_tools.models.create_model",
+    "model.backbone_weights": "ImageNet encoder weights, e.g. SegFormer's mit_b5.pth ('' = none)",
+    "model.pretrained": "checkpoint of the whole model to start from ('' = none)",
+    "model.trust_checkpoint": "allow full pickle loads of the weight files named here (unsafe)",
+    "data.root": "prefix for relative source_root/target_root ('' = working directory)",
+    "data.source": "source dataset name for blda_tools.datasets.build_dataset",
+    "data.source_root": "source dataset root (relative to data.root)",
+    "data.source_split": "source split: 'all' or a list file (GTA5 / SYNTHIA have no official split)",
+    "data.source_size": "[height, width] source images are resized to before random rescale",
+    "data.target": "target dataset name",
+    "data.target_root": "target dataset root (relative to data.root)",
+    "data.target_split": "target split used for self-training (labels not read)",
+    "data.target_size": "[height, width] target images are resized to before random rescale",
+    "data.val_split": "target split used for evaluation",
+    "augment.crop_size": "[height, width] of training crops",
+    "augment.scale_range": "[low, high] random rescale ratio applied after the base resize",
+    "augment.flip": "random horizontal flip with probability 0.5",
+    "augment.cat_max_ratio": "resample a crop (up to 10 times) while one class covers more (1 = off)",
+    "augment.color_jitter_strength": "DACS colour jitter strength s (brightness/contrast/saturation/hue)",
+    "augment.color_jitter_probability": "jitter is applied when a uniform draw exceeds this (DACS)",
+    "augment.blur": "DACS Gaussian blur of the mixed image (half of the time)",
+    "self_training.enabled": "false = source-only training",
+    "self_training.ema_alpha": "EMA teacher momentum alpha (ramped as min(1 - 1/(it+1), alpha))",
+    "self_training.pseudo_threshold": "teacher softmax confidence at or above which a pixel is confident",
+    "self_training.ignore_top_rows": "pseudo-label weight zeroed on this many top crop rows",
+    "self_training.ignore_bottom_rows": "pseudo-label weight zeroed on this many bottom crop rows",
+    "self_training.mix": "'class' (ClassMix) or 'none' (train on the target crop itself)",
+    "rcs.enabled": "Rare Class Sampling of source images",
+    "rcs.temperature": "class temperature T of the sampling softmax",
+    "rcs.min_pixels": "an image is eligible for class c when it has more pixels of c than this",
+    "rcs.min_crop_ratio": "crop resampled (up to 10 times) until it holds min_pixels x ratio",
+    "feature_distance.enabled": "thing-class ImageNet feature distance (needs imagenet_weights)",
+    "feature_distance.weight": "lambda of the feature distance loss",
+    "feature_distance.classes": "class ids whose pixels the distance is measured on",
+    "feature_distance.scale_min_ratio": "label downscaling keeps a cell when its class covers this",
+    "feature_distance.imagenet_weights": "checkpoint of the ImageNet-pretrained model or encoder",
+    "optim.lr": "AdamW learning rate of the encoder",
+    "optim.head_lr_mult": "learning-rate multiplier of parameters whose name holds a head key",
+    "optim.weight_decay": "AdamW weight decay",
+    "optim.betas": "AdamW betas",
+    "optim.head_keys": "parameter-name substrings of the decode head",
+    "optim.no_decay_keys": "parameter-name substrings without weight decay (norm layers also)",
+    "optim.warmup_iters": "linear warm-up iterations",
+    "optim.warmup_ratio": "learning-rate factor at iteration 0 of the warm-up",
+    "optim.poly_power": "power of the polynomial decay",
+    "optim.min_lr": "learning rate the polynomial decay ends at",
+    "loss.name": "per-pixel loss: 'cross_entropy' (others registered with register_loss)",
+    "evaluation.interval": "iterations between target-val evaluations (0 = only at the end)",
+    "evaluation.resize": "[height, width] val images are resized to ([] = keep)",
+    "evaluation.crop_size": "[height, width] of sliding-window crops",
+    "evaluation.stride": "[height, width] sliding-window stride",
+    "evaluation.max_images": "evaluate on the first N val images only (0 = all)",
+    "evaluation.classes": "class ids mIoU / mAcc average over ([] = all; SYNTHIA: 16 classes)",
+}
+
+_CHOICES = {
+    "run.amp": ("none", "bf16", "fp16"),
+    "self_training.mix": ("class", "none"),
+}
+_PAIRS = (
+    "data.source_size",
+    "data.target_size",
+    "augment.crop_size",
+    "augment.scale_range",
+    "evaluation.crop_size",
+    "evaluation.stride",
+    "optim.betas",
+)
+_MINIMA = {
+    "run.iterations": 1,
+    "run.batch_size": 1,
+    "run.accumulate": 1,
+    "run.log_interval": 1,
+    "run.checkpoint_interval": 1,
+    "run.num_workers": 0,
+    "evaluation.interval": 0,
+    "evaluation.max_images": 0,
+    "self_training.ignore_top_rows": 0,
+    "self_training.ignore_bottom_rows": 0,
+    "rcs.min_pixels": 0,
+}
+# Keys a resumed run may change: they affect logging and file writes, never the numbers.
+RESUMABLE_KEYS = ("run.log_interval", "run.checkpoint_interval", "run.live", "run.num_workers")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs installed with the package (usable as `--config NAME`)."""
+    folder = resources.files("blda_tools") / "configs"
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A shipped config by name (`synthcity_tiny`) or any TOML file by path."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    folder = resources.files("blda_tools") / "configs"
+    shipped = folder / f"{name_or_path}.toml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    raise BLDAError(
+        f"--config: {name_or_path} is neither a file nor a shipped config; "
+        f"shipped: {', '.join(shipped_configs()) or 'none'}"
+    )
+
+
+def load_config(
+    name_or_path: str | Path | None = None, overrides: typing.Iterable[str] = ()
+) -> TrainingConfig:
+    """Defaults, then the TOML file (if any), then `key=value` overrides; validated."""
+    config = TrainingConfig()
+    if name_or_path is not None:
+        path = resolve_config_path(name_or_path)
+        try:
+            table = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise BLDAError(f"{path}: cannot read the TOML config: {error}") from None
+        apply_table(config, table, source=str(path))
+    for override in overrides:
+        key, value = parse_override(override)
+        set_key(config, key, value, source="--set")
+    validate(config)
+    return config
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value); the value is read as TOML, else kept as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise BLDAError(f"--set: expected KEY=VALUE (e.g. run.iterations=1000), got {text!r}")
+    try:
+        value = tomllib.loads(f"value = {raw.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip(), value
+
+
+def apply_table(config: TrainingConfig, table: dict, *, source: str) -> None:
+    """Set every key of a nested TOML table on `config`."""
+    for section, values in table.items():
+        if not isinstance(values, dict):
+            _unknown_key(section, source)
+        for key, value in values.items():
+            set_key(config, f"{section}.{key}", value, source=source)
+
+
+def set_key(config: TrainingConfig, dotted: str, value: Any, *, source: str) -> None:
+    """Type-check `value` against the schema and store it under the dotted key."""
+    section_name, _, key = dotted.partition(".")
+    if dotted not in KEY_DOCS:
+        _unknown_key(dotted, source)
+    section = getattr(config, section_name)
+    hint = typing.get_type_hints(type(section))[key]
+    setattr(section, key, _coerce(value, hint, f"{source}: {dotted}"))
+
+
+def _unknown_key(dotted: str, source: str) -> typing.NoReturn:
+    close = difflib.get_close_matches(dotted, list(KEY_DOCS), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise BLDAError(
+        f"{source}: unknown key {dotted!r}{hint}; valid keys: {', '.join(sorted(KEY_DOCS))}"
+    )
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise BLDAError(f"{where}: expected a list of {item_hint.__name__}, got {value!r}")
+        return [_coerce(item, item_hint, where) for item in value]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported schema type {hint}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise BLDAError(f"{where}: expected {hint.__name__}, got {value!r}")
+
+
+def validate(config: TrainingConfig) -> None:
+    """Range and consistency checks that the types alone do not express."""
+    for dotted, choices in _CHOICES.items():
+        value = get_key(config, dotted)
+        if value not in choices:
+            raise BLDAError(f"config: {dotted} must be one of {', '.join(choices)}, got {value!r}")
+    for dotted in _PAIRS:
+        value = get_key(config, dotted)
+        if len(value) != 2 or min(value) <= 0:
+            raise BLDAError(f"config: {dotted} must be two positive numbers, got {value}")
+    resize = config.evaluation.resize
+    if resize and (len(resize) != 2 or min(resize) <= 0):
+        raise BLDAError(f"config: evaluation.resize must be [] or [height, width], got {resize}")
+    for dotted, minimum in _MINIMA.items():
+        if get_key(config, dotted) < minimum:
+            raise BLDAError(f"config: {dotted} must be >= {minimum}, got {get_key(config, dotted)}")
+    low, high = config.augment.scale_range
+    if low > high:
+        raise BLDAError(f"config: augment.scale_range must be [low, high], got {[low, high]}")
+    if not 0.0 <= config.self_training.ema_alpha <= 1.0:
+        raise BLDAError("config: self_training.ema_alpha must lie in [0, 1]")
+    if config.rcs.temperature <= 0:
+        raise BLDAError("config: rcs.temperature must be > 0")
+    if config.feature_distance.enabled and not config.feature_distance.imagenet_weights:
+        raise BLDAError(
+            "config: feature_distance.enabled needs feature_distance.imagenet_weights, the path "
+            "of an ImageNet-pretrained checkpoint; set it or set feature_distance.enabled=false"
+        )
+
+
+def get_key(config: TrainingConfig, dotted: str) -> Any:
+    section, _, key = dotted.partition(".")
+    return getattr(getattr(config, section), key)
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def to_dict(config: TrainingConfig) -> dict[str, dict[str, Any]]:
+    """The config as nested plain dicts (one table per section)."""
+    return dataclasses.asdict(config)
+
+
+def to_toml(config: TrainingConfig) -> str:
+    """Every key, resolved, as TOML text (what `config.toml` of a run directory holds)."""
+    lines = ["# Resolved configuration of this run (every key, defaults included)."]
+    for section, values in to_dict(config).items():
+        lines.append(f"\n[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def config_differences(old: TrainingConfig, new: TrainingConfig) -> list[str]:
+    """Dotted keys whose values differ, excluding those a resume may change."""
+    old_table, new_table = to_dict(old), to_dict(new)
+    return [
+        f"{section}.{key}"
+        for section, values in new_table.items()
+        for key, value in values.items()
+        if old_table[section][key] != value and f"{section}.{key}" not in RESUMABLE_KEYS
+    ]
+
+
+def resolve_data_root(config: DataConfig, root: str) -> Path:
+    """A dataset root, relative to `data.root` unless absolute."""
+    path = Path(root)
+    return path if path.is_absolute() or not config.root else Path(config.root) / path

@@ -1,0 +1,129 @@
+"""The run's record: `log.jsonl` (one JSON object per line), the rich live view, training curves."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from blda_tools.errors import BLDAError
+from blda_tools.fileio import atomic_output
+
+LOG_NAME = "log.jsonl"
+
+
+def _finite(value):
+    # JSON has no NaN; a class absent from val is written as null.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
+class JsonlLog:
+    """Append-only `log.jsonl`; records are `{"kind": "train" | "eval" | ..., "iteration": n, ...}`."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / LOG_NAME
+
+    def truncate_after(self, iteration: int) -> None:
+        """On resume: drop records written after the checkpoint's iteration (rewritten atomically)."""
+        if not self.path.exists():
+            return
+        kept = [r for r in read_log(self.path) if r.get("iteration", 0) <= iteration]
+        with atomic_output(self.path) as temporary:
+            temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as stream:
+            stream.write(json.dumps(_finite(record)) + "\n")
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """Records of a `log.jsonl` (or of `RUN_DIR/log.jsonl`)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LOG_NAME
+    if not path.is_file():
+        raise BLDAError(f"{path}: no training log (expected {LOG_NAME} in a run directory)")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise BLDAError(f"{path}:{number}: not a JSON line") from None
+    return records
+
+
+class LiveView:
+    """A rich progress line: iteration, it/s, ETA, latest losses, last mIoU (rank 0, terminals)."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.start_iteration, self.start_time = start, time.perf_counter()
+        self.last_miou: float | None = None
+        self.progress = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+            self.progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+            )
+            self.task = self.progress.add_task("train", total=total, completed=start, status="")
+            self.progress.start()
+
+    def rate(self, iteration: int) -> float:
+        elapsed = time.perf_counter() - self.start_time
+        return (iteration - self.start_iteration) / elapsed if elapsed > 0 else 0.0
+
+    def update(self, iteration: int, losses: dict[str, float]) -> None:
+        if self.progress is None:
+            return
+        rate = self.rate(iteration)
+        eta = (self.total - iteration) / rate if rate > 0 else math.inf
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+        loss_text = " ".join(f"{k} {v:.3f}" for k, v in losses.items())
+        miou = f"mIoU {self.last_miou:.1f}" if self.last_miou is not None else "mIoU -"
+        status = f"{rate:.2f} it/s  ETA {eta_text}  {loss_text}  {miou}"
+        self.progress.update(self.task, completed=iteration, status=status)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def curve_records(records: list[dict]) -> list[dict]:
+    """Log records in the shape `blda_tools.plots.plot_training_curves` draws: `loss_<name>`
+    per training record, `miou` / `macc` as fractions per evaluation."""
+    curves = []
+    for record in records:
+        if record.get("kind") == "train":
+            losses = {f"loss_{k}": v for k, v in record.get("losses", {}).items() if v is not None}
+            curves.append({"iteration": record["iteration"], **losses})
+        elif record.get("kind") == "eval" and record.get("mIoU") is not None:
+            curves.append(
+                {
+                    "iteration": record["iteration"],
+                    "miou": record["mIoU"] / 100,
+                    "macc": record["mAcc"] / 100,
+                }
+            )
+    return curves
+
+
+def plot_log(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw losses and target-val mIoU / mAcc against iterations into a PNG (default
+    `RUN_DIR/training_curves.png`)."""
+    from blda_tools.plots import plot_training_curves
+
+    curves = curve_records(read_log(run_dir))
+    if not curves:
+        raise BLDAError(f"{run_dir}: the log has no training or evaluation records yet")
+    out = Path(out) if out is not None else Path(run_dir) / "training_curves.png"
+    return plot_training_curves(curves, path=out)

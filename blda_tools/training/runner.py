@@ -1,0 +1,219 @@
+"""`train()`: from a config to a finished run directory (components, run dir, resume, DDP).
+
+Run directory layout:
+    config.toml              the resolved config (every key)
+    log.jsonl                train / eval records
+    checkpoints/latest.pth   written every run.checkpoint_interval iterations and at the end
+    checkpoints/best.pth     the checkpoint with the best target-val mIoU so far
+    rcs_class_pixels.pt      per-image class pixel counts of the source (Rare Class Sampling)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from blda_tools.errors import BLDAError
+from blda_tools.fileio import atomic_output, ensure_writable_dir
+from blda_tools.training.checkpoint import load_training_checkpoint
+from blda_tools.training.config import (
+    TrainingConfig,
+    config_differences,
+    load_config,
+    resolve_data_root,
+    to_toml,
+)
+from blda_tools.training.loop import (
+    Trainer,
+    TrainingComponents,
+    checkpoint_path,
+    resolve_device,
+    run_loop,
+)
+from blda_tools.training.losses import build_loss
+from blda_tools.training.run_log import JsonlLog
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch global generators (model initialisation, dropout)."""
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (seeds the global generator user code relies on)
+    torch.manual_seed(seed)
+
+
+def _check_pretrained_path(path: str, key: str) -> Path:
+    resolved = Path(path).expanduser()
+    if not resolved.is_file():
+        raise BLDAError(f"config: {key} = {path!r} does not exist; expected a checkpoint file")
+    return resolved
+
+
+def check_same_classes(named_datasets: dict[str, object]) -> tuple[tuple[str, ...], int]:
+    """All datasets must share class names and ignore index; returns them."""
+    (first_name, first), *others = named_datasets.items()
+    classes, ignore = tuple(first.class_names), first.ignore_index
+    for name, dataset in others:
+        if tuple(dataset.class_names) != classes:
+            raise BLDAError(
+                f"data: {first_name} and {name} have different class sets "
+                f"({len(classes)} classes {list(classes)[:4]}... vs {len(dataset.class_names)} "
+                f"classes {list(dataset.class_names)[:4]}...); expected the same classes in "
+                "the same order"
+            )
+        if dataset.ignore_index != ignore:
+            raise BLDAError(f"data: {first_name} and {name} use different ignore indices")
+    return classes, ignore
+
+
+def pretrained_paths(config: TrainingConfig) -> dict[str, Path]:
+    """Every weight file the config names, checked to exist before any dataset is scanned."""
+    named = {
+        "model.backbone_weights": config.model.backbone_weights,
+        "model.pretrained": config.model.pretrained,
+    }
+    if config.feature_distance.enabled:
+        named["feature_distance.imagenet_weights"] = config.feature_distance.imagenet_weights
+    return {key: _check_pretrained_path(path, key) for key, path in named.items() if path}
+
+
+def build_components(config: TrainingConfig) -> TrainingComponents:
+    """Datasets, model (+ pretrained weights), ImageNet model and loss named by `config`."""
+    from blda_tools.datasets import build_dataset
+    from blda_tools.models import (
+        create_model,
+        load_checkpoint,
+        load_pretrained_backbone,
+        normalize,
+    )
+
+    weights = pretrained_paths(config)
+    trust = config.model.trust_checkpoint
+    data = config.data
+    source_root = resolve_data_root(data, data.source_root)
+    source = build_dataset(data.source, source_root, data.source_split)
+    target_root = resolve_data_root(data, data.target_root)
+    target = build_dataset(data.target, target_root, data.target_split)
+    val = build_dataset(data.target, target_root, data.val_split)
+    if not getattr(source, "has_labels", True):
+        raise BLDAError(
+            f"data: the source {data.source} at {source_root} has no labels to train on"
+        )
+    if not getattr(val, "has_labels", True):
+        raise BLDAError(f"data: the target {data.val_split} split at {target_root} has no labels")
+    classes, ignore = check_same_classes({"source": source, "target": target, "val": val})
+    model = create_model(config.model.arch, len(classes))
+    if "model.backbone_weights" in weights:
+        load_pretrained_backbone(model, weights["model.backbone_weights"], trust)
+    if "model.pretrained" in weights:
+        load_checkpoint(model, weights["model.pretrained"], trust_checkpoint=trust)
+    imagenet_model = None
+    if config.feature_distance.enabled:
+        imagenet_model = create_model(config.model.arch, len(classes))
+        load_pretrained_backbone(
+            imagenet_model, weights["feature_distance.imagenet_weights"], trust
+        )
+    loss = build_loss(
+        config.loss.name, num_classes=len(classes), ignore_index=ignore, config=config
+    )
+    return TrainingComponents(
+        model=model, source=source, target=target, val=val, class_names=classes,
+        loss=loss, normalize=normalize, ignore_index=ignore, imagenet_model=imagenet_model,
+    )  # fmt: skip
+
+
+def prepare_run_dir(config: TrainingConfig, run_dir: Path, *, resume: bool, is_main: bool) -> None:
+    """Create the run dir and write `config.toml`, or check a resumed one was made by `config`."""
+    saved = run_dir / "config.toml"
+    if resume:
+        if not saved.is_file():
+            raise BLDAError(f"--resume: {run_dir} has no config.toml; not a blda training run")
+        differences = config_differences(load_config(saved), config)
+        if differences:
+            raise BLDAError(
+                f"--resume: {run_dir} was made with another config (different: "
+                f"{', '.join(differences)}); resume with the same config or use a new --work-dir"
+            )
+        if not checkpoint_path(run_dir).is_file():
+            raise BLDAError(f"--resume: {checkpoint_path(run_dir)} does not exist yet")
+        return
+    if checkpoint_path(run_dir).exists():
+        raise BLDAError(
+            f"--work-dir: {run_dir} already holds a run; pass --resume or choose another directory"
+        )
+    if is_main:
+        ensure_writable_dir(run_dir / "checkpoints")
+        with atomic_output(saved) as temporary:
+            temporary.write_text(to_toml(config))
+        # Leftovers of a run that stopped before its first checkpoint are not reused.
+        for leftover in ("log.jsonl", "rcs_class_pixels.pt"):
+            (run_dir / leftover).unlink(missing_ok=True)
+
+
+def run_training(
+    config: TrainingConfig,
+    work_dir: str | os.PathLike,
+    components: TrainingComponents,
+    *,
+    resume: bool = False,
+    stop_at: int | None = None,
+) -> dict:
+    """Train `components` as `config` says into `work_dir` (DDP if a process group is up).
+
+    `stop_at` ends this call after that many iterations (checkpointing, as if interrupted) so a
+    later `resume=True` call continues; the schedule still spans `run.iterations`.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    run_dir = Path(work_dir)
+    prepare_run_dir(config, run_dir, resume=resume, is_main=rank == 0)
+    if world_size > 1:
+        dist.barrier()
+    device = resolve_device(config.run.device, int(os.environ.get("LOCAL_RANK", 0)))
+    trainer = Trainer(config, run_dir, components, device=device, rank=rank, world_size=world_size)
+    rng_state = None
+    if resume:
+        checkpoint = load_training_checkpoint(checkpoint_path(run_dir))
+        trainer.load(checkpoint)
+        rng_state = checkpoint["rng"]
+        if rank == 0:
+            JsonlLog(run_dir).truncate_after(trainer.iteration)
+    return run_loop(trainer, stop_at=stop_at, rng_state=rng_state)
+
+
+def _init_distributed(config: TrainingConfig) -> None:
+    """Join the torchrun process group (nccl on GPU, gloo on CPU) if WORLD_SIZE > 1."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    device = resolve_device(config.run.device, int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def train(
+    config: str | os.PathLike | TrainingConfig,
+    work_dir: str | os.PathLike,
+    overrides: Iterable[str] = (),
+    resume: bool = False,
+    *,
+    stop_at: int | None = None,
+) -> dict:
+    """Run `blda train`: a config (shipped name, TOML path or object) into `work_dir`.
+
+    Returns {"iteration", "best_miou", "last_scores", "run_dir"}. Under torchrun every process
+    calls it; rank 0 writes the log and checkpoints.
+    """
+    if not isinstance(config, TrainingConfig):
+        config = load_config(config, overrides)
+    elif overrides:
+        raise BLDAError("train: overrides apply to a config file, not to a TrainingConfig object")
+    _init_distributed(config)
+    seed_everything(config.run.seed)
+    components = build_components(config)
+    return run_training(config, work_dir, components, resume=resume, stop_at=stop_at)

@@ -1,0 +1,132 @@
+"""`blda train` configs: shipped files, overrides with type checks, clear errors, round trips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from blda_tools.errors import BLDAError
+from blda_tools.training.config import (
+    KEY_DOCS,
+    TrainingConfig,
+    config_differences,
+    load_config,
+    shipped_configs,
+    to_dict,
+    to_toml,
+)
+
+
+def test_every_shipped_config_loads_and_the_required_ones_exist():
+    names = shipped_configs()
+    assert {
+        "gta2cs_daformer_mitb5",
+        "synthia2cs_daformer_mitb5",
+        "gta2cs_dacs_r101",
+        "synthcity_tiny",
+    } <= set(names)
+    for name in names:
+        load_config(name)
+    tiny = load_config("synthcity_tiny")
+    assert tiny.model.arch == "tiny" and tiny.run.device == "cpu"
+    daformer = load_config("gta2cs_daformer_mitb5")
+    # the DAFormer recipe of the facts file
+    assert daformer.self_training.ema_alpha == 0.999
+    assert daformer.self_training.pseudo_threshold == 0.968
+    assert (daformer.self_training.ignore_top_rows, daformer.self_training.ignore_bottom_rows) == (
+        15,
+        120,
+    )
+    assert (daformer.rcs.temperature, daformer.rcs.min_pixels, daformer.rcs.min_crop_ratio) == (
+        0.01,
+        3000,
+        0.5,
+    )
+    assert (daformer.optim.lr, daformer.optim.head_lr_mult, daformer.optim.weight_decay) == (
+        6e-5,
+        10.0,
+        0.01,
+    )
+    assert daformer.optim.warmup_iters == 1500 and daformer.run.iterations == 40000
+    assert daformer.feature_distance.weight == 0.005
+    assert daformer.feature_distance.classes == [6, 7, 11, 12, 13, 14, 15, 16, 17, 18]
+    assert len(load_config("synthia2cs_daformer_mitb5").evaluation.classes) == 16
+
+
+def test_every_schema_key_is_documented():
+    keys = {
+        f"{section}.{key}"
+        for section, values in to_dict(TrainingConfig()).items()
+        for key in values
+    }
+    assert keys == set(KEY_DOCS)
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    assert [key for key in sorted(keys) if f"`{key}`" not in docs] == []
+
+
+def test_overrides_are_typed():
+    config = load_config(
+        "synthcity_tiny",
+        ["run.iterations=7", "optim.lr=1", "augment.crop_size=[32, 48]", "model.arch=tiny",
+         "run.live=false", "data.root=/some/where"],
+    )  # fmt: skip
+    assert config.run.iterations == 7
+    assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+    assert config.augment.crop_size == [32, 48]
+    assert config.run.live is False
+    assert config.data.root == "/some/where"  # not TOML: kept as a string
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("run.iterations=ten", r"run\.iterations: expected int"),
+        ("run.iterations=1.5", r"run\.iterations: expected int"),
+        ("run.live=1", r"run\.live: expected bool"),
+        ("augment.crop_size=[1, 'a']", r"augment\.crop_size"),
+        ("run.amp=fp32", r"run\.amp must be one of none, bf16, fp16"),
+        ("augment.crop_size=[512]", r"augment\.crop_size must be two positive numbers"),
+        ("run.iterations", r"expected KEY=VALUE"),
+        ("run.checkpoint_interval=0", r"run\.checkpoint_interval must be >= 1"),
+    ],
+)
+def test_bad_override_values_are_refused(override, message):
+    with pytest.raises(BLDAError, match=message):
+        load_config("synthcity_tiny", [override])
+
+
+def test_typo_in_a_key_names_it_suggests_and_lists_valid_keys(tmp_path):
+    with pytest.raises(BLDAError) as caught:
+        load_config("synthcity_tiny", ["optim.learning_rate=1e-4"])
+    message = str(caught.value)
+    assert "--set: unknown key 'optim.learning_rate'" in message
+    assert "valid keys:" in message and "optim.lr" in message and "run.iterations" in message
+    path = tmp_path / "typo.toml"
+    path.write_text("[self_training]\nema_alpah = 0.99\n")
+    with pytest.raises(BLDAError) as caught:
+        load_config(path)
+    assert str(path) in str(caught.value)
+    assert "did you mean self_training.ema_alpha?" in str(caught.value)
+
+
+def test_unknown_config_name_lists_shipped_ones():
+    with pytest.raises(BLDAError, match="shipped: .*synthcity_tiny"):
+        load_config("synthcity_tiyn")
+
+
+def test_feature_distance_without_weights_is_refused():
+    with pytest.raises(BLDAError, match="feature_distance.imagenet_weights"):
+        load_config("synthcity_tiny", ["feature_distance.enabled=true"])
+
+
+def test_resolved_toml_round_trips(tmp_path):
+    config = load_config("gta2cs_daformer_mitb5", ['data.root="quote\\"d"', "run.seed=3"])
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(config))
+    tomllib.loads(path.read_text())
+    assert load_config(path) == config
+    assert config_differences(load_config(path), config) == []
+    changed = load_config(path, ["optim.lr=1e-3", "run.log_interval=7"])
+    assert config_differences(config, changed) == ["optim.lr"]  # logging keys may change
