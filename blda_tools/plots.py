@@ -41,6 +41,8 @@ GREY, DARK = "#999999", "#222222"
 METHOD_COLORS = (BLUE, ORANGE, GREEN, PURPLE, SKY, VERMILLION)
 # Quantiles of the densities (anchors and classes) that bound the x-range of density panels.
 MASS_QUANTILES = (0.001, 0.999)
+# Bins drawn across the visible range of the density panels.
+DISPLAY_BINS = 150
 # (has positive pixels, has negative pixels) -> note in a class's density panel.
 MISSING_NOTES = {
     (False, False): "no data",
@@ -139,6 +141,7 @@ def plot_logit_densities(
     )
     # Shifted classes are the interesting ones, so the range covers them as well as the anchors.
     low, high = _mass_range(centers, curves[has_mass])
+    centers, curves = _coarsen(centers, curves, low, high)
     figure, panels = _panel_grid(count, columns=5, panel_size=(2.6, 1.6), shared_x=True)
     for index, axes in enumerate(panels):
         for color, row in ((BLUE, -2), (VERMILLION, -1)):  # the anchors
@@ -587,6 +590,25 @@ def _unit_area(centers: np.ndarray, densities: np.ndarray) -> tuple[np.ndarray, 
     mass = clean @ _bin_widths(centers)
     has_mass = mass > 0
     return clean / np.where(has_mass, mass, 1.0)[:, None], has_mass
+
+
+def _coarsen(centers: np.ndarray, densities: np.ndarray, low: float, high: float):
+    """Merge neighbouring bins so about DISPLAY_BINS lie in [low, high], preserving mass.
+
+    The statistics grid is fine (thousands of bins) so that Eq. 5 is accurate; drawn as is, a
+    rare class's histogram is mostly sampling noise.
+    """
+    visible = int(((centers >= low) & (centers <= high)).sum())
+    factor = max(1, visible // DISPLAY_BINS)
+    usable = len(centers) // factor * factor
+    if factor == 1 or usable == 0:
+        return centers, densities
+    widths = _bin_widths(centers)[:usable].reshape(-1, factor)
+    mass = (densities[:, :usable] * _bin_widths(centers)[:usable]).reshape(
+        len(densities), -1, factor
+    )
+    merged_centers = (centers[:usable].reshape(-1, factor) * widths).sum(1) / widths.sum(1)
+    return merged_centers, mass.sum(2) / widths.sum(1)
 
 
 def _mass_range(centers: np.ndarray, densities: np.ndarray) -> tuple[float, float]:
