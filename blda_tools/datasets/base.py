@@ -302,6 +302,33 @@ def pair_labels(
     return [labels_by_key[key] for key in image_keys]
 
 
+def paired_listing(
+    image_dir: Path,
+    label_dir: Path,
+    split: str,
+    dataset: str,
+    image_extensions: Sequence[str] = (".png",),
+) -> tuple[list[Path], list[Path] | None]:
+    """Images of a split under `image_dir` and their labels under `label_dir`, matched by key.
+
+    The layouts of GTA5, SYNTHIA and the generic folder dataset: one folder of images, one of
+    labels with the same relative names (labels are always PNG). Errors as `pair_labels`.
+    """
+    images = list_files(image_dir, image_extensions)
+    if not images:
+        raise BLDAError(f"{dataset}: no images ({', '.join(image_extensions)}) under {image_dir}")
+    labels = list_files(label_dir, (".png",)) if label_dir.is_dir() else {}
+    keys = select_split(list(images), split, dataset, image_dir)
+    label_paths = pair_labels(
+        keys,
+        labels,
+        dataset=dataset,
+        all_image_keys=list(images),
+        expected_label=f"{label_dir}/{{key}}.png",
+    )
+    return [images[key] for key in keys], label_paths
+
+
 def read_names_option(
     value: Sequence[str] | str | os.PathLike, option: str, max_classes: int | None = 255
 ) -> list[str]:

@@ -14,16 +14,13 @@ from blda_tools.datasets.base import (
     SegmentationDataset,
     default_palette,
     identity_lookup,
-    list_files,
     map_ids,
-    pair_labels,
+    paired_listing,
     read_id_image,
     read_names_option,
     require_dir,
-    select_split,
 )
 from blda_tools.datasets.cityscapes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
-from blda_tools.errors import BLDAError
 
 
 class FolderDataset(SegmentationDataset):
@@ -69,22 +66,13 @@ class FolderDataset(SegmentationDataset):
             selection = "all"
         else:
             selection = split
-        images = list_files(image_dir, IMAGE_EXTENSIONS)
-        if not images:
-            raise BLDAError(f"folder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {image_dir}")
-        labels = list_files(label_dir, (".png",)) if label_dir.is_dir() else {}
-        keys = select_split(list(images), selection, "folder", image_dir)
-        label_paths = pair_labels(
-            keys,
-            labels,
-            dataset="folder",
-            all_image_keys=list(images),
-            expected_label=f"{label_dir}/{{key}}.png",
+        image_paths, label_paths = paired_listing(
+            image_dir, label_dir, selection, "folder", IMAGE_EXTENSIONS
         )
         super().__init__(
             root,
             split,
-            image_paths=[images[key] for key in keys],
+            image_paths=image_paths,
             label_paths=label_paths,
             class_names=names,
             palette=palette,

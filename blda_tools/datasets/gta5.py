@@ -15,12 +15,10 @@ from PIL import Image
 
 from blda_tools.datasets.base import (
     SegmentationDataset,
-    list_files,
     map_ids,
-    pair_labels,
+    paired_listing,
     read_id_image,
     require_dir,
-    select_split,
 )
 from blda_tools.datasets.cityscapes import (
     CITYSCAPES_CLASSES,
@@ -71,19 +69,7 @@ class GTA5Dataset(SegmentationDataset):
         root = require_dir(Path(root), "gta5", "the GTA5 data root")
         image_dir = require_dir(root / "images", "gta5", "images/NNNNN.png")
         label_dir = root / "labels"
-        images = list_files(image_dir, (".png",))
-        if not images:
-            raise BLDAError(f"gta5: no .png images under {image_dir}")
-        labels = list_files(label_dir, (".png",)) if label_dir.is_dir() else {}
-        keys = select_split(list(images), split, "gta5", image_dir)
-        label_paths = pair_labels(
-            keys,
-            labels,
-            dataset="gta5",
-            all_image_keys=list(images),
-            expected_label=f"{label_dir}/{{key}}.png",
-        )
-        image_paths = [images[key] for key in keys]
+        image_paths, label_paths = paired_listing(image_dir, label_dir, split, "gta5")
         if size_mismatch == "skip" and label_paths is not None:
             image_paths, label_paths = self._drop_mismatched(root, image_paths, label_paths)
         super().__init__(

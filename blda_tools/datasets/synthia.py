@@ -20,16 +20,13 @@ from PIL import Image
 from blda_tools.datasets.base import (
     CorruptSampleError,
     SegmentationDataset,
-    list_files,
     map_ids,
-    pair_labels,
+    paired_listing,
     read_id_image,
     require_dir,
-    select_split,
     train_id_lookup,
 )
 from blda_tools.datasets.cityscapes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
-from blda_tools.errors import BLDAError
 
 # SYNTHIA class id -> Cityscapes train id, from the dataset's README; every other id -> 255.
 SYNTHIA_TO_TRAIN_ID = {
@@ -60,22 +57,11 @@ class SynthiaDataset(SegmentationDataset):
         root = require_dir(Path(root), "synthia", "the SYNTHIA RAND-CITYSCAPES data root")
         image_dir = require_dir(root / "RGB", "synthia", "RGB/NNNNNNN.png")
         label_dir = root / "GT" / "LABELS"
-        images = list_files(image_dir, (".png",))
-        if not images:
-            raise BLDAError(f"synthia: no .png images under {image_dir}")
-        labels = list_files(label_dir, (".png",)) if label_dir.is_dir() else {}
-        keys = select_split(list(images), split, "synthia", image_dir)
-        label_paths = pair_labels(
-            keys,
-            labels,
-            dataset="synthia",
-            all_image_keys=list(images),
-            expected_label=f"{label_dir}/{{key}}.png",
-        )
+        image_paths, label_paths = paired_listing(image_dir, label_dir, split, "synthia")
         super().__init__(
             root,
             split,
-            image_paths=[images[key] for key in keys],
+            image_paths=image_paths,
             label_paths=label_paths,
             class_names=CITYSCAPES_CLASSES,
             palette=CITYSCAPES_PALETTE,
