@@ -47,12 +47,16 @@ def measure(store: Path, workers: int) -> dict:
     code = (
         "import json, resource, sys, time\n"
         "from blda_tools.diagnose import diagnose\n"
-        "start = time.perf_counter()\n"
+        "def cpu():\n"
+        "    own, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))\n"
+        "    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime\n"
+        "start, cpu_start = time.perf_counter(), cpu()\n"
         f"diagnose({str(store)!r}, sys.argv[1], workers={workers}, plots_and_report=False)\n"
-        "elapsed = time.perf_counter() - start\n"
+        "elapsed, cpu_seconds = time.perf_counter() - start, cpu() - cpu_start\n"
         "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
-        "print(json.dumps({'seconds': elapsed, 'peak_kb': peak, 'children_peak_kb': children}))\n"
+        "print(json.dumps({'seconds': elapsed, 'cpu_seconds': cpu_seconds, 'peak_kb': peak,\n"
+        "                  'children_peak_kb': children}))\n"
     )
     with tempfile.TemporaryDirectory() as out:
         result = subprocess.run(
@@ -78,20 +82,28 @@ def main() -> None:
         if not store.exists():
             start = time.perf_counter()
             write_store(store, millions * 1_000_000)
-            print(f"wrote {store} ({store.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - start:.1f} s")
+            print(
+                f"wrote {store} ({store.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - start:.1f} s"
+            )
         # Warm the page cache so every run reads from memory alike.
         with open(store, "rb") as file:
             while file.read(1 << 24):
                 pass
         for workers in args.workers:
+            load_before = os.getloadavg()[0]
             figures = measure(store, workers)
             rate = millions * 1e6 / figures["seconds"]
             peak_mb = max(figures["peak_kb"], figures["children_peak_kb"]) / 1024
+            # CPU time (all threads and worker processes) does not depend on how busy the
+            # machine is as much as wall time does: 10M pixels/s on 2 idle cores needs at most
+            # 200 CPU-ms per M pixels, evenly spread over both.
             print(
                 f"{millions:>3}M pixels, C={NUM_CLASSES}, workers={workers}: "
-                f"{figures['seconds']:.2f} s, {rate / 1e6:.1f} M pixels/s, "
+                f"{figures['seconds']:.2f} s, {rate / 1e6:.1f} M pixels/s wall, "
+                f"{figures['cpu_seconds'] * 1e3 / millions:.0f} CPU-ms per M pixels, "
                 f"peak RSS {figures['peak_kb'] / 1024:.0f} MB (main), "
-                f"{figures['children_peak_kb'] / 1024:.0f} MB (largest worker), max {peak_mb:.0f} MB"
+                f"{figures['children_peak_kb'] / 1024:.0f} MB (largest worker), max {peak_mb:.0f} MB, "
+                f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
             )
     if args.keep is None:
         for path in directory.iterdir():

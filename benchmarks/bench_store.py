@@ -39,11 +39,13 @@ def write_store(path: str, rows: int) -> float:
     return time.perf_counter() - start
 
 
-def read_store(path: str, validate: bool, reuse_buffers: bool) -> tuple[float, float]:
+def read_store(
+    path: str, validate: bool, reuse_buffers: bool, dtype: torch.dtype | None = torch.float32
+) -> tuple[float, float]:
     """Wall seconds and CPU seconds (all threads) to stream the whole store."""
     start, start_cpu = time.perf_counter(), time.process_time()
     with LogitStore(path) as store:
-        for chunk in store.iter_chunks(validate=validate, reuse_buffers=reuse_buffers):
+        for chunk in store.iter_chunks(validate=validate, reuse_buffers=reuse_buffers, dtype=dtype):
             del chunk
     return time.perf_counter() - start, time.process_time() - start_cpu
 
@@ -66,13 +68,14 @@ def main() -> None:
             f"write: {args.rows / seconds / 1e6:.1f} M rows/s ({seconds:.2f} s, {size / 1e6:.0f} MB)"
         )
         read_store(path, validate=False, reuse_buffers=True)  # warm the page cache
-        for reuse_buffers in (False, True):
+        # dtype=None keeps float16 (what collect_statistics reads); float32 converts.
+        for dtype, reuse_buffers in ((torch.float32, False), (torch.float32, True), (None, True)):
             for validate in (False, True):
                 seconds, cpu_seconds = min(
-                    read_store(path, validate, reuse_buffers) for _ in range(3)
+                    read_store(path, validate, reuse_buffers, dtype) for _ in range(3)
                 )
                 print(
-                    f"read (validate={validate}, reuse_buffers={reuse_buffers}): "
+                    f"read (dtype={dtype}, validate={validate}, reuse_buffers={reuse_buffers}): "
                     f"{args.rows / seconds / 1e6:.1f} M rows/s "
                     f"({args.rows * NUM_CLASSES * 2 / seconds / 1e6:.0f} MB/s of float16 logits), "
                     f"{args.rows / cpu_seconds / 1e6:.1f} M rows per CPU second"

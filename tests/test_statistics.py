@@ -10,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import confusion_matrix
 
-import blda_tools.statistics as statistics_module
+import blda_tools.statistics.logit_sets as logit_sets_module
 from blda_tools.errors import BLDAError
-from blda_tools.statistics import LogitGrid, LogitSetStatistics, collect_statistics
+from blda_tools.statistics import LogitGrid, LogitSetStatistics, collect_statistics, first_argmax
+from blda_tools.statistics.kernel import BLOCK_ROWS
 
 GRID = LogitGrid(-4.0, 4.0, 16)  # width 0.5
 
@@ -49,34 +50,92 @@ def assert_same(a: LogitSetStatistics, b: LogitSetStatistics) -> None:
     assert a.num_ignored == b.num_ignored
 
 
-def test_every_cell_matches_numpy():
-    logits, labels = random_rows(0, 3000)
-    statistics = filled(logits, labels)
-    edges = np.linspace(GRID.low, GRID.high, GRID.bins + 1)
-    for c in range(3):
+def assert_matches_numpy(statistics, logits, labels, num_classes=3, grid=GRID):
+    """Every cell, the confusion matrix and the ignored count against numpy / scikit-learn."""
+    logits = np.asarray(logits, dtype=np.float64)
+    edges = np.linspace(grid.low, grid.high, grid.bins + 1)
+    for c in range(num_classes):
         rows = logits[labels == c]
-        for k in range(3):
-            values = rows[:, k].astype(np.float64)
+        for k in range(num_classes):
+            values = rows[:, k]
             # Values outside the grid belong to the edge bins.
-            expected, _ = np.histogram(np.clip(values, GRID.low, GRID.high), bins=edges)
+            expected, _ = np.histogram(np.clip(values, grid.low, grid.high), bins=edges)
             np.testing.assert_array_equal(statistics.histogram[c, k].numpy(), expected)
             assert statistics.count[c, k] == len(values)
+            if len(values) == 0:
+                assert statistics.minimum[c, k] == np.inf and statistics.maximum[c, k] == -np.inf
+                continue
             assert statistics.sum[c, k].item() == pytest.approx(values.sum(), rel=1e-6, abs=1e-4)
             assert statistics.mean()[c, k].item() == pytest.approx(
                 values.mean(), rel=1e-6, abs=1e-6
             )
-            assert statistics.variance()[c, k].item() == pytest.approx(values.var(), rel=1e-5)
-            assert statistics.std()[c, k].item() == pytest.approx(values.std(), rel=1e-5)
+            # E[z^2] - E[z]^2 from float32 block products: an absolute error of ~1e-7 E[z^2].
+            variance_tolerance = 1e-6 * np.mean(values**2)
+            assert statistics.variance()[c, k].item() == pytest.approx(
+                values.var(), rel=1e-5, abs=variance_tolerance
+            )
+            assert statistics.std()[c, k].item() == pytest.approx(
+                values.std(), rel=1e-5, abs=np.sqrt(variance_tolerance)
+            )
             assert statistics.minimum[c, k].item() == values.min()
             assert statistics.maximum[c, k].item() == values.max()
-            outside = np.sum((values < GRID.low) | (values > GRID.high))
+            outside = np.sum((values < grid.low) | (values > grid.high))
             assert statistics.clipped[c, k].item() == outside
     kept = labels != 255
-    expected_confusion = confusion_matrix(
-        labels[kept], logits[kept].argmax(1), labels=list(range(3))
-    )
+    if kept.any():
+        expected_confusion = confusion_matrix(
+            labels[kept], logits[kept].argmax(1), labels=list(range(num_classes))
+        )
+    else:
+        expected_confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.testing.assert_array_equal(statistics.confusion.numpy(), expected_confusion)
     assert statistics.num_ignored == int((~kept).sum())
+
+
+def test_every_cell_matches_numpy():
+    logits, labels = random_rows(0, 3000)
+    assert_matches_numpy(filled(logits, labels), logits, labels)
+
+
+def test_float16_logits_are_counted_as_their_exact_values():
+    logits, labels = random_rows(12, 3000)
+    half = logits.astype(np.float16)
+    statistics = LogitSetStatistics(3, GRID)
+    statistics.update(torch.from_numpy(half), torch.from_numpy(labels))
+    assert_matches_numpy(statistics, half, labels)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    num_classes=st.integers(1, 5),
+    chunk_sizes=st.lists(st.integers(0, 400), min_size=1, max_size=6),
+    half=st.booleans(),
+)
+@pytest.mark.filterwarnings("ignore:A single label was found")
+def test_streamed_updates_match_numpy(seed, num_classes, chunk_sizes, half):
+    """Chunks of any size, float16 or float32, with values beyond the grid: the running exact
+    minimum / maximum, clipped counts and histograms equal numpy's on all rows at once."""
+    logits, labels = random_rows(seed, sum(chunk_sizes), num_classes)
+    if half:
+        logits = logits.astype(np.float16)
+    statistics = LogitSetStatistics(num_classes, GRID)
+    for end, size in zip(np.cumsum(chunk_sizes), chunk_sizes, strict=True):
+        rows = slice(end - size, end)
+        statistics.update(torch.from_numpy(logits[rows]), torch.from_numpy(labels[rows]))
+    assert_matches_numpy(statistics, logits, labels, num_classes)
+
+
+def test_first_argmax_takes_the_first_of_tied_maxima_like_numpy():
+    rng = np.random.default_rng(13)
+    rows = BLOCK_ROWS + 100  # more than one block
+    logits = rng.integers(-2, 3, size=(rows, 5)).astype(np.float32)  # many ties
+    logits[:50] = 0.0
+    logits[:50, :2] = -0.0  # -0.0 == 0.0: the first of them wins
+    for values in (logits, logits.astype(np.float16)):
+        found = first_argmax(torch.from_numpy(values))
+        assert found.dtype == torch.int64
+        np.testing.assert_array_equal(found.numpy(), values.argmax(1))
 
 
 def test_grid_edges_centers_width():
@@ -103,7 +162,7 @@ def test_ignored_pixels_are_skipped():
 def test_sub_chunks_in_threads_give_the_same_result(monkeypatch):
     logits, labels = random_rows(2, 2000)
     whole = filled(logits, labels)
-    monkeypatch.setattr(statistics_module, "SUB_CHUNK_ROWS", 128)
+    monkeypatch.setattr(logit_sets_module, "SUB_CHUNK_ROWS", 128)
     assert_same(filled(logits, labels), whole)
 
 
@@ -244,6 +303,32 @@ def test_collect_with_two_workers_equals_one(tmp_path):
     )
     assert_same(two, collect_statistics(labelled, grid=GRID, rows_per_chunk=256))
     assert sum(seen) == 2000
+
+
+def test_collect_from_a_float16_store_matches_numpy(tmp_path):
+    logits, labels = random_rows(14, 900)
+    with store.LogitWriter(tmp_path / "half.h5", ["a", "b", "c"]) as writer:  # float16
+        writer.add(logits, labels)
+    half = logits.astype(np.float16)
+    with store.LogitStore(tmp_path / "half.h5") as opened:
+        assert_matches_numpy(
+            collect_statistics(opened, grid=GRID, rows_per_chunk=256), half, labels
+        )
+        pseudo = collect_statistics(opened, "pseudo", grid=GRID, rows_per_chunk=256)
+    assert_matches_numpy(pseudo, half, half.argmax(1))
+
+
+def test_collect_names_the_file_and_row_of_a_bad_value(tmp_path):
+    logits, labels = random_rows(15, 300)
+    path = tmp_path / "bad.h5"
+    with store.LogitWriter(path, ["a", "b", "c"]) as writer:
+        writer.add(logits, labels, name="only")
+    with h5py.File(path, "r+") as file:  # corrupt the file behind the writer's back
+        file["logits"][123, 2] = np.nan
+    with store.LogitStore(path) as opened, pytest.raises(BLDAError) as caught:
+        collect_statistics(opened, grid=GRID, rows_per_chunk=100)
+    assert "bad.h5: rows [100, 200)" in str(caught.value)
+    assert "NaN or Inf (first at row 123, image 'only')" in str(caught.value)
 
 
 def test_many_small_updates_equal_one_update():

@@ -272,6 +272,36 @@ def test_any_chunking_reproduces_the_concatenation(
     np.testing.assert_array_equal(stored_labels, labels[start:stop])
 
 
+@pytest.mark.parametrize("reuse_buffers", [False, True])
+def test_chunks_in_the_stored_dtype(tmp_path, reuse_buffers):
+    """dtype=None yields float16 where every shard stores float16 (bit for bit what h5py reads),
+    else float32; dtype=float16 converts like numpy's astype."""
+    half_paths, half_logits, _ = write_shards(tmp_path / "half", [[5, 6], [4]])
+    mixed_paths, mixed_logits, _ = write_shards(
+        tmp_path / "mixed", [[5], [7]], ["float16", "float32"]
+    )
+    for paths, dtype, expected_dtype, truth in (
+        (half_paths, None, torch.float16, half_logits.astype(np.float16)),
+        (mixed_paths, None, torch.float32, mixed_logits),
+        (mixed_paths, torch.float16, torch.float16, mixed_logits.astype(np.float16)),
+        (half_paths, torch.float32, torch.float32, half_logits),
+    ):
+        with LogitStore(paths) as store:
+            chunks = [
+                (c.logits.dtype, c.logits.numpy().copy())
+                for c in store.iter_chunks(4, dtype=dtype, reuse_buffers=reuse_buffers)
+            ]
+        assert {chunk_dtype for chunk_dtype, _ in chunks} == {expected_dtype}
+        stored = np.concatenate([values for _, values in chunks])
+        np.testing.assert_array_equal(stored.view(np.uint8), truth.view(np.uint8))
+    with LogitStore(half_paths[0]) as store, h5py.File(half_paths[0]) as file:
+        assert store.stored_dtype == torch.float16
+        whole = next(store.iter_chunks(dtype=None)).logits.numpy()
+        np.testing.assert_array_equal(whole.view(np.int16), file["logits"][()].view(np.int16))
+        with pytest.raises(BLDAError, match="dtype must be float16, float32 or None"):
+            list(store.iter_chunks(dtype=torch.float64))
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input to the writer
 # --------------------------------------------------------------------------------------------
@@ -442,6 +472,9 @@ def test_validation_names_file_and_rows(tmp_path, column, row, value, problem):
         assert "second.h5: rows [" in str(caught.value) and problem in str(caught.value)
         with pytest.raises(BLDAError, match="second.h5"):
             store.validate()
+        with pytest.raises(BLDAError, match="second.h5"):
+            store.validate(rows=3, start=12, stop=16)
+        store.validate(start=0, stop=12)  # the bad row lies outside this range
         unchecked = torch.cat([c.logits for c in store.iter_chunks(rows=8, validate=False)])
         assert unchecked.shape == (20, 3)
 

@@ -1,0 +1,132 @@
+"""What every figure shares: the palette, figure creation on an Agg canvas (see the package
+docstring), atomic PNG saving, panel grids, legends, notes, class ticks and label placement."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from blda_tools.fileio import atomic_output
+
+DPI = 110
+# Okabe-Ito palette: distinguishable with the common colour-vision deficiencies.
+BLUE, ORANGE, VERMILLION, SKY, GREEN, PURPLE = (
+    "#0072B2",
+    "#E69F00",
+    "#D55E00",
+    "#56B4E9",
+    "#009E73",
+    "#CC79A7",
+)
+GREY, DARK = "#999999", "#222222"
+METHOD_COLORS = (BLUE, ORANGE, GREEN, PURPLE, SKY, VERMILLION)
+
+
+def format_count(count: float) -> str:
+    """A pixel count in a short human form: 950, 12.3k, 4.56M, 1.2G."""
+    count = float(count)
+    for threshold, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(count) >= threshold:
+            return f"{count / threshold:.3g}{suffix}"
+    return f"{count:.0f}"
+
+
+def _figure(width: float, height: float):
+    figure = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot()
+
+
+def _save(figure: Figure, path: str | Path, tight: bool = True) -> Path:
+    path = Path(path)
+    with atomic_output(path) as temporary:
+        # The temporary name ends in ".partial", so the format must be named.
+        figure.savefig(
+            temporary,
+            format="png",
+            dpi=DPI,
+            bbox_inches="tight" if tight else None,
+            facecolor="white",
+        )
+    return path
+
+
+def _panel_grid(count: int, columns: int, panel_size: tuple[float, float], shared_x: bool):
+    """A figure with `count` small panels in rows of `columns`; x labels on each column's last.
+
+    With `shared_x` (all panels on one x-range) only those last panels keep their tick labels.
+    """
+    columns = min(columns, count)
+    rows = math.ceil(count / columns)
+    width, height = panel_size
+    figure = Figure(figsize=(width * columns, height * rows + 0.8), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    grid = list(figure.subplots(rows, columns, squeeze=False).flat)
+    for index, axes in enumerate(grid):
+        lowest_in_column = index + columns >= count
+        axes.set_visible(index < count)
+        axes.tick_params(labelsize=7, labelbottom=lowest_in_column or not shared_x)
+        axes.set_yticks([])
+        if lowest_in_column:
+            axes.set_xlabel("logit", fontsize=8)
+    return figure, grid[:count]
+
+
+def _figure_legend(figure: Figure, *handles) -> None:
+    figure.legend(
+        handles=list(handles),
+        loc="outside lower center",
+        ncol=len(handles),
+        fontsize=8,
+        frameon=False,
+    )
+
+
+def _panel_note(axes, text: str) -> None:
+    """A boxed message in the middle of a panel (missing data)."""
+    axes.text(
+        0.03,
+        0.94,
+        text,
+        transform=axes.transAxes,
+        ha="left",
+        va="top",
+        fontsize=8,
+        color=DARK,
+        bbox={"facecolor": "white", "edgecolor": GREY, "boxstyle": "round"},
+    )
+
+
+def _width_for_classes(count: int) -> float:
+    """Figure width in inches for one bar or marker per class, capped for very many classes."""
+    return min(max(6.0, 0.42 * count + 2.0), 26.0)
+
+
+def _class_ticks(axes, names: list[str]) -> None:
+    axes.set_xticks(
+        np.arange(len(names)),
+        names,
+        rotation=60,
+        ha="right",
+        rotation_mode="anchor",
+        fontsize=8 if len(names) <= 30 else 6,
+    )
+
+
+def _separate_labels(figure: Figure, labels: list) -> None:
+    """Nudge point labels upwards until no two overlap (labels are few: one per class)."""
+    renderer = figure.canvas.get_renderer()
+    placed = []
+    for label in sorted(labels, key=lambda text: text.get_window_extent(renderer).y0):
+        for _ in range(len(labels) + 1):
+            box = label.get_window_extent(renderer)
+            clash = next((other for other in placed if box.overlaps(other)), None)
+            if clash is None:
+                break
+            offset_x, offset_y = label.xyann
+            label.xyann = (offset_x, offset_y + (clash.y1 - box.y0 + 1.0) * 72.0 / figure.dpi)
+        placed.append(label.get_window_extent(renderer))

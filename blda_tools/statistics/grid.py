@@ -1,0 +1,65 @@
+"""The histogram grid shared by every cell of the logit-set statistics."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from blda_tools.errors import BLDAError
+
+
+@dataclass(frozen=True)
+class LogitGrid:
+    """A uniform grid of `bins` bins on ``[low, high]`` shared by every cell's histogram.
+
+    Values below `low` are counted in the first bin and values above `high` in the last; the exact
+    minimum and maximum are tracked separately and the number clipped is recorded per cell.
+    A value in ``[edge_k, edge_k+1)`` falls in bin k (the last bin also holds `high`), computed in
+    float32 as ``floor((z - low) / width)``: a value within about 1e-4 of a bin width from an edge
+    may land on either side of it.
+    """
+
+    low: float = -50.0
+    high: float = 50.0
+    bins: int = 4000
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.low) and math.isfinite(self.high) and self.high > self.low):
+            raise BLDAError(
+                f"LogitGrid: need finite low < high, got low={self.low}, high={self.high}"
+            )
+        if int(self.bins) != self.bins or self.bins < 1:
+            raise BLDAError(f"LogitGrid: bins must be a positive integer, got {self.bins}")
+
+    @property
+    def width(self) -> float:
+        """Width of one bin."""
+        return (self.high - self.low) / self.bins
+
+    @property
+    def edges(self) -> torch.Tensor:
+        """The ``bins + 1`` bin edges, float64."""
+        return torch.linspace(self.low, self.high, self.bins + 1, dtype=torch.float64)
+
+    @property
+    def centers(self) -> torch.Tensor:
+        """The ``bins`` bin centers, float64."""
+        edges = self.edges
+        return (edges[:-1] + edges[1:]) / 2
+
+    def bin_index(self, values: torch.Tensor) -> torch.Tensor:
+        """Bin of each value (int64), clipped to the edge bins; the same arithmetic as `update`."""
+        scaled = self.to_bin_units(values.to(torch.float32), torch.empty(values.shape))
+        return scaled.to(torch.int64)
+
+    def to_bin_units(self, values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``clamp((values - low) / width, 0, bins - 1)`` in float32, written into `out`.
+
+        Its integer part is the bin. One multiply then one add, always in this order, so that
+        `update` and `bin_index` agree bit for bit.
+        """
+        torch.mul(values, np.float32(1.0 / self.width), out=out)
+        return out.add_(np.float32(-self.low / self.width)).clamp_(0, self.bins - 1)

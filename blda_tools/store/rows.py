@@ -1,0 +1,110 @@
+"""Turning what `LogitWriter.add` is given (maps or rows, numpy or torch) into checked rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from blda_tools.errors import BLDAError
+from blda_tools.store.schema import FLOAT16_MAX, _checked_int
+
+
+def _as_array(value, what: str, where: str) -> np.ndarray:
+    """A numpy view or copy of a numpy array or torch tensor (moved to the CPU)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        if value.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+            value = value.float()
+        return value.cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return value
+    raise BLDAError(
+        f"{where}: {what} must be a numpy array or torch tensor, got {type(value).__name__}"
+    )
+
+
+def _map_rows(logits, labels, stride, image_size, pixel_index, where):
+    """Rows `(h * w, C)` of a `(C, H, W)` map sampled every `stride` pixels, row-major."""
+    num_classes, height, width = logits.shape
+    if height == 0 or width == 0:
+        raise BLDAError(f"{where}: the logit map {tuple(logits.shape)} has no pixels")
+    if pixel_index is not None:
+        raise BLDAError(
+            f"{where}: pixel_index is for (N, C) rows; a (C, H, W) map gives its own positions"
+        )
+    if image_size is not None and tuple(image_size) != (height, width):
+        raise BLDAError(
+            f"{where}: image_size {tuple(image_size)} differs from the map's size {(height, width)}; "
+            "pass the full-resolution map, the writer keeps every stride-th pixel"
+        )
+    if labels is not None and labels.shape != (height, width):
+        raise BLDAError(
+            f"{where}: labels have shape {labels.shape}; expected {(height, width)} to match logits {logits.shape}"
+        )
+    strided = logits[:, ::stride, ::stride]
+    rows = np.ascontiguousarray(strided.reshape(num_classes, -1).T)
+    if labels is not None:
+        labels = np.ascontiguousarray(labels[::stride, ::stride]).reshape(-1)
+    return rows, labels, {"height": height, "width": width, "stride": stride, "kind": "map"}
+
+
+def _sample_rows(logits, labels, stride, pixel_index, image_size, where):
+    """Rows `(N, C)` that do not form a map, optionally with their flat pixel positions."""
+    if stride != 1:
+        raise BLDAError(
+            f"{where}: stride={stride} applies to (C, H, W) maps; (N, C) rows are stored as given"
+        )
+    count = logits.shape[0]
+    if labels is not None and labels.shape != (count,):
+        raise BLDAError(
+            f"{where}: labels have shape {labels.shape}; expected ({count},) to match logits {logits.shape}"
+        )
+    height = width = 0
+    if image_size is not None:
+        height, width = (_checked_int(v, "image_size", where, minimum=1) for v in image_size)
+    if pixel_index is not None:
+        pixel_index = _as_array(pixel_index, "pixel_index", where)
+        if image_size is None:
+            raise BLDAError(f"{where}: pixel_index needs image_size=(H, W) of the full label map")
+        if pixel_index.shape != (count,) or pixel_index.dtype.kind not in "iu":
+            raise BLDAError(
+                f"{where}: pixel_index must be ({count},) integers, got {pixel_index.dtype} {pixel_index.shape}"
+            )
+        if count and (pixel_index.min() < 0 or pixel_index.max() >= height * width):
+            raise BLDAError(
+                f"{where}: pixel_index values must lie in [0, {height * width}) for image_size {(height, width)}"
+            )
+        pixel_index = pixel_index.astype(np.int64, copy=False)
+    return (
+        logits,
+        labels,
+        pixel_index,
+        {"height": height, "width": width, "stride": 1, "kind": "samples"},
+    )
+
+
+def _check_logit_values(rows: np.ndarray, dtype: str, where: str) -> None:
+    if rows.dtype.kind != "f":
+        raise BLDAError(f"{where}: logits must be floating point, got {rows.dtype}")
+    if not np.isfinite(rows).all():
+        bad = np.argwhere(~np.isfinite(rows))[0]
+        raise BLDAError(
+            f"{where}: logits contain NaN or Inf (first at row {bad[0]}, class {bad[1]})"
+        )
+    if dtype == "float16" and rows.size and np.abs(rows).max() > FLOAT16_MAX:
+        raise BLDAError(
+            f"{where}: logits reach {np.abs(rows).max():.6g}, beyond the float16 range (+-{FLOAT16_MAX:g}); "
+            'store them with dtype="float32"'
+        )
+
+
+def _check_label_values(
+    labels: np.ndarray, num_classes: int, ignore_index: int, where: str
+) -> None:
+    if labels.dtype.kind not in "iu":
+        raise BLDAError(f"{where}: labels must be integers, got {labels.dtype}")
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bad.any():
+        raise BLDAError(
+            f"{where}: label {labels[bad][0]} is not a class in [0, {num_classes}) nor the ignore index {ignore_index}"
+        )

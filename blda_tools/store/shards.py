@@ -1,0 +1,178 @@
+"""Opening one file of a logit store and checking its header, layout and image index, and that
+the shards of a store agree."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from blda_tools.errors import BLDAError
+from blda_tools.fileio import PARTIAL_SUFFIX
+from blda_tools.store.schema import (
+    COMPRESSED_CHUNK_CACHE_BYTES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_COLUMNS,
+    KINDS,
+    ImageRecord,
+)
+
+
+@dataclass
+class _Shard:
+    """One open file of a store, with its header already checked."""
+
+    path: Path
+    file: h5py.File
+    class_names: list[str]
+    ignore_index: int
+    num_rows: int
+    metadata: dict
+    index: dict  # image index columns as numpy arrays
+
+
+def _open_shard(path: Path) -> _Shard:
+    if path.name.endswith(PARTIAL_SUFFIX):
+        raise BLDAError(
+            f"{path}: this store was not completed (the writer was interrupted), rerun with --resume"
+        )
+    if not path.is_file():
+        raise BLDAError(f"{path}: no such file")
+    if not h5py.is_hdf5(path):
+        raise BLDAError(f"{path}: not an HDF5 file (expected a blda logit store)")
+    try:
+        file = h5py.File(path, "r")
+    except OSError as error:
+        raise BLDAError(
+            f"{path}: cannot open the HDF5 file, it is truncated or damaged ({error})"
+        ) from None
+    try:
+        shard = _checked_shard(path, file)
+    except BaseException:
+        file.close()
+        raise
+    if file["logits"].compression is not None:
+        file.close()
+        shard.file = h5py.File(path, "r", rdcc_nbytes=COMPRESSED_CHUNK_CACHE_BYTES)
+    return shard
+
+
+def _checked_shard(path: Path, file: h5py.File) -> _Shard:
+    attrs = file.attrs
+    if attrs.get("format") != FORMAT_NAME:
+        raise BLDAError(
+            f"{path}: an HDF5 file but not a blda logit store (no format={FORMAT_NAME!r} attribute)"
+        )
+    version = int(attrs.get("format_version", -1))
+    if version != FORMAT_VERSION:
+        raise BLDAError(
+            f"{path}: store format version {version} is not supported (this blda reads version {FORMAT_VERSION})"
+        )
+    if not attrs.get("complete", False):
+        raise BLDAError(
+            f"{path}: this store was not completed (the writer was interrupted), rerun with --resume"
+        )
+    try:
+        class_names = json.loads(attrs["class_names"])
+        logits, images = file["logits"], file["images"]
+        index = {column: images[column][:] for column in INDEX_COLUMNS}
+        metadata = {
+            "domain": str(attrs["domain"]),
+            "producer": str(attrs["producer"]),
+            "created": str(attrs["created"]),
+        }
+        metadata.update(json.loads(attrs["metadata"]))
+        ignore_index = int(attrs["ignore_index"])
+    except (KeyError, ValueError, OSError) as error:
+        raise BLDAError(
+            f"{path}: damaged blda logit store, a field is missing or unreadable ({error})"
+        ) from None
+    index["name"] = np.array([name.decode() for name in index["name"]], dtype=object)
+    if index["kind"].max(initial=0) >= len(KINDS):
+        raise BLDAError(f"{path}: the image index has an unknown kind code {index['kind'].max()}")
+    index["kind"] = np.asarray(KINDS, dtype=object)[index["kind"]]
+    num_rows = logits.shape[0]
+    _check_layout(path, file, index, len(class_names), num_rows)
+    return _Shard(path, file, class_names, ignore_index, num_rows, metadata, index)
+
+
+def _check_layout(path, file, index, num_classes, num_rows) -> None:
+    """Shapes, dtypes and the image index agree with each other (vectorised over images)."""
+    logits, labels = file["logits"], file.get("labels")
+    if (
+        logits.ndim != 2
+        or logits.shape[1] != num_classes
+        or logits.dtype not in (np.float16, np.float32)
+    ):
+        raise BLDAError(
+            f"{path}: logits are {logits.dtype} {logits.shape}; expected float16/float32 (rows, {num_classes})"
+        )
+    if labels is not None and (labels.shape != (num_rows,) or labels.dtype.kind not in "iu"):
+        raise BLDAError(
+            f"{path}: labels are {labels.dtype} {labels.shape}; expected integers ({num_rows},)"
+        )
+    pixel_index = file.get("pixel_index")
+    if pixel_index is not None and pixel_index.shape != (num_rows,):
+        raise BLDAError(
+            f"{path}: pixel_index has shape {pixel_index.shape}; expected ({num_rows},)"
+        )
+    counts, offsets = index["count"], index["offset"]
+    if len({len(column) for column in index.values()}) != 1:
+        raise BLDAError(f"{path}: the image index columns have different lengths")
+    expected_offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(counts) else counts
+    if counts.sum() != num_rows or not np.array_equal(offsets, expected_offsets):
+        raise BLDAError(f"{path}: the image index does not cover the {num_rows} rows contiguously")
+    is_map = index["kind"] == "map"
+    raster = -(-index["height"] // index["stride"]) * -(-index["width"] // index["stride"])
+    if not np.array_equal(counts[is_map], raster[is_map]):
+        raise BLDAError(
+            f"{path}: the image index has an unknown kind or a map whose row count differs from its size"
+        )
+
+
+def _check_shards_agree(shards: list[_Shard]) -> None:
+    first = shards[0]
+    for shard in shards[1:]:
+        pair = f"{first.path} and {shard.path}"
+        if shard.class_names != first.class_names:
+            raise BLDAError(
+                f"shards {pair} have different class names: {first.class_names} vs {shard.class_names}"
+            )
+        if shard.ignore_index != first.ignore_index:
+            raise BLDAError(
+                f"shards {pair} have different ignore indices: {first.ignore_index} vs {shard.ignore_index}"
+            )
+        if ("labels" in shard.file) != ("labels" in first.file):
+            with_labels = first.path if "labels" in first.file else shard.path
+            raise BLDAError(
+                f"shards {pair}: only {with_labels} has labels; all shards must have labels or none"
+            )
+    seen: dict[str, Path] = {}
+    for shard in shards:
+        for name in shard.index["name"]:
+            if name and seen.setdefault(name, shard.path) != shard.path:
+                raise BLDAError(f"shards {seen[name]} and {shard.path} both hold image {name!r}")
+
+
+def _image_records(shards: list[_Shard], shard_starts: list[int]) -> list[ImageRecord]:
+    records = []
+    for number, (shard, start) in enumerate(zip(shards, shard_starts, strict=False)):
+        index = shard.index
+        for i in range(len(index["name"])):
+            records.append(
+                ImageRecord(
+                    name=index["name"][i],
+                    offset=start + int(index["offset"][i]),
+                    count=int(index["count"][i]),
+                    height=int(index["height"][i]),
+                    width=int(index["width"][i]),
+                    stride=int(index["stride"][i]),
+                    kind=index["kind"][i],
+                    shard=number,
+                )
+            )
+    return records

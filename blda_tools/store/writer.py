@@ -1,0 +1,330 @@
+"""`LogitWriter`: appends images to `<path>.partial`, renamed onto `path` when closed cleanly;
+resumable after an interruption."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from blda_tools import __version__
+from blda_tools.errors import BLDAError
+from blda_tools.fileio import ensure_writable_dir, partial_path
+from blda_tools.store.rows import (
+    _as_array,
+    _check_label_values,
+    _check_logit_values,
+    _map_rows,
+    _sample_rows,
+)
+from blda_tools.store.schema import (
+    COMPRESSIONS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_COLUMNS,
+    KINDS,
+    LOGIT_DTYPES,
+    MAX_NAME_BYTES,
+    _checked_choice,
+    _checked_class_names,
+    _checked_int,
+    _checked_metadata,
+)
+
+
+class LogitWriter:
+    """Append logits (and labels) image by image to an HDF5 logit store.
+
+    Use as a context manager. Rows go to `<path>.partial`, flushed after each `add`; a clean
+    exit marks the store complete and renames it onto `path`. An exception inside the block
+    leaves the `.partial` file, which `resume=True` reopens: anything past the last completed
+    `add` is dropped and `names` lists the images already stored, so callers can skip them.
+    Keyword arguments beyond the listed ones are stored as JSON metadata (`domain` and
+    `producer` become root attributes).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        class_names: Sequence[str],
+        ignore_index: int = 255,
+        *,
+        dtype: str = "float16",
+        compression: str | None = None,
+        chunk_rows: int = 65536,
+        resume: bool = False,
+        **metadata,
+    ) -> None:
+        self.path = Path(path)
+        self.partial_path = partial_path(self.path)
+        self.class_names = _checked_class_names(class_names, self.path)
+        self.ignore_index = _checked_int(ignore_index, "ignore_index", self.path)
+        self.dtype = _checked_choice(dtype, LOGIT_DTYPES, "dtype", self.path)
+        self.compression = _checked_choice(compression, COMPRESSIONS, "compression", self.path)
+        self.chunk_rows = _checked_int(chunk_rows, "chunk_rows", self.path, minimum=1)
+        self._metadata = _checked_metadata(metadata, self.path)
+        self.label_dtype = (
+            np.uint8 if 0 <= self.ignore_index <= 255 and len(self.class_names) <= 255 else np.int32
+        )
+        ensure_writable_dir(self.path.parent)
+        self.names: list[str] = []
+        self.num_rows = 0
+        self._has_labels: bool | None = None
+        if resume and self.partial_path.exists():
+            self._file = self._reopen_partial()
+        elif resume and self.path.exists():
+            raise BLDAError(
+                f"{self.path}: resume=True but the store is already complete; delete it to rewrite it"
+            )
+        else:
+            self._file = self._create_partial()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.names)
+
+    def __enter__(self) -> LogitWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._abandon()
+
+    def add(
+        self, logits, labels=None, name=None, stride=1, pixel_index=None, image_size=None
+    ) -> None:
+        """Append one image: `(C, H, W)` map (with `(H, W)` labels) or `(N, C)` rows (`(N,)` labels).
+
+        A map is stored every `stride` pixels (`logits[:, ::stride, ::stride]`) in row-major
+        order; its full size `(H, W)` is recorded. Rows may carry `pixel_index` (flat
+        `y * W + x` positions in a full label map of size `image_size = (H, W)`). Logits may be
+        numpy or torch of any float dtype on any device.
+        """
+        if self._file is None:
+            raise BLDAError(f"{self.path}: the writer is closed; cannot add more images")
+        name = "" if name is None else str(name)
+        where = f"{self.path}: image {name!r}" if name else f"{self.path}: image #{self.num_images}"
+        if len(name.encode()) > MAX_NAME_BYTES:
+            raise BLDAError(f"{where}: the name is longer than {MAX_NAME_BYTES} bytes (UTF-8)")
+        if name and name in self._name_set:
+            raise BLDAError(
+                f"{where}: an image with this name was already added (names must be unique)"
+            )
+        logits = _as_array(logits, "logits", where)
+        labels = None if labels is None else _as_array(labels, "labels", where)
+        if self._has_labels is not None and (labels is not None) != self._has_labels:
+            stored = "with" if self._has_labels else "without"
+            raise BLDAError(
+                f"{where}: earlier images were added {stored} labels; all adds must agree"
+            )
+        stride = _checked_int(stride, "stride", where, minimum=1)
+        if logits.ndim == 3:
+            rows, labels, record = _map_rows(logits, labels, stride, image_size, pixel_index, where)
+        elif logits.ndim == 2:
+            rows, labels, pixel_index, record = _sample_rows(
+                logits, labels, stride, pixel_index, image_size, where
+            )
+        else:
+            raise BLDAError(
+                f"{where}: logits have shape {tuple(logits.shape)}; expected (N, C) rows or a (C, H, W) map"
+            )
+        if rows.shape[1] != self.num_classes:
+            raise BLDAError(
+                f"{where}: logits have {rows.shape[1]} classes; the store has {self.num_classes}"
+            )
+        _check_logit_values(rows, self.dtype, where)
+        if labels is not None:
+            _check_label_values(labels, self.num_classes, self.ignore_index, where)
+        self._append(
+            rows.astype(self.dtype, copy=False), labels, pixel_index, dict(record, name=name)
+        )
+
+    def close(self) -> None:
+        """Mark the store complete and rename `<path>.partial` onto `path`."""
+        if self._file is None:
+            return
+        self._file.attrs["complete"] = True
+        self._file.close()
+        self._file = None
+        with open(self.partial_path, "rb+") as handle:  # durable before it gets its final name
+            os.fsync(handle.fileno())
+        os.replace(self.partial_path, self.path)
+
+    def _abandon(self) -> None:
+        """Close without completing: the `.partial` file stays for `resume=True`."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _create_partial(self) -> h5py.File:
+        try:
+            file = h5py.File(self.partial_path, "w")
+        except OSError as error:
+            raise BLDAError(f"{self.partial_path}: cannot create the store: {error}") from None
+        file.attrs.update(
+            format=FORMAT_NAME,
+            format_version=FORMAT_VERSION,
+            complete=False,
+            committed_rows=0,
+            committed_images=0,
+            class_names=json.dumps(self.class_names),
+            num_classes=self.num_classes,
+            ignore_index=self.ignore_index,
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        )
+        self._write_metadata(file)
+        file.create_dataset(
+            "logits",
+            shape=(0, self.num_classes),
+            maxshape=(None, self.num_classes),
+            dtype=self.dtype,
+            chunks=(self.chunk_rows, self.num_classes),
+            **self._compression_options(),
+        )
+        index = file.create_group("images")
+        for column, dtype in INDEX_COLUMNS.items():
+            index.create_dataset(column, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,))
+        _keep_metadata_in_memory_until_flush(file)
+        file.flush()
+        self._name_set: set[str] = set()
+        return file
+
+    def _reopen_partial(self) -> h5py.File:
+        where = f"{self.partial_path} (resume)"
+        try:
+            file = h5py.File(self.partial_path, "r+")
+        except OSError as error:
+            raise BLDAError(
+                f"{where}: cannot reopen the unfinished store ({error}); delete it and start again"
+            ) from None
+        try:
+            self._check_resumable(file, where)
+            self._truncate_to_committed(file, where)
+        except BaseException:
+            file.close()
+            raise
+        _keep_metadata_in_memory_until_flush(file)
+        self._write_metadata(file)
+        file.flush()
+        return file
+
+    def _check_resumable(self, file: h5py.File, where: str) -> None:
+        if (
+            file.attrs.get("format") != FORMAT_NAME
+            or file.attrs.get("format_version") != FORMAT_VERSION
+        ):
+            raise BLDAError(
+                f"{where}: not a blda logit store of format version {FORMAT_VERSION}; delete it"
+            )
+        stored_names = json.loads(file.attrs["class_names"])
+        if stored_names != self.class_names:
+            raise BLDAError(
+                f"{where}: the unfinished store has classes {stored_names}, not {self.class_names}"
+            )
+        if file["logits"].dtype != np.dtype(self.dtype):
+            raise BLDAError(
+                f"{where}: the unfinished store holds {file['logits'].dtype} logits, not dtype={self.dtype!r}"
+            )
+        if int(file.attrs["ignore_index"]) != self.ignore_index:
+            raise BLDAError(
+                f"{where}: the unfinished store has ignore_index {file.attrs['ignore_index']}, not {self.ignore_index}"
+            )
+
+    def _truncate_to_committed(self, file: h5py.File, where: str) -> None:
+        """Drop rows and images written after the last completed add (the interrupted one)."""
+        rows, images = int(file.attrs["committed_rows"]), int(file.attrs["committed_images"])
+        row_datasets = [file[key] for key in ("logits", "labels", "pixel_index") if key in file]
+        index = [file["images"][column] for column in INDEX_COLUMNS]
+        if any(d.shape[0] < rows for d in row_datasets) or any(d.shape[0] < images for d in index):
+            raise BLDAError(
+                f"{where}: the unfinished store is damaged (fewer rows than committed); delete it"
+            )
+        for dataset in row_datasets:
+            dataset.resize(rows, axis=0)
+        for dataset in index:
+            dataset.resize(images, axis=0)
+        if images == 0:  # the first add never completed: labelled or not is still open
+            for key in ("labels", "pixel_index"):
+                if key in file:
+                    del file[key]
+        self.num_rows = rows
+        self.names = [name.decode() for name in file["images/name"][:]]
+        self._name_set = {n for n in self.names if n}
+        self._has_labels = ("labels" in file) if images else None
+
+    def _write_metadata(self, file: h5py.File) -> None:
+        extra = dict(self._metadata)
+        file.attrs["domain"] = str(extra.pop("domain", ""))
+        file.attrs["producer"] = str(extra.pop("producer", f"blda_tools {__version__}"))
+        file.attrs["metadata"] = json.dumps(extra)
+
+    def _append(self, rows: np.ndarray, labels, pixel_index, record: dict) -> None:
+        file, start = self._file, self.num_rows
+        stop = start + rows.shape[0]
+        self._create_optional_datasets(labels is not None, pixel_index is not None)
+        if "pixel_index" in file and pixel_index is None:
+            pixel_index = np.full(rows.shape[0], -1, np.int64)  # not sampled pixels
+        for key, values in (("logits", rows), ("labels", labels), ("pixel_index", pixel_index)):
+            if values is not None:
+                file[key].resize(stop, axis=0)
+                if stop > start:
+                    file[key][start:stop] = values
+        record.update(offset=start, count=stop - start, kind=KINDS.index(record["kind"]))
+        for column in INDEX_COLUMNS:
+            file["images"][column].resize(self.num_images + 1, axis=0)
+            file["images"][column][self.num_images] = record[column]
+        # Two flushes: the data and index reach the file before the counts that commit them,
+        # which a resumed writer trusts (everything past them is dropped).
+        file.flush()
+        file.attrs["committed_rows"] = stop
+        file.attrs["committed_images"] = self.num_images + 1
+        file.flush()
+        self.num_rows = stop
+        self.names.append(record["name"])
+        if record["name"]:
+            self._name_set.add(record["name"])
+
+    def _create_optional_datasets(self, with_labels: bool, with_pixel_index: bool) -> None:
+        """`labels` at the first add (if it has labels), `pixel_index` at the first positions."""
+        if self._has_labels is None:
+            self._has_labels = with_labels
+            if with_labels:
+                self._create_row_dataset("labels", self.label_dtype)
+        if with_pixel_index and "pixel_index" not in self._file:
+            # rows of earlier images are not sampled pixels: -1
+            self._create_row_dataset("pixel_index", np.int64, fill=-1)
+
+    def _create_row_dataset(self, key: str, dtype, fill: int = 0) -> None:
+        self._file.create_dataset(
+            key,
+            data=np.full(self.num_rows, fill, dtype),
+            maxshape=(None,),
+            chunks=(self.chunk_rows,),
+            **self._compression_options(),
+        )
+
+    def _compression_options(self) -> dict:
+        return {"compression": self.compression, "shuffle": True} if self.compression else {}
+
+
+def _keep_metadata_in_memory_until_flush(file: h5py.File) -> None:
+    """Stop HDF5 writing metadata between flushes, so a killed writer leaves the last flush.
+
+    Between flushes only row data reaches the file, past what the committed counts cover.
+    """
+    config = file.id.get_mdc_config()
+    # Evictions can only be disabled with automatic cache resizing off (HDF5 rule).
+    config.evictions_enabled = False
+    config.incr_mode = config.flash_incr_mode = config.decr_mode = 0
+    file.id.set_mdc_config(config)
