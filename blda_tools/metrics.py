@@ -122,6 +122,11 @@ def prediction_probabilities_from_histograms(histogram) -> torch.Tensor:
         raise BLDAError(f"histogram: expected shape (C, C, B), got {tuple(counts.shape)}")
     num_classes = counts.shape[0]
     totals = counts.sum(2, keepdim=True)
+    # Bins empty in every cell add nothing to the integral and leave every CDF unchanged past
+    # them, so the quadrature only needs the occupied range of the (usually wide) grid.
+    occupied = torch.nonzero(counts.sum((0, 1)) > 0).flatten()
+    if occupied.numel():
+        counts = counts[..., int(occupied[0]) : int(occupied[-1]) + 1]
     mass = counts / totals  # per-bin probability of each cell; NaN for empty cells
     cdf_below = torch.cumsum(mass, 2) - mass  # F at each bin's left edge
     nodes, weights = _unit_gauss_legendre(max(1, math.ceil(num_classes / 2)))
