@@ -27,6 +27,7 @@ from blda_tools.statistics import (
     LogitGrid,
     LogitSetStatistics,
     collect_statistics,
+    first_argmax,
     resolve_label_source,
 )
 from blda_tools.store import LogitStore
@@ -126,9 +127,9 @@ def _ground_truth_confusion(store: LogitStore, progress) -> LogitSetStatistics:
     """A statistics object holding only the ground-truth confusion matrix."""
     num_classes = store.num_classes
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64)
-    for chunk in store.iter_chunks():
+    for chunk in store.iter_chunks(reuse_buffers=True):
         kept = chunk.labels != store.ignore_index
-        pairs = chunk.labels[kept] * num_classes + chunk.logits[kept].argmax(1)
+        pairs = chunk.labels[kept] * num_classes + first_argmax(chunk.logits[kept])
         confusion += torch.bincount(pairs, minlength=num_classes * num_classes)
         if progress is not None:
             progress(chunk.logits.shape[0])
