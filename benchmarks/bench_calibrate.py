@@ -5,11 +5,13 @@
 
 Prints the machine and:
 - the fit time of a Calibrator (361 cells, K = 5) from statistics of synthetic logits;
-- `--apply` throughput (Calibrator.predict, one tau) in pixels per second, for several block
-  sizes (the (block, C, C) temporaries should stay in cache) and, as alternatives, nearest-grid
-  lookup instead of linear interpolation, and (with --compile) torch.compile of the block kernel;
-- the 11-value sweep (TauSweep over 0:1:0.1 with the prior baseline; one gather per block shared by
-  every tau) against a single-tau sweep: pixels per second and the cost ratio (target <= 3);
+- `--apply` throughput (Calibrator.predict, one tau) in pixels per second: the full C x C
+  computation, the exact pruned prediction for several bound block sizes, the share of pixels
+  the bounds leave undecided per tau, and, as alternatives, nearest-grid lookup instead of linear
+  interpolation, and (with --compile) torch.compile of the full block kernel;
+- the 11-value sweep (TauSweep over 0:1:0.1 with the prior baseline; one bound gather per block
+  shared by every tau) against a single-tau sweep: pixels per second and the cost ratio
+  (target <= 3);
 - the peak RSS of `apply_calibrator` and of a sweep over stores of two sizes, each measured in a
   fresh process (target: independent of the store size).
 Targets (issue 3): apply >= 5 M px/s for one tau on the 2-core machine; sweep <= 3x one tau.
@@ -74,6 +76,7 @@ def print_machine(threads: int) -> None:
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}")
     print(f"cpu count: {os.cpu_count()}, torch {torch.__version__}, {threads} thread(s)")
     print(f"load average (other processes share the cores): {os.getloadavg()}")
+    print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
 
 
 def fit_calibrator(pixels: int) -> tuple[Calibrator, float]:
@@ -110,17 +113,20 @@ def predict_nearest(calibrator: Calibrator, logits: torch.Tensor, tau: float, bl
 def bench_apply(calibrator: Calibrator, logits: torch.Tensor, use_compile: bool) -> float:
     pixels = logits.shape[0]
     print(f"\n--apply, one tau (tau = 1), {pixels:,} pixels in memory, C = {NUM_CLASSES}:")
-    default_rate = 0.0
-    for block in (256, 1024, 4096, 16384):
-        calibration.BLOCK_PIXELS = block
-        rate = best_rate(lambda: calibrator.predict(logits, 1.0), pixels)
-        marker = " (default)" if block == 1024 else ""
-        default_rate = rate if block == 1024 else default_rate
-        print(f"  linear interpolation, block {block:>6}: {rates(rate)}{marker}")
-    calibration.BLOCK_PIXELS = 1024
-    rate = best_rate(lambda: predict_nearest(calibrator, logits, 1.0, 1024), pixels)
-    print(f"  nearest grid point,   block   1024: {rates(rate)} (alternative)")
     kernel = calibrator.kernel_tensors()
+    rate = best_rate(lambda: calibration.full_prediction(logits, kernel, 1.0), pixels)
+    print(f"  full C x C computation (no pruning), block 1024: {rates(rate)} (before)")
+    default_rate = 0.0
+    for block in (2048, 8192, 32768):
+        calibration.PRUNE_BLOCK = block
+        rate = best_rate(lambda: calibrator.predict(logits, 1.0), pixels)
+        marker = " (default)" if block == 8192 else ""
+        default_rate = rate if block == 8192 else default_rate
+        print(f"  pruned (exact), bound block {block:>6}: {rates(rate)}{marker}")
+    calibration.PRUNE_BLOCK = 8192
+    rate = best_rate(lambda: predict_nearest(calibrator, logits, 1.0, 1024), pixels)
+    print(f"  full, nearest grid point, block 1024: {rates(rate)} (alternative, not exact)")
+    print_undecided(calibrator, logits)
     part = logits[:1024]
     gaps = score_gaps(part, gather_offsets(part, *kernel))
     work = torch.empty(1024, NUM_CLASSES, NUM_CLASSES)
@@ -130,12 +136,26 @@ def bench_apply(calibrator: Calibrator, logits: torch.Tensor, use_compile: bool)
     shared_cpu = best_rate.cpu
     best_rate(lambda: [log_scores_from_gaps(*gaps, 1.0, work) for _ in range(50)], 50 * 1024)
     print(
-        f"  per CPU-second: table gather {gather_cpu / 1e6:.2f} M px, gather + gaps (once per "
-        f"block) {shared_cpu / 1e6:.2f} M px, Eq. 7 scoring (per tau) {best_rate.cpu / 1e6:.2f} M px"
+        f"  full path per CPU-second: table gather {gather_cpu / 1e6:.2f} M px, gather + gaps "
+        f"{shared_cpu / 1e6:.2f} M px, Eq. 7 scoring (per tau) {best_rate.cpu / 1e6:.2f} M px"
     )
     if use_compile:
         bench_compile(calibrator, logits)
     return default_rate
+
+
+def print_undecided(calibrator: Calibrator, logits: torch.Tensor) -> None:
+    """Share of pixels the bounds leave to the full C x C computation, per tau."""
+    _, low, inv_step, high, _ = calibrator.kernel_tensors()
+    class_major = logits.T.contiguous()
+    bounds = calibration.offset_bounds(
+        class_major, calibrator.bound_tables(), low[:, None], inv_step[:, None], high[:, None]
+    )
+    shares = []
+    for tau in (0.1, 0.5, 1.0, 2.0):
+        _, decided = calibration.certified_prediction(class_major, bounds, tau)
+        shares.append(f"tau {tau}: {100 * (1 - decided.float().mean().item()):.2f}%")
+    print(f"  undecided by the bounds (full computation): {', '.join(shares)}")
 
 
 def bench_compile(calibrator: Calibrator, logits: torch.Tensor) -> None:

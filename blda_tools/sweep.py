@@ -2,9 +2,10 @@
 
 `TauSweep` accumulates, for every tau, the confusion matrix of the Eq. 7 prediction ("blda") and
 of prior logit adjustment (Menon et al. 2020: argmax f - tau log pi, "prior"). Per block of pixels
-the table gather (the costly part, `gather_offsets`) is done once and shared by all taus; only
-the exponentials and the sum of Eq. 7 are per tau. tau = 0 is the uncalibrated model for both
-methods and is computed as the plain argmax, so it reproduces the uncalibrated metrics exactly.
+the bound tables' gather (`offset_bounds`) is done once and shared by all taus; the certified
+prediction from the bounds and the full C x C computation of the few undecided pixels are per
+tau (`predict_block`). tau = 0 is the uncalibrated model for both methods and is computed as the
+plain argmax, so it reproduces the uncalibrated metrics exactly.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import torch
 from torch import Tensor
 
 from blda_tools.calibration import (
-    BLOCK_PIXELS,
+    PRUNE_BLOCK,
     Calibrator,
+    certified_prediction,
     check_tau,
-    gather_offsets,
-    log_scores_from_gaps,
-    score_gaps,
+    first_argmax,
+    offset_bounds,
+    predict_block,
 )
 from blda_tools.errors import BLDAError
 from blda_tools.metrics import SegmentationMetrics
@@ -76,15 +78,18 @@ class SweepRow:
 class TauSweep:
     """Streaming confusion matrices of Eq. 7 and prior adjustment for every tau (update/compute)."""
 
-    def __init__(self, calibrator: Calibrator, taus: Sequence[float], block: int = BLOCK_PIXELS):
+    def __init__(self, calibrator: Calibrator, taus: Sequence[float], block: int = PRUNE_BLOCK):
         taus = sorted({check_tau(tau) for tau in taus} | {0.0})  # tau = 0: the uncalibrated model
         self.calibrator, self.taus, self.block = calibrator, taus, int(block)
         self.num_classes = calibrator.num_classes
         self.ignore_index = calibrator.ignore_index
         C, T = self.num_classes, len(taus)
         self.confusion = {method: torch.zeros(T, C * C, dtype=torch.int64) for method in METHODS}
-        self._log_prior = torch.log(calibrator.class_prior_.to(torch.float32))
+        self._log_prior = torch.log(calibrator.class_prior_.to(torch.float32))[:, None]
         self._kernel = calibrator.kernel_tensors()
+        self._tables = calibrator.bound_tables()
+        _, low, inv_step, high, _ = self._kernel
+        self._grid = (low[:, None], inv_step[:, None], high[:, None])
 
     def update(self, logits: Tensor, labels: Tensor) -> None:
         """Add pixels: `logits` ``(n, C)`` float32 (finite), `labels` ``(n,)`` with ignore index."""
@@ -97,28 +102,54 @@ class TauSweep:
         if int(labels.min()) < 0 or int(labels.max()) >= C:
             raise BLDAError(f"labels: values outside [0, {C}) other than the ignore index")
         T = len(self.taus)
-        scratch = torch.empty(min(self.block, logits.shape[0]), C, C)
         cells = torch.zeros(2 * T * C * C, dtype=torch.int64)
         for start in range(0, logits.shape[0], self.block):
             part = logits[start : start + self.block]
+            class_major = part.T.contiguous()
             # Flat confusion index per (method, tau): one bincount for the whole block.
             index = torch.empty(2, T, part.shape[0], dtype=torch.int64)
-            gaps = None
-            for position, tau in enumerate(self.taus):
-                if tau == 0.0:
-                    index[:, position] = part.argmax(1)
-                    continue
-                if gaps is None:  # the table gather, shared by every tau of this block
-                    gaps = score_gaps(part, gather_offsets(part, *self._kernel))
-                work = scratch[: part.shape[0]]
-                index[0, position] = log_scores_from_gaps(*gaps, tau, work).argmax(1)
-                index[1, position] = torch.add(part, self._log_prior, alpha=-tau).argmax(1)
+            index[:, 0] = first_argmax(class_major)  # tau = 0, the uncalibrated model
+            if T > 1:
+                self._blda_predictions(part, class_major, index[0, 1:])
+            for position in range(1, T):
+                adjusted = torch.add(class_major, self._log_prior, alpha=-self.taus[position])
+                index[1, position] = first_argmax(adjusted)
             index += labels[start : start + self.block] * C
             index += (torch.arange(2 * T) * (C * C)).view(2, T, 1)
             cells += torch.bincount(index.view(-1), minlength=2 * T * C * C)
         cells = cells.view(2, T, C * C)
         for method_index, method in enumerate(METHODS):
             self.confusion[method] += cells[method_index]
+
+    def _blda_predictions(self, logits: Tensor, class_major: Tensor, out: Tensor) -> None:
+        """Eq. 7 predictions of a block for every positive tau into `out` ``(T - 1, n)``.
+
+        Bounds valid over a whole range of taus decide most pixels for all of them at once
+        (`certified_prediction` with `tau_high`); the undecided pixels go to the two halves of
+        the range, down to single taus, where the rest is computed in full (`predict_block`)."""
+        taus = self.taus[1:]
+        bounds = offset_bounds(class_major, self._tables, *self._grid)  # shared by every tau
+        everything = torch.arange(logits.shape[0])
+        pending = [(0, len(taus) - 1, everything)]  # (first tau, last tau, pixels)
+        while pending:
+            first, last, pixels = pending.pop()
+            if pixels is everything:  # no copy for the first pass over the whole block
+                values, subset = class_major, bounds
+            else:  # index_select: several times faster than advanced indexing here
+                values, subset = class_major.index_select(1, pixels), bounds.select(pixels)
+            if first == last:
+                part = logits.index_select(0, pixels)
+                prediction = predict_block(part, values, subset, self._kernel, taus[first])
+                out[first].index_copy_(0, pixels, prediction)
+                continue
+            prediction, decided = certified_prediction(values, subset, taus[first], taus[last])
+            where = decided.nonzero().squeeze(1)
+            certified = prediction.index_select(0, where).expand(last + 1 - first, -1)
+            out[first : last + 1].index_copy_(1, pixels.index_select(0, where), certified)
+            undecided = pixels.index_select(0, (~decided).nonzero().squeeze(1))
+            if undecided.numel():
+                middle = (first + last) // 2
+                pending += [(first, middle, undecided), (middle + 1, last, undecided)]
 
     def compute(self) -> list[SweepRow]:
         """Rows ordered by method, then tau."""
