@@ -1,10 +1,15 @@
-"""Does self-training help on SynthCity? `synthcity_tiny` source-only vs DACS self-training.
+"""Does self-training help on SynthCity, and does online BLDA? Paired `synthcity_tiny` runs.
 
-Generates a SynthCity set (unless --data points at one), trains the shipped `synthcity_tiny`
-config twice with the same seed and iterations, once with `self_training.enabled=false`, and
-prints the target-val mIoU / mAcc / class-accuracy std of both with the machine it ran on.
+Generates a SynthCity set (unless --data points at one) and trains the arms of one comparison
+with the same seed and iterations, printing the target-val mIoU / mAcc / class-accuracy std of
+each, the seconds per iteration and the machine it ran on:
+
+  --compare self_training  source-only (`self_training.enabled=false`) vs DACS self-training
+  --compare blda           `synthcity_tiny_blda` with loss.blda_mode = none vs ola+cde
+                           (issue 7's check; `--only blda_ola` runs the OLA row of Table 4)
 
     python benchmarks/bench_train_synthcity.py --out runs/bench --iterations 3000
+    python benchmarks/bench_train_synthcity.py --compare blda --out runs/bench --seed 1
 """
 
 from __future__ import annotations
@@ -19,7 +24,20 @@ from pathlib import Path
 import torch
 
 from blda_tools.datasets.synthcity import make_synthcity
-from blda_tools.training import train
+from blda_tools.training import read_log, train
+
+# arm -> (shipped config, extra overrides)
+ARMS = {
+    "source_only": ("synthcity_tiny", ["self_training.enabled=false"]),
+    "self_training": ("synthcity_tiny", []),
+    "blda_none": ("synthcity_tiny_blda", ["loss.blda_mode=none"]),
+    "blda_ola": ("synthcity_tiny_blda", ["loss.blda_mode=ola"]),
+    "blda_ola_cde": ("synthcity_tiny_blda", ["loss.blda_mode=ola+cde"]),
+}
+COMPARISONS = {
+    "self_training": ("source_only", "self_training"),
+    "blda": ("blda_none", "blda_ola_cde"),
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -33,9 +51,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], help="extra KEY=VALUE"
     )
-    parser.add_argument(
-        "--only", choices=("source_only", "self_training"), default=None, help="run one arm"
-    )
+    parser.add_argument("--compare", choices=tuple(COMPARISONS), default="self_training")
+    parser.add_argument("--only", choices=tuple(ARMS), default=None, help="run one arm")
     return parser.parse_args()
 
 
@@ -59,30 +76,32 @@ def main() -> None:
         "run.live=false",
         *args.overrides,
     ]
-    arms = {"source_only": ["self_training.enabled=false"], "self_training": []}
-    if args.only:
-        arms = {args.only: arms[args.only]}
+    names = [args.only] if args.only else list(COMPARISONS[args.compare])
     results = {}
-    for name, extra in arms.items():
+    for name in names:
+        config, extra = ARMS[name]
         run_dir = args.out / f"{name}_seed{args.seed}"
         start = time.perf_counter()
         resume = (run_dir / "checkpoints" / "latest.pth").is_file()
-        summary = train("synthcity_tiny", run_dir, [*common, *extra], resume=resume)
+        summary = train(config, run_dir, [*common, *extra], resume=resume)
         scores = summary["last_scores"]
+        steps = [r["seconds_per_iteration"] for r in read_log(run_dir) if r["kind"] == "train"]
         results[name] = {
             "mIoU": scores["mIoU"],
             "mAcc": scores["mAcc"],
             "acc_std": scores["acc_std"],
             "best_mIoU": summary["best_miou"],
+            "seconds_per_iteration": sum(steps) / len(steps),
             "minutes": (time.perf_counter() - start) / 60,
         }
         print(f"{name}: {json.dumps(results[name])}", flush=True)
     print(f"machine: {machine()}")
-    print(f"command: synthcity_tiny, {args.iterations} iterations, seed {args.seed}, {common}")
+    print(f"command: {args.iterations} iterations, seed {args.seed}, {common}")
     for name, row in results.items():
         print(
             f"{name:14s} target val mIoU {row['mIoU']:6.2f}  mAcc {row['mAcc']:6.2f}  "
-            f"class-acc std {row['acc_std']:6.2f}  ({row['minutes']:.1f} min)"
+            f"class-acc std {row['acc_std']:6.2f}  {row['seconds_per_iteration']:.2f} s/it  "
+            f"({row['minutes']:.1f} min)"
         )
 
 

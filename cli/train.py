@@ -33,6 +33,9 @@ import click
 def train_command(config: str, work_dir: str, overrides: tuple[str, ...], resume: bool) -> None:
     """Self-train a segmentation model DAFormer-style (source CE, EMA teacher, ClassMix, RCS).
 
+    The *_blda configs (or --set loss.name=blda) add the online BLDA loss; loss.blda_mode
+    picks none, ola_source, ola or ola+cde (paper Table 4).
+
     Under torchrun every process runs this command; see docs/training.md.
     """
     from blda_tools.training import train

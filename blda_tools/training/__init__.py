@@ -8,6 +8,7 @@ See docs/training.md for the recipe, the config keys and the distributed command
 
 from __future__ import annotations
 
+from blda_tools.training import blda_loss as _blda_loss  # noqa: F401 (registers loss 'blda')
 from blda_tools.training.config import TrainingConfig, load_config, shipped_configs, to_toml
 from blda_tools.training.losses import WeightedCrossEntropy, build_loss, register_loss
 from blda_tools.training.run_log import plot_log, read_log

@@ -114,6 +114,19 @@ class OptimConfig:
 @dataclass
 class LossConfig:
     name: str = "cross_entropy"
+    # loss.name = "blda" (blda_tools.training.blda_loss); defaults are the paper's (Sec. 4.1).
+    blda_mode: str = "ola+cde"
+    blda_components: int = 5
+    blda_em_steps: int = 3
+    blda_momentum: float = 0.99
+    blda_momentum_warmup: int = 1500
+    blda_min_samples: int = 100
+    blda_max_samples_per_cell: int = 1000
+    blda_eps: float = 0.01
+    blda_tau: float = 0.1
+    blda_lambda: float = 0.2
+    blda_regression_loss: str = "l2"
+    blda_plot_interval: int = 4000
 
 
 @dataclass
@@ -197,7 +210,19 @@ KEY_DOCS: dict[str, str] = {
     "optim.warmup_ratio": "learning-rate factor at iteration 0 of the warm-up",
     "optim.poly_power": "power of the polynomial decay",
     "optim.min_lr": "learning rate the polynomial decay ends at",
-    "loss.name": "per-pixel loss: 'cross_entropy' (others registered with register_loss)",
+    "loss.name": "per-pixel loss: 'cross_entropy' or 'blda' (others: register_loss)",
+    "loss.blda_mode": "Table 4 row: 'none' (weighted CE), 'ola_source', 'ola' or 'ola+cde'",
+    "loss.blda_components": "K, Gaussian components per logit-set mixture",
+    "loss.blda_em_steps": "T, EM steps per iteration from the previous estimate",
+    "loss.blda_momentum": "m of the momentum update phi <- (1 - m^n) phi_new + m^n phi_old",
+    "loss.blda_momentum_warmup": "m ramps linearly from 0 over a set's first N updates (0 = off)",
+    "loss.blda_min_samples": "N_min, pixels a class needs in a batch to update its row (paper 100, release 500)",
+    "loss.blda_max_samples_per_cell": "cap on samples per cell and update, for speed (0 = uncapped)",
+    "loss.blda_eps": "clamp of the anchor inverse CDF to [eps, 1 - eps] (Eq. 6)",
+    "loss.blda_tau": "tau, scale of the logit offsets in Eq. 9",
+    "loss.blda_lambda": "lambda, weight of the CDF regression loss (Eq. 10; 'ola+cde' only)",
+    "loss.blda_regression_loss": "'l2' (paper) or 'l1' (release) regression loss",
+    "loss.blda_plot_interval": "iterations between GMM-fit plots and JS divergences (0 = off)",
     "evaluation.interval": "iterations between target-val evaluations (0 = only at the end)",
     "evaluation.resize": "[height, width] val images are resized to ([] = keep)",
     "evaluation.crop_size": "[height, width] of sliding-window crops",
@@ -209,6 +234,8 @@ KEY_DOCS: dict[str, str] = {
 _CHOICES = {
     "run.amp": ("none", "bf16", "fp16"),
     "self_training.mix": ("class", "none"),
+    "loss.blda_mode": ("none", "ola_source", "ola", "ola+cde"),
+    "loss.blda_regression_loss": ("l2", "l1"),
 }
 _PAIRS = (
     "data.source_size",
@@ -231,9 +258,17 @@ _MINIMA = {
     "self_training.ignore_top_rows": 0,
     "self_training.ignore_bottom_rows": 0,
     "rcs.min_pixels": 0,
+    "loss.blda_plot_interval": 0,
+    "loss.blda_max_samples_per_cell": 0,
 }
 # Keys a resumed run may change: they affect logging and file writes, never the numbers.
-RESUMABLE_KEYS = ("run.log_interval", "run.checkpoint_interval", "run.live", "run.num_workers")
+RESUMABLE_KEYS = (
+    "run.log_interval",
+    "run.checkpoint_interval",
+    "run.live",
+    "run.num_workers",
+    "loss.blda_plot_interval",
+)
 
 
 # --------------------------------------------------------------------------- loading
@@ -369,6 +404,27 @@ def validate(config: TrainingConfig) -> None:
         raise BLDAError(
             "config: feature_distance.enabled needs feature_distance.imagenet_weights, the path "
             "of an ImageNet-pretrained checkpoint; set it or set feature_distance.enabled=false"
+        )
+    _validate_blda(config.loss)
+
+
+def _validate_blda(loss: LossConfig) -> None:
+    """The loss.blda_* ranges; setting them for another loss is an error, not silently ignored."""
+    from blda_tools.training.blda_loss import check_blda_settings
+
+    check_blda_settings(loss)
+    if loss.name == "blda":
+        return
+    defaults = LossConfig()
+    changed = [
+        f"loss.{f.name}"
+        for f in dataclasses.fields(loss)
+        if f.name.startswith("blda_") and getattr(loss, f.name) != getattr(defaults, f.name)
+    ]
+    if changed:
+        raise BLDAError(
+            f"config: {', '.join(changed)} set but loss.name is {loss.name!r}; "
+            "the loss.blda_* keys apply to loss.name = 'blda'"
         )
 
 

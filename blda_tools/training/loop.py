@@ -1,5 +1,6 @@
-"""The training iteration: source CE (+ feature distance), DACS self-training on mixed images,
-gradient accumulation, AMP, DDP, evaluation, logging and checkpoints.
+"""The training iteration: source loss (+ feature distance), DACS self-training on mixed images,
+gradient accumulation, AMP, DDP, the online BLDA regression head, evaluation and checkpoint
+contents (`run_loop.py` runs the iterations, logs and writes).
 
 One iteration = one optimizer step = `run.accumulate` micro-batches. As in DAFormer's `dacs.py`,
 the teacher is a copy of the student at iteration 0 and EMA-updated at the start of every later
@@ -9,7 +10,6 @@ iteration; the source loss and the mixed loss are back-propagated one after the 
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +29,9 @@ from blda_tools.training.batches import (
     collate_single,
     stream_generator,
 )
+from blda_tools.training.blda_loss import CDFRegressionHead, feature_channels
 from blda_tools.training.checkpoint import (
     capture_rng_state,
-    restore_rng_state,
     save_checkpoint,
     split_weights,
     weights_state_dict,
@@ -40,8 +40,11 @@ from blda_tools.training.config import TrainingConfig, to_toml
 from blda_tools.training.evaluate import evaluate
 from blda_tools.training.feature_distance import ImageNetFeatureDistance
 from blda_tools.training.losses import load_loss_state, loss_state
-from blda_tools.training.optim import WarmupPolySchedule, build_optimizer
-from blda_tools.training.run_log import JsonlLog, LiveView
+from blda_tools.training.optim import (
+    WarmupPolySchedule,
+    add_regression_head_group,
+    build_optimizer,
+)
 from blda_tools.training.sampling import RareClassSampler, count_class_pixels
 from blda_tools.training.self_training import (
     make_teacher,
@@ -50,7 +53,9 @@ from blda_tools.training.self_training import (
     update_teacher,
 )
 
-CHECKPOINT_DIR = "checkpoints"
+# Checkpoint keys of the CDF regression head: outside `model.` so `models.load_checkpoint` and
+# `blda diagnose` read the student as any other segmentation model.
+REGRESSION_HEAD_PREFIX = "regression_head"
 
 
 @dataclass
@@ -74,19 +79,31 @@ class TrainingComponents:
 
 class SegmentationNetwork(nn.Module):
     """What DDP wraps, so every forward goes through DDP: returns (logits, decoder features,
-    deepest encoder features or None). Encoder features need a `backbone` returning a list of
-    maps and a `decode_head.forward_with_features` (the built-in `Segmentor` layout)."""
+    deepest encoder features or None, raw CDF-head output or None). Encoder features need a
+    `backbone` returning a list of maps and a `decode_head.forward_with_features` (the built-in
+    `Segmentor` layout). The CDF regression head (online BLDA, 'ola+cde') sits here, not in
+    the model, so DDP reduces its gradients and the model's checkpoint keys stay its own."""
 
-    def __init__(self, model: nn.Module, with_encoder_features: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        with_encoder_features: bool,
+        regression_head: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.model, self.with_encoder_features = model, with_encoder_features
+        self.regression_head = regression_head
 
     def forward(self, images: torch.Tensor):
         if not self.with_encoder_features:
-            return (*self.model.forward_with_features(images), None)
-        encoder = self.model.backbone(images)
-        logits, features = self.model.decode_head.forward_with_features(encoder)
-        return logits, features, encoder[-1] if isinstance(encoder, list | tuple) else encoder
+            logits, features = self.model.forward_with_features(images)
+            encoder = None
+        else:
+            encoder = self.model.backbone(images)
+            logits, features = self.model.decode_head.forward_with_features(encoder)
+            encoder = encoder[-1] if isinstance(encoder, list | tuple) else encoder
+        regression = None if self.regression_head is None else self.regression_head(features)
+        return logits, features, encoder, regression
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -126,12 +143,17 @@ class Trainer:
         self.model = parts.model.to(device)
         self.teacher = make_teacher(self.model) if config.self_training.enabled else None
         self.feature_distance = self._feature_distance()
-        network = SegmentationNetwork(self.model, self.feature_distance is not None)
+        self.regression_head = self._regression_head()
+        network = SegmentationNetwork(
+            self.model, self.feature_distance is not None, self.regression_head
+        )
         if world_size > 1:
             ids = [device.index] if device.type == "cuda" else None
             network = DistributedDataParallel(network, device_ids=ids)
         self.network = network
         self.optimizer = build_optimizer(self.model, config.optim)
+        if self.regression_head is not None:
+            add_regression_head_group(self.optimizer, self.regression_head, config.optim)
         self.schedule = WarmupPolySchedule(self.optimizer, config.run.iterations, config.optim)
         self.scaler = self._scaler()
         self.loss = parts.loss.to(device) if isinstance(parts.loss, nn.Module) else parts.loss
@@ -164,6 +186,11 @@ class Trainer:
             num_classes=len(self.parts.class_names),
             ignore_index=self.parts.ignore_index,
         )
+
+    def _regression_head(self) -> CDFRegressionHead | None:
+        if not getattr(self.parts.loss, "needs_regression_head", False):
+            return None
+        return CDFRegressionHead(feature_channels(self.model)).to(self.device)
 
     def _scaler(self):
         amp = self.config.run.amp
@@ -215,19 +242,33 @@ class Trainer:
         labels = batch.source_labels
         source_images = self.parts.normalize(batch.source_images)
         with self._autocast():
-            logits, features, encoder = self.network(source_images)
-        losses = {
-            "source": self.loss(
-                _upsample(logits, labels.shape[-2:]), labels, None, "source", features
-            )
-        }
+            logits, features, encoder, regression = self.network(source_images)
+        losses = {"source": self._loss(logits, regression, labels, None, "source", features)}
+        terms = self._loss_terms("source")
         if self.feature_distance is not None:
             losses["feature_distance"] = self.feature_distance(encoder, source_images, labels)
         self._backward(sum(losses.values()) * scale)
         if self.teacher is not None:
             losses["mixed"], losses["pseudo_weight"] = self._mixed_loss(batch)
+            terms.update(self._loss_terms("mixed"))
             self._backward(losses["mixed"] * scale)
+        # Logged parts of the losses above (already in their totals): not back-propagated again.
+        losses.update(terms)
         return {name: value.detach().item() for name, value in losses.items()}
+
+    def _loss(self, logits, regression, labels, weights, domain, features) -> torch.Tensor:
+        """The loss seam on logits (and the CDF head's prediction) resized to the labels."""
+        size = labels.shape[-2:]
+        if regression is None:
+            return self.loss(_upsample(logits, size), labels, weights, domain, features)
+        prediction = CDFRegressionHead.predict(regression, size)
+        return self.loss(
+            _upsample(logits, size), labels, weights, domain, features, regression=prediction
+        )
+
+    def _loss_terms(self, domain: str) -> dict[str, torch.Tensor]:
+        logged = getattr(self.loss, "logged_terms", None)
+        return {} if logged is None else {f"{domain}_{k}": v for k, v in logged().items()}
 
     def _mixed_loss(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         settings, augment = self.config.self_training, self.config.augment
@@ -258,8 +299,8 @@ class Trainer:
             ignore_index=self.parts.ignore_index,
         )
         with self._autocast():
-            logits, features, _ = self.network(self.parts.normalize(images))
-        loss = self.loss(_upsample(logits, size), labels, weights, "mixed", features)
+            logits, features, _, regression = self.network(self.parts.normalize(images))
+        loss = self._loss(logits, regression, labels, weights, "mixed", features)
         return loss, target_weights.mean()
 
     def _backward(self, loss: torch.Tensor) -> None:
@@ -282,6 +323,9 @@ class Trainer:
             update_teacher(
                 self.teacher, self.model, self.iteration, self.config.self_training.ema_alpha
             )
+        start_iteration = getattr(self.loss, "start_iteration", None)
+        if start_iteration is not None:
+            start_iteration(self.iteration + 1)
         totals: dict[str, float] = {}
         accumulate = self.config.run.accumulate
         for index in range(accumulate):
@@ -308,8 +352,16 @@ class Trainer:
             "class_names": list(self.parts.class_names),
             "best_miou": self.best_miou,
         }
+        weights = weights_state_dict(self.model, self.teacher)
+        if self.regression_head is not None:
+            weights.update(
+                {
+                    f"{REGRESSION_HEAD_PREFIX}.{k}": v.detach().clone()
+                    for k, v in self.regression_head.state_dict().items()
+                }
+            )
         return {
-            "state_dict": weights_state_dict(self.model, self.teacher),
+            "state_dict": weights,
             "meta": meta,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
@@ -328,6 +380,14 @@ class Trainer:
         self.model.load_state_dict(split_weights(weights, "model"))
         if self.teacher is not None:
             self.teacher.load_state_dict(split_weights(weights, "ema_model"))
+        if self.regression_head is not None:
+            head = split_weights(weights, REGRESSION_HEAD_PREFIX)
+            if not head:
+                raise BLDAError(
+                    "checkpoint: has no CDF regression head weights; it was not written by a "
+                    "run with loss.blda_mode = 'ola+cde'"
+                )
+            self.regression_head.load_state_dict(head)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.schedule.load_state_dict(checkpoint["scheduler"])
         if self.scaler is not None and checkpoint["scaler"]:
@@ -373,93 +433,3 @@ class Trainer:
             rank=self.rank,
             world_size=self.world_size,
         )
-
-
-def average_over_ranks(values: dict[str, float], world_size: int) -> dict[str, float]:
-    """Mean of each logged value over the processes (all ranks must call it together)."""
-    if world_size == 1 or not values:
-        return values
-    names = sorted(values)
-    tensor = torch.tensor([values[n] for n in names], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
-    dist.all_reduce(tensor)
-    return {n: v / world_size for n, v in zip(names, tensor.tolist(), strict=True)}
-
-
-def checkpoint_path(run_dir: Path, name: str = "latest") -> Path:
-    """`RUN_DIR/checkpoints/<name>.pth`."""
-    return run_dir / CHECKPOINT_DIR / f"{name}.pth"
-
-
-def run_loop(trainer: Trainer, *, stop_at: int | None, rng_state: dict | None) -> dict:
-    """Iterate from `trainer.iteration` to the end (or `stop_at`), evaluating, logging and
-    checkpointing on rank 0. Returns a summary."""
-    config, run_dir, is_main = trainer.config, trainer.run_dir, trainer.rank == 0
-    total = config.run.iterations
-    stop = total if stop_at is None else min(stop_at, total)
-    log = JsonlLog(run_dir)
-    micro_batches = iter(trainer.micro_batch_loader())
-    if rng_state is not None:
-        restore_rng_state(rng_state)
-    view = LiveView(total, trainer.iteration, enabled=is_main and config.run.live)
-    interval_losses: dict[str, float] = {}
-    interval_start, interval_steps = time.perf_counter(), 0
-    try:
-        while trainer.iteration < stop:
-            for name, value in trainer.iterate(micro_batches).items():
-                interval_losses[name] = interval_losses.get(name, 0.0) + value
-            interval_steps += 1
-            iteration = trainer.iteration
-            if iteration % config.run.log_interval == 0 or iteration == stop:
-                losses = {k: v / interval_steps for k, v in interval_losses.items()}
-                losses = average_over_ranks(losses, trainer.world_size)
-                pseudo_weight = losses.pop("pseudo_weight", None)
-                seconds = (time.perf_counter() - interval_start) / interval_steps
-                if is_main:
-                    log.write(
-                        {
-                            "kind": "train",
-                            "iteration": iteration,
-                            "losses": losses,
-                            "pseudo_weight": pseudo_weight,
-                            "lr": trainer.last_lr,
-                            "seconds_per_iteration": seconds,
-                        }
-                    )
-                    view.update(iteration, losses)
-                interval_losses, interval_steps = {}, 0
-                interval_start = time.perf_counter()
-            _evaluate_and_checkpoint(trainer, log, view, stop)
-    finally:
-        view.close()
-    return {
-        "iteration": trainer.iteration,
-        "best_miou": trainer.best_miou,
-        "last_scores": trainer.last_scores,
-        "run_dir": str(run_dir),
-    }
-
-
-def _evaluate_and_checkpoint(trainer: Trainer, log: JsonlLog, view: LiveView, stop: int) -> None:
-    config, iteration = trainer.config, trainer.iteration
-    final = iteration == config.run.iterations
-    interval = config.evaluation.interval
-    improved = False
-    if final or (interval > 0 and iteration % interval == 0):
-        scores = trainer.evaluate()
-        if scores is not None:
-            trainer.last_scores = scores
-            view.last_miou = scores["mIoU"]
-            improved = trainer.best_miou is None or scores["mIoU"] > trainer.best_miou
-            if improved:
-                trainer.best_miou = scores["mIoU"]
-            if trainer.rank == 0:
-                log.write({"kind": "eval", "iteration": iteration, **scores})
-    due = iteration % config.run.checkpoint_interval == 0 or iteration == stop
-    if trainer.rank == 0 and (due or improved):
-        checkpoint = trainer.checkpoint()
-        if due:
-            save_checkpoint(checkpoint_path(trainer.run_dir), checkpoint)
-        if improved:
-            save_checkpoint(checkpoint_path(trainer.run_dir, "best"), checkpoint)

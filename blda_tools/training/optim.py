@@ -77,6 +77,24 @@ def build_optimizer(model: nn.Module, optim_config) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=optim_config.lr, betas=tuple(optim_config.betas))
 
 
+def add_regression_head_group(
+    optimizer: torch.optim.Optimizer, head: nn.Module, optim_config
+) -> None:
+    """The online BLDA CDF regression head as its own group at the head's learning rate
+    (lr x head_lr_mult, with weight decay), whatever `head_keys` says; call before the schedule
+    is built so it takes the group's `initial_lr`."""
+    group_lr = optim_config.lr * optim_config.head_lr_mult
+    optimizer.add_param_group(
+        {
+            "name": "regression_head",
+            "params": list(head.parameters()),
+            "lr": group_lr,
+            "initial_lr": group_lr,
+            "weight_decay": optim_config.weight_decay,
+        }
+    )
+
+
 def warmup_poly_factor(
     iteration: int,
     max_iters: int,

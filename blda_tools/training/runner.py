@@ -6,6 +6,7 @@ Run directory layout:
     checkpoints/latest.pth   written every run.checkpoint_interval iterations and at the end
     checkpoints/best.pth     the checkpoint with the best target-val mIoU so far
     rcs_class_pixels.pt      per-image class pixel counts of the source (Rare Class Sampling)
+    blda/gmm_fits_<it>.png   online BLDA (loss.name = "blda"): GMMs over logit histograms
 """
 
 from __future__ import annotations
@@ -29,15 +30,10 @@ from blda_tools.training.config import (
     resolve_data_root,
     to_toml,
 )
-from blda_tools.training.loop import (
-    Trainer,
-    TrainingComponents,
-    checkpoint_path,
-    resolve_device,
-    run_loop,
-)
+from blda_tools.training.loop import Trainer, TrainingComponents, resolve_device
 from blda_tools.training.losses import build_loss
 from blda_tools.training.run_log import JsonlLog
+from blda_tools.training.run_loop import checkpoint_path, run_loop
 
 
 def seed_everything(seed: int) -> None:
