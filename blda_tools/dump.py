@@ -324,10 +324,8 @@ class DumpJob:
         """Add one image's `(C, H, W)` logits as the sampling asks; return the rows written."""
         sampling, label = self.sampling, sample.label
         if sampling.pixels_per_image is None:
-            # (H, W, C) memory seen as (C, H, W): the store's rows are a view, not a numpy
-            # transposed copy (torch's copy is parallel and about ten times faster).
-            pixels_last = logit_map.permute(1, 2, 0).contiguous().permute(2, 0, 1)
-            writer.add(pixels_last, label, sample.name, stride=sampling.stride)
+            # The writer lays out and casts a tensor to the store's rows in one torch copy.
+            writer.add(logit_map, label, sample.name, stride=sampling.stride)
             height, width = logit_map.shape[-2:]
             return -(-height // sampling.stride) * -(-width // sampling.stride)
         num_classes, height, width = logit_map.shape

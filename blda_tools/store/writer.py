@@ -19,8 +19,10 @@ from blda_tools.store.rows import (
     _as_array,
     _check_label_values,
     _check_logit_values,
+    _is_torch_castable,
     _map_rows,
     _sample_rows,
+    _torch_rows,
 )
 from blda_tools.store.schema import (
     COMPRESSIONS,
@@ -121,7 +123,8 @@ class LogitWriter:
             raise BLDAError(
                 f"{where}: an image with this name was already added (names must be unique)"
             )
-        logits = _as_array(logits, "logits", where)
+        in_torch = _is_torch_castable(logits)  # checked and cast in torch, see `_torch_rows`
+        logits = logits.detach() if in_torch else _as_array(logits, "logits", where)
         labels = None if labels is None else _as_array(labels, "labels", where)
         if self._has_labels is not None and (labels is not None) != self._has_labels:
             stored = "with" if self._has_labels else "without"
@@ -139,16 +142,20 @@ class LogitWriter:
             raise BLDAError(
                 f"{where}: logits have shape {tuple(logits.shape)}; expected (N, C) rows or a (C, H, W) map"
             )
-        if rows.shape[1] != self.num_classes:
+        if rows.shape[-1] != self.num_classes:
             raise BLDAError(
-                f"{where}: logits have {rows.shape[1]} classes; the store has {self.num_classes}"
+                f"{where}: logits have {rows.shape[-1]} classes; the store has {self.num_classes}"
             )
-        _check_logit_values(rows, self.dtype, where)
+        if in_torch:
+            rows = _torch_rows(rows, self.dtype, where)
+        else:
+            _check_logit_values(rows, self.dtype, where)
+            rows = rows.astype(self.dtype, copy=False)
         if labels is not None:
             _check_label_values(labels, self.num_classes, self.ignore_index, where)
-        self._append(
-            rows.astype(self.dtype, copy=False), labels, pixel_index, dict(record, name=name)
-        )
+            # checked to fit: numpy's cast is cheaper than HDF5's conversion on write
+            labels = labels.astype(self.label_dtype, copy=False)
+        self._append(rows, labels, pixel_index, dict(record, name=name))
 
     def close(self) -> None:
         """Mark the store complete and rename `<path>.partial` onto `path`."""
