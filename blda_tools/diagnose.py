@@ -107,12 +107,12 @@ def diagnose(
     statistics = collect_statistics(
         store, labels=source, grid=grid, workers=workers, progress=progress
     )
-    ground_truth = statistics if source == "gt" else None
+    confusion = statistics.confusion if source == "gt" else None
     if source == "pseudo" and store.has_labels:
         # Metrics and Eq. 4 still come from the ground truth: a second, cheap pass.
-        ground_truth = _ground_truth_confusion(store, progress)
+        confusion = _ground_truth_confusion(store, progress)
     statistics.save(out_dir / "statistics.h5")
-    diagnosis = _measure(store, statistics, ground_truth, source, notes)
+    diagnosis = _measure(store, statistics, confusion, source, notes)
     diagnosis.files["statistics"] = "statistics.h5"
     if plots_and_report:
         diagnosis.files.update(_draw_plots(diagnosis, statistics, out_dir))
@@ -123,8 +123,8 @@ def diagnose(
     return diagnosis
 
 
-def _ground_truth_confusion(store: LogitStore, progress) -> LogitSetStatistics:
-    """A statistics object holding only the ground-truth confusion matrix."""
+def _ground_truth_confusion(store: LogitStore, progress) -> torch.Tensor:
+    """The ground-truth confusion matrix (rows true class, columns argmax), ``(C, C)``."""
     num_classes = store.num_classes
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64)
     for chunk in store.iter_chunks(reuse_buffers=True):
@@ -133,12 +133,10 @@ def _ground_truth_confusion(store: LogitStore, progress) -> LogitSetStatistics:
         confusion += torch.bincount(pairs, minlength=num_classes * num_classes)
         if progress is not None:
             progress(chunk.logits.shape[0])
-    holder = LogitSetStatistics(num_classes, LogitGrid(bins=1), store.ignore_index)
-    holder.confusion = confusion.view(num_classes, num_classes)
-    return holder
+    return confusion.view(num_classes, num_classes)
 
 
-def _measure(store, statistics, ground_truth, source, notes) -> Diagnosis:
+def _measure(store, statistics, confusion, source, notes) -> Diagnosis:
     names = list(store.class_names)
     bias_estimated = metrics.bias_from_histograms(statistics.histogram)  # Eq. 5
     js_positive, js_negative = metrics.anchor_divergences(statistics.histogram)  # Table 15
@@ -171,19 +169,19 @@ def _measure(store, statistics, ground_truth, source, notes) -> Diagnosis:
         clipped_logits=clipped,
         notes=notes,
     )
-    if ground_truth is None:
+    if confusion is None:
         notes.append("No ground truth: IoU, accuracy and Bias from Eq. 4 are not available.")
         return diagnosis
-    scores = metrics.SegmentationMetrics.from_confusion(ground_truth.confusion)
-    bias = metrics.bias_from_confusion(ground_truth.confusion)  # Eq. 4
+    scores = metrics.SegmentationMetrics.from_confusion(confusion)
+    bias = metrics.bias_from_confusion(confusion)  # Eq. 4
     groups = metrics.prediction_groups(bias, scores.iou, scores.acc)  # Table 18
-    diagnosis.num_pixels = int(ground_truth.confusion.sum())
+    diagnosis.num_pixels = int(confusion.sum())
     diagnosis.class_pixels = list(scores.class_pixels)
     diagnosis.iou, diagnosis.acc = list(scores.iou), list(scores.acc)
     diagnosis.miou, diagnosis.macc = scores.miou, scores.macc
     diagnosis.iou_std, diagnosis.acc_std = scores.iou_std, scores.acc_std
     diagnosis.bias = bias.tolist()
-    diagnosis.confusion = ground_truth.confusion.tolist()
+    diagnosis.confusion = confusion.tolist()
     diagnosis.bias_rank_correlation = metrics.spearman(bias, bias_estimated)
     diagnosis.groups = {
         name: {**asdict(group), "classes": [names[c] for c in group.classes]}
