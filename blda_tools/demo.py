@@ -16,7 +16,6 @@ Everything is written under `OUT`; the sample is only read.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +29,7 @@ from blda_tools.calibrate import CalibrateOptions, CalibrationResult, calibrate,
 from blda_tools.diagnose import Diagnosis, diagnose
 from blda_tools.dump import PixelSampling, prepare_dump
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import atomic_output, ensure_writable_dir
+from blda_tools.fileio import ensure_writable_dir, write_json
 from blda_tools.inference import InferenceSettings
 from blda_tools.report import Report
 from blda_tools.store import LogitStore
@@ -133,8 +132,7 @@ def run_demo(
         torch.set_num_threads(previous_threads)
     result = DemoResult(out, stores, diagnosis, calibration, settings, seconds)
     result.report = write_demo_report(result)
-    with atomic_output(out / "demo.json") as temporary:
-        temporary.write_text(json.dumps(_finite(result.summary()), indent=2) + "\n")
+    write_json(out / "demo.json", result.summary())
     return result
 
 
@@ -325,14 +323,3 @@ def _differences(after: list[float], before: list[float]) -> list[float]:
     return (
         torch.tensor(after, dtype=torch.float64) - torch.tensor(before, dtype=torch.float64)
     ).tolist()
-
-
-def _finite(value):
-    """NaN -> None, so demo.json is strict JSON."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(item) for item in value]
-    return value
