@@ -179,7 +179,12 @@ def run_training(
         rng_state = checkpoint["rng"]
         if rank == 0:
             JsonlLog(run_dir).truncate_after(trainer.iteration)
-    return run_loop(trainer, stop_at=stop_at, rng_state=rng_state)
+    summary = run_loop(trainer, stop_at=stop_at, rng_state=rng_state)
+    if world_size > 1:
+        # Rank 0 still evaluates and writes the last checkpoint after the loop; a rank that tears
+        # its process group down meanwhile can abort the job (seen with gloo), so all leave together.
+        dist.barrier()
+    return summary
 
 
 def _init_distributed(config: TrainingConfig) -> None:
