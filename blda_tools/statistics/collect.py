@@ -8,7 +8,6 @@ from collections.abc import Callable
 from blda_tools.errors import BLDAError
 from blda_tools.statistics import logit_sets
 from blda_tools.statistics.grid import LogitGrid
-from blda_tools.statistics.kernel import Workspace, first_argmax
 from blda_tools.statistics.logit_sets import LogitSetStatistics
 
 LABEL_SOURCES = ("auto", "gt", "pseudo")
@@ -37,7 +36,6 @@ def _statistics_of_range(
     statistics = LogitSetStatistics(
         store.num_classes, grid, ignore_index=store.ignore_index, class_names=store.class_names
     )
-    argmax_workspace = Workspace(store.num_classes)
     # Each chunk is consumed before the next is read, so the store may reuse its buffers; logits
     # stay in the stored dtype (float16 mostly): the kernel converts them in cache. The store
     # does not validate them: `update` rejects the same bad values, and only then is the chunk
@@ -46,12 +44,8 @@ def _statistics_of_range(
         rows=rows_per_chunk, start=start, stop=stop, validate=False, reuse_buffers=True, dtype=None
     )
     for chunk in chunks:
-        if source == "gt":
-            labels = chunk.labels
-        else:
-            labels = first_argmax(chunk.logits, argmax_workspace)
         try:
-            statistics.update(chunk.logits, labels)
+            statistics.update(chunk.logits, chunk.labels if source == "gt" else None)
         except BLDAError:
             store.validate(rows_per_chunk, start=chunk.first_row, stop=chunk.stop_row)
             raise

@@ -61,5 +61,11 @@ class LogitGrid:
         Its integer part is the bin. One multiply then one add, always in this order, so that
         `update` and `bin_index` agree bit for bit.
         """
-        torch.mul(values, np.float32(1.0 / self.width), out=out)
-        return out.add_(np.float32(-self.low / self.width)).clamp_(0, self.bins - 1)
+        scale, shift = self.bin_scale_and_shift()
+        torch.mul(values, scale, out=out)
+        return out.add_(shift).clamp_(0, self.bins - 1)
+
+    def bin_scale_and_shift(self) -> tuple[np.float32, np.float32]:
+        """The float32 ``1 / width`` and ``-low / width`` of the bin arithmetic (the statistics
+        kernel uses the same two numbers)."""
+        return np.float32(1.0 / self.width), np.float32(-self.low / self.width)

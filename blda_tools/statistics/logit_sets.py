@@ -7,53 +7,47 @@ the float64 sum and sum of squares, and the exact minimum and maximum; plus the 
 ``update`` on chunks, ``merge`` partial results exactly (integer counts add, float64 sums add),
 then read the derived quantities.
 
-`update` splits a chunk into sub-chunks counted by `kernel.count_rows` in two Python threads
-(torch releases the GIL; its own intra-op threads are set to 1 meanwhile) and adds the partial
-results only once every sub-chunk succeeded.
+`update` runs the compiled kernel (`statistics.kernel`) in up to two threads: it releases the GIL,
+and each thread counts the rows of its own given classes, so the result does not depend on the
+number of threads.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import queue
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from blda_tools.errors import BLDAError
+from blda_tools.statistics import kernel
 from blda_tools.statistics.grid import LogitGrid
 from blda_tools.statistics.io import load_statistics, save_statistics
-from blda_tools.statistics.kernel import (
-    PartialStatistics,
-    Workspace,
-    count_rows,
-    running_extreme_bins,
-)
 
-# Rows per unit of work inside `update`: large enough that the fixed costs of a sub-chunk (C
-# bincounts, the candidate table) are amortised, small enough to split a 1M-row chunk between
-# two threads. Each concurrent sub-chunk holds a (C, rows) int32 workspace (40 MB for C = 19).
-SUB_CHUNK_ROWS = 1 << 19
 UPDATE_THREADS = min(2, os.cpu_count() or 1)
-# Logits are counted as stored when float16 or float32 (the kernel converts in cache); other
-# floating types are converted to float32 first.
+# Fewer rows than this per thread are not worth a thread.
+MIN_ROWS_PER_THREAD = 4096
+# Logits are counted as stored when float16 or float32; other floating types are converted to
+# float32 first.
 KERNEL_DTYPES = (torch.float16, torch.float32)
 
 
-@contextlib.contextmanager
-def _own_threads_only() -> Iterator[None]:
-    """Run with torch's intra-op threads set to 1: `update` parallelises over sub-chunks itself,
-    and OpenMP workers beside its threads (spinning, waiting at barriers) cost more than they
-    help, especially on a busy machine."""
-    intra_op_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(intra_op_threads)
+# The fields `kernel.count_rows` adds into, in its argument order.
+_KERNEL_TABLES = ("histogram", "sum", "sum_squares", "minimum", "maximum", "clipped", "confusion")
+
+
+def _share_classes(class_rows: np.ndarray, threads: int) -> np.ndarray:
+    """The thread that counts each class: largest classes first, each to the least loaded."""
+    owners = np.zeros(len(class_rows), dtype=np.int64)
+    load = [0] * threads
+    for given_class in np.argsort(-class_rows, kind="stable"):
+        owner = load.index(min(load))
+        owners[given_class] = owner
+        load[owner] += int(class_rows[given_class])
+    return owners
 
 
 class LogitSetStatistics:
@@ -102,122 +96,98 @@ class LogitSetStatistics:
         self.confusion = torch.zeros(C, C, dtype=torch.int64)
         self.clipped = torch.zeros(C, C, dtype=torch.int64)
         self.num_ignored = 0
-        # Kernel buffers, one per concurrent sub-chunk; not part of the statistics' state.
-        self._workspaces: queue.SimpleQueue[Workspace] = queue.SimpleQueue()
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        del state["_workspaces"]  # buffers, and a queue cannot be pickled
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._workspaces = queue.SimpleQueue()
 
     # ------------------------------------------------------------------ update
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add rows: `logits` ``(n, C)`` float, `labels` ``(n,)`` integer (given classes).
+    def update(self, logits: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Add rows: `logits` ``(n, C)`` float, `labels` ``(n,)`` integer (given classes), or None
+        for pseudo-labels (each row's first maximal class, every row counted).
 
         Pixels whose label is `ignore_index` are skipped for every statistic. Raises `BLDAError`
         for a shape mismatch, a label outside ``[0, C)`` that is not the ignore index, or a
         non-finite logit; the statistics are unchanged when it raises. float16 logits are
         counted exactly as their float32 values.
         """
-        with _own_threads_only():
-            self._update(*self._check_inputs(logits, labels))
-
-    def _update(self, logits: torch.Tensor, mapped_labels: torch.Tensor, num_ignored: int) -> None:
-        if logits.shape[0] == 0:
+        values, labels = self._check_inputs(logits, labels)
+        rows = values.shape[0]
+        if rows == 0:
             return
-        running_bins = running_extreme_bins(self.grid, self.minimum, self.maximum)
-        starts = range(0, logits.shape[0], SUB_CHUNK_ROWS)
-        pieces = [
-            (logits[s : s + SUB_CHUNK_ROWS], mapped_labels[s : s + SUB_CHUNK_ROWS]) for s in starts
-        ]
+        values, table = kernel.value_reader(values)
+        given = np.empty(rows, dtype=np.int32)
+        predicted = np.empty(rows, dtype=np.int32)
+        pseudo = labels is None
+        labels = np.empty(0, dtype=np.int64) if pseudo else labels
+        threads = max(1, min(UPDATE_THREADS, rows // MIN_ROWS_PER_THREAD))
+        bounds = [rows * i // threads for i in range(threads + 1)]
 
-        def count(piece: tuple[torch.Tensor, torch.Tensor]) -> PartialStatistics:
-            return self._count(*piece, running_bins)
+        def scan(part: int) -> tuple[int, int]:
+            return kernel.scan_rows(
+                values, table, labels, pseudo, self.ignore_index,
+                bounds[part], bounds[part + 1], given, predicted,
+            )  # fmt: skip
 
-        if len(pieces) == 1:
-            parts = [count(pieces[0])]
-        else:
-            # torch releases the GIL inside its operations, so Python threads run in parallel.
-            with ThreadPoolExecutor(min(UPDATE_THREADS, len(pieces))) as pool:
-                parts = list(pool.map(count, pieces))
-        self._add(parts, num_ignored)
+        statuses = self._in_threads(scan, threads)
+        self._raise_for(statuses, labels)
+        # Entry 0: ignored rows (given -1); entry c + 1: rows of class c.
+        class_rows = np.bincount(given + 1, minlength=self.num_classes + 1)
+        owners = _share_classes(class_rows[1:], threads)
+        tables = [getattr(self, name).numpy() for name in _KERNEL_TABLES]
+        scale, shift = self.grid.bin_scale_and_shift()
 
-    def _count(
-        self,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        running_bins: tuple[torch.Tensor, torch.Tensor],
-    ) -> PartialStatistics:
-        """One sub-chunk through the kernel, with a workspace no other thread is using."""
-        try:
-            workspace = self._workspaces.get_nowait()
-        except queue.Empty:
-            workspace = Workspace(self.num_classes)
-        try:
-            return count_rows(logits, labels, self.grid, running_bins, workspace)
-        finally:
-            self._workspaces.put(workspace)
+        def count(part: int) -> None:
+            kernel.count_rows(
+                values, table, given, predicted, owners == part, scale, shift,
+                self.grid.low, self.grid.high, *tables,
+            )  # fmt: skip
 
-    def _add(self, parts: list[PartialStatistics], num_ignored: int) -> None:
-        """Add the sub-chunks' tables (indexed ``[l, c]``, discard row c = C) as ``[c, l]``."""
-        C = self.num_classes
-        counts = parts[0].counts
-        for part in parts[1:]:
-            counts += part.counts
-        counts = counts.permute(1, 0, 2)[:C]
-        self.histogram += counts
-        self.count += counts.sum(2)
-        for part in parts:
-            sums, sum_squares = part.moments[:C].T[:C], part.moments[C:].T[:C]
-            self.sum += sums
-            self.sum_squares += sum_squares
-            self.confusion += part.confusion
-            self.clipped += part.clipped.T[:C]
-            torch.minimum(self.minimum, part.minimum.T[:C], out=self.minimum)
-            torch.maximum(self.maximum, part.maximum.T[:C], out=self.maximum)
-        self.num_ignored += num_ignored
+        self._in_threads(count, threads)
+        self.count += torch.from_numpy(class_rows[1:])[:, None]
+        self.num_ignored += int(class_rows[0])
+
+    @staticmethod
+    def _in_threads(work, threads: int) -> list:
+        """`work(part)` for each part, in parallel threads when more than one."""
+        if threads == 1:
+            return [work(0)]
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(work, range(threads)))
+
+    def _raise_for(self, statuses: list[tuple[int, int]], labels: np.ndarray) -> None:
+        """The first bad row found by `kernel.scan_rows`, as a `BLDAError`."""
+        bad = [(row, status) for status, row in statuses if status != kernel.ROWS_OK]
+        if not bad:
+            return
+        row, status = min(bad)
+        if status == kernel.NOT_FINITE:
+            raise BLDAError(f"logits: contain NaN or infinite values (first at row {row})")
+        raise BLDAError(
+            f"labels: value {int(labels[row])} is outside [0, {self.num_classes}) and is not the "
+            f"ignore index {self.ignore_index} (row {row})"
+        )
 
     def _check_inputs(
-        self, logits: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """CPU logits (float16 or float32), labels with ignored pixels mapped to the discard row
-        C, and how many were ignored."""
+        self, logits: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Contiguous CPU numpy logits (float16 or float32) and labels (any integer type)."""
         logits = torch.as_tensor(logits)
-        labels = torch.as_tensor(labels)
         C = self.num_classes
         if logits.ndim != 2 or logits.shape[1] != C:
             raise BLDAError(f"logits: expected shape (n, {C}), got {tuple(logits.shape)}")
+        if not logits.is_floating_point():
+            raise BLDAError(f"logits: expected a floating-point tensor, got {logits.dtype}")
+        # Statistics live on the CPU; logits computed on a GPU are brought over here.
+        dtype = logits.dtype if logits.dtype in KERNEL_DTYPES else torch.float32
+        values = logits.detach().to("cpu", dtype).contiguous().numpy()
+        if labels is None:
+            return values, None
+        labels = torch.as_tensor(labels)
         if labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
             raise BLDAError(
                 f"labels: expected shape ({logits.shape[0]},) to match the logits, "
                 f"got {tuple(labels.shape)}"
             )
-        if not logits.is_floating_point():
-            raise BLDAError(f"logits: expected a floating-point tensor, got {logits.dtype}")
-        if labels.is_floating_point() or labels.dtype == torch.bool:
+        if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
             raise BLDAError(f"labels: expected an integer tensor, got {labels.dtype}")
-        # Statistics live on the CPU; logits computed on a GPU are brought over here.
-        dtype = logits.dtype if logits.dtype in KERNEL_DTYPES else torch.float32
-        logits = logits.to("cpu", dtype)
-        labels = labels.to("cpu", torch.int64)
-        if labels.numel() == 0:
-            return logits, labels, 0
-        lowest, highest = torch.aminmax(labels)
-        if lowest >= 0 and highest < C:
-            return logits, labels, 0
-        outside = (labels < 0) | (labels >= C)
-        wrong = outside & (labels != self.ignore_index)
-        if wrong.any():
-            bad = labels[wrong][0].item()
-            raise BLDAError(
-                f"labels: value {bad} is outside [0, {C}) and is not the ignore index "
-                f"{self.ignore_index}"
-            )
-        return logits, labels.masked_fill(outside, C), int(outside.sum())
+        return values, labels.detach().cpu().contiguous().numpy()
 
     # ------------------------------------------------------------------ derived
     def mean(self) -> torch.Tensor:
