@@ -112,7 +112,8 @@ def prediction_probabilities_from_histograms(histogram) -> torch.Tensor:
     `histogram` is ``(C, C, B)`` counts (or masses) on one uniform grid; mass is taken as uniform
     within each bin, and the integral ``int P_cl(z) prod_{y' != l} F_cy'(z) dz`` is computed
     exactly for that piecewise-uniform model by Gauss-Legendre quadrature inside each bin. The
-    product over y' != l is ``exp(sum_y' log F_cy' - log F_cl)``, so no loop over class pairs.
+    product over y' != l comes from exclusive cumulative products over y', so no loop over class
+    pairs.
     Rows c whose cells are empty give NaN. Logits clipped into the grid's edge bins are treated as
     lying in those bins, so keep the grid wide enough (the statistics record how many were
     clipped). Returns ``(C, C)`` float64.
@@ -131,13 +132,15 @@ def prediction_probabilities_from_histograms(histogram) -> torch.Tensor:
     cdf_below = torch.cumsum(mass, 2) - mass  # F at each bin's left edge
     nodes, weights = _unit_gauss_legendre(max(1, math.ceil(num_classes / 2)))
     probability = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+    ones = torch.ones_like(mass[:, :1])
     for node, weight in zip(nodes.tolist(), weights.tolist(), strict=True):
         cdf = cdf_below + node * mass  # F_cy'(z) at this node of every bin
-        log_cdf = torch.log(cdf)
-        log_all = log_cdf.sum(1, keepdim=True)  # sum over y' of log F_cy'
-        others = torch.exp(log_all - log_cdf)  # prod over y' != l
+        # prod over y' != l as (prod over y' < l) * (prod over y' > l): exclusive cumulative
+        # products, exact with zeros, no log / exp.
+        below = torch.cumprod(torch.cat([ones, cdf[:, :-1]], 1), 1)
+        above = torch.cumprod(torch.cat([ones, cdf.flip(1)[:, :-1]], 1), 1).flip(1)
         # The density is mass / width and dz = width * d(node): widths cancel.
-        integrand = torch.where(mass > 0, mass * others, 0.0)
+        integrand = torch.where(mass > 0, mass * below * above, 0.0)
         probability += weight * integrand.sum(2)
     empty_row = (totals.squeeze(2) == 0).any(1)
     probability[empty_row] = math.nan
@@ -264,6 +267,10 @@ def anchor_divergences(histogram) -> tuple[torch.Tensor, torch.Tensor]:
     if counts.ndim != 3 or counts.shape[0] != counts.shape[1]:
         raise BLDAError(f"histogram: expected shape (C, C, B), got {tuple(counts.shape)}")
     num_classes = counts.shape[0]
+    # Bins empty in every cell add nothing to any divergence: only the occupied range is needed.
+    occupied = torch.nonzero(counts.sum((0, 1)) > 0).flatten()
+    if occupied.numel():
+        counts = counts[..., int(occupied[0]) : int(occupied[-1]) + 1]
     diagonal = torch.eye(num_classes, dtype=torch.bool)
     positive_cells = counts[diagonal]  # (C, B): cell [l, l] for each l
     positive_anchor = positive_cells.sum(0)
