@@ -8,8 +8,8 @@ one compiled pass over each row does it all while the row is in cache (~60 CPU-m
 Two passes over a chunk of rows ``(n, C)``:
 
 1. `scan_rows` checks every value and label and writes each row's given class (its label, -1 when
-   ignored, or its argmax for pseudo-labels) and its argmax. It runs before anything is counted,
-   so a bad chunk leaves the statistics untouched.
+   ignored, or its argmax for pseudo-labels). It runs before anything is counted, so a bad chunk
+   leaves the statistics untouched.
 2. `count_rows` adds the rows into the tables. Each thread owns a set of given classes and counts
    only rows of those classes: threads write disjoint cells, need no private copies of the
    (C, C, B) histogram, and every cell sees its rows in the same order whatever the number of
@@ -51,6 +51,20 @@ def _compiled_read_value(values, row, column, table):
     return lambda values, row, column, table: values[row, column]
 
 
+def value_is_finite(values, row, column):
+    """Whether logit ``[row, column]`` is finite (float16: its exponent bits are not all set)."""
+    if values.dtype == np.uint16:
+        return (values[row, column] & 0x7C00) != 0x7C00
+    return np.isfinite(values[row, column])
+
+
+@overload(value_is_finite, inline="always")
+def _compiled_value_is_finite(values, row, column):
+    if values.dtype == numba.types.uint16:
+        return lambda values, row, column: (values[row, column] & 0x7C00) != 0x7C00
+    return lambda values, row, column: np.isfinite(values[row, column])
+
+
 def value_reader(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(values, table)`` for the kernels: float16 as uint16 bit patterns with the value table,
     float32 as it is (the table unused)."""
@@ -61,26 +75,32 @@ def value_reader(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     raise TypeError(f"kernel: float16 or float32 logits expected, got {values.dtype}")
 
 
+@numba.njit(inline="always")
+def _row_argmax(values, row, table):
+    """The first maximal class of `row` (numpy's argmax; -0.0 ties with 0.0)."""
+    best_class = 0
+    best = read_value(values, row, 0, table)
+    for column in range(1, values.shape[1]):
+        value = read_value(values, row, column, table)
+        if value > best:
+            best, best_class = value, column
+    return best_class
+
+
 @numba.njit(nogil=True, cache=True)
-def scan_rows(values, table, labels, pseudo, ignore_index, start, stop, given, predicted):
-    """Rows ``[start, stop)``: fill `given` (label, -1 if ignored, or the argmax when `pseudo`)
-    and `predicted` (the first maximal class, as numpy's argmax). Returns ``(status, row)``:
-    ``(ROWS_OK, -1)`` or the first bad row with `BAD_LABEL` / `NOT_FINITE`."""
+def scan_rows(values, table, labels, pseudo, ignore_index, start, stop, given):
+    """Rows ``[start, stop)``: fill `given` with each row's label (-1 if ignored), or with its
+    argmax when `pseudo`. Returns ``(status, row)``: ``(ROWS_OK, -1)`` or the first bad row with
+    `BAD_LABEL` / `NOT_FINITE`."""
     num_classes = values.shape[1]
     for row in range(start, stop):
-        best_class = 0
-        best = read_value(values, row, 0, table)
-        if not np.isfinite(best):
+        finite = True
+        for column in range(num_classes):
+            finite &= value_is_finite(values, row, column)
+        if not finite:
             return NOT_FINITE, row
-        for column in range(1, num_classes):
-            value = read_value(values, row, column, table)
-            if not np.isfinite(value):
-                return NOT_FINITE, row
-            if value > best:
-                best, best_class = value, column
-        predicted[row] = best_class
         if pseudo:
-            given[row] = best_class
+            given[row] = _row_argmax(values, row, table)
             continue
         label = labels[row]
         if label == ignore_index:
@@ -94,7 +114,7 @@ def scan_rows(values, table, labels, pseudo, ignore_index, start, stop, given, p
 
 @numba.njit(nogil=True, cache=True)
 def count_rows(
-    values, table, given, predicted, owned, scale, shift, low, high,
+    values, table, given, owned, scale, shift, low, high,
     histogram, sums, sum_squares, minimum, maximum, clipped, confusion,
 ):  # fmt: skip
     """Add every row whose given class c has ``owned[c]`` into the ``[c, l]`` cells of the
@@ -105,9 +125,12 @@ def count_rows(
         c = given[row]
         if c < 0 or not owned[c]:
             continue
-        confusion[c, predicted[row]] += 1
+        best_class = 0
+        best = read_value(values, row, 0, table)
         for column in range(num_classes):
             value = read_value(values, row, column, table)
+            if value > best:  # the first maximal class, for the confusion matrix
+                best, best_class = value, column
             position = value * scale + shift  # float32, as LogitGrid.to_bin_units
             position = min(max(position, np.float32(0.0)), top_bin)
             histogram[c, column, np.int64(position)] += 1
@@ -118,20 +141,14 @@ def count_rows(
             maximum[c, column] = max(maximum[c, column], exact)
             if exact < low or exact > high:
                 clipped[c, column] += 1
+        confusion[c, best_class] += 1
 
 
 @numba.njit(nogil=True, cache=True)
 def argmax_rows(values, table, out):
     """`out[row]` = the first maximal class of each row (NaN rows are not expected)."""
-    num_classes = values.shape[1]
     for row in range(values.shape[0]):
-        best_class = 0
-        best = read_value(values, row, 0, table)
-        for column in range(1, num_classes):
-            value = read_value(values, row, column, table)
-            if value > best:
-                best, best_class = value, column
-        out[row] = best_class
+        out[row] = _row_argmax(values, row, table)
 
 
 def first_argmax(logits) -> torch.Tensor:

@@ -113,7 +113,6 @@ class LogitSetStatistics:
             return
         values, table = kernel.value_reader(values)
         given = np.empty(rows, dtype=np.int32)
-        predicted = np.empty(rows, dtype=np.int32)
         pseudo = labels is None
         labels = np.empty(0, dtype=np.int64) if pseudo else labels
         threads = max(1, min(UPDATE_THREADS, rows // MIN_ROWS_PER_THREAD))
@@ -122,7 +121,7 @@ class LogitSetStatistics:
         def scan(part: int) -> tuple[int, int]:
             return kernel.scan_rows(
                 values, table, labels, pseudo, self.ignore_index,
-                bounds[part], bounds[part + 1], given, predicted,
+                bounds[part], bounds[part + 1], given,
             )  # fmt: skip
 
         statuses = self._in_threads(scan, threads)
@@ -135,7 +134,7 @@ class LogitSetStatistics:
 
         def count(part: int) -> None:
             kernel.count_rows(
-                values, table, given, predicted, owners == part, scale, shift,
+                values, table, given, owners == part, scale, shift,
                 self.grid.low, self.grid.high, *tables,
             )  # fmt: skip
 
