@@ -108,7 +108,8 @@ def main() -> None:
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}")
     print(
         f"cores: {os.cpu_count()}, torch {torch.__version__} threads {torch.get_num_threads()}, "
-        f"python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.1f}"
+        f"python {sys.version.split()[0]}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
     with tempfile.TemporaryDirectory() as temporary:
         root = Path(temporary) / "data"
@@ -140,7 +141,8 @@ def main() -> None:
     # CPU time per image depends far less on other processes than wall time does.
     print(
         f"CPU per image: forward {forward_cpu * 1000:.0f} ms, dump {dump_cpu * 1000:.0f} ms "
-        f"(forward's share of the dump's CPU: {forward_cpu / dump_cpu:.0%})"
+        f"({(dump_cpu - forward_cpu) * 1000:+.0f} ms for decoding, upsampling and writing; "
+        f"forward's share of the dump's CPU: {forward_cpu / dump_cpu:.0%})"
     )
 
 

@@ -137,7 +137,8 @@ def predict_logits(
     output_size: Sequence[int] | None = None,
     windows_per_batch: int = 4,
 ) -> torch.Tensor:
-    """Float32 logits `(B, C, H_out, W_out)` of normalised images `(B, 3, H, W)`.
+    """Float32 logits `(B, C, H_out, W_out)` of normalised images `(B, 3, H, W)` (channels-last
+    in memory when they were resized to the output size).
 
     The model runs on the images' device. `(H_out, W_out)` is `output_size` (the labels' size)
     or `(H, W)`. `amp=None` uses autocast (float16) on CUDA only; `amp=True` elsewhere is an
@@ -165,7 +166,7 @@ def predict_logits(
         # logits are averaged instead.
         flipped = _predict_resized(forward, images.flip(-1), settings, windows_per_batch)
         logits = (logits + flipped.flip(-1)) / 2
-    return _resize(logits, output_size)
+    return _resize_logits(logits, output_size)
 
 
 def _predict_resized(forward, images, settings: InferenceSettings, windows_per_batch: int):
@@ -173,7 +174,7 @@ def _predict_resized(forward, images, settings: InferenceSettings, windows_per_b
     if settings.resize is not None:
         images = _resize(images, settings.resize)
     if settings.mode == "whole":
-        return _resize(forward(images), images.shape[-2:])
+        return _resize_logits(forward(images), images.shape[-2:])
     return _slide(forward, images, settings.crop, settings.stride, windows_per_batch)
 
 
@@ -199,10 +200,15 @@ def _slide(forward, images, crop, stride, windows_per_batch: int) -> torch.Tenso
         crops = torch.cat(
             [images[:, :, top : top + crop_h, left : left + crop_w] for top, left in group]
         )
-        window_logits = _resize(forward(crops), (crop_h, crop_w))
+        window_logits = _resize_logits(forward(crops), (crop_h, crop_w))
         if total is None:
             num_classes = window_logits.shape[1]
-            total = images.new_zeros((batch, num_classes, height, width), dtype=torch.float32)
+            total = torch.empty(  # channels-last, as the windows
+                (batch, num_classes, height, width),
+                dtype=torch.float32,
+                device=images.device,
+                memory_format=torch.channels_last,
+            ).zero_()
             count = images.new_zeros((1, 1, height, width), dtype=torch.float32)
         for number, (top, left) in enumerate(group):
             part = window_logits[number * batch : (number + 1) * batch]
@@ -239,6 +245,15 @@ def _resize(values: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if tuple(values.shape[-2:]) == tuple(size):
         return values
     return F.interpolate(values, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def _resize_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """`_resize` for logits, computed and returned channels-last: torch's bilinear kernel is
+    faster on that layout, and a store keeps each pixel's class scores together, so a
+    consumer lays the rows out with a plain copy instead of a transposing one."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return _resize(logits.contiguous(memory_format=torch.channels_last), size)
 
 
 def _use_amp(device: torch.device, amp: bool | None) -> bool:

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import h5py
 import numpy as np
@@ -21,12 +22,16 @@ from fixtures_datasets import random_image, write_gray, write_rgb
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from store_helpers import CLASSES, five_images
 
 from blda_cli.dump_logits import dump_logits_command
+from blda_tools.datasets import SegmentationSample
 from blda_tools.diagnose import diagnose
 from blda_tools.dump import (
     CorruptImageWarning,
     PixelSampling,
+    _BackgroundWriter,
+    _compact_label,
     dump_logits,
     prepare_dump,
     sample_pixels,
@@ -36,7 +41,7 @@ from blda_tools.dump import (
 from blda_tools.errors import BLDAError
 from blda_tools.inference import InferenceSettings
 from blda_tools.models import create_model
-from blda_tools.store import LogitStore
+from blda_tools.store import LogitStore, LogitWriter
 
 WHOLE = InferenceSettings(mode="whole")
 # Typed in from mmseg's img_norm_cfg, not imported from the code under test.
@@ -56,7 +61,7 @@ PLUGIN_SOURCE = textwrap.dedent(
         def forward(self, x):
             PixelLinear.calls += 1
             if PixelLinear.calls == int(os.environ.get("BLDA_TEST_KILL_AT", "0")):
-                time.sleep(2)  # let the store writer thread finish the images before
+                time.sleep(3)  # the writer thread stores and commits the images before
                 os.kill(os.getpid(), signal.SIGKILL)
             return super().forward(x)
 
@@ -221,7 +226,12 @@ def test_killed_dump_resumed_equals_uninterrupted_run(tmp_path, plugin):
         *("--mode", "whole", "--resize", "none", "--stride", "2", "--workers", "1"),
     ]
     killed = tmp_path / "killed.h5"
-    script = "from blda_cli.dump_logits import dump_logits_command; dump_logits_command()"
+    # A short commit interval: the idle commit of the first three images comes ~0.05 s into the
+    # plugin's 3 s wait before the kill, leaving a wide margin on a busy machine.
+    script = (
+        "import blda_tools.dump; blda_tools.dump.COMMIT_SECONDS = 0.05\n"
+        "from blda_cli.dump_logits import dump_logits_command; dump_logits_command()"
+    )
     process = subprocess.run(
         [sys.executable, "-c", script, *arguments, "--out", str(killed)],
         env={**os.environ, "BLDA_TEST_KILL_AT": "4"},  # killed computing the 4th image
@@ -268,6 +278,30 @@ def test_resume_refuses_other_settings_and_existing_outputs(tmp_path, plugin):
             sampling=PixelSampling(stride=2),
             **options,
         )
+
+
+def test_background_writer_commits_when_idle(tmp_path):
+    with LogitWriter(tmp_path / "idle.h5", CLASSES, commit_interval=0.05) as writer:
+        with _BackgroundWriter(writer) as background:
+            for logits, labels, name in five_images()[:2]:
+                background.add(logits, labels, name=name)
+            # no further image comes: the thread commits within ~0.05 s of the last add
+            deadline = time.monotonic() + 30
+            while (writer.num_images, writer.uncommitted_images) != (2, 0):
+                assert time.monotonic() < deadline, "the idle writer never committed"
+                time.sleep(0.01)
+
+
+def test_labels_sent_from_workers_as_uint8_only_when_they_fit():
+    fits = SegmentationSample(
+        torch.zeros(3, 2, 2, dtype=torch.uint8), torch.tensor([[0, 18], [255, 7]]), "a"
+    )
+    compact = _compact_label(fits)
+    assert compact.label.dtype == torch.uint8
+    assert compact.label.tolist() == [[0, 18], [255, 7]]
+    too_large = SegmentationSample(fits.image, torch.tensor([[0, 300], [255, 7]]), "b")
+    assert _compact_label(too_large).label.dtype == torch.int64
+    assert _compact_label(too_large).label.tolist() == [[0, 300], [255, 7]]
 
 
 # ---------------------------------------------------------------- subsampling and sampling

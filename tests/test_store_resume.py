@@ -160,3 +160,51 @@ def test_tensors_rejected_with_the_position_of_the_bad_value(tmp_path, tensor_dt
         expect_add_error(
             tmp_path, 'float16 range.*dtype="float32"', logits=too_large, labels=labels
         )
+
+
+# Adds three images with commits only on demand (after the second), then is killed.
+KILLED_BEFORE_COMMIT = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from store_helpers import CLASSES, five_images
+from blda_tools.store import LogitWriter
+writer = LogitWriter({path!r}, CLASSES, commit_interval=3600)
+for number, (logits, labels, name) in enumerate(five_images()[:3]):
+    writer.add(logits, labels, name=name)
+    if number == 1:
+        writer.commit()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_commit_interval_resume_redoes_only_the_uncommitted_tail(tmp_path):
+    reference = tmp_path / "reference.h5"
+    write_images(reference, [(lo, la, name, {}) for lo, la, name in five_images()])
+    path = tmp_path / "batched.h5"
+    script = KILLED_BEFORE_COMMIT.format(tests=os.path.dirname(__file__), path=str(path))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert result.returncode == -9, result.stderr.decode()[-2000:]
+    with LogitWriter(path, CLASSES, resume=True, commit_interval=3600) as writer:
+        assert writer.names == ["frame0", "frame1"]  # the third add was never committed
+        for logits, labels, name in five_images()[2:]:
+            writer.add(logits, labels, name=name)
+        assert writer.uncommitted_images == 3
+    assert_same_store(path, reference)
+
+
+def test_commit_interval_exception_commits_completed_adds(tmp_path):
+    images = [(lo, la, name, {}) for lo, la, name in five_images()]
+    images[1] = (*images[1][:2], "straße/ünïcode", {})  # UTF-8 names in a batched commit
+    write_images(tmp_path / "reference.h5", images)
+    path = tmp_path / "batched.h5"
+    with pytest.raises(KeyboardInterrupt), LogitWriter(path, CLASSES, commit_interval=3600) as w:
+        for logits, labels, name, _ in images[:3]:
+            w.add(logits, labels, name=name)
+        raise KeyboardInterrupt
+    with LogitWriter(path, CLASSES, resume=True) as writer:
+        assert writer.names == ["frame0", "straße/ünïcode", "frame2"]
+        for logits, labels, name, _ in images[3:]:
+            writer.add(logits, labels, name=name)
+    assert_same_store(path, tmp_path / "reference.h5")
+    with pytest.raises(BLDAError, match="commit_interval must be a number of seconds >= 0"):
+        LogitWriter(tmp_path / "bad.h5", CLASSES, commit_interval=-1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,12 +43,17 @@ from blda_tools.store.schema import (
 class LogitWriter:
     """Append logits (and labels) image by image to an HDF5 logit store.
 
-    Use as a context manager. Rows go to `<path>.partial`, flushed after each `add`; a clean
-    exit marks the store complete and renames it onto `path`. An exception inside the block
-    leaves the `.partial` file, which `resume=True` reopens: anything past the last completed
-    `add` is dropped and `names` lists the images already stored, so callers can skip them.
-    Keyword arguments beyond the listed ones are stored as JSON metadata (`domain` and
-    `producer` become root attributes).
+    Use as a context manager. Rows go to `<path>.partial`; a clean exit marks the store
+    complete and renames it onto `path`. An exception inside the block leaves the `.partial`
+    file, which `resume=True` reopens: anything past the last commit is dropped and `names`
+    lists the images already stored, so callers can skip them. Keyword arguments beyond the
+    listed ones are stored as JSON metadata (`domain` and `producer` become root attributes).
+
+    Commits: by default every `add` is committed (flushed, then counted) before it returns.
+    With `commit_interval=T` seconds, `add` commits only when T seconds have passed since the
+    last commit, and `commit()` commits on demand: fewer flushes, and an interruption loses
+    (a resume redoes) the adds of at most the last T seconds. Leaving the block, even by an
+    exception, commits every completed `add`.
     """
 
     def __init__(
@@ -59,6 +65,7 @@ class LogitWriter:
         dtype: str = "float16",
         compression: str | None = None,
         chunk_rows: int = 65536,
+        commit_interval: float = 0.0,
         resume: bool = False,
         **metadata,
     ) -> None:
@@ -69,6 +76,12 @@ class LogitWriter:
         self.dtype = _checked_choice(dtype, LOGIT_DTYPES, "dtype", self.path)
         self.compression = _checked_choice(compression, COMPRESSIONS, "compression", self.path)
         self.chunk_rows = _checked_int(chunk_rows, "chunk_rows", self.path, minimum=1)
+        if not isinstance(commit_interval, int | float) or not commit_interval >= 0:
+            raise BLDAError(
+                f"{self.path}: commit_interval must be a number of seconds >= 0, "
+                f"got {commit_interval!r}"
+            )
+        self.commit_interval = float(commit_interval)
         self._metadata = _checked_metadata(metadata, self.path)
         self.label_dtype = (
             np.uint8 if 0 <= self.ignore_index <= 255 and len(self.class_names) <= 255 else np.int32
@@ -77,6 +90,9 @@ class LogitWriter:
         self.names: list[str] = []
         self.num_rows = 0
         self._has_labels: bool | None = None
+        # Index entries of the adds since the last commit: written by `commit`, so that one
+        # commit costs one resize and one write per index column, however many images it covers.
+        self._uncommitted: list[dict] = []
         if resume and self.partial_path.exists():
             self._file = self._reopen_partial()
         elif resume and self.path.exists():
@@ -93,6 +109,11 @@ class LogitWriter:
     @property
     def num_images(self) -> int:
         return len(self.names)
+
+    @property
+    def uncommitted_images(self) -> int:
+        """Images added since the last commit (0 with the default `commit_interval`)."""
+        return len(self._uncommitted)
 
     def __enter__(self) -> LogitWriter:
         return self
@@ -157,10 +178,35 @@ class LogitWriter:
             labels = labels.astype(self.label_dtype, copy=False)
         self._append(rows, labels, pixel_index, dict(record, name=name))
 
+    def commit(self) -> None:
+        """Make every completed `add` survive an interruption: write the pending index entries,
+        flush, then raise the committed counts and flush again."""
+        if self._file is None:
+            raise BLDAError(f"{self.path}: the writer is closed; nothing to commit")
+        file, pending = self._file, self._uncommitted
+        if pending:
+            first = self.num_images - len(pending)
+            for column in INDEX_COLUMNS:
+                values = [record[column] for record in pending]
+                if column == "name":  # fixed-length UTF-8 (numpy would encode as ASCII)
+                    values = [name.encode() for name in values]
+                dataset = file["images"][column]
+                dataset.resize(self.num_images, axis=0)
+                dataset[first:] = np.array(values, dataset.dtype)
+        # Two flushes: the data and index reach the file before the counts that commit them,
+        # which a resumed writer trusts (everything past them is dropped).
+        file.flush()
+        file.attrs["committed_rows"] = self.num_rows
+        file.attrs["committed_images"] = self.num_images
+        file.flush()
+        self._uncommitted = []
+        self._last_commit = time.monotonic()
+
     def close(self) -> None:
-        """Mark the store complete and rename `<path>.partial` onto `path`."""
+        """Commit, mark the store complete and rename `<path>.partial` onto `path`."""
         if self._file is None:
             return
+        self.commit()
         self._file.attrs["complete"] = True
         self._file.close()
         self._file = None
@@ -169,8 +215,19 @@ class LogitWriter:
         os.replace(self.partial_path, self.path)
 
     def _abandon(self) -> None:
-        """Close without completing: the `.partial` file stays for `resume=True`."""
-        if self._file is not None:
+        """Close without completing: the `.partial` file stays for `resume=True`.
+
+        The completed adds are committed first; if that fails too (the error being raised may
+        be HDF5's own), they are left uncommitted and a resume redoes them.
+        """
+        if self._file is None:
+            return
+        try:
+            if self._uncommitted:
+                self.commit()
+        except Exception:  # noqa: BLE001 - the exception already propagating is the one to report
+            pass
+        finally:
             self._file.close()
             self._file = None
 
@@ -205,6 +262,7 @@ class LogitWriter:
         _keep_metadata_in_memory_until_flush(file)
         file.flush()
         self._name_set: set[str] = set()
+        self._last_commit = time.monotonic()
         return file
 
     def _reopen_partial(self) -> h5py.File:
@@ -224,6 +282,7 @@ class LogitWriter:
         _keep_metadata_in_memory_until_flush(file)
         self._write_metadata(file)
         file.flush()
+        self._last_commit = time.monotonic()
         return file
 
     def _check_resumable(self, file: h5py.File, where: str) -> None:
@@ -277,6 +336,8 @@ class LogitWriter:
         file.attrs["metadata"] = json.dumps(extra)
 
     def _append(self, rows: np.ndarray, labels, pixel_index, record: dict) -> None:
+        """Write the rows now (they are past the committed count until a commit) and keep the
+        index entry for the next commit."""
         file, start = self._file, self.num_rows
         stop = start + rows.shape[0]
         self._create_optional_datasets(labels is not None, pixel_index is not None)
@@ -288,19 +349,13 @@ class LogitWriter:
                 if stop > start:
                     file[key][start:stop] = values
         record.update(offset=start, count=stop - start, kind=KINDS.index(record["kind"]))
-        for column in INDEX_COLUMNS:
-            file["images"][column].resize(self.num_images + 1, axis=0)
-            file["images"][column][self.num_images] = record[column]
-        # Two flushes: the data and index reach the file before the counts that commit them,
-        # which a resumed writer trusts (everything past them is dropped).
-        file.flush()
-        file.attrs["committed_rows"] = stop
-        file.attrs["committed_images"] = self.num_images + 1
-        file.flush()
+        self._uncommitted.append(record)
         self.num_rows = stop
         self.names.append(record["name"])
         if record["name"]:
             self._name_set.add(record["name"])
+        if time.monotonic() - self._last_commit >= self.commit_interval:
+            self.commit()
 
     def _create_optional_datasets(self, with_labels: bool, with_pixel_index: bool) -> None:
         """`labels` at the first add (if it has labels), `pixel_index` at the first positions."""
