@@ -6,12 +6,13 @@
 Prints the machine and:
 - the fit time of a Calibrator (361 cells, K = 5) from statistics of synthetic logits;
 - `--apply` throughput (Calibrator.predict, one tau) in pixels per second: the full C x C
-  computation, the exact pruned prediction for several bound block sizes, the share of pixels
-  the bounds leave undecided per tau, and, as alternatives, nearest-grid lookup instead of linear
-  interpolation, and (with --compile) torch.compile of the full block kernel;
-- the 11-value sweep (TauSweep over 0:1:0.1 with the prior baseline; one bound gather per block
-  shared by every tau) against a single-tau sweep: pixels per second and the cost ratio
-  (target <= 3);
+  computation, the exact pruned prediction (numba certificates, `--threads` threads) for several
+  block sizes and with one thread, the share of pixels the bounds leave undecided per tau, and,
+  as alternatives, nearest-grid lookup instead of linear interpolation, and (with --compile)
+  torch.compile of the full block kernel;
+- the 11-value sweep (TauSweep over 0:1:0.1 with the prior baseline; one certificate per pixel
+  for the whole range of taus, halved only where undecided) against a single-tau sweep on the
+  same pixels: pixels per second and the cost ratio (target <= 3), wall and CPU;
 - the peak RSS of `apply_calibrator` and of a sweep over stores of two sizes, each measured in a
   fresh process (target: independent of the store size).
 Targets (issue 3): apply >= 5 M px/s for one tau on the 2-core machine; sweep <= 3x one tau.
@@ -36,6 +37,7 @@ from blda_tools.calibration import (
     log_scores_from_gaps,
     score_gaps,
 )
+from blda_tools.eq7_certify import UNDECIDED, certified_predictions
 from blda_tools.statistics import LogitGrid, LogitSetStatistics
 from blda_tools.sweep import TauSweep, parse_tau_spec
 
@@ -116,14 +118,16 @@ def bench_apply(calibrator: Calibrator, logits: torch.Tensor, use_compile: bool)
     kernel = calibrator.kernel_tensors()
     rate = best_rate(lambda: calibration.full_prediction(logits, kernel, 1.0), pixels)
     print(f"  full C x C computation (no pruning), block 1024: {rates(rate)} (before)")
-    default_rate = 0.0
-    for block in (2048, 8192, 32768):
+    default_rate, default_block = 0.0, calibration.PRUNE_BLOCK
+    for block in (16384, default_block, 262144):
         calibration.PRUNE_BLOCK = block
         rate = best_rate(lambda: calibrator.predict(logits, 1.0), pixels)
-        marker = " (default)" if block == 8192 else ""
-        default_rate = rate if block == 8192 else default_rate
-        print(f"  pruned (exact), bound block {block:>6}: {rates(rate)}{marker}")
-    calibration.PRUNE_BLOCK = 8192
+        marker = " (default)" if block == default_block else ""
+        default_rate = rate if block == default_block else default_rate
+        print(f"  pruned (exact), block {block:>6}: {rates(rate)}{marker}")
+    calibration.PRUNE_BLOCK = default_block
+    rate = best_rate(lambda: calibrator.predict(logits, 1.0, threads=1), pixels)
+    print(f"  pruned (exact), one thread:    {rates(rate)}")
     rate = best_rate(lambda: predict_nearest(calibrator, logits, 1.0, 1024), pixels)
     print(f"  full, nearest grid point, block 1024: {rates(rate)} (alternative, not exact)")
     print_undecided(calibrator, logits)
@@ -145,17 +149,17 @@ def bench_apply(calibrator: Calibrator, logits: torch.Tensor, use_compile: bool)
 
 
 def print_undecided(calibrator: Calibrator, logits: torch.Tensor) -> None:
-    """Share of pixels the bounds leave to the full C x C computation, per tau."""
-    _, low, inv_step, high, _ = calibrator.kernel_tensors()
-    class_major = logits.T.contiguous()
-    bounds = calibration.offset_bounds(
-        class_major, calibrator.bound_tables(), low[:, None], inv_step[:, None], high[:, None]
-    )
+    """Share of pixels the bounds leave to the full C x C computation, per tau, certified one
+    tau at a time and as the sweep 0.1:1:0.1 (one certificate for the whole range first)."""
+    tables = calibrator.certify_tables()
     shares = []
     for tau in (0.1, 0.5, 1.0, 2.0):
-        _, decided = calibration.certified_prediction(class_major, bounds, tau)
-        shares.append(f"tau {tau}: {100 * (1 - decided.float().mean().item()):.2f}%")
+        undecided = certified_predictions(logits, [tau], tables)[0] == UNDECIDED
+        shares.append(f"tau {tau}: {100 * undecided.float().mean().item():.2f}%")
     print(f"  undecided by the bounds (full computation): {', '.join(shares)}")
+    sweep = certified_predictions(logits, parse_tau_spec("0.1:1:0.1"), tables)
+    shares = (100 * (sweep == UNDECIDED).float().mean(1)).tolist()
+    print(f"  undecided in a sweep 0.1:1:0.1, per tau (%): {', '.join(f'{s:.2f}' for s in shares)}")
 
 
 def bench_compile(calibrator: Calibrator, logits: torch.Tensor) -> None:
@@ -189,7 +193,7 @@ def bench_sweep(calibrator: Calibrator, logits: torch.Tensor, labels: torch.Tens
     taus = parse_tau_spec("0:1:0.1")
     single = best_rate(lambda: TauSweep(calibrator, [1.0]).update(logits, labels), pixels)
     single_cpu = best_rate.cpu
-    print(f"\nsweep (blda + prior baseline, confusion per tau), {pixels:,} pixels:")
+    print(f"\nsweep (blda + prior baseline, confusion per tau), the same {pixels:,} pixels:")
     print(f"  one tau (plus tau = 0):   {rates(single)}")
     eleven = best_rate(lambda: TauSweep(calibrator, taus).update(logits, labels), pixels)
     print(f"  11 taus (0:1:0.1):        {rates(eleven)}")

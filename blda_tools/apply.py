@@ -6,6 +6,8 @@ prediction store (format in `apply_calibrator`).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -14,11 +16,13 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
 from blda_tools.calibration import Calibrator
 from blda_tools.datasets import CITYSCAPES_PALETTE, default_palette
 from blda_tools.datasets.base import write_color_png, write_label_png
 from blda_tools.datasets.cityscapes import CITYSCAPES_CLASSES
+from blda_tools.eq7_pruning import torch_threads
 from blda_tools.errors import BLDAError
 from blda_tools.fileio import atomic_output, ensure_writable_dir
 from blda_tools.store import LogitStore
@@ -63,14 +67,20 @@ def apply_calibrator(
     store = LogitStore(stores)
     calibrator.check_classes(store.class_names, ", ".join(map(str, store.paths)))
     out_dir = ensure_writable_dir(out_dir)
-    if all(record.kind == "map" for record in store.images):
-        files = _write_prediction_pngs(calibrator, store, out_dir, tau, progress)
-        return ApplyResult(tau, store.num_rows, len(store.images), files, None)
-    path = _write_prediction_store(calibrator, calibrator_path, store, out_dir, tau, progress)
+    # The certificates run in `threads` threads of their own, torch at one thread meanwhile.
+    threads = torch.get_num_threads()
+    predict = functools.partial(calibrator.predict, tau=tau, threads=threads)
+    with torch_threads(1) if threads > 1 else contextlib.nullcontext():
+        if all(record.kind == "map" for record in store.images):
+            files = _write_prediction_pngs(calibrator, predict, store, out_dir, progress)
+            return ApplyResult(tau, store.num_rows, len(store.images), files, None)
+        path = _write_prediction_store(
+            calibrator, calibrator_path, predict, store, out_dir, tau, progress
+        )
     return ApplyResult(tau, store.num_rows, len(store.images), [path.name], str(path))
 
 
-def _write_prediction_pngs(calibrator, store, out_dir: Path, tau, progress) -> list[str]:
+def _write_prediction_pngs(calibrator, predict, store, out_dir: Path, progress) -> list[str]:
     names = calibrator.class_names
     palette = (
         CITYSCAPES_PALETTE if tuple(names) == CITYSCAPES_CLASSES else default_palette(len(names))
@@ -80,7 +90,7 @@ def _write_prediction_pngs(calibrator, store, out_dir: Path, tau, progress) -> l
         logits, _ = store.read_image(index)
         height, width = record.shape
         flat = logits.permute(1, 2, 0).reshape(-1, len(names))
-        prediction = calibrator.predict(flat, tau).view(height, width)
+        prediction = predict(flat).view(height, width)
         if record.stride > 1:
             prediction = prediction.repeat_interleave(record.stride, 0)
             prediction = prediction.repeat_interleave(record.stride, 1)
@@ -108,7 +118,9 @@ def _safe_relative_name(name: str, index: int) -> str:
     return name
 
 
-def _write_prediction_store(calibrator, calibrator_path, store, out_dir, tau, progress) -> Path:
+def _write_prediction_store(
+    calibrator, calibrator_path, predict, store, out_dir, tau, progress
+) -> Path:
     dtype = np.uint8 if calibrator.num_classes <= 256 else np.int32
     path = out_dir / "predictions.h5"
     with atomic_output(path) as temporary, h5py.File(temporary, "w") as file:
@@ -123,9 +135,9 @@ def _write_prediction_store(calibrator, calibrator_path, store, out_dir, tau, pr
             if store.has_labels
             else None
         )
-        for chunk in store.iter_chunks(rows=1 << 16, reuse_buffers=True):
+        for chunk in store.iter_chunks(rows=1 << 18, reuse_buffers=True):
             rows = slice(chunk.first_row, chunk.first_row + chunk.logits.shape[0])
-            prediction[rows] = calibrator.predict(chunk.logits, tau).numpy().astype(dtype)
+            prediction[rows] = predict(chunk.logits).numpy().astype(dtype)
             if labels is not None:
                 labels[rows] = chunk.labels.numpy().astype(np.int32)
             if progress is not None:

@@ -18,8 +18,9 @@ Eq. 7 itself is computed in log space by the scriptable functions of `blda_tools
 (`blda export` scripts them, so `--apply` and the exported module run the same code).
 
 Predictions (`Calibrator.predict`, the tau sweep) first bound every class's Eq. 7 score from
-C-vectors (see `blda_tools.eq7_pruning`); only the few pixels those bounds leave undecided
-(~3% at tau = 1 for C = 19) go through the C x C computation, with identical results.
+C-vectors (see `blda_tools.eq7_pruning`, `blda_tools.eq7_certify`); only the few pixels those
+bounds leave undecided (~3% at tau = 1 for C = 19) go through the C x C computation, with
+identical results.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from blda_tools.alignment import (
     fitting_bins,
     mixture_parameters,
 )
+from blda_tools.eq7_certify import CertifyTables, certify_tables
 from blda_tools.eq7_kernel import (
     BLOCK_PIXELS,
     balanced_log_scores_blocks,
@@ -49,14 +51,11 @@ from blda_tools.eq7_kernel import (
 )
 from blda_tools.eq7_pruning import (
     PRUNE_BLOCK,
-    OffsetBounds,  # noqa: F401
     bound_tables,
-    certified_prediction,  # noqa: F401
     first_argmax,  # noqa: F401
     full_prediction,  # noqa: F401
-    offset_bounds,  # noqa: F401
-    predict_block,  # noqa: F401
     predict_pruned,
+    predict_taus,  # noqa: F401
 )
 from blda_tools.errors import BLDAError
 from blda_tools.fileio import atomic_output
@@ -222,7 +221,12 @@ class Calibrator:
         self._rows = self._rows.contiguous()
         self._inv_step = ((points - 1) / (self.table_high_ - self.table_low_)).to(torch.float32)
         self._adjusted_lc = self.adjusted_.T.to(torch.float32).contiguous()
-        self._bound_tables = bound_tables(self.offsets_, self.adjusted_, self._rows)
+        self._certify_tables = certify_tables(
+            bound_tables(self.offsets_, self.adjusted_, self._rows),
+            self.table_low_,
+            self._inv_step,
+            self.table_high_,
+        )
 
     # ------------------------------------------------------------------ apply
     @property
@@ -256,17 +260,22 @@ class Calibrator:
         tau = self.tau if tau is None else check_tau(tau, "tau")
         return balanced_log_scores_blocks(logits, *self.kernel_tensors(), tau, BLOCK_PIXELS)
 
-    def predict(self, logits: Tensor, tau: float | None = None) -> Tensor:
+    def predict(
+        self, logits: Tensor, tau: float | None = None, threads: int | None = None
+    ) -> Tensor:
         """Eq. 7 prediction ``(n,)`` int64: the argmax of `log_scores` (lowest index on ties),
-        certified from bounds where they decide, else fully computed (`predict_pruned`)."""
+        certified from bounds where they decide, else fully computed (`predict_pruned`);
+        `threads` defaults to torch's thread count."""
         logits = self._check_logits(logits)
         tau = self.tau if tau is None else check_tau(tau, "tau")
-        return predict_pruned(logits, self.kernel_tensors(), self.bound_tables(), tau, PRUNE_BLOCK)
+        threads = torch.get_num_threads() if threads is None else int(threads)
+        tables = self.certify_tables()
+        return predict_pruned(logits, self.kernel_tensors(), tables, tau, PRUNE_BLOCK, threads)
 
-    def bound_tables(self) -> dict[str, Tensor]:
-        """The tables of the pruning bounds (see `bound_tables`)."""
+    def certify_tables(self) -> CertifyTables:
+        """The tables of the pruning bounds, laid out for `blda_tools.eq7_certify`."""
         self._require_fitted()
-        return self._bound_tables
+        return self._certify_tables
 
     def _check_logits(self, logits) -> Tensor:
         names = self._require_fitted()

@@ -1,15 +1,17 @@
 """The tau sweep of Eq. 7: tau specs, one pass over the data for every tau, baselines, selection.
 
 `TauSweep` accumulates, for every tau, the confusion matrix of the Eq. 7 prediction ("blda") and
-of prior logit adjustment (Menon et al. 2020: argmax f - tau log pi, "prior"). Per block of pixels
-the bound tables' gather (`offset_bounds`) is done once and shared by all taus; the certified
-prediction from the bounds and the full C x C computation of the few undecided pixels are per
-tau (`predict_block`). tau = 0 is the uncalibrated model for both methods and is computed as the
-plain argmax, so it reproduces the uncalibrated metrics exactly.
+of prior logit adjustment (Menon et al. 2020: argmax f - tau log pi, "prior"). Per pixel the
+bounds of Eq. 7 are formed once and one certificate decides most pixels for every tau of the
+sweep at once; the range of taus is halved only for the pixels left undecided, and the full C x C
+computation runs only for those no single-tau certificate decides (`predict_taus`). tau = 0 is
+the uncalibrated model for both methods and is computed as the plain argmax, so it reproduces
+the uncalibrated metrics exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,15 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from blda_tools.calibration import (
-    PRUNE_BLOCK,
-    Calibrator,
-    certified_prediction,
-    check_tau,
-    first_argmax,
-    offset_bounds,
-    predict_block,
-)
+from blda_tools.calibration import PRUNE_BLOCK, Calibrator, check_tau, first_argmax, predict_taus
+from blda_tools.eq7_pruning import torch_threads
 from blda_tools.errors import BLDAError
 from blda_tools.metrics import SegmentationMetrics
 
@@ -87,12 +82,11 @@ class TauSweep:
         self.confusion = {method: torch.zeros(T, C * C, dtype=torch.int64) for method in METHODS}
         self._log_prior = torch.log(calibrator.class_prior_.to(torch.float32))[:, None]
         self._kernel = calibrator.kernel_tensors()
-        self._tables = calibrator.bound_tables()
-        _, low, inv_step, high, _ = self._kernel
-        self._grid = (low[:, None], inv_step[:, None], high[:, None])
+        self._tables = calibrator.certify_tables()
 
-    def update(self, logits: Tensor, labels: Tensor) -> None:
-        """Add pixels: `logits` ``(n, C)`` float32 (finite), `labels` ``(n,)`` with ignore index."""
+    def update(self, logits: Tensor, labels: Tensor, threads: int | None = None) -> None:
+        """Add pixels: `logits` ``(n, C)`` float32 (finite), `labels` ``(n,)`` with ignore index;
+        `threads` for the certificates (default: torch's thread count)."""
         kept = labels != self.ignore_index
         if not bool(kept.all()):
             logits, labels = logits[kept], labels[kept]
@@ -102,7 +96,21 @@ class TauSweep:
         if int(labels.min()) < 0 or int(labels.max()) >= C:
             raise BLDAError(f"labels: values outside [0, {C}) other than the ignore index")
         T = len(self.taus)
+        threads = torch.get_num_threads() if threads is None else int(threads)
+        logits = logits.to(torch.float32).contiguous()
+        # min and max propagate NaN and show infinities (the certificates need finite values)
+        if not all(map(math.isfinite, map(float, torch.aminmax(logits)))):
+            raise BLDAError("logits: contain NaN or infinite values")
         cells = torch.zeros(2 * T * C * C, dtype=torch.int64)
+        with torch_threads(1) if threads > 1 else contextlib.nullcontext():
+            self._count_blocks(logits, labels, threads, cells)
+        cells = cells.view(2, T, C * C)
+        for method_index, method in enumerate(METHODS):
+            self.confusion[method] += cells[method_index]
+
+    def _count_blocks(self, logits: Tensor, labels: Tensor, threads: int, cells: Tensor) -> None:
+        """Add the confusion cells ``(2 T C C,)`` of every block of rows into `cells`."""
+        C, T = self.num_classes, len(self.taus)
         for start in range(0, logits.shape[0], self.block):
             part = logits[start : start + self.block]
             class_major = part.T.contiguous()
@@ -110,46 +118,15 @@ class TauSweep:
             index = torch.empty(2, T, part.shape[0], dtype=torch.int64)
             index[:, 0] = first_argmax(class_major)  # tau = 0, the uncalibrated model
             if T > 1:
-                self._blda_predictions(part, class_major, index[0, 1:])
+                index[0, 1:] = predict_taus(
+                    part, self._kernel, self._tables, self.taus[1:], threads
+                )
             for position in range(1, T):
                 adjusted = torch.add(class_major, self._log_prior, alpha=-self.taus[position])
                 index[1, position] = first_argmax(adjusted)
             index += labels[start : start + self.block] * C
             index += (torch.arange(2 * T) * (C * C)).view(2, T, 1)
             cells += torch.bincount(index.view(-1), minlength=2 * T * C * C)
-        cells = cells.view(2, T, C * C)
-        for method_index, method in enumerate(METHODS):
-            self.confusion[method] += cells[method_index]
-
-    def _blda_predictions(self, logits: Tensor, class_major: Tensor, out: Tensor) -> None:
-        """Eq. 7 predictions of a block for every positive tau into `out` ``(T - 1, n)``.
-
-        Bounds valid over a whole range of taus decide most pixels for all of them at once
-        (`certified_prediction` with `tau_high`); the undecided pixels go to the two halves of
-        the range, down to single taus, where the rest is computed in full (`predict_block`)."""
-        taus = self.taus[1:]
-        bounds = offset_bounds(class_major, self._tables, *self._grid)  # shared by every tau
-        everything = torch.arange(logits.shape[0])
-        pending = [(0, len(taus) - 1, everything)]  # (first tau, last tau, pixels)
-        while pending:
-            first, last, pixels = pending.pop()
-            if pixels is everything:  # no copy for the first pass over the whole block
-                values, subset = class_major, bounds
-            else:  # index_select: several times faster than advanced indexing here
-                values, subset = class_major.index_select(1, pixels), bounds.select(pixels)
-            if first == last:
-                part = logits.index_select(0, pixels)
-                prediction = predict_block(part, values, subset, self._kernel, taus[first])
-                out[first].index_copy_(0, pixels, prediction)
-                continue
-            prediction, decided = certified_prediction(values, subset, taus[first], taus[last])
-            where = decided.nonzero().squeeze(1)
-            certified = prediction.index_select(0, where).expand(last + 1 - first, -1)
-            out[first : last + 1].index_copy_(1, pixels.index_select(0, where), certified)
-            undecided = pixels.index_select(0, (~decided).nonzero().squeeze(1))
-            if undecided.numel():
-                middle = (first + last) // 2
-                pending += [(first, middle, undecided), (middle + 1, last, undecided)]
 
     def compute(self) -> list[SweepRow]:
         """Rows ordered by method, then tau."""

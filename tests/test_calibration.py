@@ -15,6 +15,7 @@ from scipy import optimize, special, stats
 
 from blda_tools import calibration
 from blda_tools.calibration import Calibrator
+from blda_tools.eq7_certify import UNDECIDED, certified_predictions, offset_bounds_rows
 from blda_tools.errors import BLDAError
 from blda_tools.statistics import LogitGrid, LogitSetStatistics
 from blda_tools.sweep import TauSweep, parse_tau_spec, select_tau
@@ -361,17 +362,7 @@ def test_offset_bounds_enclose_every_off_diagonal_offset(five_class_calibrator, 
     generator = torch.Generator().manual_seed(seed)
     # Uniform over each column's table, widened by `reach` on both sides (extrapolation).
     logits = low - reach + torch.rand(400, 5, generator=generator) * (high - low + 2 * reach)
-    _, low_, inv_step, high_, _ = calibrator.kernel_tensors()
-    own, lowest, highest = (
-        bound.T.double().numpy()
-        for bound in calibration.offset_bounds(
-            logits.T.contiguous(),
-            calibrator.bound_tables(),
-            low_[:, None],
-            inv_step[:, None],
-            high_[:, None],
-        )[:3]
-    )
+    own, lowest, highest = offset_bounds_rows(logits.numpy(), *calibrator.certify_tables())
     truth = _interpolated_offsets(calibrator, logits.double().numpy())
     tolerance = 1e-4 * (1.0 + np.abs(truth))
     for c in range(5):
@@ -437,13 +428,9 @@ def test_pruning_keeps_exact_ties_at_the_lowest_index():
 
 def test_bounds_decide_most_pixels_of_a_calibrated_model(five_class_calibrator):
     calibrator, logits = five_class_calibrator
-    _, low, inv_step, high, _ = calibrator.kernel_tensors()
-    class_major = logits[:5000].T.contiguous()
-    bounds = calibration.offset_bounds(
-        class_major, calibrator.bound_tables(), low[:, None], inv_step[:, None], high[:, None]
-    )
     for tau, least in ((0.1, 0.97), (1.0, 0.8)):
-        prediction, decided = calibration.certified_prediction(class_major, bounds, tau)
+        prediction = certified_predictions(logits[:5000], [tau], calibrator.certify_tables())[0]
+        decided = prediction != UNDECIDED
         assert decided.float().mean() > least
         full = calibrator.log_scores(logits[:5000], tau).argmax(1)
         assert torch.equal(prediction[decided], full[decided])
@@ -470,3 +457,16 @@ def test_sweep_confusion_matches_the_full_computation(five_class_calibrator):
         prior = np.argmax(sample.numpy() - tau * log_prior, 1)
         expected = _confusion_numpy(labels.numpy(), prior, 5)
         assert np.array_equal(sweep.confusion_at(tau, "prior").numpy(), expected)
+
+
+def test_pruning_keeps_an_unadjusted_class_far_beyond_the_table(five_class_calibrator):
+    # Class e is rare, so its whole row of cells is unadjusted (Delta = 0): its score is plain
+    # f[e] - logsumexp(f), while every other class's sum holds f[e] + tau Delta_ce(f[e]), far
+    # above the others beyond the table (slope -1 there). The certificate's sums then span more
+    # than exp(700) (a case found by hypothesis): e must stay a candidate.
+    calibrator, _ = five_class_calibrator
+    assert not bool(calibrator.adjusted_[4].any())
+    pixel = torch.tensor([[100.475, -118.793, -47.962, 2.9348, -228.862]])
+    full = calibration.full_prediction(pixel, calibrator.kernel_tensors(), 5.0)
+    assert int(full) == 4  # the unadjusted class wins
+    assert torch.equal(calibrator.predict(pixel, 5.0), full)

@@ -1,0 +1,155 @@
+"""The certified Eq. 7 winners (`blda_tools.eq7_certify`) against independent truths: numpy's
+and mpmath's exp / softplus, and the unpruned C x C computation of Eq. 7 (`full_prediction`,
+`log_scores(...).argmax`), which shares none of the certificate's code."""
+
+from __future__ import annotations
+
+import math
+
+import mpmath
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blda_tools.calibration import Calibrator, full_prediction, predict_taus
+from blda_tools.eq7_certify import UNDECIDED, _threshold, certified_predictions, fast_exp
+from blda_tools.errors import BLDAError
+from blda_tools.statistics import LogitGrid, LogitSetStatistics
+from blda_tools.sweep import TauSweep
+
+
+def _biased_logits(num_classes: int, pixels: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-conditional Gaussian logits with a long-tailed prior (rare classes leave cells
+    with few samples, hence unadjusted)."""
+    generator = torch.Generator().manual_seed(seed)
+    prior = torch.logspace(0, -2.5, num_classes)
+    labels = torch.multinomial(prior / prior.sum(), pixels, True, generator=generator)
+    spread = torch.linspace(0.7, 2.0, num_classes)
+    bias = torch.linspace(1.0, -1.0, num_classes)
+    logits = torch.randn(pixels, num_classes, generator=generator) * spread + bias
+    return logits + 3.0 * torch.nn.functional.one_hot(labels, num_classes), labels
+
+
+@pytest.fixture(scope="module", params=[2, 19], ids=["C2", "C19"])
+def fitted(request):
+    num_classes = request.param
+    logits, labels = _biased_logits(num_classes, 30_000, seed=num_classes)
+    statistics = LogitSetStatistics(num_classes, LogitGrid(-20, 20, 400))
+    statistics.update(logits, labels)
+    calibrator = Calibrator("empirical", min_samples=60, table_points=256).fit(statistics)
+    if num_classes == 19:  # the case really has unadjusted cells next to adjusted ones
+        assert calibrator.unadjusted_cells_ and bool(calibrator.adjusted_.any())
+    return calibrator, logits
+
+
+def test_fast_exp_has_a_relative_error_below_1e_10():
+    generator = np.random.default_rng(0)
+    values = np.concatenate([np.linspace(-700, 700, 20001), generator.uniform(-5, 5, 20000)])
+    got = np.array([fast_exp(value) for value in values])
+    np.testing.assert_allclose(got, np.exp(values), rtol=1e-10, atol=0)
+    # Clamped beyond [-700, 700]: an upper bound below (the side the certificate relies on).
+    assert fast_exp(-900.0) >= math.exp(-900.0) and fast_exp(-900.0) == fast_exp(-700.0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    lower_gap=st.one_of(st.floats(-800.0, 800.0), st.floats(-40.0, 10.0)),
+    margin=st.floats(1e-8, 1e-1),
+)
+def test_threshold_is_at_least_the_exact_inverse_softplus(lower_gap, margin):
+    mpmath.mp.dps = 60
+    softplus = mpmath.log1p(mpmath.exp(lower_gap))
+    exact = mpmath.log(mpmath.expm1(softplus + 3 * mpmath.mpf(margin)))
+    got = _threshold(lower_gap, margin)
+    # At least the exact value (up to float64 rounding, far inside the spare margin), and
+    # close to it: a loose threshold would leave confident pixels undecided.
+    assert got >= float(exact) - 1e-12 * (1.0 + abs(lower_gap))
+    assert got - float(exact) <= 1e-5 + 1e-12 * abs(lower_gap)
+
+
+def _adversarial(logits: torch.Tensor, seed: int, scale: float, step, reach: float):
+    """Logits drawn from the fit data, scaled, shifted beyond the table by up to `reach`, and
+    optionally rounded to `step` plus nudges of a few float32 ulps (exact and near ties)."""
+    generator = torch.Generator().manual_seed(seed)
+    sample = logits[torch.randint(0, logits.shape[0], (400,), generator=generator)]
+    sample = sample * scale + torch.randn(sample.shape, generator=generator)
+    sample += reach * (2 * torch.rand(sample.shape[0], 1, generator=generator) - 1)
+    if step is not None:
+        sample = torch.round(sample / step) * step
+        nudge = torch.randint(-2, 3, sample.shape, generator=generator).float()
+        sample = sample + nudge * 1e-7 * (1.0 + sample.abs())
+    return sample.contiguous()
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    scale=st.sampled_from([1.0, 6.0, 60.0]),
+    step=st.sampled_from([None, 0.25, 1.0]),
+    reach=st.sampled_from([0.0, 30.0]),
+    taus=st.sampled_from([[1.0], [0.1, 0.5, 1.0], [0.05, 0.3, 2.0, 5.0], [0.0, 0.2, 1.0]]),
+)
+def test_certified_predictions_are_the_full_computation(fitted, seed, scale, step, reach, taus):
+    calibrator, logits = fitted
+    sample = _adversarial(logits, seed, scale, step, reach)
+    kernel = calibrator.kernel_tensors()
+    certified = certified_predictions(sample, taus, calibrator.certify_tables())
+    complete = predict_taus(sample, kernel, calibrator.certify_tables(), taus)
+    for index, tau in enumerate(taus):
+        full = full_prediction(sample, kernel, tau, block=333)
+        decided = certified[index] != UNDECIDED
+        assert torch.equal(certified[index][decided], full[decided])
+        assert torch.equal(complete[index], full)
+        if tau > 0:
+            assert torch.equal(calibrator.predict(sample, tau), full)
+            assert torch.equal(calibrator.log_scores(sample, tau).argmax(1), full)
+
+
+def test_sweep_confusion_is_the_full_computation_for_every_tau(fitted):
+    calibrator, logits = fitted
+    C = calibrator.num_classes
+    sample = _adversarial(logits, seed=3, scale=1.5, step=0.5, reach=5.0)
+    labels = torch.arange(sample.shape[0]) % C
+    taus = [0.1 * index for index in range(11)]
+    sweep = TauSweep(calibrator, taus, block=256)
+    sweep.update(sample, labels)
+    for tau in taus:
+        if tau == 0:
+            prediction = np.argmax(sample.numpy(), 1)
+        else:
+            prediction = full_prediction(sample, calibrator.kernel_tensors(), tau).numpy()
+        expected = np.zeros((C, C), dtype=np.int64)
+        np.add.at(expected, (labels.numpy(), prediction), 1)
+        assert np.array_equal(sweep.confusion_at(tau).numpy(), expected)
+
+
+def test_one_certificate_decides_most_pixels_for_a_whole_sweep(fitted):
+    calibrator, logits = fitted
+    taus = [0.1 * index for index in range(1, 11)]
+    certified = certified_predictions(logits[:3000], taus, calibrator.certify_tables())
+    decided = certified != UNDECIDED
+    assert decided.float().mean() > 0.75  # the share left to the full computation is small
+    for index, tau in enumerate(taus):
+        full = full_prediction(logits[:3000], calibrator.kernel_tensors(), tau)
+        assert torch.equal(certified[index][decided[index]], full[decided[index]])
+
+
+def test_threads_give_the_full_computation_too(fitted):
+    calibrator, logits = fitted
+    sample = (logits[:9000] * 1.3).contiguous()
+    taus, kernel = [0.2, 1.0], calibrator.kernel_tensors()
+    two = predict_taus(sample, kernel, calibrator.certify_tables(), taus, threads=2)
+    for index, tau in enumerate(taus):
+        assert torch.equal(two[index], full_prediction(sample, kernel, tau))
+
+
+def test_bad_logits_raise_clear_errors(fitted):
+    calibrator, logits = fitted
+    with pytest.raises(BLDAError, match="logits: expected a contiguous"):
+        certified_predictions(logits[:10].double(), [1.0], calibrator.certify_tables())
+    bad = logits[:10].clone()
+    bad[3, 0] = math.nan
+    with pytest.raises(BLDAError, match="logits: contain NaN"):
+        TauSweep(calibrator, [1.0]).update(bad, torch.zeros(10, dtype=torch.int64))
