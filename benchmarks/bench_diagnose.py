@@ -51,11 +51,17 @@ def measure(store: Path, workers: int) -> dict:
         "    own, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))\n"
         "    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime\n"
         "start, cpu_start = time.perf_counter(), cpu()\n"
+        # numba's one-time start-up (loading the compiled kernels), timed on its own first.
+        "import torch\n"
+        "from blda_tools.statistics import LogitSetStatistics\n"
+        "LogitSetStatistics(2).update(torch.zeros(1, 2), torch.zeros(1, dtype=torch.int64))\n"
+        "startup = time.perf_counter() - start\n"
         f"diagnose({str(store)!r}, sys.argv[1], workers={workers}, plots_and_report=False)\n"
         "elapsed, cpu_seconds = time.perf_counter() - start, cpu() - cpu_start\n"
         "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
-        "print(json.dumps({'seconds': elapsed, 'cpu_seconds': cpu_seconds, 'peak_kb': peak,\n"
+        "print(json.dumps({'seconds': elapsed, 'startup': startup, 'cpu_seconds': cpu_seconds,\n"
+        "                  'peak_kb': peak,\n"
         "                  'children_peak_kb': children}))\n"
     )
     with tempfile.TemporaryDirectory() as out:
@@ -93,13 +99,16 @@ def main() -> None:
             load_before = os.getloadavg()[0]
             figures = measure(store, workers)
             rate = millions * 1e6 / figures["seconds"]
+            streaming = millions * 1e6 / (figures["seconds"] - figures["startup"])
             peak_mb = max(figures["peak_kb"], figures["children_peak_kb"]) / 1024
             # CPU time (all threads and worker processes) does not depend on how busy the
             # machine is as much as wall time does: 10M pixels/s on 2 idle cores needs at most
             # 200 CPU-ms per M pixels, evenly spread over both.
             print(
                 f"{millions:>3}M pixels, C={NUM_CLASSES}, workers={workers}: "
-                f"{figures['seconds']:.2f} s, {rate / 1e6:.1f} M pixels/s wall, "
+                f"{figures['seconds']:.2f} s, {rate / 1e6:.1f} M pixels/s wall "
+                f"({figures['startup']:.2f} s of it numba's one-time start-up; "
+                f"{streaming / 1e6:.1f} M pixels/s after it), "
                 f"{figures['cpu_seconds'] * 1e3 / millions:.0f} CPU-ms per M pixels, "
                 f"peak RSS {figures['peak_kb'] / 1024:.0f} MB (main), "
                 f"{figures['children_peak_kb'] / 1024:.0f} MB (largest worker), max {peak_mb:.0f} MB, "
