@@ -119,7 +119,7 @@ def bench_apply(calibrator: Calibrator, logits: torch.Tensor, use_compile: bool)
     rate = best_rate(lambda: calibration.full_prediction(logits, kernel, 1.0), pixels)
     print(f"  full C x C computation (no pruning), block 1024: {rates(rate)} (before)")
     default_rate, default_block = 0.0, calibration.PRUNE_BLOCK
-    for block in (16384, default_block, 262144):
+    for block in sorted({16384, 65536, 262144, default_block}):
         calibration.PRUNE_BLOCK = block
         rate = best_rate(lambda: calibrator.predict(logits, 1.0), pixels)
         marker = " (default)" if block == default_block else ""

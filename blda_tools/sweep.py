@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from blda_tools.calibration import PRUNE_BLOCK, Calibrator, check_tau, first_argmax, predict_taus
+from blda_tools.calibration import Calibrator, check_tau, first_argmax, predict_taus
 from blda_tools.eq7_pruning import torch_threads
 from blda_tools.errors import BLDAError
 from blda_tools.metrics import SegmentationMetrics
@@ -61,6 +61,11 @@ def parse_tau_spec(spec: str) -> list[float]:
     return sorted({check_tau(value) for value in values})
 
 
+# Pixels per block of a sweep: its temporaries are (2, taus, block) int64, and 2^16 measured
+# faster than 2^18 for 11 taus (benchmarks/bench_calibrate.py), unlike a single tau.
+SWEEP_BLOCK = 1 << 16
+
+
 @dataclass(frozen=True)
 class SweepRow:
     """One line of sweep.csv: a method at one tau, with its metrics."""
@@ -73,7 +78,7 @@ class SweepRow:
 class TauSweep:
     """Streaming confusion matrices of Eq. 7 and prior adjustment for every tau (update/compute)."""
 
-    def __init__(self, calibrator: Calibrator, taus: Sequence[float], block: int = PRUNE_BLOCK):
+    def __init__(self, calibrator: Calibrator, taus: Sequence[float], block: int = SWEEP_BLOCK):
         taus = sorted({check_tau(tau) for tau in taus} | {0.0})  # tau = 0: the uncalibrated model
         self.calibrator, self.taus, self.block = calibrator, taus, int(block)
         self.num_classes = calibrator.num_classes
