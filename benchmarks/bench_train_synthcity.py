@@ -101,20 +101,18 @@ def main() -> None:
     data = args.data or args.out / "synthcity"
     if not (data / "synthcity.json").is_file():
         make_synthcity(data, images=args.images, size=(256, 512), seed=args.data_seed)
-    common = [
-        f'data.root="{data}"',
-        f"run.iterations={args.iterations}",
-        f"run.seed={args.seed}",
-        "run.live=false",
-        *args.overrides,
-    ]
+
+    def overrides(iterations: int) -> list[str]:
+        settings = [f'data.root="{data}"', f"run.iterations={iterations}", f"run.seed={args.seed}"]
+        return [*settings, "run.live=false", *args.overrides]
+
+    common = overrides(args.iterations)
     names = [args.only] if args.only else list(COMPARISONS[args.compare])
     results = {}
     if args.warm_start:
-        warm_common = [*common[:1], f"run.iterations={args.warm_start}", *common[2:]]
         warm_dir = args.out / f"warm_start_seed{args.seed}"
         results["warm_start"] = run_arm(
-            "synthcity_tiny", warm_dir, warm_common, ARMS["source_only"][1]
+            "synthcity_tiny", warm_dir, overrides(args.warm_start), ARMS["source_only"][1]
         )
         common.append(f'model.pretrained="{warm_dir / "checkpoints" / "latest.pth"}"')
     for name in names:
