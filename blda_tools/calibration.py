@@ -222,10 +222,7 @@ class Calibrator:
         self._inv_step = ((points - 1) / (self.table_high_ - self.table_low_)).to(torch.float32)
         self._adjusted_lc = self.adjusted_.T.to(torch.float32).contiguous()
         self._certify_tables = certify_tables(
-            bound_tables(self.offsets_, self.adjusted_, self._rows),
-            self.table_low_,
-            self._inv_step,
-            self.table_high_,
+            bound_tables(self.offsets_, self.adjusted_, self._rows), self.kernel_tensors()
         )
 
     # ------------------------------------------------------------------ apply

@@ -12,21 +12,29 @@ range and halves it only for the pixels left undecided, down to single taus.
 
 Certification of a range: k, the class with the best margin of its lowest a_kk over the others'
 strongest terms, gives a lower bound L_k on the winner's score (s_winner >= s_k >= L_k); every
-other class c is ruled out when U_c < L_k - 3 margin. Three steps, each only for the pixels the
-previous one left (about 40%, 35% and 25% of them for C = 19): without any exponential (log sum
-exp <= largest term + log(C - 1) in L_k, >= largest term in U_c), with L_k exact, with both
-exact. A pixel is decided when every other class is ruled out: the full computation's winner
-then is k.
+other class c is ruled out when U_c < L_k - 3 margin. Three steps, each deciding what the
+previous one left: without any exponential (log sum exp <= largest term + log(C - 1) in L_k,
+>= largest term in U_c), with L_k exact, with both exact. For C = 19 and one tau they decide
+about 42%, 33% and 21% of the pixels. At a single tau a fourth step decides the rest
+(`eq7_steps.exact_winner`, about 3%): the log scores of k and of the classes not ruled out,
+computed in float64 from the interpolated offsets themselves (skipping a class whose U_c is
+below the best exact score less 3 margin); the best wins when it leads every other by more than
+3 margin. What none decides (about 0.02%: exact ties, terms beyond exp(700)) is left to the full
+computation (UNDECIDED in the output).
 
-Exactness: the bounds are formed in float64, far more accurately than the float32 full
-computation (`blda_tools.eq7_kernel`), whose error in a log score stays below `margin`: it rounds
-sums and products of terms no larger than scale = max|f| + tau max|Delta| of that pixel (~10
-roundings each) and a sum of C exponentials (relative error ~C ulp), and margin = (64 scale + 64
-+ 4 C) ulp is a several-fold safety factor. The full computation's winner w then has U_w >= s_w
->= s_k - 2 margin >= L_k - 2 margin, so it is never ruled out, ties (lowest index) included. The
-third margin (>= 7e-6) covers the certificate's own error: float64 rounding (~1e-13) and
-`fast_exp` (relative 1e-10, in sums whose largest term is exactly 1). The undecided pixels are
-left to the full computation (UNDECIDED in the output).
+Pixels go `BLOCK_ROWS` at a time (`SWEEP_BLOCK_ROWS` for several taus), class-major: each tau
+range runs the steps over the pixels it concerns, copied side by side, so that every loop runs
+over pixels and is vectorised (`eq7_steps`).
+
+Exactness: the bounds and the step-4 scores are formed in float64, far more accurately than the
+float32 full computation (`blda_tools.eq7_kernel`), whose error in a log score stays below
+`margin`: it rounds sums and products of terms no larger than scale = max|f| + tau max|Delta| of
+that pixel (~10 roundings each) and a sum of C exponentials (relative error ~C ulp), and margin =
+(64 scale + 64 + 4 C) ulp is a several-fold safety factor. The full computation's winner w then
+has U_w >= s_w >= s_k - 2 margin >= L_k - 2 margin, so it is never ruled out, ties (lowest index)
+included, and a class that trails another by more than 3 margin in float64 cannot be its winner.
+The third margin (>= 7e-6) covers the certificate's own error: float64 rounding (~1e-13) and
+`fast_exp` (relative 1e-10, in sums whose largest term is exactly 1 or at least 1).
 """
 
 from __future__ import annotations
@@ -39,9 +47,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from blda_tools.eq7_steps import (
+    UNDECIDED,  # noqa: F401 (the marker of undecided pixels, for callers)
+    block_step_three,
+    block_steps,
+    exact_winner,
+    range_ends,
+    softplus,
+)
 from blda_tools.errors import BLDAError
 
-UNDECIDED = -1
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
 
@@ -51,31 +66,71 @@ class CertifyTables(NamedTuple):
     `by_cell` ``(C * G, 6)`` float32: own, own_step, lowest_inside, highest_inside, lowest,
     highest (a grid cell's values side by side: one cache line per logit); `by_column`
     ``(7, C)`` float32: low, inv_step, high (the grid of `gather_offsets`), slope, own_slope,
-    floor, ceiling (the extrapolation beyond the table)."""
+    floor, ceiling (the extrapolation beyond the table); `by_target` ``(C_c, C_l * G, 2)``
+    float32: the table of `gather_offsets` (value and increment at grid point g of column l
+    for target class c, side by side) and `adjusted_lc` ``(C_l, C_c)`` float32, for the exact
+    scores of the pixels the bounds leave undecided."""
 
     by_cell: np.ndarray
     by_column: np.ndarray
+    by_target: np.ndarray
+    adjusted_lc: np.ndarray
 
 
-def certify_tables(tables: dict[str, Tensor], low: Tensor, inv_step: Tensor, high: Tensor):
-    """`CertifyTables` from the torch bound tables and the grid of `gather_offsets`."""
+def certify_tables(
+    tables: dict[str, Tensor], kernel: tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+) -> CertifyTables:
+    """`CertifyTables` from the torch bound tables and the tables of `gather_offsets`,
+    `kernel` = (rows, low, inv_step, high, adjusted_lc)."""
+    rows, low, inv_step, high, adjusted_lc = kernel
     cells = ("own", "own_step", "lowest_inside", "highest_inside", "lowest", "highest")
     columns = [low, inv_step, high] + [
         tables[name].reshape(-1) for name in ("slope", "own_slope", "floor", "ceiling")
     ]
     by_cell = torch.stack([tables[name].reshape(-1) for name in cells], 1).to(torch.float32)
     by_column = torch.stack([column.reshape(-1) for column in columns]).to(torch.float32)
-    return CertifyTables(by_cell.contiguous().numpy(), by_column.contiguous().numpy())
+    num_classes = by_column.shape[1]
+    by_target = rows.view(rows.shape[0], 2, num_classes).permute(2, 0, 1)  # (C_c, C_l * G, 2)
+    return CertifyTables(
+        by_cell.contiguous().numpy(),
+        by_column.contiguous().numpy(),
+        by_target.to(torch.float32).contiguous().numpy(),
+        adjusted_lc.to(torch.float32).contiguous().numpy(),
+    )
+
+
+# Pixels certified together, class-major (see `certify_rows`): one tau, and a sweep, whose
+# halved tau ranges each concern a fraction of the block (fastest in bench_calibrate.py).
+BLOCK_ROWS, SWEEP_BLOCK_ROWS = 128, 512
 
 
 @numba.njit(inline="always")
-def _offset_bounds(logits, row, by_cell, by_column, own, lowest, highest) -> float:
-    """Delta_cc(f[c]) and the bounds of Delta_c'c(f[c]) over c' != c of one pixel into `own`,
-    `lowest`, `highest` (float64, ``(C,)``); returns the largest |value|. The grid position is
+def _load_block(logits, first, count, by_cell, by_column, rows, columns, magnitude) -> None:
+    """Rows [first, first + count) of `logits` into `columns` = (logit, own, lowest, highest),
+    class-major ``(C, BLOCK_ROWS)`` float64: the logits, Delta_cc(f[c]) and the bounds of
+    Delta_c'c(f[c]) over c' != c; and per pixel the largest |logit| and |offset| into
+    `magnitude` ``(2, BLOCK_ROWS)``. Computed pixel-major into `rows` (the same four arrays
+    ``(BLOCK_ROWS, C)``: contiguous over classes, which the compiler vectorises) and
+    transposed."""
+    for j in range(count):
+        magnitude[0, j], magnitude[1, j] = _offset_bounds(
+            logits, first + j, by_cell, by_column, rows[0][j], rows[1][j], rows[2][j], rows[3][j]
+        )
+    for name in range(4):
+        source, target = rows[name], columns[name]
+        for c in range(source.shape[1]):
+            for j in range(count):
+                target[c, j] = source[j, c]
+
+
+@numba.njit(inline="always")
+def _offset_bounds(logits, row, by_cell, by_column, logit, own, lowest, highest):
+    """One pixel's logits, Delta_cc(f[c]) and bounds of Delta_c'c(f[c]) over c' != c into the
+    ``(C,)`` float64 arrays; returns the largest |logit| and |offset|. The grid position is
     computed in float32 exactly as `gather_offsets` does, so both use the same grid cell."""
     num_classes = logits.shape[1]
     points = by_cell.shape[0] // num_classes
-    magnitude = 0.0
+    logit_magnitude, offset_magnitude = 0.0, 0.0
     for column in range(num_classes):
         value = logits[row, column]
         low, inv_step, high = by_column[0, column], by_column[1, column], by_column[2, column]
@@ -83,6 +138,7 @@ def _offset_bounds(logits, row, by_cell, by_column, own, lowest, highest) -> flo
         point = int(position)
         fraction = position - np.float32(point)
         cell = column * points + point
+        logit[column] = value
         own[column] = by_cell[cell, 0] + fraction * by_cell[cell, 1]
         beyond = value - min(max(value, low), high)
         if beyond == 0.0:
@@ -93,181 +149,153 @@ def _offset_bounds(logits, row, by_cell, by_column, own, lowest, highest) -> flo
             own[column] -= float(beyond) * by_column[4, column]
             lowest[column] = min(by_cell[cell, 4] - shift, by_column[5, column])
             highest[column] = max(by_cell[cell, 5] - shift, by_column[6, column])
-        magnitude = max(magnitude, abs(own[column]), abs(lowest[column]), abs(highest[column]))
-    return magnitude
-
-
-@numba.njit(inline="always")
-def _threshold(lower_gap: float, margin: float) -> float:
-    """At least softplus^-1(softplus(lower_gap) + 3 margin): a class whose upper gap exceeds it
-    has U_c < L - 3 margin, L = -softplus(lower_gap) (softplus is increasing).
-
-    softplus^-1 is concave with slope 1 / sigmoid(g) = 1 + exp(-g) at softplus(g), so the tangent
-    g + 3 margin (1 + exp(-g)) is at least it; where that step is small the tangent is also
-    tight (within its square) and needs no logarithm. Elsewhere (confident pixels, g << 0, where
-    the slope is huge) the exact formula, in float64."""
-    if lower_gap > -30.0:
-        step = 3.0 * margin * (1.0 + fast_exp(-lower_gap))
-        if step < 1e-3:
-            return lower_gap + step
-    level = max(lower_gap, 0.0) + math.log1p(math.exp(-abs(lower_gap))) + 3.0 * margin
-    return level + math.log(-math.expm1(-level))
-
-
-@numba.njit(inline="always")
-def fast_exp(value: float) -> float:
-    """exp(value) for value in [-700, 700] (clamped there) with a relative error below 1e-10:
-    exp(v / 2048) by its Taylor polynomial of degree 11 (error < 6e-15 for |v / 2048| <= 0.342),
-    then squared 11 times (each doubles the relative error). Only multiplications and
-    additions, no libm call: about twice as fast as math.exp here."""
-    clamped = min(max(value, -700.0), 700.0)
-    step = clamped * (1.0 / 2048.0)
-    power = 1.0 / 39916800.0
-    for degree in range(10, -1, -1):  # Horner: 1/11!, 1/10!, ..., 1/0!
-        power = power * step + _INVERSE_FACTORIALS[degree]
-    for _ in range(11):
-        power *= power
-    return power
-
-
-_INVERSE_FACTORIALS = np.array([1.0 / math.factorial(degree) for degree in range(11)])
-
-
-@numba.njit(inline="always")
-def _largest(values, skip: int):
-    """(largest value, its first index) of `values` other than index `skip` (-1: none).
-    Written without data-dependent branches (selects), which mispredict on random data."""
-    largest = -math.inf
-    for index in range(values.shape[0]):
-        largest = max(largest, -math.inf if index == skip else values[index])
-    where = 0
-    for index in range(values.shape[0] - 1, -1, -1):
-        where = index if (values[index] == largest) & (index != skip) else where
-    return largest, where
-
-
-@numba.njit(inline="always")
-def _sum_without(values, skip: int) -> float:
-    total = 0.0
-    for index in range(values.shape[0]):
-        total += 0.0 if index == skip else values[index]
-    return total
-
-
-@numba.njit(inline="always")
-def _certify(logit, own, lowest, highest, tau_low, tau_high, margin, work):
-    """The Eq. 7 winner for every tau in [tau_low, tau_high] of one pixel, or UNDECIDED.
-    `logit`, `own`, `lowest`, `highest` as from `_offset_bounds` (float64); `work`: five
-    ``(C,)`` scratch arrays (separate arrays: views of one would cost reference counting)."""
-    num_classes = logit.shape[0]
-    own_low, own_high, weak, strong, shifted = work
-    for c in range(num_classes):
-        low_end, high_end = tau_low * own[c], tau_high * own[c]
-        own_low[c] = logit[c] + min(low_end, high_end)
-        own_high[c] = logit[c] + max(low_end, high_end)
-        weak[c] = logit[c] + min(tau_low * lowest[c], tau_high * lowest[c])
-        strong[c] = logit[c] + max(tau_low * highest[c], tau_high * highest[c])
-    strongest, strongest_at = _largest(strong, -1)
-    second_strongest, _ = _largest(strong, strongest_at)
-    # The candidate: the best margin of its lowest a_kk over the others' strongest terms.
-    for c in range(num_classes):
-        shifted[c] = own_low[c] - (second_strongest if c == strongest_at else strongest)
-    best, winner = _largest(shifted, -1)
-    weakest, weakest_at = _largest(weak, -1)
-    second_weakest, _ = _largest(weak, weakest_at)
-    # U_c < L_k - 3 margin <=> upper gap_c = log sum_{c' != c} exp(weak_c') - a_cc at its highest
-    # exceeds `threshold`. Three steps, each only for the pixels the previous one left: (1) no
-    # exponential: log sum_{c' != k} exp(strong_c') <= its largest + log(C - 1) in L_k, and
-    # log sum_{c' != c} exp(weak_c') >= its largest in U_c; (2) L_k exact; (3) U_c exact too.
-    threshold = _threshold(math.log(num_classes - 1.0) - best, margin)
-    if not _any_left(own_high, winner, weakest, weakest_at, second_weakest, threshold):
-        return winner
-    # Sums of exponentials shifted by their largest term, so that it is exactly 1 and the
-    # terms `fast_exp` clamps at exp(-700) change the sum by less than 1e-300 relative.
-    strongest_other = second_strongest if winner == strongest_at else strongest
-    for c in range(num_classes):  # a vectorised loop
-        shifted[c] = fast_exp(strong[c] - strongest_other)
-    lower_gap = math.log(_sum_without(shifted, winner)) + strongest_other - own_low[winner]
-    threshold = _threshold(lower_gap, margin)
-    if not _any_left(own_high, winner, weakest, weakest_at, second_weakest, threshold):
-        return winner
-    ruled_out = _rule_out_exactly(
-        own_high, weak, shifted, winner, threshold, weakest, weakest_at, second_weakest
-    )
-    return winner if ruled_out else UNDECIDED
-
-
-@numba.njit(inline="always")
-def _rule_out_exactly(
-    own_high, weak, shifted, winner, threshold, weakest, weakest_at, second_weakest
-) -> bool:
-    """Whether every class but `winner` has its exact upper gap above `threshold` (`weakest`,
-    `weakest_at`, `second_weakest`: the largest weak term, its index, the next one)."""
-    num_classes = weak.shape[0]
-    for c in range(num_classes):
-        shifted[c] = fast_exp(weak[c] - weakest)
-    total = _sum_without(shifted, -1)
-    for c in range(num_classes):
-        others = second_weakest if c == weakest_at else weakest
-        if c == winner or others - own_high[c] > threshold:
-            continue
-        if c == weakest_at:  # without the largest term: summed afresh, shifted by the next one
-            others_sum = 0.0
-            for index in range(num_classes):
-                others_sum += 0.0 if index == c else fast_exp(weak[index] - others)
-        else:  # the largest term (exactly 1.0) stays: no cancellation
-            others_sum = total - shifted[c]
-        # U_c >= L - 3 margin, without a logarithm (a limit below exp(-700) is clamped up, so
-        # such a class is kept: the safe side)
-        if others_sum <= fast_exp(threshold - others + own_high[c]):
-            return False
-    return True
-
-
-@numba.njit(inline="always")
-def _any_left(own_high, winner, weakest, weakest_at, second_weakest, threshold) -> bool:
-    """Whether a class other than `winner` is not ruled out by the largest weak term alone."""
-    left = False
-    for c in range(own_high.shape[0]):
-        others = second_weakest if c == weakest_at else weakest
-        left |= (c != winner) & (others - own_high[c] <= threshold)
-    return left
+        logit_magnitude = max(logit_magnitude, abs(logit[column]))
+        offset_magnitude = max(
+            offset_magnitude, abs(own[column]), abs(lowest[column]), abs(highest[column])
+        )
+    return logit_magnitude, offset_magnitude
 
 
 @numba.njit(nogil=True, cache=True)
-def certify_rows(logits, start, stop, taus, by_cell, by_column, prediction) -> None:
+def certify_rows(logits, start, stop, taus, tables, prediction) -> None:
     """Certified Eq. 7 predictions of rows [start, stop) of `logits` ``(n, C)`` float32 for the
-    sorted positive `taus` ``(T,)`` into `prediction` ``(T, n)`` int64 (UNDECIDED where the
-    bounds do not decide)."""
-    num_classes, count = logits.shape[1], taus.shape[0]
-    logit, own = np.empty(num_classes), np.empty(num_classes)
-    lowest, highest = np.empty(num_classes), np.empty(num_classes)
-    work = (
-        np.empty(num_classes), np.empty(num_classes), np.empty(num_classes), np.empty(num_classes),
+    sorted positive `taus` ``(T,)`` into `prediction` ``(T, n)`` int64 (UNDECIDED where even
+    the exact scores do not decide); `tables`: a `CertifyTables` tuple. `BLOCK_ROWS` pixels
+    at a time, `SWEEP_BLOCK_ROWS` for several taus (`_certify_block`)."""
+    size = BLOCK_ROWS if taus.shape[0] == 1 else SWEEP_BLOCK_ROWS
+    block = _BlockArrays(logits.shape[1], size, taus.shape[0])
+    for first in range(start, stop, size):
+        count = min(size, stop - first)
+        _load_block(logits, first, count, tables[0], tables[1], block[0], block[1], block[2])
+        _certify_block(logits, first, count, taus, tables, block, prediction)
+
+
+@numba.njit(inline="always")
+def _BlockArrays(num_classes: int, block: int, count: int):  # noqa: N802 (a record of arrays)
+    """The scratch of `_certify_block`, allocated once per call of `certify_rows`."""
+    shape, transposed = (num_classes, block), (block, num_classes)
+    pixel_major = (
+        np.empty(transposed),
+        np.empty(transposed),
+        np.empty(transposed),
+        np.empty(transposed),
+    )
+    columns = (np.empty(shape), np.empty(shape), np.empty(shape), np.empty(shape))
+    chosen = (np.empty(shape), np.empty(shape), np.empty(shape), np.empty(shape))
+    ends = (np.empty(shape), np.empty(shape), np.empty(shape), np.empty(shape))
+    strongest = (np.empty(block), np.empty(block, np.int64), np.empty(block))
+    weakest = (np.empty(block), np.empty(block, np.int64), np.empty(block))
+    scratch = (strongest, weakest, np.empty(block), np.empty(block), np.empty(block, np.bool_))
+    per_pixel = (
+        np.empty(block), np.empty(block, np.int64), np.empty(block), np.empty(block, np.int64),
+        np.empty(block), np.empty(block), np.empty(block), np.empty(block, np.bool_),
+    )  # fmt: skip
+    compact = (
+        np.empty(block, np.int64), np.empty(block, np.int64), np.empty(shape), np.empty(shape),
+        np.empty(shape), np.empty(shape, np.bool_), np.empty(shape), per_pixel,
+    )  # fmt: skip
+    exact = (
+        np.empty(num_classes, np.int64), np.empty(num_classes, np.float32),
+        np.empty(num_classes), np.empty(num_classes), np.empty(num_classes, np.bool_),
         np.empty(num_classes),
     )  # fmt: skip
-    pending = np.empty((2 * count, 2), dtype=np.int64)  # tau ranges still to certify
-    for row in range(start, stop):
-        offset_magnitude = _offset_bounds(logits, row, by_cell, by_column, own, lowest, highest)
-        logit_magnitude = 0.0
-        for c in range(num_classes):
-            logit[c] = logits[row, c]
-            logit_magnitude = max(logit_magnitude, abs(logit[c]))
-        pending[0, 0], pending[0, 1], depth = 0, count - 1, 1
-        while depth:
-            depth -= 1
-            first, last = pending[depth, 0], pending[depth, 1]
-            scale = logit_magnitude + taus[last] * offset_magnitude
-            margin = (64.0 * scale + 64.0 + 4.0 * num_classes) * FLOAT32_EPS
-            winner = _certify(logit, own, lowest, highest, taus[first], taus[last], margin, work)
-            if winner != UNDECIDED or first == last:
-                for index in range(first, last + 1):
-                    prediction[index, row] = winner
-            else:  # halve the range
-                middle = (first + last) // 2
-                pending[depth, 0], pending[depth, 1] = first, middle
-                pending[depth + 1, 0], pending[depth + 1, 1] = middle + 1, last
-                depth += 2
+    ranges = np.empty((2 * count + 2, 3), np.int64)  # (first tau, last tau, pixels) to certify
+    members = np.empty((2 * count + 2, block), np.int64)  # their pixels
+    magnitude, chosen_magnitude = np.empty((2, block)), np.empty((2, block))
+    margin, threshold = np.empty(block), np.empty(block)
+    winner, left = np.empty(block, np.int64), np.empty(block, np.bool_)
+    return (
+        pixel_major, columns, magnitude, chosen, chosen_magnitude, ends, scratch, compact, exact,
+        ranges, members, margin, threshold, winner, left,
+    )  # fmt: skip
+
+
+@numba.njit(inline="always")
+def _certify_block(logits, first, count, taus, tables, block, prediction) -> None:
+    """Certify the loaded block: the whole tau range for every pixel first, then each half of
+    it for the pixels left undecided, and so on down to single taus, where `exact_winner`
+    decides what the bounds do not. Each range runs the steps class-major over the pixels it
+    concerns (copied together), so that the loops run over pixels and are vectorised."""
+    columns, magnitude, chosen, chosen_magnitude, ends = (
+        block[1],
+        block[2],
+        block[3],
+        block[4],
+        block[5],
+    )
+    scratch, compact, exact, ranges, members = block[6], block[7], block[8], block[9], block[10]
+    margin, threshold, winner, left = block[11], block[12], block[13], block[14]
+    num_classes = columns[0].shape[0]
+    for k in range(count):
+        members[0, k] = k
+    ranges[0, 0], ranges[0, 1], ranges[0, 2], depth = 0, taus.shape[0] - 1, count, 1
+    while depth:
+        depth -= 1
+        low, high, size = ranges[depth, 0], ranges[depth, 1], ranges[depth, 2]
+        pixels = members[depth]
+        if size == count:  # every pixel of the block, in order: no copy needed
+            current, current_magnitude = columns, magnitude
+        else:
+            _gather_pixels(columns, magnitude, pixels, size, chosen, chosen_magnitude)
+            current, current_magnitude = chosen, chosen_magnitude
+        range_ends(current, size, taus[low], taus[high], ends)
+        for k in range(size):
+            scale = current_magnitude[0, k] + taus[high] * current_magnitude[1, k]
+            margin[k] = (64.0 * scale + 64.0 + 4.0 * num_classes) * FLOAT32_EPS
+        block_steps(ends, size, margin, scratch, winner, threshold, left)
+        block_step_three(ends, size, winner, threshold, scratch[1], left, compact)
+        undecided = 0
+        for k in range(size):
+            row = first + pixels[k]
+            if not left[k]:
+                for position in range(low, high + 1):  # a loop: cheaper than a slice of one
+                    prediction[position, row] = winner[k]
+            elif low == high:
+                prediction[low, row] = _decide_exactly(
+                    logits[row], taus[low], margin[k], ends, k, winner[k], scratch[1], compact,
+                    exact, tables,
+                )  # fmt: skip
+            else:  # in place: the k-th pixel is read before position `undecided` <= k is written
+                pixels[undecided] = pixels[k]
+                undecided += 1
+        if undecided and low < high:
+            middle = (low + high) // 2
+            members[depth + 1, :undecided] = pixels[:undecided]
+            ranges[depth, 0], ranges[depth, 1], ranges[depth, 2] = low, middle, undecided
+            ranges[depth + 1, 0], ranges[depth + 1, 1] = middle + 1, high
+            ranges[depth + 1, 2] = undecided
+            depth += 2
+
+
+@numba.njit(inline="always")
+def _gather_pixels(columns, magnitude, pixels, size, chosen, chosen_magnitude) -> None:
+    """The `size` pixels listed in `pixels` side by side: their columns and magnitudes."""
+    for name in range(4):
+        source, target = columns[name], chosen[name]
+        for c in range(source.shape[0]):
+            for k in range(size):
+                target[c, k] = source[c, pixels[k]]
+    for k in range(size):
+        chosen_magnitude[0, k] = magnitude[0, pixels[k]]
+        chosen_magnitude[1, k] = magnitude[1, pixels[k]]
+
+
+@numba.njit(inline="always")
+def _decide_exactly(values, tau, margin, ends, k, winner, weakest, compact, exact, tables):
+    """Pixel k of the block at a single tau, undecided by steps 1 to 3: `exact_winner` given
+    the classes step 3 kept and their bounds U_c = -softplus(upper gap) (Sec. above)."""
+    line, fraction, beyond, gap, kept, upper = exact
+    position, kept_left, others_sums = compact[1], compact[5], compact[6]
+    column = position[k]
+    largest, largest_at, second = weakest[0][k], weakest[1][k], weakest[2][k]
+    for c in range(kept.shape[0]):
+        kept[c] = kept_left[c, column]
+        if kept[c]:
+            others = second if c == largest_at else largest
+            upper[c] = -softplus(math.log(others_sums[c, column]) + others - ends[1][c, k])
+    return exact_winner(
+        values, tau, margin, winner, kept, upper, tables, (line, fraction, beyond, gap)
+    )
 
 
 @numba.njit(nogil=True, cache=True)
@@ -275,9 +303,14 @@ def offset_bounds_rows(logits, by_cell, by_column):
     """Delta_cc(f[c]) and the bounds of Delta_c'c(f[c]) over c' != c, each ``(n, C)`` float64
     (the per-pixel part of `certify_rows`, for tests and diagnostics)."""
     shape = logits.shape
-    own, lowest, highest = np.empty(shape), np.empty(shape), np.empty(shape)
+    logit, own, lowest, highest = (
+        np.empty(shape[1]),
+        np.empty(shape),
+        np.empty(shape),
+        np.empty(shape),
+    )
     for row in range(shape[0]):
-        _offset_bounds(logits, row, by_cell, by_column, own[row], lowest[row], highest[row])
+        _offset_bounds(logits, row, by_cell, by_column, logit, own[row], lowest[row], highest[row])
     return own, lowest, highest
 
 
@@ -291,5 +324,5 @@ def certified_predictions(logits: Tensor, taus: list[float], tables: CertifyTabl
     values = logits.numpy()
     prediction = np.empty((len(taus), values.shape[0]), dtype=np.int64)
     tau_array = np.asarray(taus, dtype=np.float64)
-    certify_rows(values, 0, values.shape[0], tau_array, *tables, prediction)
+    certify_rows(values, 0, values.shape[0], tau_array, tuple(tables), prediction)
     return torch.from_numpy(prediction)

@@ -362,7 +362,7 @@ def test_offset_bounds_enclose_every_off_diagonal_offset(five_class_calibrator, 
     generator = torch.Generator().manual_seed(seed)
     # Uniform over each column's table, widened by `reach` on both sides (extrapolation).
     logits = low - reach + torch.rand(400, 5, generator=generator) * (high - low + 2 * reach)
-    own, lowest, highest = offset_bounds_rows(logits.numpy(), *calibrator.certify_tables())
+    own, lowest, highest = offset_bounds_rows(logits.numpy(), *calibrator.certify_tables()[:2])
     truth = _interpolated_offsets(calibrator, logits.double().numpy())
     tolerance = 1e-4 * (1.0 + np.abs(truth))
     for c in range(5):
@@ -428,7 +428,9 @@ def test_pruning_keeps_exact_ties_at_the_lowest_index():
 
 def test_bounds_decide_most_pixels_of_a_calibrated_model(five_class_calibrator):
     calibrator, logits = five_class_calibrator
-    for tau, least in ((0.1, 0.97), (1.0, 0.8)):
+    # At a single tau the exact float64 scores of the candidates (step 4) leave only ties and
+    # overflows to the full computation.
+    for tau, least in ((0.1, 0.995), (1.0, 0.995)):
         prediction = certified_predictions(logits[:5000], [tau], calibrator.certify_tables())[0]
         decided = prediction != UNDECIDED
         assert decided.float().mean() > least

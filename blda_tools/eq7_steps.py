@@ -1,0 +1,267 @@
+"""The steps of the Eq. 7 certificate (`blda_tools.eq7_certify`), compiled with numba.
+
+Steps 1 to 3 (`block_steps`, `block_step_three`) run class-major over the pixels of a block, so
+that their loops run over pixels and the compiler vectorises them; step 4 (`exact_winner`) runs
+pixel by pixel for the few pixels the bounds leave undecided. The module docstring of
+`eq7_certify` gives the bounds and why the result is exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+UNDECIDED = -1
+
+
+@numba.njit(inline="always")
+def rule_out_threshold(lower_gap: float, margin: float) -> float:
+    """At least softplus^-1(softplus(lower_gap) + 3 margin): a class whose upper gap exceeds it
+    has U_c < L - 3 margin, L = -softplus(lower_gap) (softplus is increasing).
+
+    softplus^-1 is concave with slope 1 / sigmoid(g) = 1 + exp(-g) at softplus(g), so the tangent
+    g + 3 margin (1 + exp(-g)) is at least it; where that step is small the tangent is also
+    tight (within its square) and needs no logarithm. Elsewhere (confident pixels, g << 0, where
+    the slope is huge) the exact formula, in float64."""
+    if lower_gap > -30.0:
+        step = 3.0 * margin * (1.0 + fast_exp(-lower_gap))
+        if step < 1e-3:
+            return lower_gap + step
+    level = max(lower_gap, 0.0) + math.log1p(math.exp(-abs(lower_gap))) + 3.0 * margin
+    return level + math.log(-math.expm1(-level))
+
+
+@numba.njit(inline="always")
+def fast_exp(value: float) -> float:
+    """exp(value) for value in [-700, 700] (clamped there) with a relative error below 1e-10:
+    exp(v / 2048) by its Taylor polynomial of degree 11 (error < 6e-15 for |v / 2048| <= 0.342),
+    then squared 11 times (each doubles the relative error). Only multiplications and
+    additions, no libm call: about twice as fast as math.exp here."""
+    step = min(max(value, -700.0), 700.0) * (1.0 / 2048.0)
+    # Horner with the coefficients 1/11!, ..., 1/0! written out and the squarings unrolled:
+    # straight-line code, so that a loop calling fast_exp over pixels is vectorised.
+    power = 1.0 / 39916800.0
+    power = power * step + 1.0 / 3628800.0
+    power = power * step + 1.0 / 362880.0
+    power = power * step + 1.0 / 40320.0
+    power = power * step + 1.0 / 5040.0
+    power = power * step + 1.0 / 720.0
+    power = power * step + 1.0 / 120.0
+    power = power * step + 1.0 / 24.0
+    power = power * step + 1.0 / 6.0
+    power = power * step + 0.5
+    power = power * step + 1.0
+    power = power * step + 1.0
+    power *= power  # 2
+    power *= power  # 4
+    power *= power  # 8
+    power *= power  # 16
+    power *= power  # 32
+    power *= power  # 64
+    power *= power  # 128
+    power *= power  # 256
+    power *= power  # 512
+    power *= power  # 1024
+    power *= power  # 2048
+    return power
+
+
+@numba.njit(inline="always")
+def softplus(value: float) -> float:
+    return max(value, 0.0) + math.log1p(math.exp(-abs(value)))
+
+
+@numba.njit(inline="always")
+def exact_winner(values, tau, margin, winner, kept, upper, tables, work) -> int:
+    """Step 4, at one tau, for a pixel the bounds leave undecided: the Eq. 7 log scores of
+    `winner` and of the `kept` classes (every class the bounds could not rule out, so the full
+    computation's winner is among them) from the interpolated offsets themselves, in float64;
+    the best is the winner when it beats every other candidate by more than 3 margin, else
+    UNDECIDED. A kept class whose bound U_c (`upper`) is already below the best exact score
+    less 3 margin needs no exact score. `values`: the pixel's float32 logits; `tables`: a
+    `CertifyTables` tuple; `work` = (line ``(C,)`` int64, fraction float32, beyond, gap
+    float64)."""
+    by_column, by_target, adjusted_lc = tables[1], tables[2], tables[3]
+    num_classes = values.shape[0]
+    points = by_target.shape[1] // num_classes
+    line, fraction, beyond, _ = work
+    for column in range(num_classes):  # the grid cells, in float32 as `gather_offsets`
+        value = values[column]
+        low, inv_step, high = by_column[0, column], by_column[1, column], by_column[2, column]
+        position = min(max((value - low) * inv_step, np.float32(0.0)), np.float32(points - 1))
+        point = int(position)
+        fraction[column] = position - np.float32(point)
+        line[column] = column * points + point
+        beyond[column] = float(value - min(max(value, low), high))
+    best = _exact_log_score(values, winner, tau, work, by_target[winner], adjusted_lc)
+    best_at, runner_up = winner, -math.inf
+    if math.isnan(best):
+        return UNDECIDED
+    for c in range(num_classes):
+        if c == winner or not kept[c] or upper[c] < best - 3.0 * margin:
+            continue
+        score = _exact_log_score(values, c, tau, work, by_target[c], adjusted_lc)
+        if math.isnan(score):
+            return UNDECIDED
+        runner_up = max(runner_up, min(best, score))
+        best_at = c if score > best else best_at
+        best = max(best, score)
+    return best_at if best - runner_up > 3.0 * margin else UNDECIDED
+
+
+@numba.njit(inline="always")
+def _exact_log_score(values, c, tau, work, table, adjusted_lc) -> float:
+    """log score_c = -log sum_l exp(X_lc - X_cc) as in `eq7_kernel`, in float64 from the
+    offsets Delta_cl(f[l]) interpolated in float32 as `gather_offsets` does (beyond the table
+    they fall with slope -1 where adjusted); `table`: ``by_target[c]``. NaN when a term
+    exceeds exp(700), where `fast_exp` would clamp it. The error, below 1e-9 (`fast_exp` 1e-10
+    relative, float64 roundings), is far inside the spare third margin (>= 7e-6)."""
+    line, fraction, beyond, gap = work
+    num_classes = values.shape[0]
+    offset = table[line[c], 0] + fraction[c] * table[line[c], 1]
+    own = float(offset) - beyond[c] * adjusted_lc[c, c]
+    largest = -math.inf
+    for column in range(num_classes):
+        offset = table[line[column], 0] + fraction[column] * table[line[column], 1]
+        offset_gap = float(offset) - beyond[column] * adjusted_lc[column, c] - own
+        gap[column] = (float(values[column]) - float(values[c])) + tau * offset_gap
+        largest = max(largest, gap[column])
+    if largest > 700.0:
+        return math.nan
+    for column in range(num_classes):  # a vectorised loop
+        gap[column] = fast_exp(gap[column])
+    total = 0.0
+    for column in range(num_classes):  # the term column == c is exp(0) = 1 exactly
+        total += gap[column]
+    return -math.log(total)
+
+
+@numba.njit(inline="always")
+def range_ends(columns, count, tau_low, tau_high, ends) -> None:
+    """`ends` = (own_low, own_high, weak, strong) ``(C, B)``: a_cc at its lowest and highest
+    over the tau range, and f[c] + tau Delta_c'c(f[c]) at the lowest and highest bound."""
+    logit, own, lowest, highest = columns
+    own_low, own_high, weak, strong = ends
+    for c in range(logit.shape[0]):
+        for j in range(count):
+            low_end, high_end = tau_low * own[c, j], tau_high * own[c, j]
+            own_low[c, j] = logit[c, j] + min(low_end, high_end)
+            own_high[c, j] = logit[c, j] + max(low_end, high_end)
+            weak[c, j] = logit[c, j] + min(tau_low * lowest[c, j], tau_high * lowest[c, j])
+            strong[c, j] = logit[c, j] + max(tau_low * highest[c, j], tau_high * highest[c, j])
+
+
+@numba.njit(inline="always")
+def _two_largest(values, count, largest, largest_at, second) -> None:
+    """Per pixel j of `values` ``(C, B)``: the largest value, its first index and the largest
+    of the other classes (equal to the largest on ties), as `_largest` twice; a loop over
+    pixels, with selects only, which the compiler vectorises."""
+    largest[:count], second[:count], largest_at[:count] = -math.inf, -math.inf, 0
+    for c in range(values.shape[0]):
+        for j in range(count):
+            value = values[c, j]
+            greater = value > largest[j]
+            second[j] = largest[j] if greater else max(second[j], value)
+            largest_at[j] = c if greater else largest_at[j]
+            largest[j] = value if greater else largest[j]
+
+
+@numba.njit(inline="always")
+def _block_left(own_high, winner, weakest, threshold, count, left, found) -> None:
+    """`_any_left` per pixel of the block, AND-ed into `left` (a decided pixel stays decided);
+    `found`: scratch ``(B,)``."""
+    largest, largest_at, second = weakest
+    found[:count] = False
+    for c in range(own_high.shape[0]):
+        for j in range(count):
+            others = second[j] if c == largest_at[j] else largest[j]
+            found[j] |= (c != winner[j]) & (others - own_high[c, j] <= threshold[j])
+    for j in range(count):
+        left[j] &= found[j]
+
+
+@numba.njit(inline="always")
+def block_step_three(ends, count, winner, threshold, weakest, left, compact) -> None:
+    """Step 3 of `_certify` (`_rule_out_exactly`) for the pixels of the block still `left`,
+    on a compacted class-major copy of them so that the loops run over pixels (vectorised);
+    a pixel every other class of which is ruled out leaves `left`. For `_decide_exactly`,
+    `compact` keeps pixel j's classes not ruled out (`kept_left`) and the sums of their
+    other terms at column `position[j]`."""
+    own_high, weak = ends[1], ends[2]
+    index, position, own_high_left, weak_left, shifted, kept_left, others_sums, per_pixel = compact
+    largest, largest_at, second, candidate, limit, total, resum, found = per_pixel
+    pixels = 0
+    for j in range(count):
+        index[pixels], position[j] = j, pixels
+        pixels += left[j]
+    for c in range(own_high.shape[0]):
+        for k in range(pixels):
+            own_high_left[c, k], weak_left[c, k] = own_high[c, index[k]], weak[c, index[k]]
+    for k in range(pixels):
+        j = index[k]
+        largest[k], largest_at[k], second[k] = weakest[0][j], weakest[1][j], weakest[2][j]
+        candidate[k], limit[k] = winner[j], threshold[j]
+        total[k], resum[k], found[k] = 0.0, 0.0, False
+    for c in range(own_high.shape[0]):
+        for k in range(pixels):
+            term = fast_exp(weak_left[c, k] - largest[k])
+            again = fast_exp(weak_left[c, k] - second[k])  # for c = largest_at: without it
+            shifted[c, k] = term
+            total[k] += term
+            resum[k] += 0.0 if c == largest_at[k] else again
+    for c in range(own_high.shape[0]):
+        for k in range(pixels):
+            others = second[k] if c == largest_at[k] else largest[k]
+            others_sum = resum[k] if c == largest_at[k] else total[k] - shifted[c, k]
+            bound = fast_exp(limit[k] - others + own_high_left[c, k])
+            kept = (others - own_high_left[c, k] <= limit[k]) & (others_sum <= bound)
+            kept_left[c, k], others_sums[c, k] = (c != candidate[k]) & kept, others_sum
+            found[k] |= kept_left[c, k]
+    for k in range(pixels):
+        left[index[k]] = found[k]
+
+
+@numba.njit(inline="always")
+def _block_candidates(ends, count, strongest, winner, best) -> None:
+    """Per pixel the candidate k and its margin (see `_certify`): the best lowest a_kk over
+    the others' strongest terms, first index on ties."""
+    own_low, strong = ends[0], ends[3]
+    largest, largest_at, second = strongest
+    _two_largest(strong, count, largest, largest_at, second)
+    best[:count], winner[:count] = -math.inf, 0
+    for c in range(own_low.shape[0]):
+        for j in range(count):
+            value = own_low[c, j] - (second[j] if c == largest_at[j] else largest[j])
+            greater = value > best[j]
+            winner[j] = c if greater else winner[j]
+            best[j] = value if greater else best[j]
+
+
+@numba.njit(inline="always")
+def block_steps(ends, count, margin, scratch, winner, threshold, left) -> None:
+    """Steps 1 and 2 of `_certify` for every pixel of the block, class-major: `winner`, and in
+    `left` whether step 3 is still needed (then with its `threshold`)."""
+    own_low, own_high, weak, strong = ends
+    strongest, weakest, best, total, found = scratch
+    num_classes = own_low.shape[0]
+    _block_candidates(ends, count, strongest, winner, best)
+    _two_largest(weak, count, weakest[0], weakest[1], weakest[2])
+    for j in range(count):  # step 1: no exponential
+        threshold[j] = rule_out_threshold(math.log(num_classes - 1.0) - best[j], margin[j])
+    left[:count] = True
+    _block_left(own_high, winner, weakest, threshold, count, left, found)
+    largest, largest_at, second = strongest
+    for j in range(count):  # step 2: L_k exact (sums shifted by their largest term)
+        best[j] = second[j] if winner[j] == largest_at[j] else largest[j]
+        total[j] = 0.0
+    for c in range(num_classes):
+        for j in range(count):
+            term = fast_exp(strong[c, j] - best[j])  # computed first: a select, vectorised
+            total[j] += 0.0 if c == winner[j] else term
+    for j in range(count):
+        if left[j]:
+            lower_gap = math.log(total[j]) + best[j] - own_low[winner[j], j]
+            threshold[j] = rule_out_threshold(lower_gap, margin[j])
+    _block_left(own_high, winner, weakest, threshold, count, left, found)
