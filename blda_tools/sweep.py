@@ -4,9 +4,10 @@
 of prior logit adjustment (Menon et al. 2020: argmax f - tau log pi, "prior"). Per pixel the
 bounds of Eq. 7 are formed once and one certificate decides most pixels for every tau of the
 sweep at once; the range of taus is halved only for the pixels left undecided, and the full C x C
-computation runs only for those no single-tau certificate decides (`predict_taus`). tau = 0 is
-the uncalibrated model for both methods and is computed as the plain argmax, so it reproduces
-the uncalibrated metrics exactly.
+computation runs only for those no single-tau certificate decides (`predict_taus`). The counts
+of both methods are added in one compiled pass (`sweep_counts`). tau = 0 is the uncalibrated
+model for both methods and is computed as the plain argmax, so it reproduces the uncalibrated
+metrics exactly.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from blda_tools.calibration import Calibrator, check_tau, first_argmax, predict_taus
+from blda_tools.calibration import Calibrator, check_tau, predict_taus
 from blda_tools.eq7_pruning import torch_threads
 from blda_tools.errors import BLDAError
 from blda_tools.metrics import SegmentationMetrics
+from blda_tools.sweep_counts import count_sweep
 
 METHODS = ("blda", "prior")
 METRICS = ("miou", "macc")
@@ -61,9 +64,10 @@ def parse_tau_spec(spec: str) -> list[float]:
     return sorted({check_tau(value) for value in values})
 
 
-# Pixels per block of a sweep: its temporaries are (2, taus, block) int64, and 2^16 measured
-# faster than 2^18 for 11 taus (benchmarks/bench_calibrate.py), unlike a single tau.
-SWEEP_BLOCK = 1 << 16
+# Pixels per block of a sweep (its Eq. 7 predictions are (taus, block) int64): 2^18 measured
+# faster than 2^16 for both 1 and 11 taus (benchmarks/bench_calibrate.py), as each block
+# starts and joins the certificate threads once.
+SWEEP_BLOCK = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,8 @@ class TauSweep:
         self.ignore_index = calibrator.ignore_index
         C, T = self.num_classes, len(taus)
         self.confusion = {method: torch.zeros(T, C * C, dtype=torch.int64) for method in METHODS}
-        self._log_prior = torch.log(calibrator.class_prior_.to(torch.float32))[:, None]
+        with np.errstate(divide="ignore"):  # a class never seen: log 0 = -inf, as intended
+            self._log_prior = np.log(calibrator.class_prior_.to(torch.float64).numpy())
         self._kernel = calibrator.kernel_tensors()
         self._tables = calibrator.certify_tables()
 
@@ -106,32 +111,25 @@ class TauSweep:
         # min and max propagate NaN and show infinities (the certificates need finite values)
         if not all(map(math.isfinite, map(float, torch.aminmax(logits)))):
             raise BLDAError("logits: contain NaN or infinite values")
-        cells = torch.zeros(2 * T * C * C, dtype=torch.int64)
+        cells = np.zeros((2, T, C, C), dtype=np.int64)
         with torch_threads(1) if threads > 1 else contextlib.nullcontext():
             self._count_blocks(logits, labels, threads, cells)
-        cells = cells.view(2, T, C * C)
         for method_index, method in enumerate(METHODS):
-            self.confusion[method] += cells[method_index]
+            self.confusion[method] += torch.from_numpy(cells[method_index]).view(T, C * C)
 
-    def _count_blocks(self, logits: Tensor, labels: Tensor, threads: int, cells: Tensor) -> None:
-        """Add the confusion cells ``(2 T C C,)`` of every block of rows into `cells`."""
-        C, T = self.num_classes, len(self.taus)
+    def _count_blocks(self, logits: Tensor, labels: Tensor, threads: int, cells) -> None:
+        """Add the confusion cells ``(2, T, C, C)`` of every block of rows into `cells`."""
+        taus = np.asarray(self.taus, dtype=np.float64)
         for start in range(0, logits.shape[0], self.block):
             part = logits[start : start + self.block]
-            class_major = part.T.contiguous()
-            # Flat confusion index per (method, tau): one bincount for the whole block.
-            index = torch.empty(2, T, part.shape[0], dtype=torch.int64)
-            index[:, 0] = first_argmax(class_major)  # tau = 0, the uncalibrated model
-            if T > 1:
-                index[0, 1:] = predict_taus(
+            if len(self.taus) > 1:
+                predictions = predict_taus(
                     part, self._kernel, self._tables, self.taus[1:], threads
-                )
-            for position in range(1, T):
-                adjusted = torch.add(class_major, self._log_prior, alpha=-self.taus[position])
-                index[1, position] = first_argmax(adjusted)
-            index += labels[start : start + self.block] * C
-            index += (torch.arange(2 * T) * (C * C)).view(2, T, 1)
-            cells += torch.bincount(index.view(-1), minlength=2 * T * C * C)
+                ).numpy()
+            else:
+                predictions = np.empty((0, part.shape[0]), dtype=np.int64)
+            part_labels = labels[start : start + self.block].numpy()
+            count_sweep(part.numpy(), part_labels, predictions, taus, self._log_prior, cells)
 
     def compute(self) -> list[SweepRow]:
         """Rows ordered by method, then tau."""
@@ -155,7 +153,7 @@ def sweep_stores(
     store,
     taus: Sequence[float],
     progress: Callable[[int], None] | None = None,
-    rows_per_chunk: int = 1 << 16,
+    rows_per_chunk: int = SWEEP_BLOCK,
 ) -> TauSweep:
     """Stream a labelled `LogitStore` through a `TauSweep` (one pass for every tau)."""
     if not store.has_labels:

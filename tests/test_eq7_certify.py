@@ -18,6 +18,7 @@ from blda_tools.eq7_certify import UNDECIDED, certified_predictions
 from blda_tools.eq7_steps import fast_exp, rule_out_threshold
 from blda_tools.errors import BLDAError
 from blda_tools.statistics import LogitGrid, LogitSetStatistics
+from blda_tools.sweep_counts import count_sweep
 from blda_tools.sweep import TauSweep
 
 
@@ -155,3 +156,21 @@ def test_bad_logits_raise_clear_errors(fitted):
     with pytest.raises(BLDAError, match="logits: contain NaN"):
         TauSweep(calibrator, [1.0]).update(bad, torch.zeros(10, dtype=torch.int64))
 
+
+def test_sweep_counts_match_numpy_with_ties_and_an_unseen_class():
+    generator = np.random.default_rng(5)
+    logits = np.round(generator.normal(size=(500, 4)), 1).astype(np.float32)  # many exact ties
+    labels = generator.integers(0, 4, 500)
+    taus = np.array([0.0, 0.5, 2.0])
+    with np.errstate(divide="ignore"):
+        log_prior = np.log(np.array([0.5, 0.3, 0.2, 0.0]))  # class 3 never seen: -inf
+    predictions = generator.integers(0, 4, (2, 500))
+    cells = np.zeros((2, 3, 4, 4), dtype=np.int64)
+    count_sweep(logits, labels, predictions, taus, log_prior, cells)
+    for position, tau in enumerate(taus):
+        prior = np.argmax(logits - tau * log_prior if tau else logits, 1)  # first index on ties
+        blda = np.argmax(logits, 1) if position == 0 else predictions[position - 1]
+        for method, prediction in enumerate((blda, prior)):
+            expected = np.zeros((4, 4), dtype=np.int64)
+            np.add.at(expected, (labels, prediction), 1)
+            assert np.array_equal(cells[method, position], expected)
