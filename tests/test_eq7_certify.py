@@ -18,8 +18,8 @@ from blda_tools.eq7_certify import UNDECIDED, certified_predictions
 from blda_tools.eq7_steps import fast_exp, rule_out_threshold
 from blda_tools.errors import BLDAError
 from blda_tools.statistics import LogitGrid, LogitSetStatistics
-from blda_tools.sweep_counts import count_sweep
 from blda_tools.sweep import TauSweep
+from blda_tools.sweep_counts import count_sweep
 
 
 def _biased_logits(num_classes: int, pixels: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
