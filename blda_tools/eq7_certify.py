@@ -52,6 +52,7 @@ from blda_tools.eq7_steps import (
     block_step_three,
     block_steps,
     exact_winner,
+    grid_cell,
     range_ends,
     softplus,
 )
@@ -126,27 +127,21 @@ def _load_block(logits, first, count, by_cell, by_column, rows, columns, magnitu
 @numba.njit(inline="always")
 def _offset_bounds(logits, row, by_cell, by_column, logit, own, lowest, highest):
     """One pixel's logits, Delta_cc(f[c]) and bounds of Delta_c'c(f[c]) over c' != c into the
-    ``(C,)`` float64 arrays; returns the largest |logit| and |offset|. The grid position is
-    computed in float32 exactly as `gather_offsets` does, so both use the same grid cell."""
+    ``(C,)`` float64 arrays; returns the largest |logit| and |offset|."""
     num_classes = logits.shape[1]
     points = by_cell.shape[0] // num_classes
     logit_magnitude, offset_magnitude = 0.0, 0.0
     for column in range(num_classes):
         value = logits[row, column]
-        low, inv_step, high = by_column[0, column], by_column[1, column], by_column[2, column]
-        position = min(max((value - low) * inv_step, np.float32(0.0)), np.float32(points - 1))
-        point = int(position)
-        fraction = position - np.float32(point)
-        cell = column * points + point
+        cell, fraction, beyond = grid_cell(value, column, by_column, points)
         logit[column] = value
         own[column] = by_cell[cell, 0] + fraction * by_cell[cell, 1]
-        beyond = value - min(max(value, low), high)
         if beyond == 0.0:
             lowest[column] = by_cell[cell, 2]
             highest[column] = by_cell[cell, 3]
         else:  # beyond the table adjusted cells fall with slope -1, unadjusted ones stay 0
-            shift = float(beyond) * by_column[3, column]
-            own[column] -= float(beyond) * by_column[4, column]
+            shift = beyond * by_column[3, column]
+            own[column] -= beyond * by_column[4, column]
             lowest[column] = min(by_cell[cell, 4] - shift, by_column[5, column])
             highest[column] = max(by_cell[cell, 5] - shift, by_column[6, column])
         logit_magnitude = max(logit_magnitude, abs(logit[column]))
@@ -216,15 +211,8 @@ def _certify_block(logits, first, count, taus, tables, block, prediction) -> Non
     it for the pixels left undecided, and so on down to single taus, where `exact_winner`
     decides what the bounds do not. Each range runs the steps class-major over the pixels it
     concerns (copied together), so that the loops run over pixels and are vectorised."""
-    columns, magnitude, chosen, chosen_magnitude, ends = (
-        block[1],
-        block[2],
-        block[3],
-        block[4],
-        block[5],
-    )
-    scratch, compact, exact, ranges, members = block[6], block[7], block[8], block[9], block[10]
-    margin, threshold, winner, left = block[11], block[12], block[13], block[14]
+    _, columns, magnitude, chosen, chosen_magnitude, ends, scratch, compact, exact = block[:9]
+    ranges, members, margin, threshold, winner, left = block[9:]
     num_classes = columns[0].shape[0]
     for k in range(count):
         members[0, k] = k
@@ -283,7 +271,7 @@ def _gather_pixels(columns, magnitude, pixels, size, chosen, chosen_magnitude) -
 @numba.njit(inline="always")
 def _decide_exactly(values, tau, margin, ends, k, winner, weakest, compact, exact, tables):
     """Pixel k of the block at a single tau, undecided by steps 1 to 3: `exact_winner` given
-    the classes step 3 kept and their bounds U_c = -softplus(upper gap) (Sec. above)."""
+    the classes step 3 kept and their bounds U_c = -softplus(upper gap) (module docstring)."""
     line, fraction, beyond, gap, kept, upper = exact
     position, kept_left, others_sums = compact[1], compact[5], compact[6]
     column = position[k]
@@ -303,12 +291,8 @@ def offset_bounds_rows(logits, by_cell, by_column):
     """Delta_cc(f[c]) and the bounds of Delta_c'c(f[c]) over c' != c, each ``(n, C)`` float64
     (the per-pixel part of `certify_rows`, for tests and diagnostics)."""
     shape = logits.shape
-    logit, own, lowest, highest = (
-        np.empty(shape[1]),
-        np.empty(shape),
-        np.empty(shape),
-        np.empty(shape),
-    )
+    logit = np.empty(shape[1])
+    own, lowest, highest = np.empty(shape), np.empty(shape), np.empty(shape)
     for row in range(shape[0]):
         _offset_bounds(logits, row, by_cell, by_column, logit, own[row], lowest[row], highest[row])
     return own, lowest, highest

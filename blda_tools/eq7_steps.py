@@ -74,6 +74,18 @@ def softplus(value: float) -> float:
 
 
 @numba.njit(inline="always")
+def grid_cell(value, column, by_column, points):
+    """(row of the table, fraction, distance beyond the table) of logit `value` in `column`:
+    the grid position computed in float32 exactly as `gather_offsets` does, so that every
+    step interpolates the same grid cell as the full computation."""
+    low, inv_step, high = by_column[0, column], by_column[1, column], by_column[2, column]
+    position = min(max((value - low) * inv_step, np.float32(0.0)), np.float32(points - 1))
+    point = int(position)
+    beyond = float(value - min(max(value, low), high))
+    return column * points + point, position - np.float32(point), beyond
+
+
+@numba.njit(inline="always")
 def exact_winner(values, tau, margin, winner, kept, upper, tables, work) -> int:
     """Step 4, at one tau, for a pixel the bounds leave undecided: the Eq. 7 log scores of
     `winner` and of the `kept` classes (every class the bounds could not rule out, so the full
@@ -87,14 +99,10 @@ def exact_winner(values, tau, margin, winner, kept, upper, tables, work) -> int:
     num_classes = values.shape[0]
     points = by_target.shape[1] // num_classes
     line, fraction, beyond, _ = work
-    for column in range(num_classes):  # the grid cells, in float32 as `gather_offsets`
-        value = values[column]
-        low, inv_step, high = by_column[0, column], by_column[1, column], by_column[2, column]
-        position = min(max((value - low) * inv_step, np.float32(0.0)), np.float32(points - 1))
-        point = int(position)
-        fraction[column] = position - np.float32(point)
-        line[column] = column * points + point
-        beyond[column] = float(value - min(max(value, low), high))
+    for column in range(num_classes):
+        line[column], fraction[column], beyond[column] = grid_cell(
+            values[column], column, by_column, points
+        )
     best = _exact_log_score(values, winner, tau, work, by_target[winner], adjusted_lc)
     best_at, runner_up = winner, -math.inf
     if math.isnan(best):
