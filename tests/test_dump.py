@@ -1,7 +1,7 @@
 """`dump-logits` end to end on tiny Cityscapes-layout fixtures: stored logits and metrics against
 a direct numpy evaluation (cityscapesscripts' label table), a process killed midway then
 resumed against an uninterrupted run, subsampling and stratified sampling against hand-worked
-expectations, sharding, and clear errors for bad input."""
+expectations, and sharding (bad input: test_dump_errors.py)."""
 
 from __future__ import annotations
 
@@ -21,18 +21,15 @@ from click.testing import CliRunner
 from fixtures_datasets import random_image, write_gray, write_rgb
 from PIL import Image
 from store_helpers import CLASSES, five_images
-from test_pixel_sampling import round_robin_quota
 
 from blda_cli.dump_logits import dump_logits_command
 from blda_tools.datasets import SegmentationSample
 from blda_tools.diagnose import diagnose
 from blda_tools.dump import (
-    CorruptImageWarning,
     PixelSampling,
     _BackgroundWriter,
     _compact_label,
     dump_logits,
-    prepare_dump,
     shard_path,
 )
 from blda_tools.errors import BLDAError
@@ -127,6 +124,10 @@ def plugin_logits(image_path, num_classes=NUM_CLASSES):
 
 @pytest.fixture
 def plugin(tmp_path, monkeypatch):
+    return install_plugin(tmp_path, monkeypatch)
+
+
+def install_plugin(tmp_path, monkeypatch) -> str:
     """Module spec of the per-pixel plugin model, importable here and in subprocesses."""
     folder = tmp_path / "plugins"
     folder.mkdir()
@@ -395,129 +396,3 @@ def test_shards_read_together_equal_a_single_run(tmp_path, plugin):
             assert torch.equal(actual[name][0], logits)
             assert torch.equal(actual[name][1], labels)
             assert torch.equal(actual[name][2], positions)
-
-
-# ---------------------------------------------------------------- bad input
-
-
-def test_missing_folder_and_empty_split_are_named(tmp_path, plugin):
-    with pytest.raises(BLDAError, match=str(tmp_path / "nowhere")):
-        dump(plugin, tmp_path / "nowhere", tmp_path / "o.h5")
-    (tmp_path / "empty" / "leftImg8bit" / "val" / "aachen").mkdir(parents=True)
-    with pytest.raises(BLDAError, match=r"no images <city>/\*_leftImg8bit.png under"):
-        dump(plugin, tmp_path / "empty", tmp_path / "o.h5")
-    assert not (tmp_path / "o.h5").exists() and not (tmp_path / "o.h5.partial").exists()
-
-
-def test_images_without_labels_give_a_store_without_labels(tmp_path, plugin):
-    images = make_cityscapes(tmp_path / "data", count=3, split="test", labels=False)
-    summary = dump(
-        plugin,
-        tmp_path / "data",
-        tmp_path / "t.h5",
-        split="test",
-        inference=WHOLE,
-        workers=0,
-        max_images=2,
-        sampling=PixelSampling(pixels_per_image=40, stratified=True),
-        dtype="float32",  # argmax compared with numpy's: no float16 near-ties
-    )
-    assert not summary.has_labels and "no labels" in summary.notes[0]
-    with LogitStore(tmp_path / "t.h5") as store:
-        assert not store.has_labels and store.num_rows == 80 and len(store.images) == 2
-        logits = torch.cat([chunk.logits for chunk in store.iter_chunks()])
-        for index, image_path in enumerate(sorted(images)[:2]):
-            # Without labels the strata are the predicted classes (argmax, worked with numpy).
-            predicted = plugin_logits(image_path).reshape(NUM_CLASSES, -1).argmax(0)
-            quota = round_robin_quota(np.bincount(predicted, minlength=NUM_CLASSES), 40)
-            rows = logits[40 * index : 40 * (index + 1)]
-            assert np.bincount(rows.argmax(1).numpy(), minlength=NUM_CLASSES).tolist() == quota
-
-
-def test_corrupt_image_is_skipped_and_counted_or_fatal_with_strict(tmp_path, plugin):
-    images = make_cityscapes(tmp_path / "data", count=3)
-    broken = sorted(images)[1]
-    broken.write_bytes(b"not a png")
-    with pytest.warns(CorruptImageWarning, match=str(broken)):
-        summary = dump(plugin, tmp_path / "data", tmp_path / "c.h5", inference=WHOLE, workers=1)
-    assert summary.images_written == 2 and len(summary.corrupt) == 1
-    assert str(broken) in summary.corrupt[0]
-    with LogitStore(tmp_path / "c.h5") as store:
-        assert len(store.images) == 2
-    with pytest.raises(BLDAError, match=f"{broken}.*--strict"):
-        dump(plugin, tmp_path / "data", tmp_path / "d.h5", inference=WHOLE, workers=1, strict=True)
-    assert not (tmp_path / "d.h5").exists()
-
-
-def test_all_corrupt_or_float16_overflow_fail_without_leaving_a_store(tmp_path, plugin):
-    images = make_cityscapes(tmp_path / "data", count=2)
-    for image in images:
-        image.write_bytes(b"broken")
-    with (
-        pytest.warns(CorruptImageWarning),
-        pytest.raises(BLDAError, match=r"no image could be read \(2 corrupt\)"),
-    ):
-        dump(plugin, tmp_path / "data", tmp_path / "o.h5", workers=0)
-    assert not (tmp_path / "o.h5").exists() and not (tmp_path / "o.h5.partial").exists()
-    make_cityscapes(tmp_path / "good", count=2)
-    huge = plugin.replace(":build", ":build_huge")
-    arguments = (huge, tmp_path / "good", tmp_path / "h.h5")
-    with pytest.raises(BLDAError, match='beyond the float16 range.*dtype="float32"'):
-        dump(*arguments, inference=WHOLE, workers=0)
-    assert not (tmp_path / "h.h5").exists()
-    with pytest.raises(BLDAError, match="unfinished store holds float16 logits"):
-        dump(*arguments, inference=WHOLE, workers=0, dtype="float32", resume=True)
-    (tmp_path / "h.h5.partial").unlink()
-    summary = dump(*arguments, inference=WHOLE, workers=0, dtype="float32")
-    assert summary.images_written == 2
-
-
-def test_wrong_checkpoint_and_plugin_errors(tmp_path, plugin):
-    make_cityscapes(tmp_path / "data", count=1)
-    torch.save(create_model("tiny", 7).state_dict(), tmp_path / "seven.pth")
-    with pytest.raises(BLDAError, match="seven.pth"):
-        dump("tiny", tmp_path / "data", tmp_path / "o.h5", checkpoint=tmp_path / "seven.pth")
-    torch.save(torch.nn.Conv2d(3, NUM_CLASSES, 1).state_dict(), tmp_path / "conv.pth")
-    with pytest.raises(BLDAError, match="conv.pth"):
-        dump("tiny", tmp_path / "data", tmp_path / "o.h5", checkpoint=tmp_path / "conv.pth")
-    with pytest.raises(BLDAError, match="cannot import module 'no_such_module_blda'"):
-        dump("no_such_module_blda:build", tmp_path / "data", tmp_path / "o.h5")
-    with pytest.raises(BLDAError, match="--stride and --pixels-per-image"):
-        PixelSampling(stride=2, pixels_per_image=10)
-
-
-def test_cli_reports_bad_options_clearly(tmp_path, plugin):
-    make_cityscapes(tmp_path / "data", count=1)
-    runner = CliRunner()
-    base = ["--model", plugin, "--dataset", "cityscapes", "--data-root", str(tmp_path / "data")]
-    result = runner.invoke(
-        dump_logits_command, [*base, "--out", str(tmp_path / "o.h5"), "--resize", "big"]
-    )
-    assert (
-        result.exit_code == 2 and "expected HEIGHTxWIDTH like 1024x2048, or none" in result.output
-    )
-    result = runner.invoke(
-        dump_logits_command, [*base, "--out", str(tmp_path / "o.h5"), "--device", "tpu"]
-    )
-    assert isinstance(result.exception, BLDAError) and "--device" in str(result.exception)
-    job = prepare_dump(plugin, None, "cityscapes", tmp_path / "data", "val", tmp_path / "x.h5")
-    assert job.inference.resize == (1024, 2048) and job.inference.mode == "slide"
-    out = tmp_path / "cli.h5"
-    options = ["--resize", "24x32", "--crop", "16", "--window-stride", "8x8", "--flip", "--no-amp"]
-    result = runner.invoke(dump_logits_command, [*base, "--out", str(out), *options])
-    assert result.exit_code == 0, result.output
-    with LogitStore(out) as store:
-        assert store.metadata["inference"] == {
-            "mode": "slide",
-            "crop": [16, 16],
-            "stride": [8, 8],
-            "resize": [24, 32],
-            "flip": True,
-            "amp": False,
-        }
-        assert store.metadata["sampling"] == {
-            "stride": 1,
-            "pixels_per_image": None,
-            "stratified": False,
-            "seed": 0,
-        }
