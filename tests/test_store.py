@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 
 import h5py
 import numpy as np
@@ -267,3 +268,30 @@ def test_chunks_in_the_stored_dtype(tmp_path, reuse_buffers):
         np.testing.assert_array_equal(whole.view(np.int16), file["logits"][()].view(np.int16))
         with pytest.raises(BLDAError, match="dtype must be float16, float32 or None"):
             list(store.iter_chunks(dtype=torch.float64))
+
+
+def test_images_prepared_in_threads_are_stored_in_the_order_appended(tmp_path):
+    """`prepare` leaves the file and the writer alone; `append` decides the order."""
+    images = [random_map(40 + i, 5, 6) for i in range(6)]
+    path = tmp_path / "threads.h5"
+    with LogitWriter(path, CLASSES, dtype="float32") as writer:
+        with ThreadPoolExecutor(3) as pool:
+            prepared = list(
+                pool.map(
+                    lambda item: writer.prepare(
+                        torch.from_numpy(item[1][0]), item[1][1], f"i{item[0]}"
+                    ),
+                    enumerate(images),
+                )
+            )
+        assert writer.num_images == 0 and writer.num_rows == 0
+        for index in (4, 0, 5, 1, 3, 2):
+            writer.append(prepared[index])
+        with pytest.raises(BLDAError, match="'i4': an image with this name was already added"):
+            writer.append(prepared[4])
+    with LogitStore(path) as store:
+        assert [record.name for record in store.images] == ["i4", "i0", "i5", "i1", "i3", "i2"]
+        for position, index in enumerate((4, 0, 5, 1, 3, 2)):
+            logits, labels = store.read_image(position)
+            assert np.array_equal(logits.numpy(), images[index][0])
+            assert np.array_equal(labels.numpy(), images[index][1])

@@ -26,7 +26,7 @@ from blda_tools.store.schema import (
     Chunk,
     ImageRecord,
 )
-from blda_tools.store.writer import LogitWriter
+from blda_tools.store.writer import LogitWriter, PreparedImage
 
 __all__ = [
     "COMPRESSED_CHUNK_CACHE_BYTES",
@@ -43,6 +43,7 @@ __all__ = [
     "ImageRecord",
     "LogitStore",
     "LogitWriter",
+    "PreparedImage",
     "ensure_writable_dir",
     "partial_path",
 ]

@@ -8,6 +8,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -38,6 +39,17 @@ from blda_tools.store.schema import (
     _checked_int,
     _checked_metadata,
 )
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One image's checked rows, ready for `LogitWriter.append`: `(N, C)` logits of the
+    store's dtype, `(N,)` labels and pixel positions (or None), and its index entry."""
+
+    rows: np.ndarray
+    labels: np.ndarray | None
+    pixel_index: np.ndarray | None
+    record: dict
 
 
 class LogitWriter:
@@ -133,25 +145,26 @@ class LogitWriter:
         order; its full size `(H, W)` is recorded. Rows may carry `pixel_index` (flat
         `y * W + x` positions in a full label map of size `image_size = (H, W)`). Logits may be
         numpy or torch of any float dtype on any device.
+
+        `add` is `append(prepare(...))`: a caller may prepare images in other threads.
         """
+        self.append(self.prepare(logits, labels, name, stride, pixel_index, image_size))
+
+    def prepare(
+        self, logits, labels=None, name=None, stride=1, pixel_index=None, image_size=None
+    ) -> PreparedImage:
+        """Check one image and lay out its rows as `add` stores them, without touching the
+        file or the writer's state: safe to call from several threads while another appends
+        (the casts run in torch, which releases the GIL)."""
         if self._file is None:
             raise BLDAError(f"{self.path}: the writer is closed; cannot add more images")
         name = "" if name is None else str(name)
         where = f"{self.path}: image {name!r}" if name else f"{self.path}: image #{self.num_images}"
         if len(name.encode()) > MAX_NAME_BYTES:
             raise BLDAError(f"{where}: the name is longer than {MAX_NAME_BYTES} bytes (UTF-8)")
-        if name and name in self._name_set:
-            raise BLDAError(
-                f"{where}: an image with this name was already added (names must be unique)"
-            )
         in_torch = _is_torch_castable(logits)  # checked and cast in torch, see `_torch_rows`
         logits = logits.detach() if in_torch else _as_array(logits, "logits", where)
         labels = None if labels is None else _as_array(labels, "labels", where)
-        if self._has_labels is not None and (labels is not None) != self._has_labels:
-            stored = "with" if self._has_labels else "without"
-            raise BLDAError(
-                f"{where}: earlier images were added {stored} labels; all adds must agree"
-            )
         stride = _checked_int(stride, "stride", where, minimum=1)
         if logits.ndim == 3:
             rows, labels, record = _map_rows(logits, labels, stride, image_size, pixel_index, where)
@@ -176,7 +189,24 @@ class LogitWriter:
             _check_label_values(labels, self.num_classes, self.ignore_index, where)
             # checked to fit: numpy's cast is cheaper than HDF5's conversion on write
             labels = labels.astype(self.label_dtype, copy=False)
-        self._append(rows, labels, pixel_index, dict(record, name=name))
+        return PreparedImage(rows, labels, pixel_index, dict(record, name=name))
+
+    def append(self, image: PreparedImage) -> None:
+        """Write an image from `prepare` (in the order of the calls to `append`)."""
+        if self._file is None:
+            raise BLDAError(f"{self.path}: the writer is closed; cannot add more images")
+        name = image.record["name"]
+        where = f"{self.path}: image {name!r}" if name else f"{self.path}: image #{self.num_images}"
+        if name and name in self._name_set:
+            raise BLDAError(
+                f"{where}: an image with this name was already added (names must be unique)"
+            )
+        if self._has_labels is not None and (image.labels is not None) != self._has_labels:
+            stored = "with" if self._has_labels else "without"
+            raise BLDAError(
+                f"{where}: earlier images were added {stored} labels; all adds must agree"
+            )
+        self._append(image.rows, image.labels, image.pixel_index, dict(image.record))
 
     def commit(self) -> None:
         """Make every completed `add` survive an interruption: write the pending index entries,
