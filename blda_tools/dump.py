@@ -1,38 +1,48 @@
 """The `blda dump-logits` job: a model's logits on a dataset, written to a logit store.
 
-Images are decoded in DataLoader worker processes while the main process runs the model and
-writes the store (`LogitWriter`, atomic: `<out>.partial` until complete), so loading overlaps
-compute. Per image the store keeps the full map at label resolution, every `stride`-th pixel
-in both axes, or `pixels_per_image` sampled pixels (uniformly, or stratified by class), with
-their positions.
+`streams` inference threads each take the next batch of images, run the model and lay out the
+rows to store (`LogitWriter.prepare`); the calling thread appends them in dataset order
+(`LogitWriter`, atomic: `<out>.partial` until complete). Images are decoded by loader worker
+processes, or, with `workers=0` (the CPU default), by the streams themselves: on a CPU two
+single-threaded streams keep the cores busy, one decoding or preparing while the other computes
+(`dump_loading`). Per image the store keeps the full map at label resolution, every
+`stride`-th pixel in both axes, or `pixels_per_image` sampled pixels (uniformly, or
+stratified by class), with their positions.
 
 Resume: `resume=True` reopens `<out>.partial` and skips the images already stored; sampling is
 seeded per image name, so the result equals an uninterrupted run. Sharding: when `WORLD_SIZE`
 > 1 (torchrun), rank r takes images r, r + W, ... and writes `<stem>.rank<r>-of-<W><suffix>`;
 the shards read as one store (`LogitStore([...])`, `blda diagnose SHARD...`).
 """
-
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import queue
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import h5py
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from blda_tools import __version__
-from blda_tools.datasets import CorruptSampleError, build_dataset
+from blda_tools.datasets import build_dataset
+from blda_tools.dump_loading import (
+    decode,
+    default_workers,
+    runs_of_equal_size,
+    start_loader,
+    with_arrays,
+)
 from blda_tools.errors import BLDAError
 from blda_tools.fileio import partial_path
+from blda_tools.host_memory import keep_freed_memory
 from blda_tools.inference import (
     InferenceSettings,
     default_inference,
@@ -42,7 +52,7 @@ from blda_tools.inference import (
 )
 from blda_tools.models import load_model, normalize
 from blda_tools.pixel_sampling import PixelSampling, sampled_positions
-from blda_tools.store import LogitWriter
+from blda_tools.store import LogitWriter, PreparedImage
 
 # Metadata that must match between an unfinished store and a resumed run.
 RESUME_KEYS = ("model", "checkpoint", "weights", "dataset", "split", "inference", "sampling")
@@ -87,103 +97,13 @@ def shard_path(out: str | os.PathLike, rank: int, world_size: int) -> Path:
 # ---------------------------------------------------------------------------- the job
 
 
-class _DecodedItems(Dataset):
-    """Dataset items by position in `indices`, with decoding failures returned, not raised
-    (a raise inside a worker would end the whole DataLoader)."""
-
-    def __init__(self, dataset, indices: Sequence[int]) -> None:
-        self.dataset, self.indices = dataset, list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, position: int):
-        try:
-            return _compact_label(self.dataset[self.indices[position]]), None
-        except CorruptSampleError as error:
-            return None, str(error)
-
-
-def _compact_label(sample):
-    """The sample with its label as uint8 when the values fit (train ids and 255 always do):
-    an eighth of the bytes of int64 to pass from a worker, and the store's own label dtype."""
-    label = sample.label
-    if label is None or label.dtype == torch.uint8 or label.dim() != 2:
-        return sample
-    low, high = torch.aminmax(label)
-    if low < 0 or high > 255:
-        return sample
-    return dataclasses.replace(sample, label=label.to(torch.uint8))
-
-
-def _as_list(batch):
-    return batch
-
-
-def _single_threaded_worker(_worker_id: int) -> None:
-    # Workers only decode images; their own thread pools would compete with the model.
-    torch.set_num_threads(1)
-
-
-class _BackgroundWriter:
-    """Hands `add` calls to one thread of this process, so that converting and writing an
-    image overlaps the next forward pass. At most `depth` images wait; the first error is
-    raised in the caller, and leaving the block waits until every queued image is stored.
-
-    The writer commits every `commit_interval` seconds while images arrive (`LogitWriter`);
-    this thread also commits once no image has arrived for that long, so that a dump stalled
-    or killed later (a slow image, a hung loader) loses nothing it had finished.
-    """
-
-    def __init__(self, writer: LogitWriter, depth: int = 2) -> None:
-        self._writer, self._error = writer, None
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._thread = threading.Thread(target=self._work, name="blda-store-writer", daemon=True)
-
-    def __enter__(self) -> _BackgroundWriter:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._queue.put(None)
-        self._thread.join()  # the store is closed next: nothing may be writing then
-        if exc_info[0] is None:
-            self._raise_failure()
-
-    def add(self, *args, **kwargs) -> None:
-        self._raise_failure()
-        self._queue.put((args, kwargs))
-
-    def _raise_failure(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def _work(self) -> None:
-        while True:
-            pending = self._error is None and self._writer.uncommitted_images > 0
-            try:
-                task = self._queue.get(timeout=self._writer.commit_interval if pending else None)
-            except queue.Empty:  # idle for a commit interval: commit what is stored
-                self._run(self._writer.commit)
-                continue
-            if task is None:
-                return
-            if self._error is None:  # after a failure, only drain the queue
-                self._run(self._writer.add, *task[0], **task[1])
-
-    def _run(self, action, *args, **kwargs) -> None:
-        try:
-            action(*args, **kwargs)
-        except BaseException as error:
-            self._error = error
-
-
 @dataclass
 class DumpJob:
     """A dump ready to run: dataset, model and output resolved, images still to do known.
 
-    Build it with `prepare_dump`; `total` is the number of images `run` will go through (the
-    CLI sizes its progress bar with it).
+    Build it with `prepare_dump`, run it once; `total` is the number of images `run` will go
+    through (the CLI sizes its progress bar with it). `batches` yields the batches of
+    `pending` (`dump_loading.start_loader`: decoded by loader workers, or still to decode).
     """
 
     dataset: object
@@ -193,6 +113,7 @@ class DumpJob:
     sampling: PixelSampling
     out: Path
     pending: list[int]
+    batches: Iterator
     already_stored: int
     writer_options: dict
     strict: bool
@@ -200,13 +121,22 @@ class DumpJob:
     batch_size: int
     rank: int
     world_size: int
+    streams: int = 1
+    threads_per_stream: int = 1
 
     @property
     def total(self) -> int:
         return len(self.pending)
 
     def run(self, progress: Callable[[int], None] | None = None) -> DumpSummary:
-        """Predict and store every pending image; `progress(n)` after every n images."""
+        """Predict and store every pending image; `progress(n)` after every n images.
+
+        `streams` threads each take a batch at a time (decoding it without loader workers),
+        run the model with `threads_per_stream` threads inside each operation and prepare the
+        rows; this thread appends them in dataset order, so the store is the same whatever
+        the streams' timing. On 2 CPU cores, two one-thread streams ran the forward pass
+        alone 1.3x faster than one two-thread stream (`benchmarks/bench_dump.py`).
+        """
         started = time.perf_counter()
         summary = DumpSummary(
             self.out,
@@ -215,16 +145,21 @@ class DumpJob:
             rank=self.rank,
             world_size=self.world_size,
         )
-        # Worker processes start (fork) before the store is opened and the writer thread runs.
-        batches = iter(self._loader())
-        with LogitWriter(
-            self.out, resume=True, commit_interval=COMMIT_SECONDS, **self.writer_options
-        ) as writer:
-            with _BackgroundWriter(writer) as background:
-                for group in self._groups_of_equal_size(batches, summary, progress):
-                    self._predict_and_write(group, background, summary)
-                    if progress is not None:
-                        progress(len(group))
+        with (
+            LogitWriter(
+                self.out, resume=True, commit_interval=COMMIT_SECONDS, **self.writer_options
+            ) as writer,
+            _intra_op_threads(self.threads_per_stream),
+            _executor(self.streams) as executor,
+        ):
+            in_flight: deque[Future] = deque()
+            for batch in self.batches:
+                in_flight.append(executor.submit(self._process, batch, writer))
+                # A batch more than the streams: the next one is ready when a stream frees.
+                while len(in_flight) > self.streams:
+                    self._store(in_flight.popleft(), writer, summary, progress)
+            while in_flight:
+                self._store(in_flight.popleft(), writer, summary, progress)
         summary.seconds = time.perf_counter() - started
         if summary.images_written + self.already_stored == 0:
             self.out.unlink()  # an empty store would only fail later, in every reader
@@ -238,69 +173,104 @@ class DumpJob:
             summary.notes.append(f"{len(summary.corrupt)} corrupt image(s) skipped.")
         return summary
 
-    def _loader(self) -> DataLoader:
-        return DataLoader(
-            _DecodedItems(self.dataset, self.pending),
-            batch_size=self.batch_size,
-            num_workers=self.workers,
-            collate_fn=_as_list,
-            worker_init_fn=_single_threaded_worker if self.workers else None,
-            prefetch_factor=4 if self.workers else None,
-        )
-
-    def _groups_of_equal_size(self, batches, summary, progress) -> Iterator[list]:
-        """Decoded samples in dataset order, in runs of equal size (one forward pass each)."""
-        for batch in batches:
-            samples = []
-            for sample, error in batch:
-                if error is None:
-                    samples.append(sample)
-                    continue
-                if self.strict:
-                    raise BLDAError(f"{error} (--strict: stopping at the first corrupt image)")
-                warnings.warn(f"skipped: {error}", CorruptImageWarning, stacklevel=2)
-                summary.corrupt.append(error)
-                if progress is not None:
-                    progress(1)
-            while samples:
-                size = samples[0].image.shape
-                run_length = next(
-                    (i for i, s in enumerate(samples) if s.image.shape != size), len(samples)
+    def _store(self, processed: Future, writer: LogitWriter, summary, progress) -> None:
+        """Store one batch's prepared images once its stream has them. While waiting, commit
+        what is stored after `commit_interval` seconds without a new image, so that a dump
+        stalled or killed later (a slow image, a hung loader) loses nothing it had finished."""
+        while True:
+            waiting = writer.uncommitted_images > 0
+            try:
+                prepared, errors = processed.result(
+                    timeout=writer.commit_interval if waiting else None
                 )
-                yield samples[:run_length]
-                samples = samples[run_length:]
-
-    def _predict_and_write(self, group, writer: _BackgroundWriter, summary: DumpSummary) -> None:
-        images = torch.stack([sample.image for sample in group]).to(self.device)
-        logits = predict_logits(self.model, normalize(images), **asdict(self.inference))
-        for sample, logit_map in zip(group, logits, strict=True):
-            rows = self._store_image(writer, sample, logit_map)
+                break
+            except FutureTimeout:
+                writer.commit()
+        if errors and self.strict:
+            raise BLDAError(f"{errors[0]} (--strict: stopping at the first corrupt image)")
+        for error in errors:
+            warnings.warn(f"skipped: {error}", CorruptImageWarning, stacklevel=2)
+            summary.corrupt.append(error)
+        for image in prepared:
+            writer.append(image)
             summary.images_written += 1
-            summary.rows_written += rows
+            summary.rows_written += len(image.rows)
+        if progress is not None:
+            progress(len(prepared) + len(errors))
 
-    def _store_image(self, writer: _BackgroundWriter, sample, logit_map: torch.Tensor) -> int:
-        """Add one image's `(C, H, W)` logits as the sampling asks; return the rows written."""
+    def _process(self, batch: list, writer: LogitWriter) -> tuple[list[PreparedImage], list[str]]:
+        """A batch's prepared images and corrupt images' messages, in a stream thread. Items
+        are `(sample, error)` pairs from the loader workers, or dataset indices to decode here
+        (without workers)."""
+        pairs = [decode(self.dataset, item) if isinstance(item, int) else item for item in batch]
+        errors = [error for _, error in pairs if error is not None]
+        if errors and self.strict:
+            return [], errors
+        samples = [
+            with_arrays(sample, torch.from_numpy) for sample, error in pairs if error is None
+        ]
+        prepared = []
+        for group in runs_of_equal_size(samples):
+            prepared.extend(self._predict(group, writer))
+        return prepared, errors
+
+    def _predict(self, group, writer: LogitWriter) -> list[PreparedImage]:
+        """One group's logits, laid out as the store keeps them (in a stream thread)."""
+        with torch.inference_mode():
+            images = torch.stack([sample.image for sample in group]).to(self.device)
+            logits = predict_logits(self.model, normalize(images), **asdict(self.inference))
+            return [
+                self._prepare_image(writer, sample, logit_map)
+                for sample, logit_map in zip(group, logits, strict=True)
+            ]
+
+    def _prepare_image(self, writer: LogitWriter, sample, logit_map: torch.Tensor):
+        """One image's `(C, H, W)` logits as the sampling asks (`LogitWriter.prepare`)."""
         sampling, label = self.sampling, sample.label
         if sampling.pixels_per_image is None:
             # The writer lays out and casts a tensor to the store's rows in one torch copy.
-            writer.add(logit_map, label, sample.name, stride=sampling.stride)
-            height, width = logit_map.shape[-2:]
-            return -(-height // sampling.stride) * -(-width // sampling.stride)
+            return writer.prepare(logit_map, label, sample.name, stride=sampling.stride)
         num_classes, height, width = logit_map.shape
         # (H * W, C): a view of channels-last logits (as `predict_logits` resizes them)
         pixel_logits = logit_map.permute(1, 2, 0).reshape(-1, num_classes)
         positions = sampled_positions(
             sampling, pixel_logits, label, self.dataset.ignore_index, sample.name
         )
-        rows = pixel_logits[positions.to(pixel_logits.device)]
-        writer.add(
-            rows,
+        return writer.prepare(
+            pixel_logits[positions.to(pixel_logits.device)],
             None if label is None else label.reshape(-1)[positions],
             sample.name,
             pixel_index=positions,
             image_size=(height, width),
         )
-        return len(positions)
+
+
+def default_streams(device: torch.device) -> tuple[int, int]:
+    """`(streams, threads_per_stream)`: on a CPU with several threads, two streams sharing
+    them; elsewhere one stream (a GPU overlaps the host's work by itself)."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads < 2:
+        return 1, threads
+    return 2, threads // 2
+
+
+@contextmanager
+def _intra_op_threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
+def _executor(streams: int):
+    executor = ThreadPoolExecutor(streams, thread_name_prefix="blda-dump-stream")
+    try:
+        yield executor
+    finally:  # on an error, the groups not started are dropped; running ones finish
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def prepare_dump(
@@ -319,23 +289,30 @@ def prepare_dump(
     max_images: int | None = None,
     resume: bool = False,
     strict: bool = False,
-    workers: int = 2,
+    workers: int | None = None,
     batch_size: int = 1,
     device: str | None = None,
     dtype: str = "float16",
     compression: str | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    streams: int | None = None,
 ) -> DumpJob:
     """Resolve everything `dump_logits` needs and check it, before any compute.
 
     `inference=None` takes the dataset's default (`default_inference`: DAFormer's sliding
     window on 1024 x 2048 for Cityscapes, whole images otherwise). `rank` / `world_size`
-    default to torchrun's environment.
+    default to torchrun's environment. `streams` is the number of forward passes run at
+    once (`DumpJob.run`); None: `default_streams`. `workers` is the number of processes that
+    decode images; None: `default_workers`.
+
+    On a CPU this sets the process's allocator to keep freed memory (`keep_freed_memory`:
+    without it, each image page-faults its activations back in). The loader workers start
+    here, before the model is loaded, and start decoding.
     """
     if rank is None or world_size is None:
         rank, world_size = distributed_rank()
-    _check_counts(max_images=max_images, workers=workers, batch_size=batch_size)
+    _check_counts(max_images=max_images, workers=workers, batch_size=batch_size, streams=streams)
     data = build_dataset(dataset, data_root, split, **(dataset_options or {}))
     if data.dataset_name == "image-folder":
         raise BLDAError(f"--dataset {dataset}: classification; dump-logits stores segmentation")
@@ -355,10 +332,17 @@ def prepare_dump(
     }
     stored = _names_already_stored(out, resume, metadata)
     chosen_device = select_device(device)
-    model = load_model(model_spec, data.num_classes, checkpoint, weights, trust_checkpoint)
+    if chosen_device.type == "cpu":
+        keep_freed_memory()
+    workers = default_workers(chosen_device) if workers is None else workers
     count = len(data) if max_images is None else min(max_images, len(data))
     planned = list(range(rank, count, world_size))
     pending = [index for index in planned if data.names[index] not in stored]
+    # Workers fork before the model exists: pages this process writes after a fork are
+    # copied (copy-on-write) while the workers live, and the model's weights and
+    # activations would be, image after image.
+    batches = start_loader(data, pending, workers, batch_size)
+    model = load_model(model_spec, data.num_classes, checkpoint, weights, trust_checkpoint)
     writer_options = dict(
         class_names=data.class_names,
         ignore_index=data.ignore_index,
@@ -376,6 +360,7 @@ def prepare_dump(
         sampling=sampling,
         out=out,
         pending=pending,
+        batches=batches,
         already_stored=len(planned) - len(pending),
         writer_options=writer_options,
         strict=strict,
@@ -383,7 +368,16 @@ def prepare_dump(
         batch_size=batch_size,
         rank=rank,
         world_size=world_size,
+        **_stream_layout(streams, chosen_device),
     )
+
+
+def _stream_layout(streams: int | None, device: torch.device) -> dict:
+    if streams is None:
+        streams, threads = default_streams(device)
+    else:
+        threads = max(1, torch.get_num_threads() // streams) if device.type == "cpu" else 1
+    return {"streams": streams, "threads_per_stream": threads}
 
 
 def dump_logits(
@@ -405,7 +399,7 @@ def dump_logits(
 
 def _check_counts(**values) -> None:
     for option, value in values.items():
-        minimum = 0 if option == "workers" else 1
+        minimum = 0 if option == "workers" else 1  # streams: None (default) or >= 1
         if value is not None and (not isinstance(value, int) or value < minimum):
             raise BLDAError(
                 f"--{option.replace('_', '-')}: expected an integer >= {minimum}, got {value!r}"

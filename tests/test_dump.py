@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 
 import h5py
 import numpy as np
@@ -20,22 +19,22 @@ from cityscapesscripts.helpers.labels import id2label
 from click.testing import CliRunner
 from fixtures_datasets import random_image, write_gray, write_rgb
 from PIL import Image
-from store_helpers import CLASSES, five_images
 
 from blda_cli.dump_logits import dump_logits_command
 from blda_tools.datasets import SegmentationSample
 from blda_tools.diagnose import diagnose
 from blda_tools.dump import (
+    CorruptImageWarning,
     PixelSampling,
-    _BackgroundWriter,
-    _compact_label,
+    default_streams,
     dump_logits,
     shard_path,
 )
+from blda_tools.dump_loading import compact_label
 from blda_tools.errors import BLDAError
 from blda_tools.inference import InferenceSettings
 from blda_tools.models import create_model
-from blda_tools.store import LogitStore, LogitWriter
+from blda_tools.store import LogitStore
 
 WHOLE = InferenceSettings(mode="whole")
 # Typed in from mmseg's img_norm_cfg, not imported from the code under test.
@@ -172,7 +171,10 @@ def rows_by_image(store):
 # ---------------------------------------------------------------- against direct evaluation
 
 
-def test_dump_then_diagnose_equals_direct_evaluation(tmp_path):
+# (loader processes, inference streams): decoded by a worker for one stream; decoded by each
+# of two streams (the CPU default).
+@pytest.mark.parametrize("workers, streams", [(1, 1), (0, 2)])
+def test_dump_then_diagnose_equals_direct_evaluation(tmp_path, workers, streams):
     images = make_cityscapes(tmp_path / "data", count=5, size=(20, 28))
     torch.manual_seed(0)
     model = create_model("tiny", NUM_CLASSES).eval()
@@ -183,7 +185,8 @@ def test_dump_then_diagnose_equals_direct_evaluation(tmp_path):
         tmp_path / "val.h5",
         checkpoint=tmp_path / "tiny.pth",
         inference=WHOLE,
-        workers=1,
+        workers=workers,
+        streams=streams,
         batch_size=2,
         dtype="float32",
     )
@@ -212,6 +215,61 @@ def test_dump_then_diagnose_equals_direct_evaluation(tmp_path):
         iou = hits / (confusion.sum(0) + confusion.sum(1) - hits)
     np.testing.assert_allclose(np.array(result.iou, dtype=float), iou, equal_nan=True)
     assert result.miou == pytest.approx(np.nanmean(iou))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_streams_store_images_in_dataset_order_across_sizes_and_corrupt_files(
+    tmp_path, plugin, workers
+):
+    """Three streams finish out of order; the store still lists the images in dataset order,
+    each with its own logits (worked out with numpy), batches split where the size changes."""
+    root = tmp_path / "data"
+    paths = []
+    for index, size in enumerate([(6, 8), (6, 8), (5, 7), (6, 8), (4, 9), (4, 9), (6, 8)]):
+        stem = f"aachen_000000_{index:06d}"
+        paths.append(
+            write_rgb(
+                root / "leftImg8bit" / "val" / "aachen" / f"{stem}_leftImg8bit.png",
+                random_image(*size, seed=index),
+            )
+        )
+        ids = np.random.default_rng(50 + index).integers(0, 34, size)
+        write_gray(root / "gtFine" / "val" / "aachen" / f"{stem}_gtFine_labelIds.png", ids)
+    paths[3].write_bytes(b"not a png")
+    with pytest.warns(CorruptImageWarning, match=str(paths[3])):
+        summary = dump(
+            plugin,
+            root,
+            tmp_path / "o.h5",
+            inference=WHOLE,
+            workers=workers,
+            streams=3,
+            batch_size=3,
+            dtype="float32",
+        )
+    assert (summary.images_written, len(summary.corrupt)) == (6, 1)
+    kept = [path for index, path in enumerate(paths) if index != 3]
+    with LogitStore(tmp_path / "o.h5") as store:
+        assert [record.name for record in store.images] == [
+            f"leftImg8bit/val/aachen/aachen_000000_{index:06d}_leftImg8bit"
+            for index in (0, 1, 2, 4, 5, 6)
+        ]
+        for index, path in enumerate(kept):
+            logits, labels = store.read_image(index)
+            np.testing.assert_allclose(logits.numpy(), plugin_logits(path), atol=1e-4)
+            assert np.array_equal(labels.numpy(), train_ids_of(path))
+
+
+def test_default_streams_share_the_cpu_threads():
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        assert default_streams(torch.device("cpu")) == (2, 2)
+        assert default_streams(torch.device("cuda")) == (1, 4)
+        torch.set_num_threads(1)
+        assert default_streams(torch.device("cpu")) == (1, 1)
+    finally:
+        torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------- interruption and resume
@@ -278,28 +336,16 @@ def test_resume_refuses_other_settings_and_existing_outputs(tmp_path, plugin):
         )
 
 
-def test_background_writer_commits_when_idle(tmp_path):
-    with LogitWriter(tmp_path / "idle.h5", CLASSES, commit_interval=0.05) as writer:
-        with _BackgroundWriter(writer) as background:
-            for logits, labels, name in five_images()[:2]:
-                background.add(logits, labels, name=name)
-            # no further image comes: the thread commits within ~0.05 s of the last add
-            deadline = time.monotonic() + 30
-            while (writer.num_images, writer.uncommitted_images) != (2, 0):
-                assert time.monotonic() < deadline, "the idle writer never committed"
-                time.sleep(0.01)
-
-
 def test_labels_sent_from_workers_as_uint8_only_when_they_fit():
     fits = SegmentationSample(
         torch.zeros(3, 2, 2, dtype=torch.uint8), torch.tensor([[0, 18], [255, 7]]), "a"
     )
-    compact = _compact_label(fits)
+    compact = compact_label(fits)
     assert compact.label.dtype == torch.uint8
     assert compact.label.tolist() == [[0, 18], [255, 7]]
     too_large = SegmentationSample(fits.image, torch.tensor([[0, 300], [255, 7]]), "b")
-    assert _compact_label(too_large).label.dtype == torch.int64
-    assert _compact_label(too_large).label.tolist() == [[0, 300], [255, 7]]
+    assert compact_label(too_large).label.dtype == torch.int64
+    assert compact_label(too_large).label.tolist() == [[0, 300], [255, 7]]
 
 
 # ---------------------------------------------------------------- subsampling and sampling

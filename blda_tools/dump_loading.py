@@ -1,0 +1,103 @@
+"""Where a dump's images come from: decoded in loader worker processes, or by the inference
+streams themselves, in dataset order, with corrupt files reported rather than raised.
+
+A sample crosses from a worker as numpy arrays (pickled through the worker's pipe) and becomes
+tensors again in the stream that runs the model (`with_arrays`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from blda_tools.datasets import CorruptSampleError
+
+
+class _DecodedItems(Dataset):
+    """Dataset items by position in `indices`, with decoding failures returned, not raised
+    (a raise inside a worker would end the whole DataLoader)."""
+
+    def __init__(self, dataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int):
+        return decode(self.dataset, self.indices[position])
+
+
+def decode(dataset, index: int):
+    """`(sample, None)` for a readable image, `(None, message)` for a corrupt one."""
+    try:
+        sample = compact_label(dataset[index])
+    except CorruptSampleError as error:
+        return None, str(error)
+    # Arrays cross from a worker pickled through its pipe; a tensor would travel as a
+    # shared-memory file, mapped and unmapped per image (kernel time in every thread).
+    return with_arrays(sample, lambda tensor: tensor.numpy()), None
+
+
+def with_arrays(sample, convert):
+    """The sample with its image and label passed through `convert` (to numpy and back)."""
+    label = None if sample.label is None else convert(sample.label)
+    return dataclasses.replace(sample, image=convert(sample.image), label=label)
+
+
+def compact_label(sample):
+    """The sample with its label as uint8 when the values fit (train ids and 255 always do):
+    an eighth of the bytes of int64 to pass from a worker, and the store's own label dtype."""
+    label = sample.label
+    if label is None or label.dtype == torch.uint8 or label.dim() != 2:
+        return sample
+    low, high = torch.aminmax(label)
+    if low < 0 or high > 255:
+        return sample
+    return dataclasses.replace(sample, label=label.to(torch.uint8))
+
+
+def _as_list(batch):
+    return batch
+
+
+def _single_threaded_worker(_worker_id: int) -> None:
+    # Workers only decode images; their own thread pools would compete with the model.
+    torch.set_num_threads(1)
+
+
+def runs_of_equal_size(samples: list) -> Iterator[list]:
+    """Consecutive samples in runs of equal image size (one forward pass each)."""
+    while samples:
+        size = samples[0].image.shape
+        run_length = next((i for i, s in enumerate(samples) if s.image.shape != size), len(samples))
+        yield samples[:run_length]
+        samples = samples[run_length:]
+
+
+def start_loader(dataset, pending: list[int], workers: int, batch_size: int) -> Iterator[list]:
+    """Batches of the `pending` images in order: with `workers`, lists of `(sample, error)`
+    decoded by that many processes, which start now; without, lists of dataset indices that
+    the inference streams decode themselves (a thread beside them would take CPU time from
+    them)."""
+    if workers == 0:
+        return (pending[start : start + batch_size] for start in range(0, len(pending), batch_size))
+    loader = DataLoader(
+        _DecodedItems(dataset, pending),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_as_list,
+        worker_init_fn=_single_threaded_worker,
+        prefetch_factor=4,
+    )
+    return iter(loader)
+
+
+def default_workers(device: torch.device) -> int:
+    """Loader processes: none on a CPU, where the inference streams decode their own images
+    (a decoding process would take its CPU time from them, and its hand-offs cost more:
+    88% against 93% of the pure forward throughput measured on 2 cores,
+    `benchmarks/bench_dump.py`); two beside a GPU, whose forward pass leaves the host idle."""
+    return 0 if device.type == "cpu" else 2
