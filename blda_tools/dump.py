@@ -14,6 +14,7 @@ seeded per image name, so the result equals an uninterrupted run. Sharding: when
 > 1 (torchrun), rank r takes images r, r + W, ... and writes `<stem>.rank<r>-of-<W><suffix>`;
 the shards read as one store (`LogitStore([...])`, `blda diagnose SHARD...`).
 """
+
 from __future__ import annotations
 
 import json
