@@ -44,16 +44,15 @@ STD = np.array([58.395, 57.12, 57.375])
 # process at the N-th forward pass (BLDA_TEST_KILL_AT), to interrupt a dump deterministically.
 PLUGIN_SOURCE = textwrap.dedent(
     """
-    import os, signal, time
+    import itertools, os, signal, time
     import torch
     from torch import nn
 
     class PixelLinear(nn.Conv2d):
-        calls = 0
+        calls = itertools.count(1)  # next() is atomic: streams call forward concurrently
 
         def forward(self, x):
-            PixelLinear.calls += 1
-            if PixelLinear.calls == int(os.environ.get("BLDA_TEST_KILL_AT", "0")):
+            if next(PixelLinear.calls) == int(os.environ.get("BLDA_TEST_KILL_AT", "0")):
                 time.sleep(3)  # the writer thread stores and commits the images before
                 os.kill(os.getpid(), signal.SIGKILL)
             return super().forward(x)
@@ -288,8 +287,10 @@ def test_killed_dump_resumed_equals_uninterrupted_run(tmp_path, plugin):
         "import blda_tools.dump; blda_tools.dump.COMMIT_SECONDS = 0.05\n"
         "from blda_cli.dump_logits import dump_logits_command; dump_logits_command()"
     )
+    # One stream, so that the 4th forward pass is the 4th image; the resumed and the whole run
+    # use the default streams (two on a CPU with two threads).
     process = subprocess.run(
-        [sys.executable, "-c", script, *arguments, "--out", str(killed)],
+        [sys.executable, "-c", script, *arguments, "--streams", "1", "--out", str(killed)],
         env={**os.environ, "BLDA_TEST_KILL_AT": "4"},  # killed computing the 4th image
         capture_output=True,
         timeout=120,
