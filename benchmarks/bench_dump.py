@@ -159,7 +159,7 @@ def in_fresh_process(kind: str, args, root: Path, checkpoint: Path, out: Path) -
     command = [
         *(sys.executable, __file__, "--child", kind, "--model", args.model),
         *("--root", str(root), "--checkpoint", str(checkpoint), "--out", str(out)),
-        *(() if args.workers is None else ("--workers", str(args.workers))),
+        *("--workers", str(args.workers)),
     ]
     finished = subprocess.run(command, capture_output=True, text=True, check=False)
     if finished.returncode != 0:
@@ -173,7 +173,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--size", default="256x512", help="HEIGHTxWIDTH")
     parser.add_argument(
-        "--workers", type=int, help="loader processes (default: the dump's, `default_workers`)"
+        "--workers", type=int, default=2, help="loader processes (the dump's default)"
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(

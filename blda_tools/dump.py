@@ -3,9 +3,8 @@
 `streams` inference threads each take the next batch of images, run the model and lay out the
 rows to store (`LogitWriter.prepare`); the calling thread appends them in dataset order
 (`LogitWriter`, atomic: `<out>.partial` until complete). Images are decoded by loader worker
-processes, or, with `workers=0` (the CPU default), by the streams themselves: on a CPU two
-single-threaded streams keep the cores busy, one decoding or preparing while the other computes
-(`dump_loading`). Per image the store keeps the full map at label resolution, every
+processes, or, with `workers=0`, by the streams themselves (`dump_loading`). On a CPU two
+single-threaded streams keep the cores busy, one decoding or preparing while the other computes. Per image the store keeps the full map at label resolution, every
 `stride`-th pixel in both axes, or `pixels_per_image` sampled pixels (uniformly, or
 stratified by class), with their positions.
 
@@ -36,7 +35,6 @@ from blda_tools import __version__
 from blda_tools.datasets import build_dataset
 from blda_tools.dump_loading import (
     decode,
-    default_workers,
     runs_of_equal_size,
     start_loader,
     with_arrays,
@@ -290,7 +288,7 @@ def prepare_dump(
     max_images: int | None = None,
     resume: bool = False,
     strict: bool = False,
-    workers: int | None = None,
+    workers: int = 2,
     batch_size: int = 1,
     device: str | None = None,
     dtype: str = "float16",
@@ -304,8 +302,8 @@ def prepare_dump(
     `inference=None` takes the dataset's default (`default_inference`: DAFormer's sliding
     window on 1024 x 2048 for Cityscapes, whole images otherwise). `rank` / `world_size`
     default to torchrun's environment. `streams` is the number of forward passes run at
-    once (`DumpJob.run`); None: `default_streams`. `workers` is the number of processes that
-    decode images; None: `default_workers`.
+    once (`DumpJob.run`); None: `default_streams`. `workers` processes decode the images;
+    with 0 the streams decode their own.
 
     On a CPU this sets the process's allocator to keep freed memory (`keep_freed_memory`:
     without it, each image page-faults its activations back in). The loader workers start
@@ -335,7 +333,6 @@ def prepare_dump(
     chosen_device = select_device(device)
     if chosen_device.type == "cpu":
         keep_freed_memory()
-    workers = default_workers(chosen_device) if workers is None else workers
     count = len(data) if max_images is None else min(max_images, len(data))
     planned = list(range(rank, count, world_size))
     pending = [index for index in planned if data.names[index] not in stored]

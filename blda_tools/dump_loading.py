@@ -93,11 +93,3 @@ def start_loader(dataset, pending: list[int], workers: int, batch_size: int) -> 
         prefetch_factor=4,
     )
     return iter(loader)
-
-
-def default_workers(device: torch.device) -> int:
-    """Loader processes: none on a CPU, where the inference streams decode their own images
-    (a decoding process would take its CPU time from them, and its hand-offs cost more:
-    88% against 93% of the pure forward throughput measured on 2 cores,
-    `benchmarks/bench_dump.py`); two beside a GPU, whose forward pass leaves the host idle."""
-    return 0 if device.type == "cpu" else 2

@@ -147,8 +147,10 @@ class SizeParam(click.ParamType):
 @click.option(
     "--workers",
     type=click.IntRange(min=0),
-    help="Processes decoding images while the model runs; 0: the inference streams decode "
-    "their own images. Default: 0 on the CPU (measured faster), 2 on a GPU.",
+    default=2,
+    show_default=True,
+    help="Processes decoding images while the model runs (0: the inference streams decode "
+    "their own images).",
 )
 @click.option(
     "--streams",
