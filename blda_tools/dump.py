@@ -52,6 +52,7 @@ from blda_tools.inference import (
 from blda_tools.models import load_model, normalize
 from blda_tools.pixel_sampling import PixelSampling, sampled_positions
 from blda_tools.store import LogitWriter, PreparedImage
+from blda_tools.torch_threads import torch_threads
 
 # Metadata that must match between an unfinished store and a resumed run.
 RESUME_KEYS = ("model", "checkpoint", "weights", "dataset", "split", "inference", "sampling")
@@ -117,7 +118,6 @@ class DumpJob:
     writer_options: dict
     strict: bool
     workers: int
-    batch_size: int
     rank: int
     world_size: int
     streams: int = 1
@@ -148,7 +148,7 @@ class DumpJob:
             LogitWriter(
                 self.out, resume=True, commit_interval=COMMIT_SECONDS, **self.writer_options
             ) as writer,
-            _intra_op_threads(self.threads_per_stream),
+            torch_threads(self.threads_per_stream),
             _executor(self.streams) as executor,
         ):
             in_flight: deque[Future] = deque()
@@ -254,16 +254,6 @@ def default_streams(device: torch.device) -> tuple[int, int]:
 
 
 @contextmanager
-def _intra_op_threads(count: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@contextmanager
 def _executor(streams: int):
     executor = ThreadPoolExecutor(streams, thread_name_prefix="blda-dump-stream")
     try:
@@ -363,7 +353,6 @@ def prepare_dump(
         writer_options=writer_options,
         strict=strict,
         workers=workers,
-        batch_size=batch_size,
         rank=rank,
         world_size=world_size,
         **_stream_layout(streams, chosen_device),
