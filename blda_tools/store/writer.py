@@ -105,6 +105,7 @@ class LogitWriter:
         # Index entries of the adds since the last commit: written by `commit`, so that one
         # commit costs one resize and one write per index column, however many images it covers.
         self._uncommitted: list[dict] = []
+        self._open_datasets: dict[str, h5py.Dataset] = {}
         if resume and self.partial_path.exists():
             self._file = self._reopen_partial()
         elif resume and self.path.exists():
@@ -239,6 +240,7 @@ class LogitWriter:
             return
         self.commit()
         self._file.attrs["complete"] = True
+        self._open_datasets.clear()
         self._file.close()
         self._file = None
         with open(self.partial_path, "rb+") as handle:  # durable before it gets its final name
@@ -259,12 +261,13 @@ class LogitWriter:
         except Exception:  # noqa: BLE001 - the exception already propagating is the one to report
             pass
         finally:
+            self._open_datasets.clear()
             self._file.close()
             self._file = None
 
     def _create_partial(self) -> h5py.File:
         try:
-            file = h5py.File(self.partial_path, "w")
+            file = h5py.File(self.partial_path, "w", **self._chunk_cache_options())
         except OSError as error:
             raise BLDAError(f"{self.partial_path}: cannot create the store: {error}") from None
         file.attrs.update(
@@ -299,7 +302,7 @@ class LogitWriter:
     def _reopen_partial(self) -> h5py.File:
         where = f"{self.partial_path} (resume)"
         try:
-            file = h5py.File(self.partial_path, "r+")
+            file = h5py.File(self.partial_path, "r+", **self._chunk_cache_options())
         except OSError as error:
             raise BLDAError(
                 f"{where}: cannot reopen the unfinished store ({error}); delete it and start again"
@@ -369,16 +372,17 @@ class LogitWriter:
     def _append(self, rows: np.ndarray, labels, pixel_index, record: dict) -> None:
         """Write the rows now (they are past the committed count until a commit) and keep the
         index entry for the next commit."""
-        file, start = self._file, self.num_rows
+        start = self.num_rows
         stop = start + rows.shape[0]
         self._create_optional_datasets(labels is not None, pixel_index is not None)
-        if "pixel_index" in file and pixel_index is None:
+        if "pixel_index" in self._file and pixel_index is None:
             pixel_index = np.full(rows.shape[0], -1, np.int64)  # not sampled pixels
         for key, values in (("logits", rows), ("labels", labels), ("pixel_index", pixel_index)):
             if values is not None:
-                file[key].resize(stop, axis=0)
+                dataset = self._row_dataset(key)
+                dataset.resize(stop, axis=0)
                 if stop > start:
-                    file[key][start:stop] = values
+                    dataset[start:stop] = values
         record.update(offset=start, count=stop - start, kind=KINDS.index(record["kind"]))
         self._uncommitted.append(record)
         self.num_rows = stop
@@ -387,6 +391,13 @@ class LogitWriter:
             self._name_set.add(record["name"])
         if time.monotonic() - self._last_commit >= self.commit_interval:
             self.commit()
+
+    def _row_dataset(self, key: str) -> h5py.Dataset:
+        """The row dataset `key`, kept open between adds: opening and closing it per add cost
+        the dump's appending thread ~1 ms per 256 x 512 image (`benchmarks/bench_dump.py`)."""
+        if key not in self._open_datasets:
+            self._open_datasets[key] = self._file[key]
+        return self._open_datasets[key]
 
     def _create_optional_datasets(self, with_labels: bool, with_pixel_index: bool) -> None:
         """`labels` at the first add (if it has labels), `pixel_index` at the first positions."""
@@ -406,6 +417,13 @@ class LogitWriter:
             chunks=(self.chunk_rows,),
             **self._compression_options(),
         )
+
+    def _chunk_cache_options(self) -> dict:
+        """h5py.File options: no chunk cache for uncompressed stores. Rows are written once,
+        so caching a chunk (8 MiB by default since HDF5 2.0) only copies it before writing;
+        without the cache HDF5 writes it straight from the caller's array. Filters need whole
+        chunks, so compressed stores keep HDF5's cache."""
+        return {} if self.compression else {"rdcc_nbytes": 0}
 
     def _compression_options(self) -> dict:
         return {"compression": self.compression, "shuffle": True} if self.compression else {}
