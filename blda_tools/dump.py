@@ -4,9 +4,10 @@
 rows to store (`LogitWriter.prepare`); the calling thread appends them in dataset order
 (`LogitWriter`, atomic: `<out>.partial` until complete). Images are decoded by loader worker
 processes, or, with `workers=0`, by the streams themselves (`dump_loading`). On a CPU two
-single-threaded streams keep the cores busy, one decoding or preparing while the other computes. Per image the store keeps the full map at label resolution, every
-`stride`-th pixel in both axes, or `pixels_per_image` sampled pixels (uniformly, or
-stratified by class), with their positions.
+single-threaded streams keep the cores busy, one decoding or preparing while the other
+computes. Per image the store keeps the full map at label resolution, every `stride`-th pixel
+in both axes, or `pixels_per_image` sampled pixels (uniformly, or stratified by class), with
+their positions.
 
 Resume: `resume=True` reopens `<out>.partial` and skips the images already stored; sampling is
 seeded per image name, so the result equals an uninterrupted run. Sharding: when `WORLD_SIZE`

@@ -160,7 +160,7 @@ class LogitWriter:
         if self._file is None:
             raise BLDAError(f"{self.path}: the writer is closed; cannot add more images")
         name = "" if name is None else str(name)
-        where = f"{self.path}: image {name!r}" if name else f"{self.path}: image #{self.num_images}"
+        where = self._describe_image(name)
         if len(name.encode()) > MAX_NAME_BYTES:
             raise BLDAError(f"{where}: the name is longer than {MAX_NAME_BYTES} bytes (UTF-8)")
         in_torch = _is_torch_castable(logits)  # checked and cast in torch, see `_torch_rows`
@@ -197,7 +197,7 @@ class LogitWriter:
         if self._file is None:
             raise BLDAError(f"{self.path}: the writer is closed; cannot add more images")
         name = image.record["name"]
-        where = f"{self.path}: image {name!r}" if name else f"{self.path}: image #{self.num_images}"
+        where = self._describe_image(name)
         if name and name in self._name_set:
             raise BLDAError(
                 f"{where}: an image with this name was already added (names must be unique)"
@@ -240,9 +240,7 @@ class LogitWriter:
             return
         self.commit()
         self._file.attrs["complete"] = True
-        self._open_datasets.clear()
-        self._file.close()
-        self._file = None
+        self._close_file()
         with open(self.partial_path, "rb+") as handle:  # durable before it gets its final name
             os.fsync(handle.fileno())
         os.replace(self.partial_path, self.path)
@@ -261,9 +259,16 @@ class LogitWriter:
         except Exception:  # noqa: BLE001 - the exception already propagating is the one to report
             pass
         finally:
-            self._open_datasets.clear()
-            self._file.close()
-            self._file = None
+            self._close_file()
+
+    def _close_file(self) -> None:
+        self._open_datasets.clear()
+        self._file.close()
+        self._file = None
+
+    def _describe_image(self, name: str) -> str:
+        """The image named in error messages: its name, or its position when unnamed."""
+        return f"{self.path}: image {name!r}" if name else f"{self.path}: image #{self.num_images}"
 
     def _create_partial(self) -> h5py.File:
         try:
@@ -433,9 +438,11 @@ def _start_writeback(file: h5py.File) -> None:
     """Have the kernel start writing the flushed store to disk now, in the background, and
     drop it from the page cache once written (Linux; `POSIX_FADV_DONTNEED`).
 
-    Otherwise the data stays dirty in memory until the kernel's thresholds (~10% of RAM) and
-    `close` (fsync) waits for all of it at once: 0.4 s at the end of a 21 s, 1 GB dump
-    (`benchmarks/bench_dump.py`). A store is written once, so its pages are not worth caching.
+    Otherwise the data stays dirty in memory until the kernel's thresholds (~10% of RAM):
+    writes into the growing page cache cost more (the dump's appending thread: 12-14 ms of CPU
+    per 256 x 512 image instead of 5.5) and `close` (fsync) waits for all of it at once (0.4 s
+    at the end of a 21 s, 1 GB dump; `benchmarks/bench_dump.py`). A store is written once, so
+    its pages are not worth caching.
     """
     if hasattr(os, "posix_fadvise") and file.driver == "sec2":
         os.posix_fadvise(file.id.get_vfd_handle(), 0, 0, os.POSIX_FADV_DONTNEED)
