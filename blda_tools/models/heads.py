@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blda_tools.models.blocks import ConvModule, DepthwiseSeparableConvModule
+from blda_tools.models.blocks import ConvModule, DepthwiseSeparableConvModule, tokens_to_grid
 
 # Separable ASPP fusion of DAFormer's `daformer_sepaspp_mitb5.py` config.
 DAFORMER_FUSION_DILATIONS = (1, 6, 12, 18)
@@ -28,9 +28,8 @@ class LinearEmbedding(nn.Module):
         self.proj = nn.Linear(in_channels, embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, _, height, width = x.shape
-        tokens = self.proj(x.flatten(2).transpose(1, 2))
-        return tokens.transpose(1, 2).reshape(batch, -1, height, width)
+        height, width = x.shape[2:]
+        return tokens_to_grid(self.proj(x.flatten(2).transpose(1, 2)), height, width)
 
 
 def _embed_and_upsample(

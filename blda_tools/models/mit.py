@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blda_tools.models.blocks import DropPath
+from blda_tools.models.blocks import DropPath, tokens_to_grid
 
 # The released MiT blocks use LayerNorm(eps=1e-6); the patch-embedding and spatial-reduction
 # norms are plain nn.LayerNorm (eps=1e-5).
@@ -78,8 +78,9 @@ class EfficientSelfAttention(nn.Module):
         query = self.q(x).reshape(batch, length, self.num_heads, head_dim).transpose(1, 2)
         context = x
         if self.sr_ratio > 1:
-            grid = x.transpose(1, 2).reshape(batch, dim, height, width)
-            context = self.norm(self.sr(grid).flatten(2).transpose(1, 2))
+            context = self.norm(
+                self.sr(tokens_to_grid(x, height, width)).flatten(2).transpose(1, 2)
+            )
         key_value = self.kv(context).reshape(batch, -1, 2, self.num_heads, head_dim)
         key, value = key_value.permute(2, 0, 3, 1, 4)
         # Default scale 1 / sqrt(head_dim), as in the released code.
@@ -95,9 +96,7 @@ class DepthwiseConv(nn.Module):
         self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        batch, _, dim = x.shape
-        grid = x.transpose(1, 2).reshape(batch, dim, height, width)
-        return self.dwconv(grid).flatten(2).transpose(1, 2)
+        return self.dwconv(tokens_to_grid(x, height, width)).flatten(2).transpose(1, 2)
 
 
 class MixFeedForward(nn.Module):
@@ -176,7 +175,7 @@ class MixVisionTransformer(nn.Module):
             for block in getattr(self, f"block{stage}"):
                 tokens = block(tokens, height, width)
             tokens = getattr(self, f"norm{stage}")(tokens)
-            x = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, height, width)
+            x = tokens_to_grid(tokens, height, width)
             features.append(x)
         return features
 
