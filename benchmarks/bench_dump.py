@@ -18,10 +18,15 @@ then make copy-on-write). Every process first applies the allocator setting the 
 - dump-logits: whole-image inference at native size (no resize), float16, uncompressed, timed
   from the first image to the closed store (`DumpSummary.seconds`: model loading excluded).
 
-The ratio is taken against the faster forward figure. 200 images by default: a dump's
-pipeline fills at its start and drains at its end (one stream idles while the other finishes
-the last image), which weighs 3-4 points on 48 images and less on real splits (Cityscapes val:
-500 images); `--images 48` shows it.
+The ratio is taken against the faster forward figure. A last fresh process runs the forward
+and each step the dump adds to it (decode, normalise, resize to label resolution, prepare the
+rows, append them) one image at a time in one thread, and prints their CPU times: while the
+forward keeps every core busy, nothing is left to hide the dump's steps behind, and
+forward / (forward + steps) bounds the ratio.
+
+200 images by default: a dump's pipeline fills at its start and drains at its end (one stream
+idles while the other finishes the last image), which weighs 3-4 points on 48 images and less
+on real splits (Cityscapes val: 500 images); `--images 48` shows it.
 
     python benchmarks/bench_dump.py [--model tiny|segformer_mitb0] [--images 200]
         [--size 256x512] [--workers N] [--repeats 3]
@@ -46,6 +51,8 @@ import torch
 from PIL import Image
 
 NUM_CLASSES = 19
+# What `measure_parts` times: the forward, then the steps the dump adds to it, in dump order.
+PARTS = ("forward", "decode", "normalise", "resize", "prepare", "append")
 
 
 def write_dataset(root: Path, count: int, height: int, width: int) -> None:
@@ -138,12 +145,48 @@ def measure_dump(args) -> dict:
     }
 
 
+def measure_parts(args) -> dict:
+    """Thread CPU per image of the forward and of each step the dump adds, one image at a time
+    in one thread with nothing else running: the least CPU time the dump adds to a forward."""
+    from blda_tools.datasets import build_dataset
+    from blda_tools.dump import COMMIT_SECONDS
+    from blda_tools.dump_loading import decode
+    from blda_tools.inference import predict_logits
+    from blda_tools.models import load_model, normalize
+    from blda_tools.store import LogitWriter
+
+    torch.set_num_threads(1)
+    dataset = build_dataset("cityscapes", args.root, "val")
+    model = load_model(args.model, NUM_CLASSES, args.checkpoint).eval()
+    seconds = dict.fromkeys(PARTS, 0.0)
+
+    def timed(part, function, *arguments):
+        start = time.thread_time()
+        result = function(*arguments)
+        seconds[part] += time.thread_time() - start
+        return result
+
+    writer = LogitWriter(args.out, dataset.class_names, commit_interval=COMMIT_SECONDS)
+    with torch.inference_mode(), writer:
+        model(normalize(dataset[0].image[None]))  # the thread's first pass costs extra
+        for index in range(len(dataset)):
+            sample, _ = timed("decode", decode, dataset, index)
+            images = timed("normalise", normalize, torch.from_numpy(sample.image)[None])
+            low_resolution = timed("forward", model, images)
+            logits = timed("resize", predict_logits, lambda _, out=low_resolution: out, images)
+            prepared = timed("prepare", writer.prepare, logits[0], sample.label, sample.name)
+            timed("append", writer.append, prepared)
+    return {part: total / len(dataset) for part, total in seconds.items()}
+
+
 def child(args) -> None:
     from blda_tools.host_memory import keep_freed_memory
 
     applied = keep_freed_memory()
     if args.child == "dump":
         result = measure_dump(args)
+    elif args.child == "parts":
+        result = measure_parts(args)
     else:
         from blda_tools.dump import default_streams
 
@@ -177,7 +220,7 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--child", choices=["forward", "forward-streams", "dump"], help=argparse.SUPPRESS
+        "--child", choices=["forward", "forward-streams", "dump", "parts"], help=argparse.SUPPRESS
     )
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
@@ -209,6 +252,7 @@ def main() -> None:
             for kind in kinds:
                 out = Path(temporary) / f"dump{repeat}.h5"
                 results[kind].append(in_fresh_process(kind, args, root, checkpoint, out))
+        parts = in_fresh_process("parts", args, root, checkpoint, Path(temporary) / "parts.h5")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     dump = results["dump"][0]
     print(
@@ -235,6 +279,14 @@ def main() -> None:
     print(
         f"dump-logits / faster pure forward: {rate['dump'] / baseline:.0%} (target >= 90%); "
         f"/ one-stream forward: {rate['dump'] / rate['forward']:.0%}"
+    )
+    added = sum(parts[part] for part in PARTS[1:])
+    steps = ", ".join(f"{part} {parts[part] * 1000:.1f}" for part in PARTS[1:])
+    print(
+        f"one thread, alone, CPU ms/image: forward {parts['forward'] * 1000:.1f}; the dump adds "
+        f"{steps} = {added * 1000:.1f}. While the forward keeps every core busy, the dump can "
+        f"reach at most forward / (forward + added) = "
+        f"{parts['forward'] / (parts['forward'] + added):.0%} of its rate"
     )
 
 
