@@ -23,6 +23,7 @@ from blda_tools.models import (
     load_checkpoint,
     normalize,
 )
+from blda_tools.models.blocks import tokens_to_grid
 from blda_tools.models.deeplabv2 import DLV2Head
 from blda_tools.models.mit import EfficientSelfAttention
 
@@ -191,6 +192,22 @@ def test_efficient_self_attention_matches_the_formula():
         outputs.append(torch.softmax(qh @ kh.transpose(1, 2) / math.sqrt(d), dim=-1) @ vh)
     expected = torch.cat(outputs, dim=-1) @ attention.proj.weight.T + attention.proj.bias
     torch.testing.assert_close(attention(x, height, width), expected)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_token_grid_is_a_channels_last_view_that_resizing_keeps(batch):
+    torch.manual_seed(0)
+    height, width, channels = 3, 5, 4
+    tokens = torch.randn(batch, height * width, channels)
+    grid = tokens_to_grid(tokens, height, width)
+    assert grid.shape == (batch, channels, height, width)
+    assert grid.data_ptr() == tokens.data_ptr()  # a view, no copy
+    for b, c, y, x in [(0, 0, 0, 0), (batch - 1, 3, 2, 4), (0, 2, 1, 3)]:
+        assert grid[b, c, y, x] == tokens[b, y * width + x, c]  # row-major token order
+    # Torch must take it for channels-last: otherwise resizing returns NCHW, made by the
+    # strided copies that once took most of a SegFormer forward on CPU (batch 1 did).
+    resized = F.interpolate(grid, scale_factor=2, mode="bilinear", align_corners=False)
+    assert resized.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_tiny_model_is_small():
