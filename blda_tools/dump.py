@@ -135,7 +135,7 @@ class DumpJob:
         run the model with `threads_per_stream` threads inside each operation and prepare the
         rows; this thread appends them in dataset order, so the store is the same whatever
         the streams' timing. On 2 CPU cores, two one-thread streams ran the forward pass
-        alone 1.3x faster than one two-thread stream (`benchmarks/bench_dump.py`).
+        alone 1.5x faster than one two-thread stream (`benchmarks/bench_dump.py`).
         """
         started = time.perf_counter()
         summary = DumpSummary(

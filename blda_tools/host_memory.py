@@ -3,8 +3,8 @@
 A forward pass allocates and frees hundreds of MB of activations. By default glibc returns
 large freed blocks to the kernel (`munmap`, heap trimming, per-thread arenas deleted when
 empty), so the next image page-faults all of that memory back in: measured on a 2-core VM with
-SegFormer MiT-B0 on 256 x 512 images, 20-33 thousand page faults and 50-150 ms of kernel time
-per image, against about 200 ms of compute (`benchmarks/bench_dump.py`). Keeping freed memory
+SegFormer MiT-B0 on 256 x 512 images in one thread, 19 thousand page faults and 24 ms of kernel
+time per image, against 73-75 ms of compute. Keeping freed memory
 in the process for reuse removes the faults; the cost is that the process keeps its peak
 footprint until it exits, which suits a command that runs one job.
 """

@@ -156,7 +156,7 @@ class SizeParam(click.ParamType):
     "--streams",
     type=click.IntRange(min=1),
     help="Forward passes run at once, sharing the CPU threads. Default: 2 on a CPU with 2+ "
-    "threads (both cores busy while one stream decodes or writes), 1 on a GPU.",
+    "threads (both cores busy while one stream decodes or prepares rows), 1 on a GPU.",
 )
 @click.option(
     "--batch-size",
