@@ -30,16 +30,16 @@ from pathlib import Path
 
 import torch
 
-from blda_tools import calibration
-from blda_tools.calibration import (
+from blda_tools.calibration.calibrator import (
     Calibrator,
     gather_offsets,
     log_scores_from_gaps,
     score_gaps,
 )
-from blda_tools.eq7_certify import UNDECIDED, certified_predictions
+from blda_tools.calibration.eq7 import pruning
+from blda_tools.calibration.eq7.certify import UNDECIDED, certified_predictions
+from blda_tools.calibration.sweep import TauSweep, parse_tau_spec
 from blda_tools.statistics import LogitGrid, LogitSetStatistics
-from blda_tools.sweep import TauSweep, parse_tau_spec
 
 NUM_CLASSES = 19
 
@@ -116,16 +116,16 @@ def bench_apply(calibrator: Calibrator, logits: torch.Tensor, use_compile: bool)
     pixels = logits.shape[0]
     print(f"\n--apply, one tau (tau = 1), {pixels:,} pixels in memory, C = {NUM_CLASSES}:")
     kernel = calibrator.kernel_tensors()
-    rate = best_rate(lambda: calibration.full_prediction(logits, kernel, 1.0), pixels)
+    rate = best_rate(lambda: pruning.full_prediction(logits, kernel, 1.0), pixels)
     print(f"  full C x C computation (no pruning), block 1024: {rates(rate)} (before)")
-    default_rate, default_block = 0.0, calibration.PRUNE_BLOCK
+    default_rate, default_block = 0.0, pruning.PRUNE_BLOCK
     for block in sorted({16384, 65536, 262144, default_block}):
-        calibration.PRUNE_BLOCK = block
+        pruning.PRUNE_BLOCK = block
         rate = best_rate(lambda: calibrator.predict(logits, 1.0), pixels)
         marker = " (default)" if block == default_block else ""
         default_rate = rate if block == default_block else default_rate
         print(f"  pruned (exact), block {block:>6}: {rates(rate)}{marker}")
-    calibration.PRUNE_BLOCK = default_block
+    pruning.PRUNE_BLOCK = default_block
     rate = best_rate(lambda: calibrator.predict(logits, 1.0, threads=1), pixels)
     print(f"  pruned (exact), one thread:    {rates(rate)}")
     rate = best_rate(lambda: predict_nearest(calibrator, logits, 1.0, 1024), pixels)
@@ -214,9 +214,9 @@ def _memory_kib(field: str) -> int:
 
 def _peak_rss_child(mode: str, store: str, calibrator_path: str, out: str, queue) -> None:
     torch.set_num_threads(1)
-    from blda_tools.apply import apply_calibrator
+    from blda_tools.calibration.apply import apply_calibrator
+    from blda_tools.calibration.sweep import sweep_stores
     from blda_tools.store import LogitStore
-    from blda_tools.sweep import sweep_stores
 
     calibrator = Calibrator.load(calibrator_path)
     baseline = _memory_kib("VmRSS")  # interpreter, torch and the calibrator

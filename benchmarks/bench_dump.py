@@ -117,8 +117,8 @@ def run_threads(parts, function) -> None:
 
 def measure_dump(args) -> dict:
     """A dump from its first image to its closed store (the CPU time includes the workers)."""
-    from blda_tools.dump import prepare_dump
-    from blda_tools.inference import InferenceSettings
+    from blda_tools.inference.dump import prepare_dump
+    from blda_tools.inference.predict import InferenceSettings
     from blda_tools.models import normalize
 
     job = prepare_dump(
@@ -149,9 +149,9 @@ def measure_parts(args) -> dict:
     """Thread CPU per image of the forward and of each step the dump adds, one image at a time
     in one thread with nothing else running: the least CPU time the dump adds to a forward."""
     from blda_tools.datasets import build_dataset
-    from blda_tools.dump import COMMIT_SECONDS
-    from blda_tools.dump_loading import decode
-    from blda_tools.inference import predict_logits
+    from blda_tools.inference.dump import COMMIT_SECONDS
+    from blda_tools.inference.loader import decode
+    from blda_tools.inference.predict import predict_logits
     from blda_tools.models import load_model, normalize
     from blda_tools.store import LogitWriter
 
@@ -180,7 +180,7 @@ def measure_parts(args) -> dict:
 
 
 def child(args) -> None:
-    from blda_tools.host_memory import keep_freed_memory
+    from blda_tools.runtime import keep_freed_memory
 
     applied = keep_freed_memory()
     if args.child == "dump":
@@ -188,7 +188,7 @@ def child(args) -> None:
     elif args.child == "parts":
         result = measure_parts(args)
     else:
-        from blda_tools.dump import default_streams
+        from blda_tools.inference.dump import default_streams
 
         streams = 1 if args.child == "forward" else default_streams(torch.device("cpu"))[0]
         result = measure_forward(args, streams)

@@ -26,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from blda_tools.online import BLDALoss
+from blda_tools.online.loss import BLDALoss
 
 SHAPE = (2, 19, 512, 512)
 # Roughly Cityscapes-like class shares: a few head classes, many small ones.

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from blda_tools.datasets.synthcity import make_synthcity
+from blda_tools.datasets.synthcity.generate import make_synthcity
 from blda_tools.training import read_log, train
 
 # arm -> (shipped config, extra overrides)

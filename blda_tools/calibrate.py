@@ -23,7 +23,14 @@ from pathlib import Path
 import torch
 
 from blda_tools import __version__, plots
-from blda_tools.calibration import Calibrator, anchor_histograms, gather_offsets
+from blda_tools.calibration.calibrator import Calibrator, anchor_histograms, gather_offsets
+from blda_tools.calibration.sweep import (
+    TauSweep,
+    parse_tau_spec,
+    select_tau,
+    sweep_stores,
+    sweep_table,
+)
 from blda_tools.errors import BLDAError
 from blda_tools.fileio import (
     atomic_output,
@@ -33,10 +40,9 @@ from blda_tools.fileio import (
     write_json,
 )
 from blda_tools.gmm import mixture_pdf
-from blda_tools.metrics import SegmentationMetrics, js_divergence
 from blda_tools.statistics import LogitGrid, LogitSetStatistics, collect_statistics
+from blda_tools.statistics.metrics import SegmentationMetrics, js_divergence
 from blda_tools.store import LogitStore
-from blda_tools.sweep import TauSweep, parse_tau_spec, select_tau, sweep_stores, sweep_table
 
 Paths = str | os.PathLike | Sequence[str | os.PathLike]
 FIT_LABELS = ("gt", "pseudo")

@@ -27,10 +27,10 @@ import torch
 
 from blda_tools.calibrate import CalibrateOptions, CalibrationResult, calibrate, calibration_passes
 from blda_tools.diagnose import Diagnosis, diagnose
-from blda_tools.dump import PixelSampling, prepare_dump
 from blda_tools.errors import BLDAError
 from blda_tools.fileio import ensure_writable_dir, write_json
-from blda_tools.inference import InferenceSettings
+from blda_tools.inference.dump import PixelSampling, prepare_dump
+from blda_tools.inference.predict import InferenceSettings
 from blda_tools.report import Report
 from blda_tools.store import LogitStore
 

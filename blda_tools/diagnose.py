@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blda_tools import __version__, metrics, plots
+from blda_tools import __version__, plots
 from blda_tools.fileio import ensure_writable_dir, json_ready, none_to_nan, write_json
 from blda_tools.report import Report
 from blda_tools.statistics import (
@@ -28,6 +28,7 @@ from blda_tools.statistics import (
     LogitSetStatistics,
     collect_statistics,
     first_argmax,
+    metrics,
     resolve_label_source,
 )
 from blda_tools.store import LogitStore

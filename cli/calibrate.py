@@ -9,9 +9,9 @@ from rich.table import Table
 
 from blda_cli.diagnose import parse_grid
 from blda_cli.progress import console, progress_bar
-from blda_tools.apply import apply_calibrator
 from blda_tools.calibrate import CalibrateOptions, calibrate, calibration_passes
-from blda_tools.export import export_torchscript
+from blda_tools.calibration.apply import apply_calibrator
+from blda_tools.calibration.export import export_torchscript
 from blda_tools.store import LogitStore
 
 PATH = click.Path(path_type=Path)
@@ -132,7 +132,7 @@ def calibrate_command(stores, out_dir, tau_spec, apply_path, **options):
 
 
 def _apply(apply_path, stores, out_dir, tau_spec) -> None:
-    from blda_tools.calibration import check_tau
+    from blda_tools.calibration.calibrator import check_tau
 
     tau = None if tau_spec is None else check_tau(tau_spec)
     total = LogitStore(stores).num_rows

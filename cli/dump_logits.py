@@ -1,4 +1,4 @@
-"""`blda dump-logits`: parse options, call `blda_tools.dump`, print what was written."""
+"""`blda dump-logits`: parse options, call `blda_tools.inference.dump`, print what was written."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import click
 
 from blda_cli.progress import console, progress_bar
 from blda_tools.datasets import list_datasets
-from blda_tools.dump import CorruptImageWarning, PixelSampling, prepare_dump
-from blda_tools.inference import MODES, default_inference
+from blda_tools.inference.dump import CorruptImageWarning, PixelSampling, prepare_dump
+from blda_tools.inference.predict import MODES, default_inference
 
 
 class SizeParam(click.ParamType):

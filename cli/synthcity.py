@@ -9,7 +9,12 @@ from rich.console import Console
 from rich.table import Table
 
 from blda_cli.progress import progress_bar
-from blda_tools.datasets.synthcity import CLASS_NAMES, SynthCityInfo, make_synthcity, split_counts
+from blda_tools.datasets.synthcity.generate import (
+    CLASS_NAMES,
+    SynthCityInfo,
+    make_synthcity,
+    split_counts,
+)
 from blda_tools.errors import BLDAError
 
 

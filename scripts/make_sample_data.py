@@ -7,7 +7,7 @@ Steps (`--steps`, default all, in this order):
 - `data`: `make_synthcity(OUT/synthcity, images=80, size=128x256, seed=0, val_fraction=0.5)`:
   80 source images, 40 target train, 40 target val;
 - `train`: `scripts/train_source_model.py`'s trainer on the source only -> OUT/model/tiny_source.pth;
-- `stores`: `blda_tools.dump.dump_logits` of that model on source, target train and target val,
+- `stores`: `blda_tools.inference.dump_logits` of that model on source, target train and target val,
   whole images at native size, every 4th (target) or 8th (source) pixel in both axes, float16, gzip ->
   OUT/stores/{source,target_train,target_val}.h5;
 - then OUT/build.json records the settings, the timings and the files' sizes.
@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from blda_tools.datasets.synthcity import make_synthcity
-from blda_tools.dump import PixelSampling, dump_logits
+from blda_tools.datasets.synthcity.generate import make_synthcity
 from blda_tools.fileio import atomic_output
-from blda_tools.inference import InferenceSettings
+from blda_tools.inference.dump import PixelSampling, dump_logits
+from blda_tools.inference.predict import InferenceSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_source_model import TrainSettings, save_checkpoint, train_source_model  # noqa: E402

@@ -13,12 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import optimize, special, stats
 
-from blda_tools import calibration
-from blda_tools.calibration import Calibrator
-from blda_tools.eq7_certify import UNDECIDED, certified_predictions, offset_bounds_rows
+from blda_tools.calibration import calibrator as calibration
+from blda_tools.calibration.calibrator import Calibrator
+from blda_tools.calibration.eq7.certify import UNDECIDED, certified_predictions, offset_bounds_rows
+from blda_tools.calibration.sweep import TauSweep, parse_tau_spec, select_tau
 from blda_tools.errors import BLDAError
 from blda_tools.statistics import LogitGrid, LogitSetStatistics
-from blda_tools.sweep import TauSweep, parse_tau_spec, select_tau
 
 GRID = LogitGrid(-40.0, 40.0, 1600)
 
@@ -436,14 +436,6 @@ def test_bounds_decide_most_pixels_of_a_calibrated_model(five_class_calibrator):
         assert decided.float().mean() > least
         full = calibrator.log_scores(logits[:5000], tau).argmax(1)
         assert torch.equal(prediction[decided], full[decided])
-
-
-@settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), classes=st.integers(1, 7))
-def test_first_argmax_matches_numpy_including_ties(seed, classes):
-    values = torch.randint(0, 3, (classes, 300), generator=torch.Generator().manual_seed(seed))
-    got = calibration.first_argmax(values.float())
-    assert np.array_equal(got.numpy(), np.argmax(values.numpy(), 0))
 
 
 def test_sweep_confusion_matches_the_full_computation(five_class_calibrator):

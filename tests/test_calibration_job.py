@@ -18,10 +18,10 @@ from PIL import Image
 
 from blda_cli.calibrate import calibrate_command, export_command
 from blda_cli.main import _Group
-from blda_tools.apply import apply_calibrator
 from blda_tools.calibrate import CalibrateOptions, calibrate
+from blda_tools.calibration.apply import apply_calibrator
+from blda_tools.calibration.export import export_torchscript
 from blda_tools.errors import BLDAError
-from blda_tools.export import export_torchscript
 from blda_tools.statistics import LogitGrid
 from blda_tools.store import LogitWriter
 
@@ -206,7 +206,7 @@ def test_apply_to_sampled_rows_writes_a_prediction_store(stores, tmp_path):
         assert file.attrs["format"] == "blda-predictions"
         prediction = file["prediction"][()]
         assert list(file["images/count"][()]) == [50]
-    from blda_tools.calibration import Calibrator
+    from blda_tools.calibration.calibrator import Calibrator
 
     expected = Calibrator.load(tmp_path / "calibrator.pt").predict(logits).numpy()
     assert np.array_equal(prediction, expected)

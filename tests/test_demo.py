@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from scipy.stats import spearmanr
 
 from blda_cli.demo import demo_command
+from blda_tools.calibration.sweep import parse_tau_spec
 from blda_tools.demo import DEFAULT_SAMPLE_DIR, DemoSettings, run_demo
 from blda_tools.errors import BLDAError
-from blda_tools.sweep import parse_tau_spec
 
 NUM_CLASSES = 19
 IGNORE = 255

@@ -23,16 +23,16 @@ from PIL import Image
 from blda_cli.dump_logits import dump_logits_command
 from blda_tools.datasets import SegmentationSample
 from blda_tools.diagnose import diagnose
-from blda_tools.dump import (
+from blda_tools.errors import BLDAError
+from blda_tools.inference.dump import (
     CorruptImageWarning,
     PixelSampling,
     default_streams,
     dump_logits,
     shard_path,
 )
-from blda_tools.dump_loading import compact_label
-from blda_tools.errors import BLDAError
-from blda_tools.inference import InferenceSettings
+from blda_tools.inference.loader import compact_label
+from blda_tools.inference.predict import InferenceSettings
 from blda_tools.models import create_model
 from blda_tools.store import LogitStore
 
@@ -284,7 +284,7 @@ def test_killed_dump_resumed_equals_uninterrupted_run(tmp_path, plugin):
     # A short commit interval: the idle commit of the first three images comes ~0.05 s into the
     # plugin's 3 s wait before the kill, leaving a wide margin on a busy machine.
     script = (
-        "import blda_tools.dump; blda_tools.dump.COMMIT_SECONDS = 0.05\n"
+        "import blda_tools.inference.dump; blda_tools.inference.dump.COMMIT_SECONDS = 0.05\n"
         "from blda_cli.dump_logits import dump_logits_command; dump_logits_command()"
     )
     # One stream, so that the 4th forward pass is the 4th image; the resumed and the whole run

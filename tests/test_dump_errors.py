@@ -19,12 +19,12 @@ from test_dump import (
 from test_pixel_sampling import round_robin_quota
 
 from blda_cli.dump_logits import dump_logits_command
-from blda_tools.dump import (
+from blda_tools.errors import BLDAError
+from blda_tools.inference.dump import (
     CorruptImageWarning,
     PixelSampling,
     prepare_dump,
 )
-from blda_tools.errors import BLDAError
 from blda_tools.models import create_model
 from blda_tools.store import LogitStore
 

@@ -1,4 +1,4 @@
-"""The certified Eq. 7 winners (`blda_tools.eq7_certify`) against independent truths: numpy's
+"""The certified Eq. 7 winners (`blda_tools.calibration.eq7.certify`) against independent truths: numpy's
 and mpmath's exp / softplus, and the unpruned C x C computation of Eq. 7 (`full_prediction`,
 `log_scores(...).argmax`), which shares none of the certificate's code."""
 
@@ -13,13 +13,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blda_tools.calibration import Calibrator, full_prediction, predict_taus
-from blda_tools.eq7_certify import UNDECIDED, certified_predictions
-from blda_tools.eq7_steps import fast_exp, rule_out_threshold
+from blda_tools.calibration.calibrator import Calibrator, full_prediction, predict_taus
+from blda_tools.calibration.eq7.certify import UNDECIDED, certified_predictions
+from blda_tools.calibration.eq7.steps import fast_exp, rule_out_threshold
+from blda_tools.calibration.sweep import TauSweep
+from blda_tools.calibration.sweep_counts import count_sweep
 from blda_tools.errors import BLDAError
 from blda_tools.statistics import LogitGrid, LogitSetStatistics
-from blda_tools.sweep import TauSweep
-from blda_tools.sweep_counts import count_sweep
 
 
 def _biased_logits(num_classes: int, pixels: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

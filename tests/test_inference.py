@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from blda_tools.errors import BLDAError
-from blda_tools.inference import (
+from blda_tools.inference.predict import (
     CITYSCAPES_INFERENCE,
     InferenceSettings,
     default_inference,

@@ -14,7 +14,8 @@ from scipy import integrate, stats
 from scipy.spatial.distance import jensenshannon
 
 from blda_tools.errors import BLDAError
-from blda_tools.metrics import (
+from blda_tools.statistics import LogitGrid, LogitSetStatistics
+from blda_tools.statistics.metrics import (
     SegmentationMetrics,
     anchor_divergences,
     bias_from_confusion,
@@ -24,7 +25,6 @@ from blda_tools.metrics import (
     prediction_probabilities_from_histograms,
     spearman,
 )
-from blda_tools.statistics import LogitGrid, LogitSetStatistics
 
 
 # ------------------------------------------------------------------ Cityscapes evaluator

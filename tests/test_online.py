@@ -15,8 +15,8 @@ from scipy import optimize, stats
 from scipy.special import ndtri
 
 from blda_tools.errors import BLDAError
-from blda_tools.online import BLDALoss
-from blda_tools.online_state import MixtureSet, draw_cell_samples
+from blda_tools.online.loss import BLDALoss
+from blda_tools.online.state import MixtureSet, draw_cell_samples
 
 FAST = settings(max_examples=25, deadline=None)
 IGNORE = 255

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blda_tools.pixel_sampling import sample_pixels, stratified_quota
+from blda_tools.inference.pixel_sampling import sample_pixels, stratified_quota
 
 
 @pytest.mark.parametrize(

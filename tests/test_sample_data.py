@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from cityscapesscripts.helpers.labels import labels as cityscapes_labels
 from PIL import Image
 
-from blda_tools import metrics
 from blda_tools.models import create_model, load_checkpoint, normalize
+from blda_tools.statistics import metrics
 from blda_tools.store import LogitStore
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data"

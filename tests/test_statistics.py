@@ -136,6 +136,15 @@ def test_first_argmax_takes_the_first_of_tied_maxima_like_numpy():
         np.testing.assert_array_equal(found.numpy(), values.argmax(1))
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), classes=st.integers(1, 7))
+def test_first_argmax_matches_numpy_including_ties(seed, classes):
+    # Class-major input (C, n), as the Eq. 7 code holds it, read through its transpose.
+    values = torch.randint(0, 3, (classes, 300), generator=torch.Generator().manual_seed(seed))
+    got = first_argmax(values.float().T)
+    assert np.array_equal(got.numpy(), np.argmax(values.numpy(), 0))
+
+
 def test_grid_edges_centers_width():
     grid = LogitGrid(-1.0, 3.0, 8)
     np.testing.assert_allclose(grid.edges.numpy(), np.linspace(-1, 3, 9))

@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from blda_cli.synthcity import synthcity
 from blda_tools.datasets import build_dataset
-from blda_tools.datasets.synthcity import (
+from blda_tools.datasets.synthcity.generate import (
     CLASS_NAMES,
     SOURCE,
     TARGET,

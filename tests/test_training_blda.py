@@ -26,7 +26,7 @@ from scipy.stats import norm
 from test_training_loop import BandsDataset, TwoLayerNet, normalize, small_config
 
 from blda_tools.errors import BLDAError
-from blda_tools.online import BLDALoss
+from blda_tools.online.loss import BLDALoss
 from blda_tools.training import build_loss, load_config, run_training
 from blda_tools.training.blda_report import anchor_js_divergences
 from blda_tools.training.config import to_dict
@@ -259,7 +259,7 @@ def test_shipped_blda_configs_are_their_base_recipe_plus_the_paper_loss(name):
 
 def test_synthcity_tiny_blda_end_to_end_writes_plots_and_log(tmp_path):
     from blda_cli.train import train_command
-    from blda_tools.datasets.synthcity import make_synthcity
+    from blda_tools.datasets.synthcity.generate import make_synthcity
     from blda_tools.models import create_model, load_checkpoint
 
     make_synthcity(tmp_path / "synthcity", images=6, size=(64, 128), seed=0)

@@ -291,7 +291,7 @@ def test_amp_on_cpu_is_refused(tmp_path):
 
 def test_synthcity_tiny_end_to_end_with_real_models_and_datasets(tmp_path):
     from blda_cli.train import plot_log_command, train_command
-    from blda_tools.datasets.synthcity import make_synthcity
+    from blda_tools.datasets.synthcity.generate import make_synthcity
     from blda_tools.models import create_model, load_checkpoint
 
     make_synthcity(tmp_path / "synthcity", images=6, size=(64, 128), seed=0)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blda_tools.errors import BLDAError
-from blda_tools.online import BLDALoss
+from blda_tools.online.loss import BLDALoss
 from blda_tools.training.losses import register_loss
 
 # loss.blda_mode -> (BLDALoss mode, with the CDF regression head)

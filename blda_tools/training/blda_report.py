@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from blda_tools.gmm import mixture_pdf
-from blda_tools.metrics import js_divergence
-from blda_tools.online import BLDALoss
-from blda_tools.online_state import MixtureSet
+from blda_tools.online.loss import BLDALoss
+from blda_tools.online.state import MixtureSet
+from blda_tools.statistics.metrics import js_divergence
 
 REPORT_DIR = "blda"
 GRID_POINTS = 512

@@ -1,5 +1,5 @@
-"""Target-val evaluation during training: sliding-window logits (`blda_tools.inference`),
-confusion matrices summed over processes, IoU / accuracy (`blda_tools.metrics`)."""
+"""Target-val evaluation during training: sliding-window logits (`blda_tools.inference.predict`),
+confusion matrices summed over processes, IoU / accuracy (`blda_tools.statistics.metrics`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from blda_tools.inference import predict_logits
-from blda_tools.metrics import SegmentationMetrics
+from blda_tools.inference.predict import predict_logits
+from blda_tools.statistics.metrics import SegmentationMetrics
 
 
 def confusion_matrix(

@@ -15,8 +15,8 @@
 Label PNGs hold Cityscapes label ids (8-bit), mapped from train ids with cityscapesscripts'
 official table; void pixels (the target's ego-vehicle strip) get label id 0 ("unlabeled").
 Every image has its own generator seeded from (seed, stream, index), so a set is byte-identical
-for the same seed whatever the order of generation. Scenes: `synthcity_scenes`; appearance and
-the class-dependent drift of the target: `synthcity_render`.
+for the same seed whatever the order of generation. Scenes: `scenes`; appearance and
+the class-dependent drift of the target: `render`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import numpy as np
 from cityscapesscripts.helpers.labels import trainId2label
 from PIL import Image
 
-from blda_tools.datasets.synthcity_render import (
+from blda_tools.datasets.synthcity.render import (
     DOMAINS,
     SOURCE,
     TARGET,
@@ -42,7 +42,7 @@ from blda_tools.datasets.synthcity_render import (
     Domain,
     render_scene,
 )
-from blda_tools.datasets.synthcity_scenes import (
+from blda_tools.datasets.synthcity.scenes import (
     CLASS_NAMES,
     VOID,
     LayoutParams,

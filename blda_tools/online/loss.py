@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from blda_tools.errors import BLDAError
 from blda_tools.gmm import mixture_cdf
-from blda_tools.online_state import MixtureSet, OffsetTables, draw_cell_samples
+from blda_tools.online.state import MixtureSet, OffsetTables, draw_cell_samples
 
 MODES = ("ola", "ola_source", "none")
 DOMAINS = ("source", "target", "mixed")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from blda_tools.datasets.synthcity_scenes import (
+from blda_tools.datasets.synthcity.scenes import (
     BICYCLE,
     BUILDING,
     BUS,

@@ -27,7 +27,7 @@ range runs the steps over the pixels it concerns, copied side by side, so that e
 over pixels and is vectorised (`eq7_steps`).
 
 Exactness: the bounds and the step-4 scores are formed in float64, far more accurately than the
-float32 full computation (`blda_tools.eq7_kernel`), whose error in a log score stays below
+float32 full computation (`blda_tools.calibration.eq7.kernel`), whose error in a log score stays below
 `margin`: it rounds sums and products of terms no larger than scale = max|f| + tau max|Delta| of
 that pixel (~10 roundings each) and a sum of C exponentials (relative error ~C ulp), and margin =
 (64 scale + 64 + 4 C) ulp is a several-fold safety factor. The full computation's winner w then
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from blda_tools.eq7_steps import (
+from blda_tools.calibration.eq7.steps import (
     UNDECIDED,  # noqa: F401 (the marker of undecided pixels, for callers)
     block_step_three,
     block_steps,

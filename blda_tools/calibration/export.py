@@ -14,7 +14,12 @@ import os
 import torch
 from torch import Tensor
 
-from blda_tools.calibration import BLOCK_PIXELS, Calibrator, balanced_log_scores_blocks, check_tau
+from blda_tools.calibration.calibrator import (
+    BLOCK_PIXELS,
+    Calibrator,
+    balanced_log_scores_blocks,
+    check_tau,
+)
 from blda_tools.errors import BLDAError
 from blda_tools.fileio import atomic_output
 

@@ -34,16 +34,16 @@ import torch
 
 from blda_tools import __version__
 from blda_tools.datasets import build_dataset
-from blda_tools.dump_loading import (
+from blda_tools.errors import BLDAError
+from blda_tools.fileio import partial_path
+from blda_tools.inference.loader import (
     decode,
     runs_of_equal_size,
     start_loader,
     with_arrays,
 )
-from blda_tools.errors import BLDAError
-from blda_tools.fileio import partial_path
-from blda_tools.host_memory import keep_freed_memory
-from blda_tools.inference import (
+from blda_tools.inference.pixel_sampling import PixelSampling, sampled_positions
+from blda_tools.inference.predict import (
     InferenceSettings,
     default_inference,
     distributed_rank,
@@ -51,9 +51,8 @@ from blda_tools.inference import (
     select_device,
 )
 from blda_tools.models import load_model, normalize
-from blda_tools.pixel_sampling import PixelSampling, sampled_positions
+from blda_tools.runtime import keep_freed_memory, torch_threads
 from blda_tools.store import LogitWriter, PreparedImage
-from blda_tools.torch_threads import torch_threads
 
 # Metadata that must match between an unfinished store and a resumed run.
 RESUME_KEYS = ("model", "checkpoint", "weights", "dataset", "split", "inference", "sampling")

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from blda_tools.calibration import Calibrator, check_tau, predict_taus
+from blda_tools.calibration.calibrator import Calibrator, check_tau, predict_taus
+from blda_tools.calibration.sweep_counts import count_sweep
 from blda_tools.errors import BLDAError
-from blda_tools.metrics import SegmentationMetrics
-from blda_tools.sweep_counts import count_sweep
-from blda_tools.torch_threads import torch_threads
+from blda_tools.runtime import torch_threads
+from blda_tools.statistics.metrics import SegmentationMetrics
 
 METHODS = ("blda", "prior")
 METRICS = ("miou", "macc")

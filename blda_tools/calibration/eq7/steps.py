@@ -1,4 +1,4 @@
-"""The steps of the Eq. 7 certificate (`blda_tools.eq7_certify`), compiled with numba.
+"""The steps of the Eq. 7 certificate (`blda_tools.calibration.eq7.certify`), compiled with numba.
 
 Steps 1 to 3 (`block_steps`, `block_step_three`) run class-major over the pixels of a block, so
 that their loops run over pixels and the compiler vectorises them; step 4 (`exact_winner`) runs

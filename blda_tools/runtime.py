@@ -1,4 +1,9 @@
-"""Process-wide settings of glibc's allocator for long CPU inference runs.
+"""Process-wide CPU settings that inference and calibration share.
+
+- `keep_freed_memory`: glibc's allocator keeps freed memory for long CPU inference runs;
+- `torch_threads`: torch's intra-op thread count changed for a block of work.
+
+Why the allocator setting matters:
 
 A forward pass allocates and frees hundreds of MB of activations. By default glibc returns
 large freed blocks to the kernel (`munmap`, heap trimming, per-thread arenas deleted when
@@ -11,10 +16,14 @@ footprint until it exits, which suits a command that runs one job.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import platform
+from collections.abc import Iterator
+
+import torch
 
 # mallopt parameters (glibc's malloc.h).
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
@@ -35,3 +44,18 @@ def keep_freed_memory() -> bool:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     settings = ((M_TRIM_THRESHOLD, 1 << 30), (M_MMAP_MAX, 0), (M_ARENA_MAX, 1))
     return all(libc.mallopt(parameter, value) == 1 for parameter, value in settings)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to `count` meanwhile (process-wide), restored afterwards.
+
+    Used where the caller runs its own threads: torch's OpenMP workers, spinning after each
+    multi-threaded torch call, would take cores from them.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

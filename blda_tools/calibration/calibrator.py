@@ -14,11 +14,11 @@ returns the C offsets of that column. Beyond the table every cell's clamped CDF 
 aligned value z' is constant there and Delta = Delta_end - (z - z_end): the rare pixels outside
 the table get that exact correction (see `gather_offsets`).
 
-Eq. 7 itself is computed in log space by the scriptable functions of `blda_tools.eq7_kernel`
+Eq. 7 itself is computed in log space by the scriptable functions of `blda_tools.calibration.eq7.kernel`
 (`blda export` scripts them, so `--apply` and the exported module run the same code).
 
 Predictions (`Calibrator.predict`, the tau sweep) first bound every class's Eq. 7 score from
-C-vectors (see `blda_tools.eq7_pruning`, `blda_tools.eq7_certify`); only the few pixels those
+C-vectors (see `blda_tools.calibration.eq7.pruning`, `blda_tools.calibration.eq7.certify`); only the few pixels those
 bounds leave undecided (~3% at tau = 1 for C = 19) go through the C x C computation, with
 identical results.
 """
@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from blda_tools.alignment import (
+from blda_tools.calibration.alignment import (
     NEWTON_STEPS,
     Anchors,
     anchor_histograms,
@@ -41,18 +41,17 @@ from blda_tools.alignment import (
     fitting_bins,
     mixture_parameters,
 )
-from blda_tools.eq7_certify import CertifyTables, certify_tables
-from blda_tools.eq7_kernel import (
+from blda_tools.calibration.eq7.certify import CertifyTables, certify_tables
+from blda_tools.calibration.eq7.kernel import (
     BLOCK_PIXELS,
     balanced_log_scores_blocks,
     gather_offsets,
     log_scores_from_gaps,  # noqa: F401
     score_gaps,  # noqa: F401
 )
-from blda_tools.eq7_pruning import (
+from blda_tools.calibration.eq7.pruning import (
     PRUNE_BLOCK,
     bound_tables,
-    first_argmax,  # noqa: F401
     full_prediction,  # noqa: F401
     predict_pruned,
     predict_taus,  # noqa: F401
@@ -270,7 +269,7 @@ class Calibrator:
         return predict_pruned(logits, self.kernel_tensors(), tables, tau, PRUNE_BLOCK, threads)
 
     def certify_tables(self) -> CertifyTables:
-        """The tables of the pruning bounds, laid out for `blda_tools.eq7_certify`."""
+        """The tables of the pruning bounds, laid out for `blda_tools.calibration.eq7.certify`."""
         self._require_fitted()
         return self._certify_tables
 

@@ -18,14 +18,14 @@ import h5py
 import numpy as np
 import torch
 
-from blda_tools.calibration import Calibrator
+from blda_tools.calibration.calibrator import Calibrator
 from blda_tools.datasets import CITYSCAPES_PALETTE, default_palette
 from blda_tools.datasets.base import write_color_png, write_label_png
 from blda_tools.datasets.cityscapes import CITYSCAPES_CLASSES
 from blda_tools.errors import BLDAError
 from blda_tools.fileio import atomic_output, ensure_writable_dir
+from blda_tools.runtime import torch_threads
 from blda_tools.store import LogitStore
-from blda_tools.torch_threads import torch_threads
 
 Paths = str | os.PathLike | Sequence[str | os.PathLike]
 

@@ -4,9 +4,9 @@ For candidate c, the Eq. 7 log score s_c = a_cc - log(exp(a_cc) + sum_{c' != c} 
 a_cc' = f[c'] + tau Delta_cc'(f[c']), falls as any a_cc' grows. With lo(f[c']) <= Delta_cc'(f[c'])
 <= hi(f[c']) over every row c != c' (`bound_tables`), every a_cc' at its lowest gives U_c >= s_c
 and at its highest L_c <= s_c. A class with U_c < max_c' L_c' cannot win; a pixel left with one
-candidate is decided without the C x C sum (`blda_tools.eq7_certify`, which also certifies a
+candidate is decided without the C x C sum (`blda_tools.calibration.eq7.certify`, which also certifies a
 whole range of taus at once, and at a single tau scores the remaining candidates exactly in
-float64); the very few others are computed in full (`blda_tools.eq7_kernel`).
+float64); the very few others are computed in full (`blda_tools.calibration.eq7.kernel`).
 
 A margin larger than the float32 error of the full computation keeps its winner among the
 candidates, so the pruned prediction is the full one, ties (lowest index) included.
@@ -23,9 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-from blda_tools.eq7_certify import UNDECIDED, CertifyTables, certified_predictions
-from blda_tools.eq7_kernel import BLOCK_PIXELS, gather_offsets, log_scores_from_gaps, score_gaps
-from blda_tools.torch_threads import torch_threads
+from blda_tools.calibration.eq7.certify import UNDECIDED, CertifyTables, certified_predictions
+from blda_tools.calibration.eq7.kernel import (
+    BLOCK_PIXELS,
+    gather_offsets,
+    log_scores_from_gaps,
+    score_gaps,
+)
+from blda_tools.runtime import torch_threads
 
 # Pixels per block of prediction: the certificates' output is (taus, block) int64.
 PRUNE_BLOCK = 1 << 18
@@ -81,15 +86,6 @@ def bound_tables(offsets: Tensor, adjusted: Tensor, rows: Tensor) -> dict[str, T
         [tables[name].abs().max() for name in ("own", "lowest_inside", "highest_inside")]
     ).max()
     return tables
-
-
-def first_argmax(class_major: Tensor) -> Tensor:
-    """argmax over classes of `class_major` ``(C, n)`` (finite values), the lowest index on ties,
-    as `argmax`; with float masks, as argmax over dim 0 is several times slower."""
-    num_classes = class_major.shape[0]
-    is_largest = torch.eq(class_major, class_major.amax(0), out=torch.empty_like(class_major))
-    countdown = torch.arange(num_classes, 0, -1, dtype=torch.float32)[:, None]  # C - c
-    return (num_classes - is_largest.mul_(countdown).amax(0)).to(torch.int64)
 
 
 def predict_taus(
