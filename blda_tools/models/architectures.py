@@ -1,11 +1,13 @@
-"""The built-in architectures, registered by name (imported lazily by the registry)."""
+"""The built-in architectures by name: `BUILTIN_ARCHITECTURES`, read lazily by the registry.
+
+This module does not import the registry (imports run one way: registry -> architectures).
+"""
 
 from __future__ import annotations
 
 from blda_tools.models.deeplabv2 import DLV2_REDUCED_DILATIONS, DLV2Head, ResNetV1c
 from blda_tools.models.heads import DAFORMER_FUSION_DILATIONS, DAFormerHead, SegFormerHead
 from blda_tools.models.mit import MIT_CONFIGS, MixVisionTransformer
-from blda_tools.models.registry import register_model
 from blda_tools.models.segmentor import Segmentor
 from blda_tools.models.tiny import TinyDecoder, TinyEncoder
 
@@ -75,12 +77,6 @@ def _segformer(variant: str):
     return factory
 
 
-for _variant in MIT_CONFIGS:
-    register_model(f"daformer_mit{_variant}")(_daformer(_variant))
-    register_model(f"segformer_mit{_variant}")(_segformer(_variant))
-
-
-@register_model("deeplabv2_r101")
 def deeplabv2_r101(
     num_classes: int, *, dilations: tuple[int, ...] = DLV2_REDUCED_DILATIONS
 ) -> Segmentor:
@@ -90,9 +86,16 @@ def deeplabv2_r101(
     return Segmentor(backbone, head, feature_channels=backbone.out_channels, output_stride=8)
 
 
-@register_model("tiny")
 def tiny(num_classes: int, *, channels: int = 64) -> Segmentor:
     """Small CNN encoder-decoder (~0.2 M parameters), logits at 1/4 resolution."""
     backbone = TinyEncoder()
     head = TinyDecoder(backbone.out_channels, num_classes, channels=channels)
     return Segmentor(backbone, head, feature_channels=channels, output_stride=4)
+
+
+BUILTIN_ARCHITECTURES = {
+    **{f"daformer_mit{variant}": _daformer(variant) for variant in MIT_CONFIGS},
+    **{f"segformer_mit{variant}": _segformer(variant) for variant in MIT_CONFIGS},
+    "deeplabv2_r101": deeplabv2_r101,
+    "tiny": tiny,
+}

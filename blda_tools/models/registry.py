@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 
@@ -18,12 +19,17 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
     """Decorator: register `factory(num_classes, **options) -> nn.Module` under `name`."""
 
     def decorator(factory: ModelFactory) -> ModelFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is already registered")
-        _REGISTRY[name] = factory
+        _import_builtin_models()  # a clash with a built-in name is refused here, not later
+        _add(name, factory)
         return factory
 
     return decorator
+
+
+def _add(name: str, factory: ModelFactory) -> None:
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is already registered")
+    _REGISTRY[name] = factory
 
 
 def list_models() -> list[str]:
@@ -62,6 +68,10 @@ def create_model(arch: str, num_classes: int, **options) -> nn.Module:
     return model
 
 
+@functools.cache
 def _import_builtin_models() -> None:
-    # The built-in architectures register themselves on import.
-    from blda_tools.models import architectures  # noqa: F401
+    # Lazily, so that importing the registry does not build the architecture modules.
+    from blda_tools.models.architectures import BUILTIN_ARCHITECTURES
+
+    for name, factory in BUILTIN_ARCHITECTURES.items():
+        _add(name, factory)

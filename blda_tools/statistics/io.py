@@ -1,19 +1,21 @@
-"""Saving and loading `LogitSetStatistics` as HDF5 (format "blda-logit-statistics", version 1)."""
+"""The HDF5 file format of saved logit-set statistics ("blda-logit-statistics", version 1).
+
+This module knows the file, not the statistics object: `write_statistics` takes a header and
+plain arrays, `read_statistics` returns them checked (format, version, attributes, datasets and
+their shapes), and `LogitSetStatistics.save` / `load` convert. Imports run one way:
+logit_sets -> io.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import h5py
-import torch
+import numpy as np
 
 from blda_tools.errors import BLDAError
 from blda_tools.fileio import atomic_output
-from blda_tools.statistics.grid import LogitGrid
-
-if TYPE_CHECKING:
-    from blda_tools.statistics.logit_sets import LogitSetStatistics
 
 FORMAT_NAME = "blda-logit-statistics"
 FORMAT_VERSION = 1
@@ -29,27 +31,43 @@ ARRAYS = (
 )
 
 
-def save_statistics(statistics: LogitSetStatistics, path: str | os.PathLike) -> None:
-    """Write `statistics` to an HDF5 file (atomically)."""
+@dataclass(frozen=True)
+class StatisticsHeader:
+    """The scalar attributes of a statistics file."""
+
+    num_classes: int
+    ignore_index: int
+    num_ignored: int
+    grid_low: float
+    grid_high: float
+    grid_bins: int
+    class_names: tuple[str, ...] | None
+
+    def array_shape(self, name: str) -> tuple[int, ...]:
+        """The shape of dataset `name`: (C, C, B) for the histogram, (C, C) for the others."""
+        C = self.num_classes
+        return (C, C, self.grid_bins) if name == "histogram" else (C, C)
+
+
+def write_statistics(
+    path: str | os.PathLike, header: StatisticsHeader, arrays: dict[str, np.ndarray]
+) -> None:
+    """Write `header` and the `ARRAYS` to an HDF5 file (atomically)."""
     with atomic_output(path) as temporary, h5py.File(temporary, "w") as file:
         file.attrs["format"] = FORMAT_NAME
         file.attrs["format_version"] = FORMAT_VERSION
-        file.attrs["num_classes"] = statistics.num_classes
-        file.attrs["ignore_index"] = statistics.ignore_index
-        file.attrs["num_ignored"] = statistics.num_ignored
-        file.attrs["grid_low"] = statistics.grid.low
-        file.attrs["grid_high"] = statistics.grid.high
-        file.attrs["grid_bins"] = statistics.grid.bins
-        if statistics.class_names is not None:
-            file.attrs["class_names"] = list(statistics.class_names)
+        for name in ("num_classes", "ignore_index", "num_ignored", "grid_low", "grid_high"):
+            file.attrs[name] = getattr(header, name)
+        file.attrs["grid_bins"] = header.grid_bins
+        if header.class_names is not None:
+            file.attrs["class_names"] = list(header.class_names)
         for name in ARRAYS:
-            array = getattr(statistics, name).numpy()
             compression = "gzip" if name == "histogram" else None
-            file.create_dataset(name, data=array, compression=compression)
+            file.create_dataset(name, data=arrays[name], compression=compression)
 
 
-def load_statistics(cls: type[LogitSetStatistics], path: str | os.PathLike) -> LogitSetStatistics:
-    """Read statistics written by `save_statistics` as a `cls`; `BLDAError` for anything else."""
+def read_statistics(path: str | os.PathLike) -> tuple[StatisticsHeader, dict[str, np.ndarray]]:
+    """Read a file written by `write_statistics`; `BLDAError` for anything else."""
     try:
         file = h5py.File(path, "r")
     except OSError as error:
@@ -64,33 +82,28 @@ def load_statistics(cls: type[LogitSetStatistics], path: str | os.PathLike) -> L
             )
         try:
             names = file.attrs.get("class_names")
-            statistics = cls(
-                int(file.attrs["num_classes"]),
-                LogitGrid(
-                    float(file.attrs["grid_low"]),
-                    float(file.attrs["grid_high"]),
-                    int(file.attrs["grid_bins"]),
-                ),
+            header = StatisticsHeader(
+                num_classes=int(file.attrs["num_classes"]),
                 ignore_index=int(file.attrs["ignore_index"]),
-                class_names=None if names is None else [str(name) for name in names],
+                num_ignored=int(file.attrs["num_ignored"]),
+                grid_low=float(file.attrs["grid_low"]),
+                grid_high=float(file.attrs["grid_high"]),
+                grid_bins=int(file.attrs["grid_bins"]),
+                class_names=None if names is None else tuple(str(name) for name in names),
             )
-            statistics.num_ignored = int(file.attrs["num_ignored"])
-            for name in ARRAYS:
-                _read_array_into(file, name, getattr(statistics, name), path)
         except KeyError as error:
             raise BLDAError(f"{path}: statistics file is missing {error}") from None
-    return statistics
+        arrays = {name: _read_array(file, name, header.array_shape(name), path) for name in ARRAYS}
+    return header, arrays
 
 
-def _read_array_into(file: h5py.File, name: str, target: torch.Tensor, path) -> None:
+def _read_array(file: h5py.File, name: str, shape: tuple[int, ...], path) -> np.ndarray:
     if name not in file:
         raise BLDAError(f"{path}: statistics file is missing the dataset '{name}'")
     dataset = file[name]
-    if tuple(dataset.shape) != tuple(target.shape):
-        raise BLDAError(
-            f"{path}: dataset '{name}' has shape {dataset.shape}, expected {tuple(target.shape)}"
-        )
+    if tuple(dataset.shape) != shape:
+        raise BLDAError(f"{path}: dataset '{name}' has shape {dataset.shape}, expected {shape}")
     try:
-        target.copy_(torch.from_numpy(dataset[()].astype(target.numpy().dtype)))
+        return dataset[()]
     except OSError as error:
         raise BLDAError(f"{path}: cannot read dataset '{name}' ({error})") from None

@@ -25,7 +25,7 @@ import torch
 from blda_tools.errors import BLDAError
 from blda_tools.statistics import kernel
 from blda_tools.statistics.grid import LogitGrid
-from blda_tools.statistics.io import load_statistics, save_statistics
+from blda_tools.statistics.io import ARRAYS, StatisticsHeader, read_statistics, write_statistics
 
 UPDATE_THREADS = min(2, os.cpu_count() or 1)
 # Fewer rows than this per thread are not worth a thread.
@@ -260,9 +260,29 @@ class LogitSetStatistics:
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
         """Write the statistics to an HDF5 file (atomically)."""
-        save_statistics(self, path)
+        header = StatisticsHeader(
+            num_classes=self.num_classes,
+            ignore_index=self.ignore_index,
+            num_ignored=self.num_ignored,
+            grid_low=self.grid.low,
+            grid_high=self.grid.high,
+            grid_bins=self.grid.bins,
+            class_names=self.class_names,
+        )
+        write_statistics(path, header, {name: getattr(self, name).numpy() for name in ARRAYS})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LogitSetStatistics:
         """Read statistics written by `save`; `BLDAError` for anything else."""
-        return load_statistics(cls, path)
+        header, arrays = read_statistics(path)
+        statistics = cls(
+            header.num_classes,
+            LogitGrid(header.grid_low, header.grid_high, header.grid_bins),
+            ignore_index=header.ignore_index,
+            class_names=header.class_names,
+        )
+        statistics.num_ignored = header.num_ignored
+        for name in ARRAYS:
+            target = getattr(statistics, name)
+            target.copy_(torch.from_numpy(arrays[name].astype(target.numpy().dtype)))
+        return statistics
