@@ -8,20 +8,9 @@ import time
 from pathlib import Path
 
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import atomic_output
+from blda_tools.fileio import atomic_output, json_ready
 
 LOG_NAME = "log.jsonl"
-
-
-def _finite(value):
-    # JSON has no NaN; a class absent from val is written as null.
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 class JsonlLog:
@@ -40,7 +29,8 @@ class JsonlLog:
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as stream:
-            stream.write(json.dumps(_finite(record)) + "\n")
+            # JSON has no NaN: a class absent from val is written as null.
+            stream.write(json.dumps(json_ready(record)) + "\n")
 
 
 def read_log(path: str | Path) -> list[dict]:
