@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from blda_tools.models.deeplabv2 import DLV2_REDUCED_DILATIONS, DLV2Head, ResNetV1c
 from blda_tools.models.heads import DAFORMER_FUSION_DILATIONS, DAFormerHead, SegFormerHead
+from blda_tools.models.hrda import HRDAHead, HRDASegmentor
 from blda_tools.models.mit import MIT_CONFIGS, MixVisionTransformer
 from blda_tools.models.segmentor import Segmentor
 from blda_tools.models.tiny import TinyDecoder, TinyEncoder
@@ -43,10 +44,37 @@ def _daformer(variant: str):
             feature_channels=head.channels,
             output_stride=4,
             optional_checkpoint_keys=optional,
+            test_protocol="daformer",
         )
 
     factory.__doc__ = (
         f"MiT-{variant.upper()} encoder with the DAFormer head (separable ASPP fusion)."
+    )
+    return factory
+
+
+def _hrda(variant: str):
+    def factory(
+        num_classes: int,
+        *,
+        embed_dim: int = 256,
+        dilations: tuple[int, ...] = DAFORMER_FUSION_DILATIONS,
+        dropout_ratio: float = 0.1,
+        drop_path_rate: float = 0.1,
+    ) -> HRDASegmentor:
+        backbone = MixVisionTransformer(MIT_CONFIGS[variant], drop_path_rate=drop_path_rate)
+        head = HRDAHead(
+            backbone.embed_dims,
+            num_classes,
+            embed_dim=embed_dim,
+            dilations=dilations,
+            dropout_ratio=dropout_ratio,
+        )
+        return HRDASegmentor(backbone, head)
+
+    factory.__doc__ = (
+        f"HRDA (and MIC) over MiT-{variant.upper()}: a DAFormer head at context (0.5) and "
+        "detail scale, fused by a class-wise scale attention (inference only)."
     )
     return factory
 
@@ -71,6 +99,7 @@ def _segformer(variant: str):
             feature_channels=head.channels,
             output_stride=4,
             optional_checkpoint_keys=("decode_head.conv_seg.",),
+            test_protocol="daformer",
         )
 
     factory.__doc__ = f"MiT-{variant.upper()} encoder with SegFormer's all-MLP head."
@@ -83,7 +112,13 @@ def deeplabv2_r101(
     """ResNet-101 V1c + DeepLabV2 classifier (DAFormer's `dlv2red`, dilations 6 and 12)."""
     backbone = ResNetV1c()
     head = DLV2Head(backbone.out_channels, num_classes, dilations)
-    return Segmentor(backbone, head, feature_channels=backbone.out_channels, output_stride=8)
+    return Segmentor(
+        backbone,
+        head,
+        feature_channels=backbone.out_channels,
+        output_stride=8,
+        test_protocol="daformer",
+    )
 
 
 def tiny(num_classes: int, *, channels: int = 64) -> Segmentor:
@@ -96,6 +131,7 @@ def tiny(num_classes: int, *, channels: int = 64) -> Segmentor:
 BUILTIN_ARCHITECTURES = {
     **{f"daformer_mit{variant}": _daformer(variant) for variant in MIT_CONFIGS},
     **{f"segformer_mit{variant}": _segformer(variant) for variant in MIT_CONFIGS},
+    **{f"hrda_mit{variant}": _hrda(variant) for variant in MIT_CONFIGS},
     "deeplabv2_r101": deeplabv2_r101,
     "tiny": tiny,
 }
