@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from blda_tools.models.deeplabv2 import DLV2_REDUCED_DILATIONS, DLV2Head, ResNetV1c
 from blda_tools.models.heads import DAFORMER_FUSION_DILATIONS, DAFormerHead, SegFormerHead
+from blda_tools.models.hrda import DETAIL_CROP as HRDA_DETAIL_CROP
 from blda_tools.models.hrda import HRDAHead, HRDASegmentor
 from blda_tools.models.mit import MIT_CONFIGS, MixVisionTransformer
 from blda_tools.models.segmentor import Segmentor
@@ -61,6 +62,7 @@ def _hrda(variant: str):
         dilations: tuple[int, ...] = DAFORMER_FUSION_DILATIONS,
         dropout_ratio: float = 0.1,
         drop_path_rate: float = 0.1,
+        detail_crop: tuple[int, int] = HRDA_DETAIL_CROP,
     ) -> HRDASegmentor:
         backbone = MixVisionTransformer(MIT_CONFIGS[variant], drop_path_rate=drop_path_rate)
         head = HRDAHead(
@@ -70,7 +72,7 @@ def _hrda(variant: str):
             dilations=dilations,
             dropout_ratio=dropout_ratio,
         )
-        return HRDASegmentor(backbone, head)
+        return HRDASegmentor(backbone, head, detail_crop)
 
     factory.__doc__ = (
         f"HRDA (and MIC) over MiT-{variant.upper()}: a DAFormer head at context (0.5) and "

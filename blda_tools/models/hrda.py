@@ -87,14 +87,20 @@ class HRDAHead(nn.Module):
 class HRDASegmentor(Segmentor):
     """MiT encoder + `HRDAHead`; `forward` is HRDA's multi-resolution prediction of a window.
 
-    `crops_per_batch` bounds how many detail crops go through the encoder at once (None: all
-    crops of all windows in the batch, as HRDA's `extract_slide_feat`); the result does not
-    depend on it (BatchNorm in eval mode).
+    `detail_crop` is the detail crop `(h, w)` (released: 512 x 512; the detail stride is half
+    of it). `crops_per_batch` bounds how many detail crops go through the encoder at once
+    (None: all crops of all windows in the batch, as HRDA's `extract_slide_feat`); the result
+    does not depend on it (BatchNorm in eval mode).
     """
 
     supports_training = False
 
-    def __init__(self, backbone: nn.Module, decode_head: HRDAHead) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        decode_head: HRDAHead,
+        detail_crop: tuple[int, int] = DETAIL_CROP,
+    ) -> None:
         super().__init__(
             backbone,
             decode_head,
@@ -102,6 +108,7 @@ class HRDASegmentor(Segmentor):
             output_stride=HEAD_STRIDE,
             test_protocol="hrda",
         )
+        self.detail_crop = (int(detail_crop[0]), int(detail_crop[1]))
         self.crops_per_batch: int | None = None
 
     def forward_with_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,11 +147,12 @@ class HRDASegmentor(Segmentor):
         """Detail logits and features on the 1/4 canvas: overlapping full-resolution crops,
         averaged (hrda_encoder_decoder.py `extract_slide_feat`, hrda_head.py `decode_hr`)."""
         batch, _, height, width = images.shape
-        crop_h, crop_w = min(DETAIL_CROP[0], height), min(DETAIL_CROP[1], width)
+        (full_h, full_w) = self.detail_crop
+        crop_h, crop_w = min(full_h, height), min(full_w, width)
         boxes = [
             (top, left)
-            for top in window_starts(height, DETAIL_CROP[0], DETAIL_CROP[0] // 2)
-            for left in window_starts(width, DETAIL_CROP[1], DETAIL_CROP[1] // 2)
+            for top in window_starts(height, full_h, full_h // 2)
+            for left in window_starts(width, full_w, full_w // 2)
         ]
         # Crop-major batch: crop i of every window is rows i * B ... (i + 1) * B - 1.
         crops = torch.cat([images[:, :, t : t + crop_h, s : s + crop_w] for t, s in boxes])
