@@ -155,3 +155,14 @@ def test_daformer_default_and_cli_overrides_reach_the_store(tmp_path):
 def read_metadata(path) -> dict:
     with h5py.File(path, "r") as file:
         return json.loads(file.attrs["metadata"])
+
+
+def test_png_decoding_equals_opencvs_as_mmcv_loads_it(tmp_path):
+    # mmcv decodes with cv2 (BGR) and Normalize(to_rgb=True) swaps to RGB; the datasets decode
+    # with Pillow, which for PNG (lossless) must give the same pixels.
+    from blda_tools.datasets import build_dataset
+
+    (path,) = make_cityscapes(tmp_path / "cs", count=1, size=(24, 40))
+    sample = build_dataset("cityscapes", tmp_path / "cs", "val")[0]
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(sample.image.permute(1, 2, 0).numpy(), bgr[:, :, ::-1])
