@@ -70,8 +70,9 @@ class SizeParam(click.ParamType):
 @click.option(
     "--dataset",
     required=True,
-    type=click.Choice([name for name in list_datasets() if name != "image-folder"]),
-    help="Dataset layout (segmentation datasets).",
+    type=click.Choice(list_datasets()),
+    help="Dataset layout; image-folder is classification (one score row per image, for a "
+    "classifier such as resnet101).",
 )
 @click.option(
     "--data-root",
@@ -185,10 +186,12 @@ class SizeParam(click.ParamType):
     help="Compress the store (smaller, slower to write and read).",
 )
 def dump_logits_command(**options):
-    """Run a segmentation model on a dataset and write its logits to a logit store.
+    """Run a segmentation model (or a classifier) on a dataset and write its logits to a logit
+    store.
 
     Logits are stored at label resolution, one row per pixel, with the labels when the
-    dataset has them (an unlabelled split gives a store without labels).
+    dataset has them (an unlabelled split gives a store without labels); a classifier on
+    --dataset image-folder gives one row per image.
     """
     sampling = PixelSampling(
         stride=options["stride"],

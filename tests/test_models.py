@@ -115,7 +115,7 @@ def test_blda_regression_head_adds_exactly_conv_reg():
     assert reg == {"decode_head.conv_reg.weight": (1, 256, 1, 1), "decode_head.conv_reg.bias": (1,)}
 
 
-@pytest.mark.parametrize("arch", list_models())
+@pytest.mark.parametrize("arch", [a for a in list_models() if not a.startswith("resnet")])
 def test_every_arch_gives_logits_at_its_output_stride(arch):
     with torch.device("meta"):
         model = create_model(arch, 7).eval()

@@ -27,7 +27,7 @@ from blda_tools.inference.dump import prepare_dump
 from blda_tools.inference.predict import InferenceSettings, predict_images, predict_logits
 from blda_tools.inference.protocols import PROTOCOLS, rescale_warning, resolve_inference
 from blda_tools.inference.resize import rescaled_size, resize_uint8
-from blda_tools.models.loading import declared_test_protocol
+from blda_tools.models.loading import declared_family
 
 MEAN = np.array([123.675, 116.28, 103.53])
 STD = np.array([58.395, 57.12, 57.375])
@@ -50,10 +50,12 @@ def test_protocols_are_the_public_configs():
         ("hrda_mitb5", "hrda"),
         ("hrda_mitb0", "hrda"),
         ("tiny", None),
+        ("resnet101", "classifier"),
     ],
 )
 def test_each_family_declares_its_protocol(arch, protocol):
-    assert declared_test_protocol(arch) == protocol
+    task = "classification" if arch.startswith("resnet") else "segmentation"
+    assert declared_family(arch) == (protocol, task)
 
 
 def test_mmcv_keep_ratio_sizes_hand_worked():

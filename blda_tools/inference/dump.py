@@ -31,7 +31,6 @@ from pathlib import Path
 
 import h5py
 import torch
-from PIL import Image
 
 from blda_tools import __version__
 from blda_tools.datasets import build_dataset
@@ -47,12 +46,14 @@ from blda_tools.inference.pixel_sampling import PixelSampling, sampled_positions
 from blda_tools.inference.predict import (
     InferenceSettings,
     distributed_rank,
+    predict_classes,
     predict_images,
     select_device,
 )
-from blda_tools.inference.protocols import describe, rescale_warning, resolve_inference
+from blda_tools.inference.protocols import protocol_notices, resolve_inference
+from blda_tools.inference.tasks import check_task
 from blda_tools.models import load_model
-from blda_tools.models.loading import declared_test_protocol
+from blda_tools.models.loading import declared_family
 from blda_tools.runtime import keep_freed_memory, torch_threads
 from blda_tools.store import LogitWriter, PreparedImage
 
@@ -126,6 +127,7 @@ class DumpJob:
     threads_per_stream: int = 1
     protocol: str = "as given"
     notices: list[str] = field(default_factory=list)
+    classification: bool = False
 
     @property
     def total(self) -> int:
@@ -221,11 +223,19 @@ class DumpJob:
         """One group's logits, laid out as the store keeps them (in a stream thread): uint8
         images resized with OpenCV as mmcv does (`predict_images`), logits at label size."""
         first = group[0]
+        images = torch.stack([sample.image for sample in group])
+        if self.classification:  # one row of class scores per image, its label beside it
+            with torch.inference_mode():
+                scores = predict_classes(self.model, images, self.inference, self.device)
+            return [
+                writer.prepare(row[None], sample.label.reshape(1), sample.name)
+                for sample, row in zip(group, scores, strict=True)
+            ]
         size = first.image.shape[-2:] if first.label is None else first.label.shape[-2:]
         with torch.inference_mode():
             logits = predict_images(
                 self.model,
-                torch.stack([sample.image for sample in group]),
+                images,
                 self.inference,
                 self.device,
                 output_size=size,
@@ -318,13 +328,18 @@ def prepare_dump(
         rank, world_size = distributed_rank()
     _check_counts(max_images=max_images, workers=workers, batch_size=batch_size, streams=streams)
     data = build_dataset(dataset, data_root, split, **(dataset_options or {}))
-    if data.dataset_name == "image-folder":
-        raise BLDAError(f"--dataset {dataset}: classification; dump-logits stores segmentation")
+    declared_protocol, task = declared_family(model_spec)
+    classification = check_task(model_spec, task, dataset, data.dataset_name == "image-folder")
     if isinstance(inference, InferenceSettings):
         protocol = "as given"
     else:
-        protocol, inference = resolve_inference(declared_test_protocol(model_spec), inference)
+        protocol, inference = resolve_inference(declared_protocol, inference)
     sampling = PixelSampling() if sampling is None else sampling
+    if classification and sampling != PixelSampling(seed=sampling.seed):
+        raise BLDAError(
+            f"--dataset {dataset}: a classification dataset stores one row per image; "
+            "--stride, --pixels-per-image and --stratified do not apply"
+        )
     out = shard_path(out, rank, world_size)
     metadata = {
         "model": model_spec,
@@ -345,10 +360,7 @@ def prepare_dump(
     count = len(data) if max_images is None else min(max_images, len(data))
     planned = list(range(rank, count, world_size))
     pending = [index for index in planned if data.names[index] not in stored]
-    notices = [f"inference: {protocol}: {describe(inference)}"]
-    size = _image_size(data, pending[0]) if pending else None
-    warning = None if size is None else rescale_warning(inference, size)
-    notices += [] if warning is None else [f"warning: {warning}"]
+    notices = protocol_notices(protocol, inference, data, pending[0] if pending else None)
     # Workers fork before the model exists: pages this process writes after a fork are
     # copied (copy-on-write) while the workers live, and the model's weights and
     # activations would be, image after image.
@@ -381,19 +393,8 @@ def prepare_dump(
         **_stream_layout(streams, chosen_device),
         protocol=protocol,
         notices=notices,
+        classification=classification,
     )
-
-
-def _image_size(data, index: int) -> tuple[int, int] | None:
-    """`(H, W)` of image `index` from its file header (no decoding); None if unknown."""
-    paths = getattr(data, "image_paths", None)
-    if paths is None:
-        return None
-    try:
-        with Image.open(paths[index]) as image:
-            return image.height, image.width
-    except (OSError, ValueError):
-        return None  # a corrupt file is reported when it is decoded
 
 
 def _stream_layout(streams: int | None, device: torch.device) -> dict:

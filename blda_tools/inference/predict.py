@@ -52,7 +52,8 @@ class InferenceSettings:
     size as mmcv's keep-ratio rule does (`resize.rescaled_size`: 1024 x 2048 keeps a
     1024 x 2048 image, turns 128 x 256 into 1024 x 2048 and 1052 x 1914 into 1024 x 1863).
     `crop` and `stride` are `(height, width)` of the sliding windows (unused by
-    `mode="whole"`). `amp` None means "on where available" (CUDA).
+    `mode="whole"`). `center_crop` `(h, w)` crops the resized image's centre (classifiers:
+    `predict_classes`). `amp` None means "on where available" (CUDA).
     """
 
     mode: str = "whole"
@@ -60,6 +61,7 @@ class InferenceSettings:
     stride: tuple[int, int] = (512, 512)
     resize: tuple[int, int] | None = None
     keep_ratio: bool = False
+    center_crop: tuple[int, int] | None = None
     flip: bool = False
     amp: bool | None = None
 
@@ -70,6 +72,8 @@ class InferenceSettings:
             _checked_size(value, f"--{option}")
         if self.resize is not None:
             _checked_size(self.resize, "--resize")
+        if self.center_crop is not None:
+            _checked_size(self.center_crop, "center_crop")
 
     def to_metadata(self) -> dict:
         """A JSON-ready dict of the settings (tuples as lists)."""
@@ -202,6 +206,7 @@ def predict_images(
     output_size = tuple(images.shape[-2:]) if output_size is None else tuple(output_size)
     resized = resize_uint8(images.cpu(), settings.input_size(images.shape[-2:]))
     options = {**asdict(settings), "resize": None, "keep_ratio": False}
+    del options["center_crop"]
     return predict_logits(
         model,
         normalize(resized.to(device)),
@@ -209,6 +214,47 @@ def predict_images(
         output_size=output_size,
         windows_per_batch=windows_per_batch,
     )
+
+
+def predict_classes(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    settings: InferenceSettings,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Float32 class scores `(B, C)` of a classifier on uint8 RGB images `(B, 3, H, W)`:
+    resized with OpenCV (`settings.resize`), centre-cropped (`settings.center_crop`, rounded
+    as torchvision's CenterCrop), normalised, one forward pass (`flip` averages the flipped
+    image's scores)."""
+    if images.dtype != torch.uint8:
+        raise BLDAError(f"predict_classes: expected uint8 images, got {images.dtype}")
+    resized = resize_uint8(images.cpu(), settings.input_size(images.shape[-2:]))
+    if settings.center_crop is not None:
+        resized = center_crop(resized, settings.center_crop)
+    inputs = normalize(resized.to(device))
+    use_amp = _use_amp(inputs.device, settings.amp)
+    with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+        scores = model(inputs)
+        if settings.flip:
+            scores = (scores + model(inputs.flip(-1))) / 2
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or len(scores) != len(images):
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise BLDAError(
+            f"model: returned {shape} for images {tuple(inputs.shape)}; a classifier returns "
+            f"scores ({len(images)}, C)"
+        )
+    return scores.float()
+
+
+def center_crop(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The central `size` `(h, w)` of images `(..., H, W)`; offsets rounded as torchvision's
+    `CenterCrop` (`round((H - h) / 2)`). Images smaller than `size` are refused."""
+    height, width = images.shape[-2:]
+    crop_h, crop_w = int(size[0]), int(size[1])
+    if crop_h > height or crop_w > width:
+        raise BLDAError(f"center_crop: {crop_h} x {crop_w} is larger than {height} x {width}")
+    top, left = int(round((height - crop_h) / 2.0)), int(round((width - crop_w) / 2.0))
+    return images[..., top : top + crop_h, left : left + crop_w]
 
 
 def _slide(forward, images, crop, stride, windows_per_batch: int) -> torch.Tensor:
@@ -258,6 +304,12 @@ class _Forward:
 def _checked_logits(output, images: torch.Tensor) -> torch.Tensor:
     if isinstance(output, dict) and "out" in output:  # torchvision segmentation models
         output = output["out"]
+    if isinstance(output, torch.Tensor) and output.dim() == 2 and len(output) == len(images):
+        raise BLDAError(
+            f"model: returned class scores {tuple(output.shape)} for images "
+            f"{tuple(images.shape)}: a whole-image classifier; segmentation needs logits "
+            f"({len(images)}, C, h, w); classifiers run on --dataset image-folder"
+        )
     if not isinstance(output, torch.Tensor) or output.dim() != 4 or output.shape[0] != len(images):
         shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
         raise BLDAError(

@@ -13,6 +13,10 @@ configs; implementation facts, "Test protocols of the base methods"):
   slide, crop 1024, stride 512, batched) over `uda_gtaHR_to_cityscapesHR_1024x1024.py`
   (`img_scale=(2048, 1024)`, keep ratio): the image at 1024 x 2048, 1024 x 1024 windows at
   stride 512; inside each window HRDA's multi-resolution fusion (the model's forward);
+* `classifier` (ResNet classifiers, VisDA-2017 as in MIC's `cls/examples/utils.py`
+  `get_val_transform('default')`): the image resized to 256 x 256, its central 224 x 224, one
+  score row per image. MIC resizes with Pillow (bicubic by default); blda with OpenCV
+  bilinear, like every other protocol here, so scores can differ slightly;
 * `native`: whole images at their own size (models without a declared protocol).
 
 The keep-ratio rule applies the same bounds to any dataset, as the trainers' pipelines do.
@@ -22,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from PIL import Image
+
 from blda_tools.errors import BLDAError
 from blda_tools.inference.predict import InferenceSettings
 
@@ -30,6 +36,7 @@ PROTOCOLS: dict[str, InferenceSettings] = {
     "hrda": InferenceSettings(
         mode="slide", crop=(1024, 1024), stride=(512, 512), resize=(1024, 2048), keep_ratio=True
     ),
+    "classifier": InferenceSettings(mode="whole", resize=(256, 256), center_crop=(224, 224)),
     "native": InferenceSettings(),
 }
 # The options that change a protocol (named in messages).
@@ -79,7 +86,8 @@ def describe(settings: InferenceSettings) -> str:
             f"{settings.crop[0]} x {settings.crop[1]} windows at stride "
             f"{settings.stride[0]} x {settings.stride[1]}"
         )
-    return f"{how}, {size}" + (", flip" if settings.flip else "")
+    crop = "" if settings.center_crop is None else ", central {} x {}".format(*settings.center_crop)
+    return f"{how}, {size}{crop}" + (", flip" if settings.flip else "")
 
 
 def rescale_warning(settings: InferenceSettings, size) -> str | None:
@@ -96,3 +104,25 @@ def rescale_warning(settings: InferenceSettings, size) -> str | None:
         f"{new_height} x {new_width}); if the model was not trained at that scale, choose "
         f"another with {PROTOCOL_OPTIONS} (e.g. --resize none)"
     )
+
+
+def protocol_notices(description: str, settings: InferenceSettings, data, index) -> list[str]:
+    """The lines a dump prints before it starts: which protocol, and a warning when it
+    rescales the first image (`index` of `data`, its size read from the file header) by
+    more than 2x."""
+    notices = [f"inference: {description}: {describe(settings)}"]
+    size = None if index is None else _image_size(data, index)
+    warning = None if size is None else rescale_warning(settings, size)
+    return notices + ([] if warning is None else [f"warning: {warning}"])
+
+
+def _image_size(data, index: int) -> tuple[int, int] | None:
+    """`(H, W)` of image `index` from its file header (no decoding); None if unknown."""
+    paths = getattr(data, "image_paths", None)
+    if paths is None:
+        return None
+    try:
+        with Image.open(paths[index]) as image:
+            return image.height, image.width
+    except (OSError, ValueError):
+        return None  # a corrupt file is reported when it is decoded

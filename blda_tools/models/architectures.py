@@ -10,6 +10,7 @@ from blda_tools.models.heads import DAFORMER_FUSION_DILATIONS, DAFormerHead, Seg
 from blda_tools.models.hrda import DETAIL_CROP as HRDA_DETAIL_CROP
 from blda_tools.models.hrda import HRDAHead, HRDASegmentor
 from blda_tools.models.mit import MIT_CONFIGS, MixVisionTransformer
+from blda_tools.models.resnet import RESNET_DEPTHS, ResNetClassifier
 from blda_tools.models.segmentor import Segmentor
 from blda_tools.models.tiny import TinyDecoder, TinyEncoder
 
@@ -130,10 +131,21 @@ def tiny(num_classes: int, *, channels: int = 64) -> Segmentor:
     return Segmentor(backbone, head, feature_channels=channels, output_stride=4)
 
 
+def _resnet(name: str):
+    def factory(num_classes: int) -> ResNetClassifier:
+        return ResNetClassifier(RESNET_DEPTHS[name], num_classes)
+
+    factory.__doc__ = (
+        f"{name} image classifier, torchvision's state-dict layout (scores (B, C) per image)."
+    )
+    return factory
+
+
 BUILTIN_ARCHITECTURES = {
     **{f"daformer_mit{variant}": _daformer(variant) for variant in MIT_CONFIGS},
     **{f"segformer_mit{variant}": _segformer(variant) for variant in MIT_CONFIGS},
     **{f"hrda_mit{variant}": _hrda(variant) for variant in MIT_CONFIGS},
     "deeplabv2_r101": deeplabv2_r101,
     "tiny": tiny,
+    **{name: _resnet(name) for name in RESNET_DEPTHS},
 }

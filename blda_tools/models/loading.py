@@ -3,7 +3,8 @@
 `--model` is a registered architecture, `torchscript` (the checkpoint is a TorchScript archive)
 or `package.module:factory`, a user's function returning an `nn.Module` (a plugin). A plugin
 factory may declare the test protocol of its family with a `test_protocol` attribute
-(`factory.test_protocol = "daformer"`, see `blda_tools.inference.protocols`).
+(`factory.test_protocol = "daformer"`, see `blda_tools.inference.protocols`) and
+`factory.task = "classification"` for a whole-image classifier.
 """
 
 from __future__ import annotations
@@ -58,16 +59,20 @@ def load_model(
     return model.eval()
 
 
-def declared_test_protocol(arch_or_spec: str) -> str | None:
-    """The test protocol `arch_or_spec`'s family declares, without building its weights: a
-    registered architecture's `test_protocol` (built on the meta device), a plugin factory's
-    `test_protocol` attribute, None for TorchScript or a model that declares none."""
+def declared_family(arch_or_spec: str) -> tuple[str | None, str | None]:
+    """`(test_protocol, task)` that `arch_or_spec`'s family declares, without building its
+    weights (a registered architecture is built on the meta device; a plugin factory's
+    `test_protocol` / `task` attributes are read). `task` is "segmentation" or
+    "classification" (one score row per image); None where not known before running
+    (TorchScript, a plugin that declares nothing)."""
     if arch_or_spec == TORCHSCRIPT:
-        return None
+        return None, None
     if ":" in arch_or_spec:
-        return getattr(_plugin_factory(arch_or_spec), "test_protocol", None)
+        factory = _plugin_factory(arch_or_spec)
+        return getattr(factory, "test_protocol", None), getattr(factory, "task", None)
     with torch.device("meta"):
-        return getattr(create_model(arch_or_spec, 1), "test_protocol", None)
+        model = create_model(arch_or_spec, 1)
+    return getattr(model, "test_protocol", None), getattr(model, "task", "segmentation")
 
 
 def _load_torchscript(checkpoint: str | os.PathLike | None) -> nn.Module:
