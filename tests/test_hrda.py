@@ -191,3 +191,64 @@ def test_hrda_is_inference_only(hrda_b0):
     finally:
         hrda_b0.eval()
     assert hrda_b0.supports_training is False
+
+
+def test_training_evaluation_runs_hrda_windows(hrda_b0):
+    # evaluate() slides windows over the image and argmaxes the fused logits at label size.
+    from blda_tools.datasets import SegmentationSample
+    from blda_tools.models import normalize
+    from blda_tools.training.evaluate import confusion_matrix, evaluate
+
+    image = torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8)
+    label = torch.randint(0, 5, (64, 96))
+    dataset = [SegmentationSample(image, label, "a")]
+    scores = evaluate(
+        hrda_b0,
+        dataset,
+        num_classes=5,
+        class_names=list("abcde"),
+        normalize=normalize,
+        device=torch.device("cpu"),
+        resize=(),
+        crop_size=(64, 64),
+        stride=(32, 32),
+    )
+    with torch.no_grad():
+        logits = predict_logits(hrda_b0, normalize(image)[None], "slide", (64, 64), (32, 32))
+    confusion = confusion_matrix(logits[0].argmax(0), label, 5).double()
+    assert scores["aAcc"] == pytest.approx(100 * (confusion.diag().sum() / confusion.sum()).item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_hrda_on_cuda_equals_cpu(hrda_b0):
+    windows = torch.randn(2, 3, 96, 80, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        cpu = hrda_b0(windows)
+        cuda = hrda_b0.to("cuda")(windows.cuda()).cpu()
+    hrda_b0.to("cpu")
+    torch.testing.assert_close(cuda, cpu, rtol=1e-3, atol=1e-3)
+
+
+def test_hrda_dump_then_diagnose(tmp_path):
+    from click.testing import CliRunner
+    from test_dump import make_cityscapes
+
+    from blda_cli.dump_logits import dump_logits_command
+    from blda_tools.diagnose import diagnose
+
+    make_cityscapes(tmp_path / "cs", count=2, size=(64, 96))
+    torch.manual_seed(0)
+    torch.save(create_model("hrda_mitb0", 19).state_dict(), tmp_path / "hrda.pth")
+    arguments = ["--model", "hrda_mitb0", "--checkpoint", str(tmp_path / "hrda.pth")]
+    arguments += ["--dataset", "cityscapes", "--data-root", str(tmp_path / "cs")]
+    arguments += ["--resize", "none", "--crop", "64x64", "--window-stride", "32x32"]
+    arguments += ["--workers", "0", "--out", str(tmp_path / "hrda.h5")]
+    result = CliRunner().invoke(dump_logits_command, arguments)
+    assert result.exit_code == 0, result.output
+    assert "hrda protocol, overridden: mode, resize, crop, stride" not in result.output
+    assert "hrda protocol, overridden: resize, crop" in result.output
+    from blda_tools.store import LogitStore
+
+    assert LogitStore(tmp_path / "hrda.h5").num_rows == 2 * 64 * 96
+    diagnosis = diagnose(tmp_path / "hrda.h5", tmp_path / "diagnosis", plots_and_report=False)
+    assert diagnosis.miou is not None and len(diagnosis.classes) == 19

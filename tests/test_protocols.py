@@ -27,6 +27,7 @@ from blda_tools.inference.dump import prepare_dump
 from blda_tools.inference.predict import InferenceSettings, predict_images, predict_logits
 from blda_tools.inference.protocols import PROTOCOLS, rescale_warning, resolve_inference
 from blda_tools.inference.resize import rescaled_size, resize_uint8
+from blda_tools.models import create_model
 from blda_tools.models.loading import declared_family
 
 MEAN = np.array([123.675, 116.28, 103.53])
@@ -118,10 +119,18 @@ def test_explicit_resize_is_an_exact_size_and_named_as_an_override():
     assert resolve_inference(None, {})[1] == InferenceSettings()
 
 
+def saved_weights(arch: str, path, num_classes: int = 19):
+    """A checkpoint of random weights (dumps of random weights may need an explicit flag)."""
+    torch.manual_seed(0)
+    torch.save(create_model(arch, num_classes).state_dict(), path)
+    return path
+
+
 def test_hrda_default_protocol_in_the_job_and_store_metadata(tmp_path):
     make_cityscapes(tmp_path / "cs", count=1, size=(16, 32))
+    weights = saved_weights("hrda_mitb0", tmp_path / "hrda.pth")
     job = prepare_dump(
-        "hrda_mitb0", None, "cityscapes", tmp_path / "cs", None, tmp_path / "h.h5", workers=0
+        "hrda_mitb0", weights, "cityscapes", tmp_path / "cs", None, tmp_path / "h.h5", workers=0
     )
     assert job.inference == PROTOCOLS["hrda"]
     assert job.writer_options["inference"]["crop"] == [1024, 1024]
@@ -133,7 +142,8 @@ def test_daformer_default_and_cli_overrides_reach_the_store(tmp_path):
     make_cityscapes(tmp_path / "cs", count=1, size=(32, 64))
     runner = CliRunner()
     base = ["--model", "daformer_mitb0", "--dataset", "cityscapes", "--data-root"]
-    base += [str(tmp_path / "cs"), "--workers", "0"]
+    base += [str(tmp_path / "cs"), "--workers", "0", "--checkpoint"]
+    base += [str(saved_weights("daformer_mitb0", tmp_path / "daformer.pth"))]
     result = runner.invoke(dump_logits_command, [*base, "--out", str(tmp_path / "d.h5")])
     assert result.exit_code == 0, result.output
     assert "daformer protocol: whole image, resized within 512 x 1024" in result.output
