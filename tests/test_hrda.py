@@ -154,8 +154,12 @@ def test_small_window_is_its_own_detail_crop(hrda_b0):
         def up(x):
             return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
 
-        expected = up(att) * head(backbone(window)) + up((1 - att) * head(features))
+        detail_logits, detail_features = head.forward_with_features(backbone(window))
+        expected = up(att) * detail_logits + up((1 - att) * head(features))
         torch.testing.assert_close(hrda_b0(window), expected, rtol=1e-4, atol=1e-4)
+        logits, returned_features = hrda_b0.forward_with_features(window)
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(returned_features, detail_features, rtol=1e-4, atol=1e-4)
 
 
 def test_outer_sliding_windows_average_hrda_windows(hrda_b0):

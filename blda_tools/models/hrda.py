@@ -117,6 +117,13 @@ class HRDASegmentor(Segmentor):
         The features are those of the detail head, averaged over overlapping crops as the
         logits are: the decoder features that produce the high-resolution logits.
         """
+        return self._fused(images, with_features=True)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Fused logits at 1/4 of the window (without assembling the detail features)."""
+        return self._fused(images, with_features=False)[0]
+
+    def _fused(self, images: torch.Tensor, with_features: bool):
         if self.training:
             raise BLDAError(
                 f"model {getattr(self, 'arch', 'hrda')}: HRDA training (random detail crops, "
@@ -130,7 +137,7 @@ class HRDASegmentor(Segmentor):
         context_features = self.backbone(context)
         context_logits = head.head(context_features)
         attention = head.attention(context_features)
-        detail_logits, detail_features = self._detail(images)
+        detail_logits, detail_features = self._detail(images, with_features)
         # hrda_head.py forward: fused = up(att) * hr + up((1 - att) * lr)
         up = _upsample_by_two
         low = up((1 - attention) * context_logits)
@@ -143,9 +150,10 @@ class HRDASegmentor(Segmentor):
             )
         return up(attention) * detail_logits + low, detail_features
 
-    def _detail(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Detail logits and features on the 1/4 canvas: overlapping full-resolution crops,
-        averaged (hrda_encoder_decoder.py `extract_slide_feat`, hrda_head.py `decode_hr`)."""
+    def _detail(self, images: torch.Tensor, with_features: bool):
+        """Detail logits (and features, or None) on the 1/4 canvas: overlapping
+        full-resolution crops, averaged (hrda_encoder_decoder.py `extract_slide_feat`,
+        hrda_head.py `decode_hr`)."""
         batch, _, height, width = images.shape
         (full_h, full_w) = self.detail_crop
         crop_h, crop_w = min(full_h, height), min(full_w, width)
@@ -157,12 +165,13 @@ class HRDASegmentor(Segmentor):
         # Crop-major batch: crop i of every window is rows i * B ... (i + 1) * B - 1.
         crops = torch.cat([images[:, :, t : t + crop_h, s : s + crop_w] for t, s in boxes])
         step = len(crops) if not self.crops_per_batch else self.crops_per_batch * batch
+        head = self.decode_head.head
         pieces = [
-            self.decode_head.head.forward_with_features(self.backbone(crops[i : i + step]))
-            for i in range(0, len(crops), step)
+            head.forward_with_features(features) if with_features else (head(features), None)
+            for features in (self.backbone(crops[i : i + step]) for i in range(0, len(crops), step))
         ]
         crop_logits = torch.cat([logits for logits, _ in pieces])
-        crop_features = torch.cat([features for _, features in pieces])
+        crop_features = torch.cat([features for _, features in pieces]) if with_features else None
         # scale_box: int(v / 4) of every corner; the canvas ends at the largest corner.
         scaled = [
             (
@@ -175,7 +184,9 @@ class HRDASegmentor(Segmentor):
         ]
         canvas = (max(box[1] for box in scaled), max(box[3] for box in scaled))
         logits = crop_logits.new_zeros((batch, crop_logits.shape[1], *canvas))
-        features = crop_features.new_zeros((batch, crop_features.shape[1], *canvas))
+        features = None
+        if with_features:
+            features = crop_features.new_zeros((batch, crop_features.shape[1], *canvas))
         count = crop_logits.new_zeros((1, 1, *canvas))
         for number, (y1, y2, x1, x2) in enumerate(scaled):
             rows = slice(number * batch, (number + 1) * batch)
@@ -186,9 +197,10 @@ class HRDASegmentor(Segmentor):
                     f"({y2 - y1} x {x2 - x1}); HRDA needs window sides divisible by 8"
                 )
             logits[:, :, y1:y2, x1:x2] += crop_logits[rows]
-            features[:, :, y1:y2, x1:x2] += crop_features[rows]
+            if with_features:
+                features[:, :, y1:y2, x1:x2] += crop_features[rows]
             count[:, :, y1:y2, x1:x2] += 1
-        return logits / count, features / count
+        return logits / count, None if features is None else features / count
 
 
 def _upsample_by_two(values: torch.Tensor) -> torch.Tensor:
