@@ -94,8 +94,9 @@ def hrda_b0():
     return model
 
 
-def direct_hrda(model, window: torch.Tensor, offsets: list[tuple[int, int]]) -> torch.Tensor:
-    """The published computation for one window (1, 3, H, W), one detail crop at a time."""
+def direct_hrda(model, window, offsets: list[tuple[int, int]], os: int = 4) -> torch.Tensor:
+    """The published computation for one window (1, 3, H, W), one detail crop at a time;
+    `os` is the heads' output stride (hrda_head.py: 4 DAFormer, 8 DeepLabV2)."""
     backbone, head, attention_head = (
         model.backbone,
         model.decode_head.head,
@@ -106,13 +107,14 @@ def direct_hrda(model, window: torch.Tensor, offsets: list[tuple[int, int]]) -> 
     lr = head(context_features)
     att = torch.sigmoid(attention_head(context_features))
     height, width = window.shape[2:]
-    hr = torch.zeros(1, lr.shape[1], height // 4, width // 4)
-    count = torch.zeros(1, 1, height // 4, width // 4)
-    side = CROP // 4
+    hr = torch.zeros(1, lr.shape[1], height // os, width // os)
+    count = torch.zeros(1, 1, height // os, width // os)
+    side = CROP // os
     for top, left in offsets:
         crop = window[:, :, top : top + CROP, left : left + CROP]
-        hr[:, :, top // 4 : top // 4 + side, left // 4 : left // 4 + side] += head(backbone(crop))
-        count[:, :, top // 4 : top // 4 + side, left // 4 : left // 4 + side] += 1
+        rows, columns = slice(top // os, top // os + side), slice(left // os, left // os + side)
+        hr[:, :, rows, columns] += head(backbone(crop))
+        count[:, :, rows, columns] += 1
     assert count.min() >= 1
     hr = hr / count
 
@@ -256,3 +258,33 @@ def test_hrda_dump_then_diagnose(tmp_path):
     assert LogitStore(tmp_path / "hrda.h5").num_rows == 2 * 64 * 96
     diagnosis = diagnose(tmp_path / "hrda.h5", tmp_path / "diagnosis", plots_and_report=False)
     assert diagnosis.miou is not None and len(diagnosis.classes) == 19
+
+
+# ------------------------------------------------------------------ HRDA over DeepLabV2
+
+
+def test_hrda_deeplabv2_keys_follow_the_dlv2_manifest():
+    # hrda_head.py DLV2Head branch: head and scale_attention are both the DLV2 head config.
+    dlv2 = manifest_shapes("deeplabv2_r101")
+    expected = {k: v for k, v in dlv2.items() if k.startswith("backbone.")}
+    for key, shape in dlv2.items():
+        if key.startswith("decode_head."):
+            rest = key[len("decode_head.") :]
+            expected[f"decode_head.head.{rest}"] = shape
+            expected[f"decode_head.scale_attention.{rest}"] = shape
+    with torch.device("meta"):
+        model = create_model("hrda_deeplabv2_r101", 19)
+    assert_same_keys_and_shapes(state_shapes(model), expected)
+    assert model.output_stride == 8 and model.test_protocol == "hrda"
+
+
+def test_hrda_deeplabv2_window_equals_the_published_formulas():
+    torch.manual_seed(0)
+    model = create_model("hrda_deeplabv2_r101", 4, detail_crop=(CROP, CROP)).eval()
+    window = torch.randn(1, 3, 96, 80, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = direct_hrda(model, window, [(0, 0), (0, 16), (32, 0), (32, 16)], os=8)
+        # Logits of a randomly initialised ResNet are large: float32 sums of batched and
+        # single convolutions differ at 1e-4 of their scale.
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(model(window), expected, rtol=1e-3, atol=1e-4 * scale)

@@ -120,7 +120,7 @@ def test_every_arch_gives_logits_at_its_output_stride(arch):
     with torch.device("meta"):
         model = create_model(arch, 7).eval()
         logits, features = model.forward_with_features(torch.empty(2, 3, 64, 96))
-    stride = {"deeplabv2_r101": 8}.get(arch, 4)
+    stride = {"deeplabv2_r101": 8, "hrda_deeplabv2_r101": 8}.get(arch, 4)
     assert model.output_stride == stride
     assert logits.shape == (2, 7, 64 // stride, 96 // stride)
     assert features.shape == (2, model.feature_channels, 64 // stride, 96 // stride)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from blda_tools.models.deeplabv2 import DLV2_REDUCED_DILATIONS, DLV2Head, ResNetV1c
 from blda_tools.models.heads import DAFORMER_FUSION_DILATIONS, DAFormerHead, SegFormerHead
 from blda_tools.models.hrda import DETAIL_CROP as HRDA_DETAIL_CROP
-from blda_tools.models.hrda import HRDAHead, HRDASegmentor
+from blda_tools.models.hrda import HRDAHead, HRDASegmentor, daformer_heads
 from blda_tools.models.mit import MIT_CONFIGS, MixVisionTransformer
 from blda_tools.models.resnet import RESNET_DEPTHS, ResNetClassifier
 from blda_tools.models.segmentor import Segmentor
@@ -66,7 +66,7 @@ def _hrda(variant: str):
         detail_crop: tuple[int, int] = HRDA_DETAIL_CROP,
     ) -> HRDASegmentor:
         backbone = MixVisionTransformer(MIT_CONFIGS[variant], drop_path_rate=drop_path_rate)
-        head = HRDAHead(
+        head = daformer_heads(
             backbone.embed_dims,
             num_classes,
             embed_dim=embed_dim,
@@ -124,6 +124,23 @@ def deeplabv2_r101(
     )
 
 
+def hrda_deeplabv2_r101(
+    num_classes: int,
+    *,
+    dilations: tuple[int, ...] = DLV2_REDUCED_DILATIONS,
+    detail_crop: tuple[int, int] = HRDA_DETAIL_CROP,
+) -> HRDASegmentor:
+    """HRDA over ResNet-101 V1c + DeepLabV2 (`hrda1-512-0.1_dlv2red`): two DLV2 heads, the
+    second the class-wise scale attention; logits at 1/8 (inference only)."""
+    backbone = ResNetV1c()
+    head = HRDAHead(
+        DLV2Head(backbone.out_channels, num_classes, dilations),
+        DLV2Head(backbone.out_channels, num_classes, dilations),
+        backbone.out_channels,
+    )
+    return HRDASegmentor(backbone, head, detail_crop, head_stride=8)
+
+
 def tiny(num_classes: int, *, channels: int = 64) -> Segmentor:
     """Small CNN encoder-decoder (~0.2 M parameters), logits at 1/4 resolution."""
     backbone = TinyEncoder()
@@ -146,6 +163,7 @@ BUILTIN_ARCHITECTURES = {
     **{f"segformer_mit{variant}": _segformer(variant) for variant in MIT_CONFIGS},
     **{f"hrda_mit{variant}": _hrda(variant) for variant in MIT_CONFIGS},
     "deeplabv2_r101": deeplabv2_r101,
+    "hrda_deeplabv2_r101": hrda_deeplabv2_r101,
     "tiny": tiny,
     **{name: _resnet(name) for name in RESNET_DEPTHS},
 }

@@ -1,4 +1,4 @@
-"""HRDA: a DAFormer head at two scales fused by a learned, class-wise scale attention.
+"""HRDA: a decode head at two scales fused by a learned, class-wise scale attention.
 
 Structure and inference as the public HRDA / MIC code defines them (lhoyer/MIC
 `seg/mmseg/models/segmentors/hrda_encoder_decoder.py`, `decode_heads/hrda_head.py`; the same
@@ -20,7 +20,10 @@ window and average windows (`blda_tools.inference.predict`, sliding windows of 1
 512 in HRDA's own test protocol). State-dict keys are the released ones: `backbone.*`,
 `decode_head.head.*` (a full DAFormer head) and `decode_head.scale_attention.*` (embeddings,
 a 1 x 1 ConvModule fusion, a classifier with one channel per class); no
-`decode_head.conv_seg` (manifest: `manifests/hrda_mitb5.json`).
+`decode_head.conv_seg` (manifest: `manifests/hrda_mitb5.json`). HRDA over DeepLabV2
+(`hrda_deeplabv2_r101`, MIC's and HRDA's experiment generators) has two DLV2 heads instead
+(`decode_head.head.aspp_modules.*`, `decode_head.scale_attention.aspp_modules.*`), logits at
+1/8: the same computation with `os` 8.
 
 Training HRDA (random detail crops, the 0.9 / 0.1 loss split) is not implemented: these
 models are for inference, and `supports_training` is False.
@@ -47,48 +50,61 @@ HEAD_STRIDE = 4
 
 
 class HRDAHead(nn.Module):
-    """`head` (DAFormer head, used at both scales) and `scale_attention` (DAFormer head with a
-    1 x 1 fusion and `num_classes` outputs: class-wise attention), as HRDA's `HRDAHead`."""
+    """`head` (used at both scales) and `scale_attention` (`num_classes` outputs: class-wise
+    attention), as HRDA's `HRDAHead`; `channels` are the decoder features' channels.
 
-    def __init__(
-        self,
-        in_channels: Sequence[int],
-        num_classes: int,
-        *,
-        embed_dim: int = 256,
-        dilations: Sequence[int] = DAFORMER_FUSION_DILATIONS,
-        dropout_ratio: float = 0.1,
-        attention_embed_dim: int = 256,
-    ) -> None:
+    `daformer_heads` builds them as HRDA does over the DAFormer head; over DeepLabV2 both are
+    DLV2 heads (hrda_head.py: the attention config is the head config unchanged).
+    """
+
+    def __init__(self, head: nn.Module, scale_attention: nn.Module, channels: int) -> None:
         super().__init__()
-        self.head = DAFormerHead(
-            in_channels,
-            num_classes,
-            embed_dim=embed_dim,
-            channels=embed_dim,
-            dilations=dilations,
-            dropout_ratio=dropout_ratio,
-        )
-        self.scale_attention = DAFormerHead(
-            in_channels,
-            num_classes,
-            embed_dim=attention_embed_dim,
-            channels=attention_embed_dim,
-            dropout_ratio=dropout_ratio,
-            fusion="conv1",
-        )
-        self.channels = self.head.channels
+        self.head = head
+        self.scale_attention = scale_attention
+        self.channels = channels
 
     def attention(self, context_features: Sequence[torch.Tensor]) -> torch.Tensor:
         """Scale attention in [0, 1], one channel per class, at the context logits' size."""
         return torch.sigmoid(self.scale_attention(context_features))
 
 
+def daformer_heads(
+    in_channels: Sequence[int],
+    num_classes: int,
+    *,
+    embed_dim: int = 256,
+    dilations: Sequence[int] = DAFORMER_FUSION_DILATIONS,
+    dropout_ratio: float = 0.1,
+    attention_embed_dim: int = 256,
+) -> HRDAHead:
+    """HRDA's head over the DAFormer head (hrda_head.py, `DAFormerHead` branch): the full
+    DAFormer head, and an attention head whose embeddings and channels are
+    `attention_embed_dim` and whose ASPP fusion becomes one 1 x 1 ConvModule."""
+    head = DAFormerHead(
+        in_channels,
+        num_classes,
+        embed_dim=embed_dim,
+        channels=embed_dim,
+        dilations=dilations,
+        dropout_ratio=dropout_ratio,
+    )
+    attention = DAFormerHead(
+        in_channels,
+        num_classes,
+        embed_dim=attention_embed_dim,
+        channels=attention_embed_dim,
+        dropout_ratio=dropout_ratio,
+        fusion="conv1",
+    )
+    return HRDAHead(head, attention, head.channels)
+
+
 class HRDASegmentor(Segmentor):
     """MiT encoder + `HRDAHead`; `forward` is HRDA's multi-resolution prediction of a window.
 
     `detail_crop` is the detail crop `(h, w)` (released: 512 x 512; the detail stride is half
-    of it). `crops_per_batch` bounds how many detail crops go through the encoder at once
+    of it); `head_stride` the heads' output stride (hrda_head.py `os`: 4 for the DAFormer
+    head, 8 for DeepLabV2). `crops_per_batch` bounds how many detail crops go through the encoder at once
     (None: all crops of all windows in the batch, as HRDA's `extract_slide_feat`); the result
     does not depend on it (BatchNorm in eval mode).
     """
@@ -100,12 +116,13 @@ class HRDASegmentor(Segmentor):
         backbone: nn.Module,
         decode_head: HRDAHead,
         detail_crop: tuple[int, int] = DETAIL_CROP,
+        head_stride: int = HEAD_STRIDE,
     ) -> None:
         super().__init__(
             backbone,
             decode_head,
             feature_channels=decode_head.channels,
-            output_stride=HEAD_STRIDE,
+            output_stride=head_stride,
             test_protocol="hrda",
         )
         self.detail_crop = (int(detail_crop[0]), int(detail_crop[1]))
@@ -172,14 +189,10 @@ class HRDASegmentor(Segmentor):
         ]
         crop_logits = torch.cat([logits for logits, _ in pieces])
         crop_features = torch.cat([features for _, features in pieces]) if with_features else None
-        # scale_box: int(v / 4) of every corner; the canvas ends at the largest corner.
+        # scale_box: int(v / os) of every corner; the canvas ends at the largest corner.
+        stride = self.output_stride
         scaled = [
-            (
-                t // HEAD_STRIDE,
-                (t + crop_h) // HEAD_STRIDE,
-                s // HEAD_STRIDE,
-                (s + crop_w) // HEAD_STRIDE,
-            )
+            (t // stride, (t + crop_h) // stride, s // stride, (s + crop_w) // stride)
             for t, s in boxes
         ]
         canvas = (max(box[1] for box in scaled), max(box[3] for box in scaled))
@@ -193,7 +206,7 @@ class HRDASegmentor(Segmentor):
             if crop_logits.shape[2:] != (y2 - y1, x2 - x1):
                 raise BLDAError(
                     f"model {getattr(self, 'arch', 'hrda')}: a detail crop of {crop_h} x "
-                    f"{crop_w} gives logits {tuple(crop_logits.shape[2:])}, not its box / 4 "
+                    f"{crop_w} gives logits {tuple(crop_logits.shape[2:])}, not its box / {stride} "
                     f"({y2 - y1} x {x2 - x1}); HRDA needs window sides divisible by 8"
                 )
             logits[:, :, y1:y2, x1:x2] += crop_logits[rows]

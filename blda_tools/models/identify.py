@@ -31,7 +31,7 @@ def likely_architecture(state_dict: Mapping[str, torch.Tensor]) -> str | None:
 
     if has("decode_head.scale_attention."):
         if has("decode_head.head.aspp_modules."):
-            return "HRDA over DeepLabV2 (not built in)"
+            return "hrda_deeplabv2_r101"
         return _mit("hrda", state_dict)
     if has("decode_head.embed_layers.") and has("decode_head.fuse_layer."):
         return _mit("daformer", state_dict)
