@@ -3,11 +3,11 @@
 default) against one crop at a time (`HRDASegmentor.crops_per_batch = 1`).
 
 Each figure comes from a fresh process (random weights, eval mode, inference mode, fp32):
-windows/s over `--repeats` windows after one warm-up window, and the process's peak resident
+windows/s over `--repeats` windows after `--warmup` untimed ones (default 1), and the process's peak resident
 memory (`ru_maxrss`) with the memory after building the model, so that the difference is what
 the inference itself needs.
 
-    python benchmarks/bench_hrda.py [--archs hrda_mitb0,hrda_mitb5] [--repeats 2]
+    python benchmarks/bench_hrda.py [--archs hrda_mitb0,hrda_mitb5] [--repeats 2] [--warmup 1]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def child(arch: str, crops_per_batch: int | None, repeats: int) -> dict:
+def child(arch: str, crops_per_batch: int | None, repeats: int, warmup: int) -> dict:
     import torch
 
     from blda_tools.models import create_model
@@ -41,7 +41,8 @@ def child(arch: str, crops_per_batch: int | None, repeats: int) -> dict:
     window = torch.randn(1, 3, 1024, 1024)
     after_model = rss_mb()
     with torch.inference_mode():
-        model(window)  # warm-up
+        for _ in range(warmup):
+            model(window)
         start = time.perf_counter()
         for _ in range(repeats):
             logits = model(window)
@@ -55,11 +56,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", default="hrda_mitb0,hrda_mitb5")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed windows first")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         arch, crops = args.child
-        print(json.dumps(child(arch, None if crops == "all" else int(crops), args.repeats)))
+        crops_per_batch = None if crops == "all" else int(crops)
+        print(json.dumps(child(arch, crops_per_batch, args.repeats, args.warmup)))
         return
     import torch
 
@@ -72,7 +75,7 @@ def main() -> None:
     for arch in args.archs.split(","):
         for crops, label in (("all", "batched (9 crops at once)"), ("1", "one crop at a time")):
             command = [sys.executable, __file__, "--child", arch, crops]
-            command += ["--repeats", str(args.repeats)]
+            command += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)]
             finished = subprocess.run(command, capture_output=True, text=True, check=False)
             if finished.returncode != 0:
                 sys.exit(f"{arch} {label} failed:\n{finished.stderr[-3000:]}")

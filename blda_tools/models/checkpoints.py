@@ -257,7 +257,10 @@ def _mismatch_message(model, path, model_state, state_dict, missing, unexpected,
     )
     likely = likely_architecture(state_dict)
     if likely is not None and likely != _model_name(model):
-        lines.append(f"  Its keys are those of {_architecture_hint(likely)}.")
+        lines.append(
+            f"  A checkpoint of another architecture: its keys are those of "
+            f"{_architecture_hint(likely)}."
+        )
     elif any(".conv2d_list." in k for k in state_dict):
         lines.append(
             "  Its keys (layer5.conv2d_list) are those of the original DACS/AdaptSegNet DeepLabV2 "
