@@ -72,7 +72,7 @@ def resolve_inference(
 
 
 def describe(settings: InferenceSettings) -> str:
-    """One line: `whole image, resized to 512 x 1024 (keep ratio)`."""
+    """One line: `whole image, resized within 512 x 1024 (keep ratio)`."""
     if settings.resize is None:
         size = "native size"
     else:
