@@ -30,6 +30,15 @@ on real splits (Cityscapes val: 500 images); `--images 48` shows it.
 
     python benchmarks/bench_dump.py [--model tiny|segformer_mitb0] [--images 200]
         [--size 256x512] [--workers N] [--repeats 3]
+
+`--decode-resize` instead times, per image and in one thread, decoding a PNG and resizing it
+to a protocol's size (default 1024x2048 images to 512x1024, the DAFormer protocol) both ways:
+today's path, mmcv's way (decode, OpenCV bilinear on uint8, then normalise:
+`inference.resize.resize_uint8`), against the older one (decode, normalise, torch bilinear on
+the float tensor):
+
+    python benchmarks/bench_dump.py --decode-resize [--size 1024x2048] [--to 512x1024]
+        [--images 20]
 """
 
 from __future__ import annotations
@@ -179,6 +188,53 @@ def measure_parts(args) -> dict:
     return {part: total / len(dataset) for part, total in seconds.items()}
 
 
+def measure_decode_resize(args) -> None:
+    """Thread CPU per image of decode + resize + normalise, OpenCV (uint8) vs torch (float)."""
+    import torch.nn.functional as F
+
+    from blda_tools.datasets import build_dataset
+    from blda_tools.inference.resize import resize_uint8
+    from blda_tools.models import normalize
+
+    height, width = (int(v) for v in args.size.lower().split("x"))
+    target = tuple(int(v) for v in args.to.lower().split("x"))
+    torch.set_num_threads(1)
+    paths = {
+        "opencv, uint8 (mmcv's way)": lambda image: normalize(resize_uint8(image, target)),
+        "torch, normalised float (old)": lambda image: F.interpolate(
+            normalize(image), size=target, mode="bilinear", align_corners=False
+        ),
+    }
+    with tempfile.TemporaryDirectory() as temporary:
+        write_dataset(Path(temporary), args.images, height, width)
+        dataset = build_dataset("cityscapes", temporary, "val")
+        dataset[0]  # warm caches
+        best = {}
+        for _ in range(args.repeats):
+            for name, resize in paths.items():
+                decode = work = 0.0
+                for index in range(len(dataset)):
+                    start = time.thread_time()
+                    image = dataset[index].image[None]
+                    middle = time.thread_time()
+                    resize(image)
+                    decode += middle - start
+                    work += time.thread_time() - middle
+                runs = best.setdefault(name, [])
+                runs.append((decode / len(dataset), work / len(dataset)))
+    print(
+        f"decode + resize {height}x{width} -> {target[0]}x{target[1]}, {args.images} PNG images, "
+        f"one thread, CPU ms/image, best of {args.repeats}:"
+    )
+    for name, runs in best.items():
+        decode, work = min(runs, key=sum)
+        print(
+            f"  {name:30s}: decode (image + label) {decode * 1000:6.1f} + resize, normalise "
+            f"{work * 1000:6.1f}"
+            f" = {(decode + work) * 1000:6.1f}"
+        )
+
+
 def child(args) -> None:
     from blda_tools.runtime import keep_freed_memory
 
@@ -219,6 +275,8 @@ def main() -> None:
         "--workers", type=int, default=2, help="loader processes (the dump's default)"
     )
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decode-resize", action="store_true", help="see the module doc")
+    parser.add_argument("--to", default="512x1024", help="--decode-resize target HxW")
     parser.add_argument(
         "--child", choices=["forward", "forward-streams", "dump", "parts"], help=argparse.SUPPRESS
     )
@@ -228,6 +286,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         child(args)
+        return
+    if args.decode_resize:
+        print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}")
+        print(f"cores: {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")
+        measure_decode_resize(args)
         return
     height, width = (int(v) for v in args.size.lower().split("x"))
 

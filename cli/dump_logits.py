@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import click
 from blda_cli.progress import console, progress_bar
 from blda_tools.datasets import list_datasets
 from blda_tools.inference.dump import CorruptImageWarning, PixelSampling, prepare_dump
-from blda_tools.inference.predict import MODES, default_inference
+from blda_tools.inference.predict import MODES
 
 
 class SizeParam(click.ParamType):
@@ -71,8 +70,9 @@ class SizeParam(click.ParamType):
 @click.option(
     "--dataset",
     required=True,
-    type=click.Choice([name for name in list_datasets() if name != "image-folder"]),
-    help="Dataset layout (segmentation datasets).",
+    type=click.Choice(list_datasets()),
+    help="Dataset layout; image-folder is classification (one score row per image, for a "
+    "classifier such as resnet101).",
 )
 @click.option(
     "--data-root",
@@ -96,20 +96,26 @@ class SizeParam(click.ParamType):
 @click.option(
     "--mode",
     type=click.Choice(MODES),
-    help="Whole-image or sliding-window inference. Default: slide for Cityscapes "
-    "(as DAFormer evaluates), whole otherwise.",
+    help="Whole-image or sliding-window inference. Default: the model family's test "
+    "protocol (DAFormer, SegFormer, DeepLabV2: whole; HRDA/MIC: slide; others: whole).",
 )
-@click.option("--crop", type=SizeParam(), help="Sliding-window size HxW. Default: 1024x1024.")
+@click.option(
+    "--crop",
+    type=SizeParam(),
+    help="Sliding-window size HxW. Default: the protocol's (1024x1024).",
+)
 @click.option(
     "--window-stride",
     type=SizeParam(),
-    help="Step between sliding windows HxW. Default: 512x512.",
+    help="Step between sliding windows HxW. Default: the protocol's (512x512).",
 )
 @click.option(
     "--resize",
     type=SizeParam(allow_none=True),
-    help="Resize images to HxW before inference (logits come back at label resolution), or "
-    "`none`. Default: 1024x2048 for Cityscapes, none otherwise.",
+    help="Resize images to exactly HxW (OpenCV, as mmcv) before inference; logits come back "
+    "at label resolution; `none` keeps the native size. Default: the protocol's, keeping the "
+    "aspect ratio within 512x1024 (DAFormer, SegFormer, DeepLabV2) or 1024x2048 (HRDA/MIC); "
+    "native size for other models.",
 )
 @click.option("--flip", is_flag=True, help="Average with the horizontally flipped image.")
 @click.option(
@@ -180,10 +186,12 @@ class SizeParam(click.ParamType):
     help="Compress the store (smaller, slower to write and read).",
 )
 def dump_logits_command(**options):
-    """Run a segmentation model on a dataset and write its logits to a logit store.
+    """Run a segmentation model (or a classifier) on a dataset and write its logits to a logit
+    store.
 
     Logits are stored at label resolution, one row per pixel, with the labels when the
-    dataset has them (an unlabelled split gives a store without labels).
+    dataset has them (an unlabelled split gives a store without labels); a classifier on
+    --dataset image-folder gives one row per image.
     """
     sampling = PixelSampling(
         stride=options["stride"],
@@ -212,6 +220,8 @@ def dump_logits_command(**options):
         dtype="float32" if options["float32"] else "float16",
         compression=options["compression"],
     )
+    for notice in job.notices:
+        console.print(notice)
     if job.already_stored:
         console.print(f"resuming: {job.already_stored} image(s) already stored")
     with warnings.catch_warnings(record=True) as caught:
@@ -228,8 +238,8 @@ def dump_logits_command(**options):
     )
 
 
-def _inference_settings(options: dict):
-    """The dataset's default settings with the options given on the command line."""
+def _inference_settings(options: dict) -> dict:
+    """The inference settings given on the command line: changes to the model's protocol."""
     changes = {
         "mode": options["mode"],
         "crop": options["crop"],
@@ -239,9 +249,4 @@ def _inference_settings(options: dict):
     changes = {key: value for key, value in changes.items() if value is not None}
     if options["resize"] == "none":
         changes["resize"] = None
-    return dataclasses.replace(
-        default_inference(options["dataset"]),
-        flip=options["flip"],
-        amp=False if options["no_amp"] else None,
-        **changes,
-    )
+    return {**changes, "flip": options["flip"], "amp": False if options["no_amp"] else None}

@@ -247,6 +247,22 @@ def test_load_model_builds_and_loads_registered_arch(tmp_path):
     assert_weights_equal(model, teacher)
 
 
+def test_load_model_returns_eval_mode_and_its_docstring_example_runs(tmp_path):
+    import doctest
+
+    from blda_tools.models import loading
+
+    student, teacher = tiny_pair()
+    save_uda_checkpoint(tmp_path / "uda.pth", student, teacher)
+    loaded = load_model("tiny", 4, checkpoint=tmp_path / "uda.pth")
+    assert not any(module.training for module in loaded.modules())
+    finder = doctest.DocTestFinder()
+    (example,) = [test for test in finder.find(loading) if test.name.endswith(".load_model")]
+    assert example.examples, "load_model's docstring has an example"
+    result = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS).run(example)
+    assert result.failed == 0 and result.attempted == len(example.examples)
+
+
 def test_torchscript_model_loads_and_gives_the_same_logits(tmp_path):
     student, _ = tiny_pair()
     student.eval()

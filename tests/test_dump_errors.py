@@ -138,9 +138,11 @@ def test_cli_reports_bad_options_clearly(tmp_path, plugin):
     )
     assert isinstance(result.exception, BLDAError) and "--device" in str(result.exception)
     job = prepare_dump(plugin, None, "cityscapes", tmp_path / "data", "val", tmp_path / "x.h5")
-    assert job.inference.resize == (1024, 2048) and job.inference.mode == "slide"
+    # A plugin that declares no test protocol runs whole images at native size.
+    assert job.inference.resize is None and job.inference.mode == "whole"
     out = tmp_path / "cli.h5"
     options = ["--resize", "24x32", "--crop", "16", "--window-stride", "8x8", "--flip", "--no-amp"]
+    options += ["--mode", "slide"]
     result = runner.invoke(dump_logits_command, [*base, "--out", str(out), *options])
     assert result.exit_code == 0, result.output
     with LogitStore(out) as store:
@@ -149,6 +151,8 @@ def test_cli_reports_bad_options_clearly(tmp_path, plugin):
             "crop": [16, 16],
             "stride": [8, 8],
             "resize": [24, 32],
+            "keep_ratio": False,
+            "center_crop": None,
             "flip": True,
             "amp": False,
         }

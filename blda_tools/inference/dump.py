@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -45,12 +45,15 @@ from blda_tools.inference.loader import (
 from blda_tools.inference.pixel_sampling import PixelSampling, sampled_positions
 from blda_tools.inference.predict import (
     InferenceSettings,
-    default_inference,
     distributed_rank,
-    predict_logits,
+    predict_classes,
+    predict_images,
     select_device,
 )
-from blda_tools.models import load_model, normalize
+from blda_tools.inference.protocols import protocol_notices, resolve_inference
+from blda_tools.inference.tasks import check_task
+from blda_tools.models import load_model
+from blda_tools.models.loading import declared_family
 from blda_tools.runtime import keep_freed_memory, torch_threads
 from blda_tools.store import LogitWriter, PreparedImage
 
@@ -122,6 +125,9 @@ class DumpJob:
     world_size: int
     streams: int = 1
     threads_per_stream: int = 1
+    protocol: str = "as given"
+    notices: list[str] = field(default_factory=list)
+    classification: bool = False
 
     @property
     def total(self) -> int:
@@ -214,10 +220,26 @@ class DumpJob:
         return prepared, errors
 
     def _predict(self, group, writer: LogitWriter) -> list[PreparedImage]:
-        """One group's logits, laid out as the store keeps them (in a stream thread)."""
+        """One group's logits, laid out as the store keeps them (in a stream thread): uint8
+        images resized with OpenCV as mmcv does (`predict_images`), logits at label size."""
+        first = group[0]
+        images = torch.stack([sample.image for sample in group])
+        if self.classification:  # one row of class scores per image, its label beside it
+            with torch.inference_mode():
+                scores = predict_classes(self.model, images, self.inference, self.device)
+            return [
+                writer.prepare(row[None], sample.label.reshape(1), sample.name)
+                for sample, row in zip(group, scores, strict=True)
+            ]
+        size = first.image.shape[-2:] if first.label is None else first.label.shape[-2:]
         with torch.inference_mode():
-            images = torch.stack([sample.image for sample in group]).to(self.device)
-            logits = predict_logits(self.model, normalize(images), **asdict(self.inference))
+            logits = predict_images(
+                self.model,
+                images,
+                self.inference,
+                self.device,
+                output_size=size,
+            )
             return [
                 self._prepare_image(writer, sample, logit_map)
                 for sample, logit_map in zip(group, logits, strict=True)
@@ -289,8 +311,11 @@ def prepare_dump(
 ) -> DumpJob:
     """Resolve everything `dump_logits` needs and check it, before any compute.
 
-    `inference=None` takes the dataset's default (`default_inference`: DAFormer's sliding
-    window on 1024 x 2048 for Cityscapes, whole images otherwise). `rank` / `world_size`
+    `inference=None` takes the model family's test protocol (`inference.protocols`:
+    DAFormer, SegFormer, DeepLabV2: whole images resized to 512 x 1024; HRDA / MIC: 1024 x 2048,
+    1024 windows at stride 512; otherwise whole images at native size); a dict changes some
+    of its settings (`resolve_inference`); an `InferenceSettings` is used as given. The job's
+    `protocol` says which, and `notices` warn of a rescale above 2x. `rank` / `world_size`
     default to torchrun's environment. `streams` is the number of forward passes run at
     once (`DumpJob.run`); None: `default_streams`. `workers` processes decode the images;
     with 0 the streams decode their own.
@@ -303,10 +328,18 @@ def prepare_dump(
         rank, world_size = distributed_rank()
     _check_counts(max_images=max_images, workers=workers, batch_size=batch_size, streams=streams)
     data = build_dataset(dataset, data_root, split, **(dataset_options or {}))
-    if data.dataset_name == "image-folder":
-        raise BLDAError(f"--dataset {dataset}: classification; dump-logits stores segmentation")
-    inference = default_inference(dataset) if inference is None else inference
+    declared_protocol, task = declared_family(model_spec)
+    classification = check_task(model_spec, task, dataset, data.dataset_name == "image-folder")
+    if isinstance(inference, InferenceSettings):
+        protocol = "as given"
+    else:
+        protocol, inference = resolve_inference(declared_protocol, inference)
     sampling = PixelSampling() if sampling is None else sampling
+    if classification and sampling != PixelSampling(seed=sampling.seed):
+        raise BLDAError(
+            f"--dataset {dataset}: a classification dataset stores one row per image; "
+            "--stride, --pixels-per-image and --stratified do not apply"
+        )
     out = shard_path(out, rank, world_size)
     metadata = {
         "model": model_spec,
@@ -316,6 +349,7 @@ def prepare_dump(
         "data_root": str(data_root),
         "split": data.split,
         "inference": inference.to_metadata(),
+        "inference_protocol": protocol,
         "sampling": vars(sampling).copy(),
         "shard": {"rank": rank, "world_size": world_size},
     }
@@ -326,6 +360,7 @@ def prepare_dump(
     count = len(data) if max_images is None else min(max_images, len(data))
     planned = list(range(rank, count, world_size))
     pending = [index for index in planned if data.names[index] not in stored]
+    notices = protocol_notices(protocol, inference, data, pending[0] if pending else None)
     # Workers fork before the model exists: pages this process writes after a fork are
     # copied (copy-on-write) while the workers live, and the model's weights and
     # activations would be, image after image.
@@ -342,7 +377,7 @@ def prepare_dump(
     )
     return DumpJob(
         dataset=data,
-        model=model.to(chosen_device).eval(),
+        model=model.to(chosen_device),
         device=chosen_device,
         inference=inference,
         sampling=sampling,
@@ -356,6 +391,9 @@ def prepare_dump(
         rank=rank,
         world_size=world_size,
         **_stream_layout(streams, chosen_device),
+        protocol=protocol,
+        notices=notices,
+        classification=classification,
     )
 
 

@@ -69,10 +69,14 @@ def _single_threaded_worker(_worker_id: int) -> None:
 
 
 def runs_of_equal_size(samples: list) -> Iterator[list]:
-    """Consecutive samples in runs of equal image size (one forward pass each)."""
+    """Consecutive samples in runs of equal image and label size (one forward pass each)."""
+
+    def size(sample):
+        return sample.image.shape, None if sample.label is None else sample.label.shape
+
     while samples:
-        size = samples[0].image.shape
-        run_length = next((i for i, s in enumerate(samples) if s.image.shape != size), len(samples))
+        first = size(samples[0])
+        run_length = next((i for i, s in enumerate(samples) if size(s) != first), len(samples))
         yield samples[:run_length]
         samples = samples[run_length:]
 

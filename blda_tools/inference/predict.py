@@ -1,8 +1,9 @@
-"""Whole-image and sliding-window inference, as DAFormer / mmseg evaluate, and device choice.
+"""Whole-image and sliding-window inference, as mmseg evaluates, and device choice.
 
 `predict_logits(model, images)` returns logits at the images' (= the labels') resolution:
 
-* `resize=(H, W)` first resizes the images (bilinear, as mmcv's test-time `Resize`);
+* `resize=(H, W)` first resizes the normalised images with torch (bilinear); `keep_ratio`
+  makes `(H, W)` bounds, as mmcv's keep-ratio rule (`resize.rescaled_size`);
 * `mode="whole"` runs the model once; `mode="slide"` runs it on `crop`-sized windows on a
   regular grid `stride` apart, the last window flush with the border (mmseg's
   `slide_inference`), resizes each window's logits to the window and averages overlapping
@@ -10,8 +11,10 @@
 * the logits are resized back to the input size (bilinear, `align_corners=False`);
 * `flip=True` averages them with those of the horizontally flipped images (flipped back).
 
-DAFormer evaluates Cityscapes on images resized to 1024 x 2048 with 1024 x 1024 windows and
-stride 512 (`CITYSCAPES_INFERENCE`).
+`predict_images(model, uint8_images, settings)` is what the base methods' test pipelines do:
+the uint8 images are resized with OpenCV first (`resize.resize_uint8`), then normalised, then
+predicted as above. Which settings a model family is tested with: `protocols`. A model whose
+forward is itself multi-resolution (HRDA, `models/hrda.py`) is just a model here.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from blda_tools.errors import BLDAError
+from blda_tools.inference.resize import rescaled_size, resize_uint8
+from blda_tools.models.segmentor import normalize
+from blda_tools.models.sliding import window_starts
 
 MODES = ("whole", "slide")
 
@@ -42,15 +48,20 @@ def _checked_size(value, option: str) -> tuple[int, int]:
 class InferenceSettings:
     """How logits are predicted; stored in a logit store's metadata (`asdict`).
 
-    `resize` is `(height, width)` or None (native size); `crop` and `stride` are
-    `(height, width)` of the sliding windows (unused by `mode="whole"`). `amp` None means
-    "on where available" (CUDA).
+    `resize` is `(height, width)` or None (native size); with `keep_ratio` it bounds the
+    size as mmcv's keep-ratio rule does (`resize.rescaled_size`: 1024 x 2048 keeps a
+    1024 x 2048 image, turns 128 x 256 into 1024 x 2048 and 1052 x 1914 into 1024 x 1863).
+    `crop` and `stride` are `(height, width)` of the sliding windows (unused by
+    `mode="whole"`). `center_crop` `(h, w)` crops the resized image's centre (classifiers:
+    `predict_classes`). `amp` None means "on where available" (CUDA).
     """
 
     mode: str = "whole"
     crop: tuple[int, int] = (1024, 1024)
     stride: tuple[int, int] = (512, 512)
     resize: tuple[int, int] | None = None
+    keep_ratio: bool = False
+    center_crop: tuple[int, int] | None = None
     flip: bool = False
     amp: bool | None = None
 
@@ -61,21 +72,18 @@ class InferenceSettings:
             _checked_size(value, f"--{option}")
         if self.resize is not None:
             _checked_size(self.resize, "--resize")
+        if self.center_crop is not None:
+            _checked_size(self.center_crop, "center_crop")
 
     def to_metadata(self) -> dict:
         """A JSON-ready dict of the settings (tuples as lists)."""
         return {key: list(v) if isinstance(v, tuple) else v for key, v in asdict(self).items()}
 
-
-# As DAFormer evaluates Cityscapes val (implementation facts, "DAFormer training recipe").
-CITYSCAPES_INFERENCE = InferenceSettings(
-    mode="slide", crop=(1024, 1024), stride=(512, 512), resize=(1024, 2048)
-)
-
-
-def default_inference(dataset_name: str) -> InferenceSettings:
-    """The settings DAFormer uses for `dataset_name`; whole images at native size otherwise."""
-    return CITYSCAPES_INFERENCE if dataset_name == "cityscapes" else InferenceSettings()
+    def input_size(self, size: Sequence[int]) -> tuple[int, int]:
+        """The size an image of `size` `(H, W)` is inferred at."""
+        if self.resize is None:
+            return int(size[0]), int(size[1])
+        return rescaled_size(size, self.resize, self.keep_ratio)
 
 
 def select_device(option: str | torch.device | None = None) -> torch.device:
@@ -134,6 +142,7 @@ def predict_logits(
     flip: bool = False,
     amp: bool | None = None,
     *,
+    keep_ratio: bool = False,
     output_size: Sequence[int] | None = None,
     windows_per_batch: int = 4,
 ) -> torch.Tensor:
@@ -149,6 +158,7 @@ def predict_logits(
         crop=tuple(crop),
         stride=tuple(stride),
         resize=None if resize is None else tuple(resize),
+        keep_ratio=keep_ratio,
         flip=flip,
         amp=amp,
     )
@@ -172,17 +182,79 @@ def predict_logits(
 def _predict_resized(forward, images, settings: InferenceSettings, windows_per_batch: int):
     """Logits at the (resized) input size: mmseg's `encode_decode` / `slide_inference`."""
     if settings.resize is not None:
-        images = _resize(images, settings.resize)
+        images = _resize(images, settings.input_size(images.shape[-2:]))
     if settings.mode == "whole":
         return _resize_logits(forward(images), images.shape[-2:])
     return _slide(forward, images, settings.crop, settings.stride, windows_per_batch)
 
 
-def window_starts(length: int, crop: int, stride: int) -> list[int]:
-    """Window offsets along one axis, as mmseg: a grid `stride` apart, the last one flush with
-    the end (windows are `min(crop, length)` long)."""
-    count = max(length - crop + stride - 1, 0) // stride + 1
-    return [max(min(i * stride + crop, length) - crop, 0) for i in range(count)]
+def predict_images(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    settings: InferenceSettings,
+    device: torch.device | str = "cpu",
+    *,
+    output_size: Sequence[int] | None = None,
+    windows_per_batch: int = 4,
+) -> torch.Tensor:
+    """Logits `(B, C, H_out, W_out)` of uint8 RGB images `(B, 3, H, W)` as mmseg's test
+    pipeline computes them: the uint8 images resized with OpenCV on the CPU (`settings.resize`,
+    `keep_ratio`), normalised on `device`, then `predict_logits` without a further resize.
+    `(H_out, W_out)` is `output_size` (the labels' size) or `(H, W)`."""
+    if images.dtype != torch.uint8:
+        raise BLDAError(f"predict_images: expected uint8 images, got {images.dtype}")
+    output_size = tuple(images.shape[-2:]) if output_size is None else tuple(output_size)
+    resized = resize_uint8(images.cpu(), settings.input_size(images.shape[-2:]))
+    options = {**asdict(settings), "resize": None, "keep_ratio": False}
+    del options["center_crop"]
+    return predict_logits(
+        model,
+        normalize(resized.to(device)),
+        **options,
+        output_size=output_size,
+        windows_per_batch=windows_per_batch,
+    )
+
+
+def predict_classes(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    settings: InferenceSettings,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Float32 class scores `(B, C)` of a classifier on uint8 RGB images `(B, 3, H, W)`:
+    resized with OpenCV (`settings.resize`), centre-cropped (`settings.center_crop`, rounded
+    as torchvision's CenterCrop), normalised, one forward pass (`flip` averages the flipped
+    image's scores)."""
+    if images.dtype != torch.uint8:
+        raise BLDAError(f"predict_classes: expected uint8 images, got {images.dtype}")
+    resized = resize_uint8(images.cpu(), settings.input_size(images.shape[-2:]))
+    if settings.center_crop is not None:
+        resized = center_crop(resized, settings.center_crop)
+    inputs = normalize(resized.to(device))
+    use_amp = _use_amp(inputs.device, settings.amp)
+    with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+        scores = model(inputs)
+        if settings.flip:
+            scores = (scores + model(inputs.flip(-1))) / 2
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or len(scores) != len(images):
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise BLDAError(
+            f"model: returned {shape} for images {tuple(inputs.shape)}; a classifier returns "
+            f"scores ({len(images)}, C)"
+        )
+    return scores.float()
+
+
+def center_crop(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The central `size` `(h, w)` of images `(..., H, W)`; offsets rounded as torchvision's
+    `CenterCrop` (`round((H - h) / 2)`). Images smaller than `size` are refused."""
+    height, width = images.shape[-2:]
+    crop_h, crop_w = int(size[0]), int(size[1])
+    if crop_h > height or crop_w > width:
+        raise BLDAError(f"center_crop: {crop_h} x {crop_w} is larger than {height} x {width}")
+    top, left = int(round((height - crop_h) / 2.0)), int(round((width - crop_w) / 2.0))
+    return images[..., top : top + crop_h, left : left + crop_w]
 
 
 def _slide(forward, images, crop, stride, windows_per_batch: int) -> torch.Tensor:
@@ -232,6 +304,12 @@ class _Forward:
 def _checked_logits(output, images: torch.Tensor) -> torch.Tensor:
     if isinstance(output, dict) and "out" in output:  # torchvision segmentation models
         output = output["out"]
+    if isinstance(output, torch.Tensor) and output.dim() == 2 and len(output) == len(images):
+        raise BLDAError(
+            f"model: returned class scores {tuple(output.shape)} for images "
+            f"{tuple(images.shape)}: a whole-image classifier; segmentation needs logits "
+            f"({len(images)}, C, h, w); classifiers run on --dataset image-folder"
+        )
     if not isinstance(output, torch.Tensor) or output.dim() != 4 or output.shape[0] != len(images):
         shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
         raise BLDAError(

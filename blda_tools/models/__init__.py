@@ -4,8 +4,9 @@
     report = load_checkpoint(model, "gta2cs_daformer.pth", weights="teacher")
     logits = model(normalize(images_uint8))          # (B, 19, H / 4, W / 4)
 
-State-dict keys equal those of the released mmsegmentation checkpoints of the DAFormer family
-(manifests in `blda_tools/models/manifests/`), so they load without conversion.
+State-dict keys equal those of the released mmsegmentation checkpoints of the DAFormer family,
+HRDA and MIC (manifests in `blda_tools/models/manifests/`), so they load without conversion;
+the ResNet classifiers use torchvision's keys.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from blda_tools.errors import BLDAError
+from blda_tools.models.identify import likely_architecture
 from blda_tools.models.key_filters import (
     StateDict,
     apply_filters,
@@ -254,7 +255,13 @@ def _mismatch_message(model, path, model_state, state_dict, missing, unexpected,
         and not unexpected
         and all(state_dict[k].shape[1:] == model_state[k].shape[1:] for k in mismatched)
     )
-    if any(".conv2d_list." in k for k in state_dict):
+    likely = likely_architecture(state_dict)
+    if likely is not None and likely != _model_name(model):
+        lines.append(
+            f"  A checkpoint of another architecture: its keys are those of "
+            f"{_architecture_hint(likely)}."
+        )
+    elif any(".conv2d_list." in k for k in state_dict):
         lines.append(
             "  Its keys (layer5.conv2d_list) are those of the original DACS/AdaptSegNet DeepLabV2 "
             "(7 x 7 stem, stride in the 1 x 1 convs): another network than the mmseg ResNet-101 "
@@ -265,6 +272,19 @@ def _mismatch_message(model, path, model_state, state_dict, missing, unexpected,
     else:
         lines.append("  Is it a checkpoint of another architecture, or --weights of another part?")
     return "\n".join(lines)
+
+
+def _architecture_hint(likely: str) -> str:
+    if likely.startswith(("resnet", "a ResNet")):
+        return (
+            f"a classifier ({likely}, torchvision layout): pass --model {likely} with a "
+            "classification dataset (--dataset image-folder)"
+            if likely.startswith("resnet")
+            else f"{likely}: a classification model, for --dataset image-folder"
+        )
+    if " " in likely or "<" in likely:
+        return likely
+    return f"{likely}: pass --model {likely}"
 
 
 def _sample(keys: list[str]) -> str:

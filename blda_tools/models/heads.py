@@ -71,6 +71,8 @@ class SeparableASPPFusion(nn.Module):
 class DAFormerHead(nn.Module):
     """Linear embedding of each MiT stage, separable-ASPP fusion, dropout, 1 x 1 classifier.
 
+    `fusion="conv1"` replaces the separable ASPP by one 1 x 1 ConvModule (BN + ReLU), the
+    `daformer_conv1` layout that HRDA's scale-attention head uses (`models/hrda.py`).
     `regression_head=True` adds the 1 x 1 `conv_reg` (one channel) that the BLDA release trains
     on the fused features; its checkpoints carry `decode_head.conv_reg.*`.
     """
@@ -85,13 +87,20 @@ class DAFormerHead(nn.Module):
         dilations: Sequence[int] = DAFORMER_FUSION_DILATIONS,
         dropout_ratio: float = 0.1,
         regression_head: bool = False,
+        fusion: str = "aspp",
     ) -> None:
         super().__init__()
         self.channels = channels
         self.embed_layers = nn.ModuleDict(
             {str(index): LinearEmbedding(c, embed_dim) for index, c in enumerate(in_channels)}
         )
-        self.fuse_layer = SeparableASPPFusion(embed_dim * len(in_channels), channels, dilations)
+        fused_channels = embed_dim * len(in_channels)
+        if fusion == "aspp":
+            self.fuse_layer = SeparableASPPFusion(fused_channels, channels, dilations)
+        elif fusion == "conv1":
+            self.fuse_layer = ConvModule(fused_channels, channels, 1)
+        else:
+            raise ValueError(f"DAFormerHead: fusion must be 'aspp' or 'conv1', got {fusion!r}")
         self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else nn.Identity()
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
         self.conv_reg = nn.Conv2d(channels, 1, 1) if regression_head else None

@@ -1,7 +1,10 @@
 """`load_model`: what the CLI's `--model` / `--checkpoint` options resolve to.
 
 `--model` is a registered architecture, `torchscript` (the checkpoint is a TorchScript archive)
-or `package.module:factory`, a user's function returning an `nn.Module` (a plugin).
+or `package.module:factory`, a user's function returning an `nn.Module` (a plugin). A plugin
+factory may declare the test protocol of its family with a `test_protocol` attribute
+(`factory.test_protocol = "daformer"`, see `blda_tools.inference.protocols`) and
+`factory.task = "classification"` for a whole-image classifier.
 """
 
 from __future__ import annotations
@@ -30,12 +33,22 @@ def load_model(
     trust_checkpoint: bool = False,
     strict: bool = True,
 ) -> nn.Module:
-    """Build (or load) the model named by `arch_or_spec` and load `checkpoint` into it.
+    """Build (or load) the model named by `arch_or_spec`, load `checkpoint` into it and
+    return it in eval mode, ready for inference (training code calls `.train()` itself).
 
     With `strict=False`, keys that could not be loaded are reported in a warning.
+
+        >>> import torch
+        >>> from blda_tools.models import load_model, normalize
+        >>> model = load_model("tiny", num_classes=19)  # add checkpoint="model.pth"
+        >>> images = torch.zeros(1, 3, 64, 128, dtype=torch.uint8)
+        >>> with torch.no_grad():
+        ...     logits = model(normalize(images))
+        >>> tuple(logits.shape), model.training
+        ((1, 19, 16, 32), False)
     """
     if arch_or_spec == TORCHSCRIPT:
-        return _load_torchscript(checkpoint)
+        return _load_torchscript(checkpoint).eval()
     if ":" in arch_or_spec:
         model = _build_plugin(arch_or_spec, num_classes)
     else:
@@ -43,7 +56,23 @@ def load_model(
     if checkpoint is not None:
         report = load_checkpoint(model, checkpoint, weights, trust_checkpoint, strict=strict)
         _warn_partial(report, checkpoint)
-    return model
+    return model.eval()
+
+
+def declared_family(arch_or_spec: str) -> tuple[str | None, str | None]:
+    """`(test_protocol, task)` that `arch_or_spec`'s family declares, without building its
+    weights (a registered architecture is built on the meta device; a plugin factory's
+    `test_protocol` / `task` attributes are read). `task` is "segmentation" or
+    "classification" (one score row per image); None where not known before running
+    (TorchScript, a plugin that declares nothing)."""
+    if arch_or_spec == TORCHSCRIPT:
+        return None, None
+    if ":" in arch_or_spec:
+        factory = _plugin_factory(arch_or_spec)
+        return getattr(factory, "test_protocol", None), getattr(factory, "task", None)
+    with torch.device("meta"):
+        model = create_model(arch_or_spec, 1)
+    return getattr(model, "test_protocol", None), getattr(model, "task", "segmentation")
 
 
 def _load_torchscript(checkpoint: str | os.PathLike | None) -> nn.Module:
@@ -63,19 +92,7 @@ def _load_torchscript(checkpoint: str | os.PathLike | None) -> nn.Module:
 
 
 def _build_plugin(spec: str, num_classes: int) -> nn.Module:
-    module_name, _, factory_name = spec.partition(":")
-    if not module_name or not factory_name:
-        raise BLDAError(f"--model {spec}: expected 'package.module:factory'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise BLDAError(
-            f"--model {spec}: cannot import module {module_name!r} ({error}); "
-            "is it installed or on PYTHONPATH?"
-        ) from None
-    factory = getattr(module, factory_name, None)
-    if factory is None or not callable(factory):
-        raise BLDAError(f"--model {spec}: module {module_name} has no callable {factory_name!r}")
+    factory = _plugin_factory(spec)
     try:
         parameters = inspect.signature(factory).parameters
     except (TypeError, ValueError):
@@ -89,6 +106,23 @@ def _build_plugin(spec: str, num_classes: int) -> nn.Module:
             f"--model {spec}: the factory returned {type(model).__name__}, expected a torch nn.Module"
         )
     return model
+
+
+def _plugin_factory(spec: str):
+    module_name, _, factory_name = spec.partition(":")
+    if not module_name or not factory_name:
+        raise BLDAError(f"--model {spec}: expected 'package.module:factory'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise BLDAError(
+            f"--model {spec}: cannot import module {module_name!r} ({error}); "
+            "is it installed or on PYTHONPATH?"
+        ) from None
+    factory = getattr(module, factory_name, None)
+    if factory is None or not callable(factory):
+        raise BLDAError(f"--model {spec}: module {module_name} has no callable {factory_name!r}")
+    return factory
 
 
 def _warn_partial(report: LoadReport, checkpoint: str | os.PathLike) -> None:

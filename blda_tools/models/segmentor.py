@@ -35,8 +35,13 @@ class Segmentor(nn.Module):
         `forward_with_features` (the input of an auxiliary 1 x 1 head);
       * `output_stride`: input size / logit size;
       * `optional_checkpoint_keys`: key prefixes that released checkpoints may carry although
-        this model does not use them (dropped, and reported, when loading).
+        this model does not use them (dropped, and reported, when loading);
+      * `test_protocol`: the name of the test protocol its family is evaluated with
+        (`blda_tools.inference.protocols`), or None (whole images at native size);
+      * `supports_training`: False for models blda can only run for inference (HRDA).
     """
+
+    supports_training = True
 
     def __init__(
         self,
@@ -46,6 +51,7 @@ class Segmentor(nn.Module):
         feature_channels: int,
         output_stride: int,
         optional_checkpoint_keys: Sequence[str] = (),
+        test_protocol: str | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -53,6 +59,7 @@ class Segmentor(nn.Module):
         self.feature_channels = feature_channels
         self.output_stride = output_stride
         self.optional_checkpoint_keys = tuple(optional_checkpoint_keys)
+        self.test_protocol = test_protocol
 
     def forward_with_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return `(logits (B, C, h, w), decoder features (B, feature_channels, h, w))`."""

@@ -140,7 +140,8 @@ class Trainer:
     ) -> None:
         self.config, self.run_dir, self.parts = config, run_dir, parts
         self.device, self.rank, self.world_size = device, rank, world_size
-        self.model = parts.model.to(device)
+        # Train mode asked for here: loaded models come in eval mode (`load_model`).
+        self.model = parts.model.to(device).train()
         self.teacher = make_teacher(self.model) if config.self_training.enabled else None
         self.feature_distance = self._feature_distance()
         self.regression_head = self._regression_head()

@@ -104,6 +104,12 @@ def build_components(config: TrainingConfig) -> TrainingComponents:
         raise BLDAError(f"data: the target {data.val_split} split at {target_root} has no labels")
     classes, ignore = check_same_classes({"source": source, "target": target, "val": val})
     model = create_model(config.model.arch, len(classes))
+    if not getattr(model, "supports_training", True):
+        raise BLDAError(
+            f"model.arch: {config.model.arch} can be used for inference (dump-logits, "
+            "evaluation) but blda does not train it; choose a daformer_*, segformer_*, "
+            "deeplabv2_r101 or tiny model"
+        )
     if "model.backbone_weights" in weights:
         load_pretrained_backbone(model, weights["model.backbone_weights"], trust)
     if "model.pretrained" in weights:
