@@ -8,8 +8,10 @@ from pathlib import Path
 
 import click
 
+from blda_cli.option_rules import given, option_text, require
 from blda_cli.progress import console, progress_bar
 from blda_tools.datasets import list_datasets
+from blda_tools.errors import BLDAError
 from blda_tools.inference.dump import CorruptImageWarning, PixelSampling, prepare_dump
 from blda_tools.inference.predict import MODES, default_inference
 
@@ -53,6 +55,12 @@ class SizeParam(click.ParamType):
     "--checkpoint",
     type=click.Path(path_type=Path),
     help="Checkpoint to load (mmseg UDA, raw state dict, or the TorchScript archive).",
+)
+@click.option(
+    "--random-weights",
+    is_flag=True,
+    help="Run a built-in architecture on its random initialisation, without --checkpoint "
+    "(for tests and timing; refused otherwise).",
 )
 @click.option(
     "--weights",
@@ -179,12 +187,14 @@ class SizeParam(click.ParamType):
     type=click.Choice(["gzip", "lzf"]),
     help="Compress the store (smaller, slower to write and read).",
 )
-def dump_logits_command(**options):
+@click.pass_context
+def dump_logits_command(ctx, **options):
     """Run a segmentation model on a dataset and write its logits to a logit store.
 
     Logits are stored at label resolution, one row per pixel, with the labels when the
     dataset has them (an unlabelled split gives a store without labels).
     """
+    _check_options(ctx)
     sampling = PixelSampling(
         stride=options["stride"],
         pixels_per_image=options["pixels_per_image"],
@@ -211,6 +221,7 @@ def dump_logits_command(**options):
         device=options["device"],
         dtype="float32" if options["float32"] else "float16",
         compression=options["compression"],
+        random_weights=options["random_weights"],
     )
     if job.already_stored:
         console.print(f"resuming: {job.already_stored} image(s) already stored")
@@ -226,6 +237,23 @@ def dump_logits_command(**options):
         f"wrote {summary.out}: {summary.images_written} image(s), {summary.rows_written:,} rows "
         f"on {job.device}, {summary.images_per_second:.2f} images/s"
     )
+
+
+def _check_options(ctx) -> None:
+    """Options that mean nothing with the others are refused, naming both."""
+    for option in ("weights", "trust_checkpoint"):
+        require(ctx, option, "checkpoint", "the option is about the checkpoint's contents")
+    for option in ("seed", "stratified"):
+        require(ctx, option, "pixels_per_image", "the option is about the pixel sampling")
+    mode = ctx.params["mode"] or default_inference(ctx.params["dataset"]).mode
+    if mode == "whole":
+        for option in ("crop", "window_stride"):
+            if given(ctx, option):
+                how = "--mode whole" if given(ctx, "mode") else f"--dataset {ctx.params['dataset']}"
+                raise BLDAError(
+                    f"{option_text(ctx, option)} and {how}: sliding-window options, but the "
+                    "inference is on whole images; add --mode slide"
+                )
 
 
 def _inference_settings(options: dict):

@@ -21,7 +21,8 @@ from blda_tools.calibration.calibrator import (
     check_tau,
 )
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import atomic_output
+from blda_tools.fileio import save_torchscript
+from blda_tools.outputs import output_file
 
 
 class BalancedLogits(torch.nn.Module):
@@ -81,7 +82,8 @@ def export_torchscript(
     model_path: str | os.PathLike | None = None,
     tau: float | None = None,
 ) -> torch.jit.ScriptModule:
-    """Script the calibrator (optionally after a TorchScript model) and save it to `out_path`."""
+    """Script the calibrator (optionally after a TorchScript model) and save it to `out_path`
+    (a file `blda export` owns, `outputs.output_file`)."""
     calibrator = Calibrator.load(calibrator_path)
     tau = calibrator.tau if tau is None else check_tau(tau, "--tau")
     module: torch.nn.Module = BalancedLogits(calibrator, tau)
@@ -94,6 +96,6 @@ def export_torchscript(
             ) from None
         module = BalancedModel(model, module)
     scripted = torch.jit.script(module)
-    with atomic_output(out_path) as temporary:
-        scripted.save(str(temporary))
+    with output_file(out_path, "export") as target:
+        save_torchscript(scripted, target)
     return scripted

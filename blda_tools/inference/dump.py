@@ -51,6 +51,8 @@ from blda_tools.inference.predict import (
     select_device,
 )
 from blda_tools.models import load_model, normalize
+from blda_tools.models.loading import TORCHSCRIPT
+from blda_tools.outputs import claim_file, record_file
 from blda_tools.runtime import keep_freed_memory, torch_threads
 from blda_tools.store import LogitWriter, PreparedImage
 
@@ -60,6 +62,7 @@ RESUME_KEYS = ("model", "checkpoint", "weights", "dataset", "split", "inference"
 # redoes at most this much work on `--resume`; a commit per image (two flushes, nine index
 # writes) cost ~2 ms CPU per 256 x 512 image, one a second a few images' worth less.
 COMMIT_SECONDS = 1.0
+COMMAND = "dump-logits"
 
 
 class CorruptImageWarning(UserWarning):
@@ -146,7 +149,12 @@ class DumpJob:
         )
         with (
             LogitWriter(
-                self.out, resume=True, commit_interval=COMMIT_SECONDS, **self.writer_options
+                self.out,
+                # An unfinished store is continued; a complete one (this command's, checked
+                # by `prepare_dump`) is replaced when the new one is complete.
+                resume=partial_path(self.out).exists(),
+                commit_interval=COMMIT_SECONDS,
+                **self.writer_options,
             ) as writer,
             torch_threads(self.threads_per_stream),
             _executor(self.streams) as executor,
@@ -163,6 +171,7 @@ class DumpJob:
         if summary.images_written + self.already_stored == 0:
             self.out.unlink()  # an empty store would only fail later, in every reader
             raise BLDAError(f"{self.out}: no image could be read ({len(summary.corrupt)} corrupt)")
+        record_file(self.out, COMMAND)
         if not summary.has_labels:
             summary.notes.append(
                 "The dataset has no labels: the store holds logits only "
@@ -286,6 +295,7 @@ def prepare_dump(
     rank: int | None = None,
     world_size: int | None = None,
     streams: int | None = None,
+    random_weights: bool = False,
 ) -> DumpJob:
     """Resolve everything `dump_logits` needs and check it, before any compute.
 
@@ -293,7 +303,9 @@ def prepare_dump(
     window on 1024 x 2048 for Cityscapes, whole images otherwise). `rank` / `world_size`
     default to torchrun's environment. `streams` is the number of forward passes run at
     once (`DumpJob.run`); None: `default_streams`. `workers` processes decode the images;
-    with 0 the streams decode their own.
+    with 0 the streams decode their own. A built-in architecture needs a `checkpoint`, or
+    `random_weights=True` to run on its random initialisation on purpose (a plugin factory
+    brings its own weights).
 
     On a CPU this sets the process's allocator to keep freed memory (`keep_freed_memory`:
     without it, each image page-faults its activations back in). The loader workers start
@@ -302,6 +314,7 @@ def prepare_dump(
     if rank is None or world_size is None:
         rank, world_size = distributed_rank()
     _check_counts(max_images=max_images, workers=workers, batch_size=batch_size, streams=streams)
+    check_weights(model_spec, checkpoint, random_weights)
     data = build_dataset(dataset, data_root, split, **(dataset_options or {}))
     if data.dataset_name == "image-folder":
         raise BLDAError(f"--dataset {dataset}: classification; dump-logits stores segmentation")
@@ -384,6 +397,20 @@ def dump_logits(
     return job.run(progress)
 
 
+def check_weights(model_spec: str, checkpoint, random_weights: bool) -> None:
+    """Refuse to run a built-in architecture on random weights unless asked to."""
+    if random_weights and checkpoint is not None:
+        raise BLDAError(
+            "--random-weights and --checkpoint: the weights come from the checkpoint; give one"
+        )
+    builtin = model_spec != TORCHSCRIPT and ":" not in model_spec
+    if builtin and checkpoint is None and not random_weights:
+        raise BLDAError(
+            f"--model {model_spec}: no --checkpoint, so the model would run on random weights; "
+            "pass --checkpoint FILE, or --random-weights to do that on purpose"
+        )
+
+
 def _check_counts(**values) -> None:
     for option, value in values.items():
         minimum = 0 if option == "workers" else 1  # streams: None (default) or >= 1
@@ -398,11 +425,12 @@ def _names_already_stored(out: Path, resume: bool, metadata: dict) -> set[str]:
     written with the same settings (else the store would mix two dumps)."""
     path = partial_path(out)
     if not resume:
-        if out.exists() or path.exists():
+        if path.exists():
             raise BLDAError(
-                f"--out {out}: {out if out.exists() else path} exists; delete it, or pass "
-                "--resume to continue an unfinished dump"
+                f"--out {out}: {path} exists, an unfinished dump; pass --resume to continue it, "
+                "or delete it to start again"
             )
+        claim_file(out, COMMAND)  # a store this command wrote is replaced, nothing else
         return set()
     if not path.exists():
         if out.exists():

@@ -83,7 +83,16 @@ def _build_plugin(spec: str, num_classes: int) -> nn.Module:
     takes_num_classes = "num_classes" in parameters or any(
         p.kind == p.VAR_KEYWORD for p in parameters.values()
     )
-    model = factory(num_classes=num_classes) if takes_num_classes else factory()
+    try:
+        model = factory(num_classes=num_classes) if takes_num_classes else factory()
+    except BLDAError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the user's code: any failure is reported as one line
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise BLDAError(
+            f"--model {spec}: the factory {module_name}.{factory_name} raised "
+            f"{type(error).__name__}" + (f": {message}" if message else "")
+        ) from None
     if not isinstance(model, nn.Module):
         raise BLDAError(
             f"--model {spec}: the factory returned {type(model).__name__}, expected a torch nn.Module"

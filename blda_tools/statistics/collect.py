@@ -89,6 +89,13 @@ def collect_statistics(
         raise BLDAError(f"workers: expected a positive integer, got {workers}")
     if rows_per_chunk < 1:
         raise BLDAError(f"rows_per_chunk: expected a positive integer, got {rows_per_chunk}")
+    statistics = _collect(store, source, grid, workers, rows_per_chunk, progress)
+    statistics.label_source = source
+    statistics.stores = tuple(str(path) for path in store.paths)
+    return statistics
+
+
+def _collect(store, source, grid, workers, rows_per_chunk, progress) -> LogitSetStatistics:
     total = store.num_rows
     if workers == 1 or total < 2 * rows_per_chunk:
         return _statistics_of_range(store, source, grid, 0, total, rows_per_chunk, progress)

@@ -121,11 +121,14 @@ def curve_records(records: list[dict]) -> list[dict]:
 
 def plot_log(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw losses and target-val mIoU / mAcc against iterations into a PNG (default
-    `RUN_DIR/training_curves.png`)."""
+    `RUN_DIR/training_curves.png`), a file `blda plot-log` owns (`outputs.output_file`)."""
+    from blda_tools.outputs import output_file
     from blda_tools.plots import plot_training_curves
 
     curves = curve_records(read_log(run_dir))
     if not curves:
         raise BLDAError(f"{run_dir}: the log has no training or evaluation records yet")
     out = Path(out) if out is not None else Path(run_dir) / "training_curves.png"
-    return plot_training_curves(curves, path=out)
+    with output_file(out, "plot-log") as target:
+        plot_training_curves(curves, path=target)
+    return out

@@ -1,0 +1,164 @@
+"""OS failures while writing outputs, in every command: a name the file system refuses (too
+long), a virtual file system (/proc, /sys), a full disk and a read-only file system (tiny tmpfs
+mounts, skipped where the test cannot mount). Each must end in exit status 2 with one line that
+names the path and the cause, and leave no temporary file behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from test_calibration_job import GRID, _write_store
+from test_dump import install_plugin, make_cityscapes
+
+from blda_cli.main import _register_commands, cli
+from blda_tools.calibrate import CalibrateOptions, calibrate
+from blda_tools.statistics import LogitGrid
+
+_register_commands()
+LONG_NAME = "n" * 300  # over the 255 bytes of ext4 / tmpfs / overlayfs names
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inputs")
+    store = _write_store(folder / "eval.h5", 1)
+    calibrate(
+        store,
+        folder / "fit",
+        CalibrateOptions(
+            taus="0.5", estimator="empirical", min_samples=20, grid=LogitGrid(-20, 20, 400),
+            plots=False,
+        ),
+    )  # fmt: skip
+    run = folder / "run"
+    run.mkdir()
+    records = [{"kind": "train", "iteration": i, "losses": {"ce": 1.0 / i}} for i in (1, 2, 3)]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return {"store": store, "calibrator": folder / "fit" / "calibrator.pt", "run": run}
+
+
+def command_lines(inputs, out: Path) -> dict[str, list[str]]:
+    """Each command writing to `out` (a directory, or the file for single-file commands)."""
+    store, calibrator = str(inputs["store"]), str(inputs["calibrator"])
+    return {
+        "diagnose": ["diagnose", store, "--out", str(out), "--grid", GRID],
+        "calibrate": ["calibrate", store, "--out", str(out), "--tau", "0,1", "--grid", GRID,
+                      "--estimator", "empirical", "--min-samples", "20"],  # fmt: skip
+        "apply": ["calibrate", store, "--apply", calibrator, "--out", str(out)],
+        "export": ["export", calibrator, "--out", str(out.with_suffix(".pt"))],
+        "plot-log": ["plot-log", str(inputs["run"]), "--out", str(out.with_suffix(".png"))],
+        "synthcity": ["synthcity", "make", "--out", str(out), "--images", "2", "--size", "32x64"],
+        "demo": ["demo", "--out", str(out), "--quick"],
+    }
+
+
+def expect_one_line_error(result, *fragments) -> str:
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and len(lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+COMMANDS = ["diagnose", "calibrate", "apply", "export", "plot-log", "synthcity", "demo"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize(
+    ("where", "cause"),
+    [("/proc/blda-test", "No such file or directory"), ("/sys/blda-test", "not permitted")],
+)
+def test_virtual_file_systems(inputs, command, where, cause):
+    out = Path(where) / "out"
+    result = CliRunner().invoke(cli, command_lines(inputs, out)[command])
+    expect_one_line_error(result, where, cause)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_name_too_long_for_the_file_system(inputs, tmp_path, command):
+    folder = tmp_path / "outputs"
+    folder.mkdir()
+    result = CliRunner().invoke(cli, command_lines(inputs, folder / LONG_NAME)[command])
+    expect_one_line_error(result, LONG_NAME[:50], "File name too long")
+    assert leftovers(folder) == []
+
+
+def test_a_name_that_fits_only_without_the_partial_suffix_is_written(inputs, tmp_path):
+    # 250 bytes: legal, but "<name>.partial" is not; the temporary name is shortened instead.
+    out = tmp_path / ("e" * 247 + ".pt")
+    result = CliRunner().invoke(cli, command_lines(inputs, out)["export"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, ".blda-outputs.json"])
+
+
+def _mount_tmpfs(target: Path, options: str) -> None:
+    target.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    target = tmp_path / "full"
+    _mount_tmpfs(target, "size=16k")
+    yield target
+    subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    target = tmp_path / "readonly"
+    _mount_tmpfs(target, "ro,size=16k")
+    yield target
+    subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+@pytest.mark.parametrize("command", ["diagnose", "calibrate", "apply", "export", "plot-log"])
+def test_a_full_disk(inputs, full_disk, command):
+    result = CliRunner().invoke(cli, command_lines(inputs, full_disk / "out")[command])
+    expect_one_line_error(result, str(full_disk / "out"), "No space left on device")
+    assert leftovers(full_disk) == []  # no temporary files, no empty output folder
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_read_only_file_system(inputs, read_only, command):
+    result = CliRunner().invoke(cli, command_lines(inputs, read_only / "out")[command])
+    expect_one_line_error(result, str(read_only), "Read-only file system")
+
+
+def test_dump_logits_on_a_full_disk_keeps_the_resumable_part(tmp_path, monkeypatch, full_disk):
+    plugin = install_plugin(tmp_path, monkeypatch)
+    make_cityscapes(tmp_path / "data", count=3, size=(48, 64))
+    arguments = ["dump-logits", "--model", plugin, "--dataset", "cityscapes", "--data-root",
+                 str(tmp_path / "data"), "--mode", "whole", "--resize", "none", "--workers", "0",
+                 "--float32", "--out", str(full_disk / "o.h5")]  # fmt: skip
+    result = CliRunner().invoke(cli, arguments)
+    line = expect_one_line_error(result, str(full_disk), "No space left on device")
+    assert "o.h5" in line
+
+
+@pytest.mark.parametrize(
+    ("where", "named"),
+    [("/proc/blda-test/o.h5", "/proc/blda-test"), ("/sys/blda-test.h5", "/sys/"),
+     (LONG_NAME, LONG_NAME[:50])],
+)  # fmt: skip
+def test_dump_logits_on_an_unwritable_path(tmp_path, monkeypatch, where, named):
+    plugin = install_plugin(tmp_path, monkeypatch)
+    make_cityscapes(tmp_path / "data", count=1)
+    out = where if where.startswith("/") else str(tmp_path / where)
+    arguments = ["dump-logits", "--model", plugin, "--dataset", "cityscapes", "--data-root",
+                 str(tmp_path / "data"), "--workers", "0", "--out", out]  # fmt: skip
+    result = CliRunner().invoke(cli, arguments)
+    expect_one_line_error(result, named)
