@@ -5,18 +5,15 @@ names the path and the cause, and leave no temporary file behind."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_calibration_job import GRID, _write_store
+from output_helpers import command_lines, expect_one_line_error, leftovers, make_inputs
 from test_dump import install_plugin, make_cityscapes
 
 from blda_cli.main import _register_commands, cli
-from blda_tools.calibrate import CalibrateOptions, calibrate
-from blda_tools.statistics import LogitGrid
 
 _register_commands()
 LONG_NAME = "n" * 300  # over the 255 bytes of ext4 / tmpfs / overlayfs names
@@ -24,49 +21,7 @@ LONG_NAME = "n" * 300  # over the 255 bytes of ext4 / tmpfs / overlayfs names
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("inputs")
-    store = _write_store(folder / "eval.h5", 1)
-    calibrate(
-        store,
-        folder / "fit",
-        CalibrateOptions(
-            taus="0.5", estimator="empirical", min_samples=20, grid=LogitGrid(-20, 20, 400),
-            plots=False,
-        ),
-    )  # fmt: skip
-    run = folder / "run"
-    run.mkdir()
-    records = [{"kind": "train", "iteration": i, "losses": {"ce": 1.0 / i}} for i in (1, 2, 3)]
-    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return {"store": store, "calibrator": folder / "fit" / "calibrator.pt", "run": run}
-
-
-def command_lines(inputs, out: Path) -> dict[str, list[str]]:
-    """Each command writing to `out` (a directory, or the file for single-file commands)."""
-    store, calibrator = str(inputs["store"]), str(inputs["calibrator"])
-    return {
-        "diagnose": ["diagnose", store, "--out", str(out), "--grid", GRID],
-        "calibrate": ["calibrate", store, "--out", str(out), "--tau", "0,1", "--grid", GRID,
-                      "--estimator", "empirical", "--min-samples", "20"],  # fmt: skip
-        "apply": ["calibrate", store, "--apply", calibrator, "--out", str(out)],
-        "export": ["export", calibrator, "--out", str(out.with_suffix(".pt"))],
-        "plot-log": ["plot-log", str(inputs["run"]), "--out", str(out.with_suffix(".png"))],
-        "synthcity": ["synthcity", "make", "--out", str(out), "--images", "2", "--size", "32x64"],
-        "demo": ["demo", "--out", str(out), "--quick"],
-    }
-
-
-def expect_one_line_error(result, *fragments) -> str:
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and len(lines) == 1, result.output
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
-
-
-def leftovers(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    return make_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 COMMANDS = ["diagnose", "calibrate", "apply", "export", "plot-log", "synthcity", "demo"]

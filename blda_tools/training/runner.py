@@ -213,6 +213,10 @@ def run_training(
     created = created_directories(run_dir) if rank == 0 and not resume else []
     try:
         prepare_run_dir(config, run_dir, resume=resume, is_main=rank == 0)
+    except BaseException:
+        remove_empty_directories(created)  # a refused run directory: the user's files stay
+        raise
+    try:
         return _train(config, run_dir, components, device, resume, stop_at, rank, world_size)
     except BaseException:
         if rank == 0 and not resume and not checkpoint_path(run_dir).exists():
