@@ -257,7 +257,8 @@ def test_source_and_target_with_different_classes_are_refused():
     target = BandsDataset(1, class_names=("road", "person", "sky"))
     # Only the names that differ are named, not both lists.
     with pytest.raises(
-        BLDAError, match=r"source and target: the class names differ: only in source: car; only in target: person$"
+        BLDAError,
+        match=r"source and target: the class names differ: only in source: car; only in target: person$",
     ):
         check_same_classes({"source": source, "target": target})
 
