@@ -42,8 +42,9 @@ PATH = click.Path(path_type=Path)
     "--fit-on",
     multiple=True,
     type=PATH,
-    help="Store(s) the class-wise distributions come from (repeat the option for several; "
-    "default: the evaluated STORES).",
+    help="Store(s) the class-wise distributions come from, or a statistics.h5 written by "
+    "`blda diagnose` (its pass is then skipped; rows as --fit-labels, grid as --grid). Repeat "
+    "for several; default: the evaluated STORES.",
 )
 @click.option(
     "--fit-labels",
@@ -56,8 +57,8 @@ PATH = click.Path(path_type=Path)
     "--anchor-from",
     multiple=True,
     type=PATH,
-    help="Store(s) the anchors come from (ground truth when present; default: the fit-on "
-    "statistics). Repeat for several.",
+    help="Store(s) the anchors come from (ground truth when present), or a statistics.h5 of "
+    "`blda diagnose`; default: the fit-on statistics. Repeat for several.",
 )
 @click.option(
     "--anchor",

@@ -315,7 +315,12 @@ def prepare_dump(
         rank, world_size = distributed_rank()
     _check_counts(max_images=max_images, workers=workers, batch_size=batch_size, streams=streams)
     check_weights(model_spec, checkpoint, random_weights)
-    data = build_dataset(dataset, data_root, split, **(dataset_options or {}))
+    if checkpoint is not None and not Path(checkpoint).is_file():  # before any image is read
+        raise BLDAError(f"--checkpoint {checkpoint}: no such file")
+    try:
+        data = build_dataset(dataset, data_root, split, **(dataset_options or {}))
+    except BLDAError as error:
+        raise BLDAError(f"--data-root {data_root}: {error}") from None
     if data.dataset_name == "image-folder":
         raise BLDAError(f"--dataset {dataset}: classification; dump-logits stores segmentation")
     inference = default_inference(dataset) if inference is None else inference
