@@ -28,9 +28,12 @@ class _Group(click.Group):
             _fail(error)
         except OSError as error:
             _fail(os_failure(error))
+        except click.UsageError as error:  # a bad option value: one line too, with the way on
+            where = error.ctx.command_path if error.ctx is not None else "blda"
+            _fail(f"{error.format_message()} (see `{where} --help`)")
 
 
-def _fail(error: BLDAError) -> None:
+def _fail(error: BLDAError | str) -> None:
     click.secho(f"error: {error}", fg="red", err=True)
     sys.exit(2)
 

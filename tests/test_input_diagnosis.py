@@ -185,6 +185,12 @@ def test_a_plugin_factory_that_raises(tmp_path, monkeypatch):
         "FileNotFoundError: weights.pth is missing"
     )
     assert not list(tmp_path.glob("o.h5*"))
+    (folder / "broken_plugin.py").write_text("raise RuntimeError('no GPU here')\n")
+    line = expect_one_line_error(
+        run("dump-logits", "--model", "broken_plugin:build", "--dataset", "cityscapes",
+            "--data-root", tmp_path / "data", "--out", tmp_path / "o.h5", "--workers", "0"),
+    )  # fmt: skip
+    assert line.endswith("importing module 'broken_plugin' raised RuntimeError: no GPU here")
 
 
 def test_names_of_the_fixture_classes():

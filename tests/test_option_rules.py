@@ -119,3 +119,17 @@ def test_dump_logits_options_that_mean_nothing(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, [str(a) for a in [*base, "--model", "tiny", "--random-weights",
                                                       "--workers", "0", "--resize", "none"]])  # fmt: skip
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("arguments", "fragment"),
+    [
+        (["calibrate", "S.h5", "--out", "o", "--metric", "best"], "'best' is not one of"),
+        (["calibrate", "S.h5"], "Missing option '--out'"),
+        (["diagnose", "S.h5", "--out", "o", "--workers", "0"], "0 is not in the range"),
+        (["no-such-command"], "No such command"),
+    ],
+)
+def test_click_usage_errors_are_one_line_too(arguments, fragment):
+    line = refused(arguments, fragment)
+    assert "--help" in line

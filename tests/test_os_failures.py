@@ -117,3 +117,25 @@ def test_dump_logits_on_an_unwritable_path(tmp_path, monkeypatch, where, named):
                  str(tmp_path / "data"), "--workers", "0", "--out", out]  # fmt: skip
     result = CliRunner().invoke(cli, arguments)
     expect_one_line_error(result, named)
+
+
+@pytest.fixture(scope="module")
+def synthcity_root(tmp_path_factory):
+    from blda_tools.datasets.synthcity.generate import make_synthcity
+
+    root = tmp_path_factory.mktemp("synthcity") / "set"
+    make_synthcity(root, images=2, size=(64, 128), seed=0)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("where", "cause"),
+    [("/proc/blda-test/run", "No such file or directory"), ("/sys/blda-test-run", "not permitted"),
+     (LONG_NAME, "File name too long")],
+)  # fmt: skip
+def test_train_into_an_unwritable_work_dir(synthcity_root, tmp_path, where, cause):
+    work_dir = where if where.startswith("/") else str(tmp_path / where)
+    arguments = ["train", "--config", "synthcity_tiny", "--work-dir", work_dir,
+                 "--set", f'data.root="{synthcity_root}"', "--set", "run.num_workers=0"]  # fmt: skip
+    expect_one_line_error(CliRunner().invoke(cli, arguments), work_dir[:40], cause)
+    assert where.startswith("/") or leftovers(tmp_path) == []  # nothing made in tmp_path

@@ -73,6 +73,10 @@ def _build_plugin(spec: str, num_classes: int) -> nn.Module:
             f"--model {spec}: cannot import module {module_name!r} ({error}); "
             "is it installed or on PYTHONPATH?"
         ) from None
+    except Exception as error:  # noqa: BLE001 - the user's module failed while importing
+        raise BLDAError(
+            f"--model {spec}: importing module {module_name!r} raised {_one_line(error)}"
+        ) from None
     factory = getattr(module, factory_name, None)
     if factory is None or not callable(factory):
         raise BLDAError(f"--model {spec}: module {module_name} has no callable {factory_name!r}")
@@ -88,16 +92,20 @@ def _build_plugin(spec: str, num_classes: int) -> nn.Module:
     except BLDAError:
         raise
     except Exception as error:  # noqa: BLE001 - the user's code: any failure is reported as one line
-        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise BLDAError(
-            f"--model {spec}: the factory {module_name}.{factory_name} raised "
-            f"{type(error).__name__}" + (f": {message}" if message else "")
+            f"--model {spec}: the factory {module_name}.{factory_name} raised {_one_line(error)}"
         ) from None
     if not isinstance(model, nn.Module):
         raise BLDAError(
             f"--model {spec}: the factory returned {type(model).__name__}, expected a torch nn.Module"
         )
     return model
+
+
+def _one_line(error: BaseException) -> str:
+    """`TypeName: first line of the message` of an exception from the user's code."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return type(error).__name__ + (f": {message}" if message else "")
 
 
 def _warn_partial(report: LoadReport, checkpoint: str | os.PathLike) -> None:

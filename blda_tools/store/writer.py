@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from blda_tools import __version__
-from blda_tools.errors import BLDAError
+from blda_tools.errors import BLDAError, check_same_classes
 from blda_tools.fileio import describe_os_error, ensure_writable_dir, partial_path
 from blda_tools.store.rows import (
     _as_array,
@@ -347,10 +347,7 @@ class LogitWriter:
                 f"{where}: not a blda logit store of format version {FORMAT_VERSION}; delete it"
             )
         stored_names = json.loads(file.attrs["class_names"])
-        if stored_names != self.class_names:
-            raise BLDAError(
-                f"{where}: the unfinished store has classes {stored_names}, not {self.class_names}"
-            )
+        check_same_classes(stored_names, self.class_names, where, ("the store", "this run"))
         if file["logits"].dtype != np.dtype(self.dtype):
             raise BLDAError(
                 f"{where}: the unfinished store holds {file['logits'].dtype} logits, not dtype={self.dtype!r}"
