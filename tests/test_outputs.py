@@ -203,3 +203,29 @@ def test_the_manifest_of_two_single_file_sets_in_one_folder(tmp_path):
     with outputs.output_file(tmp_path / "a.bin", "export") as target:
         target.write_bytes(b"again")
     assert (tmp_path / "b.bin").read_bytes() == b"b.bin"  # the other set is untouched
+
+
+def test_a_dump_rerun_with_another_number_of_ranks_removes_the_earlier_shards(
+    tmp_path, monkeypatch
+):
+    from test_dump import WHOLE, install_plugin, make_cityscapes
+
+    from blda_tools.inference.dump import dump_logits
+
+    plugin = install_plugin(tmp_path, monkeypatch)
+    make_cityscapes(tmp_path / "data", count=2)
+    out = tmp_path / "stores" / "val.h5"
+    for rank in (0, 1):
+        dump_logits(plugin, None, "cityscapes", tmp_path / "data", "val", out,
+                    inference=WHOLE, workers=0, rank=rank, world_size=2)  # fmt: skip
+    mine = out.with_name("val.rank0-of-3.h5")  # not written by dump-logits: stays
+    mine.write_text("mine")
+    assert {p.name for p in out.parent.glob("val*")} == {
+        "val.rank0-of-2.h5", "val.rank1-of-2.h5", "val.rank0-of-3.h5",
+    }  # fmt: skip
+    dump_logits(plugin, None, "cityscapes", tmp_path / "data", "val", out,
+                inference=WHOLE, workers=0, rank=0, world_size=1)  # fmt: skip
+    assert {p.name for p in out.parent.glob("val*")} == {"val.h5", "val.rank0-of-3.h5"}
+    assert json.loads((out.parent / outputs.MANIFEST).read_text())["sets"] == {
+        "dump-logits val.h5": ["val.h5"]
+    }

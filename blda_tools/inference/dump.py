@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import warnings
 from collections import deque
@@ -52,7 +53,7 @@ from blda_tools.inference.predict import (
 )
 from blda_tools.models import load_model, normalize
 from blda_tools.models.loading import TORCHSCRIPT
-from blda_tools.outputs import claim_file, record_file
+from blda_tools.outputs import claim_file, read_manifest, record_file, record_set
 from blda_tools.runtime import keep_freed_memory, torch_threads
 from blda_tools.store import LogitWriter, PreparedImage
 
@@ -125,6 +126,7 @@ class DumpJob:
     world_size: int
     streams: int = 1
     threads_per_stream: int = 1
+    requested_out: Path | None = None  # --out as given (`out` is this rank's shard of it)
 
     @property
     def total(self) -> int:
@@ -172,6 +174,8 @@ class DumpJob:
             self.out.unlink()  # an empty store would only fail later, in every reader
             raise BLDAError(f"{self.out}: no image could be read ({len(summary.corrupt)} corrupt)")
         record_file(self.out, COMMAND)
+        if self.rank == 0 and self.requested_out is not None:
+            remove_other_layouts(self.requested_out, self.world_size)
         if not summary.has_labels:
             summary.notes.append(
                 "The dataset has no labels: the store holds logits only "
@@ -325,7 +329,7 @@ def prepare_dump(
         raise BLDAError(f"--dataset {dataset}: classification; dump-logits stores segmentation")
     inference = default_inference(dataset) if inference is None else inference
     sampling = PixelSampling() if sampling is None else sampling
-    out = shard_path(out, rank, world_size)
+    requested_out, out = Path(out), shard_path(out, rank, world_size)
     metadata = {
         "model": model_spec,
         "checkpoint": None if checkpoint is None else str(checkpoint),
@@ -374,7 +378,23 @@ def prepare_dump(
         rank=rank,
         world_size=world_size,
         **_stream_layout(streams, chosen_device),
+        requested_out=requested_out,
     )
+
+
+def remove_other_layouts(out: Path, world_size: int) -> None:
+    """Remove the stores of an earlier dump to the same `out` written with another number of
+    ranks (`out` itself, or `<stem>.rank<r>-of-<W>` shards), where this command wrote them: a
+    re-run never leaves an earlier run's shards beside the new ones."""
+    directory = out.parent if str(out.parent) else Path(".")
+    current = {shard_path(out, rank, world_size).name for rank in range(world_size)}
+    pattern = re.compile(rf"{re.escape(out.stem)}\.rank\d+-of-\d+{re.escape(out.suffix)}")
+    for owner in read_manifest(directory):
+        name = owner.partition(" ")[2]
+        is_layout = name == out.name or pattern.fullmatch(name)
+        if owner.startswith(f"{COMMAND} ") and is_layout and name not in current:
+            (directory / name).unlink(missing_ok=True)
+            record_set(directory, owner, [])
 
 
 def _stream_layout(streams: int | None, device: torch.device) -> dict:

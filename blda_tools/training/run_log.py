@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import atomic_output
+from blda_tools.fileio import atomic_output, write_failure
 
 LOG_NAME = "log.jsonl"
 
@@ -39,8 +39,11 @@ class JsonlLog:
             temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
-        with self.path.open("a") as stream:
-            stream.write(json.dumps(_finite(record)) + "\n")
+        try:
+            with self.path.open("a") as stream:
+                stream.write(json.dumps(_finite(record)) + "\n")
+        except OSError as error:  # a full disk mid-run: name the log
+            raise write_failure(self.path, error) from None
 
 
 def read_log(path: str | Path) -> list[dict]:
