@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from blda_tools import __version__, plots
+from blda_tools.calibration.alignment import anchor_class
 from blda_tools.calibration.calibrator import Calibrator, anchor_histograms, gather_offsets
 from blda_tools.calibration.inputs import (
     StatisticsSource,
@@ -108,6 +109,7 @@ class CalibrationInputs:
     """Every input of `calibrate`, opened and checked (`open_inputs`) before any pass."""
 
     taus: list[float]
+    calibrator: Calibrator  # not fitted yet: its options are checked
     evaluated: LogitStore
     fit: StatisticsSource
     anchors: StatisticsSource | None
@@ -132,8 +134,17 @@ def open_inputs(stores: Paths, options: CalibrateOptions) -> CalibrationInputs:
     )
     if options.fit_labels not in FIT_LABELS:
         raise BLDAError(f"--fit-labels: expected gt or pseudo, got {options.fit_labels!r}")
+    calibrator = Calibrator(
+        options.estimator,
+        options.n_components,
+        options.eps,
+        options.min_samples,
+        options.table_points,
+        options.anchor,
+    )
     evaluated = open_store(stores, "STORES")
     names, grid = evaluated.class_names, options.grid
+    anchor_class(options.anchor, names)
     if options.fit_on:
         fit = statistics_source(options.fit_on, "--fit-on", names, grid, options.fit_labels)
     else:
@@ -149,7 +160,7 @@ def open_inputs(stores: Paths, options: CalibrateOptions) -> CalibrationInputs:
             "--tau: several values but no labels to choose among them: give --select-on "
             "STORE with ground truth, or a single --tau value"
         )
-    return CalibrationInputs(taus, evaluated, fit, anchors, held_out)
+    return CalibrationInputs(taus, calibrator, evaluated, fit, anchors, held_out)
 
 
 def calibration_passes(stores: Paths, options: CalibrateOptions) -> int:
@@ -177,14 +188,7 @@ def _calibrate(inputs: CalibrationInputs, out_dir: Path, options, progress) -> C
     evaluated, taus = inputs.evaluated, inputs.taus
     warnings: list[str] = []
     fit_statistics, anchor_statistics = _fit_statistics(inputs, options, warnings, progress)
-    calibrator = Calibrator(
-        options.estimator,
-        options.n_components,
-        options.eps,
-        options.min_samples,
-        options.table_points,
-        options.anchor,
-    ).fit(fit_statistics, anchor_statistics)
+    calibrator = inputs.calibrator.fit(fit_statistics, anchor_statistics)
     selection, evaluation = _choose_tau(calibrator, inputs, options, warnings, progress)
     calibrator.tau = selection["tau"]
     if evaluation is None and evaluated.has_labels:

@@ -195,3 +195,24 @@ def test_a_plugin_factory_that_raises(tmp_path, monkeypatch):
 
 def test_names_of_the_fixture_classes():
     assert NAMES == ["road", "car", "bike"]  # the differing names asserted above
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(anchor="class:bus"), "--anchor: unknown class 'bus'"),
+        (dict(eps=0.7), "--eps: expected 0 < eps < 0.5"),
+        (dict(taus="0:1:-1"), "--tau: step must be > 0"),
+    ],
+)
+def test_calibrate_options_are_checked_before_any_pass(
+    stores, tmp_path, monkeypatch, options, message
+):
+    def no_pass(*args, **kwargs):
+        raise AssertionError("a pass over the data started")
+
+    monkeypatch.setattr(calibrate_inputs, "collect_statistics", no_pass)
+    settings = {**FIT, **options}
+    with pytest.raises(BLDAError, match=message):
+        calibrate(stores["eval"], tmp_path / "o", CalibrateOptions(**settings))
+    assert not (tmp_path / "o").exists()
