@@ -7,20 +7,16 @@ tensors again in the stream that runs the model (`with_arrays`).
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
 import os
-import signal
-import sys
-import threading
-import time
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from blda_tools.datasets import CorruptSampleError
+from blda_tools.runtime import exit_with_parent
 
 
 class _DecodedItems(Dataset):
@@ -70,38 +66,10 @@ def _as_list(batch):
     return batch
 
 
-# prctl(2) option: the signal a process gets when the thread that forked it dies.
-PR_SET_PDEATHSIG = 1
-# Seconds between a worker's checks that its dump process is still there (the fallback where
-# prctl is not available).
-PARENT_POLL_SECONDS = 1.0
-
-
 def _start_worker(parent: int, _worker_id: int) -> None:
     # Workers only decode images; their own thread pools would compete with the model.
     torch.set_num_threads(1)
     exit_with_parent(parent)
-
-
-def exit_with_parent(parent: int) -> None:
-    """End this process when `parent` dies, even by SIGKILL: a worker blocked on a full pipe
-    to a dead parent would otherwise live on for minutes (its queue's feeder thread waits for
-    a reader). Linux kills it at once (prctl PR_SET_PDEATHSIG); a thread polling the parent id
-    ends it within `PARENT_POLL_SECONDS` elsewhere, or if the parent died before prctl ran."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent:
-        os._exit(1)
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-
-
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(PARENT_POLL_SECONDS)
-    os._exit(1)
 
 
 def runs_of_equal_size(samples: list) -> Iterator[list]:

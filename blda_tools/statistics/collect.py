@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 
 from blda_tools.errors import BLDAError
+from blda_tools.runtime import exit_with_parent
 from blda_tools.statistics import logit_sets
 from blda_tools.statistics.grid import LogitGrid
 from blda_tools.statistics.logit_sets import LogitSetStatistics
@@ -114,7 +115,8 @@ def _collect(store, source, grid, workers, rows_per_chunk, progress) -> LogitSet
         store.num_classes, grid, ignore_index=store.ignore_index, class_names=store.class_names
     )
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers) as pool:
+    # Workers exit when this process dies (even by SIGKILL) instead of waiting on its pipes.
+    with context.Pool(workers, initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         for part, rows in pool.imap_unordered(_star_worker, tasks):
             result.merge(part)
             if progress is not None:

@@ -52,6 +52,7 @@ from blda_tools.datasets.synthcity.scenes import (
 from blda_tools.errors import BLDAError
 from blda_tools.fileio import atomic_output
 from blda_tools.outputs import output_set, read_manifest, record_set
+from blda_tools.runtime import exit_with_parent
 
 __all__ = [
     "CLASS_NAMES", "DOMAINS", "GENERATOR_VERSION", "SOURCE", "TARGET", "TARGET_DRIFT", "Domain",
@@ -208,7 +209,9 @@ def _generate(info: SynthCityInfo, staging: Path, tasks, val_fraction, progress,
     write = functools.partial(_write_image, staging, seed, size)
     with contextlib.ExitStack() as stack:
         if workers > 1:
-            pool = stack.enter_context(ProcessPoolExecutor(workers))
+            pool = stack.enter_context(  # workers exit when this process dies
+                ProcessPoolExecutor(workers, initializer=exit_with_parent, initargs=(os.getpid(),))
+            )
             results = pool.map(write, tasks, chunksize=4)
         else:
             results = map(write, tasks)
