@@ -163,6 +163,19 @@ def _why_unwritable(directory: Path) -> str:
     return os.strerror(errno.EACCES)
 
 
+def check_input_file(path: str | os.PathLike, where: str, expected: str) -> Path:
+    """`path` as an input file, or a BLDAError that says what it is instead: missing, a folder,
+    not a regular file. `where` starts the message (`--checkpoint model.pth`)."""
+    path = Path(path)
+    if path.is_dir():
+        raise BLDAError(f"{where}: is a directory; expected {expected}")
+    if not path.exists():
+        raise BLDAError(f"{where}: no such file")
+    if not path.is_file():
+        raise BLDAError(f"{where}: not a regular file; expected {expected}")
+    return path
+
+
 def json_ready(value):
     """`value` with every NaN or infinite float replaced by None (JSON has no NaN)."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -216,3 +216,25 @@ def test_calibrate_options_are_checked_before_any_pass(
     with pytest.raises(BLDAError, match=message):
         calibrate(stores["eval"], tmp_path / "o", CalibrateOptions(**settings))
     assert not (tmp_path / "o").exists()
+
+
+def test_a_folder_given_as_any_input_file(stores, tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    make_cityscapes(tmp_path / "data", count=1)
+    calibrate(stores["eval"], tmp_path / "cal", CalibrateOptions(taus="0.5", **FIT))
+    cases = [
+        (["dump-logits", "--model", "tiny", "--checkpoint", folder, "--dataset", "cityscapes",
+          "--data-root", tmp_path / "data", "--out", tmp_path / "o.h5"], "a checkpoint file"),
+        (["export", folder, "--out", tmp_path / "e.pt"], "a calibrator file"),
+        (["export", tmp_path / "cal" / "calibrator.pt", "--model", folder, "--out",
+          tmp_path / "e.pt"], "a TorchScript model file"),
+        (["calibrate", stores["eval"], "--apply", folder, "--out", tmp_path / "p"], "a calibrator file"),
+        (["calibrate", stores["eval"], "--fit-on", folder, "--out", tmp_path / "p"], "a logit store file"),
+    ]  # fmt: skip
+    for arguments, expected in cases:
+        line = expect_one_line_error(
+            run(*arguments), f"{folder}: is a directory; expected {expected}"
+        )
+        assert "no such file" not in line
+    assert not (tmp_path / "p").exists() and not (tmp_path / "e.pt").exists()

@@ -29,6 +29,7 @@ import math
 import os
 import pickle
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -318,6 +319,8 @@ class Calibrator:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Calibrator:
         """Read a calibrator written by `save` (torch.load with weights_only=True)."""
+        if Path(path).is_dir():
+            raise BLDAError(f"{path}: is a directory; expected a calibrator file (calibrator.pt)")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:

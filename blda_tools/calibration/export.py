@@ -21,7 +21,7 @@ from blda_tools.calibration.calibrator import (
     check_tau,
 )
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import save_torchscript
+from blda_tools.fileio import check_input_file, save_torchscript
 from blda_tools.outputs import output_file
 
 
@@ -88,6 +88,7 @@ def export_torchscript(
     tau = calibrator.tau if tau is None else check_tau(tau, "--tau")
     module: torch.nn.Module = BalancedLogits(calibrator, tau)
     if model_path is not None:
+        check_input_file(model_path, f"--model {model_path}", "a TorchScript model file")
         try:
             model = torch.jit.load(str(model_path), map_location="cpu")
         except (RuntimeError, ValueError, OSError) as error:

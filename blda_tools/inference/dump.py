@@ -36,7 +36,7 @@ import torch
 from blda_tools import __version__
 from blda_tools.datasets import build_dataset
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import partial_path
+from blda_tools.fileio import check_input_file, partial_path
 from blda_tools.inference.loader import (
     decode,
     runs_of_equal_size,
@@ -319,8 +319,8 @@ def prepare_dump(
         rank, world_size = distributed_rank()
     _check_counts(max_images=max_images, workers=workers, batch_size=batch_size, streams=streams)
     check_weights(model_spec, checkpoint, random_weights)
-    if checkpoint is not None and not Path(checkpoint).is_file():  # before any image is read
-        raise BLDAError(f"--checkpoint {checkpoint}: no such file")
+    if checkpoint is not None:  # before any image is read
+        check_input_file(checkpoint, f"--checkpoint {checkpoint}", "a checkpoint file")
     try:
         data = build_dataset(dataset, data_root, split, **(dataset_options or {}))
     except BLDAError as error:

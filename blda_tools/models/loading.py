@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from blda_tools.errors import BLDAError
+from blda_tools.fileio import check_input_file
 from blda_tools.models.checkpoints import LoadReport, load_checkpoint
 from blda_tools.models.registry import create_model
 
@@ -50,8 +51,7 @@ def _load_torchscript(checkpoint: str | os.PathLike | None) -> nn.Module:
     if checkpoint is None:
         raise BLDAError("--model torchscript: needs --checkpoint FILE (the TorchScript archive)")
     path = Path(checkpoint)
-    if not path.is_file():
-        raise BLDAError(f"--checkpoint {path}: no such file")
+    check_input_file(path, f"--checkpoint {path}", "a TorchScript archive")
     try:
         return torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError) as error:

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import atomic_output
+from blda_tools.fileio import atomic_output, check_input_file
 
 FORMAT_NAME = "blda-logit-statistics"
 FORMAT_VERSION = 1
@@ -75,6 +75,7 @@ def write_statistics(
 
 def read_statistics(path: str | os.PathLike) -> tuple[StatisticsHeader, dict[str, np.ndarray]]:
     """Read a file written by `write_statistics`; `BLDAError` for anything else."""
+    check_input_file(path, str(path), "a statistics file (statistics.h5)")
     try:
         file = h5py.File(path, "r")
     except OSError as error:
