@@ -22,15 +22,25 @@ def all_commands(group: click.Group, prefix=("blda",)):
             yield from all_commands(command, (*prefix, name))
 
 
-def test_every_option_of_every_command_has_a_description():
-    undescribed = [
+def undescribed_options(group: click.Group) -> list[str]:
+    return [
         f"{' '.join(path)} {max(param.opts, key=len)}"
-        for path, command in [(("blda",), cli), *all_commands(cli)]
+        for path, command in [((group.name,), group), *all_commands(group, (group.name,))]
         for param in command.params
         if isinstance(param, click.Option) and not (param.help or "").strip()
     ]
-    assert undescribed == []
+
+
+def test_every_option_of_every_command_has_a_description():
+    assert undescribed_options(cli) == []
     assert len(list(all_commands(cli))) >= 9  # the walk reaches the commands and sub-commands
+    # The walk finds an undescribed option, also in a sub-command of a sub-group.
+    inner = click.Group(
+        "inner", commands=[click.Command("leaf", params=[click.Option(["--bare"])])]
+    )
+    assert undescribed_options(click.Group("outer", commands=[inner])) == [
+        "outer inner leaf --bare"
+    ]
 
 
 @pytest.fixture(scope="module")
