@@ -23,7 +23,15 @@ from pathlib import Path
 import torch
 
 from blda_tools import __version__, plots
+from blda_tools.calibration.alignment import anchor_class
 from blda_tools.calibration.calibrator import Calibrator, anchor_histograms, gather_offsets
+from blda_tools.calibration.inputs import (
+    StatisticsSource,
+    as_paths,
+    open_held_out,
+    open_store,
+    statistics_source,
+)
 from blda_tools.calibration.sweep import (
     TauSweep,
     parse_tau_spec,
@@ -32,21 +40,26 @@ from blda_tools.calibration.sweep import (
     sweep_table,
 )
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import (
-    atomic_output,
-    ensure_writable_dir,
-    json_ready,
-    none_to_nan,
-    write_json,
-)
+from blda_tools.fileio import atomic_output, json_ready, none_to_nan, write_json
 from blda_tools.gmm import mixture_pdf
-from blda_tools.statistics import LogitGrid, LogitSetStatistics, collect_statistics
+from blda_tools.outputs import output_set
+from blda_tools.statistics import LogitGrid, LogitSetStatistics
 from blda_tools.statistics.metrics import SegmentationMetrics, js_divergence
 from blda_tools.store import LogitStore
 
 Paths = str | os.PathLike | Sequence[str | os.PathLike]
 FIT_LABELS = ("gt", "pseudo")
 GMM_PLOT_CELLS = 6
+# Every file `calibrate` may write in its output directory (replaced or removed on a re-run).
+OUTPUT_FILES = (
+    "calibrator.pt",
+    "sweep.csv",
+    "calibration.json",
+    "tau_sweep.png",
+    "per_class_iou.png",
+    "per_class_acc.png",
+    "gmm_fits.png",
+)
 
 
 @dataclass
@@ -91,17 +104,68 @@ class CalibrateOptions:
     plots: bool = True
 
 
+@dataclass
+class CalibrationInputs:
+    """Every input of `calibrate`, opened and checked (`open_inputs`) before any pass."""
+
+    taus: list[float]
+    calibrator: Calibrator  # not fitted yet: its options are checked
+    evaluated: LogitStore
+    fit: StatisticsSource
+    anchors: StatisticsSource | None
+    held_out: LogitStore | None
+
+    def rows(self) -> int:
+        """Rows `calibrate` will stream in all (for a progress bar's total)."""
+        evaluated = self.evaluated
+        # A sweep of the evaluated stores needs their labels; the before/after pass always runs.
+        passes = 2 if evaluated.has_labels else 1
+        total = self.fit.rows + passes * evaluated.num_rows
+        total += self.anchors.rows if self.anchors is not None else 0
+        return total + (self.held_out.num_rows if self.held_out is not None else 0)
+
+
+def open_inputs(stores: Paths, options: CalibrateOptions) -> CalibrationInputs:
+    """Open and check every store and statistics file, naming the option each came from."""
+    taus = (
+        parse_tau_spec(options.taus)
+        if isinstance(options.taus, str)
+        else parse_tau_spec(",".join(str(t) for t in options.taus))
+    )
+    if options.fit_labels not in FIT_LABELS:
+        raise BLDAError(f"--fit-labels: expected gt or pseudo, got {options.fit_labels!r}")
+    calibrator = Calibrator(
+        options.estimator,
+        options.n_components,
+        options.eps,
+        options.min_samples,
+        options.table_points,
+        options.anchor,
+    )
+    evaluated = open_store(stores, "STORES")
+    names, grid = evaluated.class_names, options.grid
+    anchor_class(options.anchor, names)
+    if options.fit_on:
+        fit = statistics_source(options.fit_on, "--fit-on", names, grid, options.fit_labels)
+    else:
+        fit = statistics_source(
+            stores, "--fit-on (default: STORES)", names, grid, options.fit_labels
+        )
+    anchors = None
+    if options.anchor_from:
+        anchors = statistics_source(options.anchor_from, "--anchor-from", names, grid, None)
+    held_out = open_held_out(options.select_on, names) if options.select_on else None
+    if held_out is None and len(taus) > 1 and not evaluated.has_labels:
+        raise BLDAError(
+            "--tau: several values but no labels to choose among them: give --select-on "
+            "STORE with ground truth, or a single --tau value"
+        )
+    return CalibrationInputs(taus, calibrator, evaluated, fit, anchors, held_out)
+
+
 def calibration_passes(stores: Paths, options: CalibrateOptions) -> int:
     """Rows `calibrate` will stream in all (for a progress bar's total)."""
-    evaluated = LogitStore(stores)
-    # A sweep of the evaluated stores needs their labels; the before/after pass always runs.
-    passes = 2 if evaluated.has_labels else 1
-    total = LogitStore(options.fit_on or stores).num_rows + passes * evaluated.num_rows
-    if options.anchor_from:
-        total += LogitStore(options.anchor_from).num_rows
-    if options.select_on:
-        total += LogitStore(options.select_on).num_rows
-    return total
+    return open_inputs(stores, options).rows()
 
 
 def calibrate(
@@ -110,30 +174,22 @@ def calibrate(
     options: CalibrateOptions | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> CalibrationResult:
-    """Fit, sweep, select tau and write the outputs to `out_dir` (see the module docstring)."""
+    """Fit, sweep, select tau and write the outputs to `out_dir` (see the module docstring).
+
+    Every input is checked first; the files are written as one set (`outputs.output_set`).
+    """
     options = options or CalibrateOptions()
-    out_dir = ensure_writable_dir(out_dir)
-    taus = (
-        parse_tau_spec(options.taus)
-        if isinstance(options.taus, str)
-        else parse_tau_spec(",".join(str(t) for t in options.taus))
-    )
-    if options.fit_labels not in FIT_LABELS:
-        raise BLDAError(f"--fit-labels: expected gt or pseudo, got {options.fit_labels!r}")
-    evaluated = LogitStore(stores)
+    inputs = open_inputs(stores, options)
+    with output_set(out_dir, "calibrate", OUTPUT_FILES) as outputs:
+        return _calibrate(inputs, outputs.staging, options, progress)
+
+
+def _calibrate(inputs: CalibrationInputs, out_dir: Path, options, progress) -> CalibrationResult:
+    evaluated, taus = inputs.evaluated, inputs.taus
     warnings: list[str] = []
-    fit_store, fit_statistics, anchor_statistics = _fit_statistics(
-        evaluated, options, warnings, progress
-    )
-    calibrator = Calibrator(
-        options.estimator,
-        options.n_components,
-        options.eps,
-        options.min_samples,
-        options.table_points,
-        options.anchor,
-    ).fit(fit_statistics, anchor_statistics)
-    selection, evaluation = _choose_tau(calibrator, evaluated, taus, options, warnings, progress)
+    fit_statistics, anchor_statistics = _fit_statistics(inputs, options, warnings, progress)
+    calibrator = inputs.calibrator.fit(fit_statistics, anchor_statistics)
+    selection, evaluation = _choose_tau(calibrator, inputs, options, warnings, progress)
     calibrator.tau = selection["tau"]
     if evaluation is None and evaluated.has_labels:
         evaluation = sweep_stores(calibrator, evaluated, taus, progress)
@@ -148,7 +204,7 @@ def calibrate(
         after=None,
         js=_js_summary(before_after, anchors, evaluated.has_labels),
         unadjusted_cells=[list(cell) for cell in calibrator.unadjusted_cells_],
-        fit=_fit_summary(calibrator, fit_store, options, anchor_statistics is not fit_statistics),
+        fit=_fit_summary(calibrator, inputs, options),
     )
     if evaluation is not None:
         _add_metrics(result, evaluation)
@@ -156,41 +212,34 @@ def calibrate(
     return result
 
 
-def _fit_statistics(evaluated, options, warnings, progress):
-    """(fit-on store, its statistics, the anchor statistics), warning when either uses the ground
-    truth of evaluated pixels."""
-    fit_store = LogitStore(options.fit_on) if options.fit_on else evaluated
-    _check_same_classes(evaluated, fit_store, "--fit-on")
-    fit_statistics = collect_statistics(
-        fit_store, labels=options.fit_labels, grid=options.grid, progress=progress
-    )
-    if options.fit_labels == "gt" and _overlap(fit_store, evaluated):
+def _fit_statistics(inputs: CalibrationInputs, options, warnings, progress):
+    """(fit-on statistics, anchor statistics), warning when either uses the ground truth of
+    evaluated pixels."""
+    evaluated = [str(path) for path in inputs.evaluated.paths]
+    fit_statistics = inputs.fit.statistics(options.fit_labels, options.grid, progress)
+    if options.fit_labels == "gt" and _overlap(inputs.fit.paths, evaluated):
         warnings.append(
             "FITTING USES THE GROUND TRUTH OF THE EVALUATED PIXELS (--fit-labels gt on stores "
             "that are also evaluated): the reported metrics are optimistic."
         )
-    if not options.anchor_from:
-        return fit_store, fit_statistics, fit_statistics
-    anchor_store = LogitStore(options.anchor_from)
-    _check_same_classes(evaluated, anchor_store, "--anchor-from")
-    anchor_statistics = collect_statistics(
-        anchor_store, labels="auto", grid=options.grid, progress=progress
-    )
-    if anchor_store.has_labels and _overlap(anchor_store, evaluated):
+    if inputs.anchors is None:
+        return fit_statistics, fit_statistics
+    anchor_statistics = inputs.anchors.statistics("auto", options.grid, progress)
+    if inputs.anchors.has_labels and _overlap(inputs.anchors.paths, evaluated):
         warnings.append(
             "THE ANCHORS USE THE GROUND TRUTH OF THE EVALUATED PIXELS (--anchor-from with "
             "labelled evaluated stores): the reported metrics are optimistic."
         )
-    return fit_store, fit_statistics, anchor_statistics
+    return fit_statistics, anchor_statistics
 
 
-def _choose_tau(calibrator, evaluated, taus, options, warnings, progress):
+def _choose_tau(calibrator, inputs: CalibrationInputs, options, warnings, progress):
     """(selection dict, evaluated-store sweep when it was needed for the choice, else None)."""
-    if options.select_on:
-        held_out = LogitStore(options.select_on)
+    evaluated, taus, held_out = inputs.evaluated, inputs.taus, inputs.held_out
+    if held_out is not None:
         sweep = sweep_stores(calibrator, held_out, taus, progress)
         best = select_tau(sweep.compute(), options.metric, taus)
-        if _overlap(held_out, evaluated):
+        if _overlap(held_out.paths, evaluated.paths):
             warnings.append(
                 "TAU IS SELECTED ON STORES THAT ARE ALSO EVALUATED (--select-on overlaps the "
                 "evaluated stores): the reported metrics are optimistic."
@@ -199,11 +248,6 @@ def _choose_tau(calibrator, evaluated, taus, options, warnings, progress):
         return _selection(best, how, options.metric, held_out), None
     if len(taus) == 1:
         return {"tau": taus[0], "how": "given (--tau with one value)", "metric": None}, None
-    if not evaluated.has_labels:
-        raise BLDAError(
-            "--tau: several values but no labels to choose among them: give --select-on "
-            "STORE with ground truth, or a single --tau value"
-        )
     sweep = sweep_stores(calibrator, evaluated, taus, progress)
     best = select_tau(sweep.compute(), options.metric, taus)
     warnings.append(
@@ -295,13 +339,14 @@ def _add_metrics(result: CalibrationResult, evaluation: TauSweep) -> None:
         result.after["prior_at_same_tau"] = _metrics_dict(by_key[("prior", result.chosen_tau)])
 
 
-def _fit_summary(calibrator, fit_store, options, separate_anchor) -> dict:
+def _fit_summary(calibrator, inputs: CalibrationInputs, options) -> dict:
     return {
-        "fit_on": [str(path) for path in fit_store.paths],
+        "fit_on": [str(path) for path in as_paths(options.fit_on or inputs.evaluated.paths)],
+        "fit_on_stores": inputs.fit.paths,
         "fit_labels": options.fit_labels,
         "anchor": options.anchor,
-        "anchor_from": [str(p) for p in LogitStore(options.anchor_from).paths]
-        if separate_anchor
+        "anchor_from": [str(p) for p in as_paths(options.anchor_from)]
+        if inputs.anchors is not None
         else "fit-on statistics",
         "estimator": calibrator.estimator,
         "n_components": calibrator.n_components,
@@ -376,16 +421,8 @@ def _plot_gmm_fits(result, calibrator, statistics, out_dir: Path):
     )
 
 
-def _check_same_classes(evaluated: LogitStore, other: LogitStore, option: str) -> None:
-    if other.class_names != evaluated.class_names:
-        raise BLDAError(
-            f"{option} {', '.join(map(str, other.paths))}: classes {list(other.class_names)} "
-            f"differ from the evaluated stores' {list(evaluated.class_names)}"
-        )
-
-
-def _overlap(first: LogitStore, second: LogitStore) -> bool:
-    return bool({p.resolve() for p in first.paths} & {p.resolve() for p in second.paths})
+def _overlap(first: Sequence, second: Sequence) -> bool:
+    return bool({Path(p).resolve() for p in first} & {Path(p).resolve() for p in second})
 
 
 def _csv_value(value):

@@ -28,15 +28,18 @@ import torch
 from blda_tools.calibrate import CalibrateOptions, CalibrationResult, calibrate, calibration_passes
 from blda_tools.diagnose import Diagnosis, diagnose
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import ensure_writable_dir, write_json
+from blda_tools.fileio import partial_path, write_json
 from blda_tools.inference.dump import PixelSampling, prepare_dump
 from blda_tools.inference.predict import InferenceSettings
+from blda_tools.outputs import output_set
 from blda_tools.report import Report
 from blda_tools.store import LogitStore
 
 # The repository's sample_data/ (the Quickstart installs the checkout in editable mode).
 DEFAULT_SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data"
 CHECKPOINT = Path("model") / "tiny_source.pth"
+# The files `demo` itself writes in OUT (its stages: stores/, diagnosis/, calibration/).
+DEMO_FILES = ("report.html", "demo.json")
 # store name -> (dataset, root under synthcity/, split)
 SPLITS = {
     "source": ("gta5", "source", "all"),
@@ -121,18 +124,20 @@ def run_demo(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        seconds: dict[str, float] = {}
-        with _timed(seconds, "dump-logits"):
-            stores = _dump_stores(sample, out / "stores", settings, progress)
-        with _timed(seconds, "diagnose"):
-            diagnosis = _diagnose(stores["target_val"], out / "diagnosis", progress)
-        with _timed(seconds, "calibrate"):
-            calibration = _calibrate(stores, out / "calibration", settings, progress)
+        with output_set(out, "demo", DEMO_FILES) as outputs:
+            seconds: dict[str, float] = {}
+            with _timed(seconds, "dump-logits"):
+                stores = _dump_stores(sample, out / "stores", settings, progress)
+            with _timed(seconds, "diagnose"):
+                diagnosis = _diagnose(stores["target_val"], out / "diagnosis", progress)
+            with _timed(seconds, "calibrate"):
+                calibration = _calibrate(stores, out / "calibration", settings, progress)
+            result = DemoResult(out, stores, diagnosis, calibration, settings, seconds)
+            write_demo_report(result, outputs.staging / "report.html")
+            write_json(outputs.staging / "demo.json", result.summary())
     finally:
         torch.set_num_threads(previous_threads)
-    result = DemoResult(out, stores, diagnosis, calibration, settings, seconds)
-    result.report = write_demo_report(result)
-    write_json(out / "demo.json", result.summary())
+    result.report = out / "report.html"
     return result
 
 
@@ -153,7 +158,7 @@ def _checked_out_dir(out_dir: str | os.PathLike, sample: Path) -> Path:
     resolved, sample_resolved = out.resolve(), sample.resolve()
     if resolved == sample_resolved or sample_resolved in resolved.parents:
         raise BLDAError(f"--out {out}: inside the sample directory {sample}; choose another one")
-    return ensure_writable_dir(out)
+    return out
 
 
 @contextlib.contextmanager
@@ -175,8 +180,9 @@ def _dump_stores(
     stores = {}
     for name, (dataset, root, split) in SPLITS.items():
         path = store_dir / f"{name}.h5"
-        if path.exists():
-            path.unlink()  # a rerun into the same directory starts that store afresh
+        # A rerun replaces the stores it wrote (`outputs`); an earlier demo killed during the
+        # dump left an unfinished store that is not resumed.
+        partial_path(path).unlink(missing_ok=True)
         job = prepare_dump(
             "tiny",
             sample / CHECKPOINT,
@@ -217,7 +223,7 @@ def _calibrate(
         return calibrate(stores["target_val"], out, options, progress=advance)
 
 
-def write_demo_report(result: DemoResult) -> Path:
+def write_demo_report(result: DemoResult, path: Path | None = None) -> Path:
     """`OUT/report.html`: the diagnosis of target val, calibration before / after, all figures."""
     diagnosis, calibration = result.diagnosis, result.calibration
     report = Report("blda demo: a source-only model on SynthCity target val")
@@ -259,7 +265,7 @@ def write_demo_report(result: DemoResult) -> Path:
         "Details: diagnosis/report.html, diagnosis/diagnosis.json, calibration/calibration.json, "
         "calibration/sweep.csv (every tau, BLDA and prior adjustment), demo.json."
     )
-    return report.save(result.out_dir / "report.html")
+    return report.save(path if path is not None else result.out_dir / "report.html")
 
 
 FIGURE_CAPTIONS = {

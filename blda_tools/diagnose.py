@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from blda_tools import __version__, plots
-from blda_tools.fileio import ensure_writable_dir, json_ready, none_to_nan, write_json
+from blda_tools.fileio import json_ready, none_to_nan, write_json
+from blda_tools.outputs import output_set
 from blda_tools.report import Report
 from blda_tools.statistics import (
     LogitGrid,
@@ -39,6 +40,8 @@ PLOT_FILES = {
     "confusion": "confusion.png",
     "frequency": "frequency_vs_accuracy.png",
 }
+# Every file `diagnose` may write in its output directory (replaced or removed on a re-run).
+OUTPUT_FILES = ("diagnosis.json", "statistics.h5", "report.html", *PLOT_FILES.values())
 
 
 @dataclass
@@ -96,8 +99,12 @@ def diagnose(
     Eq. 4 always use the ground truth when it exists. `workers` processes share the streaming.
     `progress(rows)` is called as rows are processed (the CLI draws a bar with it).
     """
-    out_dir = ensure_writable_dir(out_dir)
     store = LogitStore(stores)
+    with output_set(out_dir, "diagnose", OUTPUT_FILES) as outputs:
+        return _diagnose(store, outputs.staging, labels, workers, grid, plots_and_report, progress)
+
+
+def _diagnose(store, out_dir, labels, workers, grid, plots_and_report, progress) -> Diagnosis:
     source = resolve_label_source(labels, store.has_labels, where=", ".join(map(str, store.paths)))
     notes = []
     if source == "pseudo":

@@ -1,7 +1,8 @@
 """Process-wide CPU settings that inference and calibration share.
 
 - `keep_freed_memory`: glibc's allocator keeps freed memory for long CPU inference runs;
-- `torch_threads`: torch's intra-op thread count changed for a block of work.
+- `torch_threads`: torch's intra-op thread count changed for a block of work;
+- `exit_with_parent`: a worker process ends when the process that started it dies.
 
 Why the allocator setting matters:
 
@@ -20,7 +21,12 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import os
 import platform
+import signal
+import sys
+import threading
+import time
 from collections.abc import Iterator
 
 import torch
@@ -59,3 +65,31 @@ def torch_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+# prctl(2) option: the signal a process gets when the thread that forked it dies.
+PR_SET_PDEATHSIG = 1
+# Seconds between a worker's checks that its dump process is still there (the fallback where
+# prctl is not available).
+PARENT_POLL_SECONDS = 1.0
+
+
+def exit_with_parent(parent: int) -> None:  # also a Pool / executor initializer
+    """End this process when `parent` dies, even by SIGKILL: a worker blocked on a full pipe
+    to a dead parent would otherwise live on for minutes (its queue's feeder thread waits for
+    a reader). Linux kills it at once (prctl PR_SET_PDEATHSIG); a thread polling the parent id
+    ends it within `PARENT_POLL_SECONDS` elsewhere, or if the parent died before prctl ran."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_SECONDS)
+    os._exit(1)

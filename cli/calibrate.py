@@ -8,10 +8,12 @@ import click
 from rich.table import Table
 
 from blda_cli.diagnose import parse_grid
+from blda_cli.option_rules import given, option_text, refuse_together
 from blda_cli.progress import console, progress_bar
 from blda_tools.calibrate import CalibrateOptions, calibrate, calibration_passes
 from blda_tools.calibration.apply import apply_calibrator
 from blda_tools.calibration.export import export_torchscript
+from blda_tools.errors import BLDAError
 from blda_tools.store import LogitStore
 
 PATH = click.Path(path_type=Path)
@@ -40,8 +42,9 @@ PATH = click.Path(path_type=Path)
     "--fit-on",
     multiple=True,
     type=PATH,
-    help="Store(s) the class-wise distributions come from (repeat the option for several; "
-    "default: the evaluated STORES).",
+    help="Store(s) the class-wise distributions come from, or a statistics.h5 written by "
+    "`blda diagnose` (its pass is then skipped; rows as --fit-labels, grid as --grid). Repeat "
+    "for several; default: the evaluated STORES.",
 )
 @click.option(
     "--fit-labels",
@@ -54,8 +57,8 @@ PATH = click.Path(path_type=Path)
     "--anchor-from",
     multiple=True,
     type=PATH,
-    help="Store(s) the anchors come from (ground truth when present; default: the fit-on "
-    "statistics). Repeat for several.",
+    help="Store(s) the anchors come from (ground truth when present), or a statistics.h5 of "
+    "`blda diagnose`; default: the fit-on statistics. Repeat for several.",
 )
 @click.option(
     "--anchor",
@@ -69,11 +72,28 @@ PATH = click.Path(path_type=Path)
     type=PATH,
     help="Labelled held-out store(s) on which tau is chosen (repeat for several).",
 )
-@click.option("--metric", type=click.Choice(["miou", "macc"]), default="miou", show_default=True)
 @click.option(
-    "--estimator", type=click.Choice(["gmm", "empirical"]), default="gmm", show_default=True
+    "--metric",
+    type=click.Choice(["miou", "macc"]),
+    default="miou",
+    show_default=True,
+    help="What the choice of tau maximises: mean IoU or mean class accuracy.",
 )
-@click.option("--components", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option(
+    "--estimator",
+    type=click.Choice(["gmm", "empirical"]),
+    default="gmm",
+    show_default=True,
+    help="CDF of each logit set (Eq. 6): a Gaussian mixture fitted to its histogram, or the "
+    "histogram's empirical CDF.",
+)
+@click.option(
+    "--components",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Gaussian components per logit set (with --estimator gmm).",
+)
 @click.option("--eps", type=float, default=0.01, show_default=True, help="CDF clamp (Eq. 6).")
 @click.option(
     "--min-samples",
@@ -89,19 +109,28 @@ PATH = click.Path(path_type=Path)
     show_default=True,
     help="Grid points of each logit column's offset table.",
 )
-@click.option("--grid", "grid_spec", default="-50:50:4000", show_default=True)
+@click.option(
+    "--grid",
+    "grid_spec",
+    default="-50:50:4000",
+    show_default=True,
+    help="Histogram grid LOW:HIGH:BINS of the logit-set statistics (that of a statistics.h5 "
+    "given to --fit-on / --anchor-from).",
+)
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
-def calibrate_command(stores, out_dir, tau_spec, apply_path, **options):
+@click.pass_context
+def calibrate_command(ctx, stores, out_dir, tau_spec, apply_path, **options):
     """Post-hoc CDF alignment (Eq. 6-7) of logit STORES: fit, sweep tau, choose it, or --apply.
 
     Writes DIR/sweep.csv, DIR/calibration.json, plots and DIR/calibrator.pt; with --apply,
     calibrated predictions (PNG pairs per image, or DIR/predictions.h5).
     """
+    _check_options(ctx)
     if apply_path is not None:
         _apply(apply_path, stores, out_dir, tau_spec)
         return
     config = CalibrateOptions(
-        taus=tau_spec or "0:1:0.1",
+        taus="0:1:0.1" if tau_spec is None else tau_spec,
         fit_on=list(options["fit_on"]) or None,
         fit_labels=options["fit_labels"],
         anchor_from=list(options["anchor_from"]) or None,
@@ -129,6 +158,33 @@ def calibrate_command(stores, out_dir, tau_spec, apply_path, **options):
             f"{config.min_samples} logits and get no offset (listed in calibration.json)"
         )
     console.print(f"wrote {out_dir}/calibration.json and {out_dir}/calibrator.pt")
+
+
+FIT_ONLY = ("fit_on", "fit_labels", "anchor_from", "anchor", "select_on", "metric", "estimator",
+            "components", "eps", "min_samples", "table_points", "grid_spec", "no_plots")  # fmt: skip
+
+
+def _check_options(ctx) -> None:
+    """Options that mean nothing together are refused, naming both."""
+    refuse_together(ctx, "apply_path", FIT_ONLY, "the option only applies when fitting")
+    if ctx.params["estimator"] != "gmm" and given(ctx, "components"):
+        raise BLDAError(
+            f"--components and --estimator {ctx.params['estimator']}: components are those of "
+            "a Gaussian mixture (--estimator gmm)"
+        )
+    single_tau = given(ctx, "tau_spec") and _one_value(ctx.params["tau_spec"])
+    if single_tau and not given(ctx, "apply_path"):
+        for option in ("select_on", "metric"):
+            if given(ctx, option):
+                raise BLDAError(
+                    f"{option_text(ctx, option)} and --tau {ctx.params['tau_spec']}: one tau "
+                    "leaves nothing to choose; give several values (0:1:0.1) or leave "
+                    f"{option_text(ctx, option)} out"
+                )
+
+
+def _one_value(spec: str) -> bool:
+    return ":" not in spec and "," not in spec
 
 
 def _apply(apply_path, stores, out_dir, tau_spec) -> None:

@@ -48,8 +48,9 @@ from blda_tools.store import LogitStore
 def diagnose_command(stores, out_dir, labels, workers, grid_spec, no_plots):
     """Measure class bias from logit STORES (shards of one store may be listed together).
 
-    Writes DIR/diagnosis.json, DIR/statistics.h5 (reused by `blda calibrate`), PNG plots and a
-    self-contained DIR/report.html.
+    Writes DIR/diagnosis.json, DIR/statistics.h5 (`blda calibrate --fit-on` / `--anchor-from`
+    take it instead of the stores), PNG plots and a self-contained DIR/report.html. A re-run
+    replaces the files an earlier diagnose wrote there (docs/outputs.md).
     """
     grid = parse_grid(grid_spec)
     total = LogitStore(stores).num_rows

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from blda_cli.option_rules import require
 from blda_cli.progress import console, progress_bar
 from blda_tools.datasets import list_datasets
 from blda_tools.inference.dump import CorruptImageWarning, PixelSampling, prepare_dump
@@ -52,6 +53,12 @@ class SizeParam(click.ParamType):
     "--checkpoint",
     type=click.Path(path_type=Path),
     help="Checkpoint to load (mmseg UDA, raw state dict, or the TorchScript archive).",
+)
+@click.option(
+    "--random-weights",
+    is_flag=True,
+    help="Run a built-in architecture on its random initialisation, without --checkpoint "
+    "(for tests and timing; refused otherwise).",
 )
 @click.option(
     "--weights",
@@ -185,7 +192,8 @@ class SizeParam(click.ParamType):
     type=click.Choice(["gzip", "lzf"]),
     help="Compress the store (smaller, slower to write and read).",
 )
-def dump_logits_command(**options):
+@click.pass_context
+def dump_logits_command(ctx, **options):
     """Run a segmentation model (or a classifier) on a dataset and write its logits to a logit
     store.
 
@@ -193,6 +201,7 @@ def dump_logits_command(**options):
     dataset has them (an unlabelled split gives a store without labels); a classifier on
     --dataset image-folder gives one row per image.
     """
+    _check_options(ctx)
     sampling = PixelSampling(
         stride=options["stride"],
         pixels_per_image=options["pixels_per_image"],
@@ -219,6 +228,7 @@ def dump_logits_command(**options):
         device=options["device"],
         dtype="float32" if options["float32"] else "float16",
         compression=options["compression"],
+        random_weights=options["random_weights"],
     )
     for notice in job.notices:
         console.print(notice)
@@ -236,6 +246,15 @@ def dump_logits_command(**options):
         f"wrote {summary.out}: {summary.images_written} image(s), {summary.rows_written:,} rows "
         f"on {job.device}, {summary.images_per_second:.2f} images/s"
     )
+
+
+def _check_options(ctx) -> None:
+    """Options that mean nothing with the others are refused, naming both."""
+    for option in ("weights", "trust_checkpoint"):
+        require(ctx, option, "checkpoint", "the option is about the checkpoint's contents")
+    for option in ("seed", "stratified"):
+        require(ctx, option, "pixels_per_image", "the option is about the pixel sampling")
+    # --crop / --window-stride against a whole-image protocol: refused by resolve_inference.
 
 
 def _inference_settings(options: dict) -> dict:

@@ -8,17 +8,34 @@ import click
 
 from blda_tools import __version__
 from blda_tools.errors import BLDAError
+from blda_tools.fileio import os_failure
 
 
 class _Group(click.Group):
-    """A click group that turns BLDAError into a one-line message and exit status 2."""
+    """A click group that turns BLDAError, and any OS failure that no library code translated,
+    into a one-line message and exit status 2."""
+
+    def resolve_command(self, ctx: click.Context, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        from blda_cli.option_rules import refuse_empty_values
+
+        return name, refuse_empty_values(command) if command else command, rest
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except BLDAError as error:
-            click.secho(f"error: {error}", fg="red", err=True)
-            sys.exit(2)
+            _fail(error)
+        except OSError as error:
+            _fail(os_failure(error))
+        except click.UsageError as error:  # a bad option value: one line too, with the way on
+            where = error.ctx.command_path if error.ctx is not None else "blda"
+            _fail(f"{error.format_message()} (see `{where} --help`)")
+
+
+def _fail(error: BLDAError | str) -> None:
+    click.secho(f"error: {error}", fg="red", err=True)
+    sys.exit(2)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -39,17 +39,19 @@ def synthcity() -> None:
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same files.")
 @click.option("--val-fraction", default=0.25, show_default=True, type=float,
               help="Share of the N target images that go to the val split.")  # fmt: skip
-@click.option("--overwrite", is_flag=True, help="Replace a SynthCity set already in --out.")
 @click.option("--workers", default=1, show_default=True, type=int,
               help="Processes to generate with (same files whatever the number).")  # fmt: skip
-def make(out, images, size_text, seed, val_fraction, overwrite, workers) -> None:
-    """Write source (GTA5 layout) and target (Cityscapes layout) images and labels."""
+def make(out, images, size_text, seed, val_fraction, workers) -> None:
+    """Write source (GTA5 layout) and target (Cityscapes layout) images and labels.
+
+    A set this command wrote in --out before is replaced; other files there are not touched.
+    """
     size = parse_size(size_text)
     total = sum(split_counts(images, val_fraction).values())
     with progress_bar("synthcity", total, unit="images") as advance:
         info = make_synthcity(out, images=images, size=size, seed=seed,
                               val_fraction=val_fraction, progress=lambda done, _: advance(1),
-                              overwrite=overwrite, workers=workers)  # fmt: skip
+                              workers=workers)  # fmt: skip
     Console().print(_summary(info))
 
 

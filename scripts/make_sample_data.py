@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     if "data" in steps:
         make_synthcity(args.out / "synthcity", images=args.images, size=tuple(args.size),
-                       seed=args.seed, val_fraction=args.val_fraction, overwrite=True)  # fmt: skip
+                       seed=args.seed, val_fraction=args.val_fraction)  # fmt: skip
         record["synthcity"] = {"images": args.images, "size": list(args.size),
                                "seed": args.seed, "val_fraction": args.val_fraction}  # fmt: skip
     if "train" in steps:

@@ -235,7 +235,7 @@ def test_bad_input_gives_clear_errors_and_exit_status_2(stores, tmp_path):
                 "--out",
                 str(tmp_path / "x"),
             ],
-            "differ from the calibrator's",
+            "class names differ: only in the calibrator: bike; only in the stores: bus",
         ),
         (
             ["calibrate", str(stores["eval"]), "--out", str(tmp_path / "y"), "--tau", "0:1:0"],

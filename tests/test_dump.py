@@ -319,8 +319,13 @@ def test_resume_refuses_other_settings_and_existing_outputs(tmp_path, plugin):
     make_cityscapes(tmp_path / "data", count=2)
     options = dict(inference=WHOLE, workers=0)
     dump(plugin, tmp_path / "data", tmp_path / "o.h5", **options)
-    with pytest.raises(BLDAError, match="o.h5 exists; delete it, or pass --resume"):
-        dump(plugin, tmp_path / "data", tmp_path / "o.h5", **options)
+    # A store this command wrote is replaced by a new run; a file it did not write is refused.
+    dump(plugin, tmp_path / "data", tmp_path / "o.h5", **options)
+    foreign = tmp_path / "mine.h5"
+    foreign.write_text("not a store")
+    with pytest.raises(BLDAError, match="mine.h5: exists and was not written by `blda dump-logits"):
+        dump(plugin, tmp_path / "data", foreign, **options)
+    assert foreign.read_text() == "not a store"
     with pytest.raises(BLDAError, match="already complete"):
         dump(plugin, tmp_path / "data", tmp_path / "o.h5", resume=True)
     (tmp_path / "o.h5").rename(tmp_path / "p.h5.partial")

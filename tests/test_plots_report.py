@@ -363,7 +363,8 @@ def test_report_is_saved_atomically_as_utf8(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(Path, "write_text", crash_midway)
-    with pytest.raises(OSError, match="disk full"):
+    # The OS failure becomes the one-line error naming the file (the CLI prints it, exit 2).
+    with pytest.raises(BLDAError, match="report.html: cannot write: disk full"):
         Report("second").paragraph("x" * 1000).save(target)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]

@@ -144,8 +144,7 @@ def test_reader_rejects_inconsistent_shards(tmp_path):
         [base, other_names],
         "base.h5",
         "names.h5",
-        "['road', 'car', 'sky']",
-        "['road', 'car', 'bus']",
+        "only in base.h5: sky; only in names.h5: bus",
     )
     other_ignore = small_store(tmp_path / "ignore.h5", ignore_index=254)
     expect_open_error([base, other_ignore], "ignore.h5", "ignore indices: 255 vs 254")

@@ -35,6 +35,7 @@ from blda_tools.datasets.synthcity.generate import (
     split_counts,
 )
 from blda_tools.errors import BLDAError
+from blda_tools.outputs import MANIFEST
 
 SMALL = (64, 128)
 # Classes the target's camera changes but that do not drift (paper Fig. 1: road, sky, car
@@ -46,7 +47,7 @@ def _hashes(root: Path) -> dict[str, str]:
     return {
         str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(root.rglob("*"))
-        if path.is_file()
+        if path.is_file() and path.name != MANIFEST  # blda's record of the files it wrote
     }
 
 
@@ -226,19 +227,27 @@ def test_bad_options_raise_blda_error(tmp_path, options, message):
         make_synthcity(tmp_path / "out", **arguments)
 
 
-def test_refuses_foreign_or_existing_output_unless_overwrite(tmp_path):
+def test_replaces_its_own_set_and_never_touches_foreign_files(tmp_path):
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("keep me")
-    with pytest.raises(BLDAError, match="not empty"):
-        make_synthcity(tmp_path / "foreign", images=1, size=SMALL)
+    make_synthcity(tmp_path / "foreign", images=1, size=SMALL)
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "keep me"
+    clash = tmp_path / "clash" / "source" / "images" / "00001.png"
+    clash.parent.mkdir(parents=True)
+    clash.write_bytes(b"my image")
+    with pytest.raises(BLDAError, match="00001.png: exists and was not written by"):
+        make_synthcity(tmp_path / "clash", images=1, size=SMALL)
+    assert clash.read_bytes() == b"my image"
     make_synthcity(tmp_path / "set", images=3, size=SMALL)
-    with pytest.raises(BLDAError, match="--overwrite"):
-        make_synthcity(tmp_path / "set", images=2, size=SMALL)
-    make_synthcity(tmp_path / "set", images=2, size=SMALL, overwrite=True)
+    make_synthcity(tmp_path / "set", images=2, size=SMALL)  # the earlier, larger set goes
     assert sorted(p.name for p in (tmp_path / "set/source/images").iterdir()) == [
         "00001.png",
         "00002.png",
     ]
+    # A set generated before blda recorded its outputs is known by its synthcity.json.
+    (tmp_path / "set" / ".blda-outputs.json").unlink()
+    make_synthcity(tmp_path / "set", images=1, size=SMALL)
+    assert sorted(p.name for p in (tmp_path / "set/source/images").iterdir()) == ["00001.png"]
 
 
 def test_cli_make_writes_the_layout_and_a_summary(tmp_path):

@@ -131,21 +131,29 @@ def mixture_inverse_cdf(mixture: GaussianMixture1D, p: Tensor) -> Tensor:
     return x.reshape(p.shape)
 
 
+def anchor_class(anchor: str, class_names) -> str | None:
+    """The class of an `--anchor` spec ("class:NAME"; None for "global"), checked against
+    `class_names` (`blda calibrate` checks it before any pass)."""
+    if anchor == "global":
+        return None
+    if not anchor.startswith("class:"):
+        raise BLDAError(f"--anchor: expected 'global' or 'class:NAME', got {anchor!r}")
+    name, names = anchor[len("class:") :], list(class_names or [])
+    if name not in names:
+        raise BLDAError(
+            f"--anchor: unknown class {name!r}; the classes are: {', '.join(names) or '(unnamed)'}"
+        )
+    return name
+
+
 def anchor_histograms(statistics: LogitSetStatistics, anchor: str) -> tuple[Tensor, Tensor]:
     """(positive, negative) anchor histograms ``(B,)``: "global" pools the diagonal / off-diagonal
     cells (Sec. 3.3.3); "class:NAME" takes that class's positive cell and its negative cells
     [c, NAME], c != NAME, pooled (Table 14)."""
     if anchor == "global":
         return statistics.positive_anchor_histogram(), statistics.negative_anchor_histogram()
-    if not anchor.startswith("class:"):
-        raise BLDAError(f"--anchor: expected 'global' or 'class:NAME', got {anchor!r}")
-    name = anchor[len("class:") :]
     names = list(statistics.class_names or [])
-    if name not in names:
-        raise BLDAError(
-            f"--anchor: unknown class {name!r}; the classes are: {', '.join(names) or '(unnamed)'}"
-        )
-    index = names.index(name)
+    index = names.index(anchor_class(anchor, names))
     column = statistics.histogram[:, index]
     return column[index].clone(), column.sum(0) - column[index]
 

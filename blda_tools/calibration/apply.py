@@ -23,7 +23,8 @@ from blda_tools.datasets import CITYSCAPES_PALETTE, default_palette
 from blda_tools.datasets.base import write_color_png, write_label_png
 from blda_tools.datasets.cityscapes import CITYSCAPES_CLASSES
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import atomic_output, ensure_writable_dir
+from blda_tools.fileio import atomic_output
+from blda_tools.outputs import output_set
 from blda_tools.runtime import torch_threads
 from blda_tools.store import LogitStore
 
@@ -31,6 +32,9 @@ Paths = str | os.PathLike | Sequence[str | os.PathLike]
 
 
 PREDICTIONS_FORMAT = "blda-predictions"
+PREDICTION_STORE = "predictions.h5"
+# The owner of --apply's files in the output manifest (`blda_tools.outputs`).
+COMMAND = "calibrate-apply"
 
 
 @dataclass
@@ -66,7 +70,22 @@ def apply_calibrator(
     tau = calibrator.tau if tau is None else tau
     store = LogitStore(stores)
     calibrator.check_classes(store.class_names, ", ".join(map(str, store.paths)))
-    out_dir = ensure_writable_dir(out_dir)
+    with output_set(out_dir, COMMAND, output_names(store)) as outputs:
+        result = _apply(calibrator, calibrator_path, store, outputs.staging, tau, progress)
+    if result.prediction_store is not None:  # where it is now, no longer where it was built
+        result.prediction_store = str(Path(out_dir) / PREDICTION_STORE)
+    return result
+
+
+def output_names(store: LogitStore) -> list[str]:
+    """The files `--apply` writes for `store`: PNG pairs when every image is a map."""
+    if not all(record.kind == "map" for record in store.images):
+        return [PREDICTION_STORE]
+    names = [_safe_relative_name(record.name, index) for index, record in enumerate(store.images)]
+    return [f"{folder}/{name}.png" for name in names for folder in ("trainIds", "color")]
+
+
+def _apply(calibrator, calibrator_path, store, out_dir: Path, tau, progress) -> ApplyResult:
     # The certificates run in `threads` threads of their own, torch at one thread meanwhile.
     threads = torch.get_num_threads()
     predict = functools.partial(calibrator.predict, tau=tau, threads=threads)
@@ -122,7 +141,7 @@ def _write_prediction_store(
     calibrator, calibrator_path, predict, store, out_dir, tau, progress
 ) -> Path:
     dtype = np.uint8 if calibrator.num_classes <= 256 else np.int32
-    path = out_dir / "predictions.h5"
+    path = out_dir / PREDICTION_STORE
     with atomic_output(path) as temporary, h5py.File(temporary, "w") as file:
         file.attrs["format"] = PREDICTIONS_FORMAT
         file.attrs["format_version"] = 1

@@ -29,6 +29,7 @@ import math
 import os
 import pickle
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -56,8 +57,8 @@ from blda_tools.calibration.eq7.pruning import (
     predict_pruned,
     predict_taus,  # noqa: F401
 )
-from blda_tools.errors import BLDAError
-from blda_tools.fileio import atomic_output
+from blda_tools.errors import BLDAError, check_same_classes
+from blda_tools.fileio import save_torch
 from blda_tools.gmm import GaussianMixture1D
 from blda_tools.statistics import LogitSetStatistics
 
@@ -131,9 +132,11 @@ class Calibrator:
         if None not in (statistics.class_names, anchor_statistics.class_names) and (
             statistics.class_names != anchor_statistics.class_names
         ):
-            raise BLDAError(
-                f"anchor statistics: classes {anchor_statistics.class_names} differ from the "
-                f"fit-on classes {statistics.class_names}"
+            check_same_classes(
+                statistics.class_names,
+                anchor_statistics.class_names,
+                "anchor statistics",
+                ("fit-on", "anchors"),
             )
         num_classes = statistics.num_classes
         self.class_names = tuple(
@@ -311,12 +314,13 @@ class Calibrator:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write `state_dict()` with torch.save (atomically)."""
-        with atomic_output(path) as temporary:
-            torch.save(self.state_dict(), temporary)
+        save_torch(self.state_dict(), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Calibrator:
         """Read a calibrator written by `save` (torch.load with weights_only=True)."""
+        if Path(path).is_dir():
+            raise BLDAError(f"{path}: is a directory; expected a calibrator file (calibrator.pt)")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
@@ -360,10 +364,7 @@ class Calibrator:
     def check_classes(self, class_names: Sequence[str], where: str) -> None:
         """BLDAError unless `class_names` are the calibrator's classes, in the same order."""
         names = self._require_fitted()
-        if tuple(class_names) != names:
-            raise BLDAError(
-                f"{where}: classes {list(class_names)} differ from the calibrator's {list(names)}"
-            )
+        check_same_classes(names, class_names, where, ("the calibrator", "the stores"))
 
 
 def check_tau(tau: float, option: str = "--tau") -> float:

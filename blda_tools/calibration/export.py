@@ -21,7 +21,8 @@ from blda_tools.calibration.calibrator import (
     check_tau,
 )
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import atomic_output
+from blda_tools.fileio import check_input_file, save_torchscript
+from blda_tools.outputs import output_file
 
 
 class BalancedLogits(torch.nn.Module):
@@ -81,11 +82,13 @@ def export_torchscript(
     model_path: str | os.PathLike | None = None,
     tau: float | None = None,
 ) -> torch.jit.ScriptModule:
-    """Script the calibrator (optionally after a TorchScript model) and save it to `out_path`."""
+    """Script the calibrator (optionally after a TorchScript model) and save it to `out_path`
+    (a file `blda export` owns, `outputs.output_file`)."""
     calibrator = Calibrator.load(calibrator_path)
     tau = calibrator.tau if tau is None else check_tau(tau, "--tau")
     module: torch.nn.Module = BalancedLogits(calibrator, tau)
     if model_path is not None:
+        check_input_file(model_path, f"--model {model_path}", "a TorchScript model file")
         try:
             model = torch.jit.load(str(model_path), map_location="cpu")
         except (RuntimeError, ValueError, OSError) as error:
@@ -94,6 +97,6 @@ def export_torchscript(
             ) from None
         module = BalancedModel(model, module)
     scripted = torch.jit.script(module)
-    with atomic_output(out_path) as temporary:
-        scripted.save(str(temporary))
+    with output_file(out_path, "export") as target:
+        save_torchscript(scripted, target)
     return scripted

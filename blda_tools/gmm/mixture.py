@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import atomic_output
+from blda_tools.fileio import save_torch
 from blda_tools.gmm.em import (
     INITS,
     _better_run,
@@ -173,8 +173,7 @@ class GaussianMixture1D(MixtureEvaluation):
     def save(self, path: str | os.PathLike) -> None:
         """Write `state_dict()` (CPU tensors) with torch.save, atomically."""
         state = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in self.state_dict().items()}
-        with atomic_output(path) as temporary:
-            torch.save(state, temporary)
+        save_torch(state, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location=None) -> GaussianMixture1D:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import warnings
 from collections import deque
@@ -35,7 +36,7 @@ import torch
 from blda_tools import __version__
 from blda_tools.datasets import build_dataset
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import partial_path
+from blda_tools.fileio import check_input_file, partial_path
 from blda_tools.inference.loader import (
     decode,
     runs_of_equal_size,
@@ -53,7 +54,8 @@ from blda_tools.inference.predict import (
 from blda_tools.inference.protocols import protocol_notices, resolve_inference
 from blda_tools.inference.tasks import check_task
 from blda_tools.models import load_model
-from blda_tools.models.loading import declared_family
+from blda_tools.models.loading import TORCHSCRIPT, declared_family
+from blda_tools.outputs import claim_file, read_manifest, record_file, record_set
 from blda_tools.runtime import keep_freed_memory, torch_threads
 from blda_tools.store import LogitWriter, PreparedImage
 
@@ -63,6 +65,7 @@ RESUME_KEYS = ("model", "checkpoint", "weights", "dataset", "split", "inference"
 # redoes at most this much work on `--resume`; a commit per image (two flushes, nine index
 # writes) cost ~2 ms CPU per 256 x 512 image, one a second a few images' worth less.
 COMMIT_SECONDS = 1.0
+COMMAND = "dump-logits"
 
 
 class CorruptImageWarning(UserWarning):
@@ -128,6 +131,7 @@ class DumpJob:
     protocol: str = "as given"
     notices: list[str] = field(default_factory=list)
     classification: bool = False
+    requested_out: Path | None = None  # --out as given (`out` is this rank's shard of it)
 
     @property
     def total(self) -> int:
@@ -152,7 +156,12 @@ class DumpJob:
         )
         with (
             LogitWriter(
-                self.out, resume=True, commit_interval=COMMIT_SECONDS, **self.writer_options
+                self.out,
+                # An unfinished store is continued; a complete one (this command's, checked
+                # by `prepare_dump`) is replaced when the new one is complete.
+                resume=partial_path(self.out).exists(),
+                commit_interval=COMMIT_SECONDS,
+                **self.writer_options,
             ) as writer,
             torch_threads(self.threads_per_stream),
             _executor(self.streams) as executor,
@@ -169,6 +178,9 @@ class DumpJob:
         if summary.images_written + self.already_stored == 0:
             self.out.unlink()  # an empty store would only fail later, in every reader
             raise BLDAError(f"{self.out}: no image could be read ({len(summary.corrupt)} corrupt)")
+        record_file(self.out, COMMAND)
+        if self.rank == 0 and self.requested_out is not None:
+            remove_other_layouts(self.requested_out, self.world_size)
         if not summary.has_labels:
             summary.notes.append(
                 "The dataset has no labels: the store holds logits only "
@@ -308,6 +320,7 @@ def prepare_dump(
     rank: int | None = None,
     world_size: int | None = None,
     streams: int | None = None,
+    random_weights: bool = False,
 ) -> DumpJob:
     """Resolve everything `dump_logits` needs and check it, before any compute.
 
@@ -318,7 +331,9 @@ def prepare_dump(
     `protocol` says which, and `notices` warn of a rescale above 2x. `rank` / `world_size`
     default to torchrun's environment. `streams` is the number of forward passes run at
     once (`DumpJob.run`); None: `default_streams`. `workers` processes decode the images;
-    with 0 the streams decode their own.
+    with 0 the streams decode their own. A built-in architecture needs a `checkpoint`, or
+    `random_weights=True` to run on its random initialisation on purpose (a plugin factory
+    brings its own weights).
 
     On a CPU this sets the process's allocator to keep freed memory (`keep_freed_memory`:
     without it, each image page-faults its activations back in). The loader workers start
@@ -327,20 +342,26 @@ def prepare_dump(
     if rank is None or world_size is None:
         rank, world_size = distributed_rank()
     _check_counts(max_images=max_images, workers=workers, batch_size=batch_size, streams=streams)
-    data = build_dataset(dataset, data_root, split, **(dataset_options or {}))
+    check_weights(model_spec, checkpoint, random_weights)
+    if checkpoint is not None:  # before any image is read
+        check_input_file(checkpoint, f"--checkpoint {checkpoint}", "a checkpoint file")
     declared_protocol, task = declared_family(model_spec)
-    classification = check_task(model_spec, task, dataset, data.dataset_name == "image-folder")
     if isinstance(inference, InferenceSettings):
         protocol = "as given"
-    else:
+    else:  # before any image is read: options that contradict the protocol are refused here
         protocol, inference = resolve_inference(declared_protocol, inference)
+    try:
+        data = build_dataset(dataset, data_root, split, **(dataset_options or {}))
+    except BLDAError as error:
+        raise BLDAError(f"--data-root {data_root}: {error}") from None
+    classification = check_task(model_spec, task, dataset, data.dataset_name == "image-folder")
     sampling = PixelSampling() if sampling is None else sampling
     if classification and sampling != PixelSampling(seed=sampling.seed):
         raise BLDAError(
             f"--dataset {dataset}: a classification dataset stores one row per image; "
             "--stride, --pixels-per-image and --stratified do not apply"
         )
-    out = shard_path(out, rank, world_size)
+    requested_out, out = Path(out), shard_path(out, rank, world_size)
     metadata = {
         "model": model_spec,
         "checkpoint": None if checkpoint is None else str(checkpoint),
@@ -394,7 +415,23 @@ def prepare_dump(
         protocol=protocol,
         notices=notices,
         classification=classification,
+        requested_out=requested_out,
     )
+
+
+def remove_other_layouts(out: Path, world_size: int) -> None:
+    """Remove the stores of an earlier dump to the same `out` written with another number of
+    ranks (`out` itself, or `<stem>.rank<r>-of-<W>` shards), where this command wrote them: a
+    re-run never leaves an earlier run's shards beside the new ones."""
+    directory = out.parent if str(out.parent) else Path(".")
+    current = {shard_path(out, rank, world_size).name for rank in range(world_size)}
+    pattern = re.compile(rf"{re.escape(out.stem)}\.rank\d+-of-\d+{re.escape(out.suffix)}")
+    for owner in read_manifest(directory):
+        name = owner.partition(" ")[2]
+        is_layout = name == out.name or pattern.fullmatch(name)
+        if owner.startswith(f"{COMMAND} ") and is_layout and name not in current:
+            (directory / name).unlink(missing_ok=True)
+            record_set(directory, owner, [])
 
 
 def _stream_layout(streams: int | None, device: torch.device) -> dict:
@@ -422,6 +459,20 @@ def dump_logits(
     return job.run(progress)
 
 
+def check_weights(model_spec: str, checkpoint, random_weights: bool) -> None:
+    """Refuse to run a built-in architecture on random weights unless asked to."""
+    if random_weights and checkpoint is not None:
+        raise BLDAError(
+            "--random-weights and --checkpoint: the weights come from the checkpoint; give one"
+        )
+    builtin = model_spec != TORCHSCRIPT and ":" not in model_spec
+    if builtin and checkpoint is None and not random_weights:
+        raise BLDAError(
+            f"--model {model_spec}: no --checkpoint, so the model would run on random weights; "
+            "pass --checkpoint FILE, or --random-weights to do that on purpose"
+        )
+
+
 def _check_counts(**values) -> None:
     for option, value in values.items():
         minimum = 0 if option == "workers" else 1  # streams: None (default) or >= 1
@@ -436,11 +487,12 @@ def _names_already_stored(out: Path, resume: bool, metadata: dict) -> set[str]:
     written with the same settings (else the store would mix two dumps)."""
     path = partial_path(out)
     if not resume:
-        if out.exists() or path.exists():
+        if path.exists():
             raise BLDAError(
-                f"--out {out}: {out if out.exists() else path} exists; delete it, or pass "
-                "--resume to continue an unfinished dump"
+                f"--out {out}: {path} exists, an unfinished dump; pass --resume to continue it, "
+                "or delete it to start again"
             )
+        claim_file(out, COMMAND)  # a store this command wrote is replaced, nothing else
         return set()
     if not path.exists():
         if out.exists():

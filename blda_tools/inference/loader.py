@@ -8,12 +8,15 @@ tensors again in the stream that runs the model (`with_arrays`).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from blda_tools.datasets import CorruptSampleError
+from blda_tools.runtime import exit_with_parent
 
 
 class _DecodedItems(Dataset):
@@ -63,9 +66,10 @@ def _as_list(batch):
     return batch
 
 
-def _single_threaded_worker(_worker_id: int) -> None:
+def _start_worker(parent: int, _worker_id: int) -> None:
     # Workers only decode images; their own thread pools would compete with the model.
     torch.set_num_threads(1)
+    exit_with_parent(parent)
 
 
 def runs_of_equal_size(samples: list) -> Iterator[list]:
@@ -93,7 +97,7 @@ def start_loader(dataset, pending: list[int], workers: int, batch_size: int) -> 
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_as_list,
-        worker_init_fn=_single_threaded_worker,
+        worker_init_fn=functools.partial(_start_worker, os.getpid()),
         prefetch_factor=4,
     )
     return iter(loader)

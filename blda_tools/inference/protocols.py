@@ -62,6 +62,16 @@ def resolve_inference(
     if "resize" in overrides and "keep_ratio" not in overrides:
         overrides["keep_ratio"] = False
     settings = dataclasses.replace(PROTOCOLS[name], **overrides)
+    window_options = [key for key in ("crop", "stride") if key in overrides]
+    if settings.mode == "whole" and window_options:
+        how = "--mode whole" if "mode" in overrides else f"the {name} protocol (whole images)"
+        given = " and ".join(
+            {"crop": "--crop", "stride": "--window-stride"}[k] for k in window_options
+        )
+        raise BLDAError(
+            f"{given} and {how}: sliding-window options, but the inference is on whole images; "
+            "add --mode slide"
+        )
     changed = [
         key
         for key in ("mode", "resize", "crop", "stride")

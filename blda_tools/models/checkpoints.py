@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from blda_tools.errors import BLDAError
+from blda_tools.fileio import check_input_file
 from blda_tools.models.identify import likely_architecture
 from blda_tools.models.key_filters import (
     StateDict,
@@ -55,8 +56,7 @@ class LoadReport:
 def read_checkpoint(path: str | os.PathLike, trust_checkpoint: bool = False) -> object:
     """`torch.load` on the CPU, tensors and plain containers only unless `trust_checkpoint`."""
     path = Path(path)
-    if not path.is_file():
-        raise BLDAError(f"--checkpoint {path}: no such file")
+    check_input_file(path, f"--checkpoint {path}", "a checkpoint file")
     if trust_checkpoint:
         warnings.warn(
             f"--trust-checkpoint: unpickling {path} with weights_only=False can run arbitrary "

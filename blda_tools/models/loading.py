@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from blda_tools.errors import BLDAError
+from blda_tools.fileio import check_input_file
 from blda_tools.models.checkpoints import LoadReport, load_checkpoint
 from blda_tools.models.registry import create_model
 
@@ -79,8 +80,7 @@ def _load_torchscript(checkpoint: str | os.PathLike | None) -> nn.Module:
     if checkpoint is None:
         raise BLDAError("--model torchscript: needs --checkpoint FILE (the TorchScript archive)")
     path = Path(checkpoint)
-    if not path.is_file():
-        raise BLDAError(f"--checkpoint {path}: no such file")
+    check_input_file(path, f"--checkpoint {path}", "a TorchScript archive")
     try:
         return torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError) as error:
@@ -93,6 +93,7 @@ def _load_torchscript(checkpoint: str | os.PathLike | None) -> nn.Module:
 
 def _build_plugin(spec: str, num_classes: int) -> nn.Module:
     factory = _plugin_factory(spec)
+    module_name, _, factory_name = spec.partition(":")
     try:
         parameters = inspect.signature(factory).parameters
     except (TypeError, ValueError):
@@ -100,7 +101,14 @@ def _build_plugin(spec: str, num_classes: int) -> nn.Module:
     takes_num_classes = "num_classes" in parameters or any(
         p.kind == p.VAR_KEYWORD for p in parameters.values()
     )
-    model = factory(num_classes=num_classes) if takes_num_classes else factory()
+    try:
+        model = factory(num_classes=num_classes) if takes_num_classes else factory()
+    except BLDAError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the user's code: any failure is reported as one line
+        raise BLDAError(
+            f"--model {spec}: the factory {module_name}.{factory_name} raised {_one_line(error)}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise BLDAError(
             f"--model {spec}: the factory returned {type(model).__name__}, expected a torch nn.Module"
@@ -119,10 +127,20 @@ def _plugin_factory(spec: str):
             f"--model {spec}: cannot import module {module_name!r} ({error}); "
             "is it installed or on PYTHONPATH?"
         ) from None
+    except Exception as error:  # noqa: BLE001 - the user's module failed while importing
+        raise BLDAError(
+            f"--model {spec}: importing module {module_name!r} raised {_one_line(error)}"
+        ) from None
     factory = getattr(module, factory_name, None)
     if factory is None or not callable(factory):
         raise BLDAError(f"--model {spec}: module {module_name} has no callable {factory_name!r}")
     return factory
+
+
+def _one_line(error: BaseException) -> str:
+    """`TypeName: first line of the message` of an exception from the user's code."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return type(error).__name__ + (f": {message}" if message else "")
 
 
 def _warn_partial(report: LoadReport, checkpoint: str | os.PathLike) -> None:

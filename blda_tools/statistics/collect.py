@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 
 from blda_tools.errors import BLDAError
+from blda_tools.runtime import exit_with_parent
 from blda_tools.statistics import logit_sets
 from blda_tools.statistics.grid import LogitGrid
 from blda_tools.statistics.logit_sets import LogitSetStatistics
@@ -89,6 +90,13 @@ def collect_statistics(
         raise BLDAError(f"workers: expected a positive integer, got {workers}")
     if rows_per_chunk < 1:
         raise BLDAError(f"rows_per_chunk: expected a positive integer, got {rows_per_chunk}")
+    statistics = _collect(store, source, grid, workers, rows_per_chunk, progress)
+    statistics.label_source = source
+    statistics.stores = tuple(str(path) for path in store.paths)
+    return statistics
+
+
+def _collect(store, source, grid, workers, rows_per_chunk, progress) -> LogitSetStatistics:
     total = store.num_rows
     if workers == 1 or total < 2 * rows_per_chunk:
         return _statistics_of_range(store, source, grid, 0, total, rows_per_chunk, progress)
@@ -107,7 +115,8 @@ def collect_statistics(
         store.num_classes, grid, ignore_index=store.ignore_index, class_names=store.class_names
     )
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers) as pool:
+    # Workers exit when this process dies (even by SIGKILL) instead of waiting on its pipes.
+    with context.Pool(workers, initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         for part, rows in pool.imap_unordered(_star_worker, tasks):
             result.merge(part)
             if progress is not None:

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import atomic_output
+from blda_tools.fileio import atomic_output, check_input_file
 
 FORMAT_NAME = "blda-logit-statistics"
 FORMAT_VERSION = 1
@@ -42,6 +42,9 @@ class StatisticsHeader:
     grid_high: float
     grid_bins: int
     class_names: tuple[str, ...] | None
+    # Optional (absent in older files): the rows' source ("gt" or "pseudo") and the stores.
+    label_source: str | None = None
+    stores: tuple[str, ...] | None = None
 
     def array_shape(self, name: str) -> tuple[int, ...]:
         """The shape of dataset `name`: (C, C, B) for the histogram, (C, C) for the others."""
@@ -61,6 +64,10 @@ def write_statistics(
         file.attrs["grid_bins"] = header.grid_bins
         if header.class_names is not None:
             file.attrs["class_names"] = list(header.class_names)
+        if header.label_source is not None:
+            file.attrs["label_source"] = header.label_source
+        if header.stores is not None:
+            file.attrs["stores"] = list(header.stores)
         for name in ARRAYS:
             compression = "gzip" if name == "histogram" else None
             file.create_dataset(name, data=arrays[name], compression=compression)
@@ -68,6 +75,7 @@ def write_statistics(
 
 def read_statistics(path: str | os.PathLike) -> tuple[StatisticsHeader, dict[str, np.ndarray]]:
     """Read a file written by `write_statistics`; `BLDAError` for anything else."""
+    check_input_file(path, str(path), "a statistics file (statistics.h5)")
     try:
         file = h5py.File(path, "r")
     except OSError as error:
@@ -90,6 +98,8 @@ def read_statistics(path: str | os.PathLike) -> tuple[StatisticsHeader, dict[str
                 grid_high=float(file.attrs["grid_high"]),
                 grid_bins=int(file.attrs["grid_bins"]),
                 class_names=None if names is None else tuple(str(name) for name in names),
+                label_source=_optional_text(file.attrs.get("label_source")),
+                stores=_optional_texts(file.attrs.get("stores")),
             )
         except KeyError as error:
             raise BLDAError(f"{path}: statistics file is missing {error}") from None
@@ -107,3 +117,11 @@ def _read_array(file: h5py.File, name: str, shape: tuple[int, ...], path) -> np.
         return dataset[()]
     except OSError as error:
         raise BLDAError(f"{path}: cannot read dataset '{name}' ({error})") from None
+
+
+def _optional_text(value) -> str | None:
+    return None if value is None else str(value.decode() if isinstance(value, bytes) else value)
+
+
+def _optional_texts(values) -> tuple[str, ...] | None:
+    return None if values is None else tuple(_optional_text(value) for value in values)

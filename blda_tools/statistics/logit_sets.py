@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from blda_tools.errors import BLDAError
+from blda_tools.errors import BLDAError, check_same_classes
 from blda_tools.statistics import kernel
 from blda_tools.statistics.grid import LogitGrid
 from blda_tools.statistics.io import ARRAYS, StatisticsHeader, read_statistics, write_statistics
@@ -96,6 +96,10 @@ class LogitSetStatistics:
         self.confusion = torch.zeros(C, C, dtype=torch.int64)
         self.clipped = torch.zeros(C, C, dtype=torch.int64)
         self.num_ignored = 0
+        # Where the rows came from, when known ("gt" / "pseudo"; the stores' paths): saved with
+        # the statistics so that `blda calibrate` can check a statistics file it is given.
+        self.label_source: str | None = None
+        self.stores: tuple[str, ...] | None = None
 
     # ------------------------------------------------------------------ update
     def update(self, logits: torch.Tensor, labels: torch.Tensor | None = None) -> None:
@@ -246,9 +250,7 @@ class LogitSetStatistics:
         if None not in (self.class_names, other.class_names) and (
             self.class_names != other.class_names
         ):
-            raise BLDAError(
-                f"merge: class names {other.class_names} differ from {self.class_names}"
-            )
+            check_same_classes(self.class_names, other.class_names, "merge", ("these", "other"))
         self.class_names = self.class_names or other.class_names
         for name in ("histogram", "count", "sum", "sum_squares", "confusion", "clipped"):
             getattr(self, name).add_(getattr(other, name))
@@ -268,6 +270,8 @@ class LogitSetStatistics:
             grid_high=self.grid.high,
             grid_bins=self.grid.bins,
             class_names=self.class_names,
+            label_source=self.label_source,
+            stores=self.stores,
         )
         write_statistics(path, header, {name: getattr(self, name).numpy() for name in ARRAYS})
 
@@ -282,6 +286,7 @@ class LogitSetStatistics:
             class_names=header.class_names,
         )
         statistics.num_ignored = header.num_ignored
+        statistics.label_source, statistics.stores = header.label_source, header.stores
         for name in ARRAYS:
             target = getattr(statistics, name)
             target.copy_(torch.from_numpy(arrays[name].astype(target.numpy().dtype)))

@@ -10,8 +10,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from blda_tools.errors import BLDAError
-from blda_tools.fileio import PARTIAL_SUFFIX
+from blda_tools.errors import BLDAError, check_same_classes
+from blda_tools.fileio import PARTIAL_SUFFIX, partial_path
 from blda_tools.store.schema import (
     COMPRESSED_CHUNK_CACHE_BYTES,
     FORMAT_NAME,
@@ -35,13 +35,26 @@ class _Shard:
     index: dict  # image index columns as numpy arrays
 
 
+UNFINISHED = (
+    "this store was not completed (the dump was interrupted); continue it with the same "
+    "`blda dump-logits ... --out {out} --resume`"
+)
+
+
 def _open_shard(path: Path) -> _Shard:
     if path.name.endswith(PARTIAL_SUFFIX):
-        raise BLDAError(
-            f"{path}: this store was not completed (the writer was interrupted), rerun with --resume"
-        )
-    if not path.is_file():
+        raise BLDAError(f"{path}: " + UNFINISHED.format(out=path.name[: -len(PARTIAL_SUFFIX)]))
+    if path.is_dir():
+        raise BLDAError(f"{path}: is a directory; expected a logit store file (.h5)")
+    if not path.exists():
+        partial = partial_path(path)
+        if partial.exists():
+            raise BLDAError(
+                f"{path}: no such file, but {partial} exists: " + UNFINISHED.format(out=path)
+            )
         raise BLDAError(f"{path}: no such file")
+    if not path.is_file():
+        raise BLDAError(f"{path}: not a regular file; expected a logit store file (.h5)")
     if not h5py.is_hdf5(path):
         raise BLDAError(f"{path}: not an HDF5 file (expected a blda logit store)")
     try:
@@ -73,9 +86,7 @@ def _checked_shard(path: Path, file: h5py.File) -> _Shard:
             f"{path}: store format version {version} is not supported (this blda reads version {FORMAT_VERSION})"
         )
     if not attrs.get("complete", False):
-        raise BLDAError(
-            f"{path}: this store was not completed (the writer was interrupted), rerun with --resume"
-        )
+        raise BLDAError(f"{path}: " + UNFINISHED.format(out=path))
     try:
         class_names = json.loads(attrs["class_names"])
         logits, images = file["logits"], file["images"]
@@ -138,10 +149,12 @@ def _check_shards_agree(shards: list[_Shard]) -> None:
     first = shards[0]
     for shard in shards[1:]:
         pair = f"{first.path} and {shard.path}"
-        if shard.class_names != first.class_names:
-            raise BLDAError(
-                f"shards {pair} have different class names: {first.class_names} vs {shard.class_names}"
-            )
+        check_same_classes(
+            first.class_names,
+            shard.class_names,
+            f"shards {pair}",
+            (first.path.name, shard.path.name),
+        )
         if shard.ignore_index != first.ignore_index:
             raise BLDAError(
                 f"shards {pair} have different ignore indices: {first.ignore_index} vs {shard.ignore_index}"

@@ -15,8 +15,8 @@ import h5py
 import numpy as np
 
 from blda_tools import __version__
-from blda_tools.errors import BLDAError
-from blda_tools.fileio import ensure_writable_dir, partial_path
+from blda_tools.errors import BLDAError, check_same_classes
+from blda_tools.fileio import describe_os_error, ensure_writable_dir, partial_path
 from blda_tools.store.rows import (
     _as_array,
     _check_label_values,
@@ -133,9 +133,21 @@ class LogitWriter:
 
     def __exit__(self, exc_type, exc, traceback) -> None:
         if exc_type is None:
-            self.close()
-        else:
-            self._abandon()
+            try:
+                self.close()
+            except OSError as error:
+                raise self._write_failure(error) from None
+            return
+        self._abandon()
+        if isinstance(exc, OSError):  # a full disk while appending: the committed part is kept
+            raise self._write_failure(exc) from None
+
+    def _write_failure(self, error: OSError) -> BLDAError:
+        kept = self.partial_path.exists()
+        return BLDAError(
+            f"{self.partial_path}: cannot write: {describe_os_error(error)}"
+            + ("; the images committed so far are kept: continue with --resume" if kept else "")
+        )
 
     def add(
         self, logits, labels=None, name=None, stride=1, pixel_index=None, image_size=None
@@ -274,7 +286,9 @@ class LogitWriter:
         try:
             file = h5py.File(self.partial_path, "w", **self._chunk_cache_options())
         except OSError as error:
-            raise BLDAError(f"{self.partial_path}: cannot create the store: {error}") from None
+            raise BLDAError(
+                f"{self.partial_path}: cannot create the store: {describe_os_error(error)}"
+            ) from None
         file.attrs.update(
             format=FORMAT_NAME,
             format_version=FORMAT_VERSION,
@@ -333,10 +347,7 @@ class LogitWriter:
                 f"{where}: not a blda logit store of format version {FORMAT_VERSION}; delete it"
             )
         stored_names = json.loads(file.attrs["class_names"])
-        if stored_names != self.class_names:
-            raise BLDAError(
-                f"{where}: the unfinished store has classes {stored_names}, not {self.class_names}"
-            )
+        check_same_classes(stored_names, self.class_names, where, ("the store", "this run"))
         if file["logits"].dtype != np.dtype(self.dtype):
             raise BLDAError(
                 f"{where}: the unfinished store holds {file['logits'].dtype} logits, not dtype={self.dtype!r}"

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import atomic_output
+from blda_tools.fileio import save_torch
 
 
 def weights_state_dict(student: nn.Module, teacher: nn.Module | None) -> dict[str, torch.Tensor]:
@@ -66,8 +66,7 @@ def restore_rng_state(state: dict) -> None:
 
 def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
     """Write `checkpoint` atomically (a partial file never carries the final name)."""
-    with atomic_output(path) as temporary:
-        torch.save(checkpoint, temporary)
+    save_torch(checkpoint, path)
 
 
 def load_training_checkpoint(path: str | Path) -> dict:

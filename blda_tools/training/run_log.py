@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import atomic_output, json_ready
+from blda_tools.fileio import atomic_output, json_ready, write_failure
 
 LOG_NAME = "log.jsonl"
 
@@ -28,9 +28,12 @@ class JsonlLog:
             temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
-        with self.path.open("a") as stream:
-            # JSON has no NaN: a class absent from val is written as null.
-            stream.write(json.dumps(json_ready(record)) + "\n")
+        try:
+            with self.path.open("a") as stream:
+                # JSON has no NaN: a class absent from val is written as null.
+                stream.write(json.dumps(json_ready(record)) + "\n")
+        except OSError as error:  # a full disk mid-run: name the log
+            raise write_failure(self.path, error) from None
 
 
 def read_log(path: str | Path) -> list[dict]:
@@ -111,11 +114,14 @@ def curve_records(records: list[dict]) -> list[dict]:
 
 def plot_log(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw losses and target-val mIoU / mAcc against iterations into a PNG (default
-    `RUN_DIR/training_curves.png`)."""
+    `RUN_DIR/training_curves.png`), a file `blda plot-log` owns (`outputs.output_file`)."""
+    from blda_tools.outputs import output_file
     from blda_tools.plots import plot_training_curves
 
     curves = curve_records(read_log(run_dir))
     if not curves:
         raise BLDAError(f"{run_dir}: the log has no training or evaluation records yet")
     out = Path(out) if out is not None else Path(run_dir) / "training_curves.png"
-    return plot_training_curves(curves, path=out)
+    with output_file(out, "plot-log") as target:
+        plot_training_curves(curves, path=target)
+    return out

@@ -11,8 +11,10 @@ Run directory layout:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,7 +23,14 @@ import torch
 import torch.distributed as dist
 
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import atomic_output, ensure_writable_dir
+from blda_tools.errors import check_same_classes as check_class_lists
+from blda_tools.fileio import (
+    atomic_output,
+    created_directories,
+    ensure_writable_dir,
+    remove_empty_directories,
+)
+from blda_tools.outputs import check_can_write, read_manifest, record_set
 from blda_tools.training.checkpoint import load_training_checkpoint
 from blda_tools.training.config import (
     TrainingConfig,
@@ -34,6 +43,17 @@ from blda_tools.training.loop import Trainer, TrainingComponents, resolve_device
 from blda_tools.training.losses import build_loss
 from blda_tools.training.run_log import JsonlLog
 from blda_tools.training.run_loop import checkpoint_path, run_loop
+
+COMMAND = "train"
+# What a run writes in its directory (module docstring): `blda train` owns these names.
+RUN_FILES = (
+    "config.toml",
+    "log.jsonl",
+    "checkpoints/latest.pth",
+    "checkpoints/best.pth",
+    "rcs_class_pixels.pt",
+    "blda",
+)
 
 
 def seed_everything(seed: int) -> None:
@@ -55,13 +75,9 @@ def check_same_classes(named_datasets: dict[str, object]) -> tuple[tuple[str, ..
     (first_name, first), *others = named_datasets.items()
     classes, ignore = tuple(first.class_names), first.ignore_index
     for name, dataset in others:
-        if tuple(dataset.class_names) != classes:
-            raise BLDAError(
-                f"data: {first_name} and {name} have different class sets "
-                f"({len(classes)} classes {list(classes)[:4]}... vs {len(dataset.class_names)} "
-                f"classes {list(dataset.class_names)[:4]}...); expected the same classes in "
-                "the same order"
-            )
+        check_class_lists(
+            classes, dataset.class_names, f"data: {first_name} and {name}", (first_name, name)
+        )
         if dataset.ignore_index != ignore:
             raise BLDAError(f"data: {first_name} and {name} use different ignore indices")
     return classes, ignore
@@ -149,12 +165,37 @@ def prepare_run_dir(config: TrainingConfig, run_dir: Path, *, resume: bool, is_m
             f"--work-dir: {run_dir} already holds a run; pass --resume or choose another directory"
         )
     if is_main:
+        # The files of a run are `blda train`'s (docs/outputs.md): a file of that name that
+        # train did not write is refused; a run that failed before its first checkpoint left
+        # none (`remove_unstarted_run`).
+        sets = read_manifest(run_dir) if run_dir.is_dir() else {}
+        for name in RUN_FILES:
+            check_can_write(run_dir, name, COMMAND, sets)
+        _remove_run_files(run_dir)  # train's own, from a run killed before its first checkpoint
         ensure_writable_dir(run_dir / "checkpoints")
         with atomic_output(saved) as temporary:
             temporary.write_text(to_toml(config))
-        # Leftovers of a run that stopped before its first checkpoint are not reused.
-        for leftover in ("log.jsonl", "rcs_class_pixels.pt"):
-            (run_dir / leftover).unlink(missing_ok=True)
+        record_set(run_dir, COMMAND, RUN_FILES)
+
+
+def remove_unstarted_run(run_dir: Path, created: list[Path]) -> None:
+    """After a run failed before its first checkpoint: remove what it wrote (nothing there to
+    resume from), and the directories it created."""
+    _remove_run_files(run_dir)
+    with contextlib.suppress(OSError):
+        (run_dir / "checkpoints").rmdir()
+    if run_dir.is_dir():
+        record_set(run_dir, COMMAND, [])
+    remove_empty_directories(created)
+
+
+def _remove_run_files(run_dir: Path) -> None:
+    for name in RUN_FILES:
+        target = run_dir / name
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
 
 
 def run_training(
@@ -173,10 +214,25 @@ def run_training(
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     run_dir = Path(work_dir)
-    prepare_run_dir(config, run_dir, resume=resume, is_main=rank == 0)
+    # The device is checked before the run directory is touched.
+    device = resolve_device(config.run.device, int(os.environ.get("LOCAL_RANK", 0)))
+    created = created_directories(run_dir) if rank == 0 and not resume else []
+    try:
+        prepare_run_dir(config, run_dir, resume=resume, is_main=rank == 0)
+    except BaseException:
+        remove_empty_directories(created)  # a refused run directory: the user's files stay
+        raise
+    try:
+        return _train(config, run_dir, components, device, resume, stop_at, rank, world_size)
+    except BaseException:
+        if rank == 0 and not resume and not checkpoint_path(run_dir).exists():
+            remove_unstarted_run(run_dir, created)
+        raise
+
+
+def _train(config, run_dir, components, device, resume, stop_at, rank, world_size) -> dict:
     if world_size > 1:
         dist.barrier()
-    device = resolve_device(config.run.device, int(os.environ.get("LOCAL_RANK", 0)))
     trainer = Trainer(config, run_dir, components, device=device, rank=rank, world_size=world_size)
     rng_state = None
     if resume:

@@ -50,7 +50,9 @@ from blda_tools.datasets.synthcity.scenes import (
     draw_layout,
 )
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import atomic_output, ensure_writable_dir
+from blda_tools.fileio import atomic_output
+from blda_tools.outputs import output_set, read_manifest, record_set
+from blda_tools.runtime import exit_with_parent
 
 __all__ = [
     "CLASS_NAMES", "DOMAINS", "GENERATOR_VERSION", "SOURCE", "TARGET", "TARGET_DRIFT", "Domain",
@@ -59,6 +61,8 @@ __all__ = [
 ]  # fmt: skip
 
 GENERATOR_VERSION = 1
+# The owner of the set's files in the output record (`blda_tools.outputs`): `blda synthcity make`.
+COMMAND = "synthcity"
 PNG_COMPRESS_LEVEL = 3  # explicit (files must not depend on Pillow's default); 6 is 2-3x slower for ~5% smaller files
 MIN_SIZE = 32
 # Streams of the per-image seeds: every (split, index) has its own generator.
@@ -131,30 +135,26 @@ def _paths(root: Path, split: str, index: int) -> tuple[Path, Path]:
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
-    try:
-        with atomic_output(path) as temporary:
-            Image.fromarray(array).save(temporary, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    except OSError as error:  # disk full, permissions: say which file
-        raise BLDAError(f"{path}: cannot write ({error.strerror or error})") from None
+    with atomic_output(path) as temporary:  # an OS failure names the file
+        Image.fromarray(array).save(temporary, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 
-def _check_output(root: Path, overwrite: bool) -> None:
-    """Refuse to mix a new set with old files; with `overwrite`, remove an old set's files only."""
-    if not root.exists() or not any(root.iterdir()):
-        return
+def _adopt_earlier_set(root: Path) -> None:
+    """A set generated before blda recorded its outputs (`outputs.MANIFEST`) is recognised by
+    its synthcity.json and recorded as this command's, so that a re-run replaces it."""
     manifest = root / "synthcity.json"
-    if not manifest.exists():
-        raise BLDAError(f"--out {root}: directory is not empty and holds no synthcity.json; "
-                        "choose a new or empty directory")  # fmt: skip
-    if not overwrite:
-        raise BLDAError(f"--out {root}: already holds a SynthCity set (synthcity.json); "
-                        "pass --overwrite to replace it or choose another directory")  # fmt: skip
-    manifest.unlink()
+    if not manifest.is_file() or COMMAND in read_manifest(root):
+        return
+    try:
+        generator = json.loads(manifest.read_text()).get("generator")
+    except (OSError, ValueError, AttributeError):
+        return
+    if generator != "blda SynthCity":
+        return
     patterns = ["source/images/*.png", "source/labels/*.png",
                 "target/leftImg8bit/*/synthcity/*.png", "target/gtFine/*/synthcity/*.png"]  # fmt: skip
-    for pattern in patterns:
-        for old in root.glob(pattern):
-            old.unlink()
+    earlier = [p.relative_to(root).as_posix() for pattern in patterns for p in root.glob(pattern)]
+    record_set(root, COMMAND, [*earlier, "synthcity.json"])
 
 
 def _parse_size(size) -> tuple[int, int]:
@@ -176,7 +176,6 @@ def make_synthcity(
     seed: int = 0,
     val_fraction: float = 0.25,
     progress: Callable[[int, int], None] | None = None,
-    overwrite: bool = False,
     workers: int = 1,
 ) -> SynthCityInfo:
     """Generate a SynthCity set under `out`: `images` source and `images` target images.
@@ -192,15 +191,27 @@ def make_synthcity(
         raise BLDAError(f"--workers: expected a positive whole number, got {workers!r}")
     counts = split_counts(images, val_fraction)
     root = Path(out)
-    _check_output(root, overwrite)
-    ensure_writable_dir(root)
     info = SynthCityInfo(root=root, seed=seed, size=size, counts=counts)
     tasks = [(split, index) for split, count in counts.items() for index in range(count)]
+    names = [p.relative_to(root).as_posix() for task in tasks for p in _paths(root, *task)]
+    names.append("synthcity.json")
+    if root.is_dir():
+        _adopt_earlier_set(root)
+    with output_set(root, COMMAND, names) as outputs:
+        _generate(info, outputs.staging, tasks, val_fraction, progress, workers)
+    return info
+
+
+def _generate(info: SynthCityInfo, staging: Path, tasks, val_fraction, progress, workers) -> None:
+    """Write every image and the manifest into `staging` (moved into place by the caller)."""
+    seed, size, counts = info.seed, info.size, info.counts
     histograms = {split: np.zeros(256, dtype=np.int64) for split in counts}
-    write = functools.partial(_write_image, root, seed, size)
+    write = functools.partial(_write_image, staging, seed, size)
     with contextlib.ExitStack() as stack:
         if workers > 1:
-            pool = stack.enter_context(ProcessPoolExecutor(workers))
+            pool = stack.enter_context(  # workers exit when this process dies
+                ProcessPoolExecutor(workers, initializer=exit_with_parent, initargs=(os.getpid(),))
+            )
             results = pool.map(write, tasks, chunksize=4)
         else:
             results = map(write, tasks)
@@ -211,8 +222,7 @@ def make_synthcity(
     for split, histogram in histograms.items():
         info.class_pixels[split] = histogram[: len(CLASS_NAMES)].tolist()
         info.void_pixels[split] = int(histogram[VOID])
-    _write_manifest(info, val_fraction)
-    return info
+    _write_manifest(info, val_fraction, staging)
 
 
 def _write_image(root: Path, seed: int, size: tuple[int, int], task: tuple[str, int]) -> np.ndarray:
@@ -226,7 +236,7 @@ def _write_image(root: Path, seed: int, size: tuple[int, int], task: tuple[str, 
     return np.bincount(train_ids.ravel(), minlength=256)
 
 
-def _write_manifest(info: SynthCityInfo, val_fraction: float) -> None:
+def _write_manifest(info: SynthCityInfo, val_fraction: float, directory: Path) -> None:
     manifest = {
         "generator": "blda SynthCity",
         "generator_version": GENERATOR_VERSION,
@@ -243,5 +253,5 @@ def _write_manifest(info: SynthCityInfo, val_fraction: float) -> None:
             for cls, (towards, amount) in sorted(TARGET_DRIFT.items())
         ],
     }
-    with atomic_output(info.root / "synthcity.json") as temporary:
+    with atomic_output(directory / "synthcity.json") as temporary:
         temporary.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,156 @@
+"""The inputs of `blda calibrate`, opened and checked before any long pass: every store and
+statistics file named with the option it came from, classes compared with the evaluated stores
+(only the names that differ are reported), labels present where they are needed.
+
+`--fit-on` and `--anchor-from` take logit stores, or statistics files written by
+`blda diagnose` (`statistics.h5`), whose pass over the data is then skipped: their histogram
+grid must be calibrate's `--grid`, and for `--fit-on` their rows must be what `--fit-labels`
+asks for.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+
+from blda_tools.errors import BLDAError, check_same_classes
+from blda_tools.statistics import LogitGrid, LogitSetStatistics, collect_statistics
+from blda_tools.statistics.io import FORMAT_NAME as STATISTICS_FORMAT
+from blda_tools.store import LogitStore
+
+Paths = str | os.PathLike | Sequence[str | os.PathLike]
+
+
+def as_paths(paths: Paths) -> list[Path]:
+    return [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
+
+
+def open_store(paths: Paths, option: str) -> LogitStore:
+    """`LogitStore(paths)`, with any error prefixed by the option the paths came from."""
+    try:
+        return LogitStore(paths)
+    except BLDAError as error:
+        raise BLDAError(f"{option} {error}") from None
+
+
+def is_statistics_file(path: Path) -> bool:
+    """True for a statistics file written by `LogitSetStatistics.save` (`blda diagnose`)."""
+    try:
+        with h5py.File(path, "r") as file:
+            return file.attrs.get("format") == STATISTICS_FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+@dataclass
+class StatisticsSource:
+    """Statistics `calibrate` needs (`--fit-on`, `--anchor-from`): a store to stream, or
+    statistics already saved (`saved`)."""
+
+    option: str
+    store: LogitStore | None
+    saved: LogitSetStatistics | None
+
+    @property
+    def rows(self) -> int:
+        """Rows the pass over this source will stream (0 when the statistics are saved)."""
+        return self.store.num_rows if self.store is not None else 0
+
+    @property
+    def paths(self) -> list[str]:
+        if self.store is not None:
+            return [str(path) for path in self.store.paths]
+        return list(self.saved.stores or ())
+
+    @property
+    def has_labels(self) -> bool:
+        if self.store is not None:
+            return self.store.has_labels
+        return self.saved.label_source == "gt"
+
+    def statistics(self, labels: str, grid: LogitGrid, progress: Callable | None):
+        if self.saved is not None:
+            return self.saved
+        return collect_statistics(self.store, labels=labels, grid=grid, progress=progress)
+
+
+def statistics_source(
+    paths: Paths, option: str, class_names: Sequence[str], grid: LogitGrid, labels: str | None
+) -> StatisticsSource:
+    """Open `paths` (stores, or statistics files) for `option` and check them against the
+    evaluated stores' `class_names`, the `grid` and the rows `labels` ("gt", "pseudo", or None
+    for any)."""
+    paths = as_paths(paths)
+    kinds = [is_statistics_file(path) for path in paths]
+    if not any(kinds):
+        store = open_store(paths, option)
+        check_same_classes(class_names, store.class_names, option, ("STORES", option))
+        if labels == "gt" and not store.has_labels:
+            raise BLDAError(
+                f"{option} {', '.join(map(str, paths))}: --fit-labels gt, but the store has no "
+                "ground-truth labels; use --fit-labels pseudo"
+            )
+        return StatisticsSource(option, store, None)
+    if not all(kinds):
+        raise BLDAError(
+            f"{option}: give logit stores or statistics files (statistics.h5), not both"
+        )
+    saved = None
+    for path in paths:
+        statistics = LogitSetStatistics.load(path)
+        _check_saved(statistics, path, option, class_names, grid, labels)
+        saved = statistics if saved is None else saved.merge(statistics)
+    return StatisticsSource(option, None, saved)
+
+
+def _check_saved(statistics, path, option, class_names, grid, labels) -> None:
+    where = f"{option} {path}"
+    if statistics.class_names is None:
+        if statistics.num_classes != len(class_names):
+            raise BLDAError(
+                f"{where}: {statistics.num_classes} classes, the evaluated stores have "
+                f"{len(class_names)}"
+            )
+    else:
+        check_same_classes(class_names, statistics.class_names, where, ("STORES", option))
+    if statistics.grid != grid:
+        found = statistics.grid
+        raise BLDAError(
+            f"{where}: statistics on the grid {found.low:g}:{found.high:g}:{found.bins}, but "
+            f"--grid is {grid.low:g}:{grid.high:g}:{grid.bins}; pass --grid "
+            f"{found.low:g}:{found.high:g}:{found.bins} or the stores themselves"
+        )
+    if labels is None:
+        return
+    if statistics.label_source is None:
+        raise BLDAError(
+            f"{where}: the file does not record whether its rows are ground truth or "
+            "pseudo-labels (written by an older blda); run `blda diagnose` again, or pass the "
+            "stores"
+        )
+    if statistics.label_source != labels:
+        choice = "gt" if statistics.label_source == "gt" else "pseudo"
+        raise BLDAError(
+            f"{where}: its rows are {_rows(statistics.label_source)} but --fit-labels is "
+            f"{labels}; pass --fit-labels {choice}, or run `blda diagnose --labels {labels}`"
+        )
+
+
+def _rows(source: str) -> str:
+    return "ground truth" if source == "gt" else "pseudo-labels (argmax)"
+
+
+def open_held_out(paths: Paths, class_names: Sequence[str]) -> LogitStore:
+    """The `--select-on` stores: same classes as the evaluated stores, and labelled."""
+    store = open_store(paths, "--select-on")
+    check_same_classes(class_names, store.class_names, "--select-on", ("STORES", "--select-on"))
+    if not store.has_labels:
+        raise BLDAError(
+            f"--select-on {', '.join(map(str, store.paths))}: no ground-truth labels to choose "
+            "tau with; give a labelled held-out store"
+        )
+    return store

@@ -1,0 +1,268 @@
+"""Which files a command owns, and writing a command's files as one set.
+
+The policy, the same for every command (docs/outputs.md):
+- A command owns the files it wrote before, as recorded in `.blda-outputs.json` of the directory
+  they are in. A re-run replaces them, and removes those of the earlier run it does not write
+  again, so an output directory never mixes two runs.
+- A file the command did not write (the user's, or another command's) is never touched: when
+  the command would write a file of that name it refuses before any work, naming the file.
+- The files of one run are built in a hidden staging folder `.blda-partial-<command>` inside
+  the output directory and moved into place only when all are complete. A killed run leaves
+  only that folder, which the next run of the command removes; a failed run removes it, and
+  the output directories it created if they are left empty.
+
+A set is named by its command and key: key "." for a command that owns a whole output directory
+(`diagnose`, `calibrate`), the file name for one that writes a single file into a directory
+(`export --out model.pt`), so two such files in one directory are two sets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from blda_tools.errors import BLDAError
+from blda_tools.fileio import (
+    created_directories,
+    describe_os_error,
+    remove_empty_directories,
+    write_json,
+)
+
+MANIFEST = ".blda-outputs.json"
+MANIFEST_FORMAT = "blda-outputs"
+STAGING_PREFIX = ".blda-partial-"
+WHOLE_DIRECTORY = "."
+
+
+def set_name(command: str, key: str = WHOLE_DIRECTORY) -> str:
+    """The manifest's name of a set: the command, and the file name for single-file sets."""
+    return command if key == WHOLE_DIRECTORY else f"{command} {key}"
+
+
+def read_manifest(directory: Path) -> dict[str, list[str]]:
+    """Sets recorded in `directory` (set name -> relative file names); empty when none."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+        sets = content["sets"] if content.get("format") == MANIFEST_FORMAT else None
+    except (OSError, ValueError, KeyError, AttributeError):
+        sets = None
+    if not isinstance(sets, dict):
+        raise BLDAError(
+            f"{path}: damaged record of the files blda wrote here; delete it (blda then treats "
+            "the files of this directory as not its own)"
+        )
+    return {str(name): [str(file) for file in files] for name, files in sets.items()}
+
+
+def _write_manifest(directory: Path, sets: dict[str, list[str]]) -> None:
+    sets = {name: sorted(files) for name, files in sets.items() if files}
+    if not sets:
+        with contextlib.suppress(FileNotFoundError):
+            (directory / MANIFEST).unlink()
+        return
+    write_json(directory / MANIFEST, {"format": MANIFEST_FORMAT, "version": 1, "sets": sets})
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Serialise manifest updates of one directory (torchrun ranks write shards side by side)."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def check_can_write(directory: Path, name: str, owner: str, sets: dict[str, list[str]]) -> None:
+    """Refuse when `directory/name` exists and is not a file of the set `owner`."""
+    target = directory / name
+    if not (target.exists() or target.is_symlink()):
+        return
+    holders = [set_name for set_name, files in sets.items() if name in files]
+    if owner in holders:
+        return
+    command = owner.split(" ")[0]
+    if holders:
+        cause = f"written by `blda {holders[0].split(' ')[0]}`, not by `blda {command}`"
+    else:
+        cause = f"exists and was not written by `blda {command}` (no record in {MANIFEST})"
+    raise BLDAError(
+        f"{target}: {cause}; blda does not replace it: remove it or choose another --out"
+    )
+
+
+@dataclass
+class OutputSet:
+    """Files being written as one set: write each under `path(name)`, inside `staging`."""
+
+    directory: Path
+    command: str
+    key: str
+    staging: Path
+    names: frozenset[str] | None
+    created: list[Path] = field(default_factory=list)
+
+    @property
+    def owner(self) -> str:
+        return set_name(self.command, self.key)
+
+    def path(self, name: str | os.PathLike) -> Path:
+        """Where to write the output `name` (relative to the output directory) now."""
+        relative = Path(name).as_posix()
+        if self.names is not None and relative not in self.names:
+            raise BLDAError(f"{self.directory / relative}: not an output `{self.command}` declared")
+        target = self.staging / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def staged_files(self) -> list[str]:
+        return sorted(
+            path.relative_to(self.staging).as_posix()
+            for path in self.staging.rglob("*")
+            if path.is_file() and not path.name.endswith(".partial")
+        )
+
+    def commit(self) -> list[str]:
+        """Move the staged files into place, replacing and removing the earlier run's."""
+        written = self.staged_files()
+        with _locked(self.directory):
+            sets = read_manifest(self.directory)
+            for name in written:
+                check_can_write(self.directory, name, self.owner, sets)
+            earlier = sets.get(self.owner, [])
+            # Recorded first as the union: a run killed while moving leaves only owned files.
+            sets[self.owner] = sorted(set(earlier) | set(written))
+            _write_manifest(self.directory, sets)
+            for name in set(earlier) - set(written):
+                _remove_owned(self.directory, name)
+            for name in written:
+                target = self.directory / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(self.staging / name, target)
+            sets[self.owner] = written
+            _write_manifest(self.directory, sets)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        return written
+
+
+def _remove_owned(directory: Path, name: str) -> None:
+    target = directory / name
+    with contextlib.suppress(FileNotFoundError):
+        target.unlink()
+    parent = target.parent
+    while parent != directory:  # sub-folders the set made (trainIds/city/...) go when empty
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+        parent = parent.parent
+
+
+def staging_dir(directory: Path, command: str, key: str = WHOLE_DIRECTORY) -> Path:
+    suffix = "" if key == WHOLE_DIRECTORY else f"-{zlib.crc32(key.encode()):08x}"
+    return directory / f"{STAGING_PREFIX}{command}{suffix}"
+
+
+@contextlib.contextmanager
+def output_set(
+    directory: str | os.PathLike,
+    command: str,
+    names: Iterable[str] | None = None,
+    *,
+    key: str = WHOLE_DIRECTORY,
+) -> Iterator[OutputSet]:
+    """Write a command's outputs in `directory` as one set (see the module docstring).
+
+    `names` are the files the command may write (relative paths); each that exists already
+    must be the command's own, checked here, before any work. Leaving the block normally moves
+    the set into place; an exception removes everything this run made.
+    """
+    directory = Path(directory) if str(directory) else Path(".")
+    # Named in errors: the output the user asked for (the file, for a single-file set).
+    where = directory if key == WHOLE_DIRECTORY else directory / key
+    created = []
+    try:
+        created = created_directories(directory)
+        declared = None if names is None else frozenset(Path(n).as_posix() for n in names)
+        owner = set_name(command, key)
+        sets = read_manifest(directory)
+        for name in sorted(declared or ()):
+            check_can_write(directory, name, owner, sets)
+        staging = staging_dir(directory, command, key)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
+        staging.mkdir()
+    except BaseException as error:
+        remove_empty_directories(created)
+        if isinstance(error, OSError):
+            raise BLDAError(f"{where}: cannot write: {describe_os_error(error)}") from None
+        raise
+    outputs = OutputSet(directory, command, key, staging, declared, created)
+    try:
+        yield outputs
+        outputs.commit()
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        remove_empty_directories(created)
+        if isinstance(error, OSError):
+            raise BLDAError(f"{where}: cannot write: {describe_os_error(error)}") from None
+        if isinstance(error, BLDAError) and str(staging) in str(error):
+            # Name the file the user will look for, not where it was being built.
+            raise BLDAError(str(error).replace(str(staging), str(directory))) from None
+        raise
+
+
+@contextlib.contextmanager
+def output_file(path: str | os.PathLike, command: str) -> Iterator[Path]:
+    """A single output file as a set of one: yields where to write it."""
+    path = Path(path)
+    if _is_dir(path):
+        raise BLDAError(f"{path}: is a directory; expected the name of the file to write")
+    with output_set(path.parent, command, [path.name], key=path.name) as outputs:
+        yield outputs.path(path.name)
+
+
+def claim_file(path: str | os.PathLike, command: str) -> None:
+    """Before writing `path` outside an `output_set` (a resumable store), check it may be."""
+    path = Path(path)
+    if _is_dir(path):
+        raise BLDAError(f"{path}: is a directory; expected the name of the file to write")
+    directory = path.parent if str(path.parent) else Path(".")
+    if directory.is_dir():
+        check_can_write(
+            directory, path.name, set_name(command, path.name), read_manifest(directory)
+        )
+
+
+def record_file(path: str | os.PathLike, command: str) -> None:
+    """Record `path`, now complete, as the output of `command` (see `claim_file`)."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    record_set(directory, set_name(command, path.name), [path.name])
+
+
+def record_set(directory: str | os.PathLike, owner: str, names: Iterable[str]) -> None:
+    """Record `names` in `directory` as the set `owner` (a set name); none: forget the set."""
+    directory = Path(directory)
+    with _locked(directory):
+        sets = read_manifest(directory)
+        sets[owner] = [Path(name).as_posix() for name in names]
+        _write_manifest(directory, sets)
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError as error:  # a name too long for the file system
+        raise BLDAError(f"{path}: cannot write: {describe_os_error(error)}") from None

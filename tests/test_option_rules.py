@@ -1,0 +1,145 @@
+"""The command line refuses options that contradict each other or mean nothing, naming both,
+and describes every option of every command."""
+
+from __future__ import annotations
+
+import click
+import pytest
+from click.testing import CliRunner
+from output_helpers import expect_one_line_error, make_inputs
+from test_calibration_job import GRID
+from test_dump import install_plugin, make_cityscapes
+
+from blda_cli.main import _register_commands, cli
+
+_register_commands()
+
+
+def all_commands(group: click.Group, prefix=("blda",)):
+    for name, command in group.commands.items():
+        yield (*prefix, name), command
+        if isinstance(command, click.Group):
+            yield from all_commands(command, (*prefix, name))
+
+
+def undescribed_options(group: click.Group) -> list[str]:
+    return [
+        f"{' '.join(path)} {max(param.opts, key=len)}"
+        for path, command in [((group.name,), group), *all_commands(group, (group.name,))]
+        for param in command.params
+        if isinstance(param, click.Option) and not (param.help or "").strip()
+    ]
+
+
+def test_every_option_of_every_command_has_a_description():
+    assert undescribed_options(cli) == []
+    assert len(list(all_commands(cli))) >= 9  # the walk reaches the commands and sub-commands
+    # The walk finds an undescribed option, also in a sub-command of a sub-group.
+    inner = click.Group(
+        "inner", commands=[click.Command("leaf", params=[click.Option(["--bare"])])]
+    )
+    assert undescribed_options(click.Group("outer", commands=[inner])) == [
+        "outer inner leaf --bare"
+    ]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return make_inputs(tmp_path_factory.mktemp("inputs"))
+
+
+def refused(arguments, *fragments):
+    result = CliRunner().invoke(cli, [str(a) for a in arguments])
+    return expect_one_line_error(result, *fragments)
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (["--fit-on", "X"], "--fit-on"),
+        (["--fit-labels", "gt"], "--fit-labels"),
+        (["--anchor-from", "X"], "--anchor-from"),
+        (["--anchor", "class:car"], "--anchor"),
+        (["--select-on", "X"], "--select-on"),
+        (["--metric", "macc"], "--metric"),
+        (["--estimator", "empirical"], "--estimator"),
+        (["--components", "3"], "--components"),
+        (["--eps", "0.1"], "--eps"),
+        (["--min-samples", "5"], "--min-samples"),
+        (["--table-points", "64"], "--table-points"),
+        (["--grid", GRID], "--grid"),
+        (["--no-plots"], "--no-plots"),
+    ],
+)
+def test_fit_only_options_with_apply_are_refused(inputs, tmp_path, extra, named):
+    line = refused(
+        ["calibrate", inputs["store"], "--apply", inputs["calibrator"], "--out", tmp_path / "o",
+         *extra], "--apply", named, "only applies when fitting",
+    )  # fmt: skip
+    assert not (tmp_path / "o").exists(), line
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["calibrate", "STORE", "--out", "OUT", "--tau", ""],
+        ["calibrate", "STORE", "--out", "", "--tau", "0.5"],
+        ["diagnose", "STORE", "--out", "OUT", "--grid", " "],
+        ["export", "CAL", "--out", ""],
+        ["calibrate", "STORE", "--out", "OUT", "--fit-on", ""],
+    ],
+)
+def test_empty_values_are_refused_not_taken_as_the_default(inputs, tmp_path, arguments):
+    replace = {"STORE": inputs["store"], "OUT": tmp_path / "o", "CAL": inputs["calibrator"]}
+    arguments = [replace.get(a, a) for a in arguments]
+    position = next(i for i, a in enumerate(arguments) if isinstance(a, str) and not a.strip())
+    refused(arguments, arguments[position - 1], "empty value")
+    assert not (tmp_path / "o").exists()
+
+
+def test_calibrate_options_that_mean_nothing_together(inputs, tmp_path):
+    base = ["calibrate", inputs["store"], "--out", tmp_path / "o", "--grid", GRID]
+    refused([*base, "--estimator", "empirical", "--components", "3"], "--components",
+            "--estimator empirical")  # fmt: skip
+    refused([*base, "--tau", "0.5", "--select-on", inputs["store"]], "--select-on", "--tau 0.5",
+            "nothing to choose")  # fmt: skip
+    refused([*base, "--tau", "0.5", "--metric", "macc"], "--metric", "--tau 0.5")
+    assert not (tmp_path / "o").exists()
+
+
+def test_dump_logits_options_that_mean_nothing(tmp_path, monkeypatch):
+    plugin = install_plugin(tmp_path, monkeypatch)
+    make_cityscapes(tmp_path / "data", count=1)
+    base = ["dump-logits", "--dataset", "cityscapes", "--data-root", tmp_path / "data",
+            "--out", tmp_path / "o.h5"]  # fmt: skip
+    refused([*base, "--model", plugin, "--seed", "3"], "--seed without --pixels-per-image")
+    refused([*base, "--model", plugin, "--weights", "teacher"], "--weights without --checkpoint")
+    refused([*base, "--model", plugin, "--trust-checkpoint"], "--trust-checkpoint without")
+    refused([*base, "--model", plugin, "--mode", "whole", "--crop", "8"], "--crop and --mode whole")
+    folder = ["dump-logits", "--dataset", "folder", "--data-root", tmp_path / "data",
+              "--out", tmp_path / "o.h5", "--model", plugin]  # fmt: skip
+    refused(
+        [*folder, "--window-stride", "8"], "--window-stride and the native protocol", "--mode slide"
+    )
+    # A built-in architecture without weights runs only when asked to.
+    refused([*base, "--model", "tiny"], "--model tiny: no --checkpoint", "--random-weights")
+    refused([*base, "--model", "tiny", "--random-weights", "--checkpoint", tmp_path / "c.pth"],
+            "--random-weights and --checkpoint")  # fmt: skip
+    assert not (tmp_path / "o.h5").exists()
+    result = CliRunner().invoke(cli, [str(a) for a in [*base, "--model", "tiny", "--random-weights",
+                                                      "--workers", "0", "--resize", "none"]])  # fmt: skip
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("arguments", "fragment"),
+    [
+        (["calibrate", "S.h5", "--out", "o", "--metric", "best"], "'best' is not one of"),
+        (["calibrate", "S.h5"], "Missing option '--out'"),
+        (["diagnose", "S.h5", "--out", "o", "--workers", "0"], "0 is not in the range"),
+        (["no-such-command"], "No such command"),
+    ],
+)
+def test_click_usage_errors_are_one_line_too(arguments, fragment):
+    line = refused(arguments, fragment)
+    assert "--help" in line
