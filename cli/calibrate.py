@@ -9,10 +9,6 @@ from rich.table import Table
 
 from blda_cli.diagnose import parse_grid
 from blda_cli.progress import console, progress_bar
-from blda_tools.calibrate import CalibrateOptions, calibrate, calibration_passes
-from blda_tools.calibration.apply import apply_calibrator
-from blda_tools.calibration.export import export_torchscript
-from blda_tools.store import LogitStore
 
 PATH = click.Path(path_type=Path)
 
@@ -97,6 +93,9 @@ def calibrate_command(stores, out_dir, tau_spec, apply_path, **options):
     Writes DIR/sweep.csv, DIR/calibration.json, plots and DIR/calibrator.pt; with --apply,
     calibrated predictions (PNG pairs per image, or DIR/predictions.h5).
     """
+    # The library is imported here, not at the top, so that `--help` never loads torch.
+    from blda_tools.calibrate import CalibrateOptions, calibrate, calibration_passes
+
     if apply_path is not None:
         _apply(apply_path, stores, out_dir, tau_spec)
         return
@@ -132,7 +131,9 @@ def calibrate_command(stores, out_dir, tau_spec, apply_path, **options):
 
 
 def _apply(apply_path, stores, out_dir, tau_spec) -> None:
+    from blda_tools.calibration.apply import apply_calibrator
     from blda_tools.calibration.calibrator import check_tau
+    from blda_tools.store import LogitStore
 
     tau = None if tau_spec is None else check_tau(tau_spec)
     total = LogitStore(stores).num_rows
@@ -193,5 +194,7 @@ def _num(value) -> str:
 def export_command(calibrator_path, out_path, model_path, tau):
     """Write CALIBRATOR as a self-contained TorchScript module: logits (B, C, H, W) -> Eq. 7
     log scores (balanced logits), loadable with torch.jit.load without blda."""
+    from blda_tools.calibration.export import export_torchscript
+
     export_torchscript(calibrator_path, out_path, model_path=model_path, tau=tau)
     console.print(f"wrote {out_path}")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
 
 from blda_cli.progress import console, progress_bar
-from blda_tools.demo import DEFAULT_SAMPLE_DIR, DemoResult, DemoSettings, run_demo
+
+if TYPE_CHECKING:
+    from blda_tools.demo import DemoResult
 
 
 @click.command("demo")
@@ -22,7 +25,7 @@ from blda_tools.demo import DEFAULT_SAMPLE_DIR, DemoResult, DemoSettings, run_de
 @click.option(
     "--sample-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_SAMPLE_DIR,
+    default=None,
     show_default="the repository's sample_data/",
     help="A sample built by scripts/make_sample_data.py.",
 )
@@ -54,6 +57,10 @@ def demo_command(out_dir, sample_dir, quick, metric, threads):
     target train's labels). Writes OUT/report.html, OUT/demo.json and the stores, diagnosis and
     calibration under OUT.
     """
+    # The library is imported here, not at the top, so that `--help` never loads torch.
+    from blda_tools.demo import DEFAULT_SAMPLE_DIR, DemoSettings, run_demo
+
+    sample_dir = DEFAULT_SAMPLE_DIR if sample_dir is None else sample_dir
     settings = DemoSettings.quick() if quick else DemoSettings()
     settings = DemoSettings(settings.stride, settings.max_images, settings.taus, metric)
     result = run_demo(

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
 
 from blda_cli.progress import console, progress_bar
-from blda_tools.diagnose import CLASS_TABLE_FORMATS, class_table, diagnose
-from blda_tools.statistics import LogitGrid
-from blda_tools.store import LogitStore
+
+if TYPE_CHECKING:
+    from blda_tools.statistics import LogitGrid
 
 
 @click.command("diagnose")
@@ -51,6 +52,10 @@ def diagnose_command(stores, out_dir, labels, workers, grid_spec, no_plots):
     Writes DIR/diagnosis.json, DIR/statistics.h5 (reused by `blda calibrate`), PNG plots and a
     self-contained DIR/report.html.
     """
+    # The library is imported here, not at the top, so that `--help` never loads torch.
+    from blda_tools.diagnose import diagnose
+    from blda_tools.store import LogitStore
+
     grid = parse_grid(grid_spec)
     total = LogitStore(stores).num_rows
     with progress_bar("diagnose", total, unit="px") as advance:
@@ -78,6 +83,8 @@ def diagnose_command(stores, out_dir, labels, workers, grid_spec, no_plots):
 
 def parse_grid(spec: str) -> LogitGrid:
     """LOW:HIGH:BINS -> LogitGrid, with a clear error for anything else."""
+    from blda_tools.statistics import LogitGrid
+
     parts = spec.split(":")
     try:
         low, high, bins = float(parts[0]), float(parts[1]), int(parts[2])
@@ -91,6 +98,8 @@ def parse_grid(spec: str) -> LogitGrid:
 
 
 def _results_table(result) -> Table:
+    from blda_tools.diagnose import CLASS_TABLE_FORMATS, class_table
+
     columns, rows = class_table(result)
     table = Table(title="Class bias (Bias > 0: over-predicted)", show_lines=False)
     for column in columns:

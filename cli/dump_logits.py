@@ -10,8 +10,7 @@ import click
 
 from blda_cli.progress import console, progress_bar
 from blda_tools.datasets import list_datasets
-from blda_tools.inference.dump import CorruptImageWarning, PixelSampling, prepare_dump
-from blda_tools.inference.predict import MODES, default_inference
+from blda_tools.inference import MODES
 
 
 class SizeParam(click.ParamType):
@@ -185,6 +184,9 @@ def dump_logits_command(**options):
     Logits are stored at label resolution, one row per pixel, with the labels when the
     dataset has them (an unlabelled split gives a store without labels).
     """
+    # The library is imported here, not at the top, so that `--help` never loads torch.
+    from blda_tools.inference.dump import CorruptImageWarning, PixelSampling, prepare_dump
+
     sampling = PixelSampling(
         stride=options["stride"],
         pixels_per_image=options["pixels_per_image"],
@@ -230,6 +232,8 @@ def dump_logits_command(**options):
 
 def _inference_settings(options: dict):
     """The dataset's default settings with the options given on the command line."""
+    from blda_tools.inference.predict import default_inference
+
     changes = {
         "mode": options["mode"],
         "crop": options["crop"],

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 from blda_cli.progress import progress_bar
-from blda_tools.datasets.synthcity.generate import (
-    CLASS_NAMES,
-    SynthCityInfo,
-    make_synthcity,
-    split_counts,
-)
 from blda_tools.errors import BLDAError
+
+if TYPE_CHECKING:
+    from blda_tools.datasets.synthcity.generate import SynthCityInfo
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -44,6 +42,9 @@ def synthcity() -> None:
               help="Processes to generate with (same files whatever the number).")  # fmt: skip
 def make(out, images, size_text, seed, val_fraction, overwrite, workers) -> None:
     """Write source (GTA5 layout) and target (Cityscapes layout) images and labels."""
+    # The library is imported here, not at the top, so that `--help` never loads torch.
+    from blda_tools.datasets.synthcity.generate import make_synthcity, split_counts
+
     size = parse_size(size_text)
     total = sum(split_counts(images, val_fraction).values())
     with progress_bar("synthcity", total, unit="images") as advance:
@@ -70,4 +71,6 @@ def _summary(info: SynthCityInfo) -> Table:
 
 
 def _share(pixels: list[int], train_id: int) -> str:
+    from blda_tools.datasets.synthcity.generate import CLASS_NAMES
+
     return f"{CLASS_NAMES[train_id]} ({100 * pixels[train_id] / max(sum(pixels), 1):.2f}%)"

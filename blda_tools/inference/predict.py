@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from blda_tools.errors import BLDAError
-
-MODES = ("whole", "slide")
+from blda_tools.inference import MODES
 
 
 def _checked_size(value, option: str) -> tuple[int, int]:
