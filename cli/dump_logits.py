@@ -215,7 +215,10 @@ def dump_logits_command(**options):
         compression=options["compression"],
     )
     if job.already_stored:
-        console.print(f"resuming: {job.already_stored} image(s) already stored")
+        console.print(
+            f"resuming {job.out}.partial: {job.already_stored} of "
+            f"{job.already_stored + job.total} images already stored, {job.total} to go"
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CorruptImageWarning)
         with progress_bar("dump-logits", job.total, unit="images") as advance:
@@ -224,9 +227,12 @@ def dump_logits_command(**options):
         console.print(f"[yellow]warning:[/] {warning.message}")
     for note in summary.notes:
         console.print(f"[yellow]note:[/] {note}")
+    this_run = ""
+    if job.already_stored:
+        this_run = f" ({summary.images_written} image(s), {summary.rows_written:,} rows this run)"
     console.print(
-        f"wrote {summary.out}: {summary.images_written} image(s), {summary.rows_written:,} rows "
-        f"on {job.device}, {summary.images_per_second:.2f} images/s"
+        f"wrote {summary.out}: {summary.images_in_store} image(s), {summary.rows_in_store:,} rows"
+        f"{this_run} on {job.device}, {summary.images_per_second:.2f} images/s"
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 
 from blda_tools.errors import BLDAError
@@ -106,13 +107,22 @@ def collect_statistics(
     result = LogitSetStatistics(
         store.num_classes, grid, ignore_index=store.ignore_index, class_names=store.class_names
     )
+    # Compile (or load) the kernels here on a few rows first: the workers then load them from
+    # the on-disk cache instead of each compiling them, and the compile notice is shown once.
+    _statistics_of_range(store, source, grid, 0, min(total, 256), 256, None)
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers) as pool:
+    with context.Pool(workers, initializer=_leave_interrupts_to_parent) as pool:
         for part, rows in pool.imap_unordered(_star_worker, tasks):
             result.merge(part)
             if progress is not None:
                 progress(rows)
     return result
+
+
+def _leave_interrupts_to_parent() -> None:
+    # Ctrl-C reaches every process of the terminal's group; the parent stops the pool, and a
+    # worker's own KeyboardInterrupt would only print a traceback per worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _star_worker(task):

@@ -11,6 +11,7 @@ Run directory layout:
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from collections.abc import Iterable
@@ -34,6 +35,8 @@ from blda_tools.training.loop import Trainer, TrainingComponents, resolve_device
 from blda_tools.training.losses import build_loss
 from blda_tools.training.run_log import JsonlLog
 from blda_tools.training.run_loop import checkpoint_path, run_loop
+
+logger = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -177,6 +180,11 @@ def run_training(
         checkpoint = load_training_checkpoint(checkpoint_path(run_dir))
         trainer.load(checkpoint)
         rng_state = checkpoint["rng"]
+        if rank == 0:
+            logger.info(
+                f"resuming from iteration {trainer.iteration} of {config.run.iterations} "
+                f"({checkpoint_path(run_dir)})"
+            )
         if rank == 0:
             JsonlLog(run_dir).truncate_after(trainer.iteration)
     summary = run_loop(trainer, stop_at=stop_at, rng_state=rng_state)
