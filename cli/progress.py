@@ -20,14 +20,15 @@ from blda_tools.progress import PlainProgress, human_count
 WIDE_OUTPUT_COLUMNS = 250
 
 
-def _console() -> Console:
-    console = Console(stderr=True)
+def make_console(stderr: bool = True) -> Console:
+    """A rich console; off a terminal (without COLUMNS set) as wide as tables need."""
+    console = Console(stderr=stderr)
     if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(stderr=True, width=WIDE_OUTPUT_COLUMNS)
+        console = Console(stderr=stderr, width=WIDE_OUTPUT_COLUMNS)
     return console
 
 
-console = _console()
+console = make_console()
 
 
 @contextlib.contextmanager

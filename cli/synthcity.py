@@ -6,10 +6,9 @@ import re
 from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from blda_cli.progress import progress_bar
+from blda_cli.progress import make_console, progress_bar
 from blda_tools.errors import BLDAError
 
 if TYPE_CHECKING:
@@ -51,7 +50,7 @@ def make(out, images, size_text, seed, val_fraction, overwrite, workers) -> None
         info = make_synthcity(out, images=images, size=size, seed=seed,
                               val_fraction=val_fraction, progress=lambda done, _: advance(1),
                               overwrite=overwrite, workers=workers)  # fmt: skip
-    Console().print(_summary(info))
+    make_console(stderr=False).print(_summary(info))
 
 
 def _summary(info: SynthCityInfo) -> Table:
