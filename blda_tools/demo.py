@@ -25,13 +25,14 @@ from pathlib import Path
 
 import torch
 
+from blda_tools import explain
 from blda_tools.calibrate import CalibrateOptions, CalibrationResult, calibrate, calibration_passes
 from blda_tools.diagnose import Diagnosis, diagnose
 from blda_tools.errors import BLDAError
 from blda_tools.fileio import ensure_writable_dir, write_json
 from blda_tools.inference.dump import PixelSampling, prepare_dump
 from blda_tools.inference.predict import InferenceSettings
-from blda_tools.report import Report
+from blda_tools.report import Report, ordinal
 from blda_tools.store import LogitStore
 
 # The repository's sample_data/ (the Quickstart installs the checkout in editable mode).
@@ -223,7 +224,7 @@ def write_demo_report(result: DemoResult) -> Path:
     report = Report("blda demo: a source-only model on SynthCity target val")
     report.paragraph(
         "The shipped tiny model was trained on the SynthCity source only. Its logits on target "
-        f"val ({diagnosis.num_pixels:,} labelled pixels, every {result.settings.stride}th pixel "
+        f"val ({diagnosis.num_pixels:,} labelled pixels, every {_every(result.settings.stride)} "
         "in both axes) are diagnosed, then calibrated post hoc (Eq. 6-7): class distributions "
         "fitted with pseudo-labels on target train, anchors from the source, tau chosen on "
         f"target train's ground truth ({calibration.selection.get('metric')}), a split held "
@@ -236,19 +237,31 @@ def write_demo_report(result: DemoResult) -> Path:
     rows.append(
         [f"BLDA post-hoc, tau = {calibration.chosen_tau:g}", *_headline_row(calibration.after)]
     )
-    prior = (calibration.after or {}).get("prior_at_same_tau")
-    if prior is not None:
-        rows.append([f"prior adjustment, tau = {calibration.chosen_tau:g}", *_headline_row(prior)])
+    baseline = calibration.prior_baseline
+    if baseline is not None:
+        rows.append(
+            [
+                f"prior adjustment at its own best tau = {baseline['tau']:g}",
+                *_headline_row(baseline),
+            ]
+        )
     columns = ["predictions", "mIoU", "mAcc", "IoU std", "Acc std"]
     report.table(columns, rows, number_format=".1%")
+    report.paragraph(
+        "Both taus are chosen the same way, on target train; the prior-adjustment baseline "
+        "(f - tau log p(c), Appendix A) is the simpler alternative BLDA should beat."
+    )
+    for note in calibration.notes:
+        report.note(note)
     report.paragraph(
         "Spearman rank correlation between the Bias estimated from logits alone (Eq. 5) and "
         f"the Bias from the confusion matrix (Eq. 4): {diagnosis.bias_rank_correlation:.3f}."
     )
     report.heading("Per class")
-    report.table(
-        *_class_rows(result), number_format=CLASS_COLUMN_FORMATS, signed_columns=["dIoU", "dAcc"]
-    )
+    columns, rows = _class_rows(result)
+    report.table(columns, rows, number_format=CLASS_COLUMN_FORMATS, signed_columns=["dIoU", "dAcc"])
+    report.definitions(explain.columns_explained(columns, explain.CHANGE_COLUMNS))
+    _what_next(report, result)
     report.heading("Figures")
     for directory, files in (("diagnosis", diagnosis.files), ("calibration", calibration.files)):
         for key, name in files.items():
@@ -260,6 +273,27 @@ def write_demo_report(result: DemoResult) -> Path:
         "calibration/sweep.csv (every tau, BLDA and prior adjustment), demo.json."
     )
     return report.save(result.out_dir / "report.html")
+
+
+def _every(stride: int) -> str:
+    return "pixel" if stride == 1 else f"{ordinal(stride)} pixel"
+
+
+def _what_next(report: Report, result: DemoResult) -> None:
+    """What the demo shows and the commands that do the same on the user's own model."""
+    diagnosis = result.diagnosis
+    report.heading("What this means, what to try next")
+    findings = explain.bias_findings(
+        diagnosis.classes, diagnosis.bias, diagnosis.balanced_tolerance, "Eq. 4, target val"
+    )
+    agreement = explain.rank_agreement(diagnosis.bias_rank_correlation)
+    for sentence in [*findings, *([agreement] if agreement else [])]:
+        report.paragraph(sentence)
+    report.paragraph(explain.tolerance_sentence(len(diagnosis.classes)))
+    report.paragraph("Apply this calibration to the val store, or export it as TorchScript:")
+    stores = [str(result.stores["target_val"])]
+    for line in explain.after_calibrate(stores, result.out_dir / "calibration"):
+        report.command(line)
 
 
 FIGURE_CAPTIONS = {

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blda_tools import __version__, plots
+from blda_tools import __version__, explain, plots
 from blda_tools.fileio import ensure_writable_dir, json_ready, none_to_nan, write_json
 from blda_tools.report import Report
 from blda_tools.statistics import (
@@ -70,6 +70,8 @@ class Diagnosis:
     excluded_classes: list[str]
     stores: list[str]
     clipped_logits: int
+    # |Bias| at or below it: "balanced" (`explain.balanced_tolerance`), the third group.
+    balanced_tolerance: float = 0.0
     notes: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
 
@@ -168,6 +170,7 @@ def _measure(store, statistics, confusion, source, notes) -> Diagnosis:
         excluded_classes=[],
         stores=[str(path) for path in store.paths],
         clipped_logits=clipped,
+        balanced_tolerance=explain.balanced_tolerance(len(names)),
         notes=notes,
     )
     if confusion is None:
@@ -175,7 +178,9 @@ def _measure(store, statistics, confusion, source, notes) -> Diagnosis:
         return diagnosis
     scores = metrics.SegmentationMetrics.from_confusion(confusion)
     bias = metrics.bias_from_confusion(confusion)  # Eq. 4
-    groups = metrics.prediction_groups(bias, scores.iou, scores.acc)  # Table 18
+    groups = metrics.prediction_groups(  # Table 18, with the balanced classes apart
+        bias, scores.iou, scores.acc, tolerance=diagnosis.balanced_tolerance
+    )
     diagnosis.num_pixels = int(confusion.sum())
     diagnosis.class_pixels = list(scores.class_pixels)
     diagnosis.iou, diagnosis.acc = list(scores.iou), list(scores.acc)
@@ -275,8 +280,9 @@ def write_report(diagnosis: Diagnosis, out_dir: Path) -> Path:
             },
         )
         report.heading("Over- and under-predicted classes (Table 18)")
+        report.paragraph(explain.tolerance_sentence(len(diagnosis.classes)))
         report.table(
-            ["group", "classes", "IoU mean", "IoU std", "Acc mean", "Acc std"],
+            list(explain.GROUP_COLUMNS),
             [
                 [
                     name,
@@ -290,8 +296,14 @@ def write_report(diagnosis: Diagnosis, out_dir: Path) -> Path:
             ],
             number_format=".1%",
         )
+        report.definitions(
+            explain.columns_explained(list(explain.GROUP_COLUMNS), explain.GROUP_COLUMNS)
+        )
     report.heading("Per class")
-    report.table(*class_table(diagnosis), number_format=CLASS_TABLE_FORMATS)
+    columns, rows = class_table(diagnosis)
+    report.table(columns, rows, number_format=CLASS_TABLE_FORMATS)
+    report.definitions(explain.columns_explained(columns))
+    _what_next(report, diagnosis, out_dir)
     captions = {
         "bias": "Bias per class (Eq. 4 bars; Eq. 5 estimate from logits as markers).",
         "densities": "Positive and negative logit densities per class against the global anchors.",
@@ -303,6 +315,26 @@ def write_report(diagnosis: Diagnosis, out_dir: Path) -> Path:
         if key in diagnosis.files:
             report.image(out_dir / diagnosis.files[key], caption)
     return report.save(out_dir / "report.html")
+
+
+def _what_next(report: Report, diagnosis: Diagnosis, out_dir: Path) -> None:
+    """The "what this means / what to try next" section, with the user's own paths."""
+    report.heading("What this means, what to try next")
+    if diagnosis.bias is not None:
+        source, bias = "Eq. 4, from the ground truth", diagnosis.bias
+    else:
+        source, bias = "Eq. 5, estimated from the logits", diagnosis.bias_estimated
+    findings = explain.bias_findings(diagnosis.classes, bias, diagnosis.balanced_tolerance, source)
+    agreement = explain.rank_agreement(diagnosis.bias_rank_correlation)
+    for sentence in [*findings, *([agreement] if agreement else [])]:
+        report.paragraph(sentence)
+    report.paragraph(
+        "Post-hoc calibration (CDF alignment, Eq. 6-7) re-balances the predictions without "
+        "retraining. Next, with these stores (the second form fits on the target's own "
+        "unlabelled train split and chooses tau on a labelled store not used for reporting):"
+    )
+    for line in explain.after_diagnose(diagnosis.stores, out_dir, diagnosis.bias is not None):
+        report.command(line)
 
 
 CLASS_TABLE_FORMATS = {

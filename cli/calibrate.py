@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from blda_cli.diagnose import parse_grid
@@ -95,6 +96,7 @@ def calibrate_command(stores, out_dir, tau_spec, apply_path, **options):
     """
     # The library is imported here, not at the top, so that `--help` never loads torch.
     from blda_tools.calibrate import CalibrateOptions, calibrate, calibration_passes
+    from blda_tools.explain import after_calibrate
 
     if apply_path is not None:
         _apply(apply_path, stores, out_dir, tau_spec)
@@ -122,12 +124,25 @@ def calibrate_command(stores, out_dir, tau_spec, apply_path, **options):
     console.print(_class_table(result))
     selection = result.selection
     console.print(f"chosen tau = {result.chosen_tau:g}, {selection['how']}")
+    baseline = result.prior_baseline
+    if baseline is not None and baseline["tau"] != result.chosen_tau:
+        metric = selection.get("metric") or "miou"
+        console.print(
+            f"prior adjustment at its own best tau = {baseline['tau']:g}: "
+            f"mIoU {_pct(baseline['miou'])}, mAcc {_pct(baseline['macc'])}"
+            + (f" (chosen by {metric} the same way)" if selection.get("metric") else "")
+        )
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")
     if result.unadjusted_cells:
         console.print(
             f"[yellow]note:[/] {len(result.unadjusted_cells)} cells have fewer than "
             f"{config.min_samples} logits and get no offset (listed in calibration.json)"
         )
     console.print(f"wrote {out_dir}/calibration.json and {out_dir}/calibrator.pt")
+    console.print("next:", highlight=False)
+    for line in after_calibrate([str(path) for path in stores], out_dir):
+        console.print(f"  {line}", highlight=False, markup=False)
 
 
 def _apply(apply_path, stores, out_dir, tau_spec) -> None:
@@ -173,11 +188,15 @@ def _class_table(result) -> Table:
 
 
 def _pct(value) -> str:
-    return "n/a" if value is None or value != value else f"{100 * value:.1f}"
+    from blda_tools.report import format_value  # "n/a" for None / NaN, never "-0.0"
+
+    return format_value(None if value is None else 100 * value, ".1f")
 
 
 def _num(value) -> str:
-    return "n/a" if value is None or value != value else f"{value:.3f}"
+    from blda_tools.report import format_value
+
+    return format_value(value, ".3f")
 
 
 @click.command("export")

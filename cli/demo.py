@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from blda_cli.progress import console, progress_bar
@@ -86,7 +87,7 @@ def _class_table(result: DemoResult) -> Table:
         table.add_row(
             name, f"{pixels:,}", _fmt(bias, "+.4f"), _fmt(estimated, "+.4f"),
             _fmt(iou, ".1%"), _fmt(iou_after, ".1%"), _fmt(acc, ".1%"), _fmt(acc_after, ".1%"),
-            style="red" if bias is not None and bias > 0 else None,
+            style="red" if bias is not None and bias > diagnosis.balanced_tolerance else None,
         )  # fmt: skip
     return table
 
@@ -97,6 +98,8 @@ def _print_summary(result: DemoResult) -> None:
     selection = calibration.selection
     for warning in calibration.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
+    for note in calibration.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     console.print(
         f"before: mIoU {before['miou']:.1%}  mAcc {before['macc']:.1%}  "
         f"IoU std {before['iou_std']:.1%}"
@@ -115,6 +118,6 @@ def _print_summary(result: DemoResult) -> None:
 
 
 def _fmt(value, spec: str) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return "n/a"
-    return format(value, spec)
+    from blda_tools.report import format_value  # "n/a" for None / NaN, never "-0.0"
+
+    return format_value(value, spec)

@@ -79,6 +79,11 @@ def diagnose_command(stores, out_dir, labels, workers, grid_spec, no_plots):
     console.print(
         f"wrote {out_dir}/diagnosis.json" + ("" if no_plots else f", {out_dir}/report.html")
     )
+    from blda_tools.explain import after_diagnose
+
+    console.print("next:", highlight=False)
+    for line in after_diagnose(result.stores, out_dir, result.bias is not None):
+        console.print(f"  {line}", highlight=False, markup=False)
 
 
 def parse_grid(spec: str) -> LogitGrid:
@@ -110,12 +115,13 @@ def _results_table(result) -> Table:
             for column, value in zip(columns[1:], row[1:], strict=True)
         ]
         bias = row[4] if row[4] is not None else row[5]
-        style = "red" if bias is not None and bias > 0 else None
+        over = bias is not None and bias > result.balanced_tolerance
+        style = "red" if over else None
         table.add_row(*cells, style=style)
     return table
 
 
 def _fmt(value, spec: str) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return "n/a"
-    return format(value, spec)
+    from blda_tools.report import format_value  # "n/a" for None / NaN, never "-0.0"
+
+    return format_value(value, spec)
