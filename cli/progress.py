@@ -21,10 +21,11 @@ WIDE_OUTPUT_COLUMNS = 250
 
 
 def make_console(stderr: bool = True) -> Console:
-    """A rich console; off a terminal (without COLUMNS set) as wide as tables need."""
-    console = Console(stderr=stderr)
+    """A rich console whose text lines are never broken (a note stays one line; a terminal
+    wraps it on screen); off a terminal (without COLUMNS set) tables as wide as they need."""
+    console = Console(stderr=stderr, soft_wrap=True)
     if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(stderr=stderr, width=WIDE_OUTPUT_COLUMNS)
+        console = Console(stderr=stderr, soft_wrap=True, width=WIDE_OUTPUT_COLUMNS)
     return console
 
 
