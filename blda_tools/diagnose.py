@@ -279,31 +279,13 @@ def write_report(diagnosis: Diagnosis, out_dir: Path) -> Path:
                 "Spearman(Eq. 4, Eq. 5)": ".3f",
             },
         )
-        report.heading("Over- and under-predicted classes (Table 18)")
-        report.paragraph(explain.tolerance_sentence(len(diagnosis.classes)))
-        report.table(
-            list(explain.GROUP_COLUMNS),
-            [
-                [
-                    name,
-                    ", ".join(group["classes"]),
-                    group["iou_mean"],
-                    group["iou_std"],
-                    group["acc_mean"],
-                    group["acc_std"],
-                ]
-                for name, group in diagnosis.groups.items()
-            ],
-            number_format=".1%",
-        )
-        report.definitions(
-            explain.columns_explained(list(explain.GROUP_COLUMNS), explain.GROUP_COLUMNS)
-        )
+    _what_next(report, diagnosis, out_dir)
+    if diagnosis.groups is not None:
+        _group_table(report, diagnosis)
     report.heading("Per class")
     columns, rows = class_table(diagnosis)
     report.table(columns, rows, number_format=CLASS_TABLE_FORMATS)
     report.definitions(explain.columns_explained(columns))
-    _what_next(report, diagnosis, out_dir)
     captions = {
         "bias": "Bias per class (Eq. 4 bars; Eq. 5 estimate from logits as markers).",
         "densities": "Positive and negative logit densities per class against the global anchors.",
@@ -315,6 +297,30 @@ def write_report(diagnosis: Diagnosis, out_dir: Path) -> Path:
         if key in diagnosis.files:
             report.image(out_dir / diagnosis.files[key], caption)
     return report.save(out_dir / "report.html")
+
+
+def _group_table(report: Report, diagnosis: Diagnosis) -> None:
+    """Table 18: the over- and under-predicted groups, and the balanced classes apart."""
+    report.heading("Over- and under-predicted classes (Table 18)")
+    report.paragraph(explain.tolerance_sentence(len(diagnosis.classes)))
+    report.table(
+        list(explain.GROUP_COLUMNS),
+        [
+            [
+                name,
+                ", ".join(group["classes"]),
+                group["iou_mean"],
+                group["iou_std"],
+                group["acc_mean"],
+                group["acc_std"],
+            ]
+            for name, group in diagnosis.groups.items()
+        ],
+        number_format=".1%",
+    )
+    report.definitions(
+        explain.columns_explained(list(explain.GROUP_COLUMNS), explain.GROUP_COLUMNS)
+    )
 
 
 def _what_next(report: Report, diagnosis: Diagnosis, out_dir: Path) -> None:
