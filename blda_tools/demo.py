@@ -87,6 +87,14 @@ class DemoResult:
             "after": _headline(after),
             "chosen_tau": calibration.chosen_tau,
             "tau_selection": calibration.selection,
+            # The prior-adjustment baseline at its own best tau, chosen the same way.
+            "prior_baseline": None
+            if calibration.prior_baseline is None
+            else {
+                "tau": calibration.prior_baseline["tau"],
+                **_headline(calibration.prior_baseline),
+            },
+            "notes": calibration.notes,
             "iou_change": _differences(after["iou"], before["iou"]),
             "acc_change": _differences(after["acc"], before["acc"]),
             "bias": self.diagnosis.bias,
