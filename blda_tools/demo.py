@@ -28,8 +28,8 @@ import torch
 from blda_tools import explain
 from blda_tools.calibrate import CalibrateOptions, CalibrationResult, calibrate, calibration_passes
 from blda_tools.diagnose import Diagnosis, diagnose
-from blda_tools.errors import BLDAError
-from blda_tools.fileio import ensure_writable_dir, write_json
+from blda_tools.errors import BLDAError, Interrupted
+from blda_tools.fileio import ensure_writable_dir, partial_path, write_json
 from blda_tools.inference.dump import PixelSampling, prepare_dump
 from blda_tools.inference.predict import InferenceSettings
 from blda_tools.report import Report, ordinal
@@ -137,6 +137,11 @@ def run_demo(
             diagnosis = _diagnose(stores["target_val"], out / "diagnosis", progress)
         with _timed(seconds, "calibrate"):
             calibration = _calibrate(stores, out / "calibration", settings, progress)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            "demo interrupted: nothing to resume (its stores take seconds); run the same demo "
+            "command again"
+        ) from None
     finally:
         torch.set_num_threads(previous_threads)
     result = DemoResult(out, stores, diagnosis, calibration, settings, seconds)
@@ -184,8 +189,8 @@ def _dump_stores(
     stores = {}
     for name, (dataset, root, split) in SPLITS.items():
         path = store_dir / f"{name}.h5"
-        if path.exists():
-            path.unlink()  # a rerun into the same directory starts that store afresh
+        for stale in (path, partial_path(path)):  # a rerun (even after Ctrl-C) starts afresh
+            stale.unlink(missing_ok=True)
         job = prepare_dump(
             "tiny",
             sample / CHECKPOINT,

@@ -157,3 +157,25 @@ def test_ctrl_c_in_a_job_without_resume_exits_130_with_one_line(tmp_path, monkey
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines[-1].startswith("interrupted: no half-written file is left"), result.output
     assert "Traceback" not in result.output
+
+
+def test_ctrl_c_in_the_demo_says_to_run_it_again_and_a_rerun_is_not_blocked(tmp_path, monkeypatch):
+    import blda_tools.demo as demo
+
+    def interrupted(*arguments):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(demo, "_dump_stores", interrupted)
+        with pytest.raises(Interrupted, match="demo interrupted: nothing to resume"):
+            demo.run_demo(tmp_path / "out", settings=demo.DemoSettings.quick())
+    # What an interrupted dump leaves behind does not stop the next demo run.
+    stores = tmp_path / "out" / "stores"
+    stores.mkdir(parents=True)
+    (stores / "source.h5.partial").write_bytes(b"left by Ctrl-C")
+    made = demo._dump_stores(
+        demo.DEFAULT_SAMPLE_DIR, stores, demo.DemoSettings.quick(), demo._no_progress
+    )
+    assert sorted(path.name for path in stores.iterdir()) == sorted(
+        path.name for path in made.values()
+    )
