@@ -260,6 +260,7 @@ def write_demo_report(result: DemoResult) -> Path:
         )
     columns = ["predictions", "mIoU", "mAcc", "IoU std", "Acc std"]
     report.table(columns, rows, number_format=".1%")
+    report.definitions(explain.columns_explained(columns, explain.SUMMARY_COLUMNS))
     report.paragraph(
         "Both taus are chosen the same way, on target train; the prior-adjustment baseline "
         "(f - tau log p(c), Appendix A) is the simpler alternative BLDA should beat."

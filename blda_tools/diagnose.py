@@ -279,6 +279,8 @@ def write_report(diagnosis: Diagnosis, out_dir: Path) -> Path:
                 "Spearman(Eq. 4, Eq. 5)": ".3f",
             },
         )
+        columns = list(explain.SUMMARY_COLUMNS)[1:]
+        report.definitions(explain.columns_explained(columns, explain.SUMMARY_COLUMNS))
     _what_next(report, diagnosis, out_dir)
     if diagnosis.groups is not None:
         _group_table(report, diagnosis)

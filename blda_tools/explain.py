@@ -36,6 +36,16 @@ CHANGE_COLUMNS = {
     "dAcc": "accuracy after minus before, in points (green: better, red: worse)",
 }
 
+SUMMARY_COLUMNS = {
+    "predictions": "which predictions the row scores",
+    "mIoU": "mean IoU over the classes present (the usual headline metric)",
+    "mAcc": "mean class accuracy: every class counts the same, however rare",
+    "IoU std": "population standard deviation of the per-class IoU: lower is more even",
+    "Acc std": "population standard deviation of the per-class accuracy",
+    "Spearman(Eq. 4, Eq. 5)": "rank correlation of the Bias from labels (Eq. 4) and from "
+    "logits alone (Eq. 5): near 1, the logits tell the bias without labels",
+}
+
 GROUP_COLUMNS = {
     "group": "over: Bias > tolerance (predicted too often); under: Bias < -tolerance (too "
     "rarely); balanced: |Bias| <= tolerance (Table 18 groups, with the balanced ones apart)",

@@ -15,6 +15,7 @@ import pytest
 from blda_tools import explain
 from blda_tools.calibrate import CalibrateOptions, CalibrationResult, _describe_choice, calibrate
 from blda_tools.calibration.sweep import SweepRow, select_tau
+from blda_tools.demo import _every
 from blda_tools.diagnose import CLASS_TABLE_FORMATS, diagnose
 from blda_tools.report import _cell, format_value, ordinal, without_negative_zero
 from blda_tools.store import LogitWriter
@@ -54,6 +55,8 @@ def test_ordinals():
     expected = {1: "1st", 2: "2nd", 3: "3rd", 4: "4th", 11: "11th", 12: "12th", 13: "13th",
                 21: "21st", 22: "22nd", 23: "23rd", 100: "100th", 101: "101st", 111: "111th"}  # fmt: skip
     assert {n: ordinal(n) for n in expected} == expected
+    # The demo's sentence: "every 2nd pixel" (it read "every 2th pixel"), "every pixel".
+    assert _every(2) == "2nd pixel" and _every(1) == "pixel" and _every(3) == "3rd pixel"
 
 
 def test_bias_findings_group_small_biases_as_balanced():
@@ -77,7 +80,8 @@ def test_diagnose_report_explains_columns_groups_and_the_next_command(tmp_path):
     assert groups == {"over": ["b"], "under": ["a"], "balanced": ["c", "d"]}
 
     page = html.unescape((out / "report.html").read_text())
-    for column in [*CLASS_TABLE_FORMATS, *explain.GROUP_COLUMNS]:
+    summary = [column for column in explain.SUMMARY_COLUMNS if column != "predictions"]
+    for column in [*CLASS_TABLE_FORMATS, *explain.GROUP_COLUMNS, *summary]:
         assert f"<dt>{column}</dt><dd>" in page, column
     assert "|Bias| <= 0.0250 (a tenth of the uniform share 1/C = 1/4)" in page
     assert "<td>balanced</td><td>c, d</td>" in page
