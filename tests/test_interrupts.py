@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from slow_model_plugin import SlowModel
 
 from blda_tools.errors import Interrupted
 from blda_tools.store import LogitStore
@@ -26,9 +27,14 @@ VAL_IMAGES, HEIGHT, WIDTH = 40, 128, 256  # sample_data/README.md: target val
 
 
 def _dump_command(out: Path, *extra: str) -> list[str]:
+    # Trained weights are not the point, but a checkpoint keeps the dump off random weights.
+    checkpoint = out.with_name("slow_model.pth")
+    if not checkpoint.exists():
+        torch.save(SlowModel(19).state_dict(), checkpoint)
     return [
         sys.executable, "-c", "from blda_cli.main import main; main()", "dump-logits",
-        "--model", "slow_model_plugin:slow_model", "--dataset", "cityscapes",
+        "--model", "slow_model_plugin:slow_model", "--checkpoint", str(checkpoint),
+        "--dataset", "cityscapes",
         "--data-root", str(SAMPLE_TARGET), "--split", "val", "--resize", "none",
         "--mode", "whole", "--workers", "1", "--out", str(out), *extra,
     ]  # fmt: skip
