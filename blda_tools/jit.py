@@ -64,7 +64,13 @@ def cache_folder(dispatcher) -> str | None:
 def _stamp_with_dependencies(dispatcher, modules: tuple[ModuleType, ...]) -> None:
     # numba compares the stamp stored in the cache index with this one and ignores entries
     # written under another stamp (numba.core.caching.IndexDataCacheFile._load_index).
-    cache_file = dispatcher._cache._cache_file
+    cache_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
+    if not hasattr(cache_file, "_source_stamp"):  # a numba whose cache is built otherwise
+        from numba.core.caching import NullCache
+
+        dispatcher._cache = NullCache()  # compiled in every process rather than run stale
+        logger.info(f"{dispatcher.py_func.__qualname__}: not cached with numba {numba.__version__}")
+        return
     digest = hashlib.sha256(repr(cache_file._source_stamp).encode())
     for module in modules:
         with open(inspect.getfile(module), "rb") as source:
