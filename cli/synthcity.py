@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from blda_cli.progress import make_console, progress_bar
-from blda_tools.errors import BLDAError
+from blda_tools.errors import BLDAError, Interrupted
 
 if TYPE_CHECKING:
     from blda_tools.datasets.synthcity.generate import SynthCityInfo
@@ -46,10 +46,17 @@ def make(out, images, size_text, seed, val_fraction, overwrite, workers) -> None
 
     size = parse_size(size_text)
     total = sum(split_counts(images, val_fraction).values())
-    with progress_bar("synthcity", total, unit="images") as advance:
-        info = make_synthcity(out, images=images, size=size, seed=seed,
-                              val_fraction=val_fraction, progress=lambda done, _: advance(1),
-                              overwrite=overwrite, workers=workers)  # fmt: skip
+    try:
+        with progress_bar("synthcity", total, unit="images") as advance:
+            info = make_synthcity(out, images=images, size=size, seed=seed,
+                                  val_fraction=val_fraction, progress=lambda done, _: advance(1),
+                                  overwrite=overwrite, workers=workers)  # fmt: skip
+    except KeyboardInterrupt:
+        # The set is complete only with its synthcity.json, written last.
+        raise Interrupted(
+            f"synthcity interrupted: {out} holds an incomplete set (no synthcity.json); delete "
+            "it and run the command again"
+        ) from None
     make_console(stderr=False).print(_summary(info))
 
 

@@ -185,3 +185,24 @@ def test_ctrl_c_in_the_demo_says_to_run_it_again_and_a_rerun_is_not_blocked(tmp_
     assert sorted(path.name for path in stores.iterdir()) == sorted(
         path.name for path in made.values()
     )
+
+
+def test_ctrl_c_in_synthcity_make_says_the_set_is_incomplete(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import blda_tools.datasets.synthcity.generate as generate
+    from blda_cli.main import _register_commands, cli
+
+    def interrupted(*arguments, **options):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "make_synthcity", interrupted)
+    _register_commands()
+    out = tmp_path / "s"
+    result = CliRunner().invoke(cli, ["synthcity", "make", "--out", str(out), "--images", "2"])
+    assert result.exit_code == 130
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1] == (
+        f"synthcity interrupted: {out} holds an incomplete set (no synthcity.json); delete it "
+        "and run the command again"
+    )
