@@ -77,6 +77,10 @@ class CalibrationResult:
     fit: dict
     sweep: list[dict] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
+    # The prior-adjustment baseline at ITS best tau, chosen the way BLDA's tau was, with its
+    # metrics on the evaluated stores (None without labels there).
+    prior_baseline: dict | None = None
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         content = {k: v for k, v in self.__dict__.items() if k != "sweep"}
@@ -208,6 +212,7 @@ def _calibrate(inputs: CalibrationInputs, out_dir: Path, options, progress) -> C
     )
     if evaluation is not None:
         _add_metrics(result, evaluation)
+    _describe_choice(result)
     _write_outputs(result, calibrator, evaluation, fit_statistics, out_dir, options)
     return result
 
@@ -245,26 +250,66 @@ def _choose_tau(calibrator, inputs: CalibrationInputs, options, warnings, progre
                 "evaluated stores): the reported metrics are optimistic."
             )
         how = "held-out stores (--select-on)"
-        return _selection(best, how, options.metric, held_out), None
+        prior = select_tau(sweep.compute(), options.metric, taus, method="prior")
+        return _selection(best, how, options.metric, held_out, prior), None
     if len(taus) == 1:
-        return {"tau": taus[0], "how": "given (--tau with one value)", "metric": None}, None
+        given = {"tau": taus[0], "how": "given (--tau with one value)", "metric": None}
+        return {**given, "prior_tau": taus[0]}, None
     sweep = sweep_stores(calibrator, evaluated, taus, progress)
     best = select_tau(sweep.compute(), options.metric, taus)
+    prior = select_tau(sweep.compute(), options.metric, taus, method="prior")
     warnings.append(
         "TAU IS SELECTED ON THE EVALUATED STORES THEMSELVES (no --select-on): the reported "
         "metrics at the chosen tau are optimistic."
     )
-    return _selection(best, "evaluated stores (optimistic)", options.metric, evaluated), sweep
+    how = "evaluated stores (optimistic)"
+    return _selection(best, how, options.metric, evaluated, prior), sweep
 
 
-def _selection(best, how, metric, store) -> dict:
+def _selection(best, how, metric, store, prior) -> dict:
     return {
         "tau": best.tau,
         "how": how,
         "metric": metric,
         "value_on_selection_stores": getattr(best.metrics, metric),
         "selection_stores": [str(path) for path in store.paths],
+        "prior_tau": prior.tau,  # the prior-adjustment baseline's best tau, chosen alike
+        "prior_value_on_selection_stores": getattr(prior.metrics, metric),
     }
+
+
+def _describe_choice(result: CalibrationResult) -> None:
+    """Plain notes: a tau of 0 (a calibrator that changes nothing), and whether BLDA or the
+    prior-adjustment baseline at its own best tau does better on the evaluated stores."""
+    selection = result.selection
+    if result.chosen_tau == 0 and selection["how"].startswith("given"):
+        result.notes.append(
+            "tau = 0 was given: this calibrator changes nothing (its predictions are the "
+            "argmax of the logits)."
+        )
+    elif result.chosen_tau == 0:
+        result.notes.append(
+            "tau = 0 was chosen: no tau of the sweep did better than the uncalibrated model on "
+            f"the {selection['how']}, so this calibrator changes nothing (its predictions are "
+            "the argmax of the logits). Try another --anchor, --fit-on data closer to the "
+            "target, or a finer --tau range."
+        )
+    baseline, metric = result.prior_baseline, selection.get("metric") or "miou"
+    if baseline is None or result.after is None:
+        return
+    difference = result.after[metric] - baseline[metric]
+    name = {"miou": "mIoU", "macc": "mAcc"}[metric]
+    if abs(difference) < 5e-4:
+        verdict = "BLDA and the prior-adjustment baseline do equally well"
+    elif difference > 0:
+        verdict = "BLDA does better than the prior-adjustment baseline"
+    else:
+        verdict = "the prior-adjustment baseline does better than BLDA"
+    result.notes.append(
+        f"On the evaluated stores {verdict}: {name} {result.after[metric]:.1%} at tau = "
+        f"{result.chosen_tau:g} against {baseline[metric]:.1%} at its own best tau = "
+        f"{baseline['tau']:g} ({100 * difference:+.1f} points)."
+    )
 
 
 def _before_after_statistics(calibrator, store, grid, progress):
@@ -337,6 +382,14 @@ def _add_metrics(result: CalibrationResult, evaluation: TauSweep) -> None:
     if ("blda", result.chosen_tau) in by_key:
         result.after = _metrics_dict(by_key[("blda", result.chosen_tau)])
         result.after["prior_at_same_tau"] = _metrics_dict(by_key[("prior", result.chosen_tau)])
+    prior_tau = result.selection.get("prior_tau")
+    if ("prior", prior_tau) in by_key:
+        how = result.selection["how"]
+        result.prior_baseline = {
+            "tau": prior_tau,
+            "how": how,
+            **_metrics_dict(by_key[("prior", prior_tau)]),
+        }
 
 
 def _fit_summary(calibrator, inputs: CalibrationInputs, options) -> dict:

@@ -25,14 +25,15 @@ from pathlib import Path
 
 import torch
 
+from blda_tools import explain
 from blda_tools.calibrate import CalibrateOptions, CalibrationResult, calibrate, calibration_passes
 from blda_tools.diagnose import Diagnosis, diagnose
-from blda_tools.errors import BLDAError
+from blda_tools.errors import BLDAError, Interrupted
 from blda_tools.fileio import partial_path, write_json
 from blda_tools.inference.dump import PixelSampling, prepare_dump
 from blda_tools.inference.predict import InferenceSettings
 from blda_tools.outputs import output_set
-from blda_tools.report import Report
+from blda_tools.report import Report, ordinal
 from blda_tools.store import LogitStore
 
 # The repository's sample_data/ (the Quickstart installs the checkout in editable mode).
@@ -89,6 +90,14 @@ class DemoResult:
             "after": _headline(after),
             "chosen_tau": calibration.chosen_tau,
             "tau_selection": calibration.selection,
+            # The prior-adjustment baseline at its own best tau, chosen the same way.
+            "prior_baseline": None
+            if calibration.prior_baseline is None
+            else {
+                "tau": calibration.prior_baseline["tau"],
+                **_headline(calibration.prior_baseline),
+            },
+            "notes": calibration.notes,
             "iou_change": _differences(after["iou"], before["iou"]),
             "acc_change": _differences(after["acc"], before["acc"]),
             "bias": self.diagnosis.bias,
@@ -135,6 +144,11 @@ def run_demo(
             result = DemoResult(out, stores, diagnosis, calibration, settings, seconds)
             write_demo_report(result, outputs.staging / "report.html")
             write_json(outputs.staging / "demo.json", result.summary())
+    except KeyboardInterrupt:
+        raise Interrupted(
+            "demo interrupted: nothing to resume (its stores take seconds); run the same demo "
+            "command again"
+        ) from None
     finally:
         torch.set_num_threads(previous_threads)
     result.report = out / "report.html"
@@ -229,7 +243,7 @@ def write_demo_report(result: DemoResult, path: Path | None = None) -> Path:
     report = Report("blda demo: a source-only model on SynthCity target val")
     report.paragraph(
         "The shipped tiny model was trained on the SynthCity source only. Its logits on target "
-        f"val ({diagnosis.num_pixels:,} labelled pixels, every {result.settings.stride}th pixel "
+        f"val ({diagnosis.num_pixels:,} labelled pixels, every {_every(result.settings.stride)} "
         "in both axes) are diagnosed, then calibrated post hoc (Eq. 6-7): class distributions "
         "fitted with pseudo-labels on target train, anchors from the source, tau chosen on "
         f"target train's ground truth ({calibration.selection.get('metric')}), a split held "
@@ -242,19 +256,32 @@ def write_demo_report(result: DemoResult, path: Path | None = None) -> Path:
     rows.append(
         [f"BLDA post-hoc, tau = {calibration.chosen_tau:g}", *_headline_row(calibration.after)]
     )
-    prior = (calibration.after or {}).get("prior_at_same_tau")
-    if prior is not None:
-        rows.append([f"prior adjustment, tau = {calibration.chosen_tau:g}", *_headline_row(prior)])
+    baseline = calibration.prior_baseline
+    if baseline is not None:
+        rows.append(
+            [
+                f"prior adjustment at its own best tau = {baseline['tau']:g}",
+                *_headline_row(baseline),
+            ]
+        )
     columns = ["predictions", "mIoU", "mAcc", "IoU std", "Acc std"]
     report.table(columns, rows, number_format=".1%")
+    report.definitions(explain.columns_explained(columns, explain.SUMMARY_COLUMNS))
+    report.paragraph(
+        "Both taus are chosen the same way, on target train; the prior-adjustment baseline "
+        "(f - tau log p(c), Appendix A) is the simpler alternative BLDA should beat."
+    )
+    for note in calibration.notes:
+        report.note(note)
     report.paragraph(
         "Spearman rank correlation between the Bias estimated from logits alone (Eq. 5) and "
         f"the Bias from the confusion matrix (Eq. 4): {diagnosis.bias_rank_correlation:.3f}."
     )
     report.heading("Per class")
-    report.table(
-        *_class_rows(result), number_format=CLASS_COLUMN_FORMATS, signed_columns=["dIoU", "dAcc"]
-    )
+    columns, rows = _class_rows(result)
+    report.table(columns, rows, number_format=CLASS_COLUMN_FORMATS, signed_columns=["dIoU", "dAcc"])
+    report.definitions(explain.columns_explained(columns, explain.CHANGE_COLUMNS))
+    _what_next(report, result)
     report.heading("Figures")
     for directory, files in (("diagnosis", diagnosis.files), ("calibration", calibration.files)):
         for key, name in files.items():
@@ -266,6 +293,27 @@ def write_demo_report(result: DemoResult, path: Path | None = None) -> Path:
         "calibration/sweep.csv (every tau, BLDA and prior adjustment), demo.json."
     )
     return report.save(path if path is not None else result.out_dir / "report.html")
+
+
+def _every(stride: int) -> str:
+    return "pixel" if stride == 1 else f"{ordinal(stride)} pixel"
+
+
+def _what_next(report: Report, result: DemoResult) -> None:
+    """What the demo shows and the commands that do the same on the user's own model."""
+    diagnosis = result.diagnosis
+    report.heading("What this means, what to try next")
+    findings = explain.bias_findings(
+        diagnosis.classes, diagnosis.bias, diagnosis.balanced_tolerance, "Eq. 4, target val"
+    )
+    agreement = explain.rank_agreement(diagnosis.bias_rank_correlation)
+    for sentence in [*findings, *([agreement] if agreement else [])]:
+        report.paragraph(sentence)
+    report.paragraph(explain.tolerance_sentence(len(diagnosis.classes)))
+    report.paragraph("Apply this calibration to the val store, or export it as TorchScript:")
+    stores = [str(result.stores["target_val"])]
+    for line in explain.after_calibrate(stores, result.out_dir / "calibration"):
+        report.command(line)
 
 
 FIGURE_CAPTIONS = {

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blda_tools import __version__, plots
+from blda_tools import __version__, explain, plots
 from blda_tools.fileio import json_ready, none_to_nan, write_json
 from blda_tools.outputs import output_set
 from blda_tools.report import Report
@@ -73,6 +73,8 @@ class Diagnosis:
     excluded_classes: list[str]
     stores: list[str]
     clipped_logits: int
+    # |Bias| at or below it: "balanced" (`explain.balanced_tolerance`), the third group.
+    balanced_tolerance: float = 0.0
     notes: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
 
@@ -101,10 +103,14 @@ def diagnose(
     """
     store = LogitStore(stores)
     with output_set(out_dir, "diagnose", OUTPUT_FILES) as outputs:
-        return _diagnose(store, outputs.staging, labels, workers, grid, plots_and_report, progress)
+        return _diagnose(store, outputs.staging, labels, workers, grid, plots_and_report, progress,
+                         named_dir=Path(out_dir))  # fmt: skip
 
 
-def _diagnose(store, out_dir, labels, workers, grid, plots_and_report, progress) -> Diagnosis:
+def _diagnose(
+    store, out_dir, labels, workers, grid, plots_and_report, progress, named_dir
+) -> Diagnosis:
+    """The work of `diagnose`, writing into `out_dir` (the staging folder of `named_dir`)."""
     source = resolve_label_source(labels, store.has_labels, where=", ".join(map(str, store.paths)))
     notes = []
     if source == "pseudo":
@@ -125,7 +131,7 @@ def _diagnose(store, out_dir, labels, workers, grid, plots_and_report, progress)
     if plots_and_report:
         diagnosis.files.update(_draw_plots(diagnosis, statistics, out_dir))
         diagnosis.files["report"] = "report.html"
-        write_report(diagnosis, out_dir)
+        write_report(diagnosis, out_dir, named_dir=named_dir)
     diagnosis.files["diagnosis"] = "diagnosis.json"
     write_json(out_dir / "diagnosis.json", diagnosis.to_json())
     return diagnosis
@@ -175,6 +181,7 @@ def _measure(store, statistics, confusion, source, notes) -> Diagnosis:
         excluded_classes=[],
         stores=[str(path) for path in store.paths],
         clipped_logits=clipped,
+        balanced_tolerance=explain.balanced_tolerance(len(names)),
         notes=notes,
     )
     if confusion is None:
@@ -182,7 +189,9 @@ def _measure(store, statistics, confusion, source, notes) -> Diagnosis:
         return diagnosis
     scores = metrics.SegmentationMetrics.from_confusion(confusion)
     bias = metrics.bias_from_confusion(confusion)  # Eq. 4
-    groups = metrics.prediction_groups(bias, scores.iou, scores.acc)  # Table 18
+    groups = metrics.prediction_groups(  # Table 18, with the balanced classes apart
+        bias, scores.iou, scores.acc, tolerance=diagnosis.balanced_tolerance
+    )
     diagnosis.num_pixels = int(confusion.sum())
     diagnosis.class_pixels = list(scores.class_pixels)
     diagnosis.iou, diagnosis.acc = list(scores.iou), list(scores.acc)
@@ -250,8 +259,10 @@ def _draw_plots(diagnosis: Diagnosis, statistics: LogitSetStatistics, out_dir: P
     return {key: Path(value).name for key, value in files.items()}
 
 
-def write_report(diagnosis: Diagnosis, out_dir: Path) -> Path:
-    """The self-contained HTML report of a diagnosis (images embedded)."""
+def write_report(diagnosis: Diagnosis, out_dir: Path, *, named_dir: Path | None = None) -> Path:
+    """The self-contained HTML report of a diagnosis (images embedded), written in `out_dir`;
+    its next commands name `named_dir` (default `out_dir`): the folder the user gave, which
+    `out_dir` is staged for."""
     report = Report("blda diagnosis")
     report.paragraph(
         f"{diagnosis.num_pixels:,} labelled pixels from {len(diagnosis.stores)} store(s): "
@@ -281,24 +292,15 @@ def write_report(diagnosis: Diagnosis, out_dir: Path) -> Path:
                 "Spearman(Eq. 4, Eq. 5)": ".3f",
             },
         )
-        report.heading("Over- and under-predicted classes (Table 18)")
-        report.table(
-            ["group", "classes", "IoU mean", "IoU std", "Acc mean", "Acc std"],
-            [
-                [
-                    name,
-                    ", ".join(group["classes"]),
-                    group["iou_mean"],
-                    group["iou_std"],
-                    group["acc_mean"],
-                    group["acc_std"],
-                ]
-                for name, group in diagnosis.groups.items()
-            ],
-            number_format=".1%",
-        )
+        columns = list(explain.SUMMARY_COLUMNS)[1:]
+        report.definitions(explain.columns_explained(columns, explain.SUMMARY_COLUMNS))
+    _what_next(report, diagnosis, out_dir if named_dir is None else named_dir)
+    if diagnosis.groups is not None:
+        _group_table(report, diagnosis)
     report.heading("Per class")
-    report.table(*class_table(diagnosis), number_format=CLASS_TABLE_FORMATS)
+    columns, rows = class_table(diagnosis)
+    report.table(columns, rows, number_format=CLASS_TABLE_FORMATS)
+    report.definitions(explain.columns_explained(columns))
     captions = {
         "bias": "Bias per class (Eq. 4 bars; Eq. 5 estimate from logits as markers).",
         "densities": "Positive and negative logit densities per class against the global anchors.",
@@ -310,6 +312,50 @@ def write_report(diagnosis: Diagnosis, out_dir: Path) -> Path:
         if key in diagnosis.files:
             report.image(out_dir / diagnosis.files[key], caption)
     return report.save(out_dir / "report.html")
+
+
+def _group_table(report: Report, diagnosis: Diagnosis) -> None:
+    """Table 18: the over- and under-predicted groups, and the balanced classes apart."""
+    report.heading("Over- and under-predicted classes (Table 18)")
+    report.paragraph(explain.tolerance_sentence(len(diagnosis.classes)))
+    report.table(
+        list(explain.GROUP_COLUMNS),
+        [
+            [
+                name,
+                ", ".join(group["classes"]),
+                group["iou_mean"],
+                group["iou_std"],
+                group["acc_mean"],
+                group["acc_std"],
+            ]
+            for name, group in diagnosis.groups.items()
+        ],
+        number_format=".1%",
+    )
+    report.definitions(
+        explain.columns_explained(list(explain.GROUP_COLUMNS), explain.GROUP_COLUMNS)
+    )
+
+
+def _what_next(report: Report, diagnosis: Diagnosis, out_dir: Path) -> None:
+    """The "what this means / what to try next" section, with the user's own paths."""
+    report.heading("What this means, what to try next")
+    if diagnosis.bias is not None:
+        source, bias = "Eq. 4, from the ground truth", diagnosis.bias
+    else:
+        source, bias = "Eq. 5, estimated from the logits", diagnosis.bias_estimated
+    findings = explain.bias_findings(diagnosis.classes, bias, diagnosis.balanced_tolerance, source)
+    agreement = explain.rank_agreement(diagnosis.bias_rank_correlation)
+    for sentence in [*findings, *([agreement] if agreement else [])]:
+        report.paragraph(sentence)
+    report.paragraph(
+        "Post-hoc calibration (CDF alignment, Eq. 6-7) re-balances the predictions without "
+        "retraining. Next, with these stores (the second form fits on the target's own "
+        "unlabelled train split and chooses tau on a labelled store not used for reporting):"
+    )
+    for line in explain.after_diagnose(diagnosis.stores, out_dir, diagnosis.bias is not None):
+        report.command(line)
 
 
 CLASS_TABLE_FORMATS = {

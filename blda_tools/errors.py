@@ -46,3 +46,12 @@ def check_same_classes(expected, found, where: str, names=("expected", "found"))
     difference = class_difference(expected, found, names)
     if difference is not None:
         raise BLDAError(f"{where}: the class names differ: {difference}")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a job that keeps its work: the message says what was kept and how to
+    continue (e.g. "12 of 40 images kept in val.h5.partial; rerun with --resume").
+
+    A `KeyboardInterrupt`, so code that stops on Ctrl-C still does; the CLI prints the message
+    in one line and exits with status 130 (as a shell does for SIGINT).
+    """

@@ -51,6 +51,11 @@ figcaption { color: #57606a; font-size: .9rem; margin-top: .3rem; }
 .note { border-left: 4px solid; border-radius: 4px; padding: .6rem .9rem; margin: 1rem 0; }
 .note.info { border-color: #0969da; background: #ddf4ff; }
 .note.warning { border-color: #bf8700; background: #fff8c5; }
+dl.definitions { display: grid; grid-template-columns: max-content auto; gap: .2rem 1rem; }
+dl.definitions dt { font-weight: 600; }
+dl.definitions dd { margin: 0; }
+pre { background: #f6f8fa; border: 1px solid #d0d7de; border-radius: 6px; padding: .6rem .9rem;
+      overflow-x: auto; }
 """
 
 NOTE_KINDS = ("info", "warning")
@@ -81,6 +86,17 @@ class Report:
             raise BLDAError(f"note kind: expected one of {NOTE_KINDS}, got {kind!r}")
         label = "<strong>Warning:</strong> " if kind == "warning" else ""
         self._blocks.append(f'<div class="note {kind}">{label}{_escape(text)}</div>')
+        return self
+
+    def definitions(self, items: Iterable[tuple[str, str]]) -> Report:
+        """A list of terms, each explained in one line (e.g. what a table's columns mean)."""
+        rows = "".join(f"<dt>{_escape(term)}</dt><dd>{_escape(text)}</dd>" for term, text in items)
+        self._blocks.append(f'<dl class="definitions">{rows}</dl>')
+        return self
+
+    def command(self, text: str) -> Report:
+        """A shell command to copy, shown verbatim."""
+        self._blocks.append(f"<pre><code>{_escape(text)}</code></pre>")
         return self
 
     def table(
@@ -181,7 +197,22 @@ def format_value(value: object, spec: str | None = None, default: str = ".3f") -
     value = float(value)
     if math.isnan(value):
         return MISSING
-    return format(value, spec or default)
+    return without_negative_zero(format(value, spec or default))
+
+
+def without_negative_zero(text: str) -> str:
+    """A formatted number that rounds to zero, unsigned: "-0.0" and "+0.00%" become "0.0" and
+    "0.00%" (a sign there would claim a direction the shown digits do not have)."""
+    if text[:1] in "+-" and not any(digit in text for digit in "123456789"):
+        return text[1:]
+    return text
+
+
+def ordinal(number: int) -> str:
+    """1 -> "1st", 2 -> "2nd", 3 -> "3rd", 4 -> "4th", 11 -> "11th", 22 -> "22nd"."""
+    if 10 <= number % 100 <= 20:
+        return f"{number}th"
+    return f"{number}{ {1: 'st', 2: 'nd', 3: 'rd'}.get(number % 10, 'th') }"
 
 
 def _cell(
@@ -193,12 +224,15 @@ def _cell(
     if not numeric:
         return f"<td>{_escape(value)}</td>"
     classes = "num"
-    if signed and float(value) != 0:
+    text = format_value(value, spec, default)
+    if signed and text.lstrip("+-") != format_value(0 * value, spec, default).lstrip("+-"):
+        # Coloured only when the shown digits differ from zero: a change that rounds to 0.0
+        # is neither good nor bad.
         classes += " good" if (float(value) > 0) == higher_is_better else " bad"
         # The sign is written out so the meaning does not rely on colour alone.
         spec = spec or ("," if isinstance(value, numbers.Integral) else default)
-        spec = spec if spec.startswith("+") else "+" + spec
-    return f'<td class="{classes}">{_escape(format_value(value, spec, default))}</td>'
+        text = format_value(value, spec if spec.startswith("+") else "+" + spec, default)
+    return f'<td class="{classes}">{_escape(text)}</td>'
 
 
 def _escape(text: object) -> str:

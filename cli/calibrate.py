@@ -5,16 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from blda_cli.diagnose import parse_grid
 from blda_cli.option_rules import given, option_text, refuse_together
 from blda_cli.progress import console, progress_bar
-from blda_tools.calibrate import CalibrateOptions, calibrate, calibration_passes
-from blda_tools.calibration.apply import apply_calibrator
-from blda_tools.calibration.export import export_torchscript
 from blda_tools.errors import BLDAError
-from blda_tools.store import LogitStore
 
 PATH = click.Path(path_type=Path)
 
@@ -125,6 +122,10 @@ def calibrate_command(ctx, stores, out_dir, tau_spec, apply_path, **options):
     Writes DIR/sweep.csv, DIR/calibration.json, plots and DIR/calibrator.pt; with --apply,
     calibrated predictions (PNG pairs per image, or DIR/predictions.h5).
     """
+    # The library is imported here, not at the top, so that `--help` never loads torch.
+    from blda_tools.calibrate import CalibrateOptions, calibrate, calibration_passes
+    from blda_tools.explain import after_calibrate
+
     _check_options(ctx)
     if apply_path is not None:
         _apply(apply_path, stores, out_dir, tau_spec)
@@ -152,12 +153,25 @@ def calibrate_command(ctx, stores, out_dir, tau_spec, apply_path, **options):
     console.print(_class_table(result))
     selection = result.selection
     console.print(f"chosen tau = {result.chosen_tau:g}, {selection['how']}")
+    baseline = result.prior_baseline
+    if baseline is not None and baseline["tau"] != result.chosen_tau:
+        metric = selection.get("metric") or "miou"
+        console.print(
+            f"prior adjustment at its own best tau = {baseline['tau']:g}: "
+            f"mIoU {_pct(baseline['miou'])}, mAcc {_pct(baseline['macc'])}"
+            + (f" (chosen by {metric} the same way)" if selection.get("metric") else "")
+        )
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")
     if result.unadjusted_cells:
         console.print(
             f"[yellow]note:[/] {len(result.unadjusted_cells)} cells have fewer than "
             f"{config.min_samples} logits and get no offset (listed in calibration.json)"
         )
     console.print(f"wrote {out_dir}/calibration.json and {out_dir}/calibrator.pt")
+    console.print("next:", highlight=False)
+    for line in after_calibrate([str(path) for path in stores], out_dir):
+        console.print(f"  {line}", highlight=False, markup=False)
 
 
 FIT_ONLY = ("fit_on", "fit_labels", "anchor_from", "anchor", "select_on", "metric", "estimator",
@@ -188,7 +202,9 @@ def _one_value(spec: str) -> bool:
 
 
 def _apply(apply_path, stores, out_dir, tau_spec) -> None:
+    from blda_tools.calibration.apply import apply_calibrator
     from blda_tools.calibration.calibrator import check_tau
+    from blda_tools.store import LogitStore
 
     tau = None if tau_spec is None else check_tau(tau_spec)
     total = LogitStore(stores).num_rows
@@ -228,11 +244,15 @@ def _class_table(result) -> Table:
 
 
 def _pct(value) -> str:
-    return "n/a" if value is None or value != value else f"{100 * value:.1f}"
+    from blda_tools.report import format_value  # "n/a" for None / NaN, never "-0.0"
+
+    return format_value(None if value is None else 100 * value, ".1f")
 
 
 def _num(value) -> str:
-    return "n/a" if value is None or value != value else f"{value:.3f}"
+    from blda_tools.report import format_value
+
+    return format_value(value, ".3f")
 
 
 @click.command("export")
@@ -249,5 +269,7 @@ def _num(value) -> str:
 def export_command(calibrator_path, out_path, model_path, tau):
     """Write CALIBRATOR as a self-contained TorchScript module: logits (B, C, H, W) -> Eq. 7
     log scores (balanced logits), loadable with torch.jit.load without blda."""
+    from blda_tools.calibration.export import export_torchscript
+
     export_torchscript(calibrator_path, out_path, model_path=model_path, tau=tau)
     console.print(f"wrote {out_path}")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from blda_cli.progress import console, progress_bar
-from blda_tools.demo import DEFAULT_SAMPLE_DIR, DemoResult, DemoSettings, run_demo
+
+if TYPE_CHECKING:
+    from blda_tools.demo import DemoResult
 
 
 @click.command("demo")
@@ -22,7 +26,7 @@ from blda_tools.demo import DEFAULT_SAMPLE_DIR, DemoResult, DemoSettings, run_de
 @click.option(
     "--sample-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_SAMPLE_DIR,
+    default=None,
     show_default="the repository's sample_data/",
     help="A sample built by scripts/make_sample_data.py.",
 )
@@ -54,6 +58,10 @@ def demo_command(out_dir, sample_dir, quick, metric, threads):
     target train's labels). Writes OUT/report.html, OUT/demo.json and the stores, diagnosis and
     calibration under OUT.
     """
+    # The library is imported here, not at the top, so that `--help` never loads torch.
+    from blda_tools.demo import DEFAULT_SAMPLE_DIR, DemoSettings, run_demo
+
+    sample_dir = DEFAULT_SAMPLE_DIR if sample_dir is None else sample_dir
     settings = DemoSettings.quick() if quick else DemoSettings()
     settings = DemoSettings(settings.stride, settings.max_images, settings.taus, metric)
     result = run_demo(
@@ -79,7 +87,7 @@ def _class_table(result: DemoResult) -> Table:
         table.add_row(
             name, f"{pixels:,}", _fmt(bias, "+.4f"), _fmt(estimated, "+.4f"),
             _fmt(iou, ".1%"), _fmt(iou_after, ".1%"), _fmt(acc, ".1%"), _fmt(acc_after, ".1%"),
-            style="red" if bias is not None and bias > 0 else None,
+            style="red" if bias is not None and bias > diagnosis.balanced_tolerance else None,
         )  # fmt: skip
     return table
 
@@ -90,6 +98,8 @@ def _print_summary(result: DemoResult) -> None:
     selection = calibration.selection
     for warning in calibration.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
+    for note in calibration.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     console.print(
         f"before: mIoU {before['miou']:.1%}  mAcc {before['macc']:.1%}  "
         f"IoU std {before['iou_std']:.1%}"
@@ -108,6 +118,6 @@ def _print_summary(result: DemoResult) -> None:
 
 
 def _fmt(value, spec: str) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return "n/a"
-    return format(value, spec)
+    from blda_tools.report import format_value  # "n/a" for None / NaN, never "-0.0"
+
+    return format_value(value, spec)

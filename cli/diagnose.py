@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
 
 from blda_cli.progress import console, progress_bar
-from blda_tools.diagnose import CLASS_TABLE_FORMATS, class_table, diagnose
-from blda_tools.statistics import LogitGrid
-from blda_tools.store import LogitStore
+
+if TYPE_CHECKING:
+    from blda_tools.statistics import LogitGrid
 
 
 @click.command("diagnose")
@@ -52,6 +53,10 @@ def diagnose_command(stores, out_dir, labels, workers, grid_spec, no_plots):
     take it instead of the stores), PNG plots and a self-contained DIR/report.html. A re-run
     replaces the files an earlier diagnose wrote there (docs/outputs.md).
     """
+    # The library is imported here, not at the top, so that `--help` never loads torch.
+    from blda_tools.diagnose import diagnose
+    from blda_tools.store import LogitStore
+
     grid = parse_grid(grid_spec)
     total = LogitStore(stores).num_rows
     with progress_bar("diagnose", total, unit="px") as advance:
@@ -75,10 +80,17 @@ def diagnose_command(stores, out_dir, labels, workers, grid_spec, no_plots):
     console.print(
         f"wrote {out_dir}/diagnosis.json" + ("" if no_plots else f", {out_dir}/report.html")
     )
+    from blda_tools.explain import after_diagnose
+
+    console.print("next:", highlight=False)
+    for line in after_diagnose(result.stores, out_dir, result.bias is not None):
+        console.print(f"  {line}", highlight=False, markup=False)
 
 
 def parse_grid(spec: str) -> LogitGrid:
     """LOW:HIGH:BINS -> LogitGrid, with a clear error for anything else."""
+    from blda_tools.statistics import LogitGrid
+
     parts = spec.split(":")
     try:
         low, high, bins = float(parts[0]), float(parts[1]), int(parts[2])
@@ -92,6 +104,8 @@ def parse_grid(spec: str) -> LogitGrid:
 
 
 def _results_table(result) -> Table:
+    from blda_tools.diagnose import CLASS_TABLE_FORMATS, class_table
+
     columns, rows = class_table(result)
     table = Table(title="Class bias (Bias > 0: over-predicted)", show_lines=False)
     for column in columns:
@@ -102,12 +116,13 @@ def _results_table(result) -> Table:
             for column, value in zip(columns[1:], row[1:], strict=True)
         ]
         bias = row[4] if row[4] is not None else row[5]
-        style = "red" if bias is not None and bias > 0 else None
+        over = bias is not None and bias > result.balanced_tolerance
+        style = "red" if over else None
         table.add_row(*cells, style=style)
     return table
 
 
 def _fmt(value, spec: str) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return "n/a"
-    return format(value, spec)
+    from blda_tools.report import format_value  # "n/a" for None / NaN, never "-0.0"
+
+    return format_value(value, spec)

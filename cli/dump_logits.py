@@ -10,8 +10,7 @@ import click
 from blda_cli.option_rules import require
 from blda_cli.progress import console, progress_bar
 from blda_tools.datasets import list_datasets
-from blda_tools.inference.dump import CorruptImageWarning, PixelSampling, prepare_dump
-from blda_tools.inference.predict import MODES
+from blda_tools.inference import MODES
 
 
 class SizeParam(click.ParamType):
@@ -201,6 +200,9 @@ def dump_logits_command(ctx, **options):
     dataset has them (an unlabelled split gives a store without labels); a classifier on
     --dataset image-folder gives one row per image.
     """
+    # The library is imported here, not at the top, so that `--help` never loads torch.
+    from blda_tools.inference.dump import CorruptImageWarning, PixelSampling, prepare_dump
+
     _check_options(ctx)
     sampling = PixelSampling(
         stride=options["stride"],
@@ -233,7 +235,10 @@ def dump_logits_command(ctx, **options):
     for notice in job.notices:
         console.print(notice)
     if job.already_stored:
-        console.print(f"resuming: {job.already_stored} image(s) already stored")
+        console.print(
+            f"resuming {job.out}.partial: {job.already_stored} of "
+            f"{job.already_stored + job.total} images already stored, {job.total} to go"
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CorruptImageWarning)
         with progress_bar("dump-logits", job.total, unit="images") as advance:
@@ -242,9 +247,12 @@ def dump_logits_command(ctx, **options):
         console.print(f"[yellow]warning:[/] {warning.message}")
     for note in summary.notes:
         console.print(f"[yellow]note:[/] {note}")
+    this_run = ""
+    if job.already_stored:
+        this_run = f" ({summary.images_written} image(s), {summary.rows_written:,} rows this run)"
     console.print(
-        f"wrote {summary.out}: {summary.images_written} image(s), {summary.rows_written:,} rows "
-        f"on {job.device}, {summary.images_per_second:.2f} images/s"
+        f"wrote {summary.out}: {summary.images_in_store} image(s), {summary.rows_in_store:,} rows"
+        f"{this_run} on {job.device}, {summary.images_per_second:.2f} images/s"
     )
 
 

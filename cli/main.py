@@ -6,14 +6,15 @@ import sys
 
 import click
 
+from blda_cli.progress import show_library_notices
 from blda_tools import __version__
-from blda_tools.errors import BLDAError
+from blda_tools.errors import BLDAError, Interrupted
 from blda_tools.fileio import os_failure
 
 
 class _Group(click.Group):
     """A click group that turns BLDAError, and any OS failure that no library code translated,
-    into a one-line message and exit status 2."""
+    into a one-line message and exit status 2, and Ctrl-C into one line and exit status 130."""
 
     def resolve_command(self, ctx: click.Context, args):
         name, command, rest = super().resolve_command(ctx, args)
@@ -31,11 +32,26 @@ class _Group(click.Group):
         except click.UsageError as error:  # a bad option value: one line too, with the way on
             where = error.ctx.command_path if error.ctx is not None else "blda"
             _fail(f"{error.format_message()} (see `{where} --help`)")
+        except KeyboardInterrupt as interrupt:
+            _report_interrupt(interrupt)
+            sys.exit(130)  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 def _fail(error: BLDAError | str) -> None:
     click.secho(f"error: {error}", fg="red", err=True)
     sys.exit(2)
+
+
+def _report_interrupt(interrupt: KeyboardInterrupt) -> None:
+    """One line: what an interrupted job kept (`Interrupted`) or that it kept nothing (outputs
+    are written under temporary names and renamed only when complete)."""
+    message = str(interrupt) if isinstance(interrupt, Interrupted) else ""
+    if not message:
+        message = (
+            "interrupted: no half-written file is left (outputs are renamed into place only "
+            "when complete); run the command again to finish"
+        )
+    click.secho(message, fg="yellow", err=True)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,4 +70,5 @@ def _register_commands() -> None:
 
 def main() -> None:
     _register_commands()
+    show_library_notices()
     cli()

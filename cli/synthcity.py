@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from blda_cli.progress import progress_bar
-from blda_tools.datasets.synthcity.generate import (
-    CLASS_NAMES,
-    SynthCityInfo,
-    make_synthcity,
-    split_counts,
-)
-from blda_tools.errors import BLDAError
+from blda_cli.progress import make_console, progress_bar
+from blda_tools.errors import BLDAError, Interrupted
+
+if TYPE_CHECKING:
+    from blda_tools.datasets.synthcity.generate import SynthCityInfo
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -46,13 +43,23 @@ def make(out, images, size_text, seed, val_fraction, workers) -> None:
 
     A set this command wrote in --out before is replaced; other files there are not touched.
     """
+    # The library is imported here, not at the top, so that `--help` never loads torch.
+    from blda_tools.datasets.synthcity.generate import make_synthcity, split_counts
+
     size = parse_size(size_text)
     total = sum(split_counts(images, val_fraction).values())
-    with progress_bar("synthcity", total, unit="images") as advance:
-        info = make_synthcity(out, images=images, size=size, seed=seed,
-                              val_fraction=val_fraction, progress=lambda done, _: advance(1),
-                              workers=workers)  # fmt: skip
-    Console().print(_summary(info))
+    try:
+        with progress_bar("synthcity", total, unit="images") as advance:
+            info = make_synthcity(out, images=images, size=size, seed=seed,
+                                  val_fraction=val_fraction, progress=lambda done, _: advance(1),
+                                  workers=workers)  # fmt: skip
+    except KeyboardInterrupt:
+        # The set is built in a staging folder (`outputs.output_set`) and moved in when complete.
+        raise Interrupted(
+            f"synthcity interrupted: nothing was moved into {out}; run the same command again "
+            "(it removes the unfinished staging folder)"
+        ) from None
+    make_console(stderr=False).print(_summary(info))
 
 
 def _summary(info: SynthCityInfo) -> Table:
@@ -72,4 +79,6 @@ def _summary(info: SynthCityInfo) -> Table:
 
 
 def _share(pixels: list[int], train_id: int) -> str:
+    from blda_tools.datasets.synthcity.generate import CLASS_NAMES
+
     return f"{CLASS_NAMES[train_id]} ({100 * pixels[train_id] / max(sum(pixels), 1):.2f}%)"

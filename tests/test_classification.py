@@ -188,11 +188,15 @@ def test_classifier_on_a_segmentation_dataset_and_the_reverse_are_refused(tmp_pa
     make_cityscapes(tmp_path / "cs", count=1)
     make_image_folder(tmp_path / "folder")
     with pytest.raises(BLDAError, match="resnet101: a whole-image classifier.*image-folder"):
-        prepare_dump("resnet101", None, "cityscapes", tmp_path / "cs", None, tmp_path / "a.h5")
+        prepare_dump(
+            "resnet101", None, "cityscapes", tmp_path / "cs", None, tmp_path / "a.h5",
+            random_weights=True,
+        )  # fmt: skip
     with pytest.raises(BLDAError, match="daformer_mitb0: a segmentation model.*classifier"):
         prepare_dump(
-            "daformer_mitb0", None, "image-folder", tmp_path / "folder", None, tmp_path / "b.h5"
-        )
+            "daformer_mitb0", None, "image-folder", tmp_path / "folder", None, tmp_path / "b.h5",
+            random_weights=True,
+        )  # fmt: skip
 
 
 def test_classification_checkpoint_given_to_a_segmentation_model_says_so(tmp_path):

@@ -7,7 +7,9 @@ sample directory's files compared before and after the run.
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from pathlib import Path
 
 import h5py
@@ -122,3 +124,19 @@ def test_out_inside_the_sample_is_refused(tmp_path):
 def test_a_directory_without_a_sample_is_refused(tmp_path):
     with pytest.raises(BLDAError, match="--sample-dir .*tiny_source.pth"):
         run_demo(tmp_path / "out", sample_dir=tmp_path)
+
+
+def test_demo_report_compares_the_prior_baseline_at_its_own_tau_and_says_what_next(demo_run):
+    out, _, _ = demo_run
+    page = html.unescape((out / "report.html").read_text())
+    summary = json.loads((out / "demo.json").read_text())
+    baseline = summary["prior_baseline"]
+    # Its tau is the prior's own best on target train, read back from the selection sweep.
+    assert baseline["tau"] == summary["tau_selection"]["prior_tau"]
+    assert f"prior adjustment at its own best tau = {baseline['tau']:g}" in page
+    assert "every 4th pixel" in page  # --quick keeps every 4th pixel
+    assert "What this means, what to try next" in page
+    assert f"blda export {out / 'calibration' / 'calibrator.pt'}" in page
+    for column in ("dIoU", "Acc after", "Bias est. (Eq. 5)", "IoU std"):
+        assert f"<dt>{column}</dt>" in page, column
+    assert re.findall(r"[+-]0\.0%", page) == []  # a change that rounds to zero has no sign

@@ -216,6 +216,21 @@ def test_prediction_groups():
     assert groups["under"].iou_mean == pytest.approx(0.45)
     assert groups["under"].iou_std == pytest.approx(np.std([0.4, 0.5]))
     assert groups["under"].acc_std == pytest.approx(np.std([0.5, 0.6]))
+    assert groups["balanced"].classes == (2,)  # Bias exactly 0: in neither of the paper's groups
+
+
+def test_prediction_groups_with_a_tolerance_call_small_biases_balanced():
+    bias = np.array([0.10, -0.05, 0.0, -0.02, 0.03, np.nan])
+    iou = np.array([0.9, 0.4, 0.7, 0.5, np.nan, 0.2])
+    acc = np.array([0.95, 0.5, 0.8, 0.6, 0.7, 0.3])
+    groups = prediction_groups(bias, iou, acc, tolerance=0.03)
+    # |Bias| <= 0.03: classes 2, 3 and 4 (the boundary 0.03 included); NaN in no group.
+    assert groups["over"].classes == (0,) and groups["under"].classes == (1,)
+    assert groups["balanced"].classes == (2, 3, 4)
+    assert groups["balanced"].iou_mean == pytest.approx(0.6)  # NaN IoU of class 4 left out
+    assert groups["balanced"].acc_mean == pytest.approx(np.mean([0.8, 0.6, 0.7]))
+    with pytest.raises(BLDAError, match="tolerance"):
+        prediction_groups(bias, iou, acc, tolerance=-0.1)
 
 
 # ------------------------------------------------------------------ JS divergence (Table 15)

@@ -170,13 +170,15 @@ def sweep_stores(
     return sweep
 
 
-def select_tau(rows: Sequence[SweepRow], metric: str, taus: Sequence[float]) -> SweepRow:
-    """The "blda" row among `taus` with the best `metric` ("miou" or "macc"); ties go to the
-    smallest tau (the least adjustment)."""
+def select_tau(
+    rows: Sequence[SweepRow], metric: str, taus: Sequence[float], method: str = "blda"
+) -> SweepRow:
+    """The `method` row ("blda" or "prior") among `taus` with the best `metric` ("miou" or
+    "macc"); ties go to the smallest tau (the least adjustment)."""
     if metric not in METRICS:
         raise BLDAError(f"--metric: expected one of {METRICS}, got {metric!r}")
     wanted = {float(tau) for tau in taus}
-    candidates = [row for row in rows if row.method == "blda" and row.tau in wanted]
+    candidates = [row for row in rows if row.method == method and row.tau in wanted]
     scored = [row for row in candidates if not math.isnan(getattr(row.metrics, metric))]
     if not scored:
         raise BLDAError(f"--metric: {metric} is undefined for every tau (no labelled pixels?)")

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 
-import numba
+from blda_tools.jit import kernel
 
 
-@numba.njit(nogil=True, cache=True)
+@kernel
 def count_sweep(logits, labels, predictions, taus, log_prior, cells) -> None:
     """Add the counts of `logits` ``(n, C)`` float32 with `labels` ``(n,)`` (in [0, C)) into
     `cells` ``(2, T, C, C)`` int64: method 0 ("blda") takes `predictions` ``(T - 1, n)`` at

@@ -6,73 +6,77 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
+from typing import TYPE_CHECKING
 
-from blda_tools.datasets.base import (
-    IGNORE_INDEX,
-    CorruptSampleError,
-    SegmentationDataset,
-    SegmentationSample,
-    default_palette,
-    label_to_color,
-    write_color_png,
-    write_label_png,
-)
-from blda_tools.datasets.cityscapes import (
-    CITYSCAPES_CLASSES,
-    CITYSCAPES_PALETTE,
-    CityscapesDataset,
-    cityscapes_id_lookup,
-)
-from blda_tools.datasets.classification import ImageFolderDataset
-from blda_tools.datasets.folder import FolderDataset
-from blda_tools.datasets.gta5 import GTA5Dataset, SizeMismatchWarning
-from blda_tools.datasets.synthia import (
-    SYNTHIA_13_CLASSES,
-    SYNTHIA_16_CLASSES,
-    SYNTHIA_TO_TRAIN_ID,
-    SynthiaDataset,
-)
 from blda_tools.errors import BLDAError
 
-__all__ = [
-    "CITYSCAPES_CLASSES",
-    "CITYSCAPES_PALETTE",
-    "IGNORE_INDEX",
-    "SYNTHIA_13_CLASSES",
-    "SYNTHIA_16_CLASSES",
-    "SYNTHIA_TO_TRAIN_ID",
-    "CityscapesDataset",
-    "CorruptSampleError",
-    "FolderDataset",
-    "GTA5Dataset",
-    "ImageFolderDataset",
-    "SegmentationDataset",
-    "SegmentationSample",
-    "SizeMismatchWarning",
-    "SynthiaDataset",
-    "build_dataset",
-    "cityscapes_id_lookup",
-    "default_palette",
-    "label_to_color",
-    "list_datasets",
-    "write_color_png",
-    "write_label_png",
-]
+if TYPE_CHECKING:
+    from blda_tools.datasets.base import SegmentationDataset
 
-DATASETS: dict[str, type[SegmentationDataset]] = {
-    "cityscapes": CityscapesDataset,
-    "gta5": GTA5Dataset,
-    "synthia": SynthiaDataset,
-    "folder": FolderDataset,
-    "image-folder": ImageFolderDataset,
+# The registry names each dataset's module and class instead of importing them, so that
+# `list_datasets()` (the CLI's --dataset choices, shown by `blda dump-logits --help`) costs
+# no torch import; `build_dataset` and attribute access import them on first use.
+DATASETS: dict[str, tuple[str, str]] = {
+    "cityscapes": ("cityscapes", "CityscapesDataset"),
+    "gta5": ("gta5", "GTA5Dataset"),
+    "synthia": ("synthia", "SynthiaDataset"),
+    "folder": ("folder", "FolderDataset"),
+    "image-folder": ("classification", "ImageFolderDataset"),
 }
+
+# Public name -> the submodule defining it (PEP 562 module `__getattr__` below).
+_EXPORTS = {
+    "IGNORE_INDEX": "base",
+    "CorruptSampleError": "base",
+    "SegmentationDataset": "base",
+    "SegmentationSample": "base",
+    "default_palette": "base",
+    "label_to_color": "base",
+    "write_color_png": "base",
+    "write_label_png": "base",
+    "CITYSCAPES_CLASSES": "cityscapes",
+    "CITYSCAPES_PALETTE": "cityscapes",
+    "CityscapesDataset": "cityscapes",
+    "cityscapes_id_lookup": "cityscapes",
+    "ImageFolderDataset": "classification",
+    "FolderDataset": "folder",
+    "GTA5Dataset": "gta5",
+    "SizeMismatchWarning": "gta5",
+    "SYNTHIA_13_CLASSES": "synthia",
+    "SYNTHIA_16_CLASSES": "synthia",
+    "SYNTHIA_TO_TRAIN_ID": "synthia",
+    "SynthiaDataset": "synthia",
+}
+
+__all__ = sorted([*_EXPORTS, "build_dataset", "list_datasets"])
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
 
 
 def list_datasets() -> list[str]:
     """Names accepted by `build_dataset`."""
     return list(DATASETS)
+
+
+def dataset_class(name: str) -> type[SegmentationDataset]:
+    """The class behind the dataset `name` (imported on first use)."""
+    if name not in DATASETS:
+        raise BLDAError(f"dataset {name!r} is unknown; valid datasets: {', '.join(DATASETS)}")
+    module, class_name = DATASETS[name]
+    return getattr(importlib.import_module(f"{__name__}.{module}"), class_name)
 
 
 def build_dataset(
@@ -84,10 +88,8 @@ def build_dataset(
     Cityscapes, `size_mismatch` for GTA5, `class_names` for the folder datasets); an unknown
     name or option raises `BLDAError` listing the valid ones.
     """
-    if name not in DATASETS:
-        raise BLDAError(f"dataset {name!r} is unknown; valid datasets: {', '.join(DATASETS)}")
-    dataset_class = DATASETS[name]
-    parameters = inspect.signature(dataset_class.__init__).parameters
+    cls = dataset_class(name)
+    parameters = inspect.signature(cls.__init__).parameters
     valid = [option for option in parameters if option not in ("self", "root", "split")]
     unknown = sorted(set(options) - set(valid))
     if unknown:
@@ -96,5 +98,5 @@ def build_dataset(
             f"valid options: {', '.join(valid) or 'none'}"
         )
     if split is None:
-        return dataset_class(root, **options)
-    return dataset_class(root, split, **options)
+        return cls(root, **options)
+    return cls(root, split, **options)

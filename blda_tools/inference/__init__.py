@@ -7,20 +7,38 @@
 - `dump`: the dump job: inference streams, appends in dataset order, resume, torchrun shards;
 - `loader`: where the dump's images come from (loader workers or the streams themselves);
 - `pixel_sampling`: which pixels a dump keeps.
+
+The names below are imported from their modules on first use (PEP 562), so that the CLI can
+read `MODES` for `blda dump-logits --help` without importing torch.
 """
 
 from __future__ import annotations
 
-from blda_tools.inference.dump import DumpSummary, dump_logits, prepare_dump
-from blda_tools.inference.pixel_sampling import PixelSampling
-from blda_tools.inference.predict import InferenceSettings, predict_logits, select_device
+import importlib
 
-__all__ = [
-    "DumpSummary",
-    "InferenceSettings",
-    "PixelSampling",
-    "dump_logits",
-    "predict_logits",
-    "prepare_dump",
-    "select_device",
-]
+# The inference modes `predict_logits` knows (`predict.InferenceSettings.mode`).
+MODES = ("whole", "slide")
+
+_EXPORTS = {
+    "DumpSummary": "dump",
+    "dump_logits": "dump",
+    "prepare_dump": "dump",
+    "PixelSampling": "pixel_sampling",
+    "InferenceSettings": "predict",
+    "predict_logits": "predict",
+    "select_device": "predict",
+}
+
+__all__ = sorted([*_EXPORTS, "MODES"])
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

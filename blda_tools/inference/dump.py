@@ -35,7 +35,7 @@ import torch
 
 from blda_tools import __version__
 from blda_tools.datasets import build_dataset
-from blda_tools.errors import BLDAError
+from blda_tools.errors import BLDAError, Interrupted
 from blda_tools.fileio import check_input_file, partial_path
 from blda_tools.inference.loader import (
     decode,
@@ -81,6 +81,9 @@ class DumpSummary:
     images_already_stored: int = 0
     images_written: int = 0
     rows_written: int = 0
+    # The whole store, with what an earlier run stored before `--resume`.
+    images_in_store: int = 0
+    rows_in_store: int = 0
     corrupt: list[str] = field(default_factory=list)
     seconds: float = 0.0
     rank: int = 0
@@ -154,27 +157,33 @@ class DumpJob:
             rank=self.rank,
             world_size=self.world_size,
         )
-        with (
-            LogitWriter(
-                self.out,
-                # An unfinished store is continued; a complete one (this command's, checked
-                # by `prepare_dump`) is replaced when the new one is complete.
-                resume=partial_path(self.out).exists(),
-                commit_interval=COMMIT_SECONDS,
-                **self.writer_options,
-            ) as writer,
-            torch_threads(self.threads_per_stream),
-            _executor(self.streams) as executor,
-        ):
-            in_flight: deque[Future] = deque()
-            for batch in self.batches:
-                in_flight.append(executor.submit(self._process, batch, writer))
-                # A batch more than the streams: the next one is ready when a stream frees.
-                while len(in_flight) > self.streams:
+        writer = LogitWriter(
+            self.out,
+            # An unfinished store is continued; a complete one (this command's, checked by
+            # `prepare_dump`) is replaced when the new one is complete.
+            resume=partial_path(self.out).exists(),
+            commit_interval=COMMIT_SECONDS,
+            **self.writer_options,
+        )
+        try:
+            with writer, torch_threads(self.threads_per_stream), _executor(self.streams) as pool:
+                in_flight: deque[Future] = deque()
+                for batch in self.batches:
+                    in_flight.append(pool.submit(self._process, batch, writer))
+                    # A batch more than the streams: the next one is ready when a stream frees.
+                    while len(in_flight) > self.streams:
+                        self._store(in_flight.popleft(), writer, summary, progress)
+                while in_flight:
                     self._store(in_flight.popleft(), writer, summary, progress)
-            while in_flight:
-                self._store(in_flight.popleft(), writer, summary, progress)
+        except KeyboardInterrupt:
+            # The writer has committed every image it had (`LogitWriter._abandon`).
+            raise Interrupted(
+                f"dump-logits interrupted: {writer.num_images} of "
+                f"{self.already_stored + self.total} images kept in {writer.partial_path}; "
+                "run the same dump-logits command with --resume to continue"
+            ) from None
         summary.seconds = time.perf_counter() - started
+        summary.images_in_store, summary.rows_in_store = writer.num_images, writer.num_rows
         if summary.images_written + self.already_stored == 0:
             self.out.unlink()  # an empty store would only fail later, in every reader
             raise BLDAError(f"{self.out}: no image could be read ({len(summary.corrupt)} corrupt)")

@@ -27,11 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from blda_tools.errors import BLDAError
+from blda_tools.inference import MODES
 from blda_tools.inference.resize import rescaled_size, resize_uint8
 from blda_tools.models.segmentor import normalize
 from blda_tools.models.sliding import window_starts
-
-MODES = ("whole", "slide")
 
 
 def _checked_size(value, option: str) -> tuple[int, int]:

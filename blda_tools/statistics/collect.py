@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 
 from blda_tools.errors import BLDAError
@@ -114,14 +115,28 @@ def _collect(store, source, grid, workers, rows_per_chunk, progress) -> LogitSet
     result = LogitSetStatistics(
         store.num_classes, grid, ignore_index=store.ignore_index, class_names=store.class_names
     )
+    # Compile (or load) the kernels here on a few rows first: the workers then load them from
+    # the on-disk cache instead of each compiling them, and the compile notice is shown once.
+    _statistics_of_range(store, source, grid, 0, min(total, 256), 256, None)
     context = multiprocessing.get_context("spawn")
     # Workers exit when this process dies (even by SIGKILL) instead of waiting on its pipes.
-    with context.Pool(workers, initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
+    with context.Pool(workers, initializer=_start_worker, initargs=(os.getpid(),)) as pool:
         for part, rows in pool.imap_unordered(_star_worker, tasks):
             result.merge(part)
             if progress is not None:
                 progress(rows)
     return result
+
+
+def _start_worker(parent: int) -> None:
+    _leave_interrupts_to_parent()
+    exit_with_parent(parent)
+
+
+def _leave_interrupts_to_parent() -> None:
+    # Ctrl-C reaches every process of the terminal's group; the parent stops the pool, and a
+    # worker's own KeyboardInterrupt would only print a traceback per worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _star_worker(task):

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from numba.extending import overload
 
+from blda_tools.jit import kernel
+
 # Every float16 bit pattern's float32 value.
 FLOAT16_VALUES = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
 FLOAT16_VALUES = FLOAT16_VALUES.astype(np.float32)
@@ -87,7 +89,7 @@ def _row_argmax(values, row, table):
     return best_class
 
 
-@numba.njit(nogil=True, cache=True)
+@kernel
 def scan_rows(values, table, labels, pseudo, ignore_index, start, stop, given):
     """Rows ``[start, stop)``: fill `given` with each row's label (-1 if ignored), or with its
     argmax when `pseudo`. Returns ``(status, row)``: ``(ROWS_OK, -1)`` or the first bad row with
@@ -112,7 +114,7 @@ def scan_rows(values, table, labels, pseudo, ignore_index, start, stop, given):
     return ROWS_OK, -1
 
 
-@numba.njit(nogil=True, cache=True)
+@kernel
 def count_rows(
     values, table, given, owned, scale, shift, low, high,
     histogram, sums, sum_squares, minimum, maximum, clipped, confusion,
@@ -164,7 +166,7 @@ def count_rows(
             confusion[c, column] += chunk_confusion[c, column]
 
 
-@numba.njit(nogil=True, cache=True)
+@kernel
 def argmax_rows(values, table, out):
     """`out[row]` = the first maximal class of each row (NaN rows are not expected)."""
     for row in range(values.shape[0]):

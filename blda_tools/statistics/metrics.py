@@ -206,11 +206,13 @@ class PredictionGroup:
     acc_std: float
 
 
-def prediction_groups(bias, iou, acc) -> dict[str, PredictionGroup]:
-    """Over-predicted (Bias > 0) and under-predicted (Bias < 0) groups (Appendix L, Table 18).
+def prediction_groups(bias, iou, acc, tolerance: float = 0.0) -> dict[str, PredictionGroup]:
+    """Over-predicted (Bias > tolerance) and under-predicted (Bias < -tolerance) groups
+    (Appendix L, Table 18), and the "balanced" classes between them (|Bias| <= tolerance).
 
-    Classes with Bias exactly 0 or NaN belong to neither; NaN IoU/accuracy values are left out of
-    the group statistics (population std).
+    With the default tolerance 0 the paper's groups: a class with Bias exactly 0 is balanced,
+    in neither. NaN Bias belongs to no group; NaN IoU/accuracy values are left out of the
+    group statistics (population std).
     """
     bias = _as_float64(bias, "bias")
     iou = _as_float64(iou, "iou")
@@ -220,8 +222,15 @@ def prediction_groups(bias, iou, acc) -> dict[str, PredictionGroup]:
             f"prediction_groups: bias, iou and acc must be (C,) vectors of equal length, got "
             f"{tuple(bias.shape)}, {tuple(iou.shape)}, {tuple(acc.shape)}"
         )
+    if not tolerance >= 0:
+        raise BLDAError(f"prediction_groups: tolerance must be >= 0, got {tolerance!r}")
     groups = {}
-    for name, members in (("over", bias > 0), ("under", bias < 0)):
+    members_of = {
+        "over": bias > tolerance,
+        "under": bias < -tolerance,
+        "balanced": bias.abs() <= tolerance,
+    }
+    for name, members in members_of.items():
         iou_mean, iou_std = _nan_mean_std(iou[members])
         acc_mean, acc_std = _nan_mean_std(acc[members])
         classes = tuple(int(c) for c in torch.nonzero(members).flatten())

@@ -163,7 +163,7 @@ KEY_DOCS: dict[str, str] = {
     "run.num_workers": "DataLoader worker processes per training process",
     "run.log_interval": "iterations between log.jsonl records and live-view updates",
     "run.checkpoint_interval": "iterations between checkpoints/latest.pth writes",
-    "run.live": "show the rich live view on a terminal",
+    "run.live": "show progress: a live view on a terminal, plain lines otherwise",
     "model.arch": "architecture name for blda_tools.models.create_model",
     "model.backbone_weights": "ImageNet encoder weights, e.g. SegFormer's mit_b5.pth ('' = none)",
     "model.pretrained": "checkpoint of the whole model to start from ('' = none)",

@@ -54,14 +54,19 @@ def read_log(path: str | Path) -> list[dict]:
 
 
 class LiveView:
-    """A rich progress line: iteration, it/s, ETA, latest losses, last mIoU (rank 0, terminals)."""
+    """Progress of rank 0: a rich live line on a terminal (iteration, it/s, ETA, latest losses,
+    last mIoU); elsewhere (a log file, CI) the same as plain lines (`PlainProgress`)."""
 
     def __init__(self, total: int, start: int, enabled: bool) -> None:
         self.total, self.enabled = total, enabled
         self.start_iteration, self.start_time = start, time.perf_counter()
         self.last_miou: float | None = None
-        self.progress = None
-        if enabled:
+        self.progress = self.plain = None
+        if enabled and not _stdout_is_terminal():
+            from blda_tools.progress import PlainProgress
+
+            self.plain = PlainProgress("train", total, "it", completed=start)
+        elif enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
             self.progress = Progress(
@@ -78,19 +83,30 @@ class LiveView:
         return (iteration - self.start_iteration) / elapsed if elapsed > 0 else 0.0
 
     def update(self, iteration: int, losses: dict[str, float]) -> None:
+        loss_text = " ".join(f"{k} {v:.3f}" for k, v in losses.items())
+        miou = f"mIoU {self.last_miou:.1f}" if self.last_miou is not None else "mIoU -"
+        if self.plain is not None:
+            self.plain.update(iteration, f"{loss_text}  {miou}")
         if self.progress is None:
             return
         rate = self.rate(iteration)
         eta = (self.total - iteration) / rate if rate > 0 else math.inf
         eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
-        loss_text = " ".join(f"{k} {v:.3f}" for k, v in losses.items())
-        miou = f"mIoU {self.last_miou:.1f}" if self.last_miou is not None else "mIoU -"
         status = f"{rate:.2f} it/s  ETA {eta_text}  {loss_text}  {miou}"
         self.progress.update(self.task, completed=iteration, status=status)
 
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+        if self.plain is not None:
+            self.plain.close()
+
+
+def _stdout_is_terminal() -> bool:
+    # rich's own test (it honours FORCE_COLOR / TTY_COMPATIBLE), on the stream it draws on.
+    from rich.console import Console
+
+    return Console().is_terminal
 
 
 def curve_records(records: list[dict]) -> list[dict]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from blda_tools.errors import Interrupted
 from blda_tools.training.checkpoint import restore_rng_state, save_checkpoint
 from blda_tools.training.loop import Trainer
 from blda_tools.training.run_log import JsonlLog, LiveView
@@ -46,6 +47,8 @@ def run_loop(trainer: Trainer, *, stop_at: int | None, rng_state: dict | None) -
     view = LiveView(total, trainer.iteration, enabled=is_main and config.run.live)
     interval_losses: dict[str, float] = {}
     interval_start, interval_steps = time.perf_counter(), 0
+    # The iteration `checkpoints/latest.pth` holds (a resumed run starts from it).
+    saved = trainer.iteration if checkpoint_path(run_dir).exists() else None
     try:
         while trainer.iteration < stop:
             for name, value in trainer.iterate(micro_batches).items():
@@ -72,7 +75,10 @@ def run_loop(trainer: Trainer, *, stop_at: int | None, rng_state: dict | None) -
                     view.update(iteration, losses)
                 interval_losses, interval_steps = {}, 0
                 interval_start = time.perf_counter()
-            _evaluate_and_checkpoint(trainer, log, view, stop)
+            if _evaluate_and_checkpoint(trainer, log, view, stop):
+                saved = trainer.iteration
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted_message(trainer, saved)) from None
     finally:
         view.close()
     return {
@@ -94,7 +100,21 @@ def _loss_report(trainer: Trainer, log: JsonlLog) -> None:
         log.write({"kind": "loss", "iteration": trainer.iteration, **record})
 
 
-def _evaluate_and_checkpoint(trainer: Trainer, log: JsonlLog, view: LiveView, stop: int) -> None:
+def _interrupted_message(trainer: Trainer, saved: int | None) -> str:
+    where = f"train interrupted at iteration {trainer.iteration}"
+    if saved is None:
+        return (
+            f"{where}: no checkpoint yet (the first is written at iteration "
+            f"{trainer.config.run.checkpoint_interval}); nothing to resume, run it again"
+        )
+    return (
+        f"{where}: {checkpoint_path(trainer.run_dir)} (iteration {saved}) is kept; continue "
+        "with the same train command and --resume"
+    )
+
+
+def _evaluate_and_checkpoint(trainer: Trainer, log: JsonlLog, view: LiveView, stop: int) -> bool:
+    """Evaluate and checkpoint when due; True when `checkpoints/latest.pth` was written."""
     config, iteration = trainer.config, trainer.iteration
     final = iteration == config.run.iterations
     interval = config.evaluation.interval
@@ -116,3 +136,4 @@ def _evaluate_and_checkpoint(trainer: Trainer, log: JsonlLog, view: LiveView, st
             save_checkpoint(checkpoint_path(trainer.run_dir), checkpoint)
         if improved:
             save_checkpoint(checkpoint_path(trainer.run_dir, "best"), checkpoint)
+    return trainer.rank == 0 and due

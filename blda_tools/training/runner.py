@@ -12,6 +12,7 @@ Run directory layout:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import shutil
@@ -54,6 +55,8 @@ RUN_FILES = (
     "rcs_class_pixels.pt",
     "blda",
 )
+
+logger = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -239,6 +242,11 @@ def _train(config, run_dir, components, device, resume, stop_at, rank, world_siz
         checkpoint = load_training_checkpoint(checkpoint_path(run_dir))
         trainer.load(checkpoint)
         rng_state = checkpoint["rng"]
+        if rank == 0:
+            logger.info(
+                f"resuming from iteration {trainer.iteration} of {config.run.iterations} "
+                f"({checkpoint_path(run_dir)})"
+            )
         if rank == 0:
             JsonlLog(run_dir).truncate_after(trainer.iteration)
     summary = run_loop(trainer, stop_at=stop_at, rng_state=rng_state)

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from blda_tools.calibration.eq7 import steps
 from blda_tools.calibration.eq7.steps import (
     UNDECIDED,  # noqa: F401 (the marker of undecided pixels, for callers)
     block_step_three,
@@ -57,6 +58,7 @@ from blda_tools.calibration.eq7.steps import (
     softplus,
 )
 from blda_tools.errors import BLDAError
+from blda_tools.jit import kernel
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
@@ -151,7 +153,7 @@ def _offset_bounds(logits, row, by_cell, by_column, logit, own, lowest, highest)
     return logit_magnitude, offset_magnitude
 
 
-@numba.njit(nogil=True, cache=True)
+@kernel(depends_on=(steps,))
 def certify_rows(logits, start, stop, taus, tables, prediction) -> None:
     """Certified Eq. 7 predictions of rows [start, stop) of `logits` ``(n, C)`` float32 for the
     sorted positive `taus` ``(T,)`` into `prediction` ``(T, n)`` int64 (UNDECIDED where even
@@ -286,7 +288,7 @@ def _decide_exactly(values, tau, margin, ends, k, winner, weakest, compact, exac
     )
 
 
-@numba.njit(nogil=True, cache=True)
+@kernel(depends_on=(steps,))
 def offset_bounds_rows(logits, by_cell, by_column):
     """Delta_cc(f[c]) and the bounds of Delta_c'c(f[c]) over c' != c, each ``(n, C)`` float64
     (the per-pixel part of `certify_rows`, for tests and diagnostics)."""
