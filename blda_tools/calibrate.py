@@ -298,17 +298,21 @@ def _describe_choice(result: CalibrationResult) -> None:
     if baseline is None or result.after is None:
         return
     difference = result.after[metric] - baseline[metric]
-    name = {"miou": "mIoU", "macc": "mAcc"}[metric]
+    names = {"miou": "mIoU", "macc": "mAcc"}
+    # At tau = 0 BLDA changes nothing: the comparison is with the uncalibrated model.
+    ours = "BLDA" if result.chosen_tau > 0 else "the uncalibrated model (BLDA's tau = 0)"
     if abs(difference) < 5e-4:
-        verdict = "BLDA and the prior-adjustment baseline do equally well"
+        verdict = f"{ours} and the prior-adjustment baseline do equally well"
     elif difference > 0:
-        verdict = "BLDA does better than the prior-adjustment baseline"
+        verdict = f"{ours} does better than the prior-adjustment baseline"
     else:
-        verdict = "the prior-adjustment baseline does better than BLDA"
+        verdict = f"the prior-adjustment baseline does better than {ours}"
+    other = "macc" if metric == "miou" else "miou"
     result.notes.append(
-        f"On the evaluated stores {verdict}: {name} {result.after[metric]:.1%} at tau = "
-        f"{result.chosen_tau:g} against {baseline[metric]:.1%} at its own best tau = "
-        f"{baseline['tau']:g} ({100 * difference:+.1f} points)."
+        f"On the evaluated stores {verdict}: {names[metric]} {result.after[metric]:.1%} at tau "
+        f"= {result.chosen_tau:g} against {baseline[metric]:.1%} at its own best tau = "
+        f"{baseline['tau']:g} ({100 * difference:+.1f} points); {names[other]} "
+        f"{result.after[other]:.1%} against {baseline[other]:.1%}."
     )
 
 

@@ -107,10 +107,12 @@ def test_the_prior_baseline_gets_its_own_best_tau():
 
 
 def _result(chosen, after, prior_tau, prior, how="held-out stores (--select-on)"):
+    # mAcc: 0.6 after, 0.7 for the baseline, whatever the mIoU.
     return CalibrationResult(
         classes=NAMES, chosen_tau=chosen, selection={"how": how, "metric": "miou"},
-        warnings=[], before={"miou": 0.4}, after={"miou": after}, js={},
-        unadjusted_cells=[], fit={}, prior_baseline={"tau": prior_tau, "miou": prior},
+        warnings=[], before={"miou": 0.4}, after={"miou": after, "macc": 0.6}, js={},
+        unadjusted_cells=[], fit={},
+        prior_baseline={"tau": prior_tau, "miou": prior, "macc": 0.7},
     )  # fmt: skip
 
 
@@ -119,11 +121,18 @@ def test_the_summary_says_which_method_is_better_at_each_ones_best_tau():
     _describe_choice(worse)
     assert worse.notes == [
         "On the evaluated stores the prior-adjustment baseline does better than BLDA: mIoU "
-        "50.0% at tau = 0.3 against 55.0% at its own best tau = 0.7 (-5.0 points)."
+        "50.0% at tau = 0.3 against 55.0% at its own best tau = 0.7 (-5.0 points); mAcc 60.0% "
+        "against 70.0%."
     ]
     better = _result(0.3, 0.52, 0.6, 0.50)
     _describe_choice(better)
     assert "BLDA does better than the prior-adjustment baseline: mIoU 52.0%" in better.notes[0]
+    unchanged = _result(0.0, 0.52, 0.6, 0.50)
+    _describe_choice(unchanged)
+    assert unchanged.notes[1].startswith(
+        "On the evaluated stores the uncalibrated model (BLDA's tau = 0) does better than the "
+        "prior-adjustment baseline: mIoU 52.0% at tau = 0 against 50.0%"
+    )
 
 
 def test_tau_zero_is_said_plainly():
