@@ -236,7 +236,7 @@ def measure_decode_resize(args) -> None:
 
 
 def child(args) -> None:
-    from blda_tools.runtime import keep_freed_memory
+    from blda_tools.runtime.process import keep_freed_memory
 
     applied = keep_freed_memory()
     if args.child == "dump":

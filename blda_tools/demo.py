@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-from blda_tools import explain
 from blda_tools.calibrate import CalibrateOptions, CalibrationResult, calibrate, calibration_passes
 from blda_tools.diagnose import Diagnosis, diagnose
 from blda_tools.errors import BLDAError, Interrupted
@@ -33,7 +32,8 @@ from blda_tools.fileio import partial_path, write_json
 from blda_tools.inference.dump import PixelSampling, prepare_dump
 from blda_tools.inference.predict import InferenceSettings
 from blda_tools.outputs import output_set
-from blda_tools.report import Report, ordinal
+from blda_tools.report import explain
+from blda_tools.report.html import Report, ordinal
 from blda_tools.store import LogitStore
 
 # The repository's sample_data/ (the Quickstart installs the checkout in editable mode).

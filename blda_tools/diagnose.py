@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blda_tools import __version__, explain, plots
+from blda_tools import __version__, plots
 from blda_tools.fileio import json_ready, none_to_nan, write_json
 from blda_tools.outputs import output_set
-from blda_tools.report import Report
+from blda_tools.report import explain
+from blda_tools.report.html import Report
 from blda_tools.statistics import (
     LogitGrid,
     LogitSetStatistics,

@@ -124,7 +124,7 @@ def calibrate_command(ctx, stores, out_dir, tau_spec, apply_path, **options):
     """
     # The library is imported here, not at the top, so that `--help` never loads torch.
     from blda_tools.calibrate import CalibrateOptions, calibrate, calibration_passes
-    from blda_tools.explain import after_calibrate
+    from blda_tools.report.explain import after_calibrate
 
     _check_options(ctx)
     if apply_path is not None:
@@ -244,13 +244,13 @@ def _class_table(result) -> Table:
 
 
 def _pct(value) -> str:
-    from blda_tools.report import format_value  # "n/a" for None / NaN, never "-0.0"
+    from blda_tools.report.html import format_value  # "n/a" for None / NaN, never "-0.0"
 
     return format_value(None if value is None else 100 * value, ".1f")
 
 
 def _num(value) -> str:
-    from blda_tools.report import format_value
+    from blda_tools.report.html import format_value
 
     return format_value(value, ".3f")
 

@@ -118,6 +118,6 @@ def _print_summary(result: DemoResult) -> None:
 
 
 def _fmt(value, spec: str) -> str:
-    from blda_tools.report import format_value  # "n/a" for None / NaN, never "-0.0"
+    from blda_tools.report.html import format_value  # "n/a" for None / NaN, never "-0.0"
 
     return format_value(value, spec)

@@ -80,7 +80,7 @@ def diagnose_command(stores, out_dir, labels, workers, grid_spec, no_plots):
     console.print(
         f"wrote {out_dir}/diagnosis.json" + ("" if no_plots else f", {out_dir}/report.html")
     )
-    from blda_tools.explain import after_diagnose
+    from blda_tools.report.explain import after_diagnose
 
     console.print("next:", highlight=False)
     for line in after_diagnose(result.stores, out_dir, result.bias is not None):
@@ -123,6 +123,6 @@ def _results_table(result) -> Table:
 
 
 def _fmt(value, spec: str) -> str:
-    from blda_tools.report import format_value  # "n/a" for None / NaN, never "-0.0"
+    from blda_tools.report.html import format_value  # "n/a" for None / NaN, never "-0.0"
 
     return format_value(value, spec)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from rich.console import Console
 from rich.markup import escape
 
-from blda_tools.progress import PlainProgress, human_count
+from blda_tools.runtime.progress import PlainProgress, human_count
 
 # Not a terminal (a log file, CI): tables at their natural width, never wrapped at 80 columns.
 WIDE_OUTPUT_COLUMNS = 250

@@ -92,7 +92,7 @@ def test_sigkilled_dump_logits_leaves_no_loader_worker(tmp_path):
 def test_a_worker_whose_parent_is_already_gone_exits_at_once():
     code = (
         "import os\n"
-        "from blda_tools.runtime import exit_with_parent\n"
+        "from blda_tools.runtime.process import exit_with_parent\n"
         "exit_with_parent(os.getppid() + 100000)\n"  # not our parent: as if it had died
         "print('still running')\n"
     )

@@ -12,7 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from blda_tools.jit import COMPILE_NOTICE
+from blda_tools.runtime.jit import COMPILE_NOTICE
 
 ARGMAX_PROBE = """
 import logging, torch
@@ -59,7 +59,7 @@ def increment():
 KERNELS = """
 import numba
 import helper
-from blda_tools.jit import kernel
+from blda_tools.runtime.jit import kernel
 
 @kernel(depends_on=(helper,))
 def with_dependency(x):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from blda_tools.progress import PlainProgress, clock, human_count
+from blda_tools.runtime.progress import PlainProgress, clock, human_count
 
 REPO = Path(__file__).resolve().parents[1]
 STORES = REPO / "sample_data" / "stores"

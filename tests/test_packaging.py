@@ -29,3 +29,9 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     quickstart = re.search(r"## Quickstart(.*?)\n## ", readme, re.S).group(1)
     assert test_command[0].strip() in quickstart
+
+
+def test_the_top_of_the_library_stays_small():
+    # The layout issue: stages are packages; at most 8 modules sit directly in blda_tools/.
+    top = sorted(p.name for p in (ROOT / "blda_tools").glob("*.py") if p.name != "__init__.py")
+    assert len(top) <= 8, f"move some of these into a stage package: {top}"

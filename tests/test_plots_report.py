@@ -20,7 +20,7 @@ from scipy.stats import norm
 
 from blda_tools import plots
 from blda_tools.errors import BLDAError
-from blda_tools.report import Report
+from blda_tools.report.html import Report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CITYSCAPES = (

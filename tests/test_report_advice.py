@@ -12,12 +12,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from blda_tools import explain
 from blda_tools.calibrate import CalibrateOptions, CalibrationResult, _describe_choice, calibrate
 from blda_tools.calibration.sweep import SweepRow, select_tau
 from blda_tools.demo import _every
 from blda_tools.diagnose import CLASS_TABLE_FORMATS, diagnose
-from blda_tools.report import _cell, format_value, ordinal, without_negative_zero
+from blda_tools.report import explain
+from blda_tools.report.html import _cell, format_value, ordinal, without_negative_zero
 from blda_tools.store import LogitWriter
 
 NAMES = ["a", "b", "c", "d"]

@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent(
     """
     import json, resource
     import torch
-    from blda_tools.runtime import keep_freed_memory
+    from blda_tools.runtime.process import keep_freed_memory
 
     def faults_of_churn():
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -25,7 +25,7 @@ from blda_tools.datasets.cityscapes import CITYSCAPES_CLASSES
 from blda_tools.errors import BLDAError
 from blda_tools.fileio import atomic_output
 from blda_tools.outputs import output_set
-from blda_tools.runtime import torch_threads
+from blda_tools.runtime.process import torch_threads
 from blda_tools.store import LogitStore
 
 Paths = str | os.PathLike | Sequence[str | os.PathLike]

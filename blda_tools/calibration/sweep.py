@@ -24,7 +24,7 @@ from torch import Tensor
 from blda_tools.calibration.calibrator import Calibrator, check_tau, predict_taus
 from blda_tools.calibration.sweep_counts import count_sweep
 from blda_tools.errors import BLDAError
-from blda_tools.runtime import torch_threads
+from blda_tools.runtime.process import torch_threads
 from blda_tools.statistics.metrics import SegmentationMetrics
 
 METHODS = ("blda", "prior")

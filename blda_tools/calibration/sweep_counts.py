@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from blda_tools.jit import kernel
+from blda_tools.runtime.jit import kernel
 
 
 @kernel

@@ -56,7 +56,7 @@ from blda_tools.inference.tasks import check_task
 from blda_tools.models import load_model
 from blda_tools.models.loading import TORCHSCRIPT, declared_family
 from blda_tools.outputs import claim_file, read_manifest, record_file, record_set
-from blda_tools.runtime import keep_freed_memory, torch_threads
+from blda_tools.runtime.process import keep_freed_memory, torch_threads
 from blda_tools.store import LogitWriter, PreparedImage
 
 # Metadata that must match between an unfinished store and a resumed run.

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from blda_tools.datasets import CorruptSampleError
-from blda_tools.runtime import exit_with_parent
+from blda_tools.runtime.process import exit_with_parent
 
 
 class _DecodedItems(Dataset):

@@ -7,7 +7,7 @@ import signal
 from collections.abc import Callable
 
 from blda_tools.errors import BLDAError
-from blda_tools.runtime import exit_with_parent
+from blda_tools.runtime.process import exit_with_parent
 from blda_tools.statistics import logit_sets
 from blda_tools.statistics.grid import LogitGrid
 from blda_tools.statistics.logit_sets import LogitSetStatistics

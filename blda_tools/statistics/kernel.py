@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from numba.extending import overload
 
-from blda_tools.jit import kernel
+from blda_tools.runtime.jit import kernel
 
 # Every float16 bit pattern's float32 value.
 FLOAT16_VALUES = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)

@@ -63,7 +63,7 @@ class LiveView:
         self.last_miou: float | None = None
         self.progress = self.plain = None
         if enabled and not _stdout_is_terminal():
-            from blda_tools.progress import PlainProgress
+            from blda_tools.runtime.progress import PlainProgress
 
             self.plain = PlainProgress("train", total, "it", completed=start)
         elif enabled:

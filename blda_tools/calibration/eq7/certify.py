@@ -58,7 +58,7 @@ from blda_tools.calibration.eq7.steps import (
     softplus,
 )
 from blda_tools.errors import BLDAError
-from blda_tools.jit import kernel
+from blda_tools.runtime.jit import kernel
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 

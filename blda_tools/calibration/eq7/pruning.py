@@ -30,7 +30,7 @@ from blda_tools.calibration.eq7.kernel import (
     log_scores_from_gaps,
     score_gaps,
 )
-from blda_tools.runtime import torch_threads
+from blda_tools.runtime.process import torch_threads
 
 # Pixels per block of prediction: the certificates' output is (taus, block) int64.
 PRUNE_BLOCK = 1 << 18

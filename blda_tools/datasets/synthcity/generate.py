@@ -52,7 +52,7 @@ from blda_tools.datasets.synthcity.scenes import (
 from blda_tools.errors import BLDAError
 from blda_tools.fileio import atomic_output
 from blda_tools.outputs import output_set, read_manifest, record_set
-from blda_tools.runtime import exit_with_parent
+from blda_tools.runtime.process import exit_with_parent
 
 __all__ = [
     "CLASS_NAMES", "DOMAINS", "GENERATOR_VERSION", "SOURCE", "TARGET", "TARGET_DRIFT", "Domain",

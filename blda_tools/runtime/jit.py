@@ -13,7 +13,7 @@ Two things numba leaves to us:
   another module (`depends_on`) are part of its machine code too, so their sources are added
   to the cache's stamp: editing such a helper recompiles instead of running stale code.
 - A compile says nothing. The first compile of a blda kernel in a process logs ONE info line,
-  `COMPILE_NOTICE`, on the `blda_tools.jit` logger (the CLI shows it on stderr).
+  `COMPILE_NOTICE`, on the `blda_tools.runtime.jit` logger (the CLI shows it on stderr).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def _stamp_with_dependencies(dispatcher, modules: tuple[ModuleType, ...]) -> Non
     for module in modules:
         with open(inspect.getfile(module), "rb") as source:
             digest.update(source.read())
-    cache_file._source_stamp = ("blda_tools.jit", digest.hexdigest())
+    cache_file._source_stamp = ("blda_tools.runtime.jit", digest.hexdigest())
 
 
 @functools.cache
