@@ -16,7 +16,9 @@ from scipy.special import ndtri
 
 from blda_tools.errors import BLDAError
 from blda_tools.online.loss import BLDALoss
-from blda_tools.online.state import MixtureSet, draw_cell_samples
+from blda_tools.online.sampling import class_balanced_anchors, draw_cell_samples, pixel_keys
+from blda_tools.online.state import MixtureSet
+from blda_tools.online.sync import RankSync
 
 FAST = settings(max_examples=25, deadline=None)
 IGNORE = 255
@@ -297,8 +299,8 @@ def test_cell_samples_are_the_same_pixels_of_the_row_class():
     ids = torch.arange(pixels, dtype=torch.float64)
     logits = (ids[None, :] * classes + torch.arange(classes)[:, None]).float()[None]  # (1, C, P)
     member = torch.ones(1, pixels, dtype=torch.bool)
-    generator = torch.Generator().manual_seed(1)
-    samples = draw_cell_samples(logits, labels[None], member, 30, None, generator)
+    keys = pixel_keys(member.shape, torch.Generator().manual_seed(1), RankSync())
+    samples = draw_cell_samples(logits, labels[None], member, keys, 30, None, RankSync())
     assert samples.per_cell == 45 and samples.rows.tolist() == [0, 1]
     assert samples.mask[:2].all() and not samples.mask[2].any()
     for c in (0, 1):
@@ -307,9 +309,10 @@ def test_cell_samples_are_the_same_pixels_of_the_row_class():
         assert (drawn - pixel * classes == torch.arange(classes)[:, None]).all()  # column l
         assert (pixel == pixel[0]).all()  # the same pixels in every column
         assert pixel[0].unique().numel() == 45 and (labels[pixel[0]] == c).all()
-    positive_pixel = torch.div(samples.anchors[0].double(), classes, rounding_mode="floor").long()
-    negative_column = samples.anchors[1].double() % classes
-    assert (samples.anchors[0].double() % classes == labels[positive_pixel]).all()
+    anchors = class_balanced_anchors(samples)
+    positive_pixel = torch.div(anchors[0].double(), classes, rounding_mode="floor").long()
+    negative_column = anchors[1].double() % classes
+    assert (anchors[0].double() % classes == labels[positive_pixel]).all()
     own = torch.repeat_interleave(torch.tensor([0, 1]), 45)
     assert (negative_column != own).all()
 
@@ -321,9 +324,13 @@ def test_mixed_image_weights_route_pixels_to_source_and_target():
     classes = 3
     logits, labels = make_batch(classes, seed=8, ignored=0.0)
     ones = torch.ones(labels.shape)
-    source_only = BLDALoss(classes, min_samples=40)
+    released = BLDALoss(classes, min_samples=40)  # the mixed call never feeds the source set
+    released.update_statistics(logits, labels, ones, domain="mixed")
+    assert not released.source.fitted.any() and not released.anchors.fitted.any()
+    source_only = BLDALoss(classes, min_samples=40, mixed_updates_source=True)
     source_only.update_statistics(logits, labels, ones, domain="mixed")
     assert source_only.source.fitted.all() and not source_only.target.fitted.any()
+    assert source_only.anchors.fitted.all()
     target_only = BLDALoss(classes, min_samples=40)
     target_only.update_statistics(logits, labels, torch.full(labels.shape, 0.3), domain="mixed")
     assert target_only.target.fitted.all() and not target_only.source.fitted.any()
@@ -472,3 +479,98 @@ def test_mixture_set_moves_with_the_module():
     blda = BLDALoss(3).to(torch.float64)
     assert isinstance(blda.source, MixtureSet)
     assert blda.source.means.dtype == torch.float64 and blda.source.steps.dtype == torch.int64
+
+
+# --------------------------------------------------------------------------- release statistics
+
+
+def dominated_batch(rng, pixels=6000, shares=(0.9, 0.06, 0.04), positive=(6.0, 2.0, -1.0)):
+    """(N, C) logits where class 0 holds most pixels: f[y] = positive[y] + N(0, 0.5^2) and the
+    other columns N(0, 1); drawn with numpy."""
+    classes = len(shares)
+    labels = rng.choice(classes, size=pixels, p=shares)
+    logits = rng.normal(size=(pixels, classes))
+    logits[np.arange(pixels), labels] = np.asarray(positive)[labels] + 0.5 * rng.normal(size=pixels)
+    return logits, labels
+
+
+def test_default_anchors_are_the_pooled_pixel_distribution():
+    """K = 1: every update's estimate is the sample mean of f[y] over ALL labelled pixels of the
+    call (pixel-weighted), so after calls t = 1..T the anchor mean follows
+    mu_t = (1 - m) M_t + m mu_(t-1), M_t the numpy pooled mean; the class-balanced option lands
+    near the mean of the class means instead (3 points away here)."""
+    rng = np.random.default_rng(11)
+    momentum = 0.7
+    options = dict(n_components=1, momentum=momentum, momentum_warmup=0, min_samples=100)
+    pooled, balanced = (
+        BLDALoss(3, **options),
+        BLDALoss(3, anchor_sampling="class_balanced", **options),
+    )
+    expected = None
+    for _ in range(4):
+        logits, labels = dominated_batch(rng)
+        for blda in (pooled, balanced):
+            blda.update_statistics(torch.tensor(logits, dtype=torch.float32), torch.tensor(labels))
+        pooled_mean = logits[np.arange(labels.size), labels].mean()
+        expected = (
+            pooled_mean if expected is None else (1 - momentum) * pooled_mean + momentum * expected
+        )
+    assert float(pooled.anchors.means[0, 0]) == pytest.approx(expected, abs=1e-4)
+    class_means = [logits[labels == c, c].mean() for c in range(3)]
+    assert float(balanced.anchors.means[0, 0]) == pytest.approx(np.mean(class_means), abs=0.1)
+    assert abs(float(balanced.anchors.means[0, 0]) - expected) > 2.5
+    # the negative anchor: one uniform l != y per labelled pixel, so its mean estimates the
+    # pooled off-label mean (0 here) within a few standard errors (1 / sqrt(6000) = 0.013)
+    assert abs(float(pooled.anchors.means[1, 0])) < 0.06
+
+
+def test_default_k_anchor_mixture_mean_is_the_pooled_mean():
+    """Default K = 5 and momentum on the same data every call: EM keeps the mixture mean at the
+    sample mean, so the positive anchor's mixture mean is the pooled mean of f[y]."""
+    rng = np.random.default_rng(12)
+    logits, labels = dominated_batch(rng)
+    blda = BLDALoss(3, min_samples=100)
+    for _ in range(3):
+        blda.update_statistics(torch.tensor(logits, dtype=torch.float32), torch.tensor(labels))
+    mixture_mean = float((blda.anchors.weights[0] * blda.anchors.means[0]).sum())
+    assert mixture_mean == pytest.approx(logits[np.arange(labels.size), labels].mean(), abs=1e-3)
+
+
+def test_anchor_subsample_is_uniform_over_pixels():
+    """A cap below the pixel count draws a uniform pixel subsample: its positive mean is within a
+    few standard errors of the pooled mean (not of the class-balanced one)."""
+    rng = np.random.default_rng(13)
+    logits, labels = dominated_batch(rng, pixels=40000)
+    blda = BLDALoss(3, n_components=1, min_samples=100, anchor_max_samples=4000)
+    blda.update_statistics(torch.tensor(logits, dtype=torch.float32), torch.tensor(labels))
+    assert blda.last_terms["anchor_samples"] == 4000
+    positive = logits[np.arange(labels.size), labels]
+    error = positive.std() / np.sqrt(4000)
+    assert abs(float(blda.anchors.means[0, 0]) - positive.mean()) < 4 * error
+
+
+def _state(mixture_set):
+    return {name: tensor.clone() for name, tensor in mixture_set.state_dict().items()}
+
+
+def test_mixed_call_updates_the_target_set_only():
+    classes = 3
+    blda = BLDALoss(classes, min_samples=40)
+    for seed in range(3):
+        logits, labels = make_batch(classes, seed=seed, ignored=0.05)
+        blda.update_statistics(logits, labels, domain="source")
+    source, anchors = _state(blda.source), _state(blda.anchors)
+    logits, labels = make_batch(classes, seed=9, ignored=0.05)
+    weights = torch.where(
+        torch.rand(labels.shape, generator=torch.Generator().manual_seed(3)) < 0.5, 1.0, 0.7
+    )
+    blda.update_statistics(logits, labels, weights, domain="mixed")
+    for before, after in ((source, blda.source), (anchors, blda.anchors)):
+        for name, tensor in after.state_dict().items():
+            assert torch.equal(tensor, before[name]), name
+    assert blda.target.fitted.all() and int(blda.target.updates) == 1
+    legacy = BLDALoss(classes, min_samples=40, mixed_updates_source=True)
+    legacy.load_state_dict(blda.state_dict())
+    legacy.update_statistics(logits, labels, weights, domain="mixed")
+    assert int(legacy.source.updates) == int(blda.source.updates) + 1
+    assert not torch.equal(legacy.anchors.means, blda.anchors.means)

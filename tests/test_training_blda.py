@@ -196,7 +196,8 @@ def test_resume_with_ola_cde_equals_the_uninterrupted_run(tmp_path):
     # The state is not trivial: the source GMMs and the anchors were fitted and updated.
     assert bool(one["loss"]["blda.source.fitted"].all())
     assert bool(one["loss"]["blda.target.fitted"].any())
-    assert int(one["loss"]["blda.anchors.updates"]) > 20
+    # once per iteration, from the source call only (the mixed call feeds the target set)
+    assert int(one["loss"]["blda.anchors.updates"]) == 20
 
 
 @settings(max_examples=25, deadline=None)

@@ -2,8 +2,7 @@
 
 `MixtureSet` keeps a batch of 1-D Gaussian mixtures as module buffers (so `state_dict`, `.to()`
 and checkpoints work like any PyTorch module) and runs Algorithm 1's update on them with the
-`blda_tools.gmm` engine. `draw_cell_samples` draws, for one domain of a batch, the samples of
-every cell (c, l) of the logit-set matrix M (Eq. 3) as Appendix D and the release do.
+`blda_tools.gmm` engine (the samples come from `blda_tools.online.sampling`).
 `OffsetTables` tabulates every cell's aligned logit z' (Eq. 6) once and gathers it per pixel.
 """
 
@@ -90,75 +89,6 @@ class MixtureSet(nn.Module):
         if bool(new.updated_.any()):
             self.updates += 1
         return new.updated_
-
-
-@dataclass
-class CellSamples:
-    """Samples of the C x C logit sets of one domain and of the two anchors.
-
-    `cells` ``(C, C, n)`` with `mask` (rows of classes below the minimum are all False);
-    `anchors` ``(2, q n)``: row 0 the positive logits f[c] of the sampled pixels, row 1 one
-    negative logit f[l], l != c drawn uniformly, per sampled pixel; `rows` the sampled classes.
-    """
-
-    cells: Tensor
-    mask: Tensor
-    anchors: Tensor
-    rows: Tensor
-    per_cell: int
-
-
-def draw_cell_samples(
-    logits: Tensor,
-    labels: Tensor,
-    member: Tensor,
-    min_samples: int,
-    max_samples: int | None,
-    generator: torch.Generator,
-) -> CellSamples | None:
-    """Per-cell samples of one domain (Appendix D, as released), or None if no class qualifies.
-
-    logits ``(B, C, P)``, labels ``(B, P)`` (valid classes wherever `member` is True), member
-    ``(B, P)`` bool. The classes with at least `min_samples` member pixels qualify; n is the
-    smallest of their counts (capped at `max_samples` when given); every cell (c, l) of a
-    qualifying row c gets column l of the SAME n pixels of class c, drawn without replacement.
-    The draw sorts random keys grouped by label (ties, 2^-31 likely, resolve by position), so no Python loop runs over classes or cells.
-    """
-    batch, classes, pixels = logits.shape
-    flat = member.reshape(-1).nonzero()[:, 0]
-    if flat.numel() == 0:
-        return None
-    label = labels.reshape(-1)[flat]
-    counts = torch.bincount(label, minlength=classes)
-    qualifying = counts >= min_samples
-    if not bool(qualifying.any()):
-        return None
-    per_cell = int(counts[qualifying].min())
-    if max_samples is not None:
-        per_cell = min(per_cell, int(max_samples))
-    # Integer keys (label, random 31 bits) sort pixels by class, in random order within a class.
-    noise = torch.randint(0, 1 << 31, label.shape, generator=generator, device=label.device)
-    order = ((label << 32) | noise).argsort()
-    sorted_label = label[order]
-    group_start = counts.cumsum(0) - counts
-    rank = torch.arange(order.numel(), device=order.device) - group_start[sorted_label]
-    chosen = order[qualifying[sorted_label] & (rank < per_cell)]
-    pixel = flat[chosen]  # grouped by class, per_cell pixels per qualifying class
-    values = logits[pixel // pixels, :, pixel % pixels].float()  # (q n, C)
-    rows = qualifying.nonzero()[:, 0]
-    n_rows = rows.numel()
-    cells = torch.zeros(classes, classes, per_cell, dtype=values.dtype, device=values.device)
-    mask = torch.zeros(cells.shape, dtype=torch.bool, device=values.device)
-    cells[rows] = values.reshape(n_rows, per_cell, classes).permute(0, 2, 1)
-    mask[rows] = True
-    own = rows.repeat_interleave(per_cell)
-    # A uniform column other than the pixel's own class (needs C >= 2).
-    shift = torch.randint(1, classes, own.shape, generator=generator, device=own.device)
-    other = (own + shift) % classes
-    positive = values.gather(1, own[:, None])[:, 0]
-    negative = values.gather(1, other[:, None])[:, 0]
-    anchors = torch.stack((positive, negative))
-    return CellSamples(cells, mask, anchors, rows, per_cell)
 
 
 @dataclass
