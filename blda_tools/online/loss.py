@@ -108,7 +108,7 @@ class BLDALoss(nn.Module):
         regression_weight: float = 0.2,
         regression_loss: str = "l2",
         mode: str = "ola",
-        anchor_grid_points: int = 1000,
+        anchor_grid_points: int = 8192,
         *,
         offset_grid_points: int = 512,
         max_samples_per_cell: int | None = 1000,
@@ -374,11 +374,17 @@ class BLDALoss(nn.Module):
         if not bool(row_active.any()):
             return None
         tables = OffsetTables.build(
-            self._sets(), self.anchors, self.eps, self.offset_grid_points, self.anchor_grid_points
+            self._sets(),
+            self.anchors,
+            self.eps,
+            self.offset_grid_points,
+            self.anchor_grid_points,
+            scale,
         )
         row = pixels.in_target.long() * self.num_classes + pixels.labels  # (B, P) into 2 C rows
-        gate = (pixels.valid & row_active.reshape(-1)[row]).to(torch.float32).mul_(scale)
-        return tables.gather(pixels.logits.float(), row, gate)
+        gate = pixels.valid & row_active.reshape(-1)[row]
+        row = torch.where(gate, row, 2 * self.num_classes)  # the zero row: no offset
+        return tables.gather(pixels.logits.float(), row)
 
     # -- cumulative density estimation (Eq. 10) --------------------------------------------------
 

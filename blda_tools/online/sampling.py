@@ -66,13 +66,15 @@ def _other_class(own: Tensor, keys: Tensor, classes: int) -> Tensor:
 def _smallest_keys(
     key: Tensor,
     group: Tensor,
+    member: Tensor,
     totals: Tensor,
     quota: int,
     payload: Callable[[Tensor], Tensor],
     sync: RankSync,
 ) -> tuple[Tensor, Tensor]:
     """For every group g with totals[g] >= quota (global counts), the `quota` members with the
-    smallest keys, over all processes: (their keys, payload rows), grouped by g, keys ascending.
+    smallest keys, over all processes: (their keys, payload rows of their flat pixel indices),
+    grouped by g, keys ascending. key, group, member: flat ``(pixels,)``.
 
     Only members below a per-group key threshold (expected quota + 8 sqrt(quota) + 32 of them)
     are sorted and gathered; a group that falls short is redone with all its members, so the
@@ -82,9 +84,11 @@ def _smallest_keys(
     margin = quota + 8.0 * math.sqrt(quota) + 32.0
     share = (margin / totals.clamp_min(1).double()).clamp_max(1.0)
     threshold = torch.where(share >= 1.0, KEY_RANGE, (share * KEY_RANGE).long())
+    threshold = torch.where(eligible, threshold, 0)  # a group below the quota keeps nothing
     while True:
-        keep = (eligible[group] & (key < threshold[group])).nonzero()[:, 0]
-        sort_key = sync.gather(group[keep] * KEY_RANGE + key[keep])
+        keep = (member & (key < threshold.index_select(0, group))).nonzero()[:, 0]
+        kept_group = group.index_select(0, keep)
+        sort_key = sync.gather(kept_group * KEY_RANGE + key.index_select(0, keep))
         rows = sync.gather(payload(keep))
         order = sort_key.argsort(stable=True)
         sort_key, rows = sort_key[order], rows[order]
@@ -115,9 +119,9 @@ def draw_cell_samples(
     ``(B, P)`` bool, keys ``(B, P)`` from `pixel_keys`.
     """
     classes, size = logits.shape[1], logits.shape[2]
-    flat = member.reshape(-1).nonzero()[:, 0]
-    label = labels.reshape(-1)[flat]
-    counts = sync.sum(torch.bincount(label, minlength=classes))
+    label, member = labels.reshape(-1), member.reshape(-1)
+    counts = torch.bincount(label, weights=member.to(logits.dtype), minlength=classes)
+    counts = sync.sum(counts.round().long())
     qualifying = counts >= min_samples
     if not bool(qualifying.any()):
         return None
@@ -126,12 +130,11 @@ def draw_cell_samples(
         per_cell = min(per_cell, int(max_samples))
     totals = torch.where(qualifying, counts, 0)
 
-    def pixel_logits(index: Tensor) -> Tensor:
-        pixel = flat[index]
+    def pixel_logits(pixel: Tensor) -> Tensor:
         return logits[pixel // size, :, pixel % size].float()  # (m, C)
 
     chosen_keys, values = _smallest_keys(
-        keys.reshape(-1)[flat], label, totals, per_cell, pixel_logits, sync
+        keys.reshape(-1), label, member, totals, per_cell, pixel_logits, sync
     )
     rows = qualifying.nonzero()[:, 0]
     cells = torch.zeros(classes, classes, per_cell, dtype=values.dtype, device=values.device)
@@ -166,24 +169,22 @@ def draw_anchor_samples(
     member pixels, or the `max_samples` with the smallest keys (a uniform subsample). None if
     fewer than `min_samples` pixels."""
     classes, size = logits.shape[1], logits.shape[2]
-    flat = member.reshape(-1).nonzero()[:, 0]
-    total = int(sync.sum(torch.tensor([flat.numel()], device=flat.device))[0])
+    label, key, member = labels.reshape(-1), keys.reshape(-1), member.reshape(-1)
+    total = int(sync.sum(member.sum().reshape(1))[0])
     if total < min_samples:
         return None
-    label, key = labels.reshape(-1)[flat], keys.reshape(-1)[flat]
 
-    def positive_negative(index: Tensor) -> Tensor:
-        pixel, own = flat[index], label[index]
-        other = _other_class(own, key[index], classes)
+    def positive_negative(pixel: Tensor) -> Tensor:
+        own = label.index_select(0, pixel)
+        other = _other_class(own, key.index_select(0, pixel), classes)
         image, position = pixel // size, pixel % size
         positive = logits[image, own, position].float()
         negative = logits[image, other, position].float()
         return torch.stack((positive, negative), dim=1)
 
     if max_samples is None or total <= max_samples:  # every pixel, in global position order
-        all_pixels = torch.arange(flat.numel(), device=flat.device)
-        return sync.gather(positive_negative(all_pixels)).t().contiguous()
+        return sync.gather(positive_negative(member.nonzero()[:, 0])).t().contiguous()
     group = torch.zeros_like(label)
-    totals = torch.tensor([total], device=flat.device)
-    _, rows = _smallest_keys(key, group, totals, int(max_samples), positive_negative, sync)
+    totals = torch.tensor([total], device=label.device)
+    _, rows = _smallest_keys(key, group, member, totals, int(max_samples), positive_negative, sync)
     return rows.t().contiguous()

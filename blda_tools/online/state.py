@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from scipy.special import ndtri
 from torch import Tensor, nn
 
 from blda_tools.gmm import GaussianMixture1D, StepsSinceUpdate, mixture_cdf
@@ -93,75 +92,108 @@ class MixtureSet(nn.Module):
 
 @dataclass
 class OffsetTables:
-    """Aligned values z' = F_anchor^-1(clamp(F_cl(z), eps, 1 - eps)) (Eq. 6) of every cell of
-    several C x C sets, tabulated on an even grid per cell: cell i's grid starts at
-    `lower[i]` with 1 / step `inverse_step[i]`; `aligned` holds the (cells, points) values."""
+    """scale * (z' - z), z' = F_anchor^-1(clamp(F_cl(z), eps, 1 - eps)) (Eq. 6), of every cell
+    of several C x C sets as piecewise-linear functions of z, plus one row of zero cells
+    (index `len(sets) * C`) for pixels that get no offset.
 
-    lower: Tensor
+    Cell i's grid runs from its eps to its 1 - eps quantile (found by safeguarded Newton steps),
+    so the two kinks of the clamp are grid ends: below and above, z' is constant and exact, and
+    inside, z'(z) is smooth and linear interpolation between `points` nodes is accurate to
+    O(step^2) (benchmarks/bench_online_loss.py prints the error against the exact Eq. 6).
+    Position of z on cell i's grid: z * `inverse_step[i]` + `origin[i]`; piece 0 lies below the
+    grid, piece `points` above it, piece j between nodes j - 1 and j; `pieces` ``(cells *
+    (points + 1), 2)`` holds (a, b) with scale * (z' - z) = a + b z on each piece.
+    """
+
+    origin: Tensor
     inverse_step: Tensor
-    aligned: Tensor
+    pieces: Tensor
     points: int
 
     @classmethod
     @torch.no_grad()
-    def build(cls, sets, anchors: MixtureSet, eps: float, points: int, anchor_points: int):
+    def build(cls, sets, anchors: MixtureSet, eps: float, points: int, anchor_points: int, scale):
         """Tables for `sets` (C x C MixtureSets, stacked in order), diagonal cells aligned to
-        the positive anchor (row 0 of `anchors`), the others to the negative one (row 1).
-
-        Each grid spans min_k(mu - s sigma) .. max_k(mu + s sigma), s = Phi^-1(1 - eps): beyond
-        it F_cl is below eps or above 1 - eps, where the clamped z' is constant, so clamping z
-        to the grid is exact there.
-        """
+        the positive anchor (row 0 of `anchors`), the others to the negative one (row 1). The
+        anchors' inverse CDF is tabulated exactly (Newton-polished) on `anchor_points` evenly
+        spaced probabilities in [eps, 1 - eps] and interpolated linearly."""
         count, components = sets[0].cell_shape[0], sets[0].n_components
         weights, means, variances = (
             torch.stack([getattr(s, name) for s in sets]).reshape(-1, components)
             for name in ("weights", "means", "variances")
         )
-        span = float(ndtri(1.0 - eps))
-        std = variances.sqrt()
-        lower = (means - span * std).amin(-1)
-        upper = (means + span * std).amax(-1)
-        upper = torch.maximum(upper, lower + 1e-6)  # a degenerate cell still gets a grid
-        steps = torch.linspace(0.0, 1.0, points, device=means.device, dtype=means.dtype)
+        device, cells = means.device, means.shape[0]
+        cell_mixture = GaussianMixture1D(
+            components, (cells,), inverse_cdf_points=64, device=device, dtype=means.dtype
+        )
+        cell_mixture.weights, cell_mixture.means, cell_mixture.variances = weights, means, variances
+        ends = torch.tensor([eps, 1.0 - eps], device=device, dtype=means.dtype).expand(cells, 2)
+        ends = cell_mixture.inverse_cdf(ends, eps=eps, newton_steps=4).double()
+        lower = ends[:, 0]
+        upper = torch.maximum(ends[:, 1], lower + 1e-6)  # a degenerate cell still gets a grid
+        steps = torch.linspace(0.0, 1.0, points, device=device, dtype=torch.float64)
         grid = torch.lerp(lower[:, None], upper[:, None], steps)
-        probability = mixture_cdf(grid, weights, means, variances)
-        anchor_mixture = anchors.mixture(inverse_cdf_points=anchor_points)
-        both = anchor_mixture.inverse_cdf(probability.reshape(1, -1).expand(2, -1), eps=eps)
-        diagonal = torch.eye(count, dtype=torch.bool, device=means.device).repeat(len(sets), 1, 1)
-        aligned = torch.where(diagonal.reshape(-1, 1), both[0].view_as(grid), both[1].view_as(grid))
-        return cls(lower, (points - 1) / (upper - lower), aligned.reshape(-1), points)
+        probability = mixture_cdf(grid, *(p.double() for p in (weights, means, variances)))
+        aligned = _anchor_inverse(anchors, probability, eps, anchor_points, count, len(sets))
+        step = (upper - lower) / (points - 1)
+        slope = aligned.diff(dim=1) / step[:, None]
+        intercept = aligned[:, :-1] - slope * grid[:, :-1]
+        flat = torch.zeros_like(aligned[:, :1])
+        a = torch.cat((aligned[:, :1], intercept, aligned[:, -1:]), dim=1)
+        b = torch.cat((flat, slope, flat), dim=1) - 1.0  # z' - z = a + (b - 1) z
+        pieces = torch.stack((a, b), dim=-1).mul_(float(scale))
+        pieces = torch.cat((pieces, pieces.new_zeros((count, points + 1, 2))))
+        inverse_step = torch.cat((1.0 / step, step.new_zeros(count)))
+        origin = torch.cat((1.0 - lower / step, step.new_zeros(count)))
+        pieces = pieces.float().reshape(-1, 2).contiguous()
+        return cls(origin.float(), inverse_step.float(), pieces, points)
 
     @torch.no_grad()
-    def gather(self, logits: Tensor, row: Tensor, gate: Tensor) -> Tensor:
-        """gate * (z'(z) - z) for every pixel and class: logits ``(B, C, P)`` float, row
-        ``(B, P)`` the index of each pixel's table row (set * C + label), gate ``(B, P)``.
-        Linear interpolation with z clamped to the cell's grid; per pixel only the C cells of
-        its row are read, in blocks so that the temporaries stay small."""
+    def gather(self, logits: Tensor, row: Tensor) -> Tensor:
+        """scale * (z'(z) - z) for every pixel and class: logits ``(B, C, P)`` float, row
+        ``(B, P)`` the index of each pixel's table row (set * C + label, or the zero row). Per
+        pixel only the C cells of its row are read, in blocks so that the temporaries stay
+        small."""
         batch, count, size = logits.shape
-        origin = -self.lower * self.inverse_step  # grid position of z is z / step + origin
         offsets = torch.empty_like(logits)
+        # Each (a, b) pair read as one 8-byte element: one 1-D gather (a cache line) per lookup.
+        pairs = self.pieces.view(torch.float64).view(-1)
         # int32 index arithmetic is several times faster than int64 on CPU; int64 only if needed
-        index_type = torch.int32 if self.aligned.numel() < 2**31 else torch.int64
+        index_type = torch.int32 if pairs.numel() < 2**31 else torch.int64
         row = row.to(index_type)
         columns = torch.arange(count, device=logits.device, dtype=index_type)[:, None]
         block = max(1, BLOCK_ELEMENTS // count)
-        last = float(self.points - 1)
         for image in range(batch):
             for start in range(0, size, block):
                 part = slice(start, start + block)
                 z, out = logits[image, :, part], offsets[image, :, part]  # (C, m) strided views
-                flat = (row[image, None, part] * count + columns).view(-1)  # cells (y, c)
+                cell = (row[image, None, part] * count + columns).view(-1)  # cells (y, c)
                 # index_select, not advanced indexing: several times faster on CPU.
                 position = torch.addcmul(
-                    origin.index_select(0, flat).view_as(z),
+                    self.origin.index_select(0, cell).view_as(z),
                     z,
-                    self.inverse_step.index_select(0, flat).view_as(z),
-                ).clamp_(0.0, last)
-                left = position.floor().clamp_max_(last - 1.0)
-                fraction = position.sub_(left)
-                index = flat.mul_(self.points).add_(left.view(-1).to(index_type))
-                below = self.aligned.index_select(0, index).view_as(z)
-                above = self.aligned[1:].index_select(0, index).view_as(z)  # entry index + 1
-                torch.lerp(below, above, fraction, out=out)
-                out.sub_(z).mul_(gate[image, None, part])
+                    self.inverse_step.index_select(0, cell).view_as(z),
+                ).clamp_(0.0, float(self.points))
+                index = cell.mul_(self.points + 1).add_(position.view(-1).to(index_type))
+                pair = pairs.index_select(0, index).view(torch.float32).view(*z.shape, 2)
+                # into a contiguous temporary, then one strided write into the output
+                out.copy_(torch.addcmul(pair[..., 0], pair[..., 1], z))
         return offsets
+
+
+def _anchor_inverse(anchors: MixtureSet, probability, eps, anchor_points, count, n_sets):
+    """F_anchor^-1(probability) (cells, points), float64; diagonal cells of each C x C set use
+    the positive anchor (row 0), the others the negative one (row 1)."""
+    device = probability.device
+    levels = torch.linspace(eps, 1.0 - eps, anchor_points, device=device, dtype=torch.float64)
+    anchor_mixture = anchors.mixture(inverse_cdf_points=1000).to(dtype=torch.float64)
+    inverse = anchor_mixture.inverse_cdf(levels.expand(2, -1), eps=eps, newton_steps=2)
+    position = (probability.clamp(eps, 1.0 - eps) - eps) * ((anchor_points - 1) / (1 - 2 * eps))
+    left = position.floor().clamp_(0, anchor_points - 2)
+    fraction = position - left
+    diagonal = torch.eye(count, dtype=torch.bool, device=device).repeat(n_sets, 1, 1)
+    which = torch.where(diagonal.reshape(-1, 1), 0, anchor_points)
+    index = (which + left.long()).reshape(-1)
+    flat = inverse.reshape(-1)
+    below, above = flat[index].view_as(position), flat[index + 1].view_as(position)
+    return torch.lerp(below, above, fraction)
