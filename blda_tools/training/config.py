@@ -106,6 +106,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     head_keys: list[str] = field(default_factory=lambda: ["head"])
     no_decay_keys: list[str] = field(default_factory=lambda: ["norm", "pos_block"])
+    norm_layers_no_decay: bool = True
     warmup_iters: int = 1500
     warmup_ratio: float = 1e-6
     poly_power: float = 1.0
@@ -210,7 +211,8 @@ KEY_DOCS: dict[str, str] = {
     "optim.weight_decay": "AdamW weight decay",
     "optim.betas": "AdamW betas",
     "optim.head_keys": "parameter-name substrings of the decode head",
-    "optim.no_decay_keys": "parameter-name substrings without weight decay (norm layers also)",
+    "optim.no_decay_keys": "parameter-name substrings without weight decay",
+    "optim.norm_layers_no_decay": "no weight decay on any normalisation layer, whatever its name (DAFormer: false)",
     "optim.warmup_iters": "linear warm-up iterations",
     "optim.warmup_ratio": "learning-rate factor at iteration 0 of the warm-up",
     "optim.poly_power": "power of the polynomial decay",
