@@ -53,8 +53,8 @@ class MixtureSet(nn.Module):
         return gmm
 
     def effective_momentum(self, momentum: float, warmup: int) -> float:
-        """m ramped linearly from 0 over the first `warmup` updates of this set (as released;
-        0 disables the ramp): m * min(1, u / warmup), u = updates done before this one."""
+        """m ramped linearly from 0 over the first `warmup` updates of this set (the release's
+        formula; 0 disables the ramp): m * min(1, u / warmup), u = updates done before this."""
         if warmup <= 0:
             return float(momentum)
         return float(momentum) * min(1.0, int(self.updates) / warmup)
