@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from blda_tools.gmm import GaussianMixture1D, StepsSinceUpdate, mixture_cdf
+from blda_tools.online.kernel import lookup_offsets
 
 # Elements per block of the offset interpolation: keeps its temporaries small and in cache.
 BLOCK_ELEMENTS = 1 << 20
@@ -109,6 +110,8 @@ class OffsetTables:
     inverse_step: Tensor
     pieces: Tensor
     points: int
+    cdf_nodes: Tensor  # (sets * C, points): F_cc on the grid of every diagonal cell
+    classes: int
 
     @classmethod
     @torch.no_grad()
@@ -133,7 +136,7 @@ class OffsetTables:
         upper = torch.maximum(ends[:, 1], lower + 1e-6)  # a degenerate cell still gets a grid
         steps = torch.linspace(0.0, 1.0, points, device=device, dtype=torch.float64)
         grid = torch.lerp(lower[:, None], upper[:, None], steps)
-        probability = mixture_cdf(grid, *(p.double() for p in (weights, means, variances)))
+        probability = mixture_cdf(grid.float(), weights, means, variances).double()
         aligned = _anchor_inverse(anchors, probability, eps, anchor_points, count, len(sets))
         step = (upper - lower) / (points - 1)
         slope = aligned.diff(dim=1) / step[:, None]
@@ -146,14 +149,37 @@ class OffsetTables:
         inverse_step = torch.cat((1.0 / step, step.new_zeros(count)))
         origin = torch.cat((1.0 - lower / step, step.new_zeros(count)))
         pieces = pieces.float().reshape(-1, 2).contiguous()
-        return cls(origin.float(), inverse_step.float(), pieces, points)
+        diagonal = torch.arange(count, device=device)
+        nodes = probability.view(len(sets), count, count, points)[:, diagonal, diagonal]
+        nodes = nodes.reshape(-1, points).float().contiguous()
+        return cls(origin.float(), inverse_step.float(), pieces, points, nodes, count)
 
     @torch.no_grad()
-    def gather(self, logits: Tensor, row: Tensor) -> Tensor:
+    def diagonal_cdf(self, z: Tensor, row: Tensor) -> tuple[Tensor, Tensor]:
+        """F_yy(z) interpolated on the grid of the diagonal cell of `row` (set * C + y), and
+        where z lies on that grid (elsewhere the value is meaningless)."""
+        classes = self.classes
+        cell = row * classes + row % classes
+        position = z * self.inverse_step[cell] + self.origin[cell] - 1.0
+        inside = (position >= 0.0) & (position <= self.points - 1)
+        position = position.clamp(0.0, self.points - 1.0)
+        left = position.floor().clamp_max_(self.points - 2.0)
+        index = row * self.points + left.long()
+        nodes = self.cdf_nodes.reshape(-1)
+        value = torch.lerp(nodes[index], nodes[index + 1], position - left)
+        return value, inside
+
+    @torch.no_grad()
+    def gather(self, logits: Tensor, row: Tensor, compiled: bool = True) -> Tensor:
         """scale * (z'(z) - z) for every pixel and class: logits ``(B, C, P)`` float, row
         ``(B, P)`` the index of each pixel's table row (set * C + label, or the zero row). Per
-        pixel only the C cells of its row are read, in blocks so that the temporaries stay
-        small."""
+        pixel only the C cells of its row are read. On a CPU (with `compiled`) one numba pass
+        (`blda_tools.online.kernel`); elsewhere torch ops in blocks, so that the temporaries
+        stay small."""
+        if compiled and logits.device.type == "cpu" and logits.dtype == torch.float32:
+            return lookup_offsets(
+                logits, row, self.origin, self.inverse_step, self.pieces, self.points
+            )
         batch, count, size = logits.shape
         offsets = torch.empty_like(logits)
         # Each (a, b) pair read as one 8-byte element: one 1-D gather (a cache line) per lookup.
