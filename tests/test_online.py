@@ -621,7 +621,8 @@ def test_compiled_lookup_equals_the_torch_path():
 
 def test_training_regression_term_uses_the_exact_cdf_target():
     """forward's Eq. 10 term per pixel (CDF nodes interpolated inside each grid) equals the L2
-    loss against `regression_target` (the mixture CDF evaluated at every pixel) within 1e-5."""
+    loss against `regression_target` (the mixture CDF evaluated at every pixel) within 5e-5
+    (step^2 max|F"| / 8 of the 512-point grids; measured 1e-5 on these narrow 80-sample fits)."""
     blda = fitted_loss(4, tau=0.0, reduction="none")
     logits, labels = make_batch(4, seed=22)
     prediction = torch.rand(labels.shape, generator=torch.Generator().manual_seed(5))
@@ -629,4 +630,4 @@ def test_training_regression_term_uses_the_exact_cdf_target():
     assert available.float().mean() > 0.8
     expected = torch.where(available, (prediction - target) ** 2, 0.0)
     blda(logits, labels, regression=prediction, update=False)
-    torch.testing.assert_close(blda.last_terms["regression"], expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(blda.last_terms["regression"], expected, rtol=0, atol=5e-5)
