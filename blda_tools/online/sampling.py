@@ -130,8 +130,16 @@ def draw_cell_samples(
         per_cell = min(per_cell, int(max_samples))
     totals = torch.where(qualifying, counts, 0)
 
-    def pixel_logits(pixel: Tensor) -> Tensor:
-        return logits[pixel // size, :, pixel % size].float()  # (m, C)
+    flat_logits = logits.reshape(-1)
+    columns = torch.arange(classes, device=logits.device) * size
+
+    def pixel_logits(pixel: Tensor) -> Tensor:  # (m, C); flat gathers beat advanced indexing
+        start = (pixel // size) * (classes * size) + pixel % size
+        return (
+            flat_logits.index_select(0, (start[:, None] + columns).reshape(-1))
+            .view(-1, classes)
+            .float()
+        )
 
     chosen_keys, values = _smallest_keys(
         keys.reshape(-1), label, member, totals, per_cell, pixel_logits, sync
@@ -174,13 +182,16 @@ def draw_anchor_samples(
     if total < min_samples:
         return None
 
+    flat_logits = logits.reshape(-1)
+
     def positive_negative(pixel: Tensor) -> Tensor:
         own = label.index_select(0, pixel)
         other = _other_class(own, key.index_select(0, pixel), classes)
-        image, position = pixel // size, pixel % size
-        positive = logits[image, own, position].float()
-        negative = logits[image, other, position].float()
-        return torch.stack((positive, negative), dim=1)
+        start = (pixel // size) * (classes * size) + pixel % size
+        columns = torch.stack((own, other), dim=1) * size  # (m, 2)
+        return (
+            flat_logits.index_select(0, (start[:, None] + columns).reshape(-1)).view(-1, 2).float()
+        )
 
     if max_samples is None or total <= max_samples:  # every pixel, in global position order
         return sync.gather(positive_negative(member.nonzero()[:, 0])).t().contiguous()
