@@ -22,6 +22,7 @@ eps and 1 - eps quantiles and gathered with linear interpolation (`OffsetTables`
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ from blda_tools.online.sampling import (
 )
 from blda_tools.online.state import MixtureSet, OffsetTables
 from blda_tools.online.sync import RankSync
+from blda_tools.runtime import torch_threads
 
 MODES = ("ola", "ola_source", "none")
 DOMAINS = ("source", "target", "mixed")
@@ -173,11 +175,12 @@ class BLDALoss(nn.Module):
         """
         pixels = self._pixels(logits, labels, weights, domain)
         self.last_terms = {}
-        if update:
-            self._update(pixels)
-        adjusted = logits
         needed = self.mode != "none" and (self.tau > 0 or regression is not None)
-        tables = self._tables(scale=-self.tau) if needed else None  # Eq. 9: f - tau Delta
+        with _small_op_threads(logits):
+            if update:
+                self._update(pixels)
+            tables = self._tables(scale=-self.tau) if needed else None  # Eq. 9: f - tau Delta
+        adjusted = logits
         if tables is not None and self.tau > 0:
             scaled = self._offsets(pixels, tables)
             if scaled is not None:
@@ -197,7 +200,8 @@ class BLDALoss(nn.Module):
                     "regression: mode 'none' keeps no statistics, so there is no CDF target "
                     "(Eq. 10); use mode 'ola' or 'ola_source', or pass regression=None"
                 )
-            per_pixel = self._regression_per_pixel(pixels, regression, labels, tables)
+            with _small_op_threads(logits):
+                per_pixel = self._regression_per_pixel(pixels, regression, labels, tables)
             regression_term = self._reduce(per_pixel)
             total = total + self.regression_weight * regression_term
         self.last_terms.update(ce=cross_entropy.detach(), regression=regression_term.detach())
@@ -445,6 +449,13 @@ class BLDALoss(nn.Module):
         if self.reduction == "sum":
             return per_pixel.sum()
         return per_pixel
+
+
+def _small_op_threads(tensor: Tensor):
+    """One torch thread on a CPU meanwhile: the statistics and tables are many small ops, which
+    ran 3-7x slower with two OpenMP threads on a busy 2-core machine (bench_online_loss.py);
+    the per-pixel work (lookup kernel, cross-entropy) keeps every thread."""
+    return torch_threads(1) if tensor.device.type == "cpu" else contextlib.nullcontext()
 
 
 def _check_choice(name: str, value, choices) -> None:
