@@ -184,8 +184,10 @@ class BLDALoss(nn.Module):
         if tables is not None and self.tau > 0:
             scaled = self._offsets(pixels, tables)
             if scaled is not None:
-                # in place into the detached offsets buffer: one (B, C, H, W) tensor less
-                adjusted = _to_logit_shape(scaled, logits).add_(logits.float())
+                # in place into the offsets buffer: one (B, C, H, W) tensor less. detach() makes
+                # the reshaped buffer a non-differentiable view, so autograd records a plain add
+                # (no CopySlices: a copy and a zero fill of the whole buffer in backward).
+                adjusted = _to_logit_shape(scaled, logits).detach().add_(logits.float())
         per_pixel = F.cross_entropy(
             adjusted.float(), labels, reduction="none", ignore_index=self.ignore_index
         )

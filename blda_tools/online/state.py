@@ -140,15 +140,17 @@ class OffsetTables:
         aligned = _anchor_inverse(anchors, probability, eps, anchor_points, count, len(sets))
         step = (upper - lower) / (points - 1)
         slope = aligned.diff(dim=1) / step[:, None]
-        intercept = aligned[:, :-1] - slope * grid[:, :-1]
-        flat = torch.zeros_like(aligned[:, :1])
-        a = torch.cat((aligned[:, :1], intercept, aligned[:, -1:]), dim=1)
-        b = torch.cat((flat, slope, flat), dim=1) - 1.0  # z' - z = a + (b - 1) z
-        pieces = torch.stack((a, b), dim=-1).mul_(float(scale))
-        pieces = torch.cat((pieces, pieces.new_zeros((count, points + 1, 2))))
+        # pieces[i, j] = (a, b): scale (z' - z) = a + b z; below / above the grid z' is constant
+        pieces = torch.zeros((cells + count, points + 1, 2), dtype=torch.float32, device=device)
+        pieces[:cells, 0, 0] = aligned[:, 0]
+        pieces[:cells, 1:points, 0] = aligned[:, :-1] - slope * grid[:, :-1]
+        pieces[:cells, points, 0] = aligned[:, -1]
+        pieces[:cells, 1:points, 1] = slope
+        pieces[:cells, :, 1] -= 1.0
+        pieces[:cells].mul_(float(scale))
         inverse_step = torch.cat((1.0 / step, step.new_zeros(count)))
         origin = torch.cat((1.0 - lower / step, step.new_zeros(count)))
-        pieces = pieces.float().reshape(-1, 2).contiguous()
+        pieces = pieces.reshape(-1, 2)
         diagonal = torch.arange(count, device=device)
         nodes = probability.view(len(sets), count, count, points)[:, diagonal, diagonal]
         nodes = nodes.reshape(-1, points).float().contiguous()
