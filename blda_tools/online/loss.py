@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from blda_tools.errors import BLDAError
 from blda_tools.gmm import mixture_cdf
+from blda_tools.online.options import DOMAINS, check_choice, check_options
 from blda_tools.online.sampling import (
     class_balanced_anchors,
     draw_anchor_samples,
@@ -41,11 +42,6 @@ from blda_tools.online.state import MixtureSet, OffsetTables
 from blda_tools.online.sync import RankSync
 from blda_tools.runtime import torch_threads
 
-MODES = ("ola", "ola_source", "none")
-DOMAINS = ("source", "target", "mixed")
-REGRESSION_LOSSES = ("l2", "l1")
-REDUCTIONS = ("mean", "sum", "none")
-ANCHOR_SAMPLINGS = ("pixels", "class_balanced")
 STATE_FORMAT = "blda.BLDALoss"
 
 
@@ -123,7 +119,7 @@ class BLDALoss(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        _check_options(locals())
+        check_options(locals())
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
         self.n_components = int(n_components)
@@ -264,7 +260,7 @@ class BLDALoss(nn.Module):
     # -- input ---------------------------------------------------------------------------------
 
     def _pixels(self, logits, labels, weights, domain) -> _Pixels:
-        _check_choice("domain", domain, DOMAINS)
+        check_choice("domain", domain, DOMAINS)
         if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.ndim < 2:
             raise BLDAError("logits: expected a float tensor (N, C) or (B, C, *spatial)")
         if logits.shape[1] != self.num_classes:
@@ -458,47 +454,6 @@ def _small_op_threads(tensor: Tensor):
     ran 3-7x slower with two OpenMP threads on a busy 2-core machine (bench_online_loss.py);
     the per-pixel work (lookup kernel, cross-entropy) keeps every thread."""
     return torch_threads(1) if tensor.device.type == "cpu" else contextlib.nullcontext()
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise BLDAError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
-
-
-def _check_options(options: dict) -> None:
-    """BLDAError naming the first constructor argument out of range."""
-    _check_choice("mode", options["mode"], MODES)
-    _check_choice("regression_loss", options["regression_loss"], REGRESSION_LOSSES)
-    _check_choice("reduction", options["reduction"], REDUCTIONS)
-    _check_choice("anchor_sampling", options["anchor_sampling"], ANCHOR_SAMPLINGS)
-    components, minimum, cap = (
-        options[k] for k in ("n_components", "min_samples", "max_samples_per_cell")
-    )
-    anchor_cap = options["anchor_max_samples"]
-    problems = {
-        "num_classes": ("an integer >= 2", int(options["num_classes"]) < 2),
-        "n_components": ("an integer >= 1", int(components) < 1),
-        "em_steps": ("an integer >= 0", int(options["em_steps"]) < 0),
-        "min_samples": (f"an integer >= n_components={components}", int(minimum) < components),
-        "max_samples_per_cell": (
-            f"None or an integer >= min_samples={minimum}",
-            cap is not None and int(cap) < int(minimum),
-        ),
-        "anchor_max_samples": (
-            f"None or an integer >= min_samples={minimum}",
-            anchor_cap is not None and int(anchor_cap) < int(minimum),
-        ),
-        "momentum": ("a number in [0, 1]", not 0.0 <= options["momentum"] <= 1.0),
-        "momentum_warmup": ("an integer >= 0", int(options["momentum_warmup"]) < 0),
-        "eps": ("a number in (0, 0.5)", not 0.0 < options["eps"] < 0.5),
-        "tau": ("a number >= 0", not options["tau"] >= 0),
-        "regression_weight": ("a number >= 0", not options["regression_weight"] >= 0),
-        "anchor_grid_points": ("an integer >= 2", int(options["anchor_grid_points"]) < 2),
-        "offset_grid_points": ("an integer >= 2", int(options["offset_grid_points"]) < 2),
-    }
-    for name, (expected, bad) in problems.items():
-        if bad:
-            raise BLDAError(f"{name}: expected {expected}, got {options[name]!r}")
 
 
 def _to_logit_shape(offsets: Tensor, logits: Tensor) -> Tensor:
