@@ -196,7 +196,8 @@ def test_resume_with_ola_cde_equals_the_uninterrupted_run(tmp_path):
     # The state is not trivial: the source GMMs and the anchors were fitted and updated.
     assert bool(one["loss"]["blda.source.fitted"].all())
     assert bool(one["loss"]["blda.target.fitted"].any())
-    assert int(one["loss"]["blda.anchors.updates"]) > 20
+    # once per iteration, from the source call only (the mixed call feeds the target set)
+    assert int(one["loss"]["blda.anchors.updates"]) == 20
 
 
 @settings(max_examples=25, deadline=None)
@@ -234,8 +235,12 @@ def test_js_divergences_to_the_anchors_match_scipy(seed, unfitted_row):
                 for row in range(3)
                 if row != column and fitted[row, column]
             ]
-            assert result[name]["positive"][column] == pytest.approx(expected, nan_ok=True)
-            assert result[name]["negative"][column] == pytest.approx(np.mean(others))
+            # float32 densities summed over 301 points: a relative 1e-5, not approx's 1e-6
+            # (a hypothesis draw gave 1.7e-6)
+            assert result[name]["positive"][column] == pytest.approx(
+                expected, rel=1e-5, nan_ok=True
+            )
+            assert result[name]["negative"][column] == pytest.approx(np.mean(others), rel=1e-5)
     assert math.isnan(result["target"]["positive"][unfitted_row])
     blda.anchors.fitted[0] = False
     assert anchor_js_divergences(blda, grid) is None
@@ -245,13 +250,24 @@ def test_js_divergences_to_the_anchors_match_scipy(seed, unfitted_row):
     "name",
     ["gta2cs_daformer_mitb5", "synthia2cs_daformer_mitb5", "gta2cs_dacs_r101", "synthcity_tiny"],
 )
-def test_shipped_blda_configs_are_their_base_recipe_plus_the_paper_loss(name):
+def test_shipped_blda_configs_are_their_base_recipe_plus_the_blda_loss(name):
+    """Everything but [loss] is the base config's; the paper configs' BLDA keys are the
+    release's (checked key by key in test_paper_configs.py), SynthCity's the paper's."""
     blda, base = load_config(f"{name}_blda"), load_config(name)
     loss = blda.loss
-    assert (loss.name, loss.blda_mode) == ("blda", "ola+cde")
+    assert loss.name == "blda"
     assert (loss.blda_components, loss.blda_em_steps, loss.blda_momentum) == (5, 3, 0.99)
-    assert (loss.blda_tau, loss.blda_lambda, loss.blda_eps) == (0.1, 0.2, 0.01)
-    assert (loss.blda_min_samples, loss.blda_regression_loss) == (100, "l2")
+    assert (loss.blda_tau, loss.blda_eps, loss.blda_anchor_sampling) == (0.1, 0.01, "pixels")
+    assert not loss.blda_mixed_updates_source
+    if name == "synthcity_tiny":
+        assert (loss.blda_mode, loss.blda_lambda, loss.blda_regression_loss) == (
+            "ola+cde",
+            0.2,
+            "l2",
+        )
+        assert loss.blda_min_samples == 100
+    else:
+        assert (loss.blda_mode, loss.blda_min_samples) == ("ola", 500)
     without_loss = {k: v for k, v in to_dict(blda).items() if k != "loss"}
     assert without_loss == {k: v for k, v in to_dict(base).items() if k != "loss"}
     assert dataclasses.asdict(base.loss)["name"] == "cross_entropy"

@@ -77,7 +77,8 @@ def test_pseudo_label_weight_is_confident_fraction_with_row_crop():
     gap[1] = 5.0  # image 1: all confident
     gap[0, 0, 0] = -5.0  # confident class 1
     logits = torch.stack([gap, torch.zeros(2, 4, 4)], dim=1)
-    labels, weights = pseudo_labels(logits, (4, 4), 0.968, ignore_top_rows=1, ignore_bottom_rows=1)
+    crop = dict(ignore_top_rows=1, ignore_bottom_rows=1)
+    labels, weights = pseudo_labels(logits, (4, 4), 0.968, pooling="image", **crop)
     expected_labels = torch.zeros(2, 4, 4, dtype=torch.long)
     expected_labels[0, 0, 0] = 1
     assert torch.equal(labels, expected_labels)
@@ -85,6 +86,12 @@ def test_pseudo_label_weight_is_confident_fraction_with_row_crop():
     assert torch.allclose(weights[1, 1:3], torch.ones(2, 4))
     assert torch.equal(weights[:, 0], torch.zeros(2, 4))
     assert torch.equal(weights[:, 3], torch.zeros(2, 4))
+    # DAFormer's default: one weight for the whole batch, (6 + 16) of 32 pixels confident
+    labels, pooled = pseudo_labels(logits, (4, 4), 0.968, **crop)
+    assert torch.allclose(pooled[:, 1:3], torch.full((2, 2, 4), 22 / 32))
+    assert torch.equal(pooled[:, 0], torch.zeros(2, 4))
+    with pytest.raises(BLDAError, match="pooling"):
+        pseudo_labels(logits, (4, 4), 0.968, pooling="pixel")
 
 
 def test_pseudo_labels_upsample_teacher_logits():

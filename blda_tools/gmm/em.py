@@ -13,8 +13,10 @@ from torch import Tensor
 
 from blda_tools.gmm.normal import _LOG_2PI
 
-# As released: added to every responsibility in the M step, so a component that explains no
-# sample keeps a finite mean (the cell's mean) instead of 0 / 0.
+# Added to every normalised responsibility in the M step, so a component that explains no
+# sample keeps a finite mean (the cell's mean) instead of 0 / 0. The release adds 1e-7 to the
+# un-normalised weighted likelihoods instead, which makes far-away samples' responsibilities
+# uniform (docs/training.md, departures).
 RESPONSIBILITY_EPSILON = 1e-7
 INITS = ("quantile", "kmeans++")
 # Size of the (cells, K, samples) work tensor of the E step, in elements (about 1 MiB).
@@ -26,8 +28,8 @@ def _em_statistics(x, w, weights, means, variances, floor):
     """E step plus the M step's sufficient statistics for flat cells.
 
     x, w: (G, N) samples and weights (0 = not a sample); parameters (G, K). Returns the
-    responsibility-weighted moments (G, K, 3) = sum_n w_n r_nk [1, x_n, x_n^2] (with the released
-    1e-7 added to every r_nk) and the weighted log-likelihood sum per cell (G,).
+    responsibility-weighted moments (G, K, 3) = sum_n w_n r_nk [1, x_n, x_n^2] (with 1e-7 added
+    to every normalised r_nk) and the weighted log-likelihood sum per cell (G,).
     """
     cells, count = x.shape
     components = weights.shape[-1]

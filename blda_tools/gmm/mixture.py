@@ -47,9 +47,9 @@ class GaussianMixture1D(MixtureEvaluation):
     tiny internal floor (sqrt of the dtype's smallest normal) keeps densities finite.
     `inverse_cdf_points` / `inverse_cdf_span`: the table used by `inverse_cdf` (see there).
 
-    EM as released: variances clamped at the floor in the M step and 1e-7 added to every
-    responsibility (RESPONSIBILITY_EPSILON); it keeps an unused component finite and costs a
-    negligible bias. Each cell's samples are centred on their mean before EM, which limits
+    EM: variances clamped at the floor in the M step (as released) and 1e-7 added to every
+    normalised responsibility (RESPONSIBILITY_EPSILON; the release adds it before normalising);
+    it keeps an unused component finite and costs a negligible bias. Each cell's samples are centred on their mean before EM, which limits
     float32 cancellation in the second moments; use dtype=torch.float64 for exact work.
     """
 

@@ -8,29 +8,21 @@ cross-entropy of Eq. 9 plus the CDF regression loss of Eq. 10::
     loss = blda(source_logits, source_labels, domain="source", regression=source_cdf_head)
     loss = loss + blda(mixed_logits, mixed_labels, mixed_weights, domain="mixed")
 
-Speed: per pixel only the C cells of its label row are needed, Delta_{y,c}(f[c]) for every c.
-Each cell's aligned value z' = F_anchor^-1(F_cl(z)) (Eq. 6) is tabulated once per call on a grid
-and gathered with linear interpolation, so no pixel ever evaluates C x C mixtures.
+Statistics as the release feeds them: the source call updates the source set and the anchors
+(pixel-weighted, from every labelled source pixel), the mixed call only the target set (from its
+pixels with 0 < weight < 1). Each call updates first, then computes its loss with the new
+offsets. Under DDP the statistics are global (`blda_tools.online.sync`). Every point where this
+departs from the release or the paper, and the option that restores it, is in the departures
+table of docs/training.md.
 
-Choices (Algorithm 1 and the release leave them open):
-  * every call that updates (the default) is one iteration: statistics first, then the loss
-    with the new offsets. A set's clock (n) moves only in calls that hold pixels of its domain,
-    so in a loop with a source call and a mixed call, the source set (fed by labelled source
-    pixels and by the pasted weight-1 pixels of the mixed image) is updated twice per
-    training iteration and the target set once;
-  * a cell never updated before takes its first EM estimate as it is (no old estimate to mix);
-  * a class row is sampled whole, so all its cells are updated together; a row gives offsets
-    once updated, and only when the anchors have been updated too;
-  * the anchors are fitted on the sampled source pixels: the positive anchor on f[c] of every
-    sampled pixel, the negative one on f[l] for one uniformly drawn l != c per sampled pixel
-    (an unbiased draw from the pooled off-diagonal cells at 1 / (C - 1) of the cost); they use
-    the same momentum rule (m^n, n = 1 when updated every call, as line 31);
-  * n per cell is capped by `max_samples_per_cell` (1000) to bound the EM cost;
-  * offsets use the exact normal CDF (torch.special.ndtr), not Abramowitz-Stegun.
+Speed: per pixel only the C cells of its label row are needed. Each cell's aligned value
+z' = F_anchor^-1(F_cl(z)) (Eq. 6) is tabulated once per call on a grid between the cell's
+eps and 1 - eps quantiles and gathered with linear interpolation (`OffsetTables`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -39,12 +31,17 @@ from torch import Tensor, nn
 
 from blda_tools.errors import BLDAError
 from blda_tools.gmm import mixture_cdf
-from blda_tools.online.state import MixtureSet, OffsetTables, draw_cell_samples
+from blda_tools.online.options import DOMAINS, check_choice, check_options
+from blda_tools.online.sampling import (
+    class_balanced_anchors,
+    draw_anchor_samples,
+    draw_cell_samples,
+    pixel_keys,
+)
+from blda_tools.online.state import MixtureSet, OffsetTables
+from blda_tools.online.sync import RankSync
+from blda_tools.runtime.process import torch_threads
 
-MODES = ("ola", "ola_source", "none")
-DOMAINS = ("source", "target", "mixed")
-REGRESSION_LOSSES = ("l2", "l1")
-REDUCTIONS = ("mean", "sum", "none")
 STATE_FORMAT = "blda.BLDALoss"
 
 
@@ -57,10 +54,11 @@ class _Pixels:
     valid: Tensor
     in_target: Tensor
     weights: Tensor | None
+    domain: str
 
     def members(self) -> tuple[Tensor, Tensor]:
-        """Pixels feeding the source and the target statistics (target: 0 < weight, as released;
-        in a mixed image weight 1 marks source pixels, so target pixels there have 0 < w < 1)."""
+        """Labelled pixels of the source and of the target (target: 0 < weight; in a mixed image
+        weight 1 marks source pixels, so target pixels there have 0 < w < 1)."""
         source = self.valid & ~self.in_target
         target = self.valid & self.in_target
         if self.weights is not None:
@@ -71,18 +69,23 @@ class _Pixels:
 class BLDALoss(nn.Module):
     """Online logit adjustment (OLA) and cumulative density estimation (CDE) as one loss.
 
-    Arguments (paper defaults unless marked): `num_classes` C >= 2, `ignore_index`,
-    `n_components` K, `em_steps` T, `momentum` m, `momentum_warmup` (as released: m ramps
-    linearly from 0 over a set's first 1500 updates; 0 disables), `min_samples` N_min (released
-    500; paper 100), `max_samples_per_cell` (cap on n per cell for speed; None = uncapped, as
-    released), `eps` (CDF clamp of the anchor inverse), `tau`, `regression_weight` lambda,
-    `regression_loss` "l2" (paper) or "l1" (release), `mode` "ola" (both domains), "ola_source"
-    (source only; target pixels get plain cross-entropy) or "none" (weighted cross-entropy, no
-    statistics), `anchor_grid_points` (table of the anchors' inverse CDF, as released),
-    `offset_grid_points` (table of each cell's aligned value), `reduction` "mean" (over ALL
-    pixels, ignored ones counting 0: the training loop's and mmseg's convention), "sum" or
-    "none" (per pixel), `seed` (the per-cell sampling draws from a generator seeded by seed and
-    the iteration counter, so a resumed run draws what an uninterrupted one would).
+    Arguments (docs/training.md, "Departures", says where each differs from the release or the
+    paper): `num_classes` C >= 2, `ignore_index`, `n_components` K, `em_steps` T, `momentum` m,
+    `momentum_warmup` (m ramps linearly from 0 over a set's first N updates; 0 disables),
+    `min_samples` N_min, `eps` (CDF clamp of the anchor inverse), `tau`, `regression_weight`
+    lambda, `regression_loss` "l2" or "l1", `mode` "ola" (both domains), "ola_source" (source
+    only; target pixels get plain cross-entropy) or "none" (weighted cross-entropy, no
+    statistics), `anchor_grid_points` (table of the anchors' inverse CDF), `offset_grid_points`
+    (table of each cell's aligned value), `max_samples_per_cell` (cap on n per cell; None =
+    uncapped), `anchor_sampling` "pixels" (every labelled source pixel, pixel-weighted) or
+    "class_balanced" (the per-cell samples), `anchor_max_samples` (uniform pixel subsample of
+    the "pixels" anchors; None = every pixel), `mixed_updates_source` (the mixed call's weight-1
+    pixels also update the source set and the anchors), `sync_processes` (sum and gather the
+    samples over the processes of `process_group` when torch.distributed is initialised),
+    `reduction` "mean" (over ALL pixels, ignored ones counting 0: the training loop's and
+    mmseg's convention), "sum" or "none" (per pixel), `seed` (the sampling draws from a
+    generator seeded by seed and the call counter, so a resumed run draws what an uninterrupted
+    one would).
 
     Buffers (in `state_dict`): the mixture sets `source`, `target` (C x C x K) and `anchors`
     (2 x K: positive, negative) with their `fitted`, `steps` (n) and `updates` counters, and
@@ -103,15 +106,20 @@ class BLDALoss(nn.Module):
         regression_weight: float = 0.2,
         regression_loss: str = "l2",
         mode: str = "ola",
-        anchor_grid_points: int = 1000,
+        anchor_grid_points: int = 8192,
         *,
         offset_grid_points: int = 512,
         max_samples_per_cell: int | None = 1000,
+        anchor_sampling: str = "pixels",
+        anchor_max_samples: int | None = 65536,
+        mixed_updates_source: bool = False,
+        sync_processes: bool = True,
+        process_group=None,
         reduction: str = "mean",
         seed: int = 0,
     ) -> None:
         super().__init__()
-        _check_options(locals())
+        check_options(locals())
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
         self.n_components = int(n_components)
@@ -127,6 +135,11 @@ class BLDALoss(nn.Module):
         self.mode = mode
         self.anchor_grid_points = int(anchor_grid_points)
         self.offset_grid_points = int(offset_grid_points)
+        self.anchor_sampling = anchor_sampling
+        self.anchor_max_samples = int(anchor_max_samples) if anchor_max_samples else None
+        self.mixed_updates_source = bool(mixed_updates_source)
+        self.sync_processes = bool(sync_processes)
+        self.process_group = process_group
         self.reduction = reduction
         self.seed = int(seed)
         cells = (self.num_classes, self.num_classes)
@@ -158,14 +171,19 @@ class BLDALoss(nn.Module):
         """
         pixels = self._pixels(logits, labels, weights, domain)
         self.last_terms = {}
-        if update:
-            self._update(pixels)
+        needed = self.mode != "none" and (self.tau > 0 or regression is not None)
+        with _small_op_threads(logits):
+            if update:
+                self._update(pixels)
+            tables = self._tables(scale=-self.tau) if needed else None  # Eq. 9: f - tau Delta
         adjusted = logits
-        if self.mode != "none" and self.tau > 0:
-            scaled = self._offsets(pixels, scale=-self.tau)  # Eq. 9: f - tau Delta
+        if tables is not None and self.tau > 0:
+            scaled = self._offsets(pixels, tables)
             if scaled is not None:
-                # in place into the detached offsets buffer: one (B, C, H, W) tensor less
-                adjusted = _to_logit_shape(scaled, logits).add_(logits.float())
+                # in place into the offsets buffer: one (B, C, H, W) tensor less. detach() makes
+                # the reshaped buffer a non-differentiable view, so autograd records a plain add
+                # (no CopySlices: a copy and a zero fill of the whole buffer in backward).
+                adjusted = _to_logit_shape(scaled, logits).detach().add_(logits.float())
         per_pixel = F.cross_entropy(
             adjusted.float(), labels, reduction="none", ignore_index=self.ignore_index
         )
@@ -180,7 +198,9 @@ class BLDALoss(nn.Module):
                     "regression: mode 'none' keeps no statistics, so there is no CDF target "
                     "(Eq. 10); use mode 'ola' or 'ola_source', or pass regression=None"
                 )
-            regression_term = self._reduce(self._regression_per_pixel(pixels, regression, labels))
+            with _small_op_threads(logits):
+                per_pixel = self._regression_per_pixel(pixels, regression, labels, tables)
+            regression_term = self._reduce(per_pixel)
             total = total + self.regression_weight * regression_term
         self.last_terms.update(ce=cross_entropy.detach(), regression=regression_term.detach())
         return total
@@ -200,7 +220,8 @@ class BLDALoss(nn.Module):
         """Delta_{y, c}(f[c]) of Eq. 6 for every pixel and class, shaped like `logits`; zero at
         ignored pixels and where the label's row or the anchors were never updated."""
         pixels = self._pixels(logits, labels, weights, domain)
-        offsets = None if self.mode == "none" else self._offsets(pixels)
+        tables = None if self.mode == "none" else self._tables(scale=1.0)
+        offsets = None if tables is None else self._offsets(pixels, tables)
         if offsets is None:
             return torch.zeros_like(logits, dtype=torch.float32)
         return _to_logit_shape(offsets, logits)
@@ -239,7 +260,7 @@ class BLDALoss(nn.Module):
     # -- input ---------------------------------------------------------------------------------
 
     def _pixels(self, logits, labels, weights, domain) -> _Pixels:
-        _check_choice("domain", domain, DOMAINS)
+        check_choice("domain", domain, DOMAINS)
         if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.ndim < 2:
             raise BLDAError("logits: expected a float tensor (N, C) or (B, C, *spatial)")
         if logits.shape[1] != self.num_classes:
@@ -276,7 +297,7 @@ class BLDALoss(nn.Module):
         else:
             in_target = flat_weights != 1
         flat_labels = torch.where(valid, flat_labels, 0)
-        return _Pixels(flat_logits, flat_labels, valid, in_target, flat_weights)
+        return _Pixels(flat_logits, flat_labels, valid, in_target, flat_weights, domain)
 
     # -- statistics (Algorithm 1, lines 6-32) ----------------------------------------------------
 
@@ -286,41 +307,56 @@ class BLDALoss(nn.Module):
         if self.mode == "none":
             return
         self.iteration += 1
+        sync = RankSync(self.process_group, self.sync_processes)
         generator = torch.Generator(device=pixels.logits.device)
         generator.manual_seed(self.seed * 1_000_003 + int(self.iteration))
+        keys = pixel_keys(pixels.valid.shape, generator, sync)
         source_members, target_members = pixels.members()
-        terms = self.last_terms
-        domains = [("source", self.source, source_members)]
+        feeds_source = pixels.domain == "source" or (
+            pixels.domain == "mixed" and self.mixed_updates_source
+        )
+        domains = [("source", self.source, source_members)] if feeds_source else []
         if self.mode == "ola":
             domains.append(("target", self.target, target_members))
         for name, mixture_set, members in domains:
-            if not bool(members.any()):
-                continue  # this domain has no pixel in the call: its clock does not move
             samples = draw_cell_samples(
                 pixels.logits,
                 pixels.labels,
                 members,
+                keys,
                 self.min_samples,
                 self.max_samples_per_cell,
-                generator,
+                sync,
             )
-            momentum = mixture_set.effective_momentum(self.momentum, self.momentum_warmup)
-            try:
-                updated = mixture_set.update(
-                    None if samples is None else samples.cells,
-                    None if samples is None else samples.mask,
-                    self.em_steps,
-                    momentum,
-                )
-            except BLDAError as error:  # e.g. NaN logits: name the argument the user passed
-                raise BLDAError(f"logits: {error}") from None
-            terms[f"{name}_cells_updated"] = int(updated.sum())
-            terms["n_cells_updated"] += terms[f"{name}_cells_updated"]
-            terms[f"{name}_samples_per_cell"] = 0 if samples is None else samples.per_cell
-            if name == "source":  # anchors: global source positives and negatives (line 26)
-                momentum = self.anchors.effective_momentum(self.momentum, self.momentum_warmup)
-                anchors = None if samples is None else samples.anchors
-                self.anchors.update(anchors, None, self.em_steps, momentum)
+            self.last_terms[f"{name}_samples_per_cell"] = 0 if samples is None else samples.per_cell
+            if samples is not None:  # as released: no qualifying class, no update, no clock tick
+                self._update_set(name, mixture_set, samples.cells, samples.mask)
+            if name == "source":  # the anchors: global source distributions (line 26)
+                if self.anchor_sampling == "pixels":
+                    anchors = draw_anchor_samples(
+                        pixels.logits,
+                        pixels.labels,
+                        members,
+                        keys,
+                        self.min_samples,
+                        self.anchor_max_samples,
+                        sync,
+                    )
+                else:
+                    anchors = None if samples is None else class_balanced_anchors(samples)
+                if anchors is not None:
+                    self.last_terms["anchor_samples"] = anchors.shape[1]
+                    self._update_set("anchors", self.anchors, anchors, None)
+
+    def _update_set(self, name, mixture_set: MixtureSet, samples, mask) -> None:
+        momentum = mixture_set.effective_momentum(self.momentum, self.momentum_warmup)
+        try:
+            updated = mixture_set.update(samples, mask, self.em_steps, momentum)
+        except BLDAError as error:  # e.g. NaN logits: name the argument the user passed
+            raise BLDAError(f"logits: {error}") from None
+        if name != "anchors":
+            self.last_terms[f"{name}_cells_updated"] = int(updated.sum())
+            self.last_terms["n_cells_updated"] += int(updated.sum())
 
     # -- offsets (Eq. 6) -------------------------------------------------------------------------
 
@@ -337,24 +373,39 @@ class BLDALoss(nn.Module):
         return rows
 
     @torch.no_grad()
-    def _offsets(self, pixels: _Pixels, scale: float = 1.0) -> Tensor | None:
-        """scale * Delta (B, C, P), Delta = z'(z) - z gathered per pixel from its label row;
-        None if no row of the batch's domains is active (then there is no offset anywhere)."""
+    def _tables(self, scale: float) -> OffsetTables | None:
+        """The offset tables (offsets times `scale`) of the current state; None before any
+        cell was fitted."""
+        if not any(bool(s.fitted.any()) for s in self._sets()):
+            return None
+        return OffsetTables.build(
+            self._sets(),
+            self.anchors,
+            self.eps,
+            self.offset_grid_points,
+            self.anchor_grid_points,
+            scale,
+        )
+
+    @torch.no_grad()
+    def _offsets(self, pixels: _Pixels, tables: OffsetTables) -> Tensor | None:
+        """The tables' scale * Delta (B, C, P), Delta = z'(z) - z gathered per pixel from its
+        label row; None if no row of the batch's domains is active (no offset anywhere)."""
         row_active = self._row_active()
         if not bool(row_active.any()):
             return None
-        tables = OffsetTables.build(
-            self._sets(), self.anchors, self.eps, self.offset_grid_points, self.anchor_grid_points
-        )
         row = pixels.in_target.long() * self.num_classes + pixels.labels  # (B, P) into 2 C rows
-        gate = (pixels.valid & row_active.reshape(-1)[row]).to(torch.float32).mul_(scale)
-        return tables.gather(pixels.logits.float(), row, gate)
+        gate = pixels.valid & row_active.reshape(-1)[row]
+        row = torch.where(gate, row, 2 * self.num_classes)  # the zero row: no offset
+        return tables.gather(pixels.logits.float(), row)
 
     # -- cumulative density estimation (Eq. 10) --------------------------------------------------
 
-    def _cdf_targets(self, pixels: _Pixels) -> tuple[Tensor, Tensor]:
+    def _cdf_targets(self, pixels: _Pixels, tables=None) -> tuple[Tensor, Tensor]:
         """d = F_yy(f[y]) with the pixel's domain's positive mixture, and where it is defined
-        (labelled pixels whose diagonal cell was updated; never on the target in "ola_source")."""
+        (labelled pixels whose diagonal cell was updated; never on the target in "ola_source").
+        With `tables`, pixels inside their cell's grid interpolate its CDF nodes (error
+        ~ step^2 max|F''| / 8, about 1e-6) and only the others evaluate the mixture."""
         count = self.num_classes
         diagonal = [
             torch.stack([getattr(s, name).diagonal(dim1=0, dim2=1).t() for s in self._sets()])
@@ -366,16 +417,22 @@ class BLDALoss(nn.Module):
         row = pixels.in_target.long() * count + pixels.labels
         available = pixels.valid & fitted.reshape(-1)[row]
         z = pixels.logits.gather(1, pixels.labels[:, None, :])[:, 0].float()
-        flat_row = row.reshape(-1)
+        if tables is None:
+            target, exact = torch.zeros_like(z), available
+        else:
+            target, inside = tables.diagonal_cdf(z, row)
+            exact = available & ~inside
+        where = exact.reshape(-1).nonzero()[:, 0]
         weights, means, variances = (
-            p.reshape(2 * count, -1).index_select(0, flat_row) for p in diagonal
+            p.reshape(2 * count, -1).index_select(0, row.reshape(-1)[where]) for p in diagonal
         )
-        target = mixture_cdf(z.reshape(-1, 1), weights, means, variances).view_as(z)
+        values = mixture_cdf(z.reshape(-1)[where, None], weights, means, variances)[:, 0]
+        target = target.reshape(-1).index_copy(0, where, values).view_as(z)
         return torch.where(available, target, 0.0), available
 
-    def _regression_per_pixel(self, pixels: _Pixels, regression: Tensor, labels: Tensor):
+    def _regression_per_pixel(self, pixels, regression: Tensor, labels: Tensor, tables=None):
         regression = _regression_like(regression, labels)
-        target, available = self._cdf_targets(pixels)
+        target, available = self._cdf_targets(pixels, tables)
         prediction = regression.float().reshape(target.shape)
         error = prediction - target
         per_pixel = error.square() if self.regression_loss == "l2" else error.abs()
@@ -392,39 +449,11 @@ class BLDALoss(nn.Module):
         return per_pixel
 
 
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise BLDAError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
-
-
-def _check_options(options: dict) -> None:
-    """BLDAError naming the first constructor argument out of range."""
-    _check_choice("mode", options["mode"], MODES)
-    _check_choice("regression_loss", options["regression_loss"], REGRESSION_LOSSES)
-    _check_choice("reduction", options["reduction"], REDUCTIONS)
-    components, minimum, cap = (
-        options[k] for k in ("n_components", "min_samples", "max_samples_per_cell")
-    )
-    problems = {
-        "num_classes": ("an integer >= 2", int(options["num_classes"]) < 2),
-        "n_components": ("an integer >= 1", int(components) < 1),
-        "em_steps": ("an integer >= 0", int(options["em_steps"]) < 0),
-        "min_samples": (f"an integer >= n_components={components}", int(minimum) < components),
-        "max_samples_per_cell": (
-            f"None or an integer >= min_samples={minimum}",
-            cap is not None and int(cap) < int(minimum),
-        ),
-        "momentum": ("a number in [0, 1]", not 0.0 <= options["momentum"] <= 1.0),
-        "momentum_warmup": ("an integer >= 0", int(options["momentum_warmup"]) < 0),
-        "eps": ("a number in (0, 0.5)", not 0.0 < options["eps"] < 0.5),
-        "tau": ("a number >= 0", not options["tau"] >= 0),
-        "regression_weight": ("a number >= 0", not options["regression_weight"] >= 0),
-        "anchor_grid_points": ("an integer >= 2", int(options["anchor_grid_points"]) < 2),
-        "offset_grid_points": ("an integer >= 2", int(options["offset_grid_points"]) < 2),
-    }
-    for name, (expected, bad) in problems.items():
-        if bad:
-            raise BLDAError(f"{name}: expected {expected}, got {options[name]!r}")
+def _small_op_threads(tensor: Tensor):
+    """One torch thread on a CPU meanwhile: the statistics and tables are many small ops, which
+    ran 3-7x slower with two OpenMP threads on a busy 2-core machine (bench_online_loss.py);
+    the per-pixel work (lookup kernel, cross-entropy) keeps every thread."""
+    return torch_threads(1) if tensor.device.type == "cpu" else contextlib.nullcontext()
 
 
 def _to_logit_shape(offsets: Tensor, logits: Tensor) -> Tensor:

@@ -2,8 +2,7 @@
 
 `MixtureSet` keeps a batch of 1-D Gaussian mixtures as module buffers (so `state_dict`, `.to()`
 and checkpoints work like any PyTorch module) and runs Algorithm 1's update on them with the
-`blda_tools.gmm` engine. `draw_cell_samples` draws, for one domain of a batch, the samples of
-every cell (c, l) of the logit-set matrix M (Eq. 3) as Appendix D and the release do.
+`blda_tools.gmm` engine (the samples come from `blda_tools.online.sampling`).
 `OffsetTables` tabulates every cell's aligned logit z' (Eq. 6) once and gathers it per pixel.
 """
 
@@ -12,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from scipy.special import ndtri
 from torch import Tensor, nn
 
 from blda_tools.gmm import GaussianMixture1D, StepsSinceUpdate, mixture_cdf
+from blda_tools.online.kernel import lookup_offsets
 
 # Elements per block of the offset interpolation: keeps its temporaries small and in cache.
 BLOCK_ELEMENTS = 1 << 20
@@ -55,8 +54,8 @@ class MixtureSet(nn.Module):
         return gmm
 
     def effective_momentum(self, momentum: float, warmup: int) -> float:
-        """m ramped linearly from 0 over the first `warmup` updates of this set (as released;
-        0 disables the ramp): m * min(1, u / warmup), u = updates done before this one."""
+        """m ramped linearly from 0 over the first `warmup` updates of this set (the release's
+        formula; 0 disables the ramp): m * min(1, u / warmup), u = updates done before this."""
         if warmup <= 0:
             return float(momentum)
         return float(momentum) * min(1.0, int(self.updates) / warmup)
@@ -93,145 +92,136 @@ class MixtureSet(nn.Module):
 
 
 @dataclass
-class CellSamples:
-    """Samples of the C x C logit sets of one domain and of the two anchors.
-
-    `cells` ``(C, C, n)`` with `mask` (rows of classes below the minimum are all False);
-    `anchors` ``(2, q n)``: row 0 the positive logits f[c] of the sampled pixels, row 1 one
-    negative logit f[l], l != c drawn uniformly, per sampled pixel; `rows` the sampled classes.
-    """
-
-    cells: Tensor
-    mask: Tensor
-    anchors: Tensor
-    rows: Tensor
-    per_cell: int
-
-
-def draw_cell_samples(
-    logits: Tensor,
-    labels: Tensor,
-    member: Tensor,
-    min_samples: int,
-    max_samples: int | None,
-    generator: torch.Generator,
-) -> CellSamples | None:
-    """Per-cell samples of one domain (Appendix D, as released), or None if no class qualifies.
-
-    logits ``(B, C, P)``, labels ``(B, P)`` (valid classes wherever `member` is True), member
-    ``(B, P)`` bool. The classes with at least `min_samples` member pixels qualify; n is the
-    smallest of their counts (capped at `max_samples` when given); every cell (c, l) of a
-    qualifying row c gets column l of the SAME n pixels of class c, drawn without replacement.
-    The draw sorts random keys grouped by label (ties, 2^-31 likely, resolve by position), so no Python loop runs over classes or cells.
-    """
-    batch, classes, pixels = logits.shape
-    flat = member.reshape(-1).nonzero()[:, 0]
-    if flat.numel() == 0:
-        return None
-    label = labels.reshape(-1)[flat]
-    counts = torch.bincount(label, minlength=classes)
-    qualifying = counts >= min_samples
-    if not bool(qualifying.any()):
-        return None
-    per_cell = int(counts[qualifying].min())
-    if max_samples is not None:
-        per_cell = min(per_cell, int(max_samples))
-    # Integer keys (label, random 31 bits) sort pixels by class, in random order within a class.
-    noise = torch.randint(0, 1 << 31, label.shape, generator=generator, device=label.device)
-    order = ((label << 32) | noise).argsort()
-    sorted_label = label[order]
-    group_start = counts.cumsum(0) - counts
-    rank = torch.arange(order.numel(), device=order.device) - group_start[sorted_label]
-    chosen = order[qualifying[sorted_label] & (rank < per_cell)]
-    pixel = flat[chosen]  # grouped by class, per_cell pixels per qualifying class
-    values = logits[pixel // pixels, :, pixel % pixels].float()  # (q n, C)
-    rows = qualifying.nonzero()[:, 0]
-    n_rows = rows.numel()
-    cells = torch.zeros(classes, classes, per_cell, dtype=values.dtype, device=values.device)
-    mask = torch.zeros(cells.shape, dtype=torch.bool, device=values.device)
-    cells[rows] = values.reshape(n_rows, per_cell, classes).permute(0, 2, 1)
-    mask[rows] = True
-    own = rows.repeat_interleave(per_cell)
-    # A uniform column other than the pixel's own class (needs C >= 2).
-    shift = torch.randint(1, classes, own.shape, generator=generator, device=own.device)
-    other = (own + shift) % classes
-    positive = values.gather(1, own[:, None])[:, 0]
-    negative = values.gather(1, other[:, None])[:, 0]
-    anchors = torch.stack((positive, negative))
-    return CellSamples(cells, mask, anchors, rows, per_cell)
-
-
-@dataclass
 class OffsetTables:
-    """Aligned values z' = F_anchor^-1(clamp(F_cl(z), eps, 1 - eps)) (Eq. 6) of every cell of
-    several C x C sets, tabulated on an even grid per cell: cell i's grid starts at
-    `lower[i]` with 1 / step `inverse_step[i]`; `aligned` holds the (cells, points) values."""
+    """scale * (z' - z), z' = F_anchor^-1(clamp(F_cl(z), eps, 1 - eps)) (Eq. 6), of every cell
+    of several C x C sets as piecewise-linear functions of z, plus one row of zero cells
+    (index `len(sets) * C`) for pixels that get no offset.
 
-    lower: Tensor
+    Cell i's grid runs from its eps to its 1 - eps quantile (found by safeguarded Newton steps),
+    so the two kinks of the clamp are grid ends: below and above, z' is constant and exact, and
+    inside, z'(z) is smooth and linear interpolation between `points` nodes is accurate to
+    O(step^2) (benchmarks/bench_online_loss.py prints the error against the exact Eq. 6).
+    Position of z on cell i's grid: z * `inverse_step[i]` + `origin[i]`; piece 0 lies below the
+    grid, piece `points` above it, piece j between nodes j - 1 and j; `pieces` ``(cells *
+    (points + 1), 2)`` holds (a, b) with scale * (z' - z) = a + b z on each piece.
+    """
+
+    origin: Tensor
     inverse_step: Tensor
-    aligned: Tensor
+    pieces: Tensor
     points: int
+    cdf_nodes: Tensor  # (sets * C, points): F_cc on the grid of every diagonal cell
+    classes: int
 
     @classmethod
     @torch.no_grad()
-    def build(cls, sets, anchors: MixtureSet, eps: float, points: int, anchor_points: int):
+    def build(cls, sets, anchors: MixtureSet, eps: float, points: int, anchor_points: int, scale):
         """Tables for `sets` (C x C MixtureSets, stacked in order), diagonal cells aligned to
-        the positive anchor (row 0 of `anchors`), the others to the negative one (row 1).
-
-        Each grid spans min_k(mu - s sigma) .. max_k(mu + s sigma), s = Phi^-1(1 - eps): beyond
-        it F_cl is below eps or above 1 - eps, where the clamped z' is constant, so clamping z
-        to the grid is exact there.
-        """
+        the positive anchor (row 0 of `anchors`), the others to the negative one (row 1). The
+        anchors' inverse CDF is tabulated exactly (Newton-polished) on `anchor_points` evenly
+        spaced probabilities in [eps, 1 - eps] and interpolated linearly."""
         count, components = sets[0].cell_shape[0], sets[0].n_components
         weights, means, variances = (
             torch.stack([getattr(s, name) for s in sets]).reshape(-1, components)
             for name in ("weights", "means", "variances")
         )
-        span = float(ndtri(1.0 - eps))
-        std = variances.sqrt()
-        lower = (means - span * std).amin(-1)
-        upper = (means + span * std).amax(-1)
-        upper = torch.maximum(upper, lower + 1e-6)  # a degenerate cell still gets a grid
-        steps = torch.linspace(0.0, 1.0, points, device=means.device, dtype=means.dtype)
+        device, cells = means.device, means.shape[0]
+        cell_mixture = GaussianMixture1D(
+            components, (cells,), inverse_cdf_points=64, device=device, dtype=means.dtype
+        )
+        cell_mixture.weights, cell_mixture.means, cell_mixture.variances = weights, means, variances
+        ends = torch.tensor([eps, 1.0 - eps], device=device, dtype=means.dtype).expand(cells, 2)
+        ends = cell_mixture.inverse_cdf(ends, eps=eps, newton_steps=4).double()
+        lower = ends[:, 0]
+        upper = torch.maximum(ends[:, 1], lower + 1e-6)  # a degenerate cell still gets a grid
+        steps = torch.linspace(0.0, 1.0, points, device=device, dtype=torch.float64)
         grid = torch.lerp(lower[:, None], upper[:, None], steps)
-        probability = mixture_cdf(grid, weights, means, variances)
-        anchor_mixture = anchors.mixture(inverse_cdf_points=anchor_points)
-        both = anchor_mixture.inverse_cdf(probability.reshape(1, -1).expand(2, -1), eps=eps)
-        diagonal = torch.eye(count, dtype=torch.bool, device=means.device).repeat(len(sets), 1, 1)
-        aligned = torch.where(diagonal.reshape(-1, 1), both[0].view_as(grid), both[1].view_as(grid))
-        return cls(lower, (points - 1) / (upper - lower), aligned.reshape(-1), points)
+        probability = mixture_cdf(grid.float(), weights, means, variances).double()
+        aligned = _anchor_inverse(anchors, probability, eps, anchor_points, count, len(sets))
+        step = (upper - lower) / (points - 1)
+        slope = aligned.diff(dim=1) / step[:, None]
+        # pieces[i, j] = (a, b): scale (z' - z) = a + b z; below / above the grid z' is constant
+        pieces = torch.zeros((cells + count, points + 1, 2), dtype=torch.float32, device=device)
+        pieces[:cells, 0, 0] = aligned[:, 0]
+        pieces[:cells, 1:points, 0] = aligned[:, :-1] - slope * grid[:, :-1]
+        pieces[:cells, points, 0] = aligned[:, -1]
+        pieces[:cells, 1:points, 1] = slope
+        pieces[:cells, :, 1] -= 1.0
+        pieces[:cells].mul_(float(scale))
+        inverse_step = torch.cat((1.0 / step, step.new_zeros(count)))
+        origin = torch.cat((1.0 - lower / step, step.new_zeros(count)))
+        pieces = pieces.reshape(-1, 2)
+        diagonal = torch.arange(count, device=device)
+        nodes = probability.view(len(sets), count, count, points)[:, diagonal, diagonal]
+        nodes = nodes.reshape(-1, points).float().contiguous()
+        return cls(origin.float(), inverse_step.float(), pieces, points, nodes, count)
 
     @torch.no_grad()
-    def gather(self, logits: Tensor, row: Tensor, gate: Tensor) -> Tensor:
-        """gate * (z'(z) - z) for every pixel and class: logits ``(B, C, P)`` float, row
-        ``(B, P)`` the index of each pixel's table row (set * C + label), gate ``(B, P)``.
-        Linear interpolation with z clamped to the cell's grid; per pixel only the C cells of
-        its row are read, in blocks so that the temporaries stay small."""
+    def diagonal_cdf(self, z: Tensor, row: Tensor) -> tuple[Tensor, Tensor]:
+        """F_yy(z) interpolated on the grid of the diagonal cell of `row` (set * C + y), and
+        where z lies on that grid (elsewhere the value is meaningless)."""
+        classes = self.classes
+        cell = row * classes + row % classes
+        position = z * self.inverse_step[cell] + self.origin[cell] - 1.0
+        inside = (position >= 0.0) & (position <= self.points - 1)
+        position = position.clamp(0.0, self.points - 1.0)
+        left = position.floor().clamp_max_(self.points - 2.0)
+        index = row * self.points + left.long()
+        nodes = self.cdf_nodes.reshape(-1)
+        value = torch.lerp(nodes[index], nodes[index + 1], position - left)
+        return value, inside
+
+    @torch.no_grad()
+    def gather(self, logits: Tensor, row: Tensor, compiled: bool = True) -> Tensor:
+        """scale * (z'(z) - z) for every pixel and class: logits ``(B, C, P)`` float, row
+        ``(B, P)`` the index of each pixel's table row (set * C + label, or the zero row). Per
+        pixel only the C cells of its row are read. On a CPU (with `compiled`) one numba pass
+        (`blda_tools.online.kernel`); elsewhere torch ops in blocks, so that the temporaries
+        stay small."""
+        if compiled and logits.device.type == "cpu" and logits.dtype == torch.float32:
+            return lookup_offsets(
+                logits, row, self.origin, self.inverse_step, self.pieces, self.points
+            )
         batch, count, size = logits.shape
-        origin = -self.lower * self.inverse_step  # grid position of z is z / step + origin
         offsets = torch.empty_like(logits)
+        # Each (a, b) pair read as one 8-byte element: one 1-D gather (a cache line) per lookup.
+        pairs = self.pieces.view(torch.float64).view(-1)
         # int32 index arithmetic is several times faster than int64 on CPU; int64 only if needed
-        index_type = torch.int32 if self.aligned.numel() < 2**31 else torch.int64
+        index_type = torch.int32 if pairs.numel() < 2**31 else torch.int64
         row = row.to(index_type)
         columns = torch.arange(count, device=logits.device, dtype=index_type)[:, None]
         block = max(1, BLOCK_ELEMENTS // count)
-        last = float(self.points - 1)
         for image in range(batch):
             for start in range(0, size, block):
                 part = slice(start, start + block)
                 z, out = logits[image, :, part], offsets[image, :, part]  # (C, m) strided views
-                flat = (row[image, None, part] * count + columns).view(-1)  # cells (y, c)
+                cell = (row[image, None, part] * count + columns).view(-1)  # cells (y, c)
                 # index_select, not advanced indexing: several times faster on CPU.
                 position = torch.addcmul(
-                    origin.index_select(0, flat).view_as(z),
+                    self.origin.index_select(0, cell).view_as(z),
                     z,
-                    self.inverse_step.index_select(0, flat).view_as(z),
-                ).clamp_(0.0, last)
-                left = position.floor().clamp_max_(last - 1.0)
-                fraction = position.sub_(left)
-                index = flat.mul_(self.points).add_(left.view(-1).to(index_type))
-                below = self.aligned.index_select(0, index).view_as(z)
-                above = self.aligned[1:].index_select(0, index).view_as(z)  # entry index + 1
-                torch.lerp(below, above, fraction, out=out)
-                out.sub_(z).mul_(gate[image, None, part])
+                    self.inverse_step.index_select(0, cell).view_as(z),
+                ).clamp_(0.0, float(self.points))
+                index = cell.mul_(self.points + 1).add_(position.view(-1).to(index_type))
+                pair = pairs.index_select(0, index).view(torch.float32).view(*z.shape, 2)
+                # into a contiguous temporary, then one strided write into the output
+                out.copy_(torch.addcmul(pair[..., 0], pair[..., 1], z))
         return offsets
+
+
+def _anchor_inverse(anchors: MixtureSet, probability, eps, anchor_points, count, n_sets):
+    """F_anchor^-1(probability) (cells, points), float64; diagonal cells of each C x C set use
+    the positive anchor (row 0), the others the negative one (row 1)."""
+    device = probability.device
+    levels = torch.linspace(eps, 1.0 - eps, anchor_points, device=device, dtype=torch.float64)
+    anchor_mixture = anchors.mixture(inverse_cdf_points=1000).to(dtype=torch.float64)
+    inverse = anchor_mixture.inverse_cdf(levels.expand(2, -1), eps=eps, newton_steps=2)
+    position = (probability.clamp(eps, 1.0 - eps) - eps) * ((anchor_points - 1) / (1 - 2 * eps))
+    left = position.floor().clamp_(0, anchor_points - 2)
+    fraction = position - left
+    diagonal = torch.eye(count, dtype=torch.bool, device=device).repeat(n_sets, 1, 1)
+    which = torch.where(diagonal.reshape(-1, 1), 0, anchor_points)
+    index = (which + left.long()).reshape(-1)
+    flat = inverse.reshape(-1)
+    below, above = flat[index].view_as(position), flat[index + 1].view_as(position)
+    return torch.lerp(below, above, fraction)

@@ -35,21 +35,27 @@ COMPILE_NOTICE = "compiling kernels, once (up to a minute; later runs reuse them
 _announced = False
 
 
-def kernel(function: Callable | None = None, *, depends_on: tuple[ModuleType, ...] = ()):
-    """`@kernel` or `@kernel(depends_on=(module, ...))`: a cached numba kernel.
+def kernel(
+    function: Callable | None = None,
+    *,
+    depends_on: tuple[ModuleType, ...] = (),
+    parallel: bool = False,
+):
+    """`@kernel` or `@kernel(depends_on=(module, ...), parallel=...)`: a cached numba kernel.
 
     `depends_on`: modules whose `numba.njit` helpers the kernel calls (inlined or not), so that
-    a change to them invalidates the kernel's cache entry.
+    a change to them invalidates the kernel's cache entry. `parallel`: numba's `prange` loops
+    run on its thread pool.
     """
     if function is None:
-        return functools.partial(kernel, depends_on=depends_on)
+        return functools.partial(kernel, depends_on=depends_on, parallel=parallel)
     _watch_compiles()
     try:
-        dispatcher = numba.njit(nogil=True, cache=True)(function)
+        dispatcher = numba.njit(nogil=True, cache=True, parallel=parallel)(function)
     except RuntimeError as error:  # no writable cache folder anywhere
         logger.info(f"{function.__qualname__}: compiled in every process ({error}); "
                     "set NUMBA_CACHE_DIR to a writable folder to compile once")  # fmt: skip
-        return numba.njit(nogil=True)(function)
+        return numba.njit(nogil=True, parallel=parallel)(function)
     if depends_on:
         _stamp_with_dependencies(dispatcher, depends_on)
     return dispatcher

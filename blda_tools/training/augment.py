@@ -25,7 +25,7 @@ def fit_size(height: int, width: int, bound: Sequence[int]) -> tuple[int, int]:
     """Size after rescaling (keeping the aspect ratio) to fit inside `bound` = [height, width].
 
     This is mmseg's `Resize(img_scale, keep_ratio=True)`: GTA5's 1052 x 1914 fits into
-    [720, 1280] as 703 x 1280.
+    [720, 1280] as 704 x 1280 (mmcv rounds 1052 x 1280 / 1914 = 703.5 to 704).
     """
     scale = min(bound[0] / height, bound[1] / width)
     return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))

@@ -141,8 +141,8 @@ class TrainingBatches(Dataset):
             if self.with_target:
                 generator = stream_generator(seed, sample_index, STREAM_TARGET)
                 index = int(torch.randint(len(self.target), (), generator=generator))
-                # Target labels are never read: DAFormer's target crops consult them for
-                # cat_max_ratio, which leaks ground truth; ours are drawn without it.
+                # Target labels are never read: like DAFormer's Cityscapes pipeline (RandomCrop
+                # without cat_max_ratio), the target crop is drawn without them.
                 target_image, _ = self._crop(
                     self.target[index].image, None, self.config.data.target_size, generator
                 )

@@ -42,6 +42,8 @@ _ARGUMENT_KEYS = {
     "tau": "loss.blda_tau",
     "regression_weight": "loss.blda_lambda",
     "regression_loss": "loss.blda_regression_loss",
+    "anchor_sampling": "loss.blda_anchor_sampling",
+    "anchor_max_samples": "loss.blda_anchor_max_samples",
 }
 
 
@@ -61,6 +63,10 @@ def blda_arguments(loss_config) -> dict:
         "tau": loss_config.blda_tau,
         "regression_weight": loss_config.blda_lambda,
         "regression_loss": loss_config.blda_regression_loss,
+        "anchor_sampling": loss_config.blda_anchor_sampling,
+        # 0 = every labelled source pixel (BLDALoss: None), as released.
+        "anchor_max_samples": loss_config.blda_anchor_max_samples or None,
+        "mixed_updates_source": loss_config.blda_mixed_updates_source,
     }
 
 

@@ -62,7 +62,7 @@ class DataConfig:
 @dataclass
 class AugmentConfig:
     crop_size: list[int] = field(default_factory=lambda: [512, 512])
-    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])
     flip: bool = True
     cat_max_ratio: float = 0.75
     color_jitter_strength: float = 0.2
@@ -78,6 +78,7 @@ class SelfTrainingConfig:
     ignore_top_rows: int = 15
     ignore_bottom_rows: int = 120
     mix: str = "class"
+    pseudo_weight_pooling: str = "batch"
 
 
 @dataclass
@@ -105,6 +106,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     head_keys: list[str] = field(default_factory=lambda: ["head"])
     no_decay_keys: list[str] = field(default_factory=lambda: ["norm", "pos_block"])
+    norm_layers_no_decay: bool = True
     warmup_iters: int = 1500
     warmup_ratio: float = 1e-6
     poly_power: float = 1.0
@@ -122,6 +124,9 @@ class LossConfig:
     blda_momentum_warmup: int = 1500
     blda_min_samples: int = 100
     blda_max_samples_per_cell: int = 1000
+    blda_anchor_sampling: str = "pixels"
+    blda_anchor_max_samples: int = 65536
+    blda_mixed_updates_source: bool = False
     blda_eps: float = 0.01
     blda_tau: float = 0.1
     blda_lambda: float = 0.2
@@ -132,9 +137,9 @@ class LossConfig:
 @dataclass
 class EvaluationConfig:
     interval: int = 4000
-    resize: list[int] = field(default_factory=lambda: [1024, 2048])
-    crop_size: list[int] = field(default_factory=lambda: [1024, 1024])
-    stride: list[int] = field(default_factory=lambda: [512, 512])
+    resize: list[int] = field(default_factory=lambda: [512, 1024])
+    crop_size: list[int] = field(default_factory=lambda: [512, 1024])
+    stride: list[int] = field(default_factory=lambda: [512, 1024])
     max_images: int = 0
     classes: list[int] = field(default_factory=list)
 
@@ -179,7 +184,7 @@ KEY_DOCS: dict[str, str] = {
     "data.target_size": "[height, width] target images are resized to before random rescale",
     "data.val_split": "target split used for evaluation",
     "augment.crop_size": "[height, width] of training crops",
-    "augment.scale_range": "[low, high] random rescale ratio applied after the base resize",
+    "augment.scale_range": "[low, high] random rescale ratio after the base resize ([1, 1] = DAFormer's fixed resize)",
     "augment.flip": "random horizontal flip with probability 0.5",
     "augment.cat_max_ratio": "resample a crop (up to 10 times) while one class covers more (1 = off)",
     "augment.color_jitter_strength": "DACS colour jitter strength s (brightness/contrast/saturation/hue)",
@@ -191,6 +196,7 @@ KEY_DOCS: dict[str, str] = {
     "self_training.ignore_top_rows": "pseudo-label weight zeroed on this many top crop rows",
     "self_training.ignore_bottom_rows": "pseudo-label weight zeroed on this many bottom crop rows",
     "self_training.mix": "'class' (ClassMix) or 'none' (train on the target crop itself)",
+    "self_training.pseudo_weight_pooling": "pseudo-label weight: 'batch' (one per process batch, DAFormer) or 'image'",
     "rcs.enabled": "Rare Class Sampling of source images",
     "rcs.temperature": "class temperature T of the sampling softmax",
     "rcs.min_pixels": "an image is eligible for class c when it has more pixels of c than this",
@@ -205,7 +211,8 @@ KEY_DOCS: dict[str, str] = {
     "optim.weight_decay": "AdamW weight decay",
     "optim.betas": "AdamW betas",
     "optim.head_keys": "parameter-name substrings of the decode head",
-    "optim.no_decay_keys": "parameter-name substrings without weight decay (norm layers also)",
+    "optim.no_decay_keys": "parameter-name substrings without weight decay",
+    "optim.norm_layers_no_decay": "no weight decay on any normalisation layer, whatever its name (DAFormer: false)",
     "optim.warmup_iters": "linear warm-up iterations",
     "optim.warmup_ratio": "learning-rate factor at iteration 0 of the warm-up",
     "optim.poly_power": "power of the polynomial decay",
@@ -218,6 +225,9 @@ KEY_DOCS: dict[str, str] = {
     "loss.blda_momentum_warmup": "m ramps linearly from 0 over a set's first N updates (0 = off)",
     "loss.blda_min_samples": "N_min, pixels a class needs in a batch to update its row (paper 100, release 500)",
     "loss.blda_max_samples_per_cell": "cap on samples per cell and update, for speed (0 = uncapped)",
+    "loss.blda_anchor_sampling": "'pixels' (every labelled source pixel, released) or 'class_balanced'",
+    "loss.blda_anchor_max_samples": "uniform pixel subsample of the 'pixels' anchors (0 = every pixel)",
+    "loss.blda_mixed_updates_source": "the mixed image's weight-1 pixels also update source GMMs and anchors",
     "loss.blda_eps": "clamp of the anchor inverse CDF to [eps, 1 - eps] (Eq. 6)",
     "loss.blda_tau": "tau, scale of the logit offsets in Eq. 9",
     "loss.blda_lambda": "lambda, weight of the CDF regression loss (Eq. 10; 'ola+cde' only)",
@@ -225,7 +235,7 @@ KEY_DOCS: dict[str, str] = {
     "loss.blda_plot_interval": "iterations between GMM-fit plots and JS divergences (0 = off)",
     "evaluation.interval": "iterations between target-val evaluations (0 = only at the end)",
     "evaluation.resize": "[height, width] val images are resized to ([] = keep)",
-    "evaluation.crop_size": "[height, width] of sliding-window crops",
+    "evaluation.crop_size": "[height, width] of sliding-window crops (the resized image = whole)",
     "evaluation.stride": "[height, width] sliding-window stride",
     "evaluation.max_images": "evaluate on the first N val images only (0 = all)",
     "evaluation.classes": "class ids mIoU / mAcc average over ([] = all; SYNTHIA: 16 classes)",
@@ -234,6 +244,8 @@ KEY_DOCS: dict[str, str] = {
 _CHOICES = {
     "run.amp": ("none", "bf16", "fp16"),
     "self_training.mix": ("class", "none"),
+    "self_training.pseudo_weight_pooling": ("batch", "image"),
+    "loss.blda_anchor_sampling": ("pixels", "class_balanced"),
     "loss.blda_mode": ("none", "ola_source", "ola", "ola+cde"),
     "loss.blda_regression_loss": ("l2", "l1"),
 }
@@ -260,6 +272,7 @@ _MINIMA = {
     "rcs.min_pixels": 0,
     "loss.blda_plot_interval": 0,
     "loss.blda_max_samples_per_cell": 0,
+    "loss.blda_anchor_max_samples": 0,
 }
 # Keys a resumed run may change: they affect logging and file writes, never the numbers.
 RESUMABLE_KEYS = (

@@ -282,6 +282,7 @@ class Trainer:
             settings.pseudo_threshold,
             ignore_top_rows=settings.ignore_top_rows,
             ignore_bottom_rows=settings.ignore_bottom_rows,
+            pooling=settings.pseudo_weight_pooling,
         )
         generators = [
             stream_generator(self.config.run.seed, int(j), STREAM_MIX) for j in batch.sample_indices

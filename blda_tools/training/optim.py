@@ -33,15 +33,17 @@ def parameter_groups(
     head_lr_mult: float = 10.0,
     head_keys: Sequence[str] = ("head",),
     no_decay_keys: Sequence[str] = ("norm", "pos_block"),
+    norm_layers_no_decay: bool = True,
 ) -> list[dict]:
     """AdamW groups: (encoder | head) x (decay | no decay), empty groups dropped.
 
     A parameter is in the head when its name contains a head key; it has no weight decay when
-    its name contains a no-decay key or it belongs to a normalisation layer (names like `bn1`
-    would escape mmcv's substring rule; the intent is 'no decay on norms').
+    its name contains a no-decay key or, with `norm_layers_no_decay`, it belongs to a
+    normalisation layer (names like `bn1` escape mmcv's substring rule, which DAFormer's
+    recipe applies as it is: `norm_layers_no_decay=False`).
     Each group carries `name` and `initial_lr` (the schedule's base).
     """
-    norm_names = _norm_parameter_names(model)
+    norm_names = _norm_parameter_names(model) if norm_layers_no_decay else set()
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
@@ -73,6 +75,7 @@ def build_optimizer(model: nn.Module, optim_config) -> torch.optim.AdamW:
         head_lr_mult=optim_config.head_lr_mult,
         head_keys=optim_config.head_keys,
         no_decay_keys=optim_config.no_decay_keys,
+        norm_layers_no_decay=optim_config.norm_layers_no_decay,
     )
     return torch.optim.AdamW(groups, lr=optim_config.lr, betas=tuple(optim_config.betas))
 

@@ -2,9 +2,9 @@
 
 Facts read from DAFormer's `mmseg/models/uda/dacs.py` (lhoyer/DAFormer): the teacher starts as
 a copy of the student at iteration 0 and is then updated at every later iteration with
-alpha_t = min(1 - 1 / (t + 1), alpha); the pseudo-label weight is the share of pixels whose
-teacher confidence is >= the threshold, zeroed on the top / bottom rows of the crop; pasted
-source pixels get weight 1.
+alpha_t = min(1 - 1 / (t + 1), alpha); the pseudo-label weight is the share of the per-GPU
+batch's pixels whose teacher confidence is >= the threshold, zeroed on the top / bottom rows of
+the crop; pasted source pixels get weight 1.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blda_tools.errors import BLDAError
 from blda_tools.training.augment import class_mix_mask, color_jitter, gaussian_blur, mix
 
 
@@ -66,17 +67,24 @@ def pseudo_labels(
     *,
     ignore_top_rows: int = 0,
     ignore_bottom_rows: int = 0,
+    pooling: str = "batch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pseudo-labels (B, H, W) and their weights (B, H, W) from teacher logits (B, C, h, w).
 
-    The weight of every pixel of an image is the fraction of that image's pixels whose softmax
-    confidence is >= `threshold` (DACS's quality estimate; DAFormer pools the whole per-GPU batch,
-    which is the same for its one target image per sample and keeps DDP splits exact here);
-    it is then zeroed on the top / bottom rows (rectification artefacts of Cityscapes).
+    The weight is DACS's quality estimate, the fraction of pixels whose softmax confidence is
+    >= `threshold`: with `pooling="batch"` one value over all B images of this process's batch
+    (DAFormer's `dacs.py`: the per-GPU batch), with "image" one value per image; it is then
+    zeroed on the top / bottom rows (rectification artefacts of Cityscapes).
     """
     logits = F.interpolate(teacher_logits.float(), size=size, mode="bilinear", align_corners=False)
     confidence, labels = torch.softmax(logits, dim=1).max(dim=1)
-    quality = (confidence >= threshold).float().mean(dim=(1, 2))
+    confident = (confidence >= threshold).float()
+    if pooling == "batch":
+        quality = confident.mean().expand(confidence.shape[0])
+    elif pooling == "image":
+        quality = confident.mean(dim=(1, 2))
+    else:
+        raise BLDAError(f"pooling: expected 'batch' or 'image', got {pooling!r}")
     weights = quality[:, None, None].expand_as(confidence).clone()
     if ignore_top_rows > 0:
         weights[:, :ignore_top_rows] = 0.0
