@@ -12,6 +12,7 @@ import os
 from typing import TYPE_CHECKING
 
 from blda_tools.errors import BLDAError
+from blda_tools.runtime.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from blda_tools.datasets.base import SegmentationDataset
@@ -54,16 +55,7 @@ _EXPORTS = {
 __all__ = sorted([*_EXPORTS, "build_dataset", "list_datasets"])
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 def list_datasets() -> list[str]:

@@ -14,7 +14,7 @@ read `MODES` for `blda dump-logits --help` without importing torch.
 
 from __future__ import annotations
 
-import importlib
+from blda_tools.runtime.lazy import lazy_exports
 
 # The inference modes `predict_logits` knows (`predict.InferenceSettings.mode`).
 MODES = ("whole", "slide")
@@ -32,13 +32,4 @@ _EXPORTS = {
 __all__ = sorted([*_EXPORTS, "MODES"])
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -4,7 +4,8 @@
   runs; torch's thread count for a block of work) and worker processes that end with the
   process that started them (`exit_with_parent`, SIGKILL included);
 - `jit`: numba kernels compiled once per installation, with a one-line notice when they are;
-- `progress`: progress as plain periodic lines where the output is not a terminal.
+- `progress`: progress as plain periodic lines where the output is not a terminal;
+- `lazy`: package names imported from their modules on first use (light `--help`).
 
 Nothing is imported here, so that `blda --help` can read `progress` without loading torch.
 """
