@@ -31,7 +31,7 @@ from blda_tools.errors import BLDAError, Interrupted
 from blda_tools.fileio import partial_path, write_json
 from blda_tools.inference.dump import PixelSampling, prepare_dump
 from blda_tools.inference.predict import InferenceSettings
-from blda_tools.outputs import output_set
+from blda_tools.outputs import output_set, remove_sets, set_name
 from blda_tools.report import explain
 from blda_tools.report.html import Report, ordinal
 from blda_tools.store import LogitStore
@@ -132,8 +132,10 @@ def run_demo(
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    started = False
     try:
         with output_set(out, "demo", DEMO_FILES) as outputs:
+            started = True
             seconds: dict[str, float] = {}
             with _timed(seconds, "dump-logits"):
                 stores = _dump_stores(sample, out / "stores", settings, progress)
@@ -144,15 +146,32 @@ def run_demo(
             result = DemoResult(out, stores, diagnosis, calibration, settings, seconds)
             write_demo_report(result, outputs.staging / "report.html")
             write_json(outputs.staging / "demo.json", result.summary())
-    except KeyboardInterrupt:
-        raise Interrupted(
-            "demo interrupted: nothing to resume (its stores take seconds); run the same demo "
-            "command again"
-        ) from None
+    except BaseException as error:
+        if started:  # the stages' outputs would describe a run without a report
+            _remove_demo_outputs(out)
+        if isinstance(error, KeyboardInterrupt):
+            raise Interrupted(
+                "demo interrupted: nothing is kept (its stores take seconds); run the same demo "
+                "command again"
+            ) from None
+        raise
     finally:
         torch.set_num_threads(previous_threads)
     result.report = out / "report.html"
     return result
+
+
+def _remove_demo_outputs(out: Path) -> None:
+    """After a failed demo: every file the demo and its stages own in `out` (this run's and
+    the earlier run's, which the stages had begun to replace), so nothing stale or partial is
+    left; files the demo does not own stay."""
+    stores = out / "stores"
+    for name in SPLITS:
+        partial_path(stores / f"{name}.h5").unlink(missing_ok=True)
+    remove_sets(stores, [set_name("dump-logits", f"{name}.h5") for name in SPLITS])
+    remove_sets(out / "diagnosis", ["diagnose"])
+    remove_sets(out / "calibration", ["calibrate"])
+    remove_sets(out, ["demo"])
 
 
 def _checked_sample_dir(sample_dir: str | os.PathLike) -> Path:

@@ -261,6 +261,22 @@ def record_set(directory: str | os.PathLike, owner: str, names: Iterable[str]) -
         _write_manifest(directory, sets)
 
 
+def remove_sets(directory: str | os.PathLike, owners: Iterable[str]) -> None:
+    """Remove the files of the sets `owners` (set names) recorded in `directory` and forget
+    them; `directory` goes too if that leaves it empty. Other files are not touched."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    with _locked(directory):
+        sets = read_manifest(directory)
+        for owner in owners:
+            for name in sets.pop(owner, []):
+                _remove_owned(directory, name)
+        _write_manifest(directory, sets)
+    with contextlib.suppress(OSError):
+        directory.rmdir()  # only when empty
+
+
 def _is_dir(path: Path) -> bool:
     try:
         return path.is_dir()

@@ -140,3 +140,25 @@ def test_demo_report_compares_the_prior_baseline_at_its_own_tau_and_says_what_ne
     for column in ("dIoU", "Acc after", "Bias est. (Eq. 5)", "IoU std"):
         assert f"<dt>{column}</dt>" in page, column
     assert re.findall(r"[+-]0\.0%", page) == []  # a change that rounds to zero has no sign
+
+
+def test_a_demo_that_fails_in_its_last_stage_leaves_nothing_of_it(demo_run, monkeypatch):
+    """A failed run leaves no stores or diagnosis beside an earlier run's report (the earlier
+    complete run in `demo_run` is replaced, so it goes too); a file of the user's stays."""
+    import shutil
+
+    import blda_tools.demo as demo
+
+    earlier, _, _ = demo_run
+    out = earlier.parent / "failing_demo"
+    shutil.copytree(earlier, out)
+    (out / "notes.txt").write_text("mine")
+
+    def broken_calibrate(*arguments):
+        raise RuntimeError("calibration failed")
+
+    monkeypatch.setattr(demo, "_calibrate", broken_calibrate)
+    with pytest.raises(RuntimeError, match="calibration failed"):
+        run_demo(out, settings=DemoSettings.quick())
+    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert left == ["notes.txt"]

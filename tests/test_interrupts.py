@@ -173,7 +173,7 @@ def test_ctrl_c_in_the_demo_says_to_run_it_again_and_a_rerun_is_not_blocked(tmp_
 
     with monkeypatch.context() as patch:
         patch.setattr(demo, "_dump_stores", interrupted)
-        with pytest.raises(Interrupted, match="demo interrupted: nothing to resume"):
+        with pytest.raises(Interrupted, match="demo interrupted: nothing is kept"):
             demo.run_demo(tmp_path / "out", settings=demo.DemoSettings.quick())
     # What an interrupted dump leaves behind does not stop the next demo run.
     stores = tmp_path / "out" / "stores"
