@@ -29,8 +29,8 @@ from blda_tools.inference.dump import (
     PixelSampling,
     default_streams,
     dump_logits,
-    shard_path,
 )
+from blda_tools.inference.dump_files import shard_path
 from blda_tools.inference.loader import compact_label
 from blda_tools.inference.predict import InferenceSettings
 from blda_tools.models import create_model

@@ -3,7 +3,7 @@
 `streams` inference threads each take the next batch of images, run the model and lay out the
 rows to store (`LogitWriter.prepare`); the calling thread appends them in dataset order
 (`LogitWriter`, atomic: `<out>.partial` until complete). Images are decoded by loader worker
-processes, or, with `workers=0`, by the streams themselves (`dump_loading`). On a CPU two
+processes, or, with `workers=0`, by the streams themselves (`loader`). On a CPU two
 single-threaded streams keep the cores busy, one decoding or preparing while the other
 computes. Per image the store keeps the full map at label resolution, every `stride`-th pixel
 in both axes, or `pixels_per_image` sampled pixels (uniformly, or stratified by class), with
@@ -12,14 +12,13 @@ their positions.
 Resume: `resume=True` reopens `<out>.partial` and skips the images already stored; sampling is
 seeded per image name, so the result equals an uninterrupted run. Sharding: when `WORLD_SIZE`
 > 1 (torchrun), rank r takes images r, r + W, ... and writes `<stem>.rank<r>-of-<W><suffix>`;
-the shards read as one store (`LogitStore([...])`, `blda diagnose SHARD...`).
+the shards read as one store (`LogitStore([...])`, `blda diagnose SHARD...`). Shard names,
+resume checks and the earlier layouts of `--out`: `dump_files`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import time
 import warnings
 from collections import deque
@@ -30,13 +29,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import torch
 
 from blda_tools import __version__
 from blda_tools.datasets import build_dataset
 from blda_tools.errors import BLDAError, Interrupted
 from blda_tools.fileio import check_input_file, partial_path
+from blda_tools.inference.dump_files import (
+    COMMAND,
+    names_already_stored,
+    remove_other_layouts,
+    shard_path,
+)
 from blda_tools.inference.loader import (
     decode,
     runs_of_equal_size,
@@ -55,17 +59,14 @@ from blda_tools.inference.protocols import protocol_notices, resolve_inference
 from blda_tools.inference.tasks import check_task
 from blda_tools.models import load_model
 from blda_tools.models.loading import TORCHSCRIPT, declared_family
-from blda_tools.outputs import claim_file, read_manifest, record_file, record_set
+from blda_tools.outputs import record_file
 from blda_tools.runtime.process import keep_freed_memory, torch_threads
 from blda_tools.store import LogitWriter, PreparedImage
 
-# Metadata that must match between an unfinished store and a resumed run.
-RESUME_KEYS = ("model", "checkpoint", "weights", "dataset", "split", "inference", "sampling")
 # Seconds between store commits (`LogitWriter(commit_interval=...)`): an interrupted dump
 # redoes at most this much work on `--resume`; a commit per image (two flushes, nine index
 # writes) cost ~2 ms CPU per 256 x 512 image, one a second a few images' worth less.
 COMMIT_SECONDS = 1.0
-COMMAND = "dump-logits"
 
 
 class CorruptImageWarning(UserWarning):
@@ -95,14 +96,6 @@ class DumpSummary:
         return self.images_written / self.seconds if self.seconds > 0 else 0.0
 
 
-def shard_path(out: str | os.PathLike, rank: int, world_size: int) -> Path:
-    """The file rank `rank` of `world_size` writes: `<stem>.rank<r>-of-<W><suffix>`."""
-    out = Path(out)
-    if world_size <= 1:
-        return out
-    return out.with_name(f"{out.stem}.rank{rank}-of-{world_size}{out.suffix}")
-
-
 # ---------------------------------------------------------------------------- the job
 
 
@@ -112,7 +105,7 @@ class DumpJob:
 
     Build it with `prepare_dump`, run it once; `total` is the number of images `run` will go
     through (the CLI sizes its progress bar with it). `batches` yields the batches of
-    `pending` (`dump_loading.start_loader`: decoded by loader workers, or still to decode).
+    `pending` (`loader.start_loader`: decoded by loader workers, or still to decode).
     """
 
     dataset: object
@@ -383,7 +376,7 @@ def prepare_dump(
         "sampling": vars(sampling).copy(),
         "shard": {"rank": rank, "world_size": world_size},
     }
-    stored = _names_already_stored(out, resume, metadata)
+    stored = names_already_stored(out, resume, metadata)
     chosen_device = select_device(device)
     if chosen_device.type == "cpu":
         keep_freed_memory()
@@ -426,21 +419,6 @@ def prepare_dump(
         classification=classification,
         requested_out=requested_out,
     )
-
-
-def remove_other_layouts(out: Path, world_size: int) -> None:
-    """Remove the stores of an earlier dump to the same `out` written with another number of
-    ranks (`out` itself, or `<stem>.rank<r>-of-<W>` shards), where this command wrote them: a
-    re-run never leaves an earlier run's shards beside the new ones."""
-    directory = out.parent if str(out.parent) else Path(".")
-    current = {shard_path(out, rank, world_size).name for rank in range(world_size)}
-    pattern = re.compile(rf"{re.escape(out.stem)}\.rank\d+-of-\d+{re.escape(out.suffix)}")
-    for owner in read_manifest(directory):
-        name = owner.partition(" ")[2]
-        is_layout = name == out.name or pattern.fullmatch(name)
-        if owner.startswith(f"{COMMAND} ") and is_layout and name not in current:
-            (directory / name).unlink(missing_ok=True)
-            record_set(directory, owner, [])
 
 
 def _stream_layout(streams: int | None, device: torch.device) -> dict:
@@ -489,37 +467,3 @@ def _check_counts(**values) -> None:
             raise BLDAError(
                 f"--{option.replace('_', '-')}: expected an integer >= {minimum}, got {value!r}"
             )
-
-
-def _names_already_stored(out: Path, resume: bool, metadata: dict) -> set[str]:
-    """Images an unfinished store of `out` committed, after checking it may be continued:
-    written with the same settings (else the store would mix two dumps)."""
-    path = partial_path(out)
-    if not resume:
-        if path.exists():
-            raise BLDAError(
-                f"--out {out}: {path} exists, an unfinished dump; pass --resume to continue it, "
-                "or delete it to start again"
-            )
-        claim_file(out, COMMAND)  # a store this command wrote is replaced, nothing else
-        return set()
-    if not path.exists():
-        if out.exists():
-            raise BLDAError(f"--resume: {out} is already complete; delete it to dump again")
-        return set()
-    try:
-        with h5py.File(path, "r") as file:
-            stored = json.loads(file.attrs["metadata"])
-            committed = int(file.attrs["committed_images"])
-            names = {name.decode() for name in file["images/name"][:committed]}
-    except (OSError, KeyError, ValueError) as error:
-        raise BLDAError(
-            f"--resume: {path} is not a resumable logit store ({error}); delete it"
-        ) from None
-    for key in RESUME_KEYS:
-        if stored.get(key) != metadata[key]:
-            raise BLDAError(
-                f"--resume: {path} was written with {key}={stored.get(key)!r}, this run has "
-                f"{key}={metadata[key]!r}; use the same options or delete it"
-            )
-    return names

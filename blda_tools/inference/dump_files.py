@@ -1,0 +1,77 @@
+"""Where a dump writes: torchrun shard names, an unfinished store to continue, and the stores of
+an earlier dump to the same `--out` with another number of ranks (the output policy,
+docs/outputs.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import h5py
+
+from blda_tools.errors import BLDAError
+from blda_tools.fileio import partial_path
+from blda_tools.outputs import claim_file, read_manifest, record_set
+
+COMMAND = "dump-logits"
+# Metadata that must match between an unfinished store and a resumed run.
+RESUME_KEYS = ("model", "checkpoint", "weights", "dataset", "split", "inference", "sampling")
+
+
+def shard_path(out: str | os.PathLike, rank: int, world_size: int) -> Path:
+    """The file rank `rank` of `world_size` writes: `<stem>.rank<r>-of-<W><suffix>`."""
+    out = Path(out)
+    if world_size <= 1:
+        return out
+    return out.with_name(f"{out.stem}.rank{rank}-of-{world_size}{out.suffix}")
+
+
+def remove_other_layouts(out: Path, world_size: int) -> None:
+    """Remove the stores of an earlier dump to the same `out` written with another number of
+    ranks (`out` itself, or `<stem>.rank<r>-of-<W>` shards), where this command wrote them: a
+    re-run never leaves an earlier run's shards beside the new ones."""
+    directory = out.parent if str(out.parent) else Path(".")
+    current = {shard_path(out, rank, world_size).name for rank in range(world_size)}
+    pattern = re.compile(rf"{re.escape(out.stem)}\.rank\d+-of-\d+{re.escape(out.suffix)}")
+    for owner in read_manifest(directory):
+        name = owner.partition(" ")[2]
+        is_layout = name == out.name or pattern.fullmatch(name)
+        if owner.startswith(f"{COMMAND} ") and is_layout and name not in current:
+            (directory / name).unlink(missing_ok=True)
+            record_set(directory, owner, [])
+
+
+def names_already_stored(out: Path, resume: bool, metadata: dict) -> set[str]:
+    """Images an unfinished store of `out` committed, after checking it may be continued:
+    written with the same settings (else the store would mix two dumps)."""
+    path = partial_path(out)
+    if not resume:
+        if path.exists():
+            raise BLDAError(
+                f"--out {out}: {path} exists, an unfinished dump; pass --resume to continue it, "
+                "or delete it to start again"
+            )
+        claim_file(out, COMMAND)  # a store this command wrote is replaced, nothing else
+        return set()
+    if not path.exists():
+        if out.exists():
+            raise BLDAError(f"--resume: {out} is already complete; delete it to dump again")
+        return set()
+    try:
+        with h5py.File(path, "r") as file:
+            stored = json.loads(file.attrs["metadata"])
+            committed = int(file.attrs["committed_images"])
+            names = {name.decode() for name in file["images/name"][:committed]}
+    except (OSError, KeyError, ValueError) as error:
+        raise BLDAError(
+            f"--resume: {path} is not a resumable logit store ({error}); delete it"
+        ) from None
+    for key in RESUME_KEYS:
+        if stored.get(key) != metadata[key]:
+            raise BLDAError(
+                f"--resume: {path} was written with {key}={stored.get(key)!r}, this run has "
+                f"{key}={metadata[key]!r}; use the same options or delete it"
+            )
+    return names
