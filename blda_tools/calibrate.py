@@ -243,21 +243,23 @@ def _choose_tau(calibrator, inputs: CalibrationInputs, options, warnings, progre
     evaluated, taus, held_out = inputs.evaluated, inputs.taus, inputs.held_out
     if held_out is not None:
         sweep = sweep_stores(calibrator, held_out, taus, progress)
-        best = select_tau(sweep.compute(), options.metric, taus)
+        results = sweep.compute()
+        best = select_tau(results, options.metric, taus)
         if _overlap(held_out.paths, evaluated.paths):
             warnings.append(
                 "TAU IS SELECTED ON STORES THAT ARE ALSO EVALUATED (--select-on overlaps the "
                 "evaluated stores): the reported metrics are optimistic."
             )
         how = "held-out stores (--select-on)"
-        prior = select_tau(sweep.compute(), options.metric, taus, method="prior")
+        prior = select_tau(results, options.metric, taus, method="prior")
         return _selection(best, how, options.metric, held_out, prior), None
     if len(taus) == 1:
         given = {"tau": taus[0], "how": "given (--tau with one value)", "metric": None}
         return {**given, "prior_tau": taus[0]}, None
     sweep = sweep_stores(calibrator, evaluated, taus, progress)
-    best = select_tau(sweep.compute(), options.metric, taus)
-    prior = select_tau(sweep.compute(), options.metric, taus, method="prior")
+    results = sweep.compute()
+    best = select_tau(results, options.metric, taus)
+    prior = select_tau(results, options.metric, taus, method="prior")
     warnings.append(
         "TAU IS SELECTED ON THE EVALUATED STORES THEMSELVES (no --select-on): the reported "
         "metrics at the chosen tau are optimistic."
