@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blda_tools import __version__, plots
+from blda_tools import __version__
 from blda_tools.fileio import json_ready, none_to_nan, write_json
 from blda_tools.outputs import output_set
+from blda_tools.plots.workers import FigureWorkers
 from blda_tools.report import explain
 from blda_tools.report.html import Report
 from blda_tools.statistics import (
@@ -43,6 +44,10 @@ PLOT_FILES = {
 }
 # Every file `diagnose` may write in its output directory (replaced or removed on a re-run).
 OUTPUT_FILES = ("diagnosis.json", "statistics.h5", "report.html", *PLOT_FILES.values())
+# Processes drawing the figures (`plots.workers`), started before the statistics pass so that
+# their start-up hides behind it; 0 draws them in this process. Two figures at a time halved
+# the drawing time on 2 cores (`benchmarks/bench_diagnose.py --whole`).
+FIGURE_PROCESSES = min(2, os.cpu_count() or 1) if (os.cpu_count() or 1) > 1 else 0
 
 
 @dataclass
@@ -119,18 +124,22 @@ def _diagnose(
             "Rows of the logit-set matrix are pseudo-labels (argmax of the logits): "
             + ("the store has no ground-truth labels." if not store.has_labels else "as asked.")
         )
-    statistics = collect_statistics(
-        store, labels=source, grid=grid, workers=workers, progress=progress
-    )
-    confusion = statistics.confusion if source == "gt" else None
-    if source == "pseudo" and store.has_labels:
-        # Metrics and Eq. 4 still come from the ground truth: a second, cheap pass.
-        confusion = _ground_truth_confusion(store, progress)
-    statistics.save(out_dir / "statistics.h5")
-    diagnosis = _measure(store, statistics, confusion, source, notes)
-    diagnosis.files["statistics"] = "statistics.h5"
+    with FigureWorkers(FIGURE_PROCESSES if plots_and_report else 0) as figures:
+        statistics = collect_statistics(
+            store, labels=source, grid=grid, workers=workers, progress=progress
+        )
+        confusion = statistics.confusion if source == "gt" else None
+        if source == "pseudo" and store.has_labels:
+            # Metrics and Eq. 4 still come from the ground truth: a second, cheap pass.
+            confusion = _ground_truth_confusion(store, progress)
+        diagnosis = _measure(store, statistics, confusion, source, notes)
+        if plots_and_report:
+            drawn = _draw_plots(figures, diagnosis, statistics, out_dir)
+        statistics.save(out_dir / "statistics.h5")  # while the figures are drawn
+        diagnosis.files["statistics"] = "statistics.h5"
+        if plots_and_report:
+            diagnosis.files.update({key: Path(f.result()).name for key, f in drawn.items()})
     if plots_and_report:
-        diagnosis.files.update(_draw_plots(diagnosis, statistics, out_dir))
         diagnosis.files["report"] = "report.html"
         write_report(diagnosis, out_dir, named_dir=named_dir)
     diagnosis.files["diagnosis"] = "diagnosis.json"
@@ -214,7 +223,10 @@ def _measure(store, statistics, confusion, source, notes) -> Diagnosis:
     return diagnosis
 
 
-def _draw_plots(diagnosis: Diagnosis, statistics: LogitSetStatistics, out_dir: Path) -> dict:
+def _draw_plots(
+    figures: FigureWorkers, diagnosis: Diagnosis, statistics: LogitSetStatistics, out_dir: Path
+) -> dict:
+    """The figures handed to `figures`, the slowest first: key -> `plots.workers.Figure`."""
     names = diagnosis.classes
     density = statistics.density().numpy()
     num_classes = len(names)
@@ -228,7 +240,8 @@ def _draw_plots(diagnosis: Diagnosis, statistics: LogitSetStatistics, out_dir: P
     negative_anchor = statistics.negative_anchor_histogram().double()
     width = statistics.grid.width
     files = {}
-    files["densities"] = plots.plot_logit_densities(
+    files["densities"] = figures.submit(
+        "plot_logit_densities",
         names,
         statistics.grid.centers.numpy(),
         density[range(num_classes), range(num_classes)],
@@ -237,27 +250,36 @@ def _draw_plots(diagnosis: Diagnosis, statistics: LogitSetStatistics, out_dir: P
         (negative_anchor / negative_anchor.sum().clamp(min=1) / width).numpy(),
         path=out_dir / PLOT_FILES["densities"],
     )
-    if diagnosis.bias is not None:
-        files["bias"] = plots.plot_bias(
+    if diagnosis.bias is None:
+        files["bias"] = figures.submit(
+            "plot_bias",
             names,
-            none_to_nan(diagnosis.bias),
             none_to_nan(diagnosis.bias_estimated),
             path=out_dir / PLOT_FILES["bias"],
         )
-        files["confusion"] = plots.plot_confusion(
-            names, np.array(diagnosis.confusion), path=out_dir / PLOT_FILES["confusion"]
-        )
-        files["frequency"] = plots.plot_frequency_vs_accuracy(
-            names,
-            diagnosis.class_pixels,
-            none_to_nan(diagnosis.acc),
-            path=out_dir / PLOT_FILES["frequency"],
-        )
-    else:
-        files["bias"] = plots.plot_bias(
-            names, none_to_nan(diagnosis.bias_estimated), path=out_dir / PLOT_FILES["bias"]
-        )
-    return {key: Path(value).name for key, value in files.items()}
+        return files
+    files["confusion"] = figures.submit(
+        "plot_confusion",
+        names,
+        np.array(diagnosis.confusion),
+        path=out_dir / PLOT_FILES["confusion"],
+    )
+    files["bias"] = figures.submit(
+        "plot_bias",
+        names,
+        none_to_nan(diagnosis.bias),
+        none_to_nan(diagnosis.bias_estimated),
+        path=out_dir / PLOT_FILES["bias"],
+        rank_correlation=diagnosis.bias_rank_correlation,  # metrics.spearman, as scipy's
+    )
+    files["frequency"] = figures.submit(
+        "plot_frequency_vs_accuracy",
+        names,
+        diagnosis.class_pixels,
+        none_to_nan(diagnosis.acc),
+        path=out_dir / PLOT_FILES["frequency"],
+    )
+    return files
 
 
 def write_report(diagnosis: Diagnosis, out_dir: Path, *, named_dir: Path | None = None) -> Path:

@@ -368,3 +368,79 @@ def test_report_is_saved_atomically_as_utf8(tmp_path, monkeypatch):
         Report("second").paragraph("x" * 1000).save(target)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGBA"))
+
+
+def test_saved_figures_are_matplotlibs_tight_png_pixel_for_pixel(tmp_path, monkeypatch):
+    """`_save` finds the tight box itself (one draw fewer); matplotlib's own
+    `bbox_inches="tight"` is the truth, for the figures of every kind of layout."""
+    data = made_up_results(19)
+    written = draw_all(data, tmp_path / "ours")
+    from blda_tools.plots import style
+
+    def matplotlib_tight(figure, path, tight=True):
+        with open(path, "wb") as file:
+            figure.savefig(
+                file, format="png", dpi=style.DPI, bbox_inches="tight" if tight else None,
+                facecolor="white",
+            )  # fmt: skip
+        return Path(path)
+
+    for module in (plots.diagnosis, plots.calibration, plots.training):
+        monkeypatch.setattr(module, "_save", matplotlib_tight)
+    (tmp_path / "truth").mkdir()
+    (tmp_path / "ours").mkdir(exist_ok=True)
+    truth = draw_all(data, tmp_path / "truth")
+    for ours, expected in zip(written, truth, strict=True):
+        assert np.array_equal(pixels(ours), pixels(expected)), ours.name
+
+
+def test_bias_plot_with_a_given_rank_correlation_draws_scipys_title(tmp_path):
+    from scipy.stats import spearmanr
+
+    data = made_up_results(19)
+    finite = np.isfinite(data["bias"])  # class 1 has no pixels: left out, as the plot does
+    rho = spearmanr(data["bias"][finite], data["bias_estimated"][finite]).statistic
+    names = data["names"]
+    computed = plots.plot_bias(names, data["bias"], data["bias_estimated"], path=tmp_path / "a.png")
+    given = plots.plot_bias(
+        names, data["bias"], data["bias_estimated"], path=tmp_path / "b.png", rank_correlation=rho
+    )
+    other = plots.plot_bias(
+        names, data["bias"], data["bias_estimated"], path=tmp_path / "c.png", rank_correlation=-0.5
+    )
+    assert np.array_equal(pixels(computed), pixels(given))
+    assert not np.array_equal(pixels(computed), pixels(other))  # the value reaches the title
+
+
+def test_figure_workers_draw_the_same_pngs_and_raise_their_errors(tmp_path):
+    """Two worker processes draw what this process draws; a bad input's `BLDAError` (raised in
+    a worker) reaches the caller with its message."""
+    from blda_tools.plots.workers import FigureWorkers
+
+    data = made_up_results(5)
+    names = data["names"]
+    calls = {
+        "confusion.png": ("plot_confusion", (names, data["confusion"])),
+        "bias.png": ("plot_bias", (names, data["bias"], data["bias_estimated"])),
+    }
+    drawn = {}
+    for processes in (0, 2):
+        folder = tmp_path / str(processes)
+        folder.mkdir()
+        with FigureWorkers(processes) as figures:
+            pending = {
+                name: figures.submit(function, *args, path=folder / name)
+                for name, (function, args) in calls.items()
+            }
+            drawn[processes] = {name: Path(figure.result()) for name, figure in pending.items()}
+            bad = figures.submit("plot_bias", names, [0.1], path=folder / "bad.png")
+            with pytest.raises(BLDAError, match="bias"):
+                bad.result()
+    for name in calls:
+        assert drawn[2][name].parent == tmp_path / "2"
+        assert np.array_equal(pixels(drawn[0][name]), pixels(drawn[2][name])), name

@@ -11,7 +11,6 @@ from matplotlib import colormaps
 from matplotlib.colors import to_rgba
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from scipy.stats import spearmanr
 
 from blda_tools.errors import BLDAError
 from blda_tools.plots.arrays import _coarsen, _mass_range, _matrix, _names, _unit_area, _vector
@@ -45,6 +44,7 @@ def plot_bias(
     bias_estimated: Sequence[float] | None = None,
     *,
     path: str | Path,
+    rank_correlation: float | None = None,
 ) -> Path:
     """Bar chart of Bias(l) (Eq. 4) per class, sorted descending, as in the paper's Fig. 1(d).
 
@@ -52,6 +52,8 @@ def plot_bias(
     estimate from the logit distributions, when given, is drawn as markers and its Spearman
     rank correlation with Eq. 4 (over classes where both are finite) goes in the title.
     Classes whose bias is NaN (no pixels, no predictions) are placed last and marked n/a.
+    `rank_correlation`: that Spearman correlation when the caller has it (diagnose's
+    `metrics.spearman`), so drawing needs no scipy; otherwise scipy computes it here.
     """
     names = _names(class_names)
     bias = _vector(bias, len(names), "bias")
@@ -81,7 +83,11 @@ def plot_bias(
         both = finite & np.isfinite(estimate)
         # Ranks need at least three classes and some spread in each series.
         if both.sum() >= 3 and np.ptp(bias[both]) > 0 and np.ptp(estimate[both]) > 0:
-            rho = spearmanr(bias[both], estimate[both]).statistic
+            rho = rank_correlation
+            if rho is None:
+                from scipy.stats import spearmanr  # 0.6 s to import: only when needed
+
+                rho = spearmanr(bias[both], estimate[both]).statistic
             title += (
                 f"\nSpearman rank correlation of Eq. 4 and Eq. 5: {rho:.3f} ({both.sum()} classes)"
             )

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from matplotlib import rcParams
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -43,15 +44,17 @@ def _figure(width: float, height: float):
 
 def _save(figure: Figure, path: str | Path, tight: bool = True) -> Path:
     path = Path(path)
+    box = "tight" if tight else None
+    if tight and figure.get_layout_engine() is None:
+        # The box `bbox_inches="tight"` finds, computed here: savefig would draw the whole
+        # figure once more (with drawing switched off) to find it, ~30 % of a figure's time.
+        # The PNG is the same, pixel for pixel (tests/test_plots_report.py). A figure with a
+        # layout engine is laid out by that extra draw, so it keeps savefig's way.
+        box = figure.get_tightbbox(figure.canvas.get_renderer())
+        box = box.padded(rcParams["savefig.pad_inches"])
     with atomic_output(path) as temporary:
         # The temporary name ends in ".partial", so the format must be named.
-        figure.savefig(
-            temporary,
-            format="png",
-            dpi=DPI,
-            bbox_inches="tight" if tight else None,
-            facecolor="white",
-        )
+        figure.savefig(temporary, format="png", dpi=DPI, bbox_inches=box, facecolor="white")
     return path
 
 

@@ -29,8 +29,6 @@ import threading
 import time
 from collections.abc import Iterator
 
-import torch
-
 # mallopt parameters (glibc's malloc.h).
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 
@@ -59,6 +57,9 @@ def torch_threads(count: int) -> Iterator[None]:
     Used where the caller runs its own threads: torch's OpenMP workers, spinning after each
     multi-threaded torch call, would take cores from them.
     """
+    # Imported here: `exit_with_parent` serves processes that never load torch (figure workers).
+    import torch
+
     previous = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
