@@ -135,10 +135,11 @@ class LogitSetStatistics:
         owners = _share_classes(class_rows[1:], threads)
         tables = [getattr(self, name).numpy() for name in _KERNEL_TABLES]
         scale, shift = self.grid.bin_scale_and_shift()
+        exact, bins = kernel.FLOAT16_EXACT, kernel.bin_table(scale, shift, self.grid.bins)
 
         def count(part: int) -> None:
             kernel.count_rows(
-                values, table, given, owners == part, scale, shift,
+                values, exact, bins, given, owners == part, scale, shift,
                 self.grid.low, self.grid.high, *tables,
             )  # fmt: skip
 
