@@ -114,9 +114,9 @@ def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
     return source.nbytes / best
 
 
-def whole_child(store: str, out: str) -> None:
-    """One `blda diagnose STORE --out OUT`, as the CLI runs it, with the time of each stage."""
-    start = time.perf_counter()
+def whole_child(store: str, out: str, start: float) -> None:
+    """One `blda diagnose STORE --out OUT`, as the CLI runs it, with the time of each stage
+    (`start`: when the process began importing, torch included)."""
     from blda_cli import main as cli_main
 
     cli_main._register_commands()
@@ -150,12 +150,15 @@ def whole_child(store: str, out: str) -> None:
     timed(job, "write_report", "report")
     cli_main.cli.main(["diagnose", store, "--out", out], standalone_mode=False)
     stages["total"] = time.perf_counter() - start
+    stages["rest"] = stages["total"] - sum(
+        seconds for name, seconds in stages.items() if name != "total"
+    )
     print(json.dumps(stages))
 
 
 WHOLE_CHILD = (
-    f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-    "from bench_diagnose import whole_child; whole_child(*sys.argv[1:])"
+    f"import sys, time; start = time.perf_counter(); sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+    "from bench_diagnose import whole_child; whole_child(*sys.argv[1:], start=start)"
 )
 
 
