@@ -210,3 +210,19 @@ def test_commit_interval_exception_commits_completed_adds(tmp_path):
     assert_same_store(path, tmp_path / "reference.h5")
     with pytest.raises(BLDAError, match="commit_interval must be a number of seconds >= 0"):
         LogitWriter(tmp_path / "bad.h5", CLASSES, commit_interval=-1)
+
+
+@pytest.mark.parametrize("value", [65510.0, -65510.0, 65519.0, 7e4])
+def test_tensor_logits_just_beyond_the_float16_range_are_refused(tmp_path, value):
+    """Values above float16's maximum that its cast rounds down to the maximum (65504 up to
+    65520) are refused as the larger ones are; the maximum itself is stored."""
+    assert abs(value) > float(np.finfo(np.float16).max)
+    logits = torch.zeros(6, 3)
+    logits[4, 2] = value
+    expect_add_error(tmp_path, 'float16 range.*dtype="float32"', logits=logits)
+    logits[4, 2] = np.sign(value) * float(np.finfo(np.float16).max)
+    path = tmp_path / "edge.h5"
+    with LogitWriter(path, CLASSES) as writer:
+        writer.add(logits, name="edge")
+    with h5py.File(path) as file:
+        assert file["logits"][4, 2] == np.float16(logits[4, 2].item())

@@ -98,23 +98,29 @@ def _is_torch_castable(value) -> bool:
 def _torch_rows(rows: torch.Tensor, dtype: str, where: str) -> np.ndarray:
     """C-contiguous `(N, C)` numpy rows of `dtype` from `(..., C)` logits, checked in torch.
 
-    One `aminmax` pass gives both finiteness (NaN propagates, Inf is an extreme) and the
-    float16 range; one copy casts and lays the rows out (torch's copy is multi-threaded, numpy's
-    checks and cast are not). A failure is reported by the numpy check, with its position.
+    One copy casts and lays the rows out (torch's copy is multi-threaded, numpy's checks and
+    cast are not); one `aminmax` pass gives both finiteness (NaN propagates, Inf is an extreme)
+    and the float16 range. For float16 it runs on the cast rows, half the bytes of float32:
+    a NaN or Inf stays one, and a value beyond the range becomes Inf or the largest float16,
+    so the cast rows reach +-FLOAT16_MAX or beyond whenever the logits leave the range (and
+    then the numpy check decides on the logits themselves). A failure is reported by the
+    numpy check, with its position.
     """
     rows = rows.detach()
     num_classes = rows.shape[-1]
+    stored = torch.empty(rows.shape, dtype=getattr(torch, dtype))
+    stored.copy_(rows)
     if rows.numel():
+        checked = stored if dtype == "float16" else rows
         # The same elements in memory order: a reduction over a transposed view is ~6x slower.
-        memory_order = sorted(range(rows.dim()), key=lambda dim: -rows.stride(dim))
-        low, high = (float(v) for v in torch.aminmax(rows.permute(memory_order)))
-        too_large = dtype == "float16" and max(-low, high) > FLOAT16_MAX
-        if not (np.isfinite(low) and np.isfinite(high)) or too_large:
+        memory_order = sorted(range(checked.dim()), key=lambda dim: -checked.stride(dim))
+        low, high = (float(v) for v in torch.aminmax(checked.permute(memory_order)))
+        extreme = max(-low, high)
+        suspect = extreme >= FLOAT16_MAX if dtype == "float16" else False
+        if not (np.isfinite(low) and np.isfinite(high)) or suspect:
             _check_logit_values(
                 _as_array(rows.reshape(-1, num_classes), "logits", where), dtype, where
             )
-    stored = torch.empty(rows.shape, dtype=getattr(torch, dtype))
-    stored.copy_(rows)
     return stored.reshape(-1, num_classes).numpy()
 
 
