@@ -266,6 +266,38 @@ def in_fresh_process(kind: str, args, root: Path, checkpoint: Path, out: Path) -
     return json.loads(finished.stdout.strip().splitlines()[-1])
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes per second one core copies between two numpy arrays, best of `repeats`."""
+    source = np.ones(megabytes << 20, dtype=np.uint8)
+    target = np.empty_like(source)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(target, source)
+        best = min(best, time.perf_counter() - start)
+    return source.nbytes / best
+
+
+def traffic_floor(height: int, width: int, bandwidth: float) -> tuple[float, int]:
+    """Seconds per image the dump's steps after the forward need at least, moving their bytes
+    at `bandwidth`: the resize writes the float32 map, the cast reads it and writes float16
+    rows, the range check reads those, the append copies them (and the labels) to the file."""
+    values = NUM_CLASSES * height * width
+    moved = values * 4 + values * (4 + 2) + values * 2 + (values * 2 + height * width)
+    return moved / bandwidth, moved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny")
@@ -276,6 +308,9 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-resize", action="store_true", help="see the module doc")
+    parser.add_argument(
+        "--parts-only", action="store_true", help="only the per-step CPU times (no dump runs)"
+    )
     parser.add_argument("--to", default="512x1024", help="--decode-resize target HxW")
     parser.add_argument(
         "--child", choices=["forward", "forward-streams", "dump", "parts"], help=argparse.SUPPRESS
@@ -296,7 +331,7 @@ def main() -> None:
 
     from blda_tools.models import create_model
 
-    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}")
+    print(f"machine: {cpu_model()}, {platform.platform()}")
     print(
         f"cores: {os.cpu_count()}, torch {torch.__version__} threads {torch.get_num_threads()}, "
         f"python {sys.version.split()[0]}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
@@ -311,38 +346,39 @@ def main() -> None:
         checkpoint = Path(temporary) / "model.pth"
         torch.save(create_model(args.model, NUM_CLASSES).state_dict(), checkpoint)
         # Alternated, so a change in the machine's load affects all figures alike.
-        for repeat in range(args.repeats):
+        for repeat in range(0 if args.parts_only else args.repeats):
             for kind in kinds:
                 out = Path(temporary) / f"dump{repeat}.h5"
                 results[kind].append(in_fresh_process(kind, args, root, checkpoint, out))
         parts = in_fresh_process("parts", args, root, checkpoint, Path(temporary) / "parts.h5")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
-    dump = results["dump"][0]
-    print(
-        f"{args.model} on {args.images} images {height}x{width}, CPU, whole image, float16 "
-        f"store, {dump['workers']} loader worker(s), {dump['streams']} stream(s) x "
-        f"{dump['threads_per_stream']} thread(s), allocator setting applied: "
-        f"{dump['allocator_setting']}; best of {args.repeats} fresh processes each"
-    )
-    # Best of the repeats: the highest rate and the lowest CPU time of each.
-    rate = {kind: max(r["images_per_second"] for r in results[kind]) for kind in kinds}
-    cpu = {kind: min(r["cpu_per_image"] for r in results[kind]) for kind in kinds}
-    labels = {
-        "forward": "pure forward, one stream",
-        "forward-streams": "pure forward, dump's streams",
-        "dump": "dump-logits",
-    }
-    for kind in kinds:
-        runs = ", ".join(f"{r['images_per_second']:.2f}" for r in results[kind])
+    if not args.parts_only:
+        dump = results["dump"][0]
         print(
-            f"{labels[kind]:30s}: {rate[kind]:6.2f} images/s  CPU {cpu[kind] * 1000:4.0f} ms/image"
-            f"  (runs: {runs})"
+            f"{args.model} on {args.images} images {height}x{width}, CPU, whole image, float16 "
+            f"store, {dump['workers']} loader worker(s), {dump['streams']} stream(s) x "
+            f"{dump['threads_per_stream']} thread(s), allocator setting applied: "
+            f"{dump['allocator_setting']}; best of {args.repeats} fresh processes each"
         )
-    baseline = max(rate["forward"], rate["forward-streams"])
-    print(
-        f"dump-logits / faster pure forward: {rate['dump'] / baseline:.0%} (target >= 90%); "
-        f"/ one-stream forward: {rate['dump'] / rate['forward']:.0%}"
-    )
+        # Best of the repeats: the highest rate and the lowest CPU time of each.
+        rate = {kind: max(r["images_per_second"] for r in results[kind]) for kind in kinds}
+        cpu = {kind: min(r["cpu_per_image"] for r in results[kind]) for kind in kinds}
+        labels = {
+            "forward": "pure forward, one stream",
+            "forward-streams": "pure forward, dump's streams",
+            "dump": "dump-logits",
+        }
+        for kind in kinds:
+            runs = ", ".join(f"{r['images_per_second']:.2f}" for r in results[kind])
+            print(
+                f"{labels[kind]:30s}: {rate[kind]:6.2f} images/s  CPU {cpu[kind] * 1000:4.0f} ms/image"
+                f"  (runs: {runs})"
+            )
+        baseline = max(rate["forward"], rate["forward-streams"])
+        print(
+            f"dump-logits / faster pure forward: {rate['dump'] / baseline:.0%} (target >= 90%); "
+            f"/ one-stream forward: {rate['dump'] / rate['forward']:.0%}"
+        )
     added = sum(parts[part] for part in PARTS[1:])
     steps = ", ".join(f"{part} {parts[part] * 1000:.1f}" for part in PARTS[1:])
     print(
@@ -350,6 +386,18 @@ def main() -> None:
         f"{steps} = {added * 1000:.1f}. While the forward keeps every core busy, the dump can "
         f"reach at most forward / (forward + added) = "
         f"{parts['forward'] / (parts['forward'] + added):.0%} of its rate"
+    )
+    bandwidth = copy_bandwidth()
+    floor, moved = traffic_floor(height, width, bandwidth)
+    print(
+        f"added / forward = {added / parts['forward']:.1%} (target <= 10 %). Limit: after the "
+        f"forward the dump moves >= {moved / 1e6:.0f} MB per image (resize, cast, check, "
+        f"append) = {floor * 1000:.1f} ms at this core's copy bandwidth "
+        f"{bandwidth / 1e9:.1f} GB/s, beside decoding the PNGs ({parts['decode'] * 1000:.1f} "
+        f"ms here: zlib inflate); resize + prepare + append took "
+        f"{(parts['resize'] + parts['prepare'] + parts['append']) * 1000:.1f} ms, "
+        f"{(parts['resize'] + parts['prepare'] + parts['append']) / floor:.1f}x that floor. "
+        f"load average now {os.getloadavg()[0]:.1f}"
     )
 
 

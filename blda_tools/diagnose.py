@@ -12,6 +12,7 @@ self-contained `report.html`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ import torch
 from blda_tools import __version__
 from blda_tools.fileio import json_ready, none_to_nan, write_json
 from blda_tools.outputs import output_set
+from blda_tools.plots import workers as figure_workers
 from blda_tools.plots.workers import FigureWorkers
 from blda_tools.report import explain
 from blda_tools.report.html import Report
@@ -44,10 +46,6 @@ PLOT_FILES = {
 }
 # Every file `diagnose` may write in its output directory (replaced or removed on a re-run).
 OUTPUT_FILES = ("diagnosis.json", "statistics.h5", "report.html", *PLOT_FILES.values())
-# Processes drawing the figures (`plots.workers`), started before the statistics pass so that
-# their start-up hides behind it; 0 draws them in this process. Two figures at a time halved
-# the drawing time on 2 cores (`benchmarks/bench_diagnose.py --whole`).
-FIGURE_PROCESSES = min(2, os.cpu_count() or 1) if (os.cpu_count() or 1) > 1 else 0
 
 
 @dataclass
@@ -99,6 +97,7 @@ def diagnose(
     grid: LogitGrid | None = None,
     plots_and_report: bool = True,
     progress: Callable[[int], None] | None = None,
+    figures: FigureWorkers | None = None,
 ) -> Diagnosis:
     """Diagnose class bias from logit stores and write the results to `out_dir`.
 
@@ -106,15 +105,22 @@ def diagnose(
     the logits) or "auto" (ground truth when the stores have it, else pseudo-labels). Metrics and
     Eq. 4 always use the ground truth when it exists. `workers` processes share the streaming.
     `progress(rows)` is called as rows are processed (the CLI draws a bar with it).
+    `figures`: the processes that draw the figures, when the caller started them earlier (the
+    CLI does, before importing torch); otherwise `figure_workers.DEFAULT_PROCESSES` are started
+    here, before the statistics pass, so that their start-up hides behind it.
     """
     store = LogitStore(stores)
-    with output_set(out_dir, "diagnose", OUTPUT_FILES) as outputs:
+    if figures is None:
+        figures = FigureWorkers(figure_workers.DEFAULT_PROCESSES if plots_and_report else 0)
+    else:  # the caller's: it stops them
+        figures = contextlib.nullcontext(figures)
+    with output_set(out_dir, "diagnose", OUTPUT_FILES) as outputs, figures as figures:
         return _diagnose(store, outputs.staging, labels, workers, grid, plots_and_report, progress,
-                         named_dir=Path(out_dir))  # fmt: skip
+                         named_dir=Path(out_dir), figures=figures)  # fmt: skip
 
 
 def _diagnose(
-    store, out_dir, labels, workers, grid, plots_and_report, progress, named_dir
+    store, out_dir, labels, workers, grid, plots_and_report, progress, named_dir, figures
 ) -> Diagnosis:
     """The work of `diagnose`, writing into `out_dir` (the staging folder of `named_dir`)."""
     source = resolve_label_source(labels, store.has_labels, where=", ".join(map(str, store.paths)))
@@ -124,22 +130,20 @@ def _diagnose(
             "Rows of the logit-set matrix are pseudo-labels (argmax of the logits): "
             + ("the store has no ground-truth labels." if not store.has_labels else "as asked.")
         )
-    with FigureWorkers(FIGURE_PROCESSES if plots_and_report else 0) as figures:
-        statistics = collect_statistics(
-            store, labels=source, grid=grid, workers=workers, progress=progress
-        )
-        confusion = statistics.confusion if source == "gt" else None
-        if source == "pseudo" and store.has_labels:
-            # Metrics and Eq. 4 still come from the ground truth: a second, cheap pass.
-            confusion = _ground_truth_confusion(store, progress)
-        diagnosis = _measure(store, statistics, confusion, source, notes)
-        if plots_and_report:
-            drawn = _draw_plots(figures, diagnosis, statistics, out_dir)
-        statistics.save(out_dir / "statistics.h5")  # while the figures are drawn
-        diagnosis.files["statistics"] = "statistics.h5"
-        if plots_and_report:
-            diagnosis.files.update({key: Path(f.result()).name for key, f in drawn.items()})
+    statistics = collect_statistics(
+        store, labels=source, grid=grid, workers=workers, progress=progress
+    )
+    confusion = statistics.confusion if source == "gt" else None
+    if source == "pseudo" and store.has_labels:
+        # Metrics and Eq. 4 still come from the ground truth: a second, cheap pass.
+        confusion = _ground_truth_confusion(store, progress)
+    diagnosis = _measure(store, statistics, confusion, source, notes)
     if plots_and_report:
+        drawn = _draw_plots(figures, diagnosis, statistics, out_dir)
+    statistics.save(out_dir / "statistics.h5")  # while the figures are drawn
+    diagnosis.files["statistics"] = "statistics.h5"
+    if plots_and_report:
+        diagnosis.files.update({key: Path(f.result()).name for key, f in drawn.items()})
         diagnosis.files["report"] = "report.html"
         write_report(diagnosis, out_dir, named_dir=named_dir)
     diagnosis.files["diagnosis"] = "diagnosis.json"

@@ -53,22 +53,30 @@ def diagnose_command(stores, out_dir, labels, workers, grid_spec, no_plots):
     take it instead of the stores), PNG plots and a self-contained DIR/report.html. A re-run
     replaces the files an earlier diagnose wrote there (docs/outputs.md).
     """
-    # The library is imported here, not at the top, so that `--help` never loads torch.
-    from blda_tools.diagnose import diagnose
-    from blda_tools.store import LogitStore
+    # The library is imported here, not at the top, so that `--help` never loads torch. The
+    # figure workers start first (a light import): they load matplotlib on the other core
+    # while this process loads torch (`blda_tools.plots.workers`).
+    from blda_tools.plots import workers as figure_workers
 
-    grid = parse_grid(grid_spec)
-    total = LogitStore(stores).num_rows
-    with progress_bar("diagnose", total, unit="px") as advance:
-        result = diagnose(
-            stores,
-            out_dir,
-            labels=labels,
-            workers=workers,
-            grid=grid,
-            plots_and_report=not no_plots,
-            progress=advance,
-        )
+    with figure_workers.FigureWorkers(
+        0 if no_plots else figure_workers.DEFAULT_PROCESSES
+    ) as figures:
+        from blda_tools.diagnose import diagnose
+        from blda_tools.store import LogitStore
+
+        grid = parse_grid(grid_spec)
+        total = LogitStore(stores).num_rows
+        with progress_bar("diagnose", total, unit="px") as advance:
+            result = diagnose(
+                stores,
+                out_dir,
+                labels=labels,
+                workers=workers,
+                grid=grid,
+                plots_and_report=not no_plots,
+                progress=advance,
+                figures=figures,
+            )
     console.print(_results_table(result))
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")

@@ -144,11 +144,12 @@ def test_a_failed_calibrate_leaves_no_empty_output_folder(inputs, tmp_path, monk
 
 
 def test_diagnose_killed_by_a_plot_error_leaves_nothing(inputs, tmp_path, monkeypatch):
-    from blda_tools import diagnose, plots
+    from blda_tools import plots
+    from blda_tools.plots import workers
 
     # Drawn in this process, so that the failing figure below is the one drawn (the figure
     # workers' errors reaching the caller: tests/test_plots_report.py).
-    monkeypatch.setattr(diagnose, "FIGURE_PROCESSES", 0)
+    monkeypatch.setattr(workers, "DEFAULT_PROCESSES", 0)
     monkeypatch.setattr(
         plots,
         "plot_confusion",

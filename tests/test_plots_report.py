@@ -380,7 +380,7 @@ def test_saved_figures_are_matplotlibs_tight_png_pixel_for_pixel(tmp_path, monke
     `bbox_inches="tight"` is the truth, for the figures of every kind of layout."""
     data = made_up_results(19)
     written = draw_all(data, tmp_path / "ours")
-    from blda_tools.plots import style
+    from blda_tools.plots import calibration, diagnosis, style, training
 
     def matplotlib_tight(figure, path, tight=True):
         with open(path, "wb") as file:
@@ -390,7 +390,7 @@ def test_saved_figures_are_matplotlibs_tight_png_pixel_for_pixel(tmp_path, monke
             )  # fmt: skip
         return Path(path)
 
-    for module in (plots.diagnosis, plots.calibration, plots.training):
+    for module in (diagnosis, calibration, training):
         monkeypatch.setattr(module, "_save", matplotlib_tight)
     (tmp_path / "truth").mkdir()
     (tmp_path / "ours").mkdir(exist_ok=True)

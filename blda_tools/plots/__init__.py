@@ -11,59 +11,52 @@ backend of a user's interactive session is left alone, while it still works head
 Modules: `style` (palette, figure creation, layout, saving), `arrays` (validating the input arrays,
 densities on the logit grid), `diagnosis` (the diagnose report's figures), `calibration` (the
 calibrate report's figures) and `training` (training curves).
+
+`workers` draws figures in worker processes while the caller computes (the diagnose job).
+The names below are imported from their modules on first use (PEP 562), so that a job can
+start its figure workers (`blda_tools.plots.workers`) without importing matplotlib.
 """
 
 from __future__ import annotations
 
-from blda_tools.plots.arrays import DISPLAY_BINS, MASS_QUANTILES
-from blda_tools.plots.arrays import _coarsen as _coarsen
-from blda_tools.plots.arrays import _mass_range as _mass_range
-from blda_tools.plots.arrays import _unit_area as _unit_area
-from blda_tools.plots.calibration import plot_gmm_fits, plot_per_class_change, plot_tau_sweep
-from blda_tools.plots.diagnosis import (
-    MISSING_NOTES,
-    plot_bias,
-    plot_confusion,
-    plot_frequency_vs_accuracy,
-    plot_logit_densities,
-)
-from blda_tools.plots.style import (
-    BLUE,
-    DARK,
-    DPI,
-    GREEN,
-    GREY,
-    METHOD_COLORS,
-    ORANGE,
-    PURPLE,
-    SKY,
-    VERMILLION,
-    format_count,
-)
-from blda_tools.plots.style import _separate_labels as _separate_labels
-from blda_tools.plots.training import plot_training_curves
+from blda_tools.runtime.lazy import lazy_exports
 
-__all__ = [
-    "BLUE",
-    "DARK",
-    "DISPLAY_BINS",
-    "DPI",
-    "GREEN",
-    "GREY",
-    "MASS_QUANTILES",
-    "METHOD_COLORS",
-    "MISSING_NOTES",
-    "ORANGE",
-    "PURPLE",
-    "SKY",
-    "VERMILLION",
-    "format_count",
-    "plot_bias",
-    "plot_confusion",
-    "plot_frequency_vs_accuracy",
-    "plot_gmm_fits",
-    "plot_logit_densities",
-    "plot_per_class_change",
-    "plot_tau_sweep",
-    "plot_training_curves",
-]
+_EXPORTS = {
+    **dict.fromkeys(
+        ["DISPLAY_BINS", "MASS_QUANTILES", "_coarsen", "_mass_range", "_unit_area"], "arrays"
+    ),
+    **dict.fromkeys(["plot_gmm_fits", "plot_per_class_change", "plot_tau_sweep"], "calibration"),
+    **dict.fromkeys(
+        [
+            "MISSING_NOTES",
+            "plot_bias",
+            "plot_confusion",
+            "plot_frequency_vs_accuracy",
+            "plot_logit_densities",
+        ],
+        "diagnosis",
+    ),
+    **dict.fromkeys(
+        [
+            "BLUE",
+            "DARK",
+            "DPI",
+            "GREEN",
+            "GREY",
+            "METHOD_COLORS",
+            "ORANGE",
+            "PURPLE",
+            "SKY",
+            "VERMILLION",
+            "format_count",
+            "_separate_labels",
+        ],
+        "style",
+    ),
+    "plot_training_curves": "training",
+}
+
+__all__ = sorted(name for name in _EXPORTS if not name.startswith("_"))
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -24,6 +24,10 @@ import os
 import signal
 from types import TracebackType
 
+# Processes a job starts by default: two figures at a time halved the drawing time on 2 cores
+# (`benchmarks/bench_diagnose.py --whole`); one core draws them itself.
+DEFAULT_PROCESSES = 2 if (os.cpu_count() or 1) > 1 else 0
+
 
 class Figure:
     """A figure being drawn: `result()` waits for it and returns its path (or raises)."""
@@ -47,22 +51,13 @@ def draw(name: str, args: tuple, kwargs: dict):
 class FigureWorkers:
     """`processes` worker processes drawing figures (0: drawn here, when asked for).
 
-    Use as a context manager: leaving the block stops the workers; leaving it by an exception
-    stops them at once (a figure half-drawn is dropped: `atomic_output` never leaves it).
+    Use as a context manager: entering starts the workers, leaving the block stops them;
+    leaving it by an exception stops them at once (a figure half-drawn is dropped: `atomic_output` never leaves it).
     """
 
     def __init__(self, processes: int) -> None:
         self.processes = int(processes)
         self._pool = None
-        if self.processes > 0:
-            import multiprocessing
-
-            # spawn: a fork of a process running torch and numba threads is not safe, and a
-            # fresh process does not carry their memory.
-            context = multiprocessing.get_context("spawn")
-            self._pool = context.Pool(
-                self.processes, initializer=_start_worker, initargs=(os.getpid(),)
-            )
 
     def submit(self, name: str, /, *args, **kwargs) -> Figure:
         """Draw `blda_tools.plots.<name>(*args, **kwargs)`; in this process when it is asked for
@@ -72,6 +67,16 @@ class FigureWorkers:
         return Figure(pending=self._pool.apply_async(draw, (name, args, kwargs)))
 
     def __enter__(self) -> FigureWorkers:
+        """Start the workers (they import matplotlib and warm up meanwhile)."""
+        if self.processes > 0 and self._pool is None:
+            import multiprocessing
+
+            # spawn: a fork of a process running torch and numba threads is not safe, and a
+            # fresh process does not carry their memory.
+            context = multiprocessing.get_context("spawn")
+            self._pool = context.Pool(
+                self.processes, initializer=_start_worker, initargs=(os.getpid(),)
+            )
         return self
 
     def __exit__(
