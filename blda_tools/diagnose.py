@@ -12,7 +12,6 @@ self-contained `report.html`.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -112,9 +111,9 @@ def diagnose(
     store = LogitStore(stores)
     if figures is None:
         figures = FigureWorkers(figure_workers.DEFAULT_PROCESSES if plots_and_report else 0)
-    else:  # the caller's: it stops them
-        figures = contextlib.nullcontext(figures)
-    with output_set(out_dir, "diagnose", OUTPUT_FILES) as outputs, figures as figures:
+    # Stopped (at once on an error) before the output set is removed or moved into place, so
+    # that no worker still writes into it; the caller's workers too.
+    with output_set(out_dir, "diagnose", OUTPUT_FILES) as outputs, figures:
         return _diagnose(store, outputs.staging, labels, workers, grid, plots_and_report, progress,
                          named_dir=Path(out_dir), figures=figures)  # fmt: skip
 

@@ -51,8 +51,9 @@ def draw(name: str, args: tuple, kwargs: dict):
 class FigureWorkers:
     """`processes` worker processes drawing figures (0: drawn here, when asked for).
 
-    Use as a context manager: entering starts the workers, leaving the block stops them;
-    leaving it by an exception stops them at once (a figure half-drawn is dropped: `atomic_output` never leaves it).
+    Use as a context manager: entering starts the workers (unless started: a job may enter
+    the caller's workers again), leaving the block stops them; leaving it by an exception
+    stops them at once (a figure half-drawn is dropped: `atomic_output` never leaves it).
     """
 
     def __init__(self, processes: int) -> None:
