@@ -51,6 +51,7 @@ _PAIRS = (
     "evaluation.crop_size",
     "evaluation.stride",
     "optim.betas",
+    "hrda.detail_crop_size",
 )
 _MINIMA = {
     "run.iterations": 1,
@@ -64,6 +65,7 @@ _MINIMA = {
     "self_training.ignore_top_rows": 0,
     "self_training.ignore_bottom_rows": 0,
     "rcs.min_pixels": 0,
+    "hrda.crop_coord_divisible": 1,
     "loss.blda_plot_interval": 0,
     "loss.blda_max_samples_per_cell": 0,
     "loss.blda_anchor_max_samples": 0,
@@ -212,6 +214,14 @@ def validate(config: TrainingConfig) -> None:
             "config: feature_distance.enabled needs feature_distance.imagenet_weights, the path "
             "of an ImageNet-pretrained checkpoint; set it or set feature_distance.enabled=false"
         )
+    margins = config.self_training.crop_pseudo_margins
+    if margins and (len(margins) != 4 or min(margins) < 0):
+        raise BLDAError(
+            "config: self_training.crop_pseudo_margins must be [] or four pixel counts "
+            f"[top, bottom, left, right] >= 0, got {margins}"
+        )
+    if not 0.0 <= config.hrda.detail_loss_weight < 1.0:
+        raise BLDAError("config: hrda.detail_loss_weight must lie in [0, 1)")
     _validate_blda(config.loss)
 
 

@@ -67,6 +67,15 @@ class SelfTrainingConfig:
     ignore_bottom_rows: int = 120
     mix: str = "class"
     pseudo_weight_pooling: str = "batch"
+    crop_pseudo_margins: list[int] = field(default_factory=list)
+
+
+@dataclass
+class HRDAConfig:
+    # HRDA models only (model.arch hrda_*); defaults are the released HRDA / MIC values.
+    detail_crop_size: list[int] = field(default_factory=lambda: [512, 512])
+    crop_coord_divisible: int = 8
+    detail_loss_weight: float = 0.1
 
 
 @dataclass
@@ -139,6 +148,7 @@ class TrainingConfig:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
+    hrda: HRDAConfig = field(default_factory=HRDAConfig)
     rcs: RareClassSamplingConfig = field(default_factory=RareClassSamplingConfig)
     feature_distance: FeatureDistanceConfig = field(default_factory=FeatureDistanceConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -185,6 +195,10 @@ KEY_DOCS: dict[str, str] = {
     "self_training.ignore_bottom_rows": "pseudo-label weight zeroed on this many bottom crop rows",
     "self_training.mix": "'class' (ClassMix) or 'none' (train on the target crop itself)",
     "self_training.pseudo_weight_pooling": "pseudo-label weight: 'batch' (one per process batch, DAFormer) or 'image'",
+    "self_training.crop_pseudo_margins": "[top, bottom, left, right] pixels of the full target frame with pseudo-label weight 0, cropped with the image ([] = off; HRDA: [30, 240, 30, 30])",
+    "hrda.detail_crop_size": "[height, width] of HRDA's full-resolution detail crop (training) and detail slide window",
+    "hrda.crop_coord_divisible": "the detail crop's offsets in the training crop are multiples of this",
+    "hrda.detail_loss_weight": "weight of the detail-crop loss; the fused loss has 1 - weight",
     "rcs.enabled": "Rare Class Sampling of source images",
     "rcs.temperature": "class temperature T of the sampling softmax",
     "rcs.min_pixels": "an image is eligible for class c when it has more pixels of c than this",
