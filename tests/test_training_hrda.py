@@ -154,9 +154,7 @@ def test_fused_and_detail_losses_equal_a_direct_computation(tmp_path):
     fused, detail, *_ = trainer.model.forward_train(images, (top, left, height, width))
 
     def cross_entropy(logits, target, pixel_weights):
-        logits = F.interpolate(
-            logits, size=target.shape[-2:], mode="bilinear", align_corners=False
-        )
+        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
         log_p = torch.log_softmax(logits, dim=1)
         valid = target != 255
         picked = log_p.gather(1, target.clamp(max=2)[:, None])[:, 0]
