@@ -101,6 +101,7 @@ def test_detail_box_offsets_are_the_multiples_of_8_get_crop_bbox_allows():
     tops = {box[0] for box in large}
     assert tops == set(range(0, 505, 8))
     assert all(box[2:] == (512, 512) for box in large)
+    assert detail_box((16, 16), (16, 16), 8, generator) == (0, 0, 16, 16)  # no margin
 
 
 def test_one_box_per_pass_a_new_one_for_each_pass_and_the_same_after_resume():

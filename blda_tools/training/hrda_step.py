@@ -47,11 +47,12 @@ def detail_box(
     generator: torch.Generator,
 ) -> tuple[int, int, int, int]:
     """(top, left, height, width) of a detail crop inside a training crop (get_crop_bbox):
-    per axis an offset drawn uniformly from the multiples of `divisible` in [0, margin]
-    that leave room for (margin + 1) // divisible choices."""
+    per axis an offset `randint(0, (margin + 1) // divisible) * divisible`, margin = crop -
+    detail. A detail crop as large as the crop sits at 0 (as released); so does one whose
+    margin is below `divisible` (the release's randint(0, 0) would fail)."""
     offsets = []
     for crop, detail in zip(crop_size, detail_size, strict=True):
-        choices = (crop - detail + 1) // divisible
+        choices = max((crop - detail + 1) // divisible, 1)
         offsets.append(int(torch.randint(choices, (), generator=generator)) * divisible)
     return offsets[0], offsets[1], int(detail_size[0]), int(detail_size[1])
 
