@@ -103,6 +103,7 @@ class TrainingBLDALoss(nn.Module):
         self.plot_interval = int(plot_interval)
         self.captured: tuple[Tensor, Tensor] | None = None
         self.capture = False
+        self.logged: dict[str, Tensor] = {}
 
     def forward(
         self,
@@ -118,13 +119,16 @@ class TrainingBLDALoss(nn.Module):
             raise BLDAError("loss: blda_mode 'ola+cde' needs the regression head's output")
         if self.capture and domain == "source" and update:
             self.captured = (logits.detach().float(), labels)
-        return self.blda(logits, labels, weights, domain, regression=regression, update=update)
+        total = self.blda(logits, labels, weights, domain, regression=regression, update=update)
+        if update:  # the logged parts are those of the pass's main (updating) call
+            self.logged = dict(self.blda.last_terms)
+        return total
 
     def logged_terms(self) -> dict[str, Tensor]:
         """Parts of the last call worth a line in the log: the Eq. 10 term with the head."""
         if not self.needs_regression_head:
             return {}
-        return {"regression": self.blda.last_terms["regression"]}
+        return {"regression": self.logged["regression"]}
 
     def start_iteration(self, iteration: int) -> None:
         """Called before iteration `iteration` (1-based) runs: capture a batch if a report is due."""
