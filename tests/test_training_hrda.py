@@ -324,3 +324,30 @@ def test_hrda_run_fits_run_training_with_cross_entropy(tmp_path):
     config = hrda_config("run.iterations=2")
     summary = run_training(config, tmp_path, hrda_parts())
     assert summary["iteration"] == 2 and summary["last_scores"] is not None
+
+
+def test_the_mixed_pass_trains_with_zero_weight_on_the_margins(tmp_path):
+    from test_training_loop import components
+
+    class RecordingLoss(WeightedCrossEntropy):
+        def __call__(self, logits, labels, weights, domain, features=None):
+            if domain == "mixed":
+                self.weights = weights
+            return super().__call__(logits, labels, weights, domain, features)
+
+    config = small_config(
+        "self_training.crop_pseudo_margins=[4, 6, 3, 5]",
+        "self_training.mix=none",
+        "self_training.ignore_top_rows=0",
+        "self_training.ignore_bottom_rows=0",
+        "self_training.pseudo_threshold=0.0",  # every pixel confident: quality weight 1
+        "augment.scale_range=[1.0, 1.0]",  # no resize: the position colours stay exact
+    )
+    parts = components(loss=RecordingLoss())
+    parts.target = PositionDataset(4)
+    trainer = Trainer(config, tmp_path, parts, device=torch.device("cpu"))
+    batch = trainer.batches[0]
+    trainer.micro_step(batch)
+    rows, columns = batch.target_images[:, 0], batch.target_images[:, 1]
+    inside = (rows >= 4) & (rows < 24 - 6) & (columns >= 3) & (columns < 32 - 5)
+    assert torch.equal(trainer.loss.weights, inside.float())
