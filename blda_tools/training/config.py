@@ -222,6 +222,9 @@ def validate(config: TrainingConfig) -> None:
         )
     if not 0.0 <= config.hrda.detail_loss_weight < 1.0:
         raise BLDAError("config: hrda.detail_loss_weight must lie in [0, 1)")
+    from blda_tools.training.masking import check_mic_settings
+
+    check_mic_settings(config.mic)
     _validate_blda(config.loss)
 
 

@@ -79,6 +79,15 @@ class HRDAConfig:
 
 
 @dataclass
+class MICConfig:
+    # Masked image consistency (training/masking.py); defaults are MIC's released values.
+    enabled: bool = False
+    mask_block_size: int = 64
+    mask_ratio: float = 0.7
+    loss_weight: float = 1.0
+
+
+@dataclass
 class RareClassSamplingConfig:
     enabled: bool = True
     temperature: float = 0.01
@@ -149,6 +158,7 @@ class TrainingConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
     hrda: HRDAConfig = field(default_factory=HRDAConfig)
+    mic: MICConfig = field(default_factory=MICConfig)
     rcs: RareClassSamplingConfig = field(default_factory=RareClassSamplingConfig)
     feature_distance: FeatureDistanceConfig = field(default_factory=FeatureDistanceConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -199,6 +209,10 @@ KEY_DOCS: dict[str, str] = {
     "hrda.detail_crop_size": "[height, width] of HRDA's full-resolution detail crop (training) and detail slide window",
     "hrda.crop_coord_divisible": "the detail crop's offsets in the training crop are multiples of this",
     "hrda.detail_loss_weight": "weight of the detail-crop loss; the fused loss has 1 - weight",
+    "mic.enabled": "MIC: an extra pass on the target crop, block-masked, against the teacher's pseudo-labels",
+    "mic.mask_block_size": "side in pixels of MIC's square mask blocks",
+    "mic.mask_ratio": "a mask block is dropped where a uniform draw is at most this (0.7 drops 70 %)",
+    "mic.loss_weight": "weight of the masked pass's loss (MIC's mask_lambda)",
     "rcs.enabled": "Rare Class Sampling of source images",
     "rcs.temperature": "class temperature T of the sampling softmax",
     "rcs.min_pixels": "an image is eligible for class c when it has more pixels of c than this",

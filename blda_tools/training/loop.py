@@ -41,6 +41,7 @@ from blda_tools.training.evaluate import evaluate
 from blda_tools.training.feature_distance import ImageNetFeatureDistance
 from blda_tools.training.hrda_step import HRDAStep, context_images
 from blda_tools.training.losses import load_loss_state, loss_state
+from blda_tools.training.masking import MaskedPass
 from blda_tools.training.optim import (
     WarmupPolySchedule,
     add_regression_head_group,
@@ -151,6 +152,7 @@ class Trainer:
         # Before the teacher is copied: it sets the HRDA model's detail crop from the config.
         self.hrda = HRDAStep.from_config(config, self.model)
         self._first_sample = 0  # of the current micro-batch: seeds the HRDA detail boxes
+        self.masked_pass = MaskedPass.from_config(config)
         self.teacher = make_teacher(self.model) if config.self_training.enabled else None
         self.feature_distance = self._feature_distance()
         self.regression_head = self._regression_head()
@@ -261,9 +263,14 @@ class Trainer:
             losses["feature_distance"] = self.feature_distance(encoder, images, labels)
         self._backward(sum(losses.values()) * scale)
         if self.teacher is not None:
-            losses["mixed"], losses["pseudo_weight"] = self._mixed_loss(batch)
+            target_labels, target_weights = self._pseudo_labels(batch)
+            losses["mixed"] = self._mixed_loss(batch, target_labels, target_weights)
+            losses["pseudo_weight"] = target_weights.mean()
             terms.update(self._loss_terms("mixed"))
             self._backward(losses["mixed"] * scale)
+            if self.masked_pass is not None:
+                losses["masked"] = self._masked_loss(batch, target_labels, target_weights)
+                self._backward(losses["masked"] * scale)
         # Logged parts of the losses above (already in their totals): not back-propagated again.
         losses.update(terms)
         return {name: value.detach().item() for name, value in losses.items()}
@@ -291,6 +298,8 @@ class Trainer:
         """The loss seam on logits (and the CDF head's prediction) resized to the labels;
         `update=False` asks a loss that keeps statistics to read them without updating."""
         size = labels.shape[-2:]
+        if domain == "masked":  # MIC: target pixels, reading the statistics, never updating
+            domain, update = "target", False
         options = {}
         if regression is not None:
             options["regression"] = CDFRegressionHead.predict(regression, size)
@@ -302,8 +311,9 @@ class Trainer:
         logged = getattr(self.loss, "logged_terms", None)
         return {} if logged is None else {f"{domain}_{k}": v for k, v in logged().items()}
 
-    def _mixed_loss(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        settings, augment = self.config.self_training, self.config.augment
+    def _pseudo_labels(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's pseudo-labels of the target crops and their pixel weights."""
+        settings = self.config.self_training
         size = tuple(batch.target_images.shape[-2:])
         with torch.no_grad(), self._autocast():
             teacher_logits = self.teacher(self.parts.normalize(batch.target_images))
@@ -317,6 +327,10 @@ class Trainer:
         )
         if batch.target_valid is not None:  # self_training.crop_pseudo_margins, cropped
             target_weights = target_weights * batch.target_valid
+        return target_labels, target_weights
+
+    def _mixed_loss(self, batch: MicroBatch, target_labels, target_weights) -> torch.Tensor:
+        settings, augment = self.config.self_training, self.config.augment
         generators = [
             stream_generator(self.config.run.seed, int(j), STREAM_MIX) for j in batch.sample_indices
         ]
@@ -334,7 +348,16 @@ class Trainer:
             ignore_index=self.parts.ignore_index,
         )
         loss, _ = self._segmentation_loss(self.parts.normalize(images), labels, weights, "mixed")
-        return loss, target_weights.mean()
+        return loss
+
+    def _masked_loss(self, batch: MicroBatch, target_labels, target_weights) -> torch.Tensor:
+        """MIC (training/masking.py): the block-masked target crops against the teacher's
+        pseudo-labels and weights of the unmasked crops, times mic.loss_weight."""
+        images = self.masked_pass.inputs(
+            batch.target_images, batch.sample_indices, self.parts.normalize
+        )
+        loss, _ = self._segmentation_loss(images, target_labels, target_weights, "masked")
+        return self.masked_pass.settings.loss_weight * loss
 
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
