@@ -13,8 +13,12 @@ printed too:
   --compare table4         Table 4: none, none + post-hoc BLDA, ola_source, ola, ola+cde
                            (post-hoc: `blda_tools.posthoc_synthcity`, tau chosen on target
                            train's labels, never on val); scores in OUT/table4_seed<S>.json
+  --compare mic_hrda       `synthcity_tiny_mic_hrda` vs `synthcity_tiny_mic_hrda_blda` (the
+                           warm start is the HRDA model trained source-only); scores in
+                           OUT/mic_hrda_seed<S>.json
 
-  python benchmarks/bench_train_synthcity.py --summarize OUT  aggregates the table4 seeds.
+  python benchmarks/bench_train_synthcity.py --summarize OUT [--compare mic_hrda] aggregates
+  the seeds of table4 (default) or mic_hrda.
 
     python benchmarks/bench_train_synthcity.py --out runs/bench --iterations 3000
     python benchmarks/bench_train_synthcity.py --out runs/bench --warm-start 2000 --iterations 2000
@@ -44,12 +48,19 @@ ARMS = {
     "blda_ola_source": ("synthcity_tiny_blda", ["loss.blda_mode=ola_source"]),
     "blda_ola": ("synthcity_tiny_blda", ["loss.blda_mode=ola"]),
     "blda_ola_cde": ("synthcity_tiny_blda", ["loss.blda_mode=ola+cde"]),
+    "mic_hrda": ("synthcity_tiny_mic_hrda", []),
+    "mic_hrda_blda": ("synthcity_tiny_mic_hrda_blda", []),
 }
 COMPARISONS = {
     "self_training": ("source_only", "self_training"),
     "blda": ("blda_none", "blda_ola_cde"),
     "table4": ("blda_none", "blda_ola_cde", "blda_ola", "blda_ola_source"),
+    "mic_hrda": ("mic_hrda", "mic_hrda_blda"),
 }
+# comparison -> the config of its source-only warm start (same architecture as its arms)
+WARM_START_CONFIGS = {"mic_hrda": "synthcity_tiny_mic_hrda"}
+# comparisons whose per-seed scores are written to OUT/<comparison>_seed<S>.json
+SAVED_COMPARISONS = ("table4", "mic_hrda")
 
 
 def parse_args() -> argparse.Namespace:
@@ -63,7 +74,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], help="extra KEY=VALUE"
     )
-    parser.add_argument("--compare", choices=tuple(COMPARISONS), default="self_training")
+    parser.add_argument("--compare", choices=tuple(COMPARISONS), default=None)
     parser.add_argument("--only", choices=tuple(ARMS), default=None, help="run one arm")
     parser.add_argument("--summarize", type=Path, default=None, help="aggregate table4 seeds")
     parser.add_argument(
@@ -111,8 +122,9 @@ def run_arm(config: str, run_dir: Path, common: list[str], extra: list[str]) -> 
 def main() -> None:
     args = parse_args()
     if args.summarize:
-        print(summarize(args.summarize))
+        print(summarize(args.summarize, args.compare or "table4"))
         return
+    args.compare = args.compare or "self_training"
     data = args.data or args.out / "synthcity"
     if not (data / "synthcity.json").is_file():
         make_synthcity(data, images=args.images, size=(256, 512), seed=args.data_seed)
@@ -126,8 +138,9 @@ def main() -> None:
     results = {}
     if args.warm_start:
         warm_dir = args.out / f"warm_start_seed{args.seed}"
+        warm_config = WARM_START_CONFIGS.get(args.compare, "synthcity_tiny")
         results["warm_start"] = run_arm(
-            "synthcity_tiny", warm_dir, overrides(args.warm_start), ARMS["source_only"][1]
+            warm_config, warm_dir, overrides(args.warm_start), ARMS["source_only"][1]
         )
         common.append(f'model.pretrained="{warm_dir / "checkpoints" / "latest.pth"}"')
     for name in names:
@@ -136,8 +149,8 @@ def main() -> None:
         results[name] = run_arm(config, run_dir, common, extra)
         if args.compare == "table4" and name == "blda_none":
             results["blda_none_posthoc"] = posthoc(run_dir, data)
-        if args.compare == "table4":
-            write_json(args.out / f"table4_seed{args.seed}.json", results)
+        if args.compare in SAVED_COMPARISONS:
+            write_json(args.out / f"{args.compare}_seed{args.seed}.json", results)
     print(f"machine: {machine()}")
     print(f"command: {args.iterations} iterations, seed {args.seed}, {common}")
     for name, row in results.items():
@@ -213,15 +226,20 @@ def posthoc(run_dir: Path, data: Path) -> dict:
 TABLE4_METRICS = ("mIoU", "mAcc", "iou_std", "acc_std")
 
 
-def summarize(out: Path) -> str:
-    """Mean +- sample std over the seeds of every Table 4 arm, and paired differences to none."""
+def summarize(out: Path, comparison: str = "table4") -> str:
+    """Mean +- sample std over the seeds of every arm of `comparison` (table4 or mic_hrda),
+    and paired differences to its baseline (none, or mic_hrda without BLDA)."""
     import statistics
 
     seeds = {}
-    for path in sorted(out.glob("table4_seed*.json")):
-        seeds[int(path.stem.removeprefix("table4_seed"))] = json.loads(path.read_text())
+    prefix = f"{comparison}_seed"
+    for path in sorted(out.glob(f"{prefix}*.json")):
+        seeds[int(path.stem.removeprefix(prefix))] = json.loads(path.read_text())
     lines = [f"seeds: {sorted(seeds)}"]
     arms = ["blda_none", "blda_none_posthoc", "blda_ola_source", "blda_ola", "blda_ola_cde"]
+    if comparison != "table4":
+        arms = ["warm_start", *COMPARISONS[comparison]]
+    baseline = "blda_none" if comparison == "table4" else COMPARISONS[comparison][0]
 
     def spread(values):
         if len(values) < 2:
@@ -235,15 +253,15 @@ def summarize(out: Path) -> str:
         for metric in TABLE4_METRICS:
             # post-hoc pairs with its own tau = 0 scores (same pixels, same windows)
             pairs = [
-                row[metric] - (row["before"] if "before" in row else seeds[s]["blda_none"])[metric]
+                row[metric] - (row["before"] if "before" in row else seeds[s][baseline])[metric]
                 for s, row in rows.items()
-                if "blda_none" in seeds[s]
+                if baseline in seeds[s]
             ]
             paired.append(spread(pairs))
         lines.append(
             f"{arm} (n={len(rows)}): "
             + " | ".join(cells)
-            + "  || minus none: "
+            + f"  || minus {baseline}: "
             + " | ".join(paired)
         )
     return "\n".join(lines)

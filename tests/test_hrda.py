@@ -189,14 +189,15 @@ def test_window_sides_that_do_not_align_are_refused(hrda_b0):
         hrda_b0(torch.zeros(1, 3, 60, 92))
 
 
-def test_hrda_is_inference_only(hrda_b0):
+def test_hrda_window_prediction_needs_eval_mode(hrda_b0):
+    # In train mode HRDA predicts a crop with one detail box (forward_train, blda train).
     hrda_b0.train()
     try:
-        with pytest.raises(BLDAError, match="HRDA training .* not implemented"):
+        with pytest.raises(BLDAError, match="forward_train"):
             hrda_b0(torch.zeros(1, 3, 64, 64))
     finally:
         hrda_b0.eval()
-    assert hrda_b0.supports_training is False
+    assert hrda_b0.supports_training is True
 
 
 def test_training_evaluation_runs_hrda_windows(hrda_b0):

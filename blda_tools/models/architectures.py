@@ -148,6 +148,20 @@ def tiny(num_classes: int, *, channels: int = 64) -> Segmentor:
     return Segmentor(backbone, head, feature_channels=channels, output_stride=4)
 
 
+def hrda_tiny(
+    num_classes: int, *, channels: int = 64, detail_crop: tuple[int, int] = (128, 128)
+) -> HRDASegmentor:
+    """HRDA over the tiny CNN, for CPU runs: two `tiny` decoders (the second the class-wise
+    scale attention), logits at 1/4, a 128 x 128 detail crop (trainable)."""
+    backbone = TinyEncoder()
+    head = HRDAHead(
+        TinyDecoder(backbone.out_channels, num_classes, channels=channels),
+        TinyDecoder(backbone.out_channels, num_classes, channels=channels),
+        channels,
+    )
+    return HRDASegmentor(backbone, head, detail_crop)
+
+
 def _resnet(name: str):
     def factory(num_classes: int) -> ResNetClassifier:
         return ResNetClassifier(RESNET_DEPTHS[name], num_classes)
@@ -165,5 +179,6 @@ BUILTIN_ARCHITECTURES = {
     "deeplabv2_r101": deeplabv2_r101,
     "hrda_deeplabv2_r101": hrda_deeplabv2_r101,
     "tiny": tiny,
+    "hrda_tiny": hrda_tiny,
     **{name: _resnet(name) for name in RESNET_DEPTHS},
 }

@@ -25,8 +25,11 @@ a 1 x 1 ConvModule fusion, a classifier with one channel per class); no
 (`decode_head.head.aspp_modules.*`, `decode_head.scale_attention.aspp_modules.*`), logits at
 1/8: the same computation with `os` 8.
 
-Training HRDA (random detail crops, the 0.9 / 0.1 loss split) is not implemented: these
-models are for inference, and `supports_training` is False.
+Training (`forward_train`, hrda_head.py `forward` with a crop box): the context as above, the
+detail is ONE full-resolution crop `box` of the training crop; the attention is zeroed outside
+the box (at context-logit resolution, box / (os / 0.5)), the detail logits are inserted at
+box / os into zeros, and `fused = up(att) * inserted + up((1 - att) * lr)`. The losses on it
+are the training code's (`blda_tools/training/hrda_step.py`).
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ class HRDASegmentor(Segmentor):
     does not depend on it (BatchNorm in eval mode).
     """
 
-    supports_training = False
+    supports_training = True
 
     def __init__(
         self,
@@ -128,6 +131,49 @@ class HRDASegmentor(Segmentor):
         self.detail_crop = (int(detail_crop[0]), int(detail_crop[1]))
         self.crops_per_batch: int | None = None
 
+    def forward_train(self, images: torch.Tensor, box: tuple[int, int, int, int]):
+        """HRDA's training forward of a crop with one detail `box` = (top, left, height,
+        width) in crop pixels (the same for the whole batch). Returns `(fused logits (1/os of
+        the crop), detail logits (1/os of the box), context decoder features, detail decoder
+        features, deepest context encoder features)`."""
+        top, left, height, width = box
+        head = self.decode_head
+        context = F.interpolate(
+            images, scale_factor=CONTEXT_SCALE, mode="bilinear", align_corners=False
+        )
+        context_encoder = self.backbone(context)
+        context_logits, context_features = head.head.forward_with_features(context_encoder)
+        attention = head.attention(context_encoder)
+        detail = images[:, :, top : top + height, left : left + width]
+        detail_logits, detail_features = head.head.forward_with_features(self.backbone(detail))
+        stride = self.output_stride
+        # scale_box: int(v / scale) of every corner; the context logits are at os / 0.5.
+        context_stride = stride / CONTEXT_SCALE
+        mask = torch.zeros_like(attention[:, :1])
+        mask[
+            :,
+            :,
+            int(top / context_stride) : int((top + height) / context_stride),
+            int(left / context_stride) : int((left + width) / context_stride),
+        ] = 1
+        attention = attention * mask
+        low = _upsample_by_two((1 - attention) * context_logits)
+        rows = slice(int(top / stride), int((top + height) / stride))
+        columns = slice(int(left / stride), int((left + width) / stride))
+        if low.shape[2:] != (images.shape[2] // stride, images.shape[3] // stride) or tuple(
+            detail_logits.shape[2:]
+        ) != (rows.stop - rows.start, columns.stop - columns.start):
+            raise BLDAError(
+                f"model {getattr(self, 'arch', 'hrda')}: a training crop of "
+                f"{tuple(images.shape[2:])} with a detail box {box} does not align with the "
+                f"logits; HRDA needs crop sides divisible by {2 * stride} and detail boxes by "
+                f"{stride}"
+            )
+        inserted = torch.zeros_like(low)
+        inserted[:, :, rows, columns] = detail_logits.to(inserted.dtype)
+        fused = _upsample_by_two(attention) * inserted + low
+        return fused, detail_logits, context_features, detail_features, context_encoder[-1]
+
     def forward_with_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(fused logits, detail decoder features)`, both at 1/4 of the window.
 
@@ -143,9 +189,9 @@ class HRDASegmentor(Segmentor):
     def _fused(self, images: torch.Tensor, with_features: bool):
         if self.training:
             raise BLDAError(
-                f"model {getattr(self, 'arch', 'hrda')}: HRDA training (random detail crops, "
-                "fused and detail losses) is not implemented; use the model in eval mode "
-                "(inference, evaluation)"
+                f"model {getattr(self, 'arch', 'hrda')}: in train mode HRDA predicts a crop "
+                "with one detail box (`forward_train`, what `blda train` calls); use eval mode "
+                "for the multi-resolution prediction of a window (inference, evaluation)"
             )
         head = self.decode_head
         context = F.interpolate(

@@ -35,31 +35,37 @@ def stream_generator(seed: int, sample_index: int, stream: int) -> torch.Generat
 @dataclass
 class MicroBatch:
     """Source crops with labels, target crops (0-255 float images), RCS classes (-1 = off),
-    and the global indices of the samples (seeds of their mixing draws)."""
+    the global indices of the samples (seeds of their mixing draws), and with
+    `self_training.crop_pseudo_margins` the target crops' valid-pseudo-label masks (1 / 0)."""
 
     source_images: torch.Tensor
     source_labels: torch.Tensor
     target_images: torch.Tensor
     rcs_classes: torch.Tensor
     sample_indices: torch.Tensor
+    target_valid: torch.Tensor | None = None
 
     def pin_memory(self) -> MicroBatch:
         """Called by DataLoader(pin_memory=True) for faster host-to-GPU copies."""
+        valid = None if self.target_valid is None else self.target_valid.pin_memory()
         return MicroBatch(
             self.source_images.pin_memory(),
             self.source_labels.pin_memory(),
             self.target_images.pin_memory(),
             self.rcs_classes,
             self.sample_indices,
+            valid,
         )
 
     def to(self, device: torch.device) -> MicroBatch:
+        valid = self.target_valid
         return MicroBatch(
             self.source_images.to(device, non_blocking=True),
             self.source_labels.to(device, non_blocking=True),
             self.target_images.to(device, non_blocking=True),
             self.rcs_classes,
             self.sample_indices,
+            None if valid is None else valid.to(device, non_blocking=True),
         )
 
 
@@ -130,7 +136,7 @@ class TrainingBatches(Dataset):
     def __getitem__(self, micro_step: int) -> MicroBatch:
         seed = self.config.run.seed
         indices = self.sample_indices(micro_step)
-        images, labels, classes, targets = [], [], [], []
+        images, labels, classes, targets, valid = [], [], [], [], []
         for sample_index in indices:
             image, label, class_id = self._source_crop(
                 stream_generator(seed, sample_index, STREAM_SOURCE)
@@ -143,14 +149,51 @@ class TrainingBatches(Dataset):
                 index = int(torch.randint(len(self.target), (), generator=generator))
                 # Target labels are never read: like DAFormer's Cityscapes pipeline (RandomCrop
                 # without cat_max_ratio), the target crop is drawn without them.
-                target_image, _ = self._crop(
-                    self.target[index].image, None, self.config.data.target_size, generator
-                )
+                target_image, target_valid = self._target_crop(self.target[index].image, generator)
                 targets.append(target_image)
+                valid.append(target_valid)
         return MicroBatch(
             torch.stack(images),
             torch.stack(labels),
             torch.stack(targets) if targets else torch.empty(0),
             torch.tensor(classes),
             torch.tensor(indices),
+            torch.stack(valid).float() if valid and valid[0] is not None else None,
         )
+
+    def _target_crop(self, image: torch.Tensor, generator: torch.Generator):
+        """The target crop, and with `crop_pseudo_margins` its valid-pseudo-label mask.
+
+        The margins are zeroed on the full target frame, which is then resized (nearest),
+        cropped and flipped with the image (HRDA's `cityscapes.py` pre_pipeline: the mask is a
+        seg field), so only crops that reach the frame's border lose pixels. The mask takes
+        the label's place; its crop draws are the same as without it (no cat_max_ratio on
+        the target)."""
+        margins = self.config.self_training.crop_pseudo_margins
+        size = self.config.data.target_size
+        if not margins:
+            return self._crop(image, None, size, generator)[0], None
+        mask = pseudo_margin_mask(image.shape[-2:], margins)
+        augment = self.config.augment
+        return weak_augment(
+            image,
+            mask,
+            generator,
+            base_size=size,
+            scale_range=augment.scale_range,
+            crop_size=augment.crop_size,
+            flip=augment.flip,
+            ignore_index=0,  # padding (a frame smaller than the crop) is not valid either
+        )
+
+
+def pseudo_margin_mask(size, margins) -> torch.Tensor:
+    """(H, W) int64: 1, with 0 on the [top, bottom, left, right] margins of the frame."""
+    top, bottom, left, right = (int(m) for m in margins)
+    height, width = int(size[0]), int(size[1])
+    mask = torch.ones(height, width, dtype=torch.long)
+    mask[:top] = 0
+    mask[height - bottom :] = 0
+    mask[:, :left] = 0
+    mask[:, width - right :] = 0
+    return mask

@@ -90,7 +90,11 @@ def check_blda_settings(loss_config) -> None:
 class TrainingBLDALoss(nn.Module):
     """The seam's `loss(logits, labels, weights, domain, features, regression=None)` over a
     `BLDALoss`; its state (GMMs, counters) is this module's state_dict, so the loop checkpoints
-    and restores it. `capture` keeps the next source batch for the periodic GMM report."""
+    and restores it. `capture` keeps the next source batch for the periodic GMM report.
+    `update=False` computes the loss from the current statistics without updating them (the
+    loop's HRDA detail term; `keeps_statistics` tells the loop it may ask)."""
+
+    keeps_statistics = True
 
     def __init__(self, blda: BLDALoss, *, with_regression_head: bool, plot_interval: int = 0):
         super().__init__()
@@ -99,6 +103,7 @@ class TrainingBLDALoss(nn.Module):
         self.plot_interval = int(plot_interval)
         self.captured: tuple[Tensor, Tensor] | None = None
         self.capture = False
+        self.logged: dict[str, Tensor] = {}
 
     def forward(
         self,
@@ -108,18 +113,22 @@ class TrainingBLDALoss(nn.Module):
         domain: str,
         features: Tensor | None = None,
         regression: Tensor | None = None,
+        update: bool = True,
     ) -> Tensor:
         if self.needs_regression_head and regression is None:
             raise BLDAError("loss: blda_mode 'ola+cde' needs the regression head's output")
-        if self.capture and domain == "source":
+        if self.capture and domain == "source" and update:
             self.captured = (logits.detach().float(), labels)
-        return self.blda(logits, labels, weights, domain, regression=regression)
+        total = self.blda(logits, labels, weights, domain, regression=regression, update=update)
+        if update:  # the logged parts are those of the pass's main (updating) call
+            self.logged = dict(self.blda.last_terms)
+        return total
 
     def logged_terms(self) -> dict[str, Tensor]:
         """Parts of the last call worth a line in the log: the Eq. 10 term with the head."""
         if not self.needs_regression_head:
             return {}
-        return {"regression": self.blda.last_terms["regression"]}
+        return {"regression": self.logged["regression"]}
 
     def start_iteration(self, iteration: int) -> None:
         """Called before iteration `iteration` (1-based) runs: capture a batch if a report is due."""

@@ -39,7 +39,9 @@ from blda_tools.training.checkpoint import (
 from blda_tools.training.config import TrainingConfig, to_toml
 from blda_tools.training.evaluate import evaluate
 from blda_tools.training.feature_distance import ImageNetFeatureDistance
+from blda_tools.training.hrda_step import HRDAStep, context_images
 from blda_tools.training.losses import load_loss_state, loss_state
+from blda_tools.training.masking import MaskedPass
 from blda_tools.training.optim import (
     WarmupPolySchedule,
     add_regression_head_group,
@@ -94,7 +96,12 @@ class SegmentationNetwork(nn.Module):
         self.model, self.with_encoder_features = model, with_encoder_features
         self.regression_head = regression_head
 
-    def forward(self, images: torch.Tensor):
+    def forward(self, images: torch.Tensor, detail_box: tuple[int, int, int, int] | None = None):
+        if detail_box is not None:  # HRDA training: fused, detail, their features, encoder
+            *outputs, encoder = self.model.forward_train(images, detail_box)
+            head = self.regression_head
+            regression = (None, None) if head is None else (head(outputs[2]), head(outputs[3]))
+            return *outputs, encoder, regression
         if not self.with_encoder_features:
             logits, features = self.model.forward_with_features(images)
             encoder = None
@@ -142,6 +149,10 @@ class Trainer:
         self.device, self.rank, self.world_size = device, rank, world_size
         # Train mode asked for here: loaded models come in eval mode (`load_model`).
         self.model = parts.model.to(device).train()
+        # Before the teacher is copied: it sets the HRDA model's detail crop from the config.
+        self.hrda = HRDAStep.from_config(config, self.model)
+        self._first_sample = 0  # of the current micro-batch: seeds the HRDA detail boxes
+        self.masked_pass = MaskedPass.from_config(config)
         self.teacher = make_teacher(self.model) if config.self_training.enabled else None
         self.feature_distance = self._feature_distance()
         self.regression_head = self._regression_head()
@@ -240,39 +251,69 @@ class Trainer:
         """Forward and backward of one micro-batch (gradients accumulate); returns its losses
         (and `pseudo_weight`, the mean pseudo-label weight of the target crops)."""
         scale = 1.0 / self.config.run.accumulate
+        self._first_sample = int(batch.sample_indices[0])
         labels = batch.source_labels
         source_images = self.parts.normalize(batch.source_images)
-        with self._autocast():
-            logits, features, encoder, regression = self.network(source_images)
-        losses = {"source": self._loss(logits, regression, labels, None, "source", features)}
+        source_loss, encoder = self._segmentation_loss(source_images, labels, None, "source")
+        losses = {"source": source_loss}
         terms = self._loss_terms("source")
         if self.feature_distance is not None:
-            losses["feature_distance"] = self.feature_distance(encoder, source_images, labels)
+            # HRDA: the ImageNet model sees the context the student's features came from.
+            images = source_images if self.hrda is None else context_images(source_images)
+            losses["feature_distance"] = self.feature_distance(encoder, images, labels)
         self._backward(sum(losses.values()) * scale)
         if self.teacher is not None:
-            losses["mixed"], losses["pseudo_weight"] = self._mixed_loss(batch)
+            target_labels, target_weights = self._pseudo_labels(batch)
+            losses["mixed"] = self._mixed_loss(batch, target_labels, target_weights)
+            losses["pseudo_weight"] = target_weights.mean()
             terms.update(self._loss_terms("mixed"))
             self._backward(losses["mixed"] * scale)
+            if self.masked_pass is not None:
+                losses["masked"] = self._masked_loss(batch, target_labels, target_weights)
+                self._backward(losses["masked"] * scale)
         # Logged parts of the losses above (already in their totals): not back-propagated again.
         losses.update(terms)
         return {name: value.detach().item() for name, value in losses.items()}
 
-    def _loss(self, logits, regression, labels, weights, domain, features) -> torch.Tensor:
-        """The loss seam on logits (and the CDF head's prediction) resized to the labels."""
+    def _segmentation_loss(self, images, labels, weights, domain: str):
+        """The loss of one pass (source, mixed, masked) on normalised `images`, and the
+        deepest encoder features (the feature distance's input): the model family's seam.
+        DAFormer-style models: one forward, the loss on the logits. HRDA: a detail box per
+        pass, the fused and detail losses (`hrda_step.HRDAStep.loss`)."""
+        if self.hrda is not None:
+
+            def forward(inputs, box):
+                with self._autocast():
+                    return self.network(inputs, box)
+
+            box = self.hrda.box(self._first_sample, domain)
+            return self.hrda.loss(forward, self._loss, images, labels, weights, domain, box)
+        with self._autocast():
+            logits, features, encoder, regression = self.network(images)
+        return self._loss(logits, regression, labels, weights, domain, features), encoder
+
+    def _loss(
+        self, logits, regression, labels, weights, domain, features, update: bool = True
+    ) -> torch.Tensor:
+        """The loss seam on logits (and the CDF head's prediction) resized to the labels;
+        `update=False` asks a loss that keeps statistics to read them without updating."""
         size = labels.shape[-2:]
-        if regression is None:
-            return self.loss(_upsample(logits, size), labels, weights, domain, features)
-        prediction = CDFRegressionHead.predict(regression, size)
-        return self.loss(
-            _upsample(logits, size), labels, weights, domain, features, regression=prediction
-        )
+        if domain == "masked":  # MIC: target pixels, reading the statistics, never updating
+            domain, update = "target", False
+        options = {}
+        if regression is not None:
+            options["regression"] = CDFRegressionHead.predict(regression, size)
+        if not update and getattr(self.loss, "keeps_statistics", False):
+            options["update"] = False
+        return self.loss(_upsample(logits, size), labels, weights, domain, features, **options)
 
     def _loss_terms(self, domain: str) -> dict[str, torch.Tensor]:
         logged = getattr(self.loss, "logged_terms", None)
         return {} if logged is None else {f"{domain}_{k}": v for k, v in logged().items()}
 
-    def _mixed_loss(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        settings, augment = self.config.self_training, self.config.augment
+    def _pseudo_labels(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's pseudo-labels of the target crops and their pixel weights."""
+        settings = self.config.self_training
         size = tuple(batch.target_images.shape[-2:])
         with torch.no_grad(), self._autocast():
             teacher_logits = self.teacher(self.parts.normalize(batch.target_images))
@@ -284,6 +325,12 @@ class Trainer:
             ignore_bottom_rows=settings.ignore_bottom_rows,
             pooling=settings.pseudo_weight_pooling,
         )
+        if batch.target_valid is not None:  # self_training.crop_pseudo_margins, cropped
+            target_weights = target_weights * batch.target_valid
+        return target_labels, target_weights
+
+    def _mixed_loss(self, batch: MicroBatch, target_labels, target_weights) -> torch.Tensor:
+        settings, augment = self.config.self_training, self.config.augment
         generators = [
             stream_generator(self.config.run.seed, int(j), STREAM_MIX) for j in batch.sample_indices
         ]
@@ -300,10 +347,17 @@ class Trainer:
             class_mix=settings.mix == "class",
             ignore_index=self.parts.ignore_index,
         )
-        with self._autocast():
-            logits, features, _, regression = self.network(self.parts.normalize(images))
-        loss = self._loss(logits, regression, labels, weights, "mixed", features)
-        return loss, target_weights.mean()
+        loss, _ = self._segmentation_loss(self.parts.normalize(images), labels, weights, "mixed")
+        return loss
+
+    def _masked_loss(self, batch: MicroBatch, target_labels, target_weights) -> torch.Tensor:
+        """MIC (training/masking.py): the block-masked target crops against the teacher's
+        pseudo-labels and weights of the unmasked crops, times mic.loss_weight."""
+        images = self.masked_pass.inputs(
+            batch.target_images, batch.sample_indices, self.parts.normalize
+        )
+        loss, _ = self._segmentation_loss(images, target_labels, target_weights, "masked")
+        return self.masked_pass.settings.loss_weight * loss
 
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
