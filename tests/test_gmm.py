@@ -197,6 +197,87 @@ def test_one_em_step_equals_the_hand_computed_update():
     assert torch.equal(model.means, torch.tensor(means))  # em_step leaves the model unchanged
 
 
+def _numpy_em_steps(samples, sample_weight, weights, means, variances, steps, floor=1e-4):
+    """EM steps of one cell in float64 numpy (log-space E step), the released update: 1e-7
+    added to every normalised responsibility, variances floored."""
+    for _ in range(steps):
+        log_joint = (
+            np.log(weights)
+            - 0.5 * np.log(2 * np.pi * variances)
+            - 0.5 * (samples[:, None] - means) ** 2 / variances
+        )
+        log_evidence = np.logaddexp.reduce(log_joint, axis=1, keepdims=True)
+        responsibility = np.exp(log_joint - log_evidence) + RESPONSIBILITY_EPSILON
+        responsibility *= sample_weight[:, None]
+        mass = responsibility.sum(0)
+        means = (responsibility * samples[:, None]).sum(0) / mass
+        second = (responsibility * samples[:, None] ** 2).sum(0) / mass
+        variances = np.maximum(second - means**2, floor)
+        weights = mass / mass.sum()
+    return weights, means, variances
+
+
+def test_float32_em_steps_match_a_float64_numpy_em():
+    # float32 on a CPU runs the compiled kernel: cells of different sizes (masks, not a
+    # multiple of its block of samples), fractional sample weights, a far-away outlier.
+    rng = np.random.default_rng(7)
+    counts = [6, 300, 1000]
+    samples = np.zeros((3, 1000))
+    mask = np.zeros((3, 1000), dtype=bool)
+    for cell, count in enumerate(counts):
+        samples[cell, :count] = draw_mixture(rng, [0.3, 0.7], [-2.0, 1.5], [0.5, 1.0], count)
+        mask[cell, :count] = True
+    samples[2, 5] = 40.0
+    sample_weight = rng.uniform(0.2, 3.0, samples.shape)
+    start = (np.array([0.5, 0.5]), np.array([-1.0, 1.0]), np.array([1.0, 2.0]))
+    model = GaussianMixture1D(2, batch_shape=(3,))
+    set_parameters(model, *(np.tile(p, (3, 1)) for p in start))
+    stepped = model.em_step(
+        torch.tensor(samples, dtype=torch.float32),
+        sample_weight=torch.tensor(sample_weight, dtype=torch.float32),
+        mask=torch.tensor(mask),
+        n_steps=8,
+    )
+    for cell, count in enumerate(counts):
+        kept = slice(0, count)
+        # EM runs on samples centred on their weighted mean (mixture.py), so shift the same way.
+        weight = sample_weight[cell, kept]
+        center = (weight * samples[cell, kept]).sum() / weight.sum()
+        centred_start = (start[0], start[1] - center, start[2])
+        expected = _numpy_em_steps(samples[cell, kept] - center, weight, *centred_start, 8)
+        expected = (expected[0], expected[1] + center, expected[2])
+        got = [
+            p[cell].double().numpy() for p in (stepped.weights, stepped.means, stepped.variances)
+        ]
+        for value, truth in zip(got, expected, strict=True):
+            np.testing.assert_allclose(value, truth, rtol=2e-5, atol=2e-6)
+
+
+def test_float32_fit_stops_where_a_float64_fit_does():
+    # The stopping rule on the float32 mean log-likelihood: the fit's log-likelihood equals
+    # the float64 fit's (which runs the torch path) to float32 precision.
+    rng = np.random.default_rng(3)
+    data = np.stack([draw_mixture(rng, [0.5, 0.5], [-3, 2], [0.7, 1.2], 3000) for _ in range(4)])
+    single = GaussianMixture1D(3).fit(torch.tensor(data, dtype=torch.float32))
+    double = GaussianMixture1D(3, dtype=torch.float64).fit(torch.tensor(data))
+    assert bool(single.converged_.all()) and bool(double.converged_.all())
+    got = single.log_likelihood(torch.tensor(data)).double()
+    np.testing.assert_allclose(got.numpy(), double.log_likelihood(torch.tensor(data)), rtol=1e-5)
+
+
+def test_kernel_exp_and_log_are_float32_accurate():
+    from blda_tools.gmm.em_kernel import _exp, _log
+
+    values = np.concatenate([np.linspace(-87.0, 0.0, 20001), [-80.0, -1e-8, 0.0]])
+    got = np.array([_exp(np.float32(v)) for v in values.astype(np.float32)], dtype=np.float64)
+    truth = np.exp(values.astype(np.float32).astype(np.float64))
+    np.testing.assert_allclose(got, truth, rtol=3e-7, atol=0)  # a few float32 ulps
+    points = np.concatenate([np.linspace(1.0, 5.0, 20001), np.geomspace(1e-30, 1e30, 2001)])
+    points = points.astype(np.float32)
+    got = np.array([_log(p) for p in points], dtype=np.float64)
+    np.testing.assert_allclose(got, np.log(points.astype(np.float64)), rtol=3e-7, atol=2e-7)
+
+
 def test_thin_cells_are_not_fitted_and_em_step_skips_them():
     rng = np.random.default_rng(4)
     samples = torch.tensor(rng.normal(size=(3, 40)), dtype=torch.float32)

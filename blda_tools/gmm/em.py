@@ -8,9 +8,14 @@ before calling them.
 
 from __future__ import annotations
 
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 import torch
 from torch import Tensor
 
+from blda_tools.gmm import em_kernel
 from blda_tools.gmm.normal import _LOG_2PI
 
 # Added to every normalised responsibility in the M step, so a component that explains no
@@ -22,6 +27,9 @@ INITS = ("quantile", "kmeans++")
 # Size of the (cells, K, samples) work tensor of the E step, in elements (about 1 MiB).
 CHUNK_ELEMENTS = 1 << 18
 LLOYD_ITERATIONS = 10
+# Cells per task of the compiled EM: small enough that threads finish together although
+# cells converge after different numbers of iterations.
+CELLS_PER_TASK = 4
 
 
 def _em_statistics(x, w, weights, means, variances, floor):
@@ -119,12 +127,21 @@ def _kmeans_plus_plus_init(x, w, components, floor, generator):
 
 
 def _run_em(x, w, parameters, floor, max_iter, tol):
-    """EM on flat cells until each cell's mean log-likelihood changes by less than `tol`.
+    """EM on flat cells until each cell's mean log-likelihood changes by less than `tol`
+    (`tol` < 0: exactly `max_iter` steps).
 
     Converged cells are frozen and dropped from later iterations (as scikit-learn stops per
     model). Returns the parameters, a converged flag, the iteration count and the last mean
-    log-likelihood per cell.
+    log-likelihood per cell. float32 on a CPU: the compiled kernel runs each cell's loop
+    (`em_kernel.fit_cells`); float64 or another device: the torch loop.
     """
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return _run_em_compiled(x, w, parameters, floor, max_iter, tol)
+    return _run_em_torch(x, w, parameters, floor, max_iter, tol)
+
+
+def _run_em_torch(x, w, parameters, floor, max_iter, tol):
+    """`_run_em` in torch, one iteration of every active cell at a time (any device)."""
     cells = x.shape[0]
     weights, means, variances = (p.clone() for p in parameters)
     converged = torch.zeros(cells, dtype=torch.bool, device=x.device)
@@ -150,6 +167,39 @@ def _run_em(x, w, parameters, floor, max_iter, tol):
         if done.any():
             active, x_active, w_active = active[~done], x_active[~done], w_active[~done]
     return (weights, means, variances), converged, n_iter, previous
+
+
+def _run_em_compiled(x, w, parameters, floor, max_iter, tol):
+    """`_run_em` on a CPU by `em_kernel.fit_cells`, in as many threads as torch's, each taking
+    `CELLS_PER_TASK` cells at a time."""
+    x, w = x.contiguous(), w.to(x.dtype).contiguous()
+    weights, means, variances = (p.to(x.dtype).contiguous().clone() for p in parameters)
+    cells = weights.shape[0]
+    converged = torch.zeros(cells, dtype=torch.bool)
+    n_iter = torch.zeros(cells, dtype=torch.int64)
+    last = torch.full((cells,), -torch.inf, dtype=x.dtype)
+    tiny = torch.finfo(x.dtype).tiny
+    settings = np.array([floor, tiny, RESPONSIBILITY_EPSILON, max_iter, tol], dtype=np.float64)
+    arrays = [t.numpy() for t in (x, w, weights, means, variances)]
+    arrays += [settings, converged.numpy(), n_iter.numpy(), last.numpy()]
+
+    def task(start: int) -> None:
+        em_kernel.fit_cells(*arrays, start, min(cells, start + CELLS_PER_TASK))
+
+    starts = range(0, cells, CELLS_PER_TASK)
+    threads = max(1, min(torch.get_num_threads(), len(starts)))
+    if threads == 1:
+        for start in starts:
+            task(start)
+    else:
+        list(_thread_pool(threads).map(task, starts))
+    return (weights, means, variances), converged, n_iter, last
+
+
+@functools.cache
+def _thread_pool(threads: int) -> ThreadPoolExecutor:
+    """One pool per thread count, kept for the process (the kernel releases the GIL)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="blda-em")
 
 
 def _better_run(best, challenger):

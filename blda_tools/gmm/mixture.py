@@ -18,9 +18,7 @@ from blda_tools.fileio import save_torch
 from blda_tools.gmm.em import (
     INITS,
     _better_run,
-    _em_statistics,
     _kmeans_plus_plus_init,
-    _parameters_from_moments,
     _quantile_init,
     _run_em,
 )
@@ -369,9 +367,11 @@ class GaussianMixture1D(MixtureEvaluation):
                 start = self._initial_parameters(x_fit[fresh], w_fit[fresh], generator)
                 for target, value in zip((weights, means, variances), start, strict=True):
                     target[fresh] = value
-            for _ in range(int(n_steps)):
-                moments, _ = _em_statistics(x_fit, w_fit, weights, means, variances, self._floor())
-                weights, means, variances = _parameters_from_moments(moments, self._floor())
+            # tol < 0: exactly n_steps steps, no stopping rule
+            start = (weights, means, variances)
+            (weights, means, variances), *_ = _run_em(
+                x_fit, w_fit, start, self._floor(), int(n_steps), -1.0
+            )
             for target, value in zip(flat, (weights, means + center, variances), strict=True):
                 target[cells] = value
         new.updated_ = enough.reshape(batch_shape)

@@ -40,22 +40,35 @@ def kernel(
     *,
     depends_on: tuple[ModuleType, ...] = (),
     parallel: bool = False,
+    vectorise: bool = False,
 ):
-    """`@kernel` or `@kernel(depends_on=(module, ...), parallel=...)`: a cached numba kernel.
+    """`@kernel` or `@kernel(depends_on=(module, ...), parallel=..., vectorise=...)`: a cached
+    numba kernel.
 
     `depends_on`: modules whose `numba.njit` helpers the kernel calls (inlined or not), so that
     a change to them invalidates the kernel's cache entry. `parallel`: numba's `prange` loops
-    run on its thread pool.
+    run on its thread pool. `vectorise`: loops with divisions and polynomials are vectorised: a
+    division by zero gives inf or NaN as in numpy instead of raising (no branch in the loop),
+    and a * b + c may be one rounding instead of two (LLVM's `contract` flag only: no
+    reordering, NaN and infinities kept).
     """
     if function is None:
-        return functools.partial(kernel, depends_on=depends_on, parallel=parallel)
+        return functools.partial(
+            kernel,
+            depends_on=depends_on,
+            parallel=parallel,
+            vectorise=vectorise,
+        )
     _watch_compiles()
+    options = dict(nogil=True, parallel=parallel)
+    if vectorise:
+        options.update(fastmath={"contract"}, error_model="numpy")
     try:
-        dispatcher = numba.njit(nogil=True, cache=True, parallel=parallel)(function)
+        dispatcher = numba.njit(cache=True, **options)(function)
     except RuntimeError as error:  # no writable cache folder anywhere
         logger.info(f"{function.__qualname__}: compiled in every process ({error}); "
                     "set NUMBA_CACHE_DIR to a writable folder to compile once")  # fmt: skip
-        return numba.njit(nogil=True, parallel=parallel)(function)
+        return numba.njit(**options)(function)
     if depends_on:
         _stamp_with_dependencies(dispatcher, depends_on)
     return dispatcher
