@@ -217,7 +217,7 @@ TABLES = {
     "synthia2cs_mic_hrda_mitb5_blda": {**MIC_SYNTHIA, **RELEASE_BLDA},
 }
 # The [mic] section comes with MICConfig; until the schema has it, load_config rejects the MIC
-# configs, so only their written values are checked (test_written_values_match...).
+# configs, so only their written values are checked (test_written_values_match_the_original_recipe).
 SCHEMA_HAS_MIC = hasattr(config_schema, "MICConfig")
 # Written in the configs, but not part of a recipe: where files are, how often to log or plot.
 NOT_RECIPE = {
