@@ -8,7 +8,9 @@
 - `cdf_targets`: d = F_yy(f[y]) of Eq. 10 for every pixel, interpolated on the CDF nodes of its
   diagonal cell where f[y] lies on that cell's grid, the exact mixture CDF elsewhere.
 
-Threads split blocks of pixels; their count follows torch's.
+The lookup's threads split blocks of pixels (their count follows torch's); the other passes
+(a few operations per pixel, not per pixel and class) run in one thread: a parallel region
+costs a scheduler slice on a busy machine.
 """
 
 from __future__ import annotations
@@ -55,11 +57,11 @@ def _lookup(logits, row, origin, inverse_step, pieces, points, add, out):  # pra
                 out_plane[p] = z + offset if add else offset
 
 
-@kernel(parallel=True)
+@kernel
 def _rows(labels, valid, in_target, active, out):  # pragma: no cover - numba
     batch, size = labels.shape
     classes = active.size // 2
-    for image in numba.prange(batch):
+    for image in range(batch):
         for p in range(size):
             row = labels[image, p] + classes if in_target[image, p] else labels[image, p]
             out[image, p] = row if valid[image, p] and active[row] else 2 * classes
@@ -69,14 +71,13 @@ def table_rows(labels: Tensor, valid: Tensor, in_target: Tensor, active: Tensor)
     """(B, P) int32: each pixel's table row, set * C + label where `active` ``(2 C,)`` allows
     and the pixel is valid, else the zero row 2 C (see `BLDALoss._offsets`)."""
     out = torch.empty(labels.shape, dtype=torch.int32)
-    with _numba_threads():
-        _rows(
-            labels.contiguous().numpy(),
-            valid.contiguous().numpy(),
-            in_target.contiguous().numpy(),
-            active.contiguous().numpy(),
-            out.numpy(),
-        )
+    _rows(
+        labels.contiguous().numpy(),
+        valid.contiguous().numpy(),
+        in_target.contiguous().numpy(),
+        active.contiguous().numpy(),
+        out.numpy(),
+    )
     return out
 
 
@@ -107,7 +108,7 @@ def lookup_offsets(
     return out
 
 
-@kernel(parallel=True)
+@kernel
 def _cdf_targets(
     logits, labels, valid, in_target, fitted, weights, means, inv_std, tables, origin,
     inverse_step, nodes, target, available,
@@ -116,7 +117,7 @@ def _cdf_targets(
     points = nodes.shape[1]
     blocks = (size + BLOCK - 1) // BLOCK
     last = np.float32(points - 1)
-    for task in numba.prange(batch * blocks):
+    for task in range(batch * blocks):
         image = task // blocks
         start = (task % blocks) * BLOCK
         for p in range(start, min(size, start + BLOCK)):
@@ -158,23 +159,22 @@ def cdf_targets(logits, labels, valid, in_target, fitted, diagonal, floor, table
         origin, inverse_step, nodes = tables.origin, tables.inverse_step, tables.cdf_nodes
     target = torch.empty((batch, size), dtype=torch.float32)
     available = torch.empty((batch, size), dtype=torch.bool)
-    with _numba_threads():
-        _cdf_targets(
-            logits.contiguous().numpy(),
-            labels.contiguous().numpy(),
-            valid.contiguous().numpy(),
-            in_target.contiguous().numpy(),
-            fitted.contiguous().numpy(),
-            weights.numpy(),
-            means.numpy(),
-            inv_std.numpy(),
-            tables is not None,
-            origin.contiguous().numpy(),
-            inverse_step.contiguous().numpy(),
-            nodes.contiguous().numpy(),
-            target.numpy(),
-            available.numpy(),
-        )
+    _cdf_targets(
+        logits.contiguous().numpy(),
+        labels.contiguous().numpy(),
+        valid.contiguous().numpy(),
+        in_target.contiguous().numpy(),
+        fitted.contiguous().numpy(),
+        weights.numpy(),
+        means.numpy(),
+        inv_std.numpy(),
+        tables is not None,
+        origin.contiguous().numpy(),
+        inverse_step.contiguous().numpy(),
+        nodes.contiguous().numpy(),
+        target.numpy(),
+        available.numpy(),
+    )
     return target, available
 
 
@@ -187,3 +187,54 @@ def _numba_threads():
         yield
     finally:
         numba.set_num_threads(previous)
+
+
+@kernel
+def _member_counts(group, member, groups):  # pragma: no cover - numba
+    counts = np.zeros(groups, dtype=np.int64)
+    for i in range(group.size):
+        if member[i]:
+            counts[group[i]] += 1
+    return counts
+
+
+def member_counts(group: Tensor, member: Tensor, groups: int) -> Tensor:
+    """(groups,) int64: how many `member` pixels each group has; group, member flat ``(N,)``."""
+    return torch.from_numpy(_member_counts(group.numpy(), member.numpy(), int(groups)))
+
+
+@kernel
+def _below_threshold(key, group, member, threshold):  # pragma: no cover - numba
+    found = 0
+    for i in range(key.size):
+        if member[i] and key[i] < threshold[group[i]]:
+            found += 1
+    out = np.empty(found, dtype=np.int64)
+    found = 0
+    for i in range(key.size):
+        if member[i] and key[i] < threshold[group[i]]:
+            out[found] = i
+            found += 1
+    return out
+
+
+def below_threshold(key: Tensor, group: Tensor, member: Tensor, threshold: Tensor) -> Tensor:
+    """The positions (ascending, int64) of the member pixels whose key is below their group's
+    threshold; key, group, member flat ``(N,)``, threshold ``(groups,)``."""
+    arrays = (t.contiguous().numpy() for t in (key, group, member, threshold))
+    return torch.from_numpy(_below_threshold(*arrays))
+
+
+@kernel
+def _pixel_logits(logits, pixel, out):  # pragma: no cover - numba
+    classes, size = logits.shape[1], logits.shape[2]
+    for c in range(classes):
+        for i in range(pixel.size):
+            out[i, c] = logits[pixel[i] // size, c, pixel[i] % size]
+
+
+def pixel_logits(logits: Tensor, pixel: Tensor) -> Tensor:
+    """(m, C) float32: the logits of the flat pixel indices `pixel` of ``(B, C, P)`` logits."""
+    out = torch.empty((pixel.numel(), logits.shape[1]), dtype=torch.float32)
+    _pixel_logits(logits.contiguous().numpy(), pixel.contiguous().numpy(), out.numpy())
+    return out

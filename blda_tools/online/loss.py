@@ -177,7 +177,7 @@ class BLDALoss(nn.Module):
         with _small_op_threads(logits):
             if update:
                 self._update(pixels)
-            tables = self._tables(scale=-self.tau) if needed else None  # Eq. 9: f - tau Delta
+            tables = self._tables(-self.tau, domain) if needed else None  # Eq. 9: f - tau Delta
         adjusted = logits
         if tables is not None and self.tau > 0:
             adjusted = self._adjusted_logits(pixels, tables, logits)
@@ -217,7 +217,7 @@ class BLDALoss(nn.Module):
         """Delta_{y, c}(f[c]) of Eq. 6 for every pixel and class, shaped like `logits`; zero at
         ignored pixels and where the label's row or the anchors were never updated."""
         pixels = self._pixels(logits, labels, weights, domain)
-        tables = None if self.mode == "none" else self._tables(scale=1.0)
+        tables = None if self.mode == "none" else self._tables(1.0, domain)
         offsets = None if tables is None else self._offsets(pixels, tables)
         if offsets is None:
             return torch.zeros_like(logits, dtype=torch.float32)
@@ -370,10 +370,13 @@ class BLDALoss(nn.Module):
         return rows
 
     @torch.no_grad()
-    def _tables(self, scale: float) -> OffsetTables | None:
-        """The offset tables (offsets times `scale`) of the current state; None before any
-        cell was fitted."""
-        if not any(bool(s.fitted.any()) for s in self._sets()):
+    def _tables(self, scale: float, domain: str) -> OffsetTables | None:
+        """The offset tables (offsets times `scale`) of the current state, for the fitted cells
+        of the sets that pixels of `domain` read (source pixels the source set, target pixels
+        the target set, a mixed image both); None if there is none."""
+        reads = (domain != "target", domain != "source" and self.mode == "ola")
+        cells = torch.stack([s.fitted & read for s, read in zip(self._sets(), reads, strict=True)])
+        if not bool(cells.any()):
             return None
         return OffsetTables.build(
             self._sets(),
@@ -382,6 +385,7 @@ class BLDALoss(nn.Module):
             self.offset_grid_points,
             self.anchor_grid_points,
             scale,
+            cells,
         )
 
     @torch.no_grad()
