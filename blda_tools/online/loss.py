@@ -31,6 +31,8 @@ from torch import Tensor, nn
 
 from blda_tools.errors import BLDAError
 from blda_tools.gmm import mixture_cdf
+from blda_tools.gmm.normal import _numerical_variance_floor
+from blda_tools.online.kernel import cdf_targets, table_rows
 from blda_tools.online.options import DOMAINS, check_choice, check_options
 from blda_tools.online.sampling import (
     class_balanced_anchors,
@@ -175,15 +177,10 @@ class BLDALoss(nn.Module):
         with _small_op_threads(logits):
             if update:
                 self._update(pixels)
-            tables = self._tables(scale=-self.tau) if needed else None  # Eq. 9: f - tau Delta
+            tables = self._tables(-self.tau, domain) if needed else None  # Eq. 9: f - tau Delta
         adjusted = logits
         if tables is not None and self.tau > 0:
-            scaled = self._offsets(pixels, tables)
-            if scaled is not None:
-                # in place into the offsets buffer: one (B, C, H, W) tensor less. detach() makes
-                # the reshaped buffer a non-differentiable view, so autograd records a plain add
-                # (no CopySlices: a copy and a zero fill of the whole buffer in backward).
-                adjusted = _to_logit_shape(scaled, logits).detach().add_(logits.float())
+            adjusted = self._adjusted_logits(pixels, tables, logits)
         per_pixel = F.cross_entropy(
             adjusted.float(), labels, reduction="none", ignore_index=self.ignore_index
         )
@@ -220,7 +217,7 @@ class BLDALoss(nn.Module):
         """Delta_{y, c}(f[c]) of Eq. 6 for every pixel and class, shaped like `logits`; zero at
         ignored pixels and where the label's row or the anchors were never updated."""
         pixels = self._pixels(logits, labels, weights, domain)
-        tables = None if self.mode == "none" else self._tables(scale=1.0)
+        tables = None if self.mode == "none" else self._tables(1.0, domain)
         offsets = None if tables is None else self._offsets(pixels, tables)
         if offsets is None:
             return torch.zeros_like(logits, dtype=torch.float32)
@@ -373,10 +370,13 @@ class BLDALoss(nn.Module):
         return rows
 
     @torch.no_grad()
-    def _tables(self, scale: float) -> OffsetTables | None:
-        """The offset tables (offsets times `scale`) of the current state; None before any
-        cell was fitted."""
-        if not any(bool(s.fitted.any()) for s in self._sets()):
+    def _tables(self, scale: float, domain: str) -> OffsetTables | None:
+        """The offset tables (offsets times `scale`) of the current state, for the fitted cells
+        of the sets that pixels of `domain` read (source pixels the source set, target pixels
+        the target set, a mixed image both); None if there is none."""
+        reads = (domain != "target", domain != "source" and self.mode == "ola")
+        cells = torch.stack([s.fitted & read for s, read in zip(self._sets(), reads, strict=True)])
+        if not bool(cells.any()):
             return None
         return OffsetTables.build(
             self._sets(),
@@ -385,19 +385,41 @@ class BLDALoss(nn.Module):
             self.offset_grid_points,
             self.anchor_grid_points,
             scale,
+            cells,
         )
 
     @torch.no_grad()
-    def _offsets(self, pixels: _Pixels, tables: OffsetTables) -> Tensor | None:
+    def _offsets(self, pixels: _Pixels, tables: OffsetTables, add_logits=False) -> Tensor | None:
         """The tables' scale * Delta (B, C, P), Delta = z'(z) - z gathered per pixel from its
-        label row; None if no row of the batch's domains is active (no offset anywhere)."""
+        label row (plus the logits with `add_logits`); None if no row of the batch's domains is
+        active (no offset anywhere)."""
         row_active = self._row_active()
         if not bool(row_active.any()):
             return None
-        row = pixels.in_target.long() * self.num_classes + pixels.labels  # (B, P) into 2 C rows
-        gate = pixels.valid & row_active.reshape(-1)[row]
-        row = torch.where(gate, row, 2 * self.num_classes)  # the zero row: no offset
-        return tables.gather(pixels.logits.float(), row)
+        if pixels.labels.device.type == "cpu":
+            row = table_rows(pixels.labels, pixels.valid, pixels.in_target, row_active.reshape(-1))
+        else:
+            row = pixels.in_target.long() * self.num_classes + pixels.labels  # into 2 C rows
+            gate = pixels.valid & row_active.reshape(-1)[row]
+            row = torch.where(gate, row, 2 * self.num_classes)  # the zero row: no offset
+        return tables.gather(pixels.logits.float(), row, add_logits=add_logits)
+
+    def _adjusted_logits(self, pixels: _Pixels, tables: OffsetTables, logits: Tensor) -> Tensor:
+        """f + scale Delta (Eq. 9), differentiable in f with Delta a constant (detached)."""
+        if logits.dtype == torch.float32 and logits.device.type == "cpu":
+            # the lookup adds f itself (one pass, no offsets tensor); the gradient passes
+            # through to f unchanged, as it does through f + a detached Delta
+            adjusted = self._offsets(pixels, tables, add_logits=True)
+            if adjusted is None:
+                return logits
+            return _PlusConstant.apply(logits, _to_logit_shape(adjusted, logits))
+        scaled = self._offsets(pixels, tables)
+        if scaled is None:
+            return logits
+        # in place into the offsets buffer: one (B, C, H, W) tensor less. detach() makes the
+        # reshaped buffer a non-differentiable view, so autograd records a plain add (no
+        # CopySlices: a copy and a zero fill of the whole buffer in backward).
+        return _to_logit_shape(scaled, logits).detach().add_(logits.float())
 
     # -- cumulative density estimation (Eq. 10) --------------------------------------------------
 
@@ -414,6 +436,11 @@ class BLDALoss(nn.Module):
         fitted = torch.stack([s.fitted.diagonal() for s in self._sets()])
         if self.mode != "ola":
             fitted[1] = False
+        if pixels.logits.dtype == torch.float32 and pixels.logits.device.type == "cpu":
+            flat = [p.reshape(2 * count, -1) for p in diagonal]
+            floor = _numerical_variance_floor(torch.float32)
+            args = (pixels.logits, pixels.labels, pixels.valid, pixels.in_target)
+            return cdf_targets(*args, fitted.reshape(-1), flat, floor, tables)
         row = pixels.in_target.long() * count + pixels.labels
         available = pixels.valid & fitted.reshape(-1)[row]
         z = pixels.logits.gather(1, pixels.labels[:, None, :])[:, 0].float()
@@ -454,6 +481,19 @@ def _small_op_threads(tensor: Tensor):
     ran 3-7x slower with two OpenMP threads on a busy 2-core machine (bench_online_loss.py);
     the per-pixel work (lookup kernel, cross-entropy) keeps every thread."""
     return torch_threads(1) if tensor.device.type == "cpu" else contextlib.nullcontext()
+
+
+class _PlusConstant(torch.autograd.Function):
+    """`values` = f + c with c a constant: forward returns `values`, backward passes the
+    gradient to f unchanged (what autograd does for f + c.detach())."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, values: Tensor) -> Tensor:
+        return values
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
 
 
 def _to_logit_shape(offsets: Tensor, logits: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from blda_tools.online.kernel import below_threshold, member_counts, pixel_logits
 from blda_tools.online.sync import RankSync
 
 KEY_BITS = 40
@@ -86,7 +87,10 @@ def _smallest_keys(
     threshold = torch.where(share >= 1.0, KEY_RANGE, (share * KEY_RANGE).long())
     threshold = torch.where(eligible, threshold, 0)  # a group below the quota keeps nothing
     while True:
-        keep = (member & (key < threshold.index_select(0, group))).nonzero()[:, 0]
+        if key.device.type == "cpu":  # one compiled pass instead of four over every pixel
+            keep = below_threshold(key, group, member, threshold)
+        else:
+            keep = (member & (key < threshold.index_select(0, group))).nonzero()[:, 0]
         kept_group = group.index_select(0, keep)
         sort_key = sync.gather(kept_group * KEY_RANGE + key.index_select(0, keep))
         rows = sync.gather(payload(keep))
@@ -120,8 +124,12 @@ def draw_cell_samples(
     """
     classes, size = logits.shape[1], logits.shape[2]
     label, member = labels.reshape(-1), member.reshape(-1)
-    counts = torch.bincount(label, weights=member.to(logits.dtype), minlength=classes)
-    counts = sync.sum(counts.round().long())
+    if label.device.type == "cpu":
+        counts = member_counts(label, member, classes)
+    else:
+        counts = torch.bincount(label, weights=member.to(logits.dtype), minlength=classes)
+        counts = counts.round().long()
+    counts = sync.sum(counts)
     qualifying = counts >= min_samples
     if not bool(qualifying.any()):
         return None
@@ -133,7 +141,9 @@ def draw_cell_samples(
     flat_logits = logits.reshape(-1)
     columns = torch.arange(classes, device=logits.device) * size
 
-    def pixel_logits(pixel: Tensor) -> Tensor:  # (m, C); flat gathers beat advanced indexing
+    def pixel_rows(pixel: Tensor) -> Tensor:  # (m, C); flat gathers beat advanced indexing
+        if logits.device.type == "cpu" and logits.dtype == torch.float32:
+            return pixel_logits(logits, pixel)
         start = (pixel // size) * (classes * size) + pixel % size
         return (
             flat_logits.index_select(0, (start[:, None] + columns).reshape(-1))
@@ -142,7 +152,7 @@ def draw_cell_samples(
         )
 
     chosen_keys, values = _smallest_keys(
-        keys.reshape(-1), label, member, totals, per_cell, pixel_logits, sync
+        keys.reshape(-1), label, member, totals, per_cell, pixel_rows, sync
     )
     rows = qualifying.nonzero()[:, 0]
     cells = torch.zeros(classes, classes, per_cell, dtype=values.dtype, device=values.device)

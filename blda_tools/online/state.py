@@ -115,45 +115,58 @@ class OffsetTables:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, sets, anchors: MixtureSet, eps: float, points: int, anchor_points: int, scale):
+    def build(
+        cls,
+        sets,
+        anchors: MixtureSet,
+        eps,
+        points,
+        anchor_points,
+        scale,
+        cells: Tensor | None = None,
+    ):
         """Tables for `sets` (C x C MixtureSets, stacked in order), diagonal cells aligned to
         the positive anchor (row 0 of `anchors`), the others to the negative one (row 1). The
         anchors' inverse CDF is tabulated exactly (Newton-polished) on `anchor_points` evenly
-        spaced probabilities in [eps, 1 - eps] and interpolated linearly."""
+        spaced probabilities in [eps, 1 - eps] and interpolated linearly. `cells` (bool,
+        ``(len(sets), C, C)``) limits the work to the cells a call can read (the others get zero
+        offsets and no CDF nodes; a pixel is only sent to a row whose cells were all built)."""
         count, components = sets[0].cell_shape[0], sets[0].n_components
         weights, means, variances = (
             torch.stack([getattr(s, name) for s in sets]).reshape(-1, components)
             for name in ("weights", "means", "variances")
         )
-        device, cells = means.device, means.shape[0]
-        cell_mixture = GaussianMixture1D(
-            components, (cells,), inverse_cdf_points=64, device=device, dtype=means.dtype
+        device, total = means.device, means.shape[0]
+        diagonal = torch.eye(count, dtype=torch.bool, device=device).repeat(len(sets), 1, 1)
+        chosen = torch.arange(total, device=device) if cells is None else cells.reshape(-1)
+        chosen = chosen.nonzero()[:, 0] if chosen.dtype == torch.bool else chosen
+        weights, means, variances, diagonal = (
+            p.index_select(0, chosen) for p in (weights, means, variances, diagonal.reshape(-1))
         )
-        cell_mixture.weights, cell_mixture.means, cell_mixture.variances = weights, means, variances
-        ends = torch.tensor([eps, 1.0 - eps], device=device, dtype=means.dtype).expand(cells, 2)
-        ends = cell_mixture.inverse_cdf(ends, eps=eps, newton_steps=4).double()
-        lower = ends[:, 0]
-        upper = torch.maximum(ends[:, 1], lower + 1e-6)  # a degenerate cell still gets a grid
-        steps = torch.linspace(0.0, 1.0, points, device=device, dtype=torch.float64)
-        grid = torch.lerp(lower[:, None], upper[:, None], steps)
-        probability = mixture_cdf(grid.float(), weights, means, variances).double()
-        aligned = _anchor_inverse(anchors, probability, eps, anchor_points, count, len(sets))
-        step = (upper - lower) / (points - 1)
+        grid, probability, aligned = _aligned_nodes(
+            weights, means, variances, diagonal, anchors, eps, points, anchor_points
+        )
+        lower, step = grid[:, 0], (grid[:, -1] - grid[:, 0]) / (points - 1)
         slope = aligned.diff(dim=1) / step[:, None]
         # pieces[i, j] = (a, b): scale (z' - z) = a + b z; below / above the grid z' is constant
-        pieces = torch.zeros((cells + count, points + 1, 2), dtype=torch.float32, device=device)
-        pieces[:cells, 0, 0] = aligned[:, 0]
-        pieces[:cells, 1:points, 0] = aligned[:, :-1] - slope * grid[:, :-1]
-        pieces[:cells, points, 0] = aligned[:, -1]
-        pieces[:cells, 1:points, 1] = slope
-        pieces[:cells, :, 1] -= 1.0
-        pieces[:cells].mul_(float(scale))
-        inverse_step = torch.cat((1.0 / step, step.new_zeros(count)))
-        origin = torch.cat((1.0 - lower / step, step.new_zeros(count)))
+        part = torch.zeros((chosen.numel(), points + 1, 2), dtype=torch.float32, device=device)
+        part[:, 0, 0] = aligned[:, 0]
+        part[:, 1:points, 0] = aligned[:, :-1] - slope * grid[:, :-1]
+        part[:, points, 0] = aligned[:, -1]
+        part[:, 1:points, 1] = slope
+        part[:, :, 1] -= 1.0
+        part.mul_(float(scale))
+        pieces = torch.zeros((total + count, points + 1, 2), dtype=torch.float32, device=device)
+        pieces.index_copy_(0, chosen, part)
+        inverse_step = torch.zeros(total + count, dtype=torch.float64, device=device)
+        origin = torch.zeros_like(inverse_step)
+        inverse_step.index_copy_(0, chosen, 1.0 / step)
+        origin.index_copy_(0, chosen, 1.0 - lower / step)
+        nodes = torch.zeros((total, points), dtype=torch.float32, device=device)
+        nodes.index_copy_(0, chosen, probability.float())
+        nodes = nodes.view(len(sets), count * count, points)[:, :: count + 1]
+        nodes = nodes.reshape(-1, points).contiguous()
         pieces = pieces.reshape(-1, 2)
-        diagonal = torch.arange(count, device=device)
-        nodes = probability.view(len(sets), count, count, points)[:, diagonal, diagonal]
-        nodes = nodes.reshape(-1, points).float().contiguous()
         return cls(origin.float(), inverse_step.float(), pieces, points, nodes, count)
 
     @torch.no_grad()
@@ -172,15 +185,17 @@ class OffsetTables:
         return value, inside
 
     @torch.no_grad()
-    def gather(self, logits: Tensor, row: Tensor, compiled: bool = True) -> Tensor:
-        """scale * (z'(z) - z) for every pixel and class: logits ``(B, C, P)`` float, row
-        ``(B, P)`` the index of each pixel's table row (set * C + label, or the zero row). Per
-        pixel only the C cells of its row are read. On a CPU (with `compiled`) one numba pass
-        (`blda_tools.online.kernel`); elsewhere torch ops in blocks, so that the temporaries
-        stay small."""
+    def gather(
+        self, logits: Tensor, row: Tensor, compiled: bool = True, add_logits: bool = False
+    ) -> Tensor:
+        """scale * (z'(z) - z) for every pixel and class, plus z with `add_logits`: logits
+        ``(B, C, P)`` float, row ``(B, P)`` the index of each pixel's table row (set * C +
+        label, or the zero row). Per pixel only the C cells of its row are read. On a CPU (with
+        `compiled`) one numba pass (`blda_tools.online.kernel`); elsewhere torch ops in blocks,
+        so that the temporaries stay small."""
         if compiled and logits.device.type == "cpu" and logits.dtype == torch.float32:
             return lookup_offsets(
-                logits, row, self.origin, self.inverse_step, self.pieces, self.points
+                logits, row, self.origin, self.inverse_step, self.pieces, self.points, add_logits
             )
         batch, count, size = logits.shape
         offsets = torch.empty_like(logits)
@@ -206,11 +221,29 @@ class OffsetTables:
                 pair = pairs.index_select(0, index).view(torch.float32).view(*z.shape, 2)
                 # into a contiguous temporary, then one strided write into the output
                 out.copy_(torch.addcmul(pair[..., 0], pair[..., 1], z))
-        return offsets
+        return offsets.add_(logits) if add_logits else offsets
 
 
-def _anchor_inverse(anchors: MixtureSet, probability, eps, anchor_points, count, n_sets):
-    """F_anchor^-1(probability) (cells, points), float64; diagonal cells of each C x C set use
+def _aligned_nodes(weights, means, variances, diagonal, anchors, eps, points, anchor_points):
+    """Each cell's grid (cells, points) from its eps to its 1 - eps quantile (float64), F_cl on
+    it (float32 evaluation, as float64) and the aligned values F_anchor^-1(F_cl) (float64)."""
+    cell_mixture = GaussianMixture1D(
+        weights.shape[1], (means.shape[0],), inverse_cdf_points=64, device=means.device,
+        dtype=means.dtype,
+    )  # fmt: skip
+    cell_mixture.weights, cell_mixture.means, cell_mixture.variances = weights, means, variances
+    ends = torch.tensor([eps, 1.0 - eps], device=means.device, dtype=means.dtype)
+    ends = cell_mixture.inverse_cdf(ends.expand(means.shape[0], 2), eps=eps, newton_steps=4)
+    lower, upper = ends.double().unbind(1)
+    upper = torch.maximum(upper, lower + 1e-6)  # a degenerate cell still gets a grid
+    steps = torch.linspace(0.0, 1.0, points, device=means.device, dtype=torch.float64)
+    grid = torch.lerp(lower[:, None], upper[:, None], steps)
+    probability = mixture_cdf(grid.float(), weights, means, variances).double()
+    return grid, probability, _anchor_inverse(anchors, probability, eps, anchor_points, diagonal)
+
+
+def _anchor_inverse(anchors: MixtureSet, probability, eps, anchor_points, diagonal):
+    """F_anchor^-1(probability) (cells, points), float64; `diagonal` cells (bool, (cells,)) use
     the positive anchor (row 0), the others the negative one (row 1)."""
     device = probability.device
     levels = torch.linspace(eps, 1.0 - eps, anchor_points, device=device, dtype=torch.float64)
@@ -219,8 +252,7 @@ def _anchor_inverse(anchors: MixtureSet, probability, eps, anchor_points, count,
     position = (probability.clamp(eps, 1.0 - eps) - eps) * ((anchor_points - 1) / (1 - 2 * eps))
     left = position.floor().clamp_(0, anchor_points - 2)
     fraction = position - left
-    diagonal = torch.eye(count, dtype=torch.bool, device=device).repeat(n_sets, 1, 1)
-    which = torch.where(diagonal.reshape(-1, 1), 0, anchor_points)
+    which = torch.where(diagonal[:, None], 0, anchor_points)
     index = (which + left.long()).reshape(-1)
     flat = inverse.reshape(-1)
     below, above = flat[index].view_as(position), flat[index + 1].view_as(position)
