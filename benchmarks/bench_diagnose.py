@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from limits import copy_bandwidth, cpu_model
 
 NUM_CLASSES = 19
 ROWS_PER_ADD = 1 << 20
@@ -84,34 +85,8 @@ def measure(store: Path, workers: int) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def load_average() -> str:
     return ", ".join(f"{value:.2f}" for value in os.getloadavg())
-
-
-def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
-    """Bytes per second numpy copies between two arrays (one read and one write each), best
-    of `repeats`: the rate at which one core can stream a store's logits from memory."""
-    import numpy as np
-
-    source = np.ones(megabytes << 20, dtype=np.uint8)
-    target = np.empty_like(source)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        np.copyto(target, source)
-        best = min(best, time.perf_counter() - start)
-    return source.nbytes / best
 
 
 def whole_child(store: str, out: str, start: float) -> None:

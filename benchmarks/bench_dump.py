@@ -57,6 +57,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from limits import copy_bandwidth, cpu_model
 from PIL import Image
 
 NUM_CLASSES = 19
@@ -264,29 +265,6 @@ def in_fresh_process(kind: str, args, root: Path, checkpoint: Path, out: Path) -
     if finished.returncode != 0:
         sys.exit(f"{kind} process failed:\n{finished.stderr[-3000:]}")
     return json.loads(finished.stdout.strip().splitlines()[-1])
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
-    """Bytes per second one core copies between two numpy arrays, best of `repeats`."""
-    source = np.ones(megabytes << 20, dtype=np.uint8)
-    target = np.empty_like(source)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        np.copyto(target, source)
-        best = min(best, time.perf_counter() - start)
-    return source.nbytes / best
 
 
 def traffic_floor(height: int, width: int, bandwidth: float) -> tuple[float, int]:

@@ -16,7 +16,6 @@ import platform
 import time
 
 import numpy as np
-import torch
 
 
 def cpu_model() -> str:
@@ -32,6 +31,8 @@ def cpu_model() -> str:
 
 def print_machine(threads: int | None = None) -> None:
     """CPU model, cores, torch's threads and the load average (other processes share it)."""
+    import torch
+
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     threads = torch.get_num_threads() if threads is None else threads
     print(f"machine: {platform.platform()}, {cpu_model()}, {os.cpu_count()} cores")
@@ -39,20 +40,28 @@ def print_machine(threads: int | None = None) -> None:
     print(f"load average 1/5/15 min (other processes share the cores): {load}")
 
 
-def measure_bandwidth(megabytes: int = 256, repeats: int = 4) -> float:
-    """Bytes per second of a big numpy copy (read + write), the best of `repeats`."""
-    source = np.ones(megabytes * 2**20 // 8)
+def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes per second one core copies between two numpy arrays (each byte read once and
+    written once), the best of `repeats`: the rate at which it can stream data from memory."""
+    source = np.ones(megabytes << 20, dtype=np.uint8)
     target = np.empty_like(source)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         np.copyto(target, source)
         best = min(best, time.perf_counter() - start)
-    return 2 * source.nbytes / best
+    return source.nbytes / best
+
+
+def measure_bandwidth(megabytes: int = 256, repeats: int = 4) -> float:
+    """Bytes per second of a big numpy copy, read + written counted."""
+    return 2 * copy_bandwidth(megabytes, repeats)
 
 
 def measure_flops(size: int = 1024, repeats: int = 5) -> float:
     """float32 flops per second of a size x size matrix product, the best of `repeats`."""
+    import torch
+
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.mm(a, b)
     best = float("inf")
