@@ -24,13 +24,7 @@ FAST = settings(max_examples=25, deadline=None)
 IGNORE = 255
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: on a busy 2-core machine thread hand-offs cost more than work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_batch(classes=4, batch=2, height=24, width=24, seed=0, ignored=0.1, separation=3.0):

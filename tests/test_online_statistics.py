@@ -12,13 +12,7 @@ from test_online import fitted_loss, make_batch, scipy_mixture_cdf
 
 from blda_tools.online.loss import BLDALoss
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------- release statistics

@@ -39,12 +39,7 @@ CLASSES = ("road", "car", "sky")
 BLDA = ["loss.name=blda", "loss.blda_min_samples=5", "loss.blda_components=2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def blda_config(mode: str, *overrides: str):

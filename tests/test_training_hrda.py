@@ -25,12 +25,7 @@ from blda_tools.training.losses import WeightedCrossEntropy
 CLASSES = ("road", "car", "sky")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class PointwiseEncoder(nn.Module):

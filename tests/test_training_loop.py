@@ -31,14 +31,7 @@ MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
 STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These tensors are tiny: a second intra-op thread only adds synchronisation, which costs
-    # seconds when the test machine is busy.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
