@@ -22,9 +22,6 @@ eps and 1 - eps quantiles and gathered with linear interpolation (`OffsetTables`
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,6 +31,13 @@ from blda_tools.gmm import mixture_cdf
 from blda_tools.gmm.normal import _numerical_variance_floor
 from blda_tools.online.kernel import cdf_targets, table_rows
 from blda_tools.online.options import DOMAINS, check_choice, check_options
+from blda_tools.online.pixels import (
+    Pixels,
+    PlusConstant,
+    regression_like,
+    small_op_threads,
+    to_logit_shape,
+)
 from blda_tools.online.sampling import (
     class_balanced_anchors,
     draw_anchor_samples,
@@ -42,30 +46,8 @@ from blda_tools.online.sampling import (
 )
 from blda_tools.online.state import MixtureSet, OffsetTables
 from blda_tools.online.sync import RankSync
-from blda_tools.runtime.process import torch_threads
 
 STATE_FORMAT = "blda.BLDALoss"
-
-
-@dataclass
-class _Pixels:
-    """A batch seen as (B, C, P) logits and (B, P) pixel fields; labels of invalid pixels are 0."""
-
-    logits: Tensor
-    labels: Tensor
-    valid: Tensor
-    in_target: Tensor
-    weights: Tensor | None
-    domain: str
-
-    def members(self) -> tuple[Tensor, Tensor]:
-        """Labelled pixels of the source and of the target (target: 0 < weight; in a mixed image
-        weight 1 marks source pixels, so target pixels there have 0 < w < 1)."""
-        source = self.valid & ~self.in_target
-        target = self.valid & self.in_target
-        if self.weights is not None:
-            target = target & (self.weights > 0)
-        return source, target
 
 
 class BLDALoss(nn.Module):
@@ -174,7 +156,7 @@ class BLDALoss(nn.Module):
         pixels = self._pixels(logits, labels, weights, domain)
         self.last_terms = {}
         needed = self.mode != "none" and (self.tau > 0 or regression is not None)
-        with _small_op_threads(logits):
+        with small_op_threads(logits):
             if update:
                 self._update(pixels)
             tables = self._tables(-self.tau, domain) if needed else None  # Eq. 9: f - tau Delta
@@ -195,7 +177,7 @@ class BLDALoss(nn.Module):
                     "regression: mode 'none' keeps no statistics, so there is no CDF target "
                     "(Eq. 10); use mode 'ola' or 'ola_source', or pass regression=None"
                 )
-            with _small_op_threads(logits):
+            with small_op_threads(logits):
                 per_pixel = self._regression_per_pixel(pixels, regression, labels, tables)
             regression_term = self._reduce(per_pixel)
             total = total + self.regression_weight * regression_term
@@ -221,7 +203,7 @@ class BLDALoss(nn.Module):
         offsets = None if tables is None else self._offsets(pixels, tables)
         if offsets is None:
             return torch.zeros_like(logits, dtype=torch.float32)
-        return _to_logit_shape(offsets, logits)
+        return to_logit_shape(offsets, logits)
 
     @torch.no_grad()
     def regression_target(
@@ -256,7 +238,7 @@ class BLDALoss(nn.Module):
 
     # -- input ---------------------------------------------------------------------------------
 
-    def _pixels(self, logits, labels, weights, domain) -> _Pixels:
+    def _pixels(self, logits, labels, weights, domain) -> Pixels:
         check_choice("domain", domain, DOMAINS)
         if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.ndim < 2:
             raise BLDAError("logits: expected a float tensor (N, C) or (B, C, *spatial)")
@@ -294,12 +276,12 @@ class BLDALoss(nn.Module):
         else:
             in_target = flat_weights != 1
         flat_labels = torch.where(valid, flat_labels, 0)
-        return _Pixels(flat_logits, flat_labels, valid, in_target, flat_weights, domain)
+        return Pixels(flat_logits, flat_labels, valid, in_target, flat_weights, domain)
 
     # -- statistics (Algorithm 1, lines 6-32) ----------------------------------------------------
 
     @torch.no_grad()
-    def _update(self, pixels: _Pixels) -> None:
+    def _update(self, pixels: Pixels) -> None:
         self.last_terms = {"n_cells_updated": 0}
         if self.mode == "none":
             return
@@ -389,7 +371,7 @@ class BLDALoss(nn.Module):
         )
 
     @torch.no_grad()
-    def _offsets(self, pixels: _Pixels, tables: OffsetTables, add_logits=False) -> Tensor | None:
+    def _offsets(self, pixels: Pixels, tables: OffsetTables, add_logits=False) -> Tensor | None:
         """The tables' scale * Delta (B, C, P), Delta = z'(z) - z gathered per pixel from its
         label row (plus the logits with `add_logits`); None if no row of the batch's domains is
         active (no offset anywhere)."""
@@ -404,7 +386,7 @@ class BLDALoss(nn.Module):
             row = torch.where(gate, row, 2 * self.num_classes)  # the zero row: no offset
         return tables.gather(pixels.logits.float(), row, add_logits=add_logits)
 
-    def _adjusted_logits(self, pixels: _Pixels, tables: OffsetTables, logits: Tensor) -> Tensor:
+    def _adjusted_logits(self, pixels: Pixels, tables: OffsetTables, logits: Tensor) -> Tensor:
         """f + scale Delta (Eq. 9), differentiable in f with Delta a constant (detached)."""
         if logits.dtype == torch.float32 and logits.device.type == "cpu":
             # the lookup adds f itself (one pass, no offsets tensor); the gradient passes
@@ -412,18 +394,18 @@ class BLDALoss(nn.Module):
             adjusted = self._offsets(pixels, tables, add_logits=True)
             if adjusted is None:
                 return logits
-            return _PlusConstant.apply(logits, _to_logit_shape(adjusted, logits))
+            return PlusConstant.apply(logits, to_logit_shape(adjusted, logits))
         scaled = self._offsets(pixels, tables)
         if scaled is None:
             return logits
         # in place into the offsets buffer: one (B, C, H, W) tensor less. detach() makes the
         # reshaped buffer a non-differentiable view, so autograd records a plain add (no
         # CopySlices: a copy and a zero fill of the whole buffer in backward).
-        return _to_logit_shape(scaled, logits).detach().add_(logits.float())
+        return to_logit_shape(scaled, logits).detach().add_(logits.float())
 
     # -- cumulative density estimation (Eq. 10) --------------------------------------------------
 
-    def _cdf_targets(self, pixels: _Pixels, tables=None) -> tuple[Tensor, Tensor]:
+    def _cdf_targets(self, pixels: Pixels, tables=None) -> tuple[Tensor, Tensor]:
         """d = F_yy(f[y]) with the pixel's domain's positive mixture, and where it is defined
         (labelled pixels whose diagonal cell was updated; never on the target in "ola_source").
         With `tables`, pixels inside their cell's grid interpolate its CDF nodes (error
@@ -458,7 +440,7 @@ class BLDALoss(nn.Module):
         return torch.where(available, target, 0.0), available
 
     def _regression_per_pixel(self, pixels, regression: Tensor, labels: Tensor, tables=None):
-        regression = _regression_like(regression, labels)
+        regression = regression_like(regression, labels)
         target, available = self._cdf_targets(pixels, tables)
         prediction = regression.float().reshape(target.shape)
         error = prediction - target
@@ -474,45 +456,3 @@ class BLDALoss(nn.Module):
         if self.reduction == "sum":
             return per_pixel.sum()
         return per_pixel
-
-
-def _small_op_threads(tensor: Tensor):
-    """One torch thread on a CPU meanwhile: the statistics and tables are many small ops, which
-    ran 3-7x slower with two OpenMP threads on a busy 2-core machine (bench_online_loss.py);
-    the per-pixel work (lookup kernel, cross-entropy) keeps every thread."""
-    return torch_threads(1) if tensor.device.type == "cpu" else contextlib.nullcontext()
-
-
-class _PlusConstant(torch.autograd.Function):
-    """`values` = f + c with c a constant: forward returns `values`, backward passes the
-    gradient to f unchanged (what autograd does for f + c.detach())."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, values: Tensor) -> Tensor:
-        return values
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad, None
-
-
-def _to_logit_shape(offsets: Tensor, logits: Tensor) -> Tensor:
-    """(B, C, P) back to the caller's layout: (N, C) or (B, C, *spatial)."""
-    if logits.ndim == 2:
-        return offsets[0].t()
-    return offsets.reshape(logits.shape)
-
-
-def _regression_like(regression, labels: Tensor) -> Tensor:
-    """The head's output as labels' shape: accepts that shape or a singleton channel in dim 1."""
-    if not isinstance(regression, Tensor) or not regression.is_floating_point():
-        raise BLDAError("regression: expected a float tensor (the CDF head's output)")
-    if regression.shape == labels.shape:
-        return regression
-    squeezed = regression.shape[:1] + regression.shape[2:]
-    if regression.ndim == labels.ndim + 1 and regression.shape[1] == 1 and squeezed == labels.shape:
-        return regression.reshape(labels.shape)
-    raise BLDAError(
-        f"regression: expected shape {tuple(labels.shape)} or with a channel of 1 in dim 1, "
-        f"got {tuple(regression.shape)}"
-    )
