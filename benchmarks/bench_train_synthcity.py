@@ -59,6 +59,8 @@ COMPARISONS = {
 }
 # comparison -> the config of its source-only warm start (same architecture as its arms)
 WARM_START_CONFIGS = {"mic_hrda": "synthcity_tiny_mic_hrda"}
+# ... and what source-only training turns off besides self-training (MIC needs a teacher)
+WARM_START_EXTRA = {"mic_hrda": ["mic.enabled=false"]}
 # comparisons whose per-seed scores are written to OUT/<comparison>_seed<S>.json
 SAVED_COMPARISONS = ("table4", "mic_hrda")
 
@@ -140,7 +142,10 @@ def main() -> None:
         warm_dir = args.out / f"warm_start_seed{args.seed}"
         warm_config = WARM_START_CONFIGS.get(args.compare, "synthcity_tiny")
         results["warm_start"] = run_arm(
-            warm_config, warm_dir, overrides(args.warm_start), ARMS["source_only"][1]
+            warm_config,
+            warm_dir,
+            overrides(args.warm_start),
+            ARMS["source_only"][1] + WARM_START_EXTRA.get(args.compare, []),
         )
         common.append(f'model.pretrained="{warm_dir / "checkpoints" / "latest.pth"}"')
     for name in names:
