@@ -265,19 +265,6 @@ def test_float32_fit_stops_where_a_float64_fit_does():
     np.testing.assert_allclose(got.numpy(), double.log_likelihood(torch.tensor(data)), rtol=1e-5)
 
 
-def test_kernel_exp_and_log_are_float32_accurate():
-    from blda_tools.gmm.em_kernel import _exp, _log
-
-    values = np.concatenate([np.linspace(-87.0, 0.0, 20001), [-80.0, -1e-8, 0.0]])
-    got = np.array([_exp(np.float32(v)) for v in values.astype(np.float32)], dtype=np.float64)
-    truth = np.exp(values.astype(np.float32).astype(np.float64))
-    np.testing.assert_allclose(got, truth, rtol=3e-7, atol=0)  # a few float32 ulps
-    points = np.concatenate([np.linspace(1.0, 5.0, 20001), np.geomspace(1e-30, 1e30, 2001)])
-    points = points.astype(np.float32)
-    got = np.array([_log(p) for p in points], dtype=np.float64)
-    np.testing.assert_allclose(got, np.log(points.astype(np.float64)), rtol=3e-7, atol=2e-7)
-
-
 def test_thin_cells_are_not_fitted_and_em_step_skips_them():
     rng = np.random.default_rng(4)
     samples = torch.tensor(rng.normal(size=(3, 40)), dtype=torch.float32)

@@ -113,6 +113,23 @@ def test_gradient_equals_cross_entropy_on_shifted_logits():
         torch.testing.assert_close(leaf.grad, reference.grad, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_loss_equals_cross_entropy_on_shifted_logits(reduction):
+    """The fused CPU pass (offsets, log-softmax, loss, gradient in one kernel) against
+    F.cross_entropy of f - tau Delta, per pixel, with huge logits at ignored pixels."""
+    blda = fitted_loss(4, tau=0.7, reduction=reduction)
+    logits, labels = make_batch(4, seed=5)
+    logits.permute(0, 2, 3, 1)[labels == IGNORE] = 1e4
+    weights = torch.rand(labels.shape, generator=torch.Generator().manual_seed(2))
+    for domain in ("source", "mixed", "target"):
+        delta = blda.offsets(logits, labels, domain, weights)
+        got = blda(logits, labels, weights, domain, update=False)
+        shifted = reference_cross_entropy(logits - 0.7 * delta, labels, weights, reduction)
+        torch.testing.assert_close(got, shifted, rtol=2e-6, atol=1e-6)
+        if reduction == "none":
+            assert (got[labels == IGNORE] == 0).all()
+
+
 @FAST
 @given(
     cell_mean=st.floats(-4, 4),
@@ -474,3 +491,15 @@ def test_mixture_set_moves_with_the_module():
     blda = BLDALoss(3).to(torch.float64)
     assert isinstance(blda.source, MixtureSet)
     assert blda.source.means.dtype == torch.float64 and blda.source.steps.dtype == torch.int64
+
+
+def test_second_backward_through_the_fused_loss_is_refused():
+    """The fused CPU pass scales its saved gradient in place: a second backward through the
+    same graph must fail loudly, not return a doubly scaled gradient."""
+    blda = fitted_loss(3, tau=0.5)
+    logits, labels = make_batch(3, seed=4)
+    leaf = logits.clone().requires_grad_(True)
+    loss = blda(leaf, labels, domain="source", update=False)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()

@@ -5,8 +5,8 @@ The torch path of `em._run_em` makes about fifteen passes over a (cells, K, N) w
 iteration and copies the active cells whenever some converge; here one pass per iteration
 reads a cell's samples in blocks of `BLOCK` and keeps the K x BLOCK work in L1. Every loop runs
 over the samples of a block, in float32 (8 per AVX2 instruction), so the compiler vectorises
-it; exp and log are written out (`_exp`, `_log`, with float32 bits) because numba calls libm one value
-at a time. Threads take a few cells at a time (they converge unevenly).
+it; exp and log are written out (`blda_tools.runtime.float32_math`) because numba calls libm
+one value at a time. Threads take a few cells at a time (they converge unevenly).
 
 The arithmetic is the torch path's (`em._em_statistics`, `em._parameters_from_moments`) in the
 same float32: responsibilities with 1e-7 added, the variance floor, components without weight
@@ -21,30 +21,22 @@ import math
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic
 
+from blda_tools.runtime import float32_math
+from blda_tools.runtime.float32_math import exp32, log32
 from blda_tools.runtime.jit import kernel
 
 # Samples per block: the K x BLOCK work and 3 K x BLOCK float32 moment sums of K = 5 take 20 KiB.
 BLOCK = 256
 _F = np.float32
 LOG_2PI = math.log(2.0 * math.pi)
-# exp(v) = 2^n exp(r), n = round(v / ln 2), r = v - n ln 2 with ln 2 split in two (Cody-Waite)
-# so that r is exact to float32; exp(r), |r| <= 0.347, by its Taylor polynomial of degree 7
-# (truncation 5e-9 relative); 2^n from its float32 bits. Relative error ~1 ulp (test_gmm.py).
-_LOG2_E = _F(1.0 / math.log(2.0))
-_LN2_HIGH, _LN2_LOW = _F(0.693359375), _F(math.log(2.0) - 0.693359375)
-_T0, _T1, _T2, _T3 = _F(1.0), _F(1.0), _F(1.0 / 2), _F(1.0 / 6)
-_T4, _T5, _T6, _T7 = _F(1.0 / 24), _F(1.0 / 120), _F(1.0 / 720), _F(1.0 / 5040)
-_SQRT_2, _HALF, _LN2 = _F(math.sqrt(2.0)), _F(0.5), _F(math.log(2.0))
+_HALF = _F(0.5)
 # exp(-80) is still a normal float32 (no slow denormals) and far below the 1e-7 added to every
 # responsibility, as in the torch path.
 _LOWEST_TERM = _F(-80.0)
 
 
-@kernel(vectorise=True)
+@kernel(vectorise=True, depends_on=(float32_math,))
 def fit_cells(x, w, weights, means, variances, settings, converged, n_iter, last, start, stop):
     """EM on cells [start, stop) of `x`, `w` ``(G, N)`` float32 (weight 0 = not a sample) from
     the parameters ``(G, K)`` float32 (updated in place) until the cell's mean log-likelihood
@@ -125,11 +117,11 @@ def _e_step_block(x, w, center, inv_std, log_norm, work, moments, peak, evidence
             peak[j] = max(peak[j], value)
     for k in range(components):
         for j in range(size):
-            term = _exp(max(work[k, j] - peak[j], _LOWEST_TERM))
+            term = exp32(max(work[k, j] - peak[j], _LOWEST_TERM))
             work[k, j] = term
             evidence[j] += term  # >= 1: the peak's term is exp(0)
     for j in range(size):  # log p(x_n) = peak + log(evidence)
-        likelihood[j] += w[j] * (peak[j] + _log(evidence[j]))
+        likelihood[j] += w[j] * (peak[j] + log32(evidence[j]))
         evidence[j] = w[j] / evidence[j]  # r_nk = work * evidence from here on
     for k in range(components):
         for j in range(size):
@@ -137,61 +129,3 @@ def _e_step_block(x, w, center, inv_std, log_norm, work, moments, peak, evidence
             moments[k, 0, j] += responsibility
             moments[k, 1, j] += responsibility * x[j]
             moments[k, 2, j] += responsibility * x[j] * x[j]
-
-
-@intrinsic
-def _float32_from_bits(typingctx, value):
-    """The float32 whose bits are the int32 `value` (an LLVM bitcast: no instruction)."""
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.int32), codegen
-
-
-@intrinsic
-def _bits_of_float32(typingctx, value):
-    """The int32 holding the bits of the float32 `value`."""
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(types.float32), codegen
-
-
-@numba.njit(inline="always")
-def _exp(value):
-    """exp(value) for float32 value in [-87, 0] (see _LOG2_E)."""
-    n = np.floor(value * _LOG2_E + _HALF)  # float32 (math.floor would give an int64)
-    r = (value - n * _LN2_HIGH) - n * _LN2_LOW
-    p = _T7
-    p = p * r + _T6
-    p = p * r + _T5
-    p = p * r + _T4
-    p = p * r + _T3
-    p = p * r + _T2
-    p = p * r + _T1
-    p = p * r + _T0
-    return p * _float32_from_bits(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
-
-
-@numba.njit(inline="always")
-def _log(value):
-    """log(value) for a positive normal float32: value = 2^e m with m in [1 / sqrt 2, sqrt 2)
-    from its bits, then log m = 2 atanh(u), u = (m - 1) / (m + 1), |u| <= 0.172, by its
-    series to u^11 (truncation below 3e-10 relative)."""
-    bits = _bits_of_float32(value)
-    m = _float32_from_bits((bits & np.int32(0x007FFFFF)) | np.int32(0x3F800000))  # in [1, 2)
-    exponent = _F((bits >> np.int32(23)) - np.int32(127))
-    big = m >= _SQRT_2
-    m = m * _HALF if big else m
-    exponent = exponent + _F(1.0) if big else exponent
-    u = (m - _F(1.0)) / (m + _F(1.0))
-    square = u * u
-    series = _F(1.0 / 11)
-    series = series * square + _F(1.0 / 9)
-    series = series * square + _F(1.0 / 7)
-    series = series * square + _F(1.0 / 5)
-    series = series * square + _F(1.0 / 3)
-    series = series * square + _F(1.0)
-    return _F(2.0) * u * series + exponent * _LN2

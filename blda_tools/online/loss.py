@@ -29,11 +29,11 @@ from torch import Tensor, nn
 from blda_tools.errors import BLDAError
 from blda_tools.gmm import mixture_cdf
 from blda_tools.gmm.normal import _numerical_variance_floor
-from blda_tools.online.kernel import cdf_targets, table_rows
+from blda_tools.online.kernel import adjusted_cross_entropy, cdf_targets, table_rows
 from blda_tools.online.options import DOMAINS, check_choice, check_options
 from blda_tools.online.pixels import (
+    FixedGradient,
     Pixels,
-    PlusConstant,
     regression_like,
     small_op_threads,
     to_logit_shape,
@@ -160,12 +160,7 @@ class BLDALoss(nn.Module):
             if update:
                 self._update(pixels)
             tables = self._tables(-self.tau, domain) if needed else None  # Eq. 9: f - tau Delta
-        adjusted = logits
-        if tables is not None and self.tau > 0:
-            adjusted = self._adjusted_logits(pixels, tables, logits)
-        per_pixel = F.cross_entropy(
-            adjusted.float(), labels, reduction="none", ignore_index=self.ignore_index
-        )
+        per_pixel = self._cross_entropy(pixels, tables if self.tau > 0 else None, logits, labels)
         if weights is not None:
             per_pixel = per_pixel * weights
         cross_entropy = self._reduce(per_pixel)
@@ -177,8 +172,9 @@ class BLDALoss(nn.Module):
                     "regression: mode 'none' keeps no statistics, so there is no CDF target "
                     "(Eq. 10); use mode 'ola' or 'ola_source', or pass regression=None"
                 )
+            threads = torch.get_num_threads()  # the CDF pass's, while torch runs in one
             with small_op_threads(logits):
-                per_pixel = self._regression_per_pixel(pixels, regression, labels, tables)
+                per_pixel = self._regression_per_pixel(pixels, regression, labels, tables, threads)
             regression_term = self._reduce(per_pixel)
             total = total + self.regression_weight * regression_term
         self.last_terms.update(ce=cross_entropy.detach(), regression=regression_term.detach())
@@ -371,41 +367,53 @@ class BLDALoss(nn.Module):
         )
 
     @torch.no_grad()
-    def _offsets(self, pixels: Pixels, tables: OffsetTables, add_logits=False) -> Tensor | None:
-        """The tables' scale * Delta (B, C, P), Delta = z'(z) - z gathered per pixel from its
-        label row (plus the logits with `add_logits`); None if no row of the batch's domains is
-        active (no offset anywhere)."""
+    def _table_rows(self, pixels: Pixels) -> Tensor | None:
+        """(B, P) each pixel's table row: set * C + label, or the zero row 2 C where the pixel
+        is ignored or its row inactive; None if no row of the batch's domains is active."""
         row_active = self._row_active()
         if not bool(row_active.any()):
             return None
         if pixels.labels.device.type == "cpu":
-            row = table_rows(pixels.labels, pixels.valid, pixels.in_target, row_active.reshape(-1))
-        else:
-            row = pixels.in_target.long() * self.num_classes + pixels.labels  # into 2 C rows
-            gate = pixels.valid & row_active.reshape(-1)[row]
-            row = torch.where(gate, row, 2 * self.num_classes)  # the zero row: no offset
-        return tables.gather(pixels.logits.float(), row, add_logits=add_logits)
+            return table_rows(pixels.labels, pixels.valid, pixels.in_target, row_active.reshape(-1))
+        row = pixels.in_target.long() * self.num_classes + pixels.labels  # into 2 C rows
+        gate = pixels.valid & row_active.reshape(-1)[row]
+        return torch.where(gate, row, 2 * self.num_classes)
 
-    def _adjusted_logits(self, pixels: Pixels, tables: OffsetTables, logits: Tensor) -> Tensor:
-        """f + scale Delta (Eq. 9), differentiable in f with Delta a constant (detached)."""
-        if logits.dtype == torch.float32 and logits.device.type == "cpu":
-            # the lookup adds f itself (one pass, no offsets tensor); the gradient passes
-            # through to f unchanged, as it does through f + a detached Delta
-            adjusted = self._offsets(pixels, tables, add_logits=True)
-            if adjusted is None:
-                return logits
-            return PlusConstant.apply(logits, to_logit_shape(adjusted, logits))
-        scaled = self._offsets(pixels, tables)
-        if scaled is None:
-            return logits
-        # in place into the offsets buffer: one (B, C, H, W) tensor less. detach() makes the
-        # reshaped buffer a non-differentiable view, so autograd records a plain add (no
-        # CopySlices: a copy and a zero fill of the whole buffer in backward).
-        return to_logit_shape(scaled, logits).detach().add_(logits.float())
+    @torch.no_grad()
+    def _offsets(self, pixels: Pixels, tables: OffsetTables) -> Tensor | None:
+        """The tables' scale * Delta (B, C, P), Delta = z'(z) - z gathered per pixel from its
+        label row; None if no row of the batch's domains is active (no offset anywhere)."""
+        row = self._table_rows(pixels)
+        return None if row is None else tables.gather(pixels.logits.float(), row)
+
+    def _cross_entropy(self, pixels: Pixels, tables, logits: Tensor, labels: Tensor) -> Tensor:
+        """Per-pixel cross-entropy of f + scale Delta (Eq. 9), differentiable in f with Delta a
+        constant (detached); plain cross-entropy where `tables` is None or no row is active."""
+        row = None if tables is None else self._table_rows(pixels)
+        if row is None:
+            adjusted = logits
+        elif logits.dtype == torch.float32 and logits.device.type == "cpu":
+            # one pass: offsets, log-softmax, loss and its gradient (no offsets tensor, no
+            # autograd graph through the softmax)
+            loss, gradient = adjusted_cross_entropy(
+                pixels.logits, row, pixels.labels, pixels.valid, tables
+            )
+            return FixedGradient.apply(
+                logits, loss.reshape(labels.shape), to_logit_shape(gradient, logits)
+            )
+        else:
+            scaled = tables.gather(pixels.logits.float(), row)
+            # in place into the offsets buffer: one (B, C, H, W) tensor less. detach() makes
+            # the reshaped buffer a non-differentiable view, so autograd records a plain add
+            # (no CopySlices: a copy and a zero fill of the whole buffer in backward).
+            adjusted = to_logit_shape(scaled, logits).detach().add_(logits.float())
+        return F.cross_entropy(
+            adjusted.float(), labels, reduction="none", ignore_index=self.ignore_index
+        )
 
     # -- cumulative density estimation (Eq. 10) --------------------------------------------------
 
-    def _cdf_targets(self, pixels: Pixels, tables=None) -> tuple[Tensor, Tensor]:
+    def _cdf_targets(self, pixels: Pixels, tables=None, threads=None) -> tuple[Tensor, Tensor]:
         """d = F_yy(f[y]) with the pixel's domain's positive mixture, and where it is defined
         (labelled pixels whose diagonal cell was updated; never on the target in "ola_source").
         With `tables`, pixels inside their cell's grid interpolate its CDF nodes (error
@@ -422,7 +430,7 @@ class BLDALoss(nn.Module):
             flat = [p.reshape(2 * count, -1) for p in diagonal]
             floor = _numerical_variance_floor(torch.float32)
             args = (pixels.logits, pixels.labels, pixels.valid, pixels.in_target)
-            return cdf_targets(*args, fitted.reshape(-1), flat, floor, tables)
+            return cdf_targets(*args, fitted.reshape(-1), flat, floor, tables, threads)
         row = pixels.in_target.long() * count + pixels.labels
         available = pixels.valid & fitted.reshape(-1)[row]
         z = pixels.logits.gather(1, pixels.labels[:, None, :])[:, 0].float()
@@ -439,9 +447,9 @@ class BLDALoss(nn.Module):
         target = target.reshape(-1).index_copy(0, where, values).view_as(z)
         return torch.where(available, target, 0.0), available
 
-    def _regression_per_pixel(self, pixels, regression: Tensor, labels: Tensor, tables=None):
+    def _regression_per_pixel(self, pixels, regression, labels, tables=None, threads=None):
         regression = regression_like(regression, labels)
-        target, available = self._cdf_targets(pixels, tables)
+        target, available = self._cdf_targets(pixels, tables, threads)
         prediction = regression.float().reshape(target.shape)
         error = prediction - target
         per_pixel = error.square() if self.regression_loss == "l2" else error.abs()

@@ -40,17 +40,23 @@ def small_op_threads(tensor: Tensor):
     return torch_threads(1) if tensor.device.type == "cpu" else contextlib.nullcontext()
 
 
-class PlusConstant(torch.autograd.Function):
-    """`values` = f + c with c a constant: forward returns `values`, backward passes the
-    gradient to f unchanged (what autograd does for f + c.detach())."""
+class FixedGradient(torch.autograd.Function):
+    """`loss` per pixel, a function of `logits` whose gradient was computed with it (the fused
+    cross-entropy kernel): backward scales `gradient` (logits' shape) by the incoming
+    per-pixel gradient. Once differentiable."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, values: Tensor) -> Tensor:
-        return values
+    def forward(ctx, logits: Tensor, loss: Tensor, gradient: Tensor) -> Tensor:
+        ctx.save_for_backward(gradient)
+        return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        return grad, None
+        (gradient,) = ctx.saved_tensors
+        # in place: no second (B, C, H, W) tensor. A second backward through the same graph
+        # (retain_graph) is refused by autograd's version check on the saved tensor.
+        return gradient.mul_(grad.unsqueeze(1)), None, None  # loss: logits' shape less dim 1
 
 
 def to_logit_shape(offsets: Tensor, logits: Tensor) -> Tensor:

@@ -185,18 +185,14 @@ class OffsetTables:
         return value, inside
 
     @torch.no_grad()
-    def gather(
-        self, logits: Tensor, row: Tensor, compiled: bool = True, add_logits: bool = False
-    ) -> Tensor:
-        """scale * (z'(z) - z) for every pixel and class, plus z with `add_logits`: logits
+    def gather(self, logits: Tensor, row: Tensor, compiled: bool = True) -> Tensor:
+        """scale * (z'(z) - z) for every pixel and class: logits
         ``(B, C, P)`` float, row ``(B, P)`` the index of each pixel's table row (set * C +
         label, or the zero row). Per pixel only the C cells of its row are read. On a CPU (with
         `compiled`) one numba pass (`blda_tools.online.kernel`); elsewhere torch ops in blocks,
         so that the temporaries stay small."""
         if compiled and logits.device.type == "cpu" and logits.dtype == torch.float32:
-            return lookup_offsets(
-                logits, row, self.origin, self.inverse_step, self.pieces, self.points, add_logits
-            )
+            return lookup_offsets(logits, row, self)
         batch, count, size = logits.shape
         offsets = torch.empty_like(logits)
         # Each (a, b) pair read as one 8-byte element: one 1-D gather (a cache line) per lookup.
@@ -221,7 +217,7 @@ class OffsetTables:
                 pair = pairs.index_select(0, index).view(torch.float32).view(*z.shape, 2)
                 # into a contiguous temporary, then one strided write into the output
                 out.copy_(torch.addcmul(pair[..., 0], pair[..., 1], z))
-        return offsets.add_(logits) if add_logits else offsets
+        return offsets
 
 
 def _aligned_nodes(weights, means, variances, diagonal, anchors, eps, points, anchor_points):

@@ -1,0 +1,87 @@
+"""exp and log of float32 values written out for numba loops that should be vectorised.
+
+numba lowers `math.exp` / `np.exp` to one libm call per value (no SVML in a plain install), so
+a loop over pixels that calls them runs one value at a time. These are straight-line float32
+code with the exponent handled through the float's bits, which LLVM vectorises (16 values per
+AVX-512 instruction). Both are accurate to about one ulp (tests/test_float32_math.py checks
+them against float64 numpy).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+_F = np.float32
+# exp(v) = 2^n exp(r), n = round(v / ln 2), r = v - n ln 2 with ln 2 split in two (Cody-Waite)
+# so that r is exact to float32; exp(r), |r| <= 0.347, by its Taylor polynomial of degree 7
+# (truncation 5e-9 relative); 2^n from its float32 bits.
+_LOG2_E = _F(1.0 / math.log(2.0))
+_LN2_HIGH, _LN2_LOW = _F(0.693359375), _F(math.log(2.0) - 0.693359375)
+_T0, _T1, _T2, _T3 = _F(1.0), _F(1.0), _F(1.0 / 2), _F(1.0 / 6)
+_T4, _T5, _T6, _T7 = _F(1.0 / 24), _F(1.0 / 120), _F(1.0 / 720), _F(1.0 / 5040)
+_SQRT_2, _HALF, _LN2 = _F(math.sqrt(2.0)), _F(0.5), _F(math.log(2.0))
+
+
+@intrinsic
+def float32_from_bits(typingctx, value):
+    """The float32 whose bits are the int32 `value` (an LLVM bitcast: no instruction)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@intrinsic
+def bits_of_float32(typingctx, value):
+    """The int32 holding the bits of the float32 `value`."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@numba.njit(inline="always")
+def exp32(value):
+    """exp(value) for a float32 value in [-87, 0]: the caller clamps (below -87 the result
+    would be a denormal, which this does not build; above 0 it is still exact up to 88)."""
+    n = np.floor(value * _LOG2_E + _HALF)  # float32 (math.floor would give an int64)
+    r = (value - n * _LN2_HIGH) - n * _LN2_LOW
+    p = _T7
+    p = p * r + _T6
+    p = p * r + _T5
+    p = p * r + _T4
+    p = p * r + _T3
+    p = p * r + _T2
+    p = p * r + _T1
+    p = p * r + _T0
+    return p * float32_from_bits(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
+
+
+@numba.njit(inline="always")
+def log32(value):
+    """log(value) for a positive normal float32: value = 2^e m with m in [1 / sqrt 2, sqrt 2)
+    from its bits, then log m = 2 atanh(u), u = (m - 1) / (m + 1), |u| <= 0.172, by its
+    series to u^11 (truncation below 3e-10 relative)."""
+    bits = bits_of_float32(value)
+    m = float32_from_bits((bits & np.int32(0x007FFFFF)) | np.int32(0x3F800000))  # in [1, 2)
+    exponent = _F((bits >> np.int32(23)) - np.int32(127))
+    big = m >= _SQRT_2
+    m = m * _HALF if big else m
+    exponent = exponent + _F(1.0) if big else exponent
+    u = (m - _F(1.0)) / (m + _F(1.0))
+    square = u * u
+    series = _F(1.0 / 11)
+    series = series * square + _F(1.0 / 9)
+    series = series * square + _F(1.0 / 7)
+    series = series * square + _F(1.0 / 5)
+    series = series * square + _F(1.0 / 3)
+    series = series * square + _F(1.0)
+    return _F(2.0) * u * series + exponent * _LN2
