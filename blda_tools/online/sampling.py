@@ -23,7 +23,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from blda_tools.online.kernel import below_threshold, member_counts, pixel_logits
+from blda_tools.online.kernel import (
+    below_threshold,
+    member_counts,
+    pixel_logits,
+    positive_negative_logits,
+)
 from blda_tools.online.sync import RankSync
 
 KEY_BITS = 40
@@ -195,6 +200,8 @@ def draw_anchor_samples(
     flat_logits = logits.reshape(-1)
 
     def positive_negative(pixel: Tensor) -> Tensor:
+        if logits.device.type == "cpu" and logits.dtype == torch.float32:
+            return positive_negative_logits(logits, pixel, labels, keys)
         own = label.index_select(0, pixel)
         other = _other_class(own, key.index_select(0, pixel), classes)
         start = (pixel // size) * (classes * size) + pixel % size
