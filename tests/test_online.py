@@ -503,3 +503,30 @@ def test_second_backward_through_the_fused_loss_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="inplace"):
         loss.backward()
+
+
+def test_non_finite_logits_show_in_the_loss_as_in_cross_entropy():
+    """A NaN or infinite logit of a labelled pixel makes that pixel's loss and gradient
+    non-finite (F.cross_entropy gives NaN or inf there), others stay finite, ignored pixels 0."""
+    blda = fitted_loss(4, tau=0.7, reduction="none")
+    logits, labels = make_batch(4, seed=5)
+    labelled = (labels[0, 0] != IGNORE).nonzero()[:, 0][:3].tolist()
+    ignored = int((labels[0, 0] == IGNORE).nonzero()[0, 0])
+    for column, value in zip(labelled, (float("nan"), float("inf"), float("-inf")), strict=True):
+        other = (int(labels[0, 0, column]) + 1) % 4  # not the label's class
+        logits[0, other, 0, column] = value
+    logits[0, :, 0, ignored] = float("nan")
+    leaf = logits.clone().requires_grad_(True)
+    loss = blda(leaf, labels, domain="source", update=False)
+    reference = F.cross_entropy(logits, labels, reduction="none", ignore_index=IGNORE)
+    for column in labelled[:2]:  # NaN and +inf: torch's loss is not finite either
+        assert not torch.isfinite(reference[0, 0, column])
+        assert not torch.isfinite(loss[0, 0, column])
+    assert not torch.isfinite(loss[0, 0, labelled[2]])  # -inf: refused as non-finite input
+    assert loss[0, 0, ignored] == 0
+    rest = torch.ones_like(loss, dtype=torch.bool)
+    rest[0, 0, labelled] = False
+    assert torch.isfinite(loss[rest]).all()
+    loss.sum().backward()
+    assert not torch.isfinite(leaf.grad[0, :, 0, labelled[0]]).all()
+    assert (leaf.grad[0, :, 0, ignored] == 0).all()

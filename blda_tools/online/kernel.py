@@ -86,6 +86,10 @@ def _adjusted_cross_entropy(
         peak = np.full(count, -np.inf, dtype=np.float32)
         own = np.zeros(count, dtype=np.float32)
         total = np.zeros(count, dtype=np.float32)
+        # a - a: 0 for a finite value, NaN for NaN or an infinity; added to the loss and the
+        # gradient so that a non-finite logit shows there, as in F.cross_entropy (the max and
+        # the selects below would drop it)
+        poison = np.zeros(count, dtype=np.float32)
         image_rows, image_labels = row[image, start:stop], labels[image, start:stop]
         for c in range(classes):  # the adjusted logits f + scale Delta (Eq. 9), kept in gradient
             z_plane, out = logits[image, c, start:stop], gradient[image, c, start:stop]
@@ -95,6 +99,7 @@ def _adjusted_cross_entropy(
                 z = z_plane[p]
                 adjusted = z + _offset(z, cell, grids, pairs, stride, top)
                 out[p] = adjusted
+                poison[p] += adjusted - adjusted
                 peak[p] = adjusted if adjusted > peak[p] else peak[p]
                 own[p] = adjusted if image_labels[p] == c else own[p]
         for c in range(classes):  # exp(a_c - max a): the peak's term is 1, so total >= 1
@@ -105,13 +110,15 @@ def _adjusted_cross_entropy(
                 total[p] += term
         image_valid, image_loss = valid[image, start:stop], loss[image, start:stop]
         for p in range(count):  # -log softmax_y = max + log(total) - a_y; ignored pixels 0
-            image_loss[p] = peak[p] + log32(total[p]) - own[p] if image_valid[p] else zero
+            value = peak[p] + log32(total[p]) - own[p] + poison[p]
+            image_loss[p] = value if image_valid[p] else zero
             total[p] = one / total[p] if image_valid[p] else zero
         for c in range(classes):  # d loss / d f_c = softmax_c - [c = y] (Delta is a constant)
             out = gradient[image, c, start:stop]
             for p in range(count):
                 hit = one if image_valid[p] and image_labels[p] == c else zero
-                out[p] = out[p] * total[p] - hit
+                value = out[p] * total[p] - hit + poison[p]
+                out[p] = value if image_valid[p] else zero
 
 
 def _table_arrays(tables) -> tuple[np.ndarray, np.ndarray, int]:
@@ -125,7 +132,8 @@ def adjusted_cross_entropy(logits, row, labels, valid, tables) -> tuple[Tensor, 
     """Cross-entropy of f + scale Delta (Eq. 9) per pixel ``(B, P)`` and its gradient in f
     ``(B, C, P)`` (Delta held constant), in one pass that never stores Delta: logits ``(B, C,
     P)`` float32 on the CPU, row / labels / valid ``(B, P)`` (labels of invalid pixels any
-    class), `tables` an `OffsetTables`. Ignored pixels have loss 0 and gradient 0."""
+    class), `tables` an `OffsetTables`. Ignored pixels have loss 0 and gradient 0; a labelled
+    pixel with a NaN or infinite logit gets NaN in both (its Eq. 6 offset is undefined)."""
     logits = logits.contiguous()
     loss = torch.empty(labels.shape, dtype=torch.float32)
     gradient = torch.empty_like(logits)
