@@ -265,6 +265,24 @@ def test_float32_fit_stops_where_a_float64_fit_does():
     np.testing.assert_allclose(got.numpy(), double.log_likelihood(torch.tensor(data)), rtol=1e-5)
 
 
+def test_compiled_quantile_init_matches_the_torch_one():
+    # float32 on a CPU: numpy's argsort and the compiled walk; the torch path is the reference
+    # (means exact: the same sorted samples; the pooled variance summed in float64 there).
+    from blda_tools.gmm.em import _quantile_init, _quantile_init_torch
+
+    rng = np.random.default_rng(11)
+    x = torch.tensor(rng.normal(0, 3, (7, 1001)), dtype=torch.float32)
+    w = torch.tensor(rng.uniform(0.1, 2.0, (7, 1001)), dtype=torch.float32)
+    w[1, 500:] = 0.0  # half the cell is padding
+    w[2] = 1.0  # unit weights: cumulative counts land exactly on targets
+    w[3, :-3] = 0.0  # three samples for five components
+    w[4, 1:] = 0.0  # one sample
+    x[5] = torch.round(x[5])  # ties
+    for got, expected in zip(_quantile_init(x, w, 5, 1e-4), _quantile_init_torch(x, w, 5, 1e-4)):
+        assert got.dtype == expected.dtype == torch.float32 and got.shape == expected.shape
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=2e-6)
+
+
 def test_kernel_exp_and_log_are_float32_accurate():
     from blda_tools.gmm.em_kernel import _exp, _log
 
