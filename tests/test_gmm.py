@@ -284,11 +284,11 @@ def test_compiled_quantile_init_matches_the_torch_one():
 
 
 def test_kernel_exp_and_log_are_float32_accurate():
-    from blda_tools.gmm.em_kernel import _exp, _log
+    from blda_tools.gmm.em_kernel import _LOWEST_TERM, _exp2, _log
 
-    values = np.concatenate([np.linspace(-87.0, 0.0, 20001), [-80.0, -1e-8, 0.0]])
-    got = np.array([_exp(np.float32(v)) for v in values.astype(np.float32)], dtype=np.float64)
-    truth = np.exp(values.astype(np.float32).astype(np.float64))
+    values = np.concatenate([np.linspace(-125.0, 0.0, 40001), [_LOWEST_TERM, -1e-8, -0.5, 0.0]])
+    got = np.array([_exp2(np.float32(v)) for v in values.astype(np.float32)], dtype=np.float64)
+    truth = np.exp2(values.astype(np.float32).astype(np.float64))
     np.testing.assert_allclose(got, truth, rtol=3e-7, atol=0)  # a few float32 ulps
     points = np.concatenate([np.linspace(1.0, 5.0, 20001), np.geomspace(1e-30, 1e30, 2001)])
     points = points.astype(np.float32)
