@@ -139,9 +139,12 @@ def _e_step_block(x, w, center, inv_std, log_norm, work, moments, peak, evidence
     the weights), and per position of the block the moments [r, r x, r x^2] and w log p(x).
     `work`, `peak` hold log2 densities."""
     size, components = x.shape[0], work.shape[0]
-    for j in range(size):
-        peak[j], evidence[j] = -np.inf, 0.0
-    for k in range(components):
+    for j in range(size):  # component 0 starts the peak (an -inf start cost 12 %: harness)
+        standard = (x[j] - center[0]) * inv_std[0]
+        value = log_norm[0] - standard * standard
+        work[0, j] = value
+        peak[j], evidence[j] = value, 0.0
+    for k in range(1, components):
         for j in range(size):
             standard = (x[j] - center[k]) * inv_std[k]
             value = log_norm[k] - standard * standard
