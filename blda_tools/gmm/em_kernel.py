@@ -12,9 +12,10 @@ ln 2, the scale folded into the per-component constants), which saves exp its mu
 
 The arithmetic is the torch path's (`em._em_statistics`, `em._parameters_from_moments`) in the
 same float32: responsibilities with 1e-7 added, the variance floor, components without weight
-kept finite, the stopping rule on the float32 mean log-likelihood. Sums over a cell are formed
-per position of the block in float32 (about N / BLOCK terms each) and then in float64, closer
-than torch's float32 reductions.
+kept finite, the stopping rule on the float32 mean log-likelihood (base 2 only changes the
+last bits of the log-densities' rounding). Sums over a cell are formed per position of the
+block in float32 (about N / BLOCK terms each) and then in float64, closer than torch's float32
+reductions.
 """
 
 from __future__ import annotations
