@@ -329,6 +329,8 @@ def test_bad_input_raises_blda_error():
         GaussianMixture1D(5).fit(torch.randn(4))
     with pytest.raises(BLDAError, match="NaN"):
         GaussianMixture1D(2).fit(torch.tensor([0.0, 1.0, float("nan"), 2.0]))
+    with pytest.raises(BLDAError, match="infinite"):
+        GaussianMixture1D(2).fit(torch.tensor([[0.0, 1.0, 2.0], [0.0, -float("inf"), 2.0]]))
     with pytest.raises(BLDAError, match="min_samples"):
         GaussianMixture1D(5, min_samples=3)
     with pytest.raises(BLDAError, match="init"):

@@ -10,6 +10,7 @@ import os
 import pickle
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -227,7 +228,7 @@ class GaussianMixture1D(MixtureEvaluation):
     def _prepare_unweighted(x, name):
         """`_prepare` without mask or weights: every sample counts, so one finiteness check
         replaces the masking passes (a quarter of a 361 x 10,000 fit's time before)."""
-        if not bool(torch.isfinite(x).all()):
+        if not _all_finite(x):
             raise BLDAError(f"{name}: contains NaN or infinite values (mask them out or drop them)")
         flat = x.reshape(-1, x.shape[-1])
         count = torch.full(flat.shape[:1], flat.shape[-1], dtype=torch.int64, device=x.device)
@@ -439,3 +440,11 @@ def _rows(values: Tensor, rows: Tensor) -> Tensor:
     """values[rows], without the copy when `rows` are all of them in order (as `nonzero` gives
     them); callers only read the result."""
     return values if rows.numel() == values.shape[0] else values[rows]
+
+
+def _all_finite(values: Tensor) -> bool:
+    """Whether no value is NaN or infinite; numpy's check on a CPU (0.75 ms for 361 x 10,000
+    float32, torch's isfinite().all() 9-36 ms on the 2-core VM)."""
+    if values.device.type == "cpu":
+        return bool(np.isfinite(values.detach().numpy()).all())
+    return bool(torch.isfinite(values).all())
