@@ -33,9 +33,9 @@ from sklearn.mixture import GaussianMixture
 from blda_tools.gmm import GaussianMixture1D, StepsSinceUpdate
 
 # float32 operations per sample and component of one E + M iteration in the compiled kernel:
-# the log-density (4), peak and clamp (3), exp (14), the evidence (1), the moments (6), and a
-# share of the per-sample log and division.
-OPERATIONS_PER_SAMPLE_COMPONENT = 30
+# the base-2 log-density (3), peak and clamp (3), exp2 (11), the evidence (1), the moments (6),
+# and a share of the per-sample log and division.
+OPERATIONS_PER_SAMPLE_COMPONENT = 26
 
 
 def random_mixture_samples(cells: int, samples: int, seed: int = 0) -> np.ndarray:

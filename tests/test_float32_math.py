@@ -1,4 +1,4 @@
-"""The vectorisable float32 exp and log of `blda_tools.runtime.float32_math` against float64
+"""The vectorisable float32 exp, exp2 and log of `blda_tools.runtime.float32_math` against float64
 numpy (the EM kernel and the online loss's fused cross-entropy use them)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blda_tools.runtime.float32_math import exp32, log32
+from blda_tools.runtime.float32_math import exp2_32, exp32, log32
 
 
 def test_exp32_is_float32_accurate_on_its_range():
@@ -15,6 +15,13 @@ def test_exp32_is_float32_accurate_on_its_range():
     got = np.array([exp32(np.float32(v)) for v in values.astype(np.float32)], dtype=np.float64)
     truth = np.exp(values.astype(np.float32).astype(np.float64))
     np.testing.assert_allclose(got, truth, rtol=3e-7, atol=0)  # a few float32 ulps
+
+
+def test_exp2_32_is_float32_accurate_on_its_range():
+    values = np.concatenate([np.linspace(-125.0, 0.0, 40001), [-115.4, -1e-8, -0.5, 0.0]])
+    got = np.array([exp2_32(np.float32(v)) for v in values.astype(np.float32)])
+    truth = np.exp2(values.astype(np.float32).astype(np.float64))
+    np.testing.assert_allclose(got.astype(np.float64), truth, rtol=3e-7, atol=0)
 
 
 def test_log32_is_float32_accurate_on_normal_floats():

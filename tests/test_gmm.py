@@ -265,6 +265,25 @@ def test_float32_fit_stops_where_a_float64_fit_does():
     np.testing.assert_allclose(got.numpy(), double.log_likelihood(torch.tensor(data)), rtol=1e-5)
 
 
+def test_compiled_quantile_init_matches_the_torch_one():
+    # float32 on a CPU: numpy's argsort and the compiled walk; the torch path is the reference
+    # (means exact: the same sorted samples; the pooled variance summed in float64 there).
+    from blda_tools.gmm.em import _quantile_init, _quantile_init_torch
+
+    rng = np.random.default_rng(11)
+    x = torch.tensor(rng.normal(0, 3, (7, 1001)), dtype=torch.float32)
+    w = torch.tensor(rng.uniform(0.1, 2.0, (7, 1001)), dtype=torch.float32)
+    w[1, 500:] = 0.0  # half the cell is padding
+    w[2] = 1.0  # unit weights: cumulative counts land exactly on targets
+    w[3, :-3] = 0.0  # three samples for five components
+    w[4, 1:] = 0.0  # one sample
+    x[5] = torch.round(x[5])  # ties
+    pairs = zip(_quantile_init(x, w, 5, 1e-4), _quantile_init_torch(x, w, 5, 1e-4), strict=True)
+    for got, expected in pairs:
+        assert got.dtype == expected.dtype == torch.float32 and got.shape == expected.shape
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=2e-6)
+
+
 def test_thin_cells_are_not_fitted_and_em_step_skips_them():
     rng = np.random.default_rng(4)
     samples = torch.tensor(rng.normal(size=(3, 40)), dtype=torch.float32)
@@ -298,6 +317,8 @@ def test_bad_input_raises_blda_error():
         GaussianMixture1D(5).fit(torch.randn(4))
     with pytest.raises(BLDAError, match="NaN"):
         GaussianMixture1D(2).fit(torch.tensor([0.0, 1.0, float("nan"), 2.0]))
+    with pytest.raises(BLDAError, match="infinite"):
+        GaussianMixture1D(2).fit(torch.tensor([[0.0, 1.0, 2.0], [0.0, -float("inf"), 2.0]]))
     with pytest.raises(BLDAError, match="min_samples"):
         GaussianMixture1D(5, min_samples=3)
     with pytest.raises(BLDAError, match="init"):

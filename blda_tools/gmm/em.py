@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from blda_tools.gmm import em_kernel
+from blda_tools.gmm import em_kernel, init_kernel
 from blda_tools.gmm.normal import _LOG_2PI
 
 # Added to every normalised responsibility in the M step, so a component that explains no
@@ -30,6 +30,9 @@ LLOYD_ITERATIONS = 10
 # Cells per task of the compiled EM: small enough that threads finish together although
 # cells converge after different numbers of iterations.
 CELLS_PER_TASK = 4
+# Cells per task of the quantile initialisation: every cell costs the same (one sort), so
+# larger tasks only amortise numpy's per-call cost.
+INIT_CELLS_PER_TASK = 32
 
 
 def _em_statistics(x, w, weights, means, variances, floor):
@@ -82,7 +85,16 @@ def _parameters_from_moments(moments: Tensor, floor: float):
 
 
 def _quantile_init(x, w, components, floor):
-    """Means at the weighted quantiles (k + 1/2) / K, equal weights, pooled within variance."""
+    """Means at the weighted quantiles (k + 1/2) / K, equal weights, pooled within variance.
+    float32 on a CPU: numpy's argsort and the compiled walk (`init_kernel.quantile_cells`);
+    float64 or another device: torch."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return _quantile_init_compiled(x, w, components, floor)
+    return _quantile_init_torch(x, w, components, floor)
+
+
+def _quantile_init_torch(x, w, components, floor):
+    """`_quantile_init` in torch (any device)."""
     order = torch.where(w > 0, x, torch.inf).argsort(dim=-1)
     sorted_x, sorted_w = x.gather(-1, order), w.gather(-1, order)
     cumulative = sorted_w.cumsum(dim=-1)
@@ -97,6 +109,26 @@ def _quantile_init(x, w, components, floor):
     variances = pooled.clamp_min(floor)[:, None].expand_as(means).clone()
     weights = torch.full_like(means, 1.0 / components)
     return weights, means, variances
+
+
+def _quantile_init_compiled(x, w, components, floor):
+    """`_quantile_init` for float32 on a CPU, cells split over torch's threads."""
+    x, w = x.contiguous().numpy(), w.to(torch.float32).contiguous().numpy()
+    cells = x.shape[0]
+    means = np.empty((cells, components), np.float32)
+    variances = np.empty_like(means)
+    settings = np.array([floor, torch.finfo(torch.float32).tiny], dtype=np.float64)
+
+    def task(start: int, stop: int) -> None:
+        # numpy's sort releases the GIL; weight-0 samples go last, as in the torch path.
+        rows = slice(start, stop)
+        order = np.argsort(np.where(w[rows] > 0, x[rows], np.inf), axis=-1)
+        init_kernel.quantile_cells(x[rows], w[rows], order, means[rows], variances[rows],
+                                   settings, 0, stop - start)  # fmt: skip
+
+    _in_threads(task, cells, INIT_CELLS_PER_TASK)
+    weights = torch.full((cells, components), 1.0 / components, dtype=torch.float32)
+    return weights, torch.from_numpy(means), torch.from_numpy(variances)
 
 
 def _kmeans_plus_plus_init(x, w, components, floor, generator):
@@ -183,17 +215,23 @@ def _run_em_compiled(x, w, parameters, floor, max_iter, tol):
     arrays = [t.numpy() for t in (x, w, weights, means, variances)]
     arrays += [settings, converged.numpy(), n_iter.numpy(), last.numpy()]
 
-    def task(start: int) -> None:
-        em_kernel.fit_cells(*arrays, start, min(cells, start + CELLS_PER_TASK))
+    def task(start: int, stop: int) -> None:
+        em_kernel.fit_cells(*arrays, start, stop)
 
-    starts = range(0, cells, CELLS_PER_TASK)
-    threads = max(1, min(torch.get_num_threads(), len(starts)))
-    if threads == 1:
-        for start in starts:
-            task(start)
-    else:
-        list(_thread_pool(threads).map(task, starts))
+    _in_threads(task, cells, CELLS_PER_TASK)
     return (weights, means, variances), converged, n_iter, last
+
+
+def _in_threads(task, cells: int, per_task: int) -> None:
+    """task(start, stop) on consecutive ranges of `per_task` cells, in as many threads as
+    torch's (the kernels release the GIL)."""
+    ranges = [(start, min(cells, start + per_task)) for start in range(0, cells, per_task)]
+    threads = max(1, min(torch.get_num_threads(), len(ranges)))
+    if threads == 1:
+        for start, stop in ranges:
+            task(start, stop)
+    else:
+        list(_thread_pool(threads).map(lambda bounds: task(*bounds), ranges))
 
 
 @functools.cache

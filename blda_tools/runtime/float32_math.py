@@ -1,4 +1,4 @@
-"""exp and log of float32 values written out for numba loops that should be vectorised.
+"""exp, exp2 and log of float32 values written out for numba loops that should be vectorised.
 
 numba lowers `math.exp` / `np.exp` to one libm call per value (no SVML in a plain install), so
 a loop over pixels that calls them runs one value at a time. These are straight-line float32
@@ -26,6 +26,16 @@ _LN2_HIGH, _LN2_LOW = _F(0.693359375), _F(math.log(2.0) - 0.693359375)
 _T0, _T1, _T2, _T3 = _F(1.0), _F(1.0), _F(1.0 / 2), _F(1.0 / 6)
 _T4, _T5, _T6, _T7 = _F(1.0 / 24), _F(1.0 / 120), _F(1.0 / 720), _F(1.0 / 5040)
 _SQRT_2, _HALF, _LN2 = _F(math.sqrt(2.0)), _F(0.5), _F(math.log(2.0))
+# 2^v = 2^n 2^r, n = round(v), r = v - n exact in float32, |r| <= 1/2. Adding 1.5 * 2^23 rounds
+# v to an integer and leaves n + 127 in the low bits of the sum, so 2^n is those bits shifted
+# into the exponent field (no float-to-int conversion); the 127 is part of the shifter.
+# 2^r by a degree-6 polynomial fitted to 2^r's relative error on [-1/2, 1/2] (iteratively
+# reweighted least squares, near minimax; 1.6e-8 with these float32 coefficients, a quarter of
+# an ulp, where Taylor needs degree 7).
+_SHIFTER = _F(1.5 * 2**23 + 127)
+_P0, _P1, _P2 = _F(1.0), _F(0.6931471824645996), _F(0.24022646248340607)
+_P3, _P4 = _F(0.05550328642129898), _F(0.009618489071726799)
+_P5, _P6 = _F(0.0013399930903688073), _F(0.00015345810970757157)
 
 
 @intrinsic
@@ -63,6 +73,39 @@ def exp32(value):
     p = p * r + _T1
     p = p * r + _T0
     return p * float32_from_bits(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
+
+
+@numba.njit(inline="always")
+def exp2_32(value):
+    """2^value for a float32 value in [-125, 0], relative error about one ulp (see _SHIFTER):
+    cheaper than `exp32` where the caller keeps its logarithms in base 2."""
+    shifted = value + _SHIFTER
+    r = value - (shifted - _SHIFTER)  # (shifted - _SHIFTER) = round(value), exactly
+    p = _P6
+    p = p * r + _P5
+    p = p * r + _P4
+    p = p * r + _P3
+    p = p * r + _P2
+    p = p * r + _P1
+    p = p * r + _P0
+    return p * float32_from_bits(bits_of_float32(shifted) << np.int32(23))
+
+
+@intrinsic
+def prefer_wide_vectors(typingctx):
+    """Lets LLVM vectorise the calling kernel with 512-bit registers: on AVX-512 CPUs it
+    prefers 256-bit ones by default (a tuning for CPUs that slow down on wide instructions),
+    and the EM kernel measured 1.2x faster with 512-bit ones on a Sapphire Rapids VM. No effect
+    on CPUs without AVX-512. llvmlite checks attribute names against a list that lacks LLVM's
+    string attributes, hence the set's own add."""
+
+    def codegen(context, builder, signature, args):
+        attributes = builder.function.attributes
+        if isinstance(attributes, set):
+            set.add(attributes, '"prefer-vector-width"="512"')
+        return context.get_dummy_value()
+
+    return types.none(), codegen
 
 
 @numba.njit(inline="always")
