@@ -118,22 +118,26 @@ def bench_regimes(pixels: int, threads: int, names: list[str]) -> None:
     the bounds leave undecided, and the 11-tau sweep's cost ratio to one tau."""
     print(f"\nGaussian logits of every difficulty, {pixels:,} pixels, tau = 1, {threads} threads:")
     for name in names:
-        calibrator, _ = fit_calibrator(500_000, name)
-        logits, labels = synthetic_logits(pixels, seed=2, regime=name)
-        calibrator.predict(logits[:4096], 1.0, threads=threads)  # compile outside the timing
-        rate = best_rate(lambda: calibrator.predict(logits, 1.0, threads=threads), pixels)
-        cpu_rate = best_rate.cpu
-        certified = certified_predictions(logits, [1.0], calibrator.certify_tables())[0]
-        undecided = 100 * (certified == UNDECIDED).float().mean().item()
-        single = best_rate(lambda: TauSweep(calibrator, [1.0]).update(logits, labels), pixels)
-        single_cpu = best_rate.cpu
-        taus = parse_tau_spec("0:1:0.1")
-        eleven = best_rate(lambda: TauSweep(calibrator, taus).update(logits, labels), pixels)
-        print(
-            f"  {name:<26} apply {rate / 1e6:6.2f} M px/s wall ({cpu_rate / 1e6:5.2f} per "
-            f"CPU-s), undecided {undecided:.2f}%; sweep 11/1 {single / eleven:4.2f} wall "
-            f"{single_cpu / best_rate.cpu:4.2f} CPU"
-        )
+        print(f"  {name:<26} {_bench_regime(name, pixels, threads)}")
+
+
+def _bench_regime(name: str, pixels: int, threads: int) -> str:
+    calibrator, _ = fit_calibrator(500_000, name)
+    logits, labels = synthetic_logits(pixels, seed=2, regime=name)
+    calibrator.predict(logits[:4096], 1.0, threads=threads)  # compile outside the timing
+    rate = best_rate(lambda: calibrator.predict(logits, 1.0, threads=threads), pixels)
+    cpu_rate = best_rate.cpu
+    certified = certified_predictions(logits, [1.0], calibrator.certify_tables())[0]
+    undecided = 100 * (certified == UNDECIDED).float().mean().item()
+    single = best_rate(lambda: TauSweep(calibrator, [1.0]).update(logits, labels), pixels)
+    single_cpu = best_rate.cpu
+    taus = parse_tau_spec("0:1:0.1")
+    eleven = best_rate(lambda: TauSweep(calibrator, taus).update(logits, labels), pixels)
+    return (
+        f"apply {rate / 1e6:6.2f} M px/s wall ({cpu_rate / 1e6:5.2f} per CPU-s), undecided "
+        f"{undecided:.2f}%; sweep 11/1 {single / eleven:4.2f} wall "
+        f"{single_cpu / best_rate.cpu:4.2f} CPU"
+    )
 
 
 def _names() -> list[str]:

@@ -39,7 +39,6 @@ The third margin (>= 7e-6) covers the certificate's own error: float64 rounding 
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numba
@@ -53,9 +52,9 @@ from blda_tools.calibration.eq7.steps import (
     block_step_two,
     block_steps,
     exact_winner,
+    fast_exp,
     grid_cell,
     range_ends,
-    softplus,
 )
 from blda_tools.errors import BLDAError
 from blda_tools.runtime.jit import kernel
@@ -255,7 +254,8 @@ def _gather_pixels(columns, magnitude, pixels, size, chosen, chosen_magnitude) -
 @numba.njit(inline="always")
 def _decide_exactly(values, tau, margin, ends, k, winner, weakest, compact, exact, tables):
     """Pixel k of the block at a single tau, undecided by steps 1 and 2: `exact_winner` given
-    the classes step 2 kept and their bounds U_c = -softplus(upper gap) (module docstring)."""
+    the classes step 2 kept and their bounds U_c = -log1p(e^(upper gap)) (module docstring),
+    passed as e^(upper gap): one exponential per kept class instead of three libm calls."""
     line, fraction, beyond, gap, kept, upper = exact
     position, kept_left, others_sums = compact[1], compact[5], compact[6]
     column = position[k]
@@ -264,7 +264,7 @@ def _decide_exactly(values, tau, margin, ends, k, winner, weakest, compact, exac
         kept[c] = kept_left[c, column]
         if kept[c]:
             others = second if c == largest_at else largest
-            upper[c] = -softplus(math.log(others_sums[c, column]) + others - ends[1][c, k])
+            upper[c] = others_sums[c, column] * fast_exp(others - ends[1][c, k])
     return exact_winner(
         values, tau, margin, winner, kept, upper, tables, (line, fraction, beyond, gap)
     )

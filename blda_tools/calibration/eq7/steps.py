@@ -70,11 +70,6 @@ def fast_exp(value: float) -> float:
 
 
 @numba.njit(inline="always")
-def softplus(value: float) -> float:
-    return max(value, 0.0) + math.log1p(math.exp(-abs(value)))
-
-
-@numba.njit(inline="always")
 def grid_cell(value, column, by_column, points):
     """(row of the table, fraction, distance beyond the table) of logit `value` in `column`:
     the grid position computed in float32 exactly as `gather_offsets` does, so that every
@@ -92,8 +87,9 @@ def exact_winner(values, tau, margin, winner, kept, upper, tables, work) -> int:
     `winner` and of the `kept` classes (every class the bounds could not rule out, so the full
     computation's winner is among them) from the interpolated offsets themselves, in float64;
     the best is the winner when it beats every other candidate by more than 3 margin, else
-    UNDECIDED. A kept class whose bound U_c (`upper`) is already below the best exact score
-    less 3 margin needs no exact score. `values`: the pixel's float32 logits; `tables`: a
+    UNDECIDED. A kept class whose bound U_c = -log1p(`upper`) is already below the best
+    exact score less 3 margin needs no exact score (tested as `upper` > expm1(3 margin -
+    best), with no logarithm per class). `values`: the pixel's float32 logits; `tables`: a
     `CertifyTables` tuple; `work` = (line ``(C,)`` int64, fraction float32, beyond, gap
     float64)."""
     by_column, by_target, adjusted_lc = tables[1], tables[2], tables[3]
@@ -108,15 +104,17 @@ def exact_winner(values, tau, margin, winner, kept, upper, tables, work) -> int:
     best_at, runner_up = winner, -math.inf
     if math.isnan(best):
         return UNDECIDED
+    skip = math.expm1(3.0 * margin - best)
     for c in range(num_classes):
-        if c == winner or not kept[c] or upper[c] < best - 3.0 * margin:
+        if c == winner or not kept[c] or upper[c] > skip:
             continue
         score = _exact_log_score(values, c, tau, work, by_target[c], adjusted_lc)
         if math.isnan(score):
             return UNDECIDED
         runner_up = max(runner_up, min(best, score))
-        best_at = c if score > best else best_at
-        best = max(best, score)
+        if score > best:
+            best_at, best = c, score
+            skip = math.expm1(3.0 * margin - best)
     return best_at if best - runner_up > 3.0 * margin else UNDECIDED
 
 
@@ -216,10 +214,16 @@ def block_step_two(ends, count, winner, threshold, weakest, left, compact) -> No
     for c in range(own_high.shape[0]):
         for k in range(pixels):
             term = fast_exp(weak_left[c, k] - largest[k])
-            again = fast_exp(weak_left[c, k] - second[k])  # for c = largest_at: without it
             shifted[c, k] = term
             total[k] += term
-            resum[k] += 0.0 if c == largest_at[k] else again
+            resum[k] += 0.0 if c == largest_at[k] else term
+    for k in range(pixels):
+        # For c = largest_at the sum without it, shifted by `second` instead: one rescaling
+        # per pixel, not a second exponential per class. Beyond a gap of 600 the clamped
+        # exponentials could overstate it; 1 (the term of `second` itself) is a lower bound,
+        # which only keeps more classes.
+        gap = largest[k] - second[k]
+        resum[k] = resum[k] * fast_exp(gap) if gap <= 600.0 else 1.0
     for c in range(own_high.shape[0]):
         for k in range(pixels):
             others = second[k] if c == largest_at[k] else largest[k]
