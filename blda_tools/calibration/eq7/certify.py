@@ -103,13 +103,13 @@ def certify_tables(
 
 # Pixels certified together, class-major (see `certify_rows`): one tau, and a sweep, whose
 # halved tau ranges each concern a fraction of the block (fastest in bench_calibrate.py).
-BLOCK_ROWS, SWEEP_BLOCK_ROWS = 128, 512
+BLOCK_ROWS, SWEEP_BLOCK_ROWS = 256, 512
 
 
 @numba.njit(inline="always")
 def _load_block(logits, first, count, by_cell, by_column, columns, magnitude) -> None:
     """Rows [first, first + count) of `logits` into `columns` = (logit, own, lowest, highest),
-    class-major ``(C, BLOCK_ROWS)`` float64: the logits, Delta_cc(f[c]) and the bounds of
+    class-major ``(C, BLOCK_ROWS)`` float32: the logits, Delta_cc(f[c]) and the bounds of
     Delta_c'c(f[c]) over c' != c; and per pixel the largest |logit| and |offset| into
     `magnitude` ``(2, BLOCK_ROWS)``. Written class-major directly, without a branch: beyond
     the table (`beyond` != 0) adjusted cells fall with slope -1 and unadjusted ones stay 0
@@ -158,8 +158,22 @@ def certify_rows(logits, start, stop, taus, tables, prediction) -> None:
 def _BlockArrays(num_classes: int, block: int, count: int):  # noqa: N802 (a record of arrays)
     """The scratch of `_certify_block`, allocated once per call of `certify_rows`."""
     shape = (num_classes, block)
-    columns = (np.empty(shape), np.empty(shape), np.empty(shape), np.empty(shape))
-    chosen = (np.empty(shape), np.empty(shape), np.empty(shape), np.empty(shape))
+    # float32: every loaded value is a float32 (logits, table values and their float32
+    # interpolation), so the class-major copies are exact at half the bytes; the steps
+    # compute in float64 from them.
+    f32 = np.float32
+    columns = (
+        np.empty(shape, f32),
+        np.empty(shape, f32),
+        np.empty(shape, f32),
+        np.empty(shape, f32),
+    )
+    chosen = (
+        np.empty(shape, f32),
+        np.empty(shape, f32),
+        np.empty(shape, f32),
+        np.empty(shape, f32),
+    )
     ends = (np.empty(shape), np.empty(shape), np.empty(shape), np.empty(shape))
     strongest = (np.empty(block), np.empty(block, np.int64), np.empty(block))
     weakest = (np.empty(block), np.empty(block, np.int64), np.empty(block))
@@ -276,8 +290,8 @@ def offset_bounds_rows(logits, by_cell, by_column):
     (what `certify_rows` loads, for tests and diagnostics)."""
     count, num_classes = logits.shape
     columns = (
-        np.empty((num_classes, count)), np.empty((num_classes, count)),
-        np.empty((num_classes, count)), np.empty((num_classes, count)),
+        np.empty((num_classes, count), np.float32), np.empty((num_classes, count), np.float32),
+        np.empty((num_classes, count), np.float32), np.empty((num_classes, count), np.float32),
     )  # fmt: skip
     _load_block(logits, 0, count, by_cell, by_column, columns, np.empty((2, count)))
     return columns[1].T.copy(), columns[2].T.copy(), columns[3].T.copy()
