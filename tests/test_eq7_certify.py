@@ -115,6 +115,30 @@ def test_certified_predictions_are_the_full_computation(fitted, seed, scale, ste
             assert torch.equal(calibrator.log_scores(sample, tau).argmax(1), full)
 
 
+@pytest.mark.parametrize("gap", [550.0, 650.0, 720.0])
+def test_huge_gaps_between_weak_terms_stay_exact(fitted, gap):
+    """One or two classes raised by about 600 to 700 over the rest: the rescaled sums of step
+    2 (their fallback beyond a gap of 600) and the clamps of fast_exp near exp(700)."""
+    calibrator, logits = fitted
+    generator = torch.Generator().manual_seed(int(gap))
+    sample = logits[:600].clone()
+    rows = torch.arange(600)
+    first = torch.randint(0, sample.shape[1], (600,), generator=generator)
+    second = (first + 1) % sample.shape[1]
+    sample[rows, first] += gap
+    pair = rows % 3 == 0  # a near tie at the top, far above the others
+    sample[rows[pair], second[pair]] += gap + torch.randn(int(pair.sum()), generator=generator)
+    sample = sample.contiguous()
+    kernel, tables = calibrator.kernel_tensors(), calibrator.certify_tables()
+    taus = [0.1, 0.5, 1.0]
+    certified = certified_predictions(sample, taus, tables)
+    for index, tau in enumerate(taus):
+        full = full_prediction(sample, kernel, tau)
+        decided = certified[index] != UNDECIDED
+        assert torch.equal(certified[index][decided], full[decided])
+        assert torch.equal(calibrator.predict(sample, tau), full)
+
+
 def test_sweep_confusion_is_the_full_computation_for_every_tau(fitted):
     calibrator, logits = fitted
     C = calibrator.num_classes
