@@ -65,18 +65,20 @@ FLOAT32_EPS = float(np.finfo(np.float32).eps)
 class CertifyTables(NamedTuple):
     """The bound tables as numpy arrays for the kernel (see `eq7_pruning.bound_tables`).
 
-    `by_cell` ``(C * G, 4)`` float32: own, own_step, lowest, highest (a grid cell's values
-    side by side: 16 bytes per logit); `by_column`
-    ``(7, C)`` float32: low, inv_step, high (the grid of `gather_offsets`), slope, own_slope,
-    floor, ceiling (the extrapolation beyond the table); `by_target` ``(C_c, C_l * G, 2)``
-    float32: the table of `gather_offsets` (value and increment at grid point g of column l
-    for target class c, side by side) and `adjusted_lc` ``(C_l, C_c)`` float32, for the exact
-    scores of the pixels the bounds leave undecided."""
+    `by_cell` ``(C * G, 4)`` float32: own, own_step, lowest_inside, highest_inside (a grid
+    cell's values side by side: 16 bytes per logit); `by_column` ``(7, C)`` float32: low,
+    inv_step, high (the grid of `gather_offsets`), slope, own_slope, floor, ceiling (the
+    extrapolation beyond the table); `by_target` ``(C_c, C_l * G, 2)`` float32: the table of
+    `gather_offsets` (value and increment at grid point g of column l for target class c, side
+    by side) and `adjusted_lc` ``(C_l, C_c)`` float32, for the exact scores of the pixels the
+    bounds leave undecided; `by_cell_beyond` ``(C * G, 2)`` float32: lowest, highest without
+    the unadjusted zeros, for the rare logits beyond the table."""
 
     by_cell: np.ndarray
     by_column: np.ndarray
     by_target: np.ndarray
     adjusted_lc: np.ndarray
+    by_cell_beyond: np.ndarray
 
 
 def certify_tables(
@@ -85,7 +87,7 @@ def certify_tables(
     """`CertifyTables` from the torch bound tables and the tables of `gather_offsets`,
     `kernel` = (rows, low, inv_step, high, adjusted_lc)."""
     rows, low, inv_step, high, adjusted_lc = kernel
-    cells = ("own", "own_step", "lowest", "highest")
+    cells = ("own", "own_step", "lowest_inside", "highest_inside")
     columns = [low, inv_step, high] + [
         tables[name].reshape(-1) for name in ("slope", "own_slope", "floor", "ceiling")
     ]
@@ -98,6 +100,7 @@ def certify_tables(
         by_column.contiguous().numpy(),
         by_target.to(torch.float32).contiguous().numpy(),
         adjusted_lc.to(torch.float32).contiguous().numpy(),
+        torch.stack([tables["lowest"], tables["highest"]], 1).to(torch.float32).numpy(),
     )
 
 
@@ -107,30 +110,29 @@ BLOCK_ROWS, SWEEP_BLOCK_ROWS = 256, 512
 
 
 @numba.njit(inline="always")
-def _load_block(logits, first, count, by_cell, by_column, columns, magnitude) -> None:
+def _load_block(logits, first, count, tables, columns, magnitude) -> None:
     """Rows [first, first + count) of `logits` into `columns` = (logit, own, lowest, highest),
     class-major ``(C, BLOCK_ROWS)`` float32: the logits, Delta_cc(f[c]) and the bounds of
     Delta_c'c(f[c]) over c' != c; and per pixel the largest |logit| and |offset| into
-    `magnitude` ``(2, BLOCK_ROWS)``. Written class-major directly, without a branch: beyond
-    the table (`beyond` != 0) adjusted cells fall with slope -1 and unadjusted ones stay 0
-    (floor, ceiling); inside it (`beyond` = 0) the same formulas give the tabulated bounds, so
-    the loop over pixels is vectorised (gathers) and needs no transpose."""
+    `magnitude` ``(2, BLOCK_ROWS)``; `tables`: a `CertifyTables` tuple. Gathered class-major
+    directly (no transpose) as if every logit were inside the table, then the rare ones beyond
+    it corrected (`_load_beyond`): the common loop does no extrapolation arithmetic."""
+    by_cell, by_column = tables[0], tables[1]
     logit, own, lowest, highest = columns
     num_classes = logits.shape[1]
     points = by_cell.shape[0] // num_classes
+    outside = False
     for c in range(num_classes):
-        slope, own_slope = by_column[3, c], by_column[4, c]
-        floor, ceiling = by_column[5, c], by_column[6, c]
+        low, high = by_column[0, c], by_column[2, c]
         for j in range(count):  # scalar: LLVM does not vectorise the table gathers here
             value = logits[first + j, c]
-            cell, fraction, beyond = grid_cell(value, c, by_column, points)
-            # float32 as in gather_offsets: the same own offset, and a rounding that keeps a
-            # bound on the same side (rounding is monotone).
-            offset = by_cell[cell, 0] + fraction * by_cell[cell, 1]
-            logit[c, j] = value
-            own[c, j] = offset - beyond * own_slope
-            lowest[c, j] = min(by_cell[cell, 2] - beyond * slope, floor)
-            highest[c, j] = max(by_cell[cell, 3] - beyond * slope, ceiling)
+            cell, fraction, _ = grid_cell(value, c, by_column, points)
+            # float32 as in gather_offsets: the same own offset
+            own[c, j] = by_cell[cell, 0] + fraction * by_cell[cell, 1]
+            logit[c, j], lowest[c, j], highest[c, j] = value, by_cell[cell, 2], by_cell[cell, 3]
+            outside |= (value < low) | (value > high)
+    if outside:
+        _load_beyond(logits, first, count, tables, columns)
     # A pass of its own over the class-major arrays: vectorised, 4x cheaper than in the loop.
     magnitude[:, :count] = 0.0
     for c in range(num_classes):
@@ -138,6 +140,27 @@ def _load_block(logits, first, count, by_cell, by_column, columns, magnitude) ->
             magnitude[0, j] = max(magnitude[0, j], abs(logit[c, j]))
             largest = max(abs(own[c, j]), abs(lowest[c, j]), abs(highest[c, j]))
             magnitude[1, j] = max(magnitude[1, j], largest)
+
+
+@numba.njit(inline="always")
+def _load_beyond(logits, first, count, tables, columns) -> None:
+    """The logits of the block beyond their column's table: there adjusted cells fall with
+    slope -1 (Eq. 6, z' constant) and unadjusted ones stay 0 (floor, ceiling), in float32 as
+    `gather_offsets` subtracts, a rounding that keeps each bound on its side (monotone)."""
+    by_cell, by_column, by_cell_beyond = tables[0], tables[1], tables[4]
+    logit, own, lowest, highest = columns
+    points = by_cell.shape[0] // logits.shape[1]
+    for c in range(logits.shape[1]):
+        slope, own_slope = by_column[3, c], by_column[4, c]
+        floor, ceiling = by_column[5, c], by_column[6, c]
+        for j in range(count):
+            if by_column[0, c] <= logit[c, j] <= by_column[2, c]:
+                continue
+            cell, fraction, beyond = grid_cell(logit[c, j], c, by_column, points)
+            offset = by_cell[cell, 0] + fraction * by_cell[cell, 1]
+            own[c, j] = offset - beyond * own_slope
+            lowest[c, j] = min(by_cell_beyond[cell, 0] - beyond * slope, floor)
+            highest[c, j] = max(by_cell_beyond[cell, 1] - beyond * slope, ceiling)
 
 
 @kernel(depends_on=(steps,))
@@ -150,7 +173,7 @@ def certify_rows(logits, start, stop, taus, tables, prediction) -> None:
     block = _BlockArrays(logits.shape[1], size, taus.shape[0])
     for first in range(start, stop, size):
         count = min(size, stop - first)
-        _load_block(logits, first, count, tables[0], tables[1], block[0], block[1])
+        _load_block(logits, first, count, tables, block[0], block[1])
         _certify_block(logits, first, count, taus, tables, block, prediction)
 
 
@@ -285,15 +308,16 @@ def _decide_exactly(values, tau, margin, ends, k, winner, weakest, compact, exac
 
 
 @kernel(depends_on=(steps,))
-def offset_bounds_rows(logits, by_cell, by_column):
-    """Delta_cc(f[c]) and the bounds of Delta_c'c(f[c]) over c' != c, each ``(n, C)`` float64
-    (what `certify_rows` loads, for tests and diagnostics)."""
+def offset_bounds_rows(logits, tables):
+    """Delta_cc(f[c]) and the bounds of Delta_c'c(f[c]) over c' != c, each ``(n, C)`` float32
+    (what `certify_rows` loads, for tests and diagnostics); `tables`: a `CertifyTables`
+    tuple."""
     count, num_classes = logits.shape
     columns = (
         np.empty((num_classes, count), np.float32), np.empty((num_classes, count), np.float32),
         np.empty((num_classes, count), np.float32), np.empty((num_classes, count), np.float32),
     )  # fmt: skip
-    _load_block(logits, 0, count, by_cell, by_column, columns, np.empty((2, count)))
+    _load_block(logits, 0, count, tables, columns, np.empty((2, count)))
     return columns[1].T.copy(), columns[2].T.copy(), columns[3].T.copy()
 
 

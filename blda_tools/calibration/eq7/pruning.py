@@ -48,8 +48,9 @@ def bound_tables(offsets: Tensor, adjusted: Tensor, rows: Tensor) -> dict[str, T
     Beyond the table adjusted cells all continue with slope -1 (Eq. 6, z' constant), so their
     bounds shift with them, while unadjusted cells stay at 0: `slope` / `own_slope` ``(C, 1)``
     are 1.0 where column l has adjusted off-diagonal / diagonal cells, `floor` / `ceiling` 0
-    where it has unadjusted off-diagonal cells and +inf / -inf where not (inside the table the
-    certificate folds them in with the same min / max, at distance 0 beyond).
+    where it has unadjusted off-diagonal cells and +inf / -inf where not. `lowest_inside`,
+    `highest_inside`: the bounds with those zeros folded in, for logits inside the table (the
+    common case, loaded without any extrapolation arithmetic).
     """
     num_classes, _, points = offsets.shape
     diagonal = torch.arange(num_classes)
@@ -72,6 +73,13 @@ def bound_tables(offsets: Tensor, adjusted: Tensor, rows: Tensor) -> dict[str, T
         "own_slope": adjusted[diagonal, diagonal, None].to(torch.float32),
         "floor": torch.where(has_unadjusted, 0.0, math.inf).to(torch.float32),
         "ceiling": torch.where(has_unadjusted, 0.0, -math.inf).to(torch.float32),
+        # Inside the table unadjusted cells are 0 like any tabulated value: folded in.
+        "lowest_inside": torch.where(has_unadjusted, lowest.clamp(max=0), lowest)
+        .reshape(-1)
+        .to(torch.float32),
+        "highest_inside": torch.where(has_unadjusted, highest.clamp(min=0), highest)
+        .reshape(-1)
+        .to(torch.float32),
     }
     return tables
 
