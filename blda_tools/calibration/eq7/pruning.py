@@ -118,12 +118,12 @@ def predict_taus(
     # torch held at one thread for the whole loop: its spinning OpenMP workers took cores from
     # the certificate threads (measured: 2 threads 0.38 s instead of 0.31 s per million pixels).
     with torch_threads(1):
-        list(_thread_pool(threads).map(work, range(threads)))
+        list(thread_pool(threads).map(work, range(threads)))
     return prediction
 
 
 @functools.cache
-def _thread_pool(threads: int) -> ThreadPoolExecutor:
+def thread_pool(threads: int) -> ThreadPoolExecutor:
     """One pool per thread count, kept for the process: starting threads for every block cost
     a few milliseconds per call (measured: 2 threads on 2^18 pixels 57 ms with a new pool,
     50 ms with a kept one)."""
