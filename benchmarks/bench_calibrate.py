@@ -1,7 +1,7 @@
 """Benchmark post-hoc CDF alignment (Eq. 7) for C = 19: apply, tau sweep, peak memory.
 
     python benchmarks/bench_calibrate.py [--pixels 1000000] [--threads 2] [--sizes 500000 2000000]
-                                         [--compile]
+                                         [--compile] [--quick] [--regimes NAME ...]
 
 Prints the machine and:
 - the fit time of a Calibrator (361 cells, K = 5) from statistics of synthetic logits;
@@ -15,6 +15,9 @@ Prints the machine and:
   same pixels: pixels per second and the cost ratio (target <= 2), wall and CPU;
 - the peak RSS of `apply_calibrator` and of a sweep over stores of two sizes, each measured in a
   fresh process (target: independent of the store size).
+- per regime of Gaussian logits (`REGIMES`: well and badly separated classes, strong and weak
+  biases), each with a calibrator fitted on it: apply rate, undecided share, sweep ratio.
+`--quick` skips the slow full C x C and alternative timings.
 Targets (issue 20): apply >= 10 M px/s for one tau on the 2-core machine; sweep <= 2x one tau.
 """
 
@@ -45,15 +48,33 @@ from blda_tools.statistics import LogitGrid, LogitSetStatistics
 NUM_CLASSES = 19
 
 
-def synthetic_logits(pixels: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+# Gaussian logits of every difficulty (issue 20): name -> (separation, bias, spread). The
+# label's logit is raised by `separation` (well separated classes: 8, badly: 1); the per-class
+# bias runs linearly from +bias to -bias (a strong or weak bias of the model toward the frequent
+# classes); spreads run from spread[0] to spread[1] across the classes. "bench" is the data of
+# the other figures.
+REGIMES = {
+    "bench": (4.0, 1.5, (0.7, 2.0)),
+    "separated, weak bias": (8.0, 0.3, (0.7, 2.0)),
+    "separated, strong bias": (8.0, 3.0, (0.7, 2.0)),
+    "overlapping, weak bias": (1.0, 0.3, (0.7, 2.0)),
+    "overlapping, strong bias": (1.0, 3.0, (0.7, 2.0)),
+    "narrow, overlapping": (0.5, 0.5, (0.3, 0.5)),
+}
+
+
+def synthetic_logits(
+    pixels: int, seed: int = 0, regime: str = "bench"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-conditional Gaussian logits with per-class biases and spreads (a biased model)."""
+    separation, bias, (narrowest, widest) = REGIMES[regime]
     generator = torch.Generator().manual_seed(seed)
     prior = torch.linspace(3.0, 0.2, NUM_CLASSES)
     labels = torch.multinomial(prior / prior.sum(), pixels, True, generator=generator)
-    spread = torch.linspace(0.7, 2.0, NUM_CLASSES)
-    bias = torch.linspace(1.5, -1.5, NUM_CLASSES)
-    logits = torch.randn(pixels, NUM_CLASSES, generator=generator) * spread + bias
-    logits += 4.0 * torch.nn.functional.one_hot(labels, NUM_CLASSES)
+    spread = torch.linspace(narrowest, widest, NUM_CLASSES)
+    logits = torch.randn(pixels, NUM_CLASSES, generator=generator) * spread
+    logits += torch.linspace(bias, -bias, NUM_CLASSES)
+    logits += separation * torch.nn.functional.one_hot(labels, NUM_CLASSES)
     return logits, labels
 
 
@@ -82,13 +103,41 @@ def print_machine(threads: int) -> None:
     print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
 
 
-def fit_calibrator(pixels: int) -> tuple[Calibrator, float]:
-    logits, _ = synthetic_logits(pixels, seed=1)
+def fit_calibrator(pixels: int, regime: str = "bench") -> tuple[Calibrator, float]:
+    logits, _ = synthetic_logits(pixels, seed=1, regime=regime)
     statistics = LogitSetStatistics(NUM_CLASSES, LogitGrid(), class_names=_names())
     statistics.update(logits, logits.argmax(1))
     start = time.perf_counter()
     calibrator = Calibrator(n_components=5, min_samples=100, table_points=2048).fit(statistics)
     return calibrator, time.perf_counter() - start
+
+
+def bench_regimes(pixels: int, threads: int, names: list[str]) -> None:
+    """Per regime of `REGIMES`: a calibrator fitted on that regime's logits (as a user fits on
+    their own model's), then the exact prediction at tau = 1 (`threads` threads), the share
+    the bounds leave undecided, and the 11-tau sweep's cost ratio to one tau."""
+    print(f"\nGaussian logits of every difficulty, {pixels:,} pixels, tau = 1, {threads} threads:")
+    for name in names:
+        print(f"  {name:<26} {_bench_regime(name, pixels, threads)}")
+
+
+def _bench_regime(name: str, pixels: int, threads: int) -> str:
+    calibrator, _ = fit_calibrator(500_000, name)
+    logits, labels = synthetic_logits(pixels, seed=2, regime=name)
+    calibrator.predict(logits[:4096], 1.0, threads=threads)  # compile outside the timing
+    rate = best_rate(lambda: calibrator.predict(logits, 1.0, threads=threads), pixels)
+    cpu_rate = best_rate.cpu
+    certified = certified_predictions(logits, [1.0], calibrator.certify_tables())[0]
+    undecided = 100 * (certified == UNDECIDED).float().mean().item()
+    single = best_rate(lambda: TauSweep(calibrator, [1.0]).update(logits, labels), pixels)
+    single_cpu = best_rate.cpu
+    taus = parse_tau_spec("0:1:0.1")
+    eleven = best_rate(lambda: TauSweep(calibrator, taus).update(logits, labels), pixels)
+    return (
+        f"apply {rate / 1e6:6.2f} M px/s wall ({cpu_rate / 1e6:5.2f} per CPU-s), undecided "
+        f"{undecided:.2f}%; sweep 11/1 {single / eleven:4.2f} wall "
+        f"{single_cpu / best_rate.cpu:4.2f} CPU"
+    )
 
 
 def _names() -> list[str]:
@@ -113,12 +162,13 @@ def predict_nearest(calibrator: Calibrator, logits: torch.Tensor, tau: float, bl
     return out
 
 
-def bench_apply(calibrator: Calibrator, logits: torch.Tensor, use_compile: bool) -> float:
+def bench_apply(calibrator: Calibrator, logits: torch.Tensor, use_compile: bool, quick: bool):
     pixels = logits.shape[0]
     print(f"\n--apply, one tau (tau = 1), {pixels:,} pixels in memory, C = {NUM_CLASSES}:")
     kernel = calibrator.kernel_tensors()
-    rate = best_rate(lambda: pruning.full_prediction(logits, kernel, 1.0), pixels)
-    print(f"  full C x C computation (no pruning), block 1024: {rates(rate)} (before)")
+    if not quick:
+        rate = best_rate(lambda: pruning.full_prediction(logits, kernel, 1.0), pixels)
+        print(f"  full C x C computation (no pruning), block 1024: {rates(rate)} (before)")
     default_rate, default_block = 0.0, pruning.PRUNE_BLOCK
     for block in sorted({16384, 65536, 262144, default_block}):
         pruning.PRUNE_BLOCK = block
@@ -129,9 +179,11 @@ def bench_apply(calibrator: Calibrator, logits: torch.Tensor, use_compile: bool)
     pruning.PRUNE_BLOCK = default_block
     rate = best_rate(lambda: calibrator.predict(logits, 1.0, threads=1), pixels)
     print(f"  pruned (exact), one thread:    {rates(rate)}")
+    print_undecided(calibrator, logits)
+    if quick:
+        return default_rate
     rate = best_rate(lambda: predict_nearest(calibrator, logits, 1.0, 1024), pixels)
     print(f"  full, nearest grid point, block 1024: {rates(rate)} (alternative, not exact)")
-    print_undecided(calibrator, logits)
     part = logits[:1024]
     gaps = score_gaps(part, gather_offsets(part, *kernel))
     work = torch.empty(1024, NUM_CLASSES, NUM_CLASSES)
@@ -267,6 +319,13 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-speed", action="store_true", help="only the memory figures")
+    parser.add_argument(
+        "--regimes", nargs="*", default=list(REGIMES), choices=list(REGIMES), metavar="NAME",
+        help="Gaussian regimes to time (default: all; none: skip)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--quick", action="store_true", help="skip the slow full C x C and alternative timings"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print_machine(args.threads)
@@ -275,13 +334,14 @@ def main() -> None:
     if not args.skip_speed:
         logits, labels = synthetic_logits(args.pixels, seed=2)
         bandwidth, _ = print_limits()
-        rate = bench_apply(calibrator, logits, args.compile)
+        rate = bench_apply(calibrator, logits, args.compile, args.quick)
         # Memory limit: every pixel's C float32 logits read once, its prediction written.
         limit = bandwidth / (4 * NUM_CLASSES + 1)
         print(f"  memory limit (logits read once at the copy bandwidth): {limit / 1e6:.0f} M px/s")
         print(f"  target >= 10 M px/s: {'met' if rate >= 10e6 else 'NOT met'} ({rate / 1e6:.2f})")
         bench_sweep(calibrator, logits, labels)
         del logits, labels
+        bench_regimes(args.pixels, args.threads, args.regimes)
     if not args.skip_memory:
         bench_memory(calibrator, args.sizes)
 

@@ -362,7 +362,7 @@ def test_offset_bounds_enclose_every_off_diagonal_offset(five_class_calibrator, 
     generator = torch.Generator().manual_seed(seed)
     # Uniform over each column's table, widened by `reach` on both sides (extrapolation).
     logits = low - reach + torch.rand(400, 5, generator=generator) * (high - low + 2 * reach)
-    own, lowest, highest = offset_bounds_rows(logits.numpy(), *calibrator.certify_tables()[:2])
+    own, lowest, highest = offset_bounds_rows(logits.numpy(), tuple(calibrator.certify_tables()))
     truth = _interpolated_offsets(calibrator, logits.double().numpy())
     tolerance = 1e-4 * (1.0 + np.abs(truth))
     for c in range(5):

@@ -59,12 +59,18 @@ def test_fast_exp_has_a_relative_error_below_1e_10():
 @given(
     lower_gap=st.one_of(st.floats(-800.0, 800.0), st.floats(-40.0, 10.0)),
     margin=st.floats(1e-8, 1e-1),
+    total=st.sampled_from([1.0, 1.5, 18.0, 1e-30]),
 )
-def test_threshold_is_at_least_the_exact_inverse_softplus(lower_gap, margin):
+def test_threshold_is_at_least_the_exact_inverse_softplus(lower_gap, margin, total):
     mpmath.mp.dps = 60
     softplus = mpmath.log1p(mpmath.exp(lower_gap))
     exact = mpmath.log(mpmath.expm1(softplus + 3 * mpmath.mpf(margin)))
-    got = rule_out_threshold(lower_gap, margin)
+    # lower_gap = log(total) + shift: the kernel passes the sum and its shift apart
+    shift = float(lower_gap - mpmath.log(total))
+    got = rule_out_threshold(total, shift, margin)
+    if shift + 3 * margin > 700:  # beyond fast_exp's range nothing is ruled out
+        assert got == math.inf
+        return
     # At least the exact value (up to float64 rounding, far inside the spare margin), and
     # close to it: a loose threshold would leave confident pixels undecided.
     assert got >= float(exact) - 1e-12 * (1.0 + abs(lower_gap))
@@ -107,6 +113,30 @@ def test_certified_predictions_are_the_full_computation(fitted, seed, scale, ste
         if tau > 0:
             assert torch.equal(calibrator.predict(sample, tau), full)
             assert torch.equal(calibrator.log_scores(sample, tau).argmax(1), full)
+
+
+@pytest.mark.parametrize("gap", [550.0, 650.0, 720.0])
+def test_huge_gaps_between_weak_terms_stay_exact(fitted, gap):
+    """One or two classes raised by about 600 to 700 over the rest: the rescaled sums of step
+    2 (their fallback beyond a gap of 600) and the clamps of fast_exp near exp(700)."""
+    calibrator, logits = fitted
+    generator = torch.Generator().manual_seed(int(gap))
+    sample = logits[:600].clone()
+    rows = torch.arange(600)
+    first = torch.randint(0, sample.shape[1], (600,), generator=generator)
+    second = (first + 1) % sample.shape[1]
+    sample[rows, first] += gap
+    pair = rows % 3 == 0  # a near tie at the top, far above the others
+    sample[rows[pair], second[pair]] += gap + torch.randn(int(pair.sum()), generator=generator)
+    sample = sample.contiguous()
+    kernel, tables = calibrator.kernel_tensors(), calibrator.certify_tables()
+    taus = [0.1, 0.5, 1.0]
+    certified = certified_predictions(sample, taus, tables)
+    for index, tau in enumerate(taus):
+        full = full_prediction(sample, kernel, tau)
+        decided = certified[index] != UNDECIDED
+        assert torch.equal(certified[index][decided], full[decided])
+        assert torch.equal(calibrator.predict(sample, tau), full)
 
 
 def test_sweep_confusion_is_the_full_computation_for_every_tau(fitted):

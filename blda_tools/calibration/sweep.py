@@ -13,6 +13,7 @@ metrics exactly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 
 from blda_tools.calibration.calibrator import Calibrator, check_tau, predict_taus
+from blda_tools.calibration.eq7.pruning import thread_pool
 from blda_tools.calibration.sweep_counts import count_sweep
 from blda_tools.errors import BLDAError
 from blda_tools.runtime.process import torch_threads
@@ -118,18 +120,34 @@ class TauSweep:
             self.confusion[method] += torch.from_numpy(cells[method_index]).view(T, C * C)
 
     def _count_blocks(self, logits: Tensor, labels: Tensor, threads: int, cells) -> None:
-        """Add the confusion cells ``(2, T, C, C)`` of every block of rows into `cells`."""
-        taus = np.asarray(self.taus, dtype=np.float64)
+        """Add the confusion cells ``(2, T, C, C)`` of every block of rows into `cells`. Each
+        of `threads` threads predicts AND counts its part of a block: counting 11 taus after
+        the certificates, in the calling thread alone, took a third of the sweep's wall time
+        on 2 cores (measured 160 ns per pixel, against 705 ns for the 10-tau certificate)."""
+        threads = max(1, min(threads, logits.shape[0] // 4096))  # small inputs: one thread
         for start in range(0, logits.shape[0], self.block):
-            part = logits[start : start + self.block]
-            if len(self.taus) > 1:
-                predictions = predict_taus(
-                    part, self._kernel, self._tables, self.taus[1:], threads
-                ).numpy()
-            else:
-                predictions = np.empty((0, part.shape[0]), dtype=np.int64)
-            part_labels = labels[start : start + self.block].numpy()
-            count_sweep(part.numpy(), part_labels, predictions, taus, self._log_prior, cells)
+            stop = min(start + self.block, logits.shape[0])
+            bounds = np.linspace(start, stop, threads + 1).astype(np.int64).tolist()
+            parts = [slice(bounds[index], bounds[index + 1]) for index in range(threads)]
+            work = functools.partial(self._count_part, logits, labels)
+            counted = map(work, parts) if threads == 1 else thread_pool(threads).map(work, parts)
+            for part_cells in counted:
+                cells += part_cells
+
+    def _count_part(self, logits: Tensor, labels: Tensor, rows: slice) -> np.ndarray:
+        """The confusion cells ``(2, T, C, C)`` of `rows`: their Eq. 7 predictions at every
+        tau > 0 (one thread) and the counts of both methods."""
+        C, T = self.num_classes, len(self.taus)
+        part = logits[rows]
+        if T > 1:
+            predictions = predict_taus(part, self._kernel, self._tables, self.taus[1:], 1)
+            predictions = predictions.numpy()
+        else:
+            predictions = np.empty((0, part.shape[0]), dtype=np.int64)
+        cells = np.zeros((2, T, C, C), dtype=np.int64)
+        taus = np.asarray(self.taus, dtype=np.float64)
+        count_sweep(part.numpy(), labels[rows].numpy(), predictions, taus, self._log_prior, cells)
+        return cells
 
     def compute(self) -> list[SweepRow]:
         """Rows ordered by method, then tau."""

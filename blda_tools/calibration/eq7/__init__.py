@@ -12,7 +12,7 @@ changing a single prediction:
 - `certify`: the certificate. From the bounds, each class's Eq. 7 score has an upper bound U_c
   and a lower bound L_c that hold for a whole range of taus at once, so a class with
   U_c < max L cannot win; a pixel left with one candidate is decided without the C x C sum.
-- `steps`: the certificate's numba steps (three bound steps of increasing cost, then float64
+- `steps`: the certificate's numba steps (two bound steps of increasing cost, then float64
   scores of the remaining candidates at a single tau), each deciding what the previous left.
 
 Why it is exact: bounds and scores are formed in float64 with a margin larger than the float32

@@ -12,10 +12,10 @@ range and halves it only for the pixels left undecided, down to single taus.
 
 Certification of a range: k, the class with the best margin of its lowest a_kk over the others'
 strongest terms, gives a lower bound L_k on the winner's score (s_winner >= s_k >= L_k); every
-other class c is ruled out when U_c < L_k - 3 margin. Three steps, each deciding what the
-previous one left: without any exponential (log sum exp <= largest term + log(C - 1) in L_k,
->= largest term in U_c), with L_k exact, with both exact. For C = 19 and one tau they decide
-about 42%, 33% and 21% of the pixels. At a single tau a fourth step decides the rest
+other class c is ruled out when U_c < L_k - 3 margin. Two steps, the second deciding what the
+first left: with L_k exact (log sum exp >= largest term in U_c), with both exact. For C = 19
+and one tau (bench_calibrate.py's data) they decide about 76% and 21% of the pixels. At a
+single tau a third step decides the rest
 (`eq7_steps.exact_winner`, about 3%): the log scores of k and of the classes not ruled out,
 computed in float64 from the interpolated offsets themselves (skipping a class whose U_c is
 below the best exact score less 3 margin); the best wins when it leads every other by more than
@@ -26,7 +26,7 @@ Pixels go `BLOCK_ROWS` at a time (`SWEEP_BLOCK_ROWS` for several taus), class-ma
 range runs the steps over the pixels it concerns, copied side by side, so that every loop runs
 over pixels and is vectorised (`eq7_steps`).
 
-Exactness: the bounds and the step-4 scores are formed in float64, far more accurately than the
+Exactness: the bounds and the step-3 scores are formed in float64, far more accurately than the
 float32 full computation (`blda_tools.calibration.eq7.kernel`), whose error in a log score stays below
 `margin`: it rounds sums and products of terms no larger than scale = max|f| + tau max|Delta| of
 that pixel (~10 roundings each) and a sum of C exponentials (relative error ~C ulp), and margin =
@@ -39,7 +39,6 @@ The third margin (>= 7e-6) covers the certificate's own error: float64 rounding 
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numba
@@ -50,12 +49,12 @@ from torch import Tensor
 from blda_tools.calibration.eq7 import steps
 from blda_tools.calibration.eq7.steps import (
     UNDECIDED,  # noqa: F401 (the marker of undecided pixels, for callers)
-    block_step_three,
+    block_step_two,
     block_steps,
     exact_winner,
+    fast_exp,
     grid_cell,
     range_ends,
-    softplus,
 )
 from blda_tools.errors import BLDAError
 from blda_tools.runtime.jit import kernel
@@ -66,18 +65,20 @@ FLOAT32_EPS = float(np.finfo(np.float32).eps)
 class CertifyTables(NamedTuple):
     """The bound tables as numpy arrays for the kernel (see `eq7_pruning.bound_tables`).
 
-    `by_cell` ``(C * G, 6)`` float32: own, own_step, lowest_inside, highest_inside, lowest,
-    highest (a grid cell's values side by side: one cache line per logit); `by_column`
-    ``(7, C)`` float32: low, inv_step, high (the grid of `gather_offsets`), slope, own_slope,
-    floor, ceiling (the extrapolation beyond the table); `by_target` ``(C_c, C_l * G, 2)``
-    float32: the table of `gather_offsets` (value and increment at grid point g of column l
-    for target class c, side by side) and `adjusted_lc` ``(C_l, C_c)`` float32, for the exact
-    scores of the pixels the bounds leave undecided."""
+    `by_cell` ``(C * G, 4)`` float32: own, own_step, lowest_inside, highest_inside (a grid
+    cell's values side by side: 16 bytes per logit); `by_column` ``(7, C)`` float32: low,
+    inv_step, high (the grid of `gather_offsets`), slope, own_slope, floor, ceiling (the
+    extrapolation beyond the table); `by_target` ``(C_c, C_l * G, 2)`` float32: the table of
+    `gather_offsets` (value and increment at grid point g of column l for target class c, side
+    by side) and `adjusted_lc` ``(C_l, C_c)`` float32, for the exact scores of the pixels the
+    bounds leave undecided; `by_cell_beyond` ``(C * G, 2)`` float32: lowest, highest without
+    the unadjusted zeros, for the rare logits beyond the table."""
 
     by_cell: np.ndarray
     by_column: np.ndarray
     by_target: np.ndarray
     adjusted_lc: np.ndarray
+    by_cell_beyond: np.ndarray
 
 
 def certify_tables(
@@ -86,7 +87,7 @@ def certify_tables(
     """`CertifyTables` from the torch bound tables and the tables of `gather_offsets`,
     `kernel` = (rows, low, inv_step, high, adjusted_lc)."""
     rows, low, inv_step, high, adjusted_lc = kernel
-    cells = ("own", "own_step", "lowest_inside", "highest_inside", "lowest", "highest")
+    cells = ("own", "own_step", "lowest_inside", "highest_inside")
     columns = [low, inv_step, high] + [
         tables[name].reshape(-1) for name in ("slope", "own_slope", "floor", "ceiling")
     ]
@@ -99,58 +100,67 @@ def certify_tables(
         by_column.contiguous().numpy(),
         by_target.to(torch.float32).contiguous().numpy(),
         adjusted_lc.to(torch.float32).contiguous().numpy(),
+        torch.stack([tables["lowest"], tables["highest"]], 1).to(torch.float32).numpy(),
     )
 
 
 # Pixels certified together, class-major (see `certify_rows`): one tau, and a sweep, whose
 # halved tau ranges each concern a fraction of the block (fastest in bench_calibrate.py).
-BLOCK_ROWS, SWEEP_BLOCK_ROWS = 128, 512
+BLOCK_ROWS, SWEEP_BLOCK_ROWS = 256, 512
 
 
 @numba.njit(inline="always")
-def _load_block(logits, first, count, by_cell, by_column, rows, columns, magnitude) -> None:
+def _load_block(logits, first, count, tables, columns, magnitude) -> None:
     """Rows [first, first + count) of `logits` into `columns` = (logit, own, lowest, highest),
-    class-major ``(C, BLOCK_ROWS)`` float64: the logits, Delta_cc(f[c]) and the bounds of
+    class-major ``(C, BLOCK_ROWS)`` float32: the logits, Delta_cc(f[c]) and the bounds of
     Delta_c'c(f[c]) over c' != c; and per pixel the largest |logit| and |offset| into
-    `magnitude` ``(2, BLOCK_ROWS)``. Computed pixel-major into `rows` (the same four arrays
-    ``(BLOCK_ROWS, C)``: contiguous over classes, which the compiler vectorises) and
-    transposed."""
-    for j in range(count):
-        magnitude[0, j], magnitude[1, j] = _offset_bounds(
-            logits, first + j, by_cell, by_column, rows[0][j], rows[1][j], rows[2][j], rows[3][j]
-        )
-    for name in range(4):
-        source, target = rows[name], columns[name]
-        for c in range(source.shape[1]):
-            for j in range(count):
-                target[c, j] = source[j, c]
-
-
-@numba.njit(inline="always")
-def _offset_bounds(logits, row, by_cell, by_column, logit, own, lowest, highest):
-    """One pixel's logits, Delta_cc(f[c]) and bounds of Delta_c'c(f[c]) over c' != c into the
-    ``(C,)`` float64 arrays; returns the largest |logit| and |offset|."""
+    `magnitude` ``(2, BLOCK_ROWS)``; `tables`: a `CertifyTables` tuple. Gathered class-major
+    directly (no transpose) as if every logit were inside the table, then the rare ones beyond
+    it corrected (`_load_beyond`): the common loop does no extrapolation arithmetic."""
+    by_cell, by_column = tables[0], tables[1]
+    logit, own, lowest, highest = columns
     num_classes = logits.shape[1]
     points = by_cell.shape[0] // num_classes
-    logit_magnitude, offset_magnitude = 0.0, 0.0
-    for column in range(num_classes):
-        value = logits[row, column]
-        cell, fraction, beyond = grid_cell(value, column, by_column, points)
-        logit[column] = value
-        own[column] = by_cell[cell, 0] + fraction * by_cell[cell, 1]
-        if beyond == 0.0:
-            lowest[column] = by_cell[cell, 2]
-            highest[column] = by_cell[cell, 3]
-        else:  # beyond the table adjusted cells fall with slope -1, unadjusted ones stay 0
-            shift = beyond * by_column[3, column]
-            own[column] -= beyond * by_column[4, column]
-            lowest[column] = min(by_cell[cell, 4] - shift, by_column[5, column])
-            highest[column] = max(by_cell[cell, 5] - shift, by_column[6, column])
-        logit_magnitude = max(logit_magnitude, abs(logit[column]))
-        offset_magnitude = max(
-            offset_magnitude, abs(own[column]), abs(lowest[column]), abs(highest[column])
-        )
-    return logit_magnitude, offset_magnitude
+    outside = False
+    for c in range(num_classes):
+        low, high = by_column[0, c], by_column[2, c]
+        for j in range(count):  # scalar: LLVM does not vectorise the table gathers here
+            value = logits[first + j, c]
+            cell, fraction, _ = grid_cell(value, c, by_column, points)
+            # float32 as in gather_offsets: the same own offset
+            own[c, j] = by_cell[cell, 0] + fraction * by_cell[cell, 1]
+            logit[c, j], lowest[c, j], highest[c, j] = value, by_cell[cell, 2], by_cell[cell, 3]
+            outside |= (value < low) | (value > high)
+    if outside:
+        _load_beyond(logits, first, count, tables, columns)
+    # A pass of its own over the class-major arrays: vectorised, 4x cheaper than in the loop.
+    magnitude[:, :count] = 0.0
+    for c in range(num_classes):
+        for j in range(count):
+            magnitude[0, j] = max(magnitude[0, j], abs(logit[c, j]))
+            largest = max(abs(own[c, j]), abs(lowest[c, j]), abs(highest[c, j]))
+            magnitude[1, j] = max(magnitude[1, j], largest)
+
+
+@numba.njit(inline="always")
+def _load_beyond(logits, first, count, tables, columns) -> None:
+    """The logits of the block beyond their column's table: there adjusted cells fall with
+    slope -1 (Eq. 6, z' constant) and unadjusted ones stay 0 (floor, ceiling), in float32 as
+    `gather_offsets` subtracts, a rounding that keeps each bound on its side (monotone)."""
+    by_cell, by_column, by_cell_beyond = tables[0], tables[1], tables[4]
+    logit, own, lowest, highest = columns
+    points = by_cell.shape[0] // logits.shape[1]
+    for c in range(logits.shape[1]):
+        slope, own_slope = by_column[3, c], by_column[4, c]
+        floor, ceiling = by_column[5, c], by_column[6, c]
+        for j in range(count):
+            if by_column[0, c] <= logit[c, j] <= by_column[2, c]:
+                continue
+            cell, fraction, beyond = grid_cell(logit[c, j], c, by_column, points)
+            offset = by_cell[cell, 0] + fraction * by_cell[cell, 1]
+            own[c, j] = offset - beyond * own_slope
+            lowest[c, j] = min(by_cell_beyond[cell, 0] - beyond * slope, floor)
+            highest[c, j] = max(by_cell_beyond[cell, 1] - beyond * slope, ceiling)
 
 
 @kernel(depends_on=(steps,))
@@ -163,22 +173,30 @@ def certify_rows(logits, start, stop, taus, tables, prediction) -> None:
     block = _BlockArrays(logits.shape[1], size, taus.shape[0])
     for first in range(start, stop, size):
         count = min(size, stop - first)
-        _load_block(logits, first, count, tables[0], tables[1], block[0], block[1], block[2])
+        _load_block(logits, first, count, tables, block[0], block[1])
         _certify_block(logits, first, count, taus, tables, block, prediction)
 
 
 @numba.njit(inline="always")
 def _BlockArrays(num_classes: int, block: int, count: int):  # noqa: N802 (a record of arrays)
     """The scratch of `_certify_block`, allocated once per call of `certify_rows`."""
-    shape, transposed = (num_classes, block), (block, num_classes)
-    pixel_major = (
-        np.empty(transposed),
-        np.empty(transposed),
-        np.empty(transposed),
-        np.empty(transposed),
+    shape = (num_classes, block)
+    # float32: every loaded value is a float32 (logits, table values and their float32
+    # interpolation), so the class-major copies are exact at half the bytes; the steps
+    # compute in float64 from them.
+    f32 = np.float32
+    columns = (
+        np.empty(shape, f32),
+        np.empty(shape, f32),
+        np.empty(shape, f32),
+        np.empty(shape, f32),
     )
-    columns = (np.empty(shape), np.empty(shape), np.empty(shape), np.empty(shape))
-    chosen = (np.empty(shape), np.empty(shape), np.empty(shape), np.empty(shape))
+    chosen = (
+        np.empty(shape, f32),
+        np.empty(shape, f32),
+        np.empty(shape, f32),
+        np.empty(shape, f32),
+    )
     ends = (np.empty(shape), np.empty(shape), np.empty(shape), np.empty(shape))
     strongest = (np.empty(block), np.empty(block, np.int64), np.empty(block))
     weakest = (np.empty(block), np.empty(block, np.int64), np.empty(block))
@@ -202,7 +220,7 @@ def _BlockArrays(num_classes: int, block: int, count: int):  # noqa: N802 (a rec
     margin, threshold = np.empty(block), np.empty(block)
     winner, left = np.empty(block, np.int64), np.empty(block, np.bool_)
     return (
-        pixel_major, columns, magnitude, chosen, chosen_magnitude, ends, scratch, compact, exact,
+        columns, magnitude, chosen, chosen_magnitude, ends, scratch, compact, exact,
         ranges, members, margin, threshold, winner, left,
     )  # fmt: skip
 
@@ -213,8 +231,8 @@ def _certify_block(logits, first, count, taus, tables, block, prediction) -> Non
     it for the pixels left undecided, and so on down to single taus, where `exact_winner`
     decides what the bounds do not. Each range runs the steps class-major over the pixels it
     concerns (copied together), so that the loops run over pixels and are vectorised."""
-    _, columns, magnitude, chosen, chosen_magnitude, ends, scratch, compact, exact = block[:9]
-    ranges, members, margin, threshold, winner, left = block[9:]
+    columns, magnitude, chosen, chosen_magnitude, ends, scratch, compact, exact = block[:8]
+    ranges, members, margin, threshold, winner, left = block[8:]
     num_classes = columns[0].shape[0]
     for k in range(count):
         members[0, k] = k
@@ -233,7 +251,7 @@ def _certify_block(logits, first, count, taus, tables, block, prediction) -> Non
             scale = current_magnitude[0, k] + taus[high] * current_magnitude[1, k]
             margin[k] = (64.0 * scale + 64.0 + 4.0 * num_classes) * FLOAT32_EPS
         block_steps(ends, size, margin, scratch, winner, threshold, left)
-        block_step_three(ends, size, winner, threshold, scratch[1], left, compact)
+        block_step_two(ends, size, winner, threshold, scratch[1], left, compact)
         undecided = 0
         for k in range(size):
             row = first + pixels[k]
@@ -272,8 +290,9 @@ def _gather_pixels(columns, magnitude, pixels, size, chosen, chosen_magnitude) -
 
 @numba.njit(inline="always")
 def _decide_exactly(values, tau, margin, ends, k, winner, weakest, compact, exact, tables):
-    """Pixel k of the block at a single tau, undecided by steps 1 to 3: `exact_winner` given
-    the classes step 3 kept and their bounds U_c = -softplus(upper gap) (module docstring)."""
+    """Pixel k of the block at a single tau, undecided by steps 1 and 2: `exact_winner` given
+    the classes step 2 kept and their bounds U_c = -log1p(e^(upper gap)) (module docstring),
+    passed as e^(upper gap): one exponential per kept class instead of three libm calls."""
     line, fraction, beyond, gap, kept, upper = exact
     position, kept_left, others_sums = compact[1], compact[5], compact[6]
     column = position[k]
@@ -282,22 +301,24 @@ def _decide_exactly(values, tau, margin, ends, k, winner, weakest, compact, exac
         kept[c] = kept_left[c, column]
         if kept[c]:
             others = second if c == largest_at else largest
-            upper[c] = -softplus(math.log(others_sums[c, column]) + others - ends[1][c, k])
+            upper[c] = others_sums[c, column] * fast_exp(others - ends[1][c, k])
     return exact_winner(
         values, tau, margin, winner, kept, upper, tables, (line, fraction, beyond, gap)
     )
 
 
 @kernel(depends_on=(steps,))
-def offset_bounds_rows(logits, by_cell, by_column):
-    """Delta_cc(f[c]) and the bounds of Delta_c'c(f[c]) over c' != c, each ``(n, C)`` float64
-    (the per-pixel part of `certify_rows`, for tests and diagnostics)."""
-    shape = logits.shape
-    logit = np.empty(shape[1])
-    own, lowest, highest = np.empty(shape), np.empty(shape), np.empty(shape)
-    for row in range(shape[0]):
-        _offset_bounds(logits, row, by_cell, by_column, logit, own[row], lowest[row], highest[row])
-    return own, lowest, highest
+def offset_bounds_rows(logits, tables):
+    """Delta_cc(f[c]) and the bounds of Delta_c'c(f[c]) over c' != c, each ``(n, C)`` float32
+    (what `certify_rows` loads, for tests and diagnostics); `tables`: a `CertifyTables`
+    tuple."""
+    count, num_classes = logits.shape
+    columns = (
+        np.empty((num_classes, count), np.float32), np.empty((num_classes, count), np.float32),
+        np.empty((num_classes, count), np.float32), np.empty((num_classes, count), np.float32),
+    )  # fmt: skip
+    _load_block(logits, 0, count, tables, columns, np.empty((2, count)))
+    return columns[1].T.copy(), columns[2].T.copy(), columns[3].T.copy()
 
 
 def certified_predictions(logits: Tensor, taus: list[float], tables: CertifyTables) -> Tensor:

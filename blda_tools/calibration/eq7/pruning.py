@@ -49,8 +49,8 @@ def bound_tables(offsets: Tensor, adjusted: Tensor, rows: Tensor) -> dict[str, T
     bounds shift with them, while unadjusted cells stay at 0: `slope` / `own_slope` ``(C, 1)``
     are 1.0 where column l has adjusted off-diagonal / diagonal cells, `floor` / `ceiling` 0
     where it has unadjusted off-diagonal cells and +inf / -inf where not. `lowest_inside`,
-    `highest_inside`: the bounds with those zeros folded in, for blocks inside the table (no
-    extrapolation, the common case); `magnitude`: the largest |value| of the inside tables.
+    `highest_inside`: the bounds with those zeros folded in, for logits inside the table (the
+    common case, loaded without any extrapolation arithmetic).
     """
     num_classes, _, points = offsets.shape
     diagonal = torch.arange(num_classes)
@@ -81,10 +81,6 @@ def bound_tables(offsets: Tensor, adjusted: Tensor, rows: Tensor) -> dict[str, T
         .reshape(-1)
         .to(torch.float32),
     }
-    # The largest |offset| inside the table (interpolation stays between table values).
-    tables["magnitude"] = torch.stack(
-        [tables[name].abs().max() for name in ("own", "lowest_inside", "highest_inside")]
-    ).max()
     return tables
 
 
@@ -122,12 +118,12 @@ def predict_taus(
     # torch held at one thread for the whole loop: its spinning OpenMP workers took cores from
     # the certificate threads (measured: 2 threads 0.38 s instead of 0.31 s per million pixels).
     with torch_threads(1):
-        list(_thread_pool(threads).map(work, range(threads)))
+        list(thread_pool(threads).map(work, range(threads)))
     return prediction
 
 
 @functools.cache
-def _thread_pool(threads: int) -> ThreadPoolExecutor:
+def thread_pool(threads: int) -> ThreadPoolExecutor:
     """One pool per thread count, kept for the process: starting threads for every block cost
     a few milliseconds per call (measured: 2 threads on 2^18 pixels 57 ms with a new pool,
     50 ms with a kept one)."""

@@ -1,7 +1,7 @@
 """The steps of the Eq. 7 certificate (`blda_tools.calibration.eq7.certify`), compiled with numba.
 
-Steps 1 to 3 (`block_steps`, `block_step_three`) run class-major over the pixels of a block, so
-that their loops run over pixels and the compiler vectorises them; step 4 (`exact_winner`) runs
+Steps 1 and 2 (`block_steps`, `block_step_two`) run class-major over the pixels of a block, so
+that their loops run over pixels and the compiler vectorises them; step 3 (`exact_winner`) runs
 pixel by pixel for the few pixels the bounds leave undecided. The module docstring of
 `eq7_certify` gives the bounds and why the result is exact.
 """
@@ -17,20 +17,21 @@ UNDECIDED = -1
 
 
 @numba.njit(inline="always")
-def rule_out_threshold(lower_gap: float, margin: float) -> float:
-    """At least softplus^-1(softplus(lower_gap) + 3 margin): a class whose upper gap exceeds it
-    has U_c < L - 3 margin, L = -softplus(lower_gap) (softplus is increasing).
+def rule_out_threshold(total: float, shift: float, margin: float) -> float:
+    """At least softplus^-1(softplus(g) + 3 margin), g = log(total) + shift the lower gap: a
+    class whose upper gap exceeds it has U_c < L - 3 margin, L = -softplus(g) (softplus is
+    increasing).
 
-    softplus^-1 is concave with slope 1 / sigmoid(g) = 1 + exp(-g) at softplus(g), so the tangent
-    g + 3 margin (1 + exp(-g)) is at least it; where that step is small the tangent is also
-    tight (within its square) and needs no logarithm. Elsewhere (confident pixels, g << 0, where
-    the slope is huge) the exact formula, in float64."""
-    if lower_gap > -30.0:
-        step = 3.0 * margin * (1.0 + fast_exp(-lower_gap))
-        if step < 1e-3:
-            return lower_gap + step
-    level = max(lower_gap, 0.0) + math.log1p(math.exp(-abs(lower_gap))) + 3.0 * margin
-    return level + math.log(-math.expm1(-level))
+    softplus^-1(y) = log(expm1(y)) and expm1(softplus(g) + 3 margin) = (1 + e^g) e^(3 margin)
+    - 1 = total e^(shift + 3 margin) + expm1(3 margin): one `fast_exp` and one logarithm, with
+    no logarithm of `total` first. The sum is rounded up (relative 1e-9, i.e. +1e-9 after the
+    logarithm, covers `fast_exp`'s 1e-10 and the roundings; its clamp at -700 errs upward
+    too); beyond exp(700) nothing is ruled out (+inf)."""
+    exponent = shift + 3.0 * margin
+    if exponent > 700.0:
+        return math.inf
+    level = (total * fast_exp(exponent) + math.expm1(3.0 * margin)) * (1.0 + 1e-9)
+    return math.log(level)
 
 
 @numba.njit(inline="always")
@@ -69,11 +70,6 @@ def fast_exp(value: float) -> float:
 
 
 @numba.njit(inline="always")
-def softplus(value: float) -> float:
-    return max(value, 0.0) + math.log1p(math.exp(-abs(value)))
-
-
-@numba.njit(inline="always")
 def grid_cell(value, column, by_column, points):
     """(row of the table, fraction, distance beyond the table) of logit `value` in `column`:
     the grid position computed in float32 exactly as `gather_offsets` does, so that every
@@ -87,12 +83,13 @@ def grid_cell(value, column, by_column, points):
 
 @numba.njit(inline="always")
 def exact_winner(values, tau, margin, winner, kept, upper, tables, work) -> int:
-    """Step 4, at one tau, for a pixel the bounds leave undecided: the Eq. 7 log scores of
+    """Step 3, at one tau, for a pixel the bounds leave undecided: the Eq. 7 log scores of
     `winner` and of the `kept` classes (every class the bounds could not rule out, so the full
     computation's winner is among them) from the interpolated offsets themselves, in float64;
     the best is the winner when it beats every other candidate by more than 3 margin, else
-    UNDECIDED. A kept class whose bound U_c (`upper`) is already below the best exact score
-    less 3 margin needs no exact score. `values`: the pixel's float32 logits; `tables`: a
+    UNDECIDED. A kept class whose bound U_c = -log1p(`upper`) is already below the best
+    exact score less 3 margin needs no exact score (tested as `upper` > expm1(3 margin -
+    best), with no logarithm per class). `values`: the pixel's float32 logits; `tables`: a
     `CertifyTables` tuple; `work` = (line ``(C,)`` int64, fraction float32, beyond, gap
     float64)."""
     by_column, by_target, adjusted_lc = tables[1], tables[2], tables[3]
@@ -107,15 +104,17 @@ def exact_winner(values, tau, margin, winner, kept, upper, tables, work) -> int:
     best_at, runner_up = winner, -math.inf
     if math.isnan(best):
         return UNDECIDED
+    skip = math.expm1(3.0 * margin - best)
     for c in range(num_classes):
-        if c == winner or not kept[c] or upper[c] < best - 3.0 * margin:
+        if c == winner or not kept[c] or upper[c] > skip:
             continue
         score = _exact_log_score(values, c, tau, work, by_target[c], adjusted_lc)
         if math.isnan(score):
             return UNDECIDED
         runner_up = max(runner_up, min(best, score))
-        best_at = c if score > best else best_at
-        best = max(best, score)
+        if score > best:
+            best_at, best = c, score
+            skip = math.expm1(3.0 * margin - best)
     return best_at if best - runner_up > 3.0 * margin else UNDECIDED
 
 
@@ -191,8 +190,8 @@ def _block_left(own_high, winner, weakest, threshold, count, left, found) -> Non
 
 
 @numba.njit(inline="always")
-def block_step_three(ends, count, winner, threshold, weakest, left, compact) -> None:
-    """Step 3 of `_certify` (`_rule_out_exactly`) for the pixels of the block still `left`,
+def block_step_two(ends, count, winner, threshold, weakest, left, compact) -> None:
+    """Step 2 of the certificate (U_c exact) for the pixels of the block still `left`,
     on a compacted class-major copy of them so that the loops run over pixels (vectorised);
     a pixel every other class of which is ruled out leaves `left`. For `_decide_exactly`,
     `compact` keeps pixel j's classes not ruled out (`kept_left`) and the sums of their
@@ -215,10 +214,16 @@ def block_step_three(ends, count, winner, threshold, weakest, left, compact) -> 
     for c in range(own_high.shape[0]):
         for k in range(pixels):
             term = fast_exp(weak_left[c, k] - largest[k])
-            again = fast_exp(weak_left[c, k] - second[k])  # for c = largest_at: without it
             shifted[c, k] = term
             total[k] += term
-            resum[k] += 0.0 if c == largest_at[k] else again
+            resum[k] += 0.0 if c == largest_at[k] else term
+    for k in range(pixels):
+        # For c = largest_at the sum without it, shifted by `second` instead: one rescaling
+        # per pixel, not a second exponential per class. Beyond a gap of 600 the clamped
+        # exponentials could overstate it; 1 (the term of `second` itself) is a lower bound,
+        # which only keeps more classes.
+        gap = largest[k] - second[k]
+        resum[k] = resum[k] * fast_exp(gap) if gap <= 600.0 else 1.0
     for c in range(own_high.shape[0]):
         for k in range(pixels):
             others = second[k] if c == largest_at[k] else largest[k]
@@ -233,7 +238,7 @@ def block_step_three(ends, count, winner, threshold, weakest, left, compact) -> 
 
 @numba.njit(inline="always")
 def _block_candidates(ends, count, strongest, winner, best) -> None:
-    """Per pixel the candidate k and its margin (see `_certify`): the best lowest a_kk over
+    """Per pixel the candidate k and its margin (see `eq7.certify`): the best lowest a_kk over
     the others' strongest terms, first index on ties."""
     own_low, strong = ends[0], ends[3]
     largest, largest_at, second = strongest
@@ -249,19 +254,18 @@ def _block_candidates(ends, count, strongest, winner, best) -> None:
 
 @numba.njit(inline="always")
 def block_steps(ends, count, margin, scratch, winner, threshold, left) -> None:
-    """Steps 1 and 2 of `_certify` for every pixel of the block, class-major: `winner`, and in
-    `left` whether step 3 is still needed (then with its `threshold`)."""
+    """Step 1 of the certificate for every pixel of the block, class-major: `winner` and L_k
+    exact (the others' strongest terms summed, shifted by their largest), and in `left`
+    whether step 2 is still needed (then with its `threshold`). A cruder step without
+    exponentials (log sum exp <= largest term + log(C - 1)) was dropped: its threshold is never
+    below this one's, so it ruled out nothing more, and it cost a pass and a threshold per pixel."""
     own_low, own_high, weak, strong = ends
     strongest, weakest, best, total, found = scratch
     num_classes = own_low.shape[0]
     _block_candidates(ends, count, strongest, winner, best)
     _two_largest(weak, count, weakest[0], weakest[1], weakest[2])
-    for j in range(count):  # step 1: no exponential
-        threshold[j] = rule_out_threshold(math.log(num_classes - 1.0) - best[j], margin[j])
-    left[:count] = True
-    _block_left(own_high, winner, weakest, threshold, count, left, found)
     largest, largest_at, second = strongest
-    for j in range(count):  # step 2: L_k exact (sums shifted by their largest term)
+    for j in range(count):
         best[j] = second[j] if winner[j] == largest_at[j] else largest[j]
         total[j] = 0.0
     for c in range(num_classes):
@@ -269,7 +273,7 @@ def block_steps(ends, count, margin, scratch, winner, threshold, left) -> None:
             term = fast_exp(strong[c, j] - best[j])  # computed first: a select, vectorised
             total[j] += 0.0 if c == winner[j] else term
     for j in range(count):
-        if left[j]:
-            lower_gap = math.log(total[j]) + best[j] - own_low[winner[j], j]
-            threshold[j] = rule_out_threshold(lower_gap, margin[j])
+        shift = best[j] - own_low[winner[j], j]
+        threshold[j] = rule_out_threshold(total[j], shift, margin[j])
+    left[:count] = True
     _block_left(own_high, winner, weakest, threshold, count, left, found)
