@@ -329,21 +329,19 @@ def pixel_logits(logits: Tensor, pixel: Tensor) -> Tensor:
 
 
 @kernel
-def _positive_negative(logits, pixel, labels, keys, out):  # pragma: no cover - numba
-    classes, size = logits.shape[1], logits.shape[2]
+def _pixel_class_logits(logits, pixel, columns, out):  # pragma: no cover - numba
+    size = logits.shape[2]
     for i in range(pixel.size):
         image = pixel[i] // size
         position = pixel[i] - image * size
-        own = labels[image, position]
-        other = (own + 1 + keys[image, position] % (classes - 1)) % classes
-        out[i, 0] = logits[image, own, position]
-        out[i, 1] = logits[image, other, position]
+        for j in range(columns.shape[1]):
+            out[i, j] = logits[image, columns[i, j], position]
 
 
-def positive_negative_logits(logits: Tensor, pixel: Tensor, labels: Tensor, keys: Tensor):
-    """(m, 2) float32: f[y] and f[l] of the flat pixel indices `pixel` of ``(B, C, P)`` logits,
-    l = (y + 1 + key mod (C - 1)) mod C (`sampling._other_class`); labels, keys ``(B, P)``."""
-    out = torch.empty((pixel.numel(), 2), dtype=torch.float32)
-    arrays = (t.contiguous().numpy() for t in (logits, pixel, labels, keys))
-    _positive_negative(*arrays, out.numpy())
+def pixel_class_logits(logits: Tensor, pixel: Tensor, columns: Tensor) -> Tensor:
+    """(m, k) float32: f[columns[i, j]] of flat pixel `pixel[i]` of ``(B, C, P)`` logits, for
+    the classes `columns` ``(m, k)`` int64 of each pixel (the anchors' f[y] and drawn f[l])."""
+    out = torch.empty(columns.shape, dtype=torch.float32)
+    arrays = (t.contiguous().numpy() for t in (logits, pixel, columns))
+    _pixel_class_logits(*arrays, out.numpy())
     return out

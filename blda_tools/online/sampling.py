@@ -26,8 +26,8 @@ from torch import Tensor
 from blda_tools.online.kernel import (
     below_threshold,
     member_counts,
+    pixel_class_logits,
     pixel_logits,
-    positive_negative_logits,
 )
 from blda_tools.online.sync import RankSync
 
@@ -200,15 +200,14 @@ def draw_anchor_samples(
     flat_logits = logits.reshape(-1)
 
     def positive_negative(pixel: Tensor) -> Tensor:
-        if logits.device.type == "cpu" and logits.dtype == torch.float32:
-            return positive_negative_logits(logits, pixel, labels, keys)
         own = label.index_select(0, pixel)
         other = _other_class(own, key.index_select(0, pixel), classes)
+        pairs = torch.stack((own, other), dim=1)  # (m, 2) classes
+        if logits.device.type == "cpu" and logits.dtype == torch.float32:
+            return pixel_class_logits(logits, pixel, pairs)
         start = (pixel // size) * (classes * size) + pixel % size
-        columns = torch.stack((own, other), dim=1) * size  # (m, 2)
-        return (
-            flat_logits.index_select(0, (start[:, None] + columns).reshape(-1)).view(-1, 2).float()
-        )
+        index = (start[:, None] + pairs * size).reshape(-1)
+        return flat_logits.index_select(0, index).view(-1, 2).float()
 
     if max_samples is None or total <= max_samples:  # every pixel, in global position order
         return sync.gather(positive_negative(member.nonzero()[:, 0])).t().contiguous()

@@ -3,7 +3,7 @@
 numba lowers `math.exp` / `np.exp` to one libm call per value (no SVML in a plain install), so
 a loop over pixels that calls them runs one value at a time. These are straight-line float32
 code with the exponent handled through the float's bits, which LLVM vectorises (16 values per
-AVX-512 instruction). Both are accurate to about one ulp (tests/test_float32_math.py checks
+AVX-512 instruction). Each is accurate to about one ulp (tests/test_float32_math.py checks
 them against float64 numpy).
 """
 
