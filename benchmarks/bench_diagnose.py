@@ -34,7 +34,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from limits import copy_bandwidth, cpu_model
 
 NUM_CLASSES = 19
@@ -43,6 +42,8 @@ ROWS_PER_ADD = 1 << 20
 
 def write_store(path: Path, rows: int) -> None:
     """A store of `rows` labelled pixels with class-dependent Gaussian logits."""
+    import torch
+
     from blda_tools.store import LogitWriter
 
     generator = torch.Generator().manual_seed(0)
@@ -91,7 +92,7 @@ def load_average() -> str:
 
 def whole_child(store: str, out: str, start: float) -> None:
     """One `blda diagnose STORE --out OUT`, as the CLI runs it, with the time of each stage
-    (`start`: when the process began importing, torch included)."""
+    (`start`: when the process began importing)."""
     from blda_cli import main as cli_main
 
     cli_main._register_commands()
@@ -212,6 +213,10 @@ def main() -> None:
     parser.add_argument("--whole", action="store_true", help="the whole command: see above")
     parser.add_argument("--repeats", type=int, default=3, help="--whole: runs per size")
     args = parser.parse_args()
+    # Here, not at the top: `--whole`'s child processes import this module, and they must load
+    # what the CLI loads, nothing more.
+    import torch
+
     args.sizes = args.sizes or ([30] if args.whole else [10, 50])
     directory = args.keep or Path(tempfile.mkdtemp(prefix="blda-bench-"))
     directory.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from blda_tools import __version__, plots
@@ -344,13 +345,13 @@ def _before_after_statistics(calibrator, store, grid, progress):
 def _anchor_js(histogram, positive, negative) -> tuple[list[float], list[float]]:
     """Table 15: JS(cell [l, l], P_p) and the mean over c != l of JS(cell [c, l], P_n)."""
     C = histogram.shape[0]
-    diagonal = torch.eye(C, dtype=torch.bool)
+    diagonal = np.eye(C, dtype=bool)
     js_positive = js_divergence(histogram[diagonal], positive)
     js_cells = js_divergence(histogram, negative)
     usable = (~diagonal) & (histogram.sum(2) > 0)
     count = usable.sum(0)
-    total = torch.where(usable, js_cells, 0.0).sum(0)
-    js_negative = torch.where(count > 0, total / count.clamp(min=1), math.nan)
+    total = np.where(usable, js_cells, 0.0).sum(0)
+    js_negative = np.where(count > 0, total / np.maximum(count, 1), math.nan)
     return js_positive.tolist(), js_negative.tolist()
 
 
@@ -466,11 +467,11 @@ def _plot_gmm_fits(result, calibrator, statistics, out_dir: Path):
     js = torch.tensor(none_to_nan(result.js["positive_before"]), dtype=torch.float64)
     order = [int(c) for c in torch.argsort(torch.nan_to_num(js, nan=-1.0), descending=True)]
     mixture = calibrator.cell_mixture_
-    centers = statistics.grid.centers
+    centers = torch.from_numpy(statistics.grid.centers)
     histograms, densities = {}, {}
     for c in [c for c in order if calibrator.adjusted_[c, c]][:GMM_PLOT_CELLS]:
         title = f"[{names[c]}, {names[c]}]"
-        histograms[title] = statistics.histogram[c, c].double().numpy()
+        histograms[title] = statistics.histogram[c, c].astype(np.float64)
         parameters = [mixture[key][c, c].double() for key in ("weights", "means", "variances")]
         densities[title] = mixture_pdf(centers, *parameters).numpy()
     if not histograms:

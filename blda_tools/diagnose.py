@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from blda_tools import __version__
 from blda_tools.fileio import json_ready, none_to_nan, write_json
@@ -150,17 +149,18 @@ def _diagnose(
     return diagnosis
 
 
-def _ground_truth_confusion(store: LogitStore, progress) -> torch.Tensor:
-    """The ground-truth confusion matrix (rows true class, columns argmax), ``(C, C)``."""
+def _ground_truth_confusion(store: LogitStore, progress) -> np.ndarray:
+    """The ground-truth confusion matrix (rows true class, columns argmax), ``(C, C)`` int64."""
     num_classes = store.num_classes
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64)
-    for chunk in store.iter_chunks(reuse_buffers=True):
+    confusion = np.zeros(num_classes * num_classes, dtype=np.int64)
+    for chunk in store.iter_arrays(reuse_buffers=True):
         kept = chunk.labels != store.ignore_index
-        pairs = chunk.labels[kept] * num_classes + first_argmax(chunk.logits[kept])
-        confusion += torch.bincount(pairs, minlength=num_classes * num_classes)
+        pairs = chunk.labels[kept].astype(np.int64) * num_classes
+        pairs += first_argmax(chunk.logits[kept])
+        confusion += np.bincount(pairs, minlength=num_classes * num_classes)
         if progress is not None:
             progress(chunk.logits.shape[0])
-    return confusion.view(num_classes, num_classes)
+    return confusion.reshape(num_classes, num_classes)
 
 
 def _measure(store, statistics, confusion, source, notes) -> Diagnosis:
@@ -231,26 +231,25 @@ def _draw_plots(
 ) -> dict:
     """The figures handed to `figures`, the slowest first: key -> `plots.workers.Figure`."""
     names = diagnosis.classes
-    density = statistics.density().numpy()
     num_classes = len(names)
-    diagonal = torch.eye(num_classes, dtype=torch.bool)
-    # A class's negative set pools M_cl over c != l (Eq. 3), weighted by the cells' counts.
-    off_diagonal_histogram = statistics.histogram.clone()
-    off_diagonal_histogram[diagonal] = 0
-    negative = off_diagonal_histogram.sum(0).double()
-    negative = negative / negative.sum(1, keepdim=True).clamp(min=1) / statistics.grid.width
-    positive_anchor = statistics.positive_anchor_histogram().double()
-    negative_anchor = statistics.negative_anchor_histogram().double()
     width = statistics.grid.width
+    diagonal = np.eye(num_classes, dtype=bool)
+    with np.errstate(invalid="ignore"):  # an empty cell [l, l] is NaN, as `density()`
+        positive = statistics.histogram[diagonal] / (statistics.count[diagonal][:, None] * width)
+    # A class's negative set pools M_cl over c != l (Eq. 3), weighted by the cells' counts.
+    negative = statistics.histogram.sum(0, dtype=np.float64) - statistics.histogram[diagonal]
+    negative /= np.maximum(negative.sum(1, keepdims=True), 1) * width
+    positive_anchor = statistics.positive_anchor_histogram().astype(np.float64)
+    negative_anchor = statistics.negative_anchor_histogram().astype(np.float64)
     files = {}
     files["densities"] = figures.submit(
         "plot_logit_densities",
         names,
-        statistics.grid.centers.numpy(),
-        density[range(num_classes), range(num_classes)],
-        negative.numpy(),
-        (positive_anchor / positive_anchor.sum().clamp(min=1) / width).numpy(),
-        (negative_anchor / negative_anchor.sum().clamp(min=1) / width).numpy(),
+        statistics.grid.centers,
+        positive,
+        negative,
+        positive_anchor / max(positive_anchor.sum(), 1) / width,
+        negative_anchor / max(negative_anchor.sum(), 1) / width,
         path=out_dir / PLOT_FILES["densities"],
     )
     if diagnosis.bias is None:

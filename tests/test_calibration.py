@@ -28,17 +28,17 @@ def _gaussian_statistics(means, stds, total=2_000_000, names=None) -> LogitSetSt
     (from scipy's normal CDF), scaled to `total` logits and rounded."""
     means, stds = np.asarray(means, float), np.asarray(stds, float)
     num_classes = means.shape[0]
-    edges = GRID.edges.numpy()
+    edges = GRID.edges
     cdf = stats.norm.cdf((edges[None, None, :] - means[..., None]) / stds[..., None])
     counts = np.rint(np.diff(cdf, axis=-1) * total).astype(np.int64)
     statistics = LogitSetStatistics(num_classes, GRID, class_names=names)
-    statistics.histogram = torch.from_numpy(counts)
+    statistics.histogram = counts
     statistics.count = statistics.histogram.sum(2)
     occupied = counts > 0
     first = occupied.argmax(-1)
     last = counts.shape[-1] - 1 - occupied[..., ::-1].argmax(-1)
-    statistics.minimum = torch.from_numpy(edges[first])
-    statistics.maximum = torch.from_numpy(edges[last + 1])
+    statistics.minimum = edges[first]
+    statistics.maximum = edges[last + 1]
     return statistics
 
 

@@ -94,7 +94,7 @@ def fitting_bins(grid, histogram: Tensor) -> tuple[Tensor, Tensor, float]:
     """
     occupied = (histogram.reshape(-1, histogram.shape[-1]) > 0).any(0).nonzero().squeeze(1)
     if occupied.numel() == 0:
-        return grid.centers, histogram, grid.width
+        return torch.from_numpy(grid.centers), histogram, grid.width
     first, last = int(occupied[0]), int(occupied[-1]) + 1
     factor = -(-(last - first) // FIT_BINS)
     merged = -(-(last - first) // factor)
@@ -151,11 +151,14 @@ def anchor_histograms(statistics: LogitSetStatistics, anchor: str) -> tuple[Tens
     cells (Sec. 3.3.3); "class:NAME" takes that class's positive cell and its negative cells
     [c, NAME], c != NAME, pooled (Table 14)."""
     if anchor == "global":
-        return statistics.positive_anchor_histogram(), statistics.negative_anchor_histogram()
-    names = list(statistics.class_names or [])
-    index = names.index(anchor_class(anchor, names))
-    column = statistics.histogram[:, index]
-    return column[index].clone(), column.sum(0) - column[index]
+        positive = statistics.positive_anchor_histogram()
+        negative = statistics.negative_anchor_histogram()
+    else:
+        names = list(statistics.class_names or [])
+        index = names.index(anchor_class(anchor, names))
+        column = statistics.histogram[:, index]
+        positive, negative = column[index].copy(), column.sum(0) - column[index]
+    return torch.from_numpy(positive), torch.from_numpy(negative)
 
 
 def mixture_parameters(mixture: GaussianMixture1D) -> dict[str, Tensor]:

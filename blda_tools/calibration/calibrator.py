@@ -149,7 +149,7 @@ class Calibrator:
             self.n_components if self.estimator == "gmm" else 1,
             statistics.grid,
         )
-        self.adjusted_ = statistics.count >= self.min_samples
+        self.adjusted_ = torch.from_numpy(statistics.count >= self.min_samples)
         cell_cdf, quantiles = self._cell_distributions(statistics)
         low, high = self._table_range(statistics, quantiles)
         steps = torch.linspace(0.0, 1.0, self.table_points, dtype=torch.float64)
@@ -165,7 +165,7 @@ class Calibrator:
         offsets = torch.where(self.adjusted_[..., None], aligned - grid, 0.0)
         self.offsets_ = offsets.to(torch.float32)
         self.table_low_, self.table_high_ = low.to(torch.float32), high.to(torch.float32)
-        counts = statistics.count[:, 0].to(torch.float64)
+        counts = torch.from_numpy(statistics.count[:, 0]).to(torch.float64)
         # A class never seen counts as one pixel, so log(prior) stays finite.
         self.class_prior_ = (counts.clamp(min=1) / counts.clamp(min=1).sum()).to(torch.float32)
         self.anchor_mixtures_ = {
@@ -178,7 +178,7 @@ class Calibrator:
         """(CDF function of grid points (C, C, G), per-cell [eps, 1 - eps] quantiles or None)."""
         grid = statistics.grid
         if self.estimator == "empirical":
-            histogram = statistics.histogram
+            histogram = torch.from_numpy(statistics.histogram)
 
             def cdf(z: Tensor) -> Tensor:
                 return empirical_cdf(histogram, grid.low, grid.width, z)
@@ -187,7 +187,7 @@ class Calibrator:
         mixture = GaussianMixture1D(
             self.n_components, dtype=torch.float64, min_samples=self.min_samples
         )
-        centers, counts, width = fitting_bins(grid, statistics.histogram)
+        centers, counts, width = fitting_bins(grid, torch.from_numpy(statistics.histogram))
         mixture.fit_histogram(centers, counts, bin_width=width)
         self.adjusted_ &= mixture.fitted_
         self.cell_mixture_ = mixture_parameters(mixture)
@@ -200,9 +200,9 @@ class Calibrator:
     def _table_range(self, statistics, quantiles) -> tuple[Tensor, Tensor]:
         """Each column's grid covers its cells' data and their clamp points (so z' is constant
         beyond it)."""
-        present = statistics.count > 0
-        low = torch.where(present, statistics.minimum, math.inf)
-        high = torch.where(present, statistics.maximum, -math.inf)
+        present = torch.from_numpy(statistics.count > 0)
+        low = torch.where(present, torch.from_numpy(statistics.minimum), math.inf)
+        high = torch.where(present, torch.from_numpy(statistics.maximum), -math.inf)
         if quantiles is not None:
             low = torch.where(self.adjusted_, torch.minimum(low, quantiles[..., 0]), low)
             high = torch.where(self.adjusted_, torch.maximum(high, quantiles[..., 1]), high)

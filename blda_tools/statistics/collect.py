@@ -39,11 +39,12 @@ def _statistics_of_range(
         store.num_classes, grid, ignore_index=store.ignore_index, class_names=store.class_names
     )
     # Each chunk is consumed before the next is read, so the store may reuse its buffers; logits
-    # stay in the stored dtype (float16 mostly): the kernel converts them in cache. The store
-    # does not validate them: `update` rejects the same bad values, and only then is the chunk
-    # validated, for an error that names the file, row and image.
-    chunks = store.iter_chunks(
-        rows=rows_per_chunk, start=start, stop=stop, validate=False, reuse_buffers=True, dtype=None
+    # stay in the stored dtype (float16 mostly; the kernel converts them in cache) and labels in
+    # theirs (uint8 mostly). The store does not validate them: `update` rejects the same bad
+    # values, and only then is the chunk validated, for an error that names the file, row and
+    # image.
+    chunks = store.iter_arrays(
+        rows=rows_per_chunk, start=start, stop=stop, validate=False, reuse_buffers=True
     )
     for chunk in chunks:
         try:

@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from blda_tools.errors import BLDAError
 
@@ -40,30 +39,24 @@ class LogitGrid:
         return (self.high - self.low) / self.bins
 
     @property
-    def edges(self) -> torch.Tensor:
+    def edges(self) -> np.ndarray:
         """The ``bins + 1`` bin edges, float64."""
-        return torch.linspace(self.low, self.high, self.bins + 1, dtype=torch.float64)
+        return np.linspace(self.low, self.high, self.bins + 1, dtype=np.float64)
 
     @property
-    def centers(self) -> torch.Tensor:
+    def centers(self) -> np.ndarray:
         """The ``bins`` bin centers, float64."""
         edges = self.edges
         return (edges[:-1] + edges[1:]) / 2
 
-    def bin_index(self, values: torch.Tensor) -> torch.Tensor:
-        """Bin of each value (int64), clipped to the edge bins; the same arithmetic as `update`."""
-        scaled = self.to_bin_units(values.to(torch.float32), torch.empty(values.shape))
-        return scaled.to(torch.int64)
-
-    def to_bin_units(self, values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``clamp((values - low) / width, 0, bins - 1)`` in float32, written into `out`.
-
-        Its integer part is the bin. One multiply then one add, always in this order, so that
-        `update` and `bin_index` agree bit for bit.
-        """
+    def bin_index(self, values) -> np.ndarray:
+        """Bin of each value (int64), clipped to the edge bins; the same float32 arithmetic as
+        `LogitSetStatistics.update`: ``clamp(z * scale + shift, 0, bins - 1)``, one multiply then
+        one add, always in this order, so that both agree bit for bit."""
         scale, shift = self.bin_scale_and_shift()
-        torch.mul(values, scale, out=out)
-        return out.add_(shift).clamp_(0, self.bins - 1)
+        units = np.asarray(values, dtype=np.float32) * scale
+        units += shift
+        return np.clip(units, np.float32(0), np.float32(self.bins - 1)).astype(np.int64)
 
     def bin_scale_and_shift(self) -> tuple[np.float32, np.float32]:
         """The float32 ``1 / width`` and ``-low / width`` of the bin arithmetic (the statistics

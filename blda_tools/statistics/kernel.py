@@ -17,7 +17,7 @@ Two passes over a chunk of rows ``(n, C)``:
 
 float16 logits are read as their bit patterns through a 65,536-entry float32 table (numba has no
 float16 arithmetic); the value is exact either way. A bin is ``int(clamp(z * scale + shift, 0,
-B - 1))`` in float32, the arithmetic of `LogitGrid.to_bin_units`, so both agree bit for bit.
+B - 1))`` in float32, the arithmetic of `LogitGrid.bin_index`, so both agree bit for bit.
 For float16 `count_rows` looks up each bit pattern's bin and float64 value in two more tables
 (`bin_table`, made per grid with that same float32 arithmetic, and `FLOAT16_EXACT`) instead of
 computing them: 30M pixels of C = 19 took ~20 % less time (`benchmarks/bench_diagnose.py`).
@@ -29,9 +29,9 @@ import functools
 
 import numba
 import numpy as np
-import torch
 from numba.extending import overload
 
+from blda_tools.runtime.arrays import as_numpy
 from blda_tools.runtime.jit import kernel
 
 # Every float16 bit pattern's float32 value.
@@ -109,7 +109,7 @@ def _compiled_value_and_bin(values, row, column, table, bins, scale, shift, top_
 
     def computed(values, row, column, table, bins, scale, shift, top_bin):
         value = values[row, column]
-        position = value * scale + shift  # float32, as LogitGrid.to_bin_units
+        position = value * scale + shift  # float32, as LogitGrid.bin_index
         position = min(max(position, np.float32(0.0)), top_bin)
         return np.float64(value), np.int64(position)
 
@@ -223,12 +223,13 @@ def argmax_rows(values, table, out):
         out[row] = _row_argmax(values, row, table)
 
 
-def first_argmax(logits) -> torch.Tensor:
-    """Index of the first maximal value of every row of `logits` ``(n, C)``, int64, like
-    ``numpy.argmax(axis=1)`` (ties go to the lowest class; -0.0 ties with 0.0)."""
-    logits = torch.as_tensor(logits)
-    dtype = logits.dtype if logits.dtype in (torch.float16, torch.float32) else torch.float32
-    values, table = value_reader(logits.detach().to("cpu", dtype).contiguous().numpy())
+def first_argmax(logits) -> np.ndarray:
+    """Index of the first maximal value of every row of `logits` ``(n, C)`` (numpy array or
+    torch tensor), int64, like ``numpy.argmax(axis=1)`` (ties go to the lowest class; -0.0 ties
+    with 0.0)."""
+    logits = as_numpy(logits)
+    dtype = logits.dtype if logits.dtype in (np.float16, np.float32) else np.float32
+    values, table = value_reader(np.ascontiguousarray(logits, dtype=dtype))
     out = np.empty(values.shape[0], dtype=np.int64)
     argmax_rows(values, table, out)
-    return torch.from_numpy(out)
+    return out

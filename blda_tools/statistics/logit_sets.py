@@ -20,9 +20,9 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import torch
 
 from blda_tools.errors import BLDAError, check_same_classes
+from blda_tools.runtime.arrays import as_numpy
 from blda_tools.statistics import kernel
 from blda_tools.statistics.grid import LogitGrid
 from blda_tools.statistics.io import ARRAYS, StatisticsHeader, read_statistics, write_statistics
@@ -32,7 +32,7 @@ UPDATE_THREADS = min(2, os.cpu_count() or 1)
 MIN_ROWS_PER_THREAD = 4096
 # Logits are counted as stored when float16 or float32; other floating types are converted to
 # float32 first.
-KERNEL_DTYPES = (torch.float16, torch.float32)
+KERNEL_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 
 
 # The fields `kernel.count_rows` adds into, in its argument order.
@@ -64,7 +64,7 @@ class LogitSetStatistics:
     class_names:
         Optional names, saved with the statistics and checked by `merge`.
 
-    Fields (torch tensors): ``histogram (C, C, B) int64``, ``count (C, C) int64``,
+    Fields (numpy arrays): ``histogram (C, C, B) int64``, ``count (C, C) int64``,
     ``sum``/``sum_squares (C, C) float64``, ``minimum``/``maximum (C, C) float64`` (+inf/-inf for
     empty cells), ``confusion (C, C) int64``, ``clipped (C, C) int64`` (values outside the grid).
     """
@@ -87,14 +87,14 @@ class LogitSetStatistics:
                 f"class_names: {len(self.class_names)} names for {self.num_classes} classes"
             )
         C, B = self.num_classes, self.grid.bins
-        self.histogram = torch.zeros(C, C, B, dtype=torch.int64)
-        self.count = torch.zeros(C, C, dtype=torch.int64)
-        self.sum = torch.zeros(C, C, dtype=torch.float64)
-        self.sum_squares = torch.zeros(C, C, dtype=torch.float64)
-        self.minimum = torch.full((C, C), math.inf, dtype=torch.float64)
-        self.maximum = torch.full((C, C), -math.inf, dtype=torch.float64)
-        self.confusion = torch.zeros(C, C, dtype=torch.int64)
-        self.clipped = torch.zeros(C, C, dtype=torch.int64)
+        self.histogram = np.zeros((C, C, B), dtype=np.int64)
+        self.count = np.zeros((C, C), dtype=np.int64)
+        self.sum = np.zeros((C, C), dtype=np.float64)
+        self.sum_squares = np.zeros((C, C), dtype=np.float64)
+        self.minimum = np.full((C, C), math.inf, dtype=np.float64)
+        self.maximum = np.full((C, C), -math.inf, dtype=np.float64)
+        self.confusion = np.zeros((C, C), dtype=np.int64)
+        self.clipped = np.zeros((C, C), dtype=np.int64)
         self.num_ignored = 0
         # Where the rows came from, when known ("gt" / "pseudo"; the stores' paths): saved with
         # the statistics so that `blda calibrate` can check a statistics file it is given.
@@ -102,9 +102,10 @@ class LogitSetStatistics:
         self.stores: tuple[str, ...] | None = None
 
     # ------------------------------------------------------------------ update
-    def update(self, logits: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        """Add rows: `logits` ``(n, C)`` float, `labels` ``(n,)`` integer (given classes), or None
-        for pseudo-labels (each row's first maximal class, every row counted).
+    def update(self, logits, labels=None) -> None:
+        """Add rows: `logits` ``(n, C)`` float, `labels` ``(n,)`` integer (given classes), numpy
+        arrays or torch tensors (on any device), or None for pseudo-labels (each row's first
+        maximal class, every row counted).
 
         Pixels whose label is `ignore_index` are skipped for every statistic. Raises `BLDAError`
         for a shape mismatch, a label outside ``[0, C)`` that is not the ignore index, or a
@@ -133,7 +134,7 @@ class LogitSetStatistics:
         # Entry 0: ignored rows (given -1); entry c + 1: rows of class c.
         class_rows = np.bincount(given + 1, minlength=self.num_classes + 1)
         owners = _share_classes(class_rows[1:], threads)
-        tables = [getattr(self, name).numpy() for name in _KERNEL_TABLES]
+        tables = [getattr(self, name) for name in _KERNEL_TABLES]
         scale, shift = self.grid.bin_scale_and_shift()
         exact, bins = kernel.FLOAT16_EXACT, kernel.bin_table(scale, shift, self.grid.bins)
 
@@ -144,7 +145,7 @@ class LogitSetStatistics:
             )  # fmt: skip
 
         self._in_threads(count, threads)
-        self.count += torch.from_numpy(class_rows[1:])[:, None]
+        self.count += class_rows[1:, None]
         self.num_ignored += int(class_rows[0])
 
     @staticmethod
@@ -168,63 +169,62 @@ class LogitSetStatistics:
             f"ignore index {self.ignore_index} (row {row})"
         )
 
-    def _check_inputs(
-        self, logits: torch.Tensor, labels: torch.Tensor | None
-    ) -> tuple[np.ndarray, np.ndarray | None]:
+    def _check_inputs(self, logits, labels) -> tuple[np.ndarray, np.ndarray | None]:
         """Contiguous CPU numpy logits (float16 or float32) and labels (any integer type)."""
-        logits = torch.as_tensor(logits)
+        logits = as_numpy(logits)
         C = self.num_classes
         if logits.ndim != 2 or logits.shape[1] != C:
             raise BLDAError(f"logits: expected shape (n, {C}), got {tuple(logits.shape)}")
-        if not logits.is_floating_point():
-            raise BLDAError(f"logits: expected a floating-point tensor, got {logits.dtype}")
-        # Statistics live on the CPU; logits computed on a GPU are brought over here.
-        dtype = logits.dtype if logits.dtype in KERNEL_DTYPES else torch.float32
-        values = logits.detach().to("cpu", dtype).contiguous().numpy()
+        if logits.dtype.kind != "f":
+            raise BLDAError(f"logits: expected a floating-point array, got {logits.dtype}")
+        dtype = logits.dtype if logits.dtype in KERNEL_DTYPES else np.float32
+        values = np.ascontiguousarray(logits, dtype=dtype)
         if labels is None:
             return values, None
-        labels = torch.as_tensor(labels)
+        labels = as_numpy(labels)
         if labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
             raise BLDAError(
                 f"labels: expected shape ({logits.shape[0]},) to match the logits, "
                 f"got {tuple(labels.shape)}"
             )
-        if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
-            raise BLDAError(f"labels: expected an integer tensor, got {labels.dtype}")
-        return values, labels.detach().cpu().contiguous().numpy()
+        if labels.dtype.kind not in "iu":
+            raise BLDAError(f"labels: expected an integer array, got {labels.dtype}")
+        return values, np.ascontiguousarray(labels)
 
     # ------------------------------------------------------------------ derived
-    def mean(self) -> torch.Tensor:
+    def mean(self) -> np.ndarray:
         """Mean logit per cell ``(C, C)`` float64; NaN for empty cells."""
-        return self.sum / self.count.to(torch.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.sum / self.count
 
-    def variance(self) -> torch.Tensor:
+    def variance(self) -> np.ndarray:
         """Population variance (ddof=0) per cell ``(C, C)``; NaN for empty cells.
 
         Computed as E[z^2] - E[z]^2 from the float64 moments, clamped at 0.
         """
-        count = self.count.to(torch.float64)
-        mean = self.sum / count
-        return (self.sum_squares / count - mean * mean).clamp_(min=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = self.sum / self.count
+            variance = self.sum_squares / self.count - mean * mean
+        return np.maximum(variance, 0.0, out=variance)  # NaN (empty cells) stays NaN
 
-    def std(self) -> torch.Tensor:
+    def std(self) -> np.ndarray:
         """Population standard deviation per cell ``(C, C)``; NaN for empty cells."""
-        return self.variance().sqrt()
+        return np.sqrt(self.variance())
 
-    def density(self) -> torch.Tensor:
+    def density(self) -> np.ndarray:
         """Histogram as a probability density on the grid ``(C, C, B)`` float64.
 
         Each non-empty cell integrates to 1 over the grid (``sum(density) * width == 1``); empty
         cells are NaN.
         """
-        count = self.count.to(torch.float64)[..., None]
-        return self.histogram.to(torch.float64) / (count * self.grid.width)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.histogram / (self.count[..., None] * self.grid.width)
 
-    def positive_anchor_histogram(self) -> torch.Tensor:
+    def positive_anchor_histogram(self) -> np.ndarray:
         """Global positive anchor: the diagonal cells ``[l, l]`` pooled, ``(B,)`` int64."""
-        return torch.diagonal(self.histogram, dim1=0, dim2=1).sum(1)
+        return np.diagonal(self.histogram, axis1=0, axis2=1).sum(1)
 
-    def negative_anchor_histogram(self) -> torch.Tensor:
+    def negative_anchor_histogram(self) -> np.ndarray:
         """Global negative anchor: every off-diagonal cell ``[c, l]``, c != l, pooled, ``(B,)``."""
         return self.histogram.sum((0, 1)) - self.positive_anchor_histogram()
 
@@ -254,9 +254,9 @@ class LogitSetStatistics:
             check_same_classes(self.class_names, other.class_names, "merge", ("these", "other"))
         self.class_names = self.class_names or other.class_names
         for name in ("histogram", "count", "sum", "sum_squares", "confusion", "clipped"):
-            getattr(self, name).add_(getattr(other, name))
-        torch.minimum(self.minimum, other.minimum, out=self.minimum)
-        torch.maximum(self.maximum, other.maximum, out=self.maximum)
+            np.add(getattr(self, name), getattr(other, name), out=getattr(self, name))
+        np.minimum(self.minimum, other.minimum, out=self.minimum)
+        np.maximum(self.maximum, other.maximum, out=self.maximum)
         self.num_ignored += other.num_ignored
         return self
 
@@ -274,7 +274,7 @@ class LogitSetStatistics:
             label_source=self.label_source,
             stores=self.stores,
         )
-        write_statistics(path, header, {name: getattr(self, name).numpy() for name in ARRAYS})
+        write_statistics(path, header, {name: getattr(self, name) for name in ARRAYS})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LogitSetStatistics:
@@ -290,5 +290,5 @@ class LogitSetStatistics:
         statistics.label_source, statistics.stores = header.label_source, header.stores
         for name in ARRAYS:
             target = getattr(statistics, name)
-            target.copy_(torch.from_numpy(arrays[name].astype(target.numpy().dtype)))
+            target[...] = arrays[name]
         return statistics

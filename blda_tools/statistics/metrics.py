@@ -16,32 +16,34 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from blda_tools.errors import BLDAError
+from blda_tools.runtime.arrays import as_numpy
 
 
-def _as_float64(values, name: str) -> torch.Tensor:
-    tensor = torch.as_tensor(np.asarray(values) if not torch.is_tensor(values) else values)
-    return tensor.to(torch.float64)
+def _as_float64(values, name: str) -> np.ndarray:
+    try:
+        return as_numpy(values).astype(np.float64)
+    except (TypeError, ValueError):
+        raise BLDAError(f"{name}: expected numbers, got {type(values).__name__}") from None
 
 
-def _square_confusion(confusion, name: str = "confusion") -> torch.Tensor:
+def _square_confusion(confusion, name: str = "confusion") -> np.ndarray:
     matrix = _as_float64(confusion, name)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] == 0:
         raise BLDAError(
             f"{name}: expected a non-empty square (C, C) matrix, got {tuple(matrix.shape)}"
         )
-    if (matrix < 0).any() or not torch.isfinite(matrix).all():
+    if (matrix < 0).any() or not np.isfinite(matrix).all():
         raise BLDAError(f"{name}: counts must be finite and non-negative")
     return matrix
 
 
-def _nan_mean_std(values: torch.Tensor) -> tuple[float, float]:
-    kept = values[~torch.isnan(values)]
-    if kept.numel() == 0:
+def _nan_mean_std(values: np.ndarray) -> tuple[float, float]:
+    kept = values[~np.isnan(values)]
+    if kept.size == 0:
         return math.nan, math.nan
-    return float(kept.mean()), float(kept.std(correction=0))
+    return float(kept.mean()), float(kept.std())  # population std (ddof=0)
 
 
 @dataclass(frozen=True)
@@ -61,15 +63,16 @@ class SegmentationMetrics:
     def from_confusion(cls, confusion) -> SegmentationMetrics:
         """Metrics of a confusion matrix (rows = true class, columns = predicted class)."""
         matrix = _square_confusion(confusion)
-        true_positive = torch.diagonal(matrix)
+        true_positive = np.diagonal(matrix)
         pixels = matrix.sum(1)
         predicted = matrix.sum(0)
         union = pixels + predicted - true_positive
-        iou = torch.where(union > 0, true_positive / union, math.nan)
-        acc = torch.where(pixels > 0, true_positive / pixels, math.nan)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            iou = np.where(union > 0, true_positive / union, math.nan)
+            acc = np.where(pixels > 0, true_positive / pixels, math.nan)
         miou, iou_std = _nan_mean_std(iou)
         macc, acc_std = _nan_mean_std(acc)
-        excluded = tuple(int(c) for c in torch.nonzero(union == 0).flatten())
+        excluded = tuple(int(c) for c in np.flatnonzero(union == 0))
         return cls(
             iou=tuple(iou.tolist()),
             acc=tuple(acc.tolist()),
@@ -82,7 +85,7 @@ class SegmentationMetrics:
         )
 
 
-def bias_from_confusion(confusion) -> torch.Tensor:
+def bias_from_confusion(confusion) -> np.ndarray:
     """Bias(l) of Eq. 4 from a confusion matrix (rows = true class c, columns = prediction l).
 
     ``Bias(l) = mean_c P(argmax = l | y = c) - 1/C``. Rows with no pixels carry no estimate of
@@ -101,12 +104,12 @@ def bias_from_confusion(confusion) -> torch.Tensor:
 # Gauss-Legendre nodes on [0, 1]: inside one bin each CDF is linear (mass uniform within the bin),
 # so the Eq. 5 integrand is a polynomial of degree C - 1 there; ceil(C / 2) nodes integrate it
 # exactly.
-def _unit_gauss_legendre(points: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _unit_gauss_legendre(points: int) -> tuple[np.ndarray, np.ndarray]:
     nodes, weights = np.polynomial.legendre.leggauss(points)
-    return torch.from_numpy((nodes + 1) / 2), torch.from_numpy(weights / 2)
+    return (nodes + 1) / 2, weights / 2
 
 
-def prediction_probabilities_from_histograms(histogram) -> torch.Tensor:
+def prediction_probabilities_from_histograms(histogram) -> np.ndarray:
     """P(argmax = l | y = c) of Eq. 5 for every (c, l), from per-cell logit histograms.
 
     `histogram` is ``(C, C, B)`` counts (or masses) on one uniform grid; mass is taken as uniform
@@ -122,55 +125,52 @@ def prediction_probabilities_from_histograms(histogram) -> torch.Tensor:
     if counts.ndim != 3 or counts.shape[0] != counts.shape[1]:
         raise BLDAError(f"histogram: expected shape (C, C, B), got {tuple(counts.shape)}")
     num_classes = counts.shape[0]
-    totals = counts.sum(2, keepdim=True)
+    totals = counts.sum(2, keepdims=True)
     # Bins empty in every cell add nothing to the integral and leave every CDF unchanged past
     # them, so the quadrature only needs the occupied range of the (usually wide) grid.
-    occupied = torch.nonzero(counts.sum((0, 1)) > 0).flatten()
-    if occupied.numel():
+    occupied = np.flatnonzero(counts.sum((0, 1)) > 0)
+    if occupied.size:
         counts = counts[..., int(occupied[0]) : int(occupied[-1]) + 1]
-    mass = counts / totals  # per-bin probability of each cell; NaN for empty cells
-    cdf_below = torch.cumsum(mass, 2) - mass  # F at each bin's left edge
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mass = counts / totals  # per-bin probability of each cell; NaN for empty cells
+    cdf_below = np.cumsum(mass, 2) - mass  # F at each bin's left edge
     nodes, weights = _unit_gauss_legendre(max(1, math.ceil(num_classes / 2)))
-    probability = torch.zeros(num_classes, num_classes, dtype=torch.float64)
-    ones = torch.ones_like(mass[:, :1])
+    probability = np.zeros((num_classes, num_classes), dtype=np.float64)
+    ones = np.ones_like(mass[:, :1])
     for node, weight in zip(nodes.tolist(), weights.tolist(), strict=True):
         cdf = cdf_below + node * mass  # F_cy'(z) at this node of every bin
         # prod over y' != l as (prod over y' < l) * (prod over y' > l): exclusive cumulative
         # products, exact with zeros, no log / exp.
-        below = torch.cumprod(torch.cat([ones, cdf[:, :-1]], 1), 1)
-        above = torch.cumprod(torch.cat([ones, cdf.flip(1)[:, :-1]], 1), 1).flip(1)
+        below = np.cumprod(np.concatenate([ones, cdf[:, :-1]], 1), 1)
+        above = np.cumprod(np.concatenate([ones, cdf[:, ::-1][:, :-1]], 1), 1)[:, ::-1]
         # The density is mass / width and dz = width * d(node): widths cancel.
-        integrand = torch.where(mass > 0, mass * below * above, 0.0)
+        integrand = np.where(mass > 0, mass * below * above, 0.0)
         probability += weight * integrand.sum(2)
-    empty_row = (totals.squeeze(2) == 0).any(1)
+    empty_row = (totals[..., 0] == 0).any(1)
     probability[empty_row] = math.nan
     return probability
 
 
-def bias_from_histograms(histogram) -> torch.Tensor:
+def bias_from_histograms(histogram) -> np.ndarray:
     """Bias(l) estimated from logit distributions alone: Eq. 5 plugged into Eq. 4, ``(C,)``.
 
     Rows with no pixels are left out of the mean as in `bias_from_confusion`.
     """
     probability = prediction_probabilities_from_histograms(histogram)
-    present = ~torch.isnan(probability).any(1)
+    present = ~np.isnan(probability).any(1)
     if not present.any():
         raise BLDAError("histogram: every row is empty, Bias (Eq. 5) is undefined")
     return probability[present].mean(0) - 1.0 / probability.shape[0]
 
 
-def _average_ranks(values: torch.Tensor) -> torch.Tensor:
+def _average_ranks(values: np.ndarray) -> np.ndarray:
     """Ranks 1..n with ties given their average rank."""
-    order = torch.argsort(values, stable=True)
-    sorted_values = values[order]
-    ranks = torch.empty_like(values)
-    ranks[order] = torch.arange(1, values.numel() + 1, dtype=torch.float64)
-    _, group, group_sizes = torch.unique_consecutive(
-        sorted_values, return_inverse=True, return_counts=True
-    )
-    rank_sums = torch.zeros(group_sizes.numel(), dtype=torch.float64)
-    rank_sums.index_add_(0, group, ranks[order])
-    ranks[order] = (rank_sums / group_sizes)[group]
+    order = np.argsort(values, kind="stable")
+    _, group, group_sizes = np.unique(values[order], return_inverse=True, return_counts=True)
+    # A tie group of size s starting at (0-based) position p has ranks p+1 .. p+s: mean p+(s+1)/2.
+    group_starts = np.cumsum(group_sizes) - group_sizes
+    ranks = np.empty_like(values)
+    ranks[order] = (group_starts + (group_sizes + 1) / 2)[group]
     return ranks
 
 
@@ -179,17 +179,17 @@ def spearman(first, second) -> float:
 
     NaN when fewer than two pairs remain or either side is constant.
     """
-    a = _as_float64(first, "first").flatten()
-    b = _as_float64(second, "second").flatten()
+    a = _as_float64(first, "first").ravel()
+    b = _as_float64(second, "second").ravel()
     if a.shape != b.shape:
-        raise BLDAError(f"spearman: lengths differ ({a.numel()} and {b.numel()})")
-    kept = ~(torch.isnan(a) | torch.isnan(b))
+        raise BLDAError(f"spearman: lengths differ ({a.size} and {b.size})")
+    kept = ~(np.isnan(a) | np.isnan(b))
     a, b = a[kept], b[kept]
-    if a.numel() < 2:
+    if a.size < 2:
         return math.nan
-    rank_a = _average_ranks(a) - (a.numel() + 1) / 2
-    rank_b = _average_ranks(b) - (b.numel() + 1) / 2
-    denominator = torch.sqrt((rank_a * rank_a).sum() * (rank_b * rank_b).sum())
+    rank_a = _average_ranks(a) - (a.size + 1) / 2
+    rank_b = _average_ranks(b) - (b.size + 1) / 2
+    denominator = math.sqrt((rank_a * rank_a).sum() * (rank_b * rank_b).sum())
     if denominator == 0:
         return math.nan
     return float((rank_a * rank_b).sum() / denominator)
@@ -228,17 +228,17 @@ def prediction_groups(bias, iou, acc, tolerance: float = 0.0) -> dict[str, Predi
     members_of = {
         "over": bias > tolerance,
         "under": bias < -tolerance,
-        "balanced": bias.abs() <= tolerance,
+        "balanced": np.abs(bias) <= tolerance,
     }
     for name, members in members_of.items():
         iou_mean, iou_std = _nan_mean_std(iou[members])
         acc_mean, acc_std = _nan_mean_std(acc[members])
-        classes = tuple(int(c) for c in torch.nonzero(members).flatten())
+        classes = tuple(int(c) for c in np.flatnonzero(members))
         groups[name] = PredictionGroup(classes, iou_mean, iou_std, acc_mean, acc_std)
     return groups
 
 
-def js_divergence(p, q) -> torch.Tensor:
+def js_divergence(p, q) -> np.ndarray:
     """Jensen-Shannon divergence (natural log, in [0, ln 2]) between discrete distributions.
 
     `p` and `q` hold non-negative masses or counts on the same grid along the last dimension
@@ -248,23 +248,27 @@ def js_divergence(p, q) -> torch.Tensor:
     q = _as_float64(q, "q")
     if (p < 0).any() or (q < 0).any():
         raise BLDAError("js_divergence: masses must be non-negative")
-    p_total = p.sum(-1, keepdim=True)
-    q_total = q.sum(-1, keepdim=True)
-    p = p / p_total
-    q = q / q_total
+    p_total = p.sum(-1, keepdims=True)
+    q_total = q.sum(-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = p / p_total
+        q = q / q_total
     middle = (p + q) / 2
 
-    def relative_entropy(x: torch.Tensor) -> torch.Tensor:
+    def relative_entropy(x: np.ndarray) -> np.ndarray:
         # 0 * log(0 / m) = 0; where x > 0, m > 0 too.
-        terms = torch.where(x > 0, x * torch.log(x / torch.where(x > 0, middle, 1.0)), 0.0)
+        x = np.broadcast_to(x, middle.shape)
+        positive = x > 0
+        terms = np.zeros(middle.shape)
+        terms[positive] = x[positive] * np.log(x[positive] / middle[positive])
         return terms.sum(-1)
 
-    divergence = ((relative_entropy(p) + relative_entropy(q)) / 2).clamp_(min=0)
+    divergence = np.maximum((relative_entropy(p) + relative_entropy(q)) / 2, 0.0)
     empty = (p_total == 0) | (q_total == 0)
-    return torch.where(empty.squeeze(-1), math.nan, divergence)
+    return np.where(empty[..., 0], math.nan, divergence)
 
 
-def anchor_divergences(histogram) -> tuple[torch.Tensor, torch.Tensor]:
+def anchor_divergences(histogram) -> tuple[np.ndarray, np.ndarray]:
     """Table 15: JS divergence of each class's logit distributions from the global anchors.
 
     `histogram` is ``(C, C, B)``. Returns ``(js_positive, js_negative)``, each ``(C,)``:
@@ -277,17 +281,18 @@ def anchor_divergences(histogram) -> tuple[torch.Tensor, torch.Tensor]:
         raise BLDAError(f"histogram: expected shape (C, C, B), got {tuple(counts.shape)}")
     num_classes = counts.shape[0]
     # Bins empty in every cell add nothing to any divergence: only the occupied range is needed.
-    occupied = torch.nonzero(counts.sum((0, 1)) > 0).flatten()
-    if occupied.numel():
+    occupied = np.flatnonzero(counts.sum((0, 1)) > 0)
+    if occupied.size:
         counts = counts[..., int(occupied[0]) : int(occupied[-1]) + 1]
-    diagonal = torch.eye(num_classes, dtype=torch.bool)
+    diagonal = np.eye(num_classes, dtype=bool)
     positive_cells = counts[diagonal]  # (C, B): cell [l, l] for each l
     positive_anchor = positive_cells.sum(0)
     negative_anchor = counts.sum((0, 1)) - positive_anchor
     js_positive = js_divergence(positive_cells, positive_anchor)
     js_cells = js_divergence(counts, negative_anchor)  # (C, C)
     usable = (~diagonal) & (counts.sum(2) > 0)
-    js_sum = torch.where(usable, js_cells, 0.0).sum(0)
+    js_sum = np.where(usable, js_cells, 0.0).sum(0)
     usable_count = usable.sum(0)
-    js_negative = torch.where(usable_count > 0, js_sum / usable_count, math.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        js_negative = np.where(usable_count > 0, js_sum / usable_count, math.nan)
     return js_positive, js_negative

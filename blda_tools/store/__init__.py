@@ -12,6 +12,7 @@ shards as one store, chunk by chunk, with memory that does not grow with the dat
 from __future__ import annotations
 
 from blda_tools.fileio import PARTIAL_SUFFIX, ensure_writable_dir, partial_path
+from blda_tools.runtime.lazy import lazy_exports
 from blda_tools.store.reader import LogitStore
 from blda_tools.store.schema import (
     COMPRESSED_CHUNK_CACHE_BYTES,
@@ -26,7 +27,11 @@ from blda_tools.store.schema import (
     Chunk,
     ImageRecord,
 )
-from blda_tools.store.writer import LogitWriter, PreparedImage
+
+# The writer (and torch, which it converts from) loads on first use: reading needs neither.
+__getattr__, __dir__ = lazy_exports(
+    __name__, {"LogitWriter": "writer", "PreparedImage": "writer"}, globals()
+)
 
 __all__ = [
     "COMPRESSED_CHUNK_CACHE_BYTES",

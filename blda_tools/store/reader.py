@@ -7,10 +7,10 @@ import bisect
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
-import torch
 
 from blda_tools.errors import BLDAError
 from blda_tools.store.schema import Chunk, _checked_int
@@ -20,6 +20,12 @@ from blda_tools.store.shards import (
     _open_shard,
     _Shard,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+# Rows checked at a time for NaN / Inf: the bit masks' temporaries stay in cache.
+CHECK_ROWS = 1 << 14
 
 
 class LogitStore:
@@ -85,17 +91,55 @@ class LogitStore:
         validate: bool = True,
         *,
         reuse_buffers: bool = False,
-        dtype: torch.dtype | None = torch.float32,
+        dtype: torch.dtype | str | None = "float32",
     ) -> Iterator[Chunk]:
-        """Yield rows `[start, stop)` in chunks of `rows` (the last may be shorter).
+        """Yield rows `[start, stop)` in chunks of `rows` (the last may be shorter), as torch
+        tensors: logits ``(n, C)`` of `dtype`, labels ``(n,)`` int64.
 
         Chunks span shard boundaries. With `validate`, each chunk is checked for non-finite
         logits and labels outside `[0, C)` other than the ignore index. With `reuse_buffers`,
         every chunk is written into the same two tensors (no fresh memory to fault in; the
         float16 -> float32 step alone measured 2.5x faster): only for consumers done with a
-        chunk before they take the next. `dtype` is that of `Chunk.logits`: float32 (default)
-        or float16, or None for the stored dtype (float32 if any shard stores float32), which
-        skips the conversion for consumers that convert in cache themselves.
+        chunk before they take the next. `dtype`: float32 (default) or float16 (torch dtypes or
+        their names), or None for the stored dtype (float32 if any shard stores float32).
+        """
+        import torch
+
+        name = self._logit_dtype_name(dtype, "iter_chunks")
+        converted = name != self.stored_dtype_name
+        count = min(rows, (self.num_rows if stop is None else stop) - start)
+        outputs = None
+        arrays = self.iter_arrays(
+            rows, start, stop, validate, reuse_buffers=reuse_buffers or converted, dtype=None
+        )
+        for chunk in arrays:
+            logits = torch.from_numpy(chunk.logits)
+            labels = None if chunk.labels is None else torch.from_numpy(chunk.labels)
+            if outputs is None or not reuse_buffers:
+                size = count if reuse_buffers else logits.shape[0]
+                logits_out = torch.empty((size, self.num_classes), dtype=getattr(torch, name))
+                labels_out = None if labels is None else torch.empty(size, dtype=torch.int64)
+                outputs = (logits_out, labels_out)
+            n = logits.shape[0]
+            if converted:  # float16 <-> float32 in torch (fast, threaded)
+                logits = outputs[0][:n].copy_(logits)
+            if labels is not None:
+                labels = outputs[1][:n].copy_(labels)
+            yield Chunk(logits, labels, chunk.first_row)
+
+    def iter_arrays(
+        self,
+        rows: int = 1 << 20,
+        start: int = 0,
+        stop: int | None = None,
+        validate: bool = True,
+        *,
+        reuse_buffers: bool = False,
+        dtype: str | None = None,
+    ) -> Iterator[Chunk]:
+        """`iter_chunks` as numpy arrays, without torch: logits in `dtype` ("float16",
+        "float32", or None for the stored dtype), labels in their stored integer type (uint8
+        for up to 255 classes: widen them before arithmetic). The same checks and buffer reuse.
         """
         stop = self.num_rows if stop is None else stop
         _checked_int(rows, "rows", "iter_chunks", minimum=1)
@@ -103,10 +147,8 @@ class LogitStore:
             raise BLDAError(
                 f"iter_chunks: row range [{start}, {stop}) is not inside [0, {self.num_rows})"
             )
-        dtype = self.stored_dtype if dtype is None else dtype
-        if dtype not in (torch.float16, torch.float32):
-            raise BLDAError(f"iter_chunks: dtype must be float16, float32 or None, got {dtype}")
-        buffers = _ReadBuffers(min(rows, stop - start), self.num_classes, self.has_labels, dtype)
+        name = self._logit_dtype_name(dtype, "iter_arrays")
+        buffers = _ReadBuffers(min(rows, stop - start), self.num_classes, name, self._label_dtype())
         for first in range(start, stop, rows):
             last = min(stop, first + rows)
             logits, labels = buffers.outputs(last - first, fresh=not reuse_buffers)
@@ -115,9 +157,31 @@ class LogitStore:
 
     @property
     def stored_dtype(self) -> torch.dtype:
-        """float16 when every shard stores float16 logits, else float32."""
+        """float16 when every shard stores float16 logits, else float32 (a torch dtype)."""
+        import torch
+
+        return getattr(torch, self.stored_dtype_name)
+
+    @property
+    def stored_dtype_name(self) -> str:
+        """ "float16" when every shard stores float16 logits, else "float32"."""
         stored = {shard.file["logits"].dtype for shard in self._shards}
-        return torch.float16 if stored == {np.dtype(np.float16)} else torch.float32
+        return "float16" if stored == {np.dtype(np.float16)} else "float32"
+
+    def _logit_dtype_name(self, dtype, where: str) -> str:
+        """ "float16" or "float32" from a torch dtype, a name, or None (the stored dtype)."""
+        if dtype is None:
+            return self.stored_dtype_name
+        name = str(dtype).removeprefix("torch.")
+        if name not in ("float16", "float32"):
+            raise BLDAError(f"{where}: dtype must be float16, float32 or None, got {dtype}")
+        return name
+
+    def _label_dtype(self) -> np.dtype | None:
+        """The stored label type (the widest, should shards differ), None without labels."""
+        if not self.has_labels:
+            return None
+        return np.result_type(*(shard.file["labels"].dtype for shard in self._shards))
 
     def read_image(
         self, index: int, validate: bool = True
@@ -128,14 +192,13 @@ class LogitStore:
             raise BLDAError(
                 f"{self.paths[record.shard]}: image {record.name!r} holds {record.kind}, not a map; read it with iter_chunks"
             )
-        buffers = _ReadBuffers(record.count, self.num_classes, self.has_labels, torch.float32)
-        logits, labels = buffers.outputs(record.count, fresh=True)
-        self._read_range(
-            record.offset, record.offset + record.count, logits, labels, buffers, validate
+        chunk = next(
+            self.iter_chunks(record.count, record.offset, record.offset + record.count, validate)
         )
         height, width = record.shape
-        logits = logits.reshape(height, width, self.num_classes).permute(2, 0, 1).contiguous()
-        return logits, None if labels is None else labels.reshape(height, width)
+        logits = chunk.logits.reshape(height, width, self.num_classes).permute(2, 0, 1)
+        labels = chunk.labels
+        return logits.contiguous(), None if labels is None else labels.reshape(height, width)
 
     def read_pixel_index(self, index: int) -> torch.Tensor | None:
         """Flat positions `y * width + x` of a sampled image's rows, or None if it has none."""
@@ -144,13 +207,15 @@ class LogitStore:
         if "pixel_index" not in shard.file or record.kind != "samples":
             return None
         local = record.offset - self._shard_starts[record.shard]
+        import torch
+
         positions = torch.from_numpy(shard.file["pixel_index"][local : local + record.count])
         return None if record.count and positions[0] < 0 else positions
 
     def validate(self, rows: int = 1 << 20, start: int = 0, stop: int | None = None) -> None:
         """Read rows `[start, stop)` (default: the whole store), raising BLDAError at the first
         non-finite logit or bad label."""
-        for _ in self.iter_chunks(rows, start, stop, validate=True, reuse_buffers=True):
+        for _ in self.iter_arrays(rows, start, stop, validate=True, reuse_buffers=True):
             pass
 
     def _read_range(self, first, last, logits, labels, buffers, validate) -> None:
@@ -166,75 +231,82 @@ class LogitStore:
                 continue
             target = slice(filled, filled + count)
             try:
-                buffers.read_logits(shard.file["logits"], local_first, count, logits[target])
-                stored_labels = None
+                buffers.read(shard.file["logits"], local_first, count, logits[target])
                 if labels is not None:
-                    stored_labels = buffers.read_labels(
-                        shard.file["labels"], local_first, count, labels[target]
-                    )
+                    buffers.read(shard.file["labels"], local_first, count, labels[target])
             except OSError as error:
                 raise BLDAError(
                     f"{shard.path}: cannot read rows [{local_first}, {local_first + count}): {error} (truncated or damaged file?)"
                 ) from None
             if validate:
-                _validate_rows(logits[target], stored_labels, self, shard.path, first + filled)
+                _validate_rows(
+                    logits[target],
+                    None if labels is None else labels[target],
+                    self,
+                    shard.path,
+                    first + filled,
+                )
             filled += count
 
 
 class _ReadBuffers:
-    """Reusable raw-read buffers and (optionally reused) logits (`dtype`) / int64 label tensors."""
+    """Reusable output arrays (logits of one dtype, labels of the stored type) and, for shards
+    stored in another type, a raw read buffer per type."""
 
-    def __init__(self, rows: int, num_classes: int, has_labels: bool, dtype: torch.dtype) -> None:
-        self.rows, self.num_classes, self.has_labels = rows, num_classes, has_labels
-        self.dtype = dtype
-        self._raw: dict[np.dtype, np.ndarray] = {}
-        self._outputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    def __init__(self, rows: int, num_classes: int, dtype: str, label_dtype) -> None:
+        self.rows, self.num_classes = rows, num_classes
+        self.dtype, self.label_dtype = np.dtype(dtype), label_dtype
+        self._raw: dict[tuple, np.ndarray] = {}
+        self._outputs: tuple[np.ndarray, np.ndarray | None] | None = None
 
-    def outputs(self, count: int, fresh: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def outputs(self, count: int, fresh: bool) -> tuple[np.ndarray, np.ndarray | None]:
         if fresh or self._outputs is None:
-            logits = torch.empty(
-                (count if fresh else self.rows, self.num_classes), dtype=self.dtype
-            )
-            labels = torch.empty(logits.shape[0], dtype=torch.int64) if self.has_labels else None
+            logits = np.empty((count if fresh else self.rows, self.num_classes), self.dtype)
+            labels = None
+            if self.label_dtype is not None:
+                labels = np.empty(logits.shape[0], dtype=self.label_dtype)
             if fresh:
                 return logits, labels
             self._outputs = (logits, labels)
         logits, labels = self._outputs
         return logits[:count], None if labels is None else labels[:count]
 
-    def read_logits(self, dataset: h5py.Dataset, first: int, count: int, out: torch.Tensor) -> None:
-        if dataset.dtype == out.numpy().dtype:  # straight into the output, no conversion
-            dataset.read_direct(out.numpy(), np.s_[first : first + count], np.s_[0:count])
+    def read(self, dataset: h5py.Dataset, first: int, count: int, out: np.ndarray) -> None:
+        """Rows `[first, first + count)` of `dataset` into `out`, converted if stored otherwise."""
+        if dataset.dtype == out.dtype:  # straight into the output, no conversion
+            dataset.read_direct(out, np.s_[first : first + count], np.s_[0:count])
             return
-        raw = self._raw_buffer(dataset.dtype, (self.num_classes,))
-        dataset.read_direct(raw, np.s_[first : first + count], np.s_[0:count])
-        out.copy_(torch.from_numpy(raw[:count]))  # float16 <-> float32 in torch (fast, threaded)
-
-    def read_labels(
-        self, dataset: h5py.Dataset, first: int, count: int, out: torch.Tensor
-    ) -> np.ndarray:
-        """Fill `out` (int64); returns the labels as stored (uint8 mostly: cheaper to check)."""
-        raw = self._raw_buffer(dataset.dtype, ())
-        dataset.read_direct(raw, np.s_[first : first + count], np.s_[0:count])
-        out.copy_(torch.from_numpy(raw[:count]))
-        return raw[:count]
-
-    def _raw_buffer(self, dtype: np.dtype, row_shape: tuple) -> np.ndarray:
-        key = (np.dtype(dtype), row_shape)
+        key = (dataset.dtype, out.shape[1:])
         if key not in self._raw:
-            self._raw[key] = np.empty((self.rows, *row_shape), dtype=dtype)
-        return self._raw[key]
+            self._raw[key] = np.empty((self.rows, *out.shape[1:]), dtype=dataset.dtype)
+        raw = self._raw[key]
+        dataset.read_direct(raw, np.s_[first : first + count], np.s_[0:count])
+        out[...] = raw[:count]
+
+
+def _first_non_finite_row(logits: np.ndarray) -> int | None:
+    """The first row holding a NaN or Inf, or None. A float is non-finite exactly when its
+    exponent bits are all set, so one integer mask and maximum per block decide it (numpy has
+    no fast float16 arithmetic; the bits work for both float16 and float32)."""
+    if logits.dtype == np.float16:
+        bits, magnitude, exponent = logits.view(np.uint16), 0x7FFF, 0x7C00
+    else:
+        bits, magnitude, exponent = logits.view(np.uint32), 0x7FFFFFFF, 0x7F800000
+    for begin in range(0, bits.shape[0], CHECK_ROWS):
+        block = bits[begin : begin + CHECK_ROWS] & magnitude
+        if block.size and block.max() >= exponent:
+            return begin + int(np.flatnonzero((block >= exponent).any(1))[0])
+    return None
 
 
 def _validate_rows(
-    logits: torch.Tensor, labels: np.ndarray | None, store: LogitStore, path: Path, first: int
+    logits: np.ndarray, labels: np.ndarray | None, store: LogitStore, path: Path, first: int
 ) -> None:
-    """Cheap checks: one min/max pass finds any NaN/Inf (exact search only when there is one);
-    labels are checked as stored, one byte each."""
+    """NaN / Inf logits and labels that are neither a class nor the ignore index, as BLDAError."""
     where = f"{path}: rows [{first}, {first + logits.shape[0]})"
-    # The minimum and maximum are NaN if any value is, and infinite if any value is.
-    if logits.numel() and not torch.isfinite(torch.stack(torch.aminmax(logits))).all():
-        row = first + int(torch.nonzero(~torch.isfinite(logits).all(dim=1))[0])
+    bad_row = _first_non_finite_row(logits)
+    if bad_row is not None:
+        row = first + bad_row
         raise BLDAError(
             f"{where}: logits contain NaN or Inf (first at row {row}{_image_at(store, row)})"
         )

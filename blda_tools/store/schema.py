@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
-import torch
 
 from blda_tools.errors import BLDAError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_NAME = "blda-logit-store"
 FORMAT_VERSION = 1
@@ -63,12 +66,14 @@ class ImageRecord:
 class Chunk:
     """Rows `[first_row, first_row + len(logits))` of a store (global row numbers).
 
-    `logits` ``(n, C)`` is float32 unless `LogitStore.iter_chunks` was asked for another dtype;
-    `labels` ``(n,)`` is int64, or None for a store without labels.
+    From `LogitStore.iter_chunks`: torch tensors, `logits` ``(n, C)`` float32 unless another
+    dtype was asked for, `labels` ``(n,)`` int64. From `LogitStore.iter_arrays`: numpy arrays,
+    logits in the stored dtype unless another was asked for, labels in their stored integer
+    type (uint8 for up to 255 classes). `labels` is None for a store without labels.
     """
 
-    logits: torch.Tensor
-    labels: torch.Tensor | None
+    logits: torch.Tensor | np.ndarray
+    labels: torch.Tensor | np.ndarray | None
     first_row: int
 
     @property

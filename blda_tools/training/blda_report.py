@@ -68,9 +68,9 @@ def anchor_js_divergences(blda: BLDALoss, grid: Tensor | None = None) -> dict[st
         cells = _densities(mixture_set, grid)  # (C, C, G), cell [c, l]
         fitted = mixture_set.fitted.cpu()
         diagonal = torch.eye(fitted.shape[0], dtype=torch.bool)
-        positive = js_divergence(cells.diagonal(dim1=0, dim2=1).t(), anchors[0])
+        positive = torch.from_numpy(js_divergence(cells.diagonal(dim1=0, dim2=1).t(), anchors[0]))
         positive = torch.where(fitted.diagonal(), positive, math.nan)
-        negative_cells = js_divergence(cells, anchors[1])  # (C, C)
+        negative_cells = torch.from_numpy(js_divergence(cells, anchors[1]))  # (C, C)
         usable = fitted & ~diagonal
         count = usable.sum(0)
         total = torch.where(usable, negative_cells, 0.0).sum(0)
