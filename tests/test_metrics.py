@@ -165,9 +165,7 @@ def test_eq5_from_sampled_logits_within_001(exact_probabilities):
         atol=0.01,
     )
     # The confusion of the same samples measures Eq. 4 directly.
-    np.testing.assert_allclose(
-        bias_from_confusion(statistics.confusion), exact_bias, atol=0.01
-    )
+    np.testing.assert_allclose(bias_from_confusion(statistics.confusion), exact_bias, atol=0.01)
 
 
 def test_eq5_rows_without_pixels_are_left_out():
