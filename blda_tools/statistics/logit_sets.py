@@ -254,7 +254,8 @@ class LogitSetStatistics:
             check_same_classes(self.class_names, other.class_names, "merge", ("these", "other"))
         self.class_names = self.class_names or other.class_names
         for name in ("histogram", "count", "sum", "sum_squares", "confusion", "clipped"):
-            np.add(getattr(self, name), getattr(other, name), out=getattr(self, name))
+            table = getattr(self, name)
+            table += getattr(other, name)
         np.minimum(self.minimum, other.minimum, out=self.minimum)
         np.maximum(self.maximum, other.maximum, out=self.maximum)
         self.num_ignored += other.num_ignored

@@ -105,26 +105,29 @@ class LogitStore:
         """
         import torch
 
-        name = self._logit_dtype_name(dtype, "iter_chunks")
-        converted = name != self.stored_dtype_name
-        count = min(rows, (self.num_rows if stop is None else stop) - start)
-        outputs = None
+        target = getattr(torch, self._logit_dtype_name(dtype, "iter_chunks"))
+        converted = target != self.stored_dtype
         arrays = self.iter_arrays(
             rows, start, stop, validate, reuse_buffers=reuse_buffers or converted, dtype=None
         )
+        reused = None  # the output tensors, sized by the first (largest) chunk
         for chunk in arrays:
             logits = torch.from_numpy(chunk.logits)
             labels = None if chunk.labels is None else torch.from_numpy(chunk.labels)
-            if outputs is None or not reuse_buffers:
-                size = count if reuse_buffers else logits.shape[0]
-                logits_out = torch.empty((size, self.num_classes), dtype=getattr(torch, name))
-                labels_out = None if labels is None else torch.empty(size, dtype=torch.int64)
-                outputs = (logits_out, labels_out)
+            if not reuse_buffers:  # fresh tensors; float16 <-> float32 in torch's threads
+                labels = None if labels is None else labels.to(torch.int64)
+                yield Chunk(logits.to(target), labels, chunk.first_row)
+                continue
+            if reused is None:
+                reused = (
+                    torch.empty(logits.shape, dtype=target),
+                    None if labels is None else torch.empty(labels.shape, dtype=torch.int64),
+                )
             n = logits.shape[0]
-            if converted:  # float16 <-> float32 in torch (fast, threaded)
-                logits = outputs[0][:n].copy_(logits)
+            if converted:
+                logits = reused[0][:n].copy_(logits)
             if labels is not None:
-                labels = outputs[1][:n].copy_(labels)
+                labels = reused[1][:n].copy_(labels)
             yield Chunk(logits, labels, chunk.first_row)
 
     def iter_arrays(
