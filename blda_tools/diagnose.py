@@ -153,7 +153,7 @@ def _ground_truth_confusion(store: LogitStore, progress) -> np.ndarray:
     """The ground-truth confusion matrix (rows true class, columns argmax), ``(C, C)`` int64."""
     num_classes = store.num_classes
     confusion = np.zeros(num_classes * num_classes, dtype=np.int64)
-    for chunk in store.iter_arrays(reuse_buffers=True):
+    for chunk in store.iter_arrays(reuse_buffers=True, read_ahead=True):
         kept = chunk.labels != store.ignore_index
         pairs = chunk.labels[kept].astype(np.int64) * num_classes
         pairs += first_argmax(chunk.logits[kept])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import pickle
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import h5py
@@ -24,6 +25,7 @@ from store_helpers import (
     random_map,
     random_rows,
     read_all,
+    small_store,
     write_images,
 )
 
@@ -216,10 +218,11 @@ def test_chunks_cross_shard_and_image_boundaries(tmp_path):
     sizes=st.lists(st.lists(st.integers(0, 12), min_size=1, max_size=3), min_size=1, max_size=3),
     rows=st.integers(1, 20),
     reuse_buffers=st.booleans(),
+    read_ahead=st.booleans(),
     data=st.data(),
 )
 def test_any_chunking_reproduces_the_concatenation(
-    tmp_path_factory, sizes, rows, reuse_buffers, data
+    tmp_path_factory, sizes, rows, reuse_buffers, read_ahead, data
 ):
     if sum(map(sum, sizes)) == 0:
         sizes[0][0] = 1
@@ -230,7 +233,9 @@ def test_any_chunking_reproduces_the_concatenation(
         # reused buffers are overwritten by the next chunk: copy each chunk as it comes
         pieces = [
             (c.first_row, c.logits.numpy().copy(), c.labels.numpy().copy())
-            for c in store.iter_chunks(rows, start, stop, reuse_buffers=reuse_buffers)
+            for c in store.iter_chunks(
+                rows, start, stop, reuse_buffers=reuse_buffers, read_ahead=read_ahead
+            )
         ]
     assert [first for first, _, _ in pieces] == list(range(start, stop, rows))
     assert all(len(chunk_logits) == rows for _, chunk_logits, _ in pieces[:-1])
@@ -238,6 +243,37 @@ def test_any_chunking_reproduces_the_concatenation(
     stored_labels = np.concatenate([p[2] for p in pieces]) if pieces else np.empty(0)
     np.testing.assert_array_equal(stored, logits[start:stop])
     np.testing.assert_array_equal(stored_labels, labels[start:stop])
+
+
+def test_read_ahead_leaves_the_held_chunk_alone_and_stops_early(tmp_path):
+    """While the caller holds a chunk the next one is read, into other buffers: the held chunk
+    keeps its rows (checked after the read ahead has had time to finish). Closing the iterator
+    early returns (the read in flight is waited for)."""
+    paths, logits, labels = write_shards(tmp_path, [[7, 9], [8]])
+    with LogitStore(paths) as store:
+        chunks = store.iter_arrays(5, reuse_buffers=True, read_ahead=True)
+        for chunk in chunks:
+            first = chunk.first_row
+            time.sleep(0.02)
+            np.testing.assert_array_equal(chunk.logits, logits[first : first + 5])
+            np.testing.assert_array_equal(chunk.labels, labels[first : first + 5])
+        chunks = store.iter_arrays(5, reuse_buffers=True, read_ahead=True)
+        assert next(chunks).first_row == 0
+        chunks.close()
+        assert [c.first_row for c in store.iter_arrays(5, start=24, read_ahead=True)] == []
+
+
+def test_read_ahead_raises_a_bad_chunk_when_it_is_taken(tmp_path):
+    """A NaN in the third chunk: the first two come out, taking the third raises."""
+    path = small_store(tmp_path / "bad.h5")  # 10 rows
+    with h5py.File(path, "r+") as file:  # corrupt the file behind the writer's back
+        file["logits"][7, 1] = np.nan
+    with LogitStore(path) as store:
+        taken = []
+        with pytest.raises(BLDAError, match="NaN"):
+            for chunk in store.iter_arrays(3, read_ahead=True, reuse_buffers=True):
+                taken.append(chunk.first_row)
+        assert taken == [0, 3]
 
 
 @pytest.mark.parametrize("reuse_buffers", [False, True])

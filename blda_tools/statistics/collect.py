@@ -38,13 +38,18 @@ def _statistics_of_range(
     statistics = LogitSetStatistics(
         store.num_classes, grid, ignore_index=store.ignore_index, class_names=store.class_names
     )
-    # Each chunk is consumed before the next is read, so the store may reuse its buffers; logits
+    # Each chunk is consumed before the next is taken, so the store may reuse its buffers; logits
     # stay in the stored dtype (float16 mostly; the kernel converts them in cache) and labels in
     # theirs (uint8 mostly). The store does not validate them: `update` rejects the same bad
     # values, and only then is the chunk validated, for an error that names the file, row and
     # image.
     chunks = store.iter_arrays(
-        rows=rows_per_chunk, start=start, stop=stop, validate=False, reuse_buffers=True
+        rows=rows_per_chunk,
+        start=start,
+        stop=stop,
+        validate=False,
+        reuse_buffers=True,
+        read_ahead=True,  # the read hides behind the kernel, which releases the GIL
     )
     for chunk in chunks:
         try:
