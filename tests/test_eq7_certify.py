@@ -187,20 +187,27 @@ def test_bad_logits_raise_clear_errors(fitted):
         TauSweep(calibrator, [1.0]).update(bad, torch.zeros(10, dtype=torch.int64))
 
 
-def test_sweep_counts_match_numpy_with_ties_and_an_unseen_class():
+# Row counts: tiny, one block exactly, and blocks with a partial last one (COUNT_BLOCK = 512).
+@pytest.mark.parametrize(("rows", "num_classes"), [(1, 2), (500, 4), (512, 19), (1100, 7)])
+def test_sweep_counts_match_numpy_with_ties_and_an_unseen_class(rows, num_classes):
     generator = np.random.default_rng(5)
-    logits = np.round(generator.normal(size=(500, 4)), 1).astype(np.float32)  # many exact ties
-    labels = generator.integers(0, 4, 500)
+    logits = generator.normal(size=(rows, num_classes))
+    logits = np.round(logits, 1).astype(np.float32)  # many exact ties
+    labels = generator.integers(0, num_classes, rows)
     taus = np.array([0.0, 0.5, 2.0])
+    prior = np.linspace(2.0, 1.0, num_classes)
+    prior[-1] = 0.0  # the last class never seen: log 0 = -inf, it wins wherever tau > 0
     with np.errstate(divide="ignore"):
-        log_prior = np.log(np.array([0.5, 0.3, 0.2, 0.0]))  # class 3 never seen: -inf
-    predictions = generator.integers(0, 4, (2, 500))
-    cells = np.zeros((2, 3, 4, 4), dtype=np.int64)
+        log_prior = np.log(prior / prior.sum())
+    predictions = generator.integers(0, num_classes, (2, rows))
+    cells = np.zeros((2, 3, num_classes, num_classes), dtype=np.int64)
     count_sweep(logits, labels, predictions, taus, log_prior, cells)
     for position, tau in enumerate(taus):
-        prior = np.argmax(logits - tau * log_prior if tau else logits, 1)  # first index on ties
+        # float64 as the baseline is defined; argmax takes the first index on ties
+        adjusted = logits.astype(np.float64) - tau * log_prior if tau else logits
+        prior_prediction = np.argmax(adjusted, 1)
         blda = np.argmax(logits, 1) if position == 0 else predictions[position - 1]
-        for method, prediction in enumerate((blda, prior)):
-            expected = np.zeros((4, 4), dtype=np.int64)
+        for method, prediction in enumerate((blda, prior_prediction)):
+            expected = np.zeros((num_classes, num_classes), dtype=np.int64)
             np.add.at(expected, (labels, prediction), 1)
             assert np.array_equal(cells[method, position], expected)
