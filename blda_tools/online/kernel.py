@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from blda_tools.online.buffers import GRADIENTS
 from blda_tools.runtime import float32_math
 from blda_tools.runtime.float32_math import exp32, float32_from_bits, log32
 from blda_tools.runtime.jit import kernel
@@ -136,7 +137,7 @@ def adjusted_cross_entropy(logits, row, labels, valid, tables) -> tuple[Tensor, 
     pixel with a NaN or infinite logit gets NaN in both (its Eq. 6 offset is undefined)."""
     logits = logits.contiguous()
     loss = torch.empty(labels.shape, dtype=torch.float32)
-    gradient = torch.empty_like(logits)
+    gradient = GRADIENTS.empty(tuple(logits.shape))  # every element is written below
     with _numba_threads():
         _adjusted_cross_entropy(
             logits.numpy(),
