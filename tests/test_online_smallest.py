@@ -44,6 +44,8 @@ def random_case(seed, pixels, groups, key_range, member_share=0.8):
         (4, 40, 50, 1 << 12, 2),  # more groups than pixels: empty groups
         (5, 0, 4, 1 << 40, 5),  # no pixel at all
         (6, 4000, 5, 2, 1),  # keys 0 and 1 only
+        (7, 200_000, 2, 1 << 40, 40_000),  # long runs
+        (8, 100_000, 1, 1 << 16, 30_000),  # long runs of equal keys
     ],
 )
 def test_smallest_below_threshold_matches_lexsort(seed, pixels, groups, key_range, quota):

@@ -229,7 +229,7 @@ def draw_anchor_samples(
 
     if max_samples is None or total <= max_samples:  # every pixel, in global position order
         return sync.gather(positive_negative(member.nonzero()[:, 0])).t().contiguous()
-    group = torch.zeros_like(label)
+    group = torch.zeros((), dtype=label.dtype, device=label.device).expand_as(label)  # one
     totals = torch.tensor([total], device=label.device)
     _, rows = _smallest_keys(key, group, member, totals, int(max_samples), positive_negative, sync)
     return rows.t().contiguous()

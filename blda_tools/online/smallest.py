@@ -56,9 +56,11 @@ def _smallest_below_threshold(
 ):  # pragma: no cover - numba
     groups = threshold.size
     found = np.zeros(groups, dtype=np.int64)
+    single = groups == 1  # then `group` is not read (the anchors pass one element)
     for i in range(key.size):  # candidates: members below their group's threshold
-        if member[i] and key[i] < threshold[group[i]]:
-            found[group[i]] += 1
+        g = 0 if single else group[i]
+        if member[i] and key[i] < threshold[g]:
+            found[g] += 1
     start = np.zeros(groups + 1, dtype=np.int64)
     for g in range(groups):
         start[g + 1] = start[g] + found[g]
@@ -66,9 +68,10 @@ def _smallest_below_threshold(
     keys = np.empty(start[groups], dtype=np.int64)
     positions = np.empty(start[groups], dtype=np.int64)
     for i in range(key.size):  # grouped, in pixel order within each group
-        if member[i] and key[i] < threshold[group[i]]:
-            keys[fill[group[i]]], positions[fill[group[i]]] = key[i], i
-            fill[group[i]] += 1
+        g = 0 if single else group[i]
+        if member[i] and key[i] < threshold[g]:
+            keys[fill[g]], positions[fill[g]] = key[i], i
+            fill[g] += 1
     spare_keys, spare_positions = np.empty_like(keys), np.empty_like(positions)
     taken = 0
     for g in range(groups):
@@ -95,7 +98,9 @@ def smallest_below_threshold(
     keys of every group (all of a group with fewer): their keys grouped by group, ascending,
     equal keys in pixel order; the same pixels' flat positions in ascending order and each
     one's slot in the keys' order (int64); and each group's candidate count ``(groups,)``.
-    key (< 2^key_bits), group, member flat ``(N,)``; threshold ``(groups,)``."""
+    key (< 2^key_bits), group, member flat ``(N,)`` (with one group, `group` is not read
+    and may be an expanded zero); threshold ``(groups,)``."""
+    group = group[:1] if threshold.numel() == 1 else group  # not read: nothing to copy
     arrays = [t.contiguous().numpy() for t in (key, group, member, threshold)]
     results = _smallest_below_threshold(*arrays, int(quota), int(key_bits))
     return tuple(torch.from_numpy(result) for result in results)
