@@ -29,7 +29,12 @@ from torch import Tensor, nn
 from blda_tools.errors import BLDAError
 from blda_tools.gmm import mixture_cdf
 from blda_tools.gmm.normal import _numerical_variance_floor
-from blda_tools.online.kernel import adjusted_cross_entropy, cdf_targets, table_rows
+from blda_tools.online.kernel import (
+    adjusted_cross_entropy,
+    cdf_targets,
+    label_fields,
+    table_rows,
+)
 from blda_tools.online.options import DOMAINS, check_choice, check_options
 from blda_tools.online.pixels import (
     FixedGradient,
@@ -251,12 +256,7 @@ class BLDALoss(nn.Module):
             raise BLDAError(f"weights: expected None or a tensor of shape {tuple(expected)}")
         if domain == "mixed" and weights is None:
             raise BLDAError("weights: domain 'mixed' needs the pixel weights (1 marks source)")
-        valid = labels != self.ignore_index
-        if bool((valid & ((labels < 0) | (labels >= self.num_classes))).any()):
-            raise BLDAError(
-                f"labels: values must lie in [0, {self.num_classes}) or be the ignore index "
-                f"{self.ignore_index}"
-            )
+        valid, labels = self._checked_labels(labels)
         if logits.ndim == 2:  # classification: N pixels of one "image"
             flat_logits, valid = logits.detach().t()[None], valid[None]
             flat_labels, flat_weights = labels[None], None if weights is None else weights[None]
@@ -271,8 +271,23 @@ class BLDALoss(nn.Module):
             in_target = torch.ones_like(valid)
         else:
             in_target = flat_weights != 1
-        flat_labels = torch.where(valid, flat_labels, 0)
         return Pixels(flat_logits, flat_labels, valid, in_target, flat_weights, domain)
+
+    def _checked_labels(self, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(valid, labels with 0 where ignored), both labels' shape, after checking that every
+        other label is a class. On a CPU one compiled pass instead of six."""
+        if labels.device.type == "cpu":
+            valid, clean, out_of_range = label_fields(labels, self.ignore_index, self.num_classes)
+        else:
+            valid = labels != self.ignore_index
+            clean = torch.where(valid, labels, 0)
+            out_of_range = bool((valid & ((labels < 0) | (labels >= self.num_classes))).any())
+        if out_of_range:
+            raise BLDAError(
+                f"labels: values must lie in [0, {self.num_classes}) or be the ignore index "
+                f"{self.ignore_index}"
+            )
+        return valid, clean
 
     # -- statistics (Algorithm 1, lines 6-32) ----------------------------------------------------
 

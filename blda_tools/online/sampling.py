@@ -29,6 +29,7 @@ from blda_tools.online.kernel import (
     pixel_class_logits,
     pixel_logits,
 )
+from blda_tools.online.smallest import in_key_order, smallest_below_threshold
 from blda_tools.online.sync import RankSync
 
 KEY_BITS = 40
@@ -80,7 +81,8 @@ def _smallest_keys(
 ) -> tuple[Tensor, Tensor]:
     """For every group g with totals[g] >= quota (global counts), the `quota` members with the
     smallest keys, over all processes: (their keys, payload rows of their flat pixel indices),
-    grouped by g, keys ascending. key, group, member: flat ``(pixels,)``.
+    grouped by g, keys ascending. key, group, member: flat ``(pixels,)``; `payload` maps pixel
+    indices to rows one by one (so it may be applied before or after the selection).
 
     Only members below a per-group key threshold (expected quota + 8 sqrt(quota) + 32 of them)
     are sorted and gathered; a group that falls short is redone with all its members, so the
@@ -91,26 +93,42 @@ def _smallest_keys(
     share = (margin / totals.clamp_min(1).double()).clamp_max(1.0)
     threshold = torch.where(share >= 1.0, KEY_RANGE, (share * KEY_RANGE).long())
     threshold = torch.where(eligible, threshold, 0)  # a group below the quota keeps nothing
+    compiled = key.device.type == "cpu" and not sync.active  # one process: the same result
     while True:
-        if key.device.type == "cpu":  # one compiled pass instead of four over every pixel
-            keep = below_threshold(key, group, member, threshold)
+        if compiled:
+            chosen, pixel, slots, found = smallest_below_threshold(
+                key, group, member, threshold, quota, KEY_BITS
+            )
         else:
-            keep = (member & (key < threshold.index_select(0, group))).nonzero()[:, 0]
-        kept_group = group.index_select(0, keep)
-        sort_key = sync.gather(kept_group * KEY_RANGE + key.index_select(0, keep))
-        rows = sync.gather(payload(keep))
-        order = sort_key.argsort(stable=True)
-        sort_key, rows = sort_key[order], rows[order]
-        member_group = torch.div(sort_key, KEY_RANGE, rounding_mode="floor")
-        found = torch.bincount(member_group, minlength=totals.numel())
+            chosen, rows, found = _smallest_gathered(
+                key, group, member, threshold, quota, payload, sync
+            )
         short = eligible & (found < quota)
         if not bool(short.any()):
             break
         threshold = torch.where(short, KEY_RANGE, threshold)
+    return (chosen, in_key_order(payload(pixel), slots)) if compiled else (chosen, rows)
+
+
+def _smallest_gathered(key, group, member, threshold, quota, payload, sync: RankSync):
+    """`_smallest_keys` for one threshold in torch over all processes: the candidates' keys and
+    payload rows gathered in rank order, sorted by (group, key) with a stable argsort; returns
+    (keys, rows, candidates per group)."""
+    if key.device.type == "cpu":  # one compiled pass instead of four over every pixel
+        keep = below_threshold(key, group, member, threshold)
+    else:
+        keep = (member & (key < threshold.index_select(0, group))).nonzero()[:, 0]
+    kept_group = group.index_select(0, keep)
+    sort_key = sync.gather(kept_group * KEY_RANGE + key.index_select(0, keep))
+    rows = sync.gather(payload(keep))
+    order = sort_key.argsort(stable=True)
+    sort_key, rows = sort_key[order], rows[order]
+    member_group = torch.div(sort_key, KEY_RANGE, rounding_mode="floor")
+    found = torch.bincount(member_group, minlength=threshold.numel())
     start = found.cumsum(0) - found
     rank = torch.arange(sort_key.numel(), device=sort_key.device) - start[member_group]
     chosen = rank < quota
-    return sort_key[chosen] % KEY_RANGE, rows[chosen]
+    return sort_key[chosen] % KEY_RANGE, rows[chosen], found
 
 
 def draw_cell_samples(
@@ -211,7 +229,7 @@ def draw_anchor_samples(
 
     if max_samples is None or total <= max_samples:  # every pixel, in global position order
         return sync.gather(positive_negative(member.nonzero()[:, 0])).t().contiguous()
-    group = torch.zeros_like(label)
+    group = torch.zeros((), dtype=label.dtype, device=label.device).expand_as(label)  # one
     totals = torch.tensor([total], device=label.device)
     _, rows = _smallest_keys(key, group, member, totals, int(max_samples), positive_negative, sync)
     return rows.t().contiguous()

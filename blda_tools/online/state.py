@@ -251,5 +251,7 @@ def _anchor_inverse(anchors: MixtureSet, probability, eps, anchor_points, diagon
     which = torch.where(diagonal[:, None], 0, anchor_points)
     index = (which + left.long()).reshape(-1)
     flat = inverse.reshape(-1)
-    below, above = flat[index].view_as(position), flat[index + 1].view_as(position)
+    # index_select, not advanced indexing: the same gather, several times faster on a CPU
+    below = flat.index_select(0, index).view_as(position)
+    above = flat.index_select(0, index + 1).view_as(position)
     return torch.lerp(below, above, fraction)
