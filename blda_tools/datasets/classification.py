@@ -12,10 +12,10 @@ from blda_tools.datasets.base import (
     IMAGE_EXTENSIONS,
     SegmentationDataset,
     SegmentationSample,
+    array_to_tensor,
     default_palette,
-    pil_to_tensor,
     read_names_option,
-    read_rgb_image,
+    read_rgb_array,
     require_dir,
 )
 from blda_tools.errors import BLDAError
@@ -84,7 +84,7 @@ class ImageFolderDataset(SegmentationDataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"image-folder: index {index} out of range for {len(self)}")
         index = index % len(self)
-        image = pil_to_tensor(read_rgb_image(self.image_paths[index]))
+        image = array_to_tensor(read_rgb_array(self.image_paths[index]))
         label = torch.tensor(self.targets[index], dtype=torch.int64)
         return SegmentationSample(image=image, label=label, name=self.names[index])
 
