@@ -78,7 +78,9 @@ def upsample_to_float16_rows(
     columns_x = tuple(taps[::stride] for taps in columns_x)
     pixels_last = np.ascontiguousarray(np.asarray(logits, np.float32).transpose(1, 2, 0))
     bits = np.empty((len(rows_y[0]), len(columns_x[0]) * num_classes), np.uint16)
-    largest_bits = _upsample_rows(pixels_last, *rows_y, *columns_x, bits, by_hardware)
+    # An axis of equal sizes is copied, not summed with a weight 0 (inf * 0 would be NaN).
+    copies = (height == out_height, width == out_width)
+    largest_bits = _upsample_rows(pixels_last, *rows_y, *columns_x, bits, by_hardware, *copies)
     largest = np.array([largest_bits], np.uint32).view(np.float32)[0]
     return bits.view(np.float16).reshape(-1, num_classes), float(largest)
 
@@ -109,7 +111,9 @@ def _float32_bits(typingctx, value):
 
 
 @kernel
-def _upsample_rows(pixels, y0, y1, wy0, wy1, x0, x1, wx0, wx1, out_bits, by_hardware):
+def _upsample_rows(
+    pixels, y0, y1, wy0, wy1, x0, x1, wx0, wx1, out_bits, by_hardware, copy_rows, copy_columns
+):
     """Bilinear rows into `out_bits` (float16 bits, `(rows, columns * C)`); returns the
     largest float32 magnitude's bits. Input rows are resized along x once each (`across`);
     each output row then mixes two of them and converts the sums as they come
@@ -121,8 +125,9 @@ def _upsample_rows(pixels, y0, y1, wy0, wy1, x0, x1, wx0, wx1, out_bits, by_hard
         for column in range(columns):
             left, right = x0[column], x1[column]
             for c in range(num_classes):
+                mixed_x = pixels[row, left, c] * wx0[column] + pixels[row, right, c] * wx1[column]
                 across[row, column * num_classes + c] = (
-                    pixels[row, left, c] * wx0[column] + pixels[row, right, c] * wx1[column]
+                    pixels[row, left, c] if copy_columns else mixed_x
                 )
     width = columns * num_classes
     mixed, tiny = np.empty(width, np.float32), np.empty(width, np.float32)
@@ -134,11 +139,13 @@ def _upsample_rows(pixels, y0, y1, wy0, wy1, x0, x1, wx0, wx1, out_bits, by_hard
         if by_hardware:
             for i in range(width):
                 value = top[i] * top_weight + bottom[i] * bottom_weight
+                value = top[i] if copy_rows else value
                 largest = max(largest, _float32_bits(value) & np.uint32(0x7FFFFFFF))
                 out[i] = _float16_by_hardware(value)
             continue
         for i in range(width):
             value = top[i] * top_weight + bottom[i] * bottom_weight
+            value = top[i] if copy_rows else value
             mixed[i] = value
             tiny[i] = abs(value) + np.float32(0.5)  # see `_half_from_bits`
         for i in range(width):
