@@ -80,7 +80,8 @@ class ImageFolderDataset(SegmentationDataset):
     def has_labels(self) -> bool:
         return True
 
-    def __getitem__(self, index: int) -> SegmentationSample:
+    def read_sample(self, index: int) -> SegmentationSample:
+        """The image and its class index (a 0-d int64 tensor); also `self[index]`."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"image-folder: index {index} out of range for {len(self)}")
         index = index % len(self)
