@@ -140,3 +140,44 @@ def test_largest_reports_values_the_store_refuses(bad):
     logits[1] = bad
     _, largest = upsample_to_float16_rows(logits, (8, 8))
     assert not largest < 65504
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_dump_stores_torch_resized_logits_within_the_tolerance(tmp_path, stride):
+    """A dump through the fused path (float16 store) against the same dump through torch's
+    resize (float32 store, cast here): the same index and labels, logits within tolerance."""
+    from PIL import Image
+
+    from blda_tools.inference.dump import prepare_dump
+    from blda_tools.inference.pixel_sampling import PixelSampling
+    from blda_tools.inference.predict import InferenceSettings
+    from blda_tools.store import LogitStore
+
+    rng = np.random.default_rng(4)
+    for index, size in enumerate([(40, 56), (40, 56), (33, 47)]):
+        stem = f"aachen_000000_{index:06d}"
+        image_dir = tmp_path / "data" / "leftImg8bit" / "val" / "aachen"
+        label_dir = tmp_path / "data" / "gtFine" / "val" / "aachen"
+        image_dir.mkdir(parents=True, exist_ok=True)
+        label_dir.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(image_dir / f"{stem}_leftImg8bit.png")
+        ids = rng.integers(0, 34, size).astype(np.uint8)
+        Image.fromarray(ids).save(label_dir / f"{stem}_gtFine_labelIds.png")
+    stores = {}
+    for dtype in ("float16", "float32"):
+        torch.manual_seed(0)
+        out = tmp_path / f"{dtype}.h5"
+        job = prepare_dump(
+            "tiny", None, "cityscapes", tmp_path / "data", "val", out,
+            random_weights=True, inference=InferenceSettings(mode="whole"), workers=0,
+            device="cpu", sampling=PixelSampling(stride=stride), dtype=dtype,
+        )  # fmt: skip
+        job.run()
+        stores[dtype] = LogitStore(out)
+    fused, reference = stores["float16"], stores["float32"]
+    assert fused.images == reference.images
+    for a, b in zip(fused.iter_arrays(dtype=None), reference.iter_arrays(dtype=None), strict=True):
+        assert np.array_equal(a.labels, b.labels)
+        scale = float(np.abs(b.logits).max())
+        assert_within_tolerance(a.logits, b.logits.astype(np.float16), scale)
