@@ -13,7 +13,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from blda_tools.datasets import png_fast
-from blda_tools.datasets.base import map_ids, read_id_image, read_rgb_array
+from blda_tools.datasets.base import array_to_tensor, map_ids, read_id_image, read_rgb_array
 from blda_tools.models import normalize
 from blda_tools.models.segmentor import normalisation_table
 
@@ -153,3 +153,11 @@ def test_normalize_by_table_is_bitwise_the_float_path(shape):
     assert normalize(images).is_contiguous()
     non_contiguous = images.transpose(-1, -2)
     assert torch.equal(normalize(non_contiguous), normalize(non_contiguous.float()))
+
+
+@pytest.mark.parametrize("size", [(1, 1), (5, 3), (256, 512)])
+def test_array_to_tensor_equals_torchs_transposing_copy(size):
+    image = RNG.integers(0, 256, (*size, 3), dtype=np.uint8)
+    tensor = array_to_tensor(image)
+    assert tensor.is_contiguous() and tensor.dtype == torch.uint8
+    assert torch.equal(tensor, torch.from_numpy(image).permute(2, 0, 1))

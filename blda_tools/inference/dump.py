@@ -240,7 +240,8 @@ class DumpJob:
         """One group's logits, laid out as the store keeps them (in a stream thread): uint8
         images resized with OpenCV as mmcv does (`predict_images`), logits at label size."""
         first = group[0]
-        images = torch.stack([sample.image for sample in group])
+        # One image (the default batch): a view, not stack's copy.
+        images = group[0].image[None] if len(group) == 1 else torch.stack([s.image for s in group])
         if self.classification:  # one row of class scores per image, its label beside it
             with torch.inference_mode():
                 scores = predict_classes(self.model, images, self.inference, self.device)
