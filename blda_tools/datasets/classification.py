@@ -12,10 +12,10 @@ from blda_tools.datasets.base import (
     IMAGE_EXTENSIONS,
     SegmentationDataset,
     SegmentationSample,
+    array_to_tensor,
     default_palette,
-    pil_to_tensor,
     read_names_option,
-    read_rgb_image,
+    read_rgb_array,
     require_dir,
 )
 from blda_tools.errors import BLDAError
@@ -80,11 +80,12 @@ class ImageFolderDataset(SegmentationDataset):
     def has_labels(self) -> bool:
         return True
 
-    def __getitem__(self, index: int) -> SegmentationSample:
+    def read_sample(self, index: int) -> SegmentationSample:
+        """The image and its class index (a 0-d int64 tensor); also `self[index]`."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"image-folder: index {index} out of range for {len(self)}")
         index = index % len(self)
-        image = pil_to_tensor(read_rgb_image(self.image_paths[index]))
+        image = array_to_tensor(read_rgb_array(self.image_paths[index]))
         label = torch.tensor(self.targets[index], dtype=torch.int64)
         return SegmentationSample(image=image, label=label, name=self.names[index])
 

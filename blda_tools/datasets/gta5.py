@@ -10,6 +10,7 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -100,23 +101,25 @@ class GTA5Dataset(SegmentationDataset):
     def read_label(self, path: Path) -> torch.Tensor:
         return map_ids(read_id_image(path), cityscapes_id_lookup())
 
-    def align(self, index: int, image: Image.Image, label: torch.Tensor) -> Image.Image:
+    def align(self, index: int, image: np.ndarray, label: torch.Tensor) -> np.ndarray:
         label_size = (label.shape[-1], label.shape[-2])
-        if image.size == label_size:
+        size = (image.shape[1], image.shape[0])
+        if size == label_size:
             return image
         image_path, label_path = self.image_paths[index], self.label_paths[index]
         description = (
-            f"image {image_path} is {image.size[0]}x{image.size[1]} but label {label_path} is "
+            f"image {image_path} is {size[0]}x{size[1]} but label {label_path} is "
             f"{label_size[0]}x{label_size[1]} (W x H)"
         )
         if self.size_mismatch == "resize-image":
             warnings.warn(
                 f"gta5: {description}; image resized to the label size",
                 SizeMismatchWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
-            self.resized[self.names[index]] = (image.size, label_size)
-            return image.resize(label_size, Image.Resampling.BILINEAR)
+            self.resized[self.names[index]] = (size, label_size)
+            resized = Image.fromarray(image).resize(label_size, Image.Resampling.BILINEAR)
+            return np.array(resized)
         # "error"; "skip" removed these pairs when the dataset was built.
         raise BLDAError(f"gta5: {description} (size_mismatch='{self.size_mismatch}')")
 

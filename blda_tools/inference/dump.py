@@ -53,15 +53,18 @@ from blda_tools.inference.predict import (
     distributed_rank,
     predict_classes,
     predict_images,
+    resize_logits,
     select_device,
 )
 from blda_tools.inference.protocols import protocol_notices, resolve_inference
 from blda_tools.inference.tasks import check_task
+from blda_tools.inference.upsample import upsample_to_float16_rows
 from blda_tools.models import load_model
 from blda_tools.models.loading import TORCHSCRIPT, declared_family
 from blda_tools.outputs import record_file
 from blda_tools.runtime.process import keep_freed_memory, torch_threads
 from blda_tools.store import LogitWriter, PreparedImage
+from blda_tools.store.schema import FLOAT16_MAX
 
 # Seconds between store commits (`LogitWriter(commit_interval=...)`): an interrupted dump
 # redoes at most this much work on `--resume`; a commit per image (two flushes, nine index
@@ -237,7 +240,8 @@ class DumpJob:
         """One group's logits, laid out as the store keeps them (in a stream thread): uint8
         images resized with OpenCV as mmcv does (`predict_images`), logits at label size."""
         first = group[0]
-        images = torch.stack([sample.image for sample in group])
+        # One image (the default batch): a view, not stack's copy.
+        images = group[0].image[None] if len(group) == 1 else torch.stack([s.image for s in group])
         if self.classification:  # one row of class scores per image, its label beside it
             with torch.inference_mode():
                 scores = predict_classes(self.model, images, self.inference, self.device)
@@ -245,7 +249,13 @@ class DumpJob:
                 writer.prepare(row[None], sample.label.reshape(1), sample.name)
                 for sample, row in zip(group, scores, strict=True)
             ]
-        size = first.image.shape[-2:] if first.label is None else first.label.shape[-2:]
+        size = tuple(first.image.shape[-2:] if first.label is None else first.label.shape[-2:])
+        # Full maps into a float16 store on the CPU: the last resize is fused with the cast.
+        fused = (
+            self.device.type == "cpu"
+            and self.sampling.pixels_per_image is None
+            and writer.dtype == "float16"
+        )
         with torch.inference_mode():
             logits = predict_images(
                 self.model,
@@ -253,15 +263,27 @@ class DumpJob:
                 self.inference,
                 self.device,
                 output_size=size,
+                resize_output=not fused,
             )
             return [
-                self._prepare_image(writer, sample, logit_map)
+                self._prepare_image(writer, sample, logit_map, size if fused else None)
                 for sample, logit_map in zip(group, logits, strict=True)
             ]
 
-    def _prepare_image(self, writer: LogitWriter, sample, logit_map: torch.Tensor):
-        """One image's `(C, H, W)` logits as the sampling asks (`LogitWriter.prepare`)."""
+    def _prepare_image(self, writer: LogitWriter, sample, logit_map: torch.Tensor, fuse_to):
+        """One image's `(C, H, W)` logits as the sampling asks (`LogitWriter.prepare`). With
+        `fuse_to` `(H, W)`, `logit_map` still needs its last resize to that size: done with
+        the cast to float16 rows in one pass (`inference.upsample`: within a float16 ulp of
+        torch's resize, docs/store-format.md); logits out of the float16 range (or not finite)
+        take torch's resize, so that `prepare` reports them as before."""
         sampling, label = self.sampling, sample.label
+        if fuse_to is not None:
+            rows, largest = upsample_to_float16_rows(logit_map.numpy(), fuse_to, sampling.stride)
+            if largest < FLOAT16_MAX:
+                return writer.prepare_map_rows(
+                    rows, label, sample.name, fuse_to, sampling.stride, largest=largest
+                )
+            logit_map = resize_logits(logit_map[None], fuse_to)[0]
         if sampling.pixels_per_image is None:
             # The writer lays out and casts a tensor to the store's rows in one torch copy.
             return writer.prepare(logit_map, label, sample.name, stride=sampling.stride)

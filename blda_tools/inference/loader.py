@@ -35,8 +35,10 @@ class _DecodedItems(Dataset):
 
 def decode(dataset, index: int):
     """`(sample, None)` for a readable image, `(None, message)` for a corrupt one."""
+    # `read_sample` keeps labels uint8 where they fit, as the store does (no int64 map first).
+    read = getattr(dataset, "read_sample", dataset.__getitem__)
     try:
-        sample = compact_label(dataset[index])
+        sample = compact_label(read(index))
     except CorruptSampleError as error:
         return None, str(error)
     # Arrays cross from a worker pickled through its pipe; a tensor would travel as a

@@ -144,6 +144,7 @@ def predict_logits(
     keep_ratio: bool = False,
     output_size: Sequence[int] | None = None,
     windows_per_batch: int = 4,
+    resize_output: bool = True,
 ) -> torch.Tensor:
     """Float32 logits `(B, C, H_out, W_out)` of normalised images `(B, 3, H, W)` (channels-last
     in memory when they were resized to the output size).
@@ -151,6 +152,9 @@ def predict_logits(
     The model runs on the images' device. `(H_out, W_out)` is `output_size` (the labels' size)
     or `(H, W)`. `amp=None` uses autocast (float16) on CUDA only; `amp=True` elsewhere is an
     error. `windows_per_batch` bounds how many windows (per image) go through the model at once.
+    `resize_output=False` leaves out the last bilinear resize to `(H_out, W_out)`: the logits
+    come at the resolution they had before it (the model's own with a whole image at
+    `(H_out, W_out)`), for a caller that resizes them itself (the dump, fused with its cast).
     """
     settings = InferenceSettings(
         mode=mode,
@@ -169,21 +173,31 @@ def predict_logits(
     output_size = tuple(images.shape[-2:]) if output_size is None else tuple(output_size)
     _checked_size(output_size, "output_size")
     forward = _Forward(model, _use_amp(images.device, settings.amp))
-    logits = _predict_resized(forward, images, settings, windows_per_batch)
+    # Without flips, a whole image inferred at the output size needs one resize, model -> output.
+    model_resolution = (
+        not resize_output
+        and not settings.flip
+        and settings.input_size(images.shape[-2:]) == output_size
+    )
+    logits = _predict_resized(forward, images, settings, windows_per_batch, model_resolution)
     if settings.flip:
         # mmseg averages the softmax scores of the flips; a logit store needs logits, so the
         # logits are averaged instead.
         flipped = _predict_resized(forward, images.flip(-1), settings, windows_per_batch)
         logits = (logits + flipped.flip(-1)) / 2
-    return _resize_logits(logits, output_size)
+    return _resize_logits(logits, output_size) if resize_output else logits
 
 
-def _predict_resized(forward, images, settings: InferenceSettings, windows_per_batch: int):
-    """Logits at the (resized) input size: mmseg's `encode_decode` / `slide_inference`."""
+def _predict_resized(
+    forward, images, settings: InferenceSettings, windows_per_batch: int, model_resolution=False
+):
+    """Logits at the (resized) input size: mmseg's `encode_decode` / `slide_inference`; with
+    `model_resolution`, a whole image's logits as the model returns them."""
     if settings.resize is not None:
         images = _resize(images, settings.input_size(images.shape[-2:]))
     if settings.mode == "whole":
-        return _resize_logits(forward(images), images.shape[-2:])
+        logits = forward(images)
+        return logits if model_resolution else _resize_logits(logits, images.shape[-2:])
     return _slide(forward, images, settings.crop, settings.stride, windows_per_batch)
 
 
@@ -195,11 +209,13 @@ def predict_images(
     *,
     output_size: Sequence[int] | None = None,
     windows_per_batch: int = 4,
+    resize_output: bool = True,
 ) -> torch.Tensor:
     """Logits `(B, C, H_out, W_out)` of uint8 RGB images `(B, 3, H, W)` as mmseg's test
     pipeline computes them: the uint8 images resized with OpenCV on the CPU (`settings.resize`,
     `keep_ratio`), normalised on `device`, then `predict_logits` without a further resize.
-    `(H_out, W_out)` is `output_size` (the labels' size) or `(H, W)`."""
+    `(H_out, W_out)` is `output_size` (the labels' size) or `(H, W)`; `resize_output=False`:
+    see `predict_logits`."""
     if images.dtype != torch.uint8:
         raise BLDAError(f"predict_images: expected uint8 images, got {images.dtype}")
     output_size = tuple(images.shape[-2:]) if output_size is None else tuple(output_size)
@@ -212,7 +228,14 @@ def predict_images(
         **options,
         output_size=output_size,
         windows_per_batch=windows_per_batch,
+        resize_output=resize_output,
     )
+
+
+def resize_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The last resize `predict_logits` does (bilinear, `align_corners=False`, channels-last),
+    for logits from `resize_output=False`."""
+    return _resize_logits(logits, size)
 
 
 def predict_classes(

@@ -51,6 +51,39 @@ def _map_rows(logits, labels, stride, image_size, pixel_index, where):
     return rows, labels, {"height": height, "width": width, "stride": stride, "kind": "map"}
 
 
+def _laid_out_map_rows(rows, labels, image_size, stride, largest, store, where):
+    """Checked `(rows, labels, record)` of a map laid out by the caller
+    (`LogitWriter.prepare_map_rows`); `store` is `(num_classes, dtype)`."""
+    num_classes, dtype = store
+    height, width = (_checked_int(v, "image_size", where, minimum=1) for v in image_size)
+    count = -(-height // stride) * -(-width // stride)
+    if (
+        not isinstance(rows, np.ndarray)
+        or rows.shape != (count, num_classes)
+        or rows.dtype != np.dtype(dtype)
+        or not rows.flags.c_contiguous
+    ):
+        shape = getattr(rows, "shape", type(rows).__name__)
+        raise BLDAError(
+            f"{where}: laid-out rows must be C-contiguous {dtype} ({count}, {num_classes}) for a "
+            f"{height} x {width} map at stride {stride}, got {getattr(rows, 'dtype', '')} {shape}"
+        )
+    if not np.isfinite(largest):
+        raise BLDAError(f"{where}: logits contain NaN or Inf")
+    if dtype == "float16" and largest > FLOAT16_MAX:
+        raise BLDAError(
+            f"{where}: logits reach {largest:.6g}, beyond the float16 range (+-{FLOAT16_MAX:g}); "
+            'store them with dtype="float32"'
+        )
+    if labels is not None:
+        if labels.shape != (height, width):
+            raise BLDAError(
+                f"{where}: labels have shape {labels.shape}; expected {(height, width)} to match the map"
+            )
+        labels = np.ascontiguousarray(labels[::stride, ::stride]).reshape(-1)
+    return rows, labels, {"height": height, "width": width, "stride": stride, "kind": "map"}
+
+
 def _sample_rows(logits, labels, stride, pixel_index, image_size, where):
     """Rows `(N, C)` that do not form a map, optionally with their flat pixel positions."""
     if stride != 1:

@@ -17,11 +17,17 @@ import numpy as np
 from blda_tools import __version__
 from blda_tools.errors import BLDAError, check_same_classes
 from blda_tools.fileio import describe_os_error, ensure_writable_dir, partial_path
+from blda_tools.store.file_io import (
+    keep_metadata_in_memory_until_flush,
+    start_writeback,
+    write_rows,
+)
 from blda_tools.store.rows import (
     _as_array,
     _check_label_values,
     _check_logit_values,
     _is_torch_castable,
+    _laid_out_map_rows,
     _map_rows,
     _sample_rows,
     _torch_rows,
@@ -204,6 +210,30 @@ class LogitWriter:
             labels = labels.astype(self.label_dtype, copy=False)
         return PreparedImage(rows, labels, pixel_index, dict(record, name=name))
 
+    def prepare_map_rows(
+        self, rows: np.ndarray, labels, name, image_size, stride: int = 1, *, largest: float
+    ) -> PreparedImage:
+        """`prepare` of a `(C, H, W)` map whose rows the caller has laid out and cast itself:
+        `rows` `(ceil(H / stride) * ceil(W / stride), C)` of the store's dtype in the order
+        `prepare` stores the map, `image_size` `(H, W)`, `largest` the largest magnitude of
+        the values the rows were rounded from: the range check uses it instead of a pass over
+        the rows (`inference.upsample` computes it in the same pass). Same record as `prepare`."""
+        if self._file is None:
+            raise BLDAError(f"{self.path}: the writer is closed; cannot add more images")
+        name = "" if name is None else str(name)
+        where = self._describe_image(name)
+        if len(name.encode()) > MAX_NAME_BYTES:
+            raise BLDAError(f"{where}: the name is longer than {MAX_NAME_BYTES} bytes (UTF-8)")
+        stride = _checked_int(stride, "stride", where, minimum=1)
+        labels = None if labels is None else _as_array(labels, "labels", where)
+        rows, labels, record = _laid_out_map_rows(
+            rows, labels, image_size, stride, largest, (self.num_classes, self.dtype), where
+        )
+        if labels is not None:
+            _check_label_values(labels, self.num_classes, self.ignore_index, where)
+            labels = labels.astype(self.label_dtype, copy=False)
+        return PreparedImage(rows, labels, None, dict(record, name=name))
+
     def append(self, image: PreparedImage) -> None:
         """Write an image from `prepare` (in the order of the calls to `append`)."""
         if self._file is None:
@@ -242,7 +272,10 @@ class LogitWriter:
         file.attrs["committed_rows"] = self.num_rows
         file.attrs["committed_images"] = self.num_images
         file.flush()
-        _start_writeback(file)
+        # From the end of the file two commits ago: the pages of the last interval that were
+        # still being written back then are dropped now.
+        end = start_writeback(file, self._writeback_marks[0])
+        self._writeback_marks = (self._writeback_marks[1], end)
         self._uncommitted = []
         self._last_commit = time.monotonic()
 
@@ -312,9 +345,10 @@ class LogitWriter:
         index = file.create_group("images")
         for column, dtype in INDEX_COLUMNS.items():
             index.create_dataset(column, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,))
-        _keep_metadata_in_memory_until_flush(file)
+        keep_metadata_in_memory_until_flush(file)
         file.flush()
         self._name_set: set[str] = set()
+        self._writeback_marks = (0, 0)  # file ends at the last two commits
         self._last_commit = time.monotonic()
         return file
 
@@ -332,9 +366,10 @@ class LogitWriter:
         except BaseException:
             file.close()
             raise
-        _keep_metadata_in_memory_until_flush(file)
+        keep_metadata_in_memory_until_flush(file)
         self._write_metadata(file)
         file.flush()
+        self._writeback_marks = (0, 0)  # file ends at the last two commits
         self._last_commit = time.monotonic()
         return file
 
@@ -398,7 +433,7 @@ class LogitWriter:
                 dataset = self._row_dataset(key)
                 dataset.resize(stop, axis=0)
                 if stop > start:
-                    dataset[start:stop] = values
+                    write_rows(dataset, start, values, direct=not self.compression)
         record.update(offset=start, count=stop - start, kind=KINDS.index(record["kind"]))
         self._uncommitted.append(record)
         self.num_rows = stop
@@ -443,29 +478,3 @@ class LogitWriter:
 
     def _compression_options(self) -> dict:
         return {"compression": self.compression, "shuffle": True} if self.compression else {}
-
-
-def _start_writeback(file: h5py.File) -> None:
-    """Have the kernel start writing the flushed store to disk now, in the background, and
-    drop it from the page cache once written (Linux; `POSIX_FADV_DONTNEED`).
-
-    Otherwise the data stays dirty in memory until the kernel's thresholds (~10% of RAM):
-    writes into the growing page cache cost more (the dump's appending thread: 12-14 ms of CPU
-    per 256 x 512 image instead of 5.5) and `close` (fsync) waits for all of it at once (0.4 s
-    at the end of a 21 s, 1 GB dump; `benchmarks/bench_dump.py`). A store is written once, so
-    its pages are not worth caching.
-    """
-    if hasattr(os, "posix_fadvise") and file.driver == "sec2":
-        os.posix_fadvise(file.id.get_vfd_handle(), 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-def _keep_metadata_in_memory_until_flush(file: h5py.File) -> None:
-    """Stop HDF5 writing metadata between flushes, so a killed writer leaves the last flush.
-
-    Between flushes only row data reaches the file, past what the committed counts cover.
-    """
-    config = file.id.get_mdc_config()
-    # Evictions can only be disabled with automatic cache resizing off (HDF5 rule).
-    config.evictions_enabled = False
-    config.incr_mode = config.flash_incr_mode = config.decr_mode = 0
-    file.id.set_mdc_config(config)
