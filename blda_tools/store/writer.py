@@ -175,12 +175,7 @@ class LogitWriter:
         """Check one image and lay out its rows as `add` stores them, without touching the
         file or the writer's state: safe to call from several threads while another appends
         (the casts run in torch, which releases the GIL)."""
-        if self._file is None:
-            raise BLDAError(f"{self.path}: the writer is closed; cannot add more images")
-        name = "" if name is None else str(name)
-        where = self._describe_image(name)
-        if len(name.encode()) > MAX_NAME_BYTES:
-            raise BLDAError(f"{where}: the name is longer than {MAX_NAME_BYTES} bytes (UTF-8)")
+        name, where = self._checked_name(name)
         in_torch = _is_torch_castable(logits)  # checked and cast in torch, see `_torch_rows`
         logits = logits.detach() if in_torch else _as_array(logits, "logits", where)
         labels = None if labels is None else _as_array(labels, "labels", where)
@@ -210,6 +205,16 @@ class LogitWriter:
             labels = labels.astype(self.label_dtype, copy=False)
         return PreparedImage(rows, labels, pixel_index, dict(record, name=name))
 
+    def _checked_name(self, name) -> tuple[str, str]:
+        """The image's name as stored and how errors describe it; refused once closed."""
+        if self._file is None:
+            raise BLDAError(f"{self.path}: the writer is closed; cannot add more images")
+        name = "" if name is None else str(name)
+        where = self._describe_image(name)
+        if len(name.encode()) > MAX_NAME_BYTES:
+            raise BLDAError(f"{where}: the name is longer than {MAX_NAME_BYTES} bytes (UTF-8)")
+        return name, where
+
     def prepare_map_rows(
         self, rows: np.ndarray, labels, name, image_size, stride: int = 1, *, largest: float
     ) -> PreparedImage:
@@ -218,12 +223,7 @@ class LogitWriter:
         `prepare` stores the map, `image_size` `(H, W)`, `largest` the largest magnitude of
         the values the rows were rounded from: the range check uses it instead of a pass over
         the rows (`inference.upsample` computes it in the same pass). Same record as `prepare`."""
-        if self._file is None:
-            raise BLDAError(f"{self.path}: the writer is closed; cannot add more images")
-        name = "" if name is None else str(name)
-        where = self._describe_image(name)
-        if len(name.encode()) > MAX_NAME_BYTES:
-            raise BLDAError(f"{where}: the name is longer than {MAX_NAME_BYTES} bytes (UTF-8)")
+        name, where = self._checked_name(name)
         stride = _checked_int(stride, "stride", where, minimum=1)
         labels = None if labels is None else _as_array(labels, "labels", where)
         rows, labels, record = _laid_out_map_rows(
