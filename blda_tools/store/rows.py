@@ -37,18 +37,25 @@ def _map_rows(logits, labels, stride, image_size, pixel_index, where):
             f"{where}: image_size {tuple(image_size)} differs from the map's size {(height, width)}; "
             "pass the full-resolution map, the writer keeps every stride-th pixel"
         )
-    if labels is not None and labels.shape != (height, width):
-        raise BLDAError(
-            f"{where}: labels have shape {labels.shape}; expected {(height, width)} to match logits {tuple(logits.shape)}"
-        )
+    labels = _map_labels(labels, (height, width), stride, f"logits {tuple(logits.shape)}", where)
     strided = logits[:, ::stride, ::stride]
     if isinstance(strided, torch.Tensor):
         rows = strided.permute(1, 2, 0)  # (h, w, C) view: `_torch_rows` copies it once
     else:
         rows = np.ascontiguousarray(strided.reshape(num_classes, -1).T)
-    if labels is not None:
-        labels = np.ascontiguousarray(labels[::stride, ::stride]).reshape(-1)
     return rows, labels, {"height": height, "width": width, "stride": stride, "kind": "map"}
+
+
+def _map_labels(labels, size, stride, matched: str, where):
+    """A map's `(H, W)` labels (checked against `size`) as the rows keep them: every `stride`-th
+    pixel, row-major; `matched` names what they must match in the error."""
+    if labels is None:
+        return None
+    if labels.shape != tuple(size):
+        raise BLDAError(
+            f"{where}: labels have shape {labels.shape}; expected {tuple(size)} to match {matched}"
+        )
+    return np.ascontiguousarray(labels[::stride, ::stride]).reshape(-1)
 
 
 def _laid_out_map_rows(rows, labels, image_size, stride, largest, store, where):
@@ -70,17 +77,8 @@ def _laid_out_map_rows(rows, labels, image_size, stride, largest, store, where):
         )
     if not np.isfinite(largest):
         raise BLDAError(f"{where}: logits contain NaN or Inf")
-    if dtype == "float16" and largest > FLOAT16_MAX:
-        raise BLDAError(
-            f"{where}: logits reach {largest:.6g}, beyond the float16 range (+-{FLOAT16_MAX:g}); "
-            'store them with dtype="float32"'
-        )
-    if labels is not None:
-        if labels.shape != (height, width):
-            raise BLDAError(
-                f"{where}: labels have shape {labels.shape}; expected {(height, width)} to match the map"
-            )
-        labels = np.ascontiguousarray(labels[::stride, ::stride]).reshape(-1)
+    _check_float16_range(largest, dtype, where)
+    labels = _map_labels(labels, (height, width), stride, "the map", where)
     return rows, labels, {"height": height, "width": width, "stride": stride, "kind": "map"}
 
 
@@ -165,9 +163,15 @@ def _check_logit_values(rows: np.ndarray, dtype: str, where: str) -> None:
         raise BLDAError(
             f"{where}: logits contain NaN or Inf (first at row {bad[0]}, class {bad[1]})"
         )
-    if dtype == "float16" and rows.size and np.abs(rows).max() > FLOAT16_MAX:
+    if dtype == "float16" and rows.size:
+        _check_float16_range(float(np.abs(rows).max()), dtype, where)
+
+
+def _check_float16_range(largest: float, dtype: str, where: str) -> None:
+    """Refuses a largest magnitude a float16 store cannot hold."""
+    if dtype == "float16" and largest > FLOAT16_MAX:
         raise BLDAError(
-            f"{where}: logits reach {np.abs(rows).max():.6g}, beyond the float16 range (+-{FLOAT16_MAX:g}); "
+            f"{where}: logits reach {largest:.6g}, beyond the float16 range (+-{FLOAT16_MAX:g}); "
             'store them with dtype="float32"'
         )
 

@@ -199,11 +199,16 @@ class LogitWriter:
         else:
             _check_logit_values(rows, self.dtype, where)
             rows = rows.astype(self.dtype, copy=False)
-        if labels is not None:
-            _check_label_values(labels, self.num_classes, self.ignore_index, where)
-            # checked to fit: numpy's cast is cheaper than HDF5's conversion on write
-            labels = labels.astype(self.label_dtype, copy=False)
+        labels = self._stored_labels(labels, where)
         return PreparedImage(rows, labels, pixel_index, dict(record, name=name))
+
+    def _stored_labels(self, labels: np.ndarray | None, where: str) -> np.ndarray | None:
+        """Laid-out labels checked to be classes or the ignore index, in the store's type."""
+        if labels is None:
+            return None
+        _check_label_values(labels, self.num_classes, self.ignore_index, where)
+        # checked to fit: numpy's cast is cheaper than HDF5's conversion on write
+        return labels.astype(self.label_dtype, copy=False)
 
     def _checked_name(self, name) -> tuple[str, str]:
         """The image's name as stored and how errors describe it; refused once closed."""
@@ -229,10 +234,9 @@ class LogitWriter:
         rows, labels, record = _laid_out_map_rows(
             rows, labels, image_size, stride, largest, (self.num_classes, self.dtype), where
         )
-        if labels is not None:
-            _check_label_values(labels, self.num_classes, self.ignore_index, where)
-            labels = labels.astype(self.label_dtype, copy=False)
-        return PreparedImage(rows, labels, None, dict(record, name=name))
+        return PreparedImage(
+            rows, self._stored_labels(labels, where), None, dict(record, name=name)
+        )
 
     def append(self, image: PreparedImage) -> None:
         """Write an image from `prepare` (in the order of the calls to `append`)."""
