@@ -186,11 +186,6 @@ def array_to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(planes)
 
 
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB Pillow image -> uint8 tensor (3, H, W)."""
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-
-
 def read_id_image(path: Path) -> np.ndarray:
     """Read a single-channel label PNG (8-bit, palette indices or 16-bit) as stored values.
 
