@@ -1,13 +1,57 @@
 """The vectorisable float32 exp, exp2 and log of `blda_tools.runtime.float32_math` against float64
-numpy (the EM kernel and the online loss's fused cross-entropy use them)."""
+numpy (the EM kernel and the online loss's fused cross-entropy use them), and its float64 fused
+multiply-add and bit casts against exact rational arithmetic and numpy's views."""
 
 from __future__ import annotations
 
+from fractions import Fraction
+
+import numba
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blda_tools.runtime.float32_math import exp2_32, exp32, log32
+from blda_tools.runtime.float32_math import (
+    bits_of_float64,
+    exp2_32,
+    exp32,
+    float64_from_bits,
+    fused_multiply_add,
+    log32,
+)
+
+
+@numba.njit
+def _fma(factor, other, addend):
+    return fused_multiply_add(factor, other, addend)
+
+
+@numba.njit
+def _bits_round_trip(value):
+    return bits_of_float64(value), float64_from_bits(bits_of_float64(value))
+
+
+def test_fused_multiply_add_rounds_once():
+    # (1 + 2^-30)(1 - 2^-30) - 1 = -2^-60 exactly; a rounded product first gives 0
+    assert _fma(1.0 + 2.0**-30, 1.0 - 2.0**-30, -1.0) == -(2.0**-60)
+    assert (1.0 + 2.0**-30) * (1.0 - 2.0**-30) - 1.0 == 0.0
+
+
+finite = st.floats(-1e100, 1e100, allow_nan=False, allow_infinity=False, allow_subnormal=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(finite, finite, finite)
+def test_fused_multiply_add_is_the_exact_result_rounded(factor, other, addend):
+    exact = Fraction(factor) * Fraction(other) + Fraction(addend)
+    assert _fma(factor, other, addend) == float(exact)  # float(Fraction) rounds to nearest
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(allow_nan=False))
+def test_float64_bit_casts_are_numpys_views(value):
+    bits, back = _bits_round_trip(value)
+    assert bits == np.array(value, np.float64).view(np.int64) and back == value
 
 
 def test_exp32_is_float32_accurate_on_its_range():

@@ -4,7 +4,8 @@ numba lowers `math.exp` / `np.exp` to one libm call per value (no SVML in a plai
 a loop over pixels that calls them runs one value at a time. These are straight-line float32
 code with the exponent handled through the float's bits, which LLVM vectorises (16 values per
 AVX-512 instruction). Each is accurate to about one ulp (tests/test_float32_math.py checks
-them against float64 numpy).
+them against float64 numpy). The float64 bit casts serve the float64 exponential of the Eq. 7
+certificate (`blda_tools.calibration.eq7.steps.fast_exp`), built the same way.
 """
 
 from __future__ import annotations
@@ -56,6 +57,39 @@ def bits_of_float32(typingctx, value):
         return builder.bitcast(args[0], ir.IntType(32))
 
     return types.int32(types.float32), codegen
+
+
+@intrinsic
+def float64_from_bits(typingctx, value):
+    """The float64 whose bits are the int64 `value` (an LLVM bitcast: no instruction)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return types.float64(types.int64), codegen
+
+
+@intrinsic
+def bits_of_float64(typingctx, value):
+    """The int64 holding the bits of the float64 `value`."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return types.int64(types.float64), codegen
+
+
+@intrinsic
+def fused_multiply_add(typingctx, factor, other, addend):
+    """factor * other + addend for float64 values with one rounding (`llvm.fma`: one FMA
+    instruction, vectorised, where the CPU has FMA, as every x86-64 CPU since 2013 does).
+    Explicit, so that only the code that asks for it is fused: numba's `fastmath` flags would
+    fuse every a * b + c of an inlined kernel, the float32 interpolation included."""
+
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+
+    return types.float64(types.float64, types.float64, types.float64), codegen
 
 
 @numba.njit(inline="always")

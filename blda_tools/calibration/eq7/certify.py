@@ -34,7 +34,7 @@ that pixel (~10 roundings each) and a sum of C exponentials (relative error ~C u
 has U_w >= s_w >= s_k - 2 margin >= L_k - 2 margin, so it is never ruled out, ties (lowest index)
 included, and a class that trails another by more than 3 margin in float64 cannot be its winner.
 The third margin (>= 7e-6) covers the certificate's own error: float64 rounding (~1e-13) and
-`fast_exp` (relative 1e-10, in sums whose largest term is exactly 1 or at least 1).
+`fast_exp` (relative 1e-12, in sums whose largest term is exactly 1 or at least 1).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from blda_tools.calibration.eq7.steps import (
     range_ends,
 )
 from blda_tools.errors import BLDAError
+from blda_tools.runtime import float32_math
 from blda_tools.runtime.jit import kernel
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
@@ -163,7 +164,7 @@ def _load_beyond(logits, first, count, tables, columns) -> None:
             highest[c, j] = max(by_cell_beyond[cell, 1] - beyond * slope, ceiling)
 
 
-@kernel(depends_on=(steps,))
+@kernel(depends_on=(steps, float32_math))
 def certify_rows(logits, start, stop, taus, tables, prediction) -> None:
     """Certified Eq. 7 predictions of rows [start, stop) of `logits` ``(n, C)`` float32 for the
     sorted positive `taus` ``(T,)`` into `prediction` ``(T, n)`` int64 (UNDECIDED where even
@@ -307,7 +308,7 @@ def _decide_exactly(values, tau, margin, ends, k, winner, weakest, compact, exac
     )
 
 
-@kernel(depends_on=(steps,))
+@kernel(depends_on=(steps, float32_math))
 def offset_bounds_rows(logits, tables):
     """Delta_cc(f[c]) and the bounds of Delta_c'c(f[c]) over c' != c, each ``(n, C)`` float32
     (what `certify_rows` loads, for tests and diagnostics); `tables`: a `CertifyTables`
