@@ -8,7 +8,8 @@ lo(f[c']) <= Delta_cc'(f[c']) <= hi(f[c']) over the rows c != c' (`eq7_pruning.b
 For tau in [tau_0, tau_1] (0 <= tau_0), a_cc and tau lo, tau hi lie between their values at the
 two ends, so the same bounds with the lowest (for L) or highest (for U) end hold for EVERY tau of
 the range: one certificate decides a pixel for a whole sweep. A sweep starts with its full
-range and halves it only for the pixels left undecided, down to single taus.
+range and halves it only for the pixels left undecided, down to ranges of at most
+`EXACT_RANGE_TAUS` taus, where the third step decides each tau.
 
 Certification of a range: k, the class with the best margin of its lowest a_kk over the others'
 strongest terms, gives a lower bound L_k on the winner's score (s_winner >= s_k >= L_k); every
@@ -17,9 +18,9 @@ first left: with L_k exact (log sum exp >= largest term in U_c), with both exact
 and one tau (bench_calibrate.py's data) they decide about 76% and 21% of the pixels. At a
 single tau a third step decides the rest
 (`eq7_steps.exact_winner`, about 3%): the log scores of k and of the classes not ruled out,
-computed in float64 from the interpolated offsets themselves (skipping a class whose U_c is
-below the best exact score less 3 margin); the best wins when it leads every other by more than
-3 margin. What none decides (about 0.02%: exact ties, terms beyond exp(700)) is left to the full
+side by side, computed in float64 from the interpolated offsets themselves (their
+tau-independent part once per range, `eq7_steps.candidate_gaps`); the best wins when it leads
+every other by more than 3 margin. What none decides (about 0.02%: exact ties, terms beyond exp(700)) is left to the full
 computation (UNDECIDED in the output).
 
 Pixels go `BLOCK_ROWS` at a time (`SWEEP_BLOCK_ROWS` for several taus), class-major: each tau
@@ -48,11 +49,12 @@ from torch import Tensor
 
 from blda_tools.calibration.eq7 import steps
 from blda_tools.calibration.eq7.steps import (
+    CANDIDATE_LANES,
     UNDECIDED,  # noqa: F401 (the marker of undecided pixels, for callers)
     block_step_two,
     block_steps,
+    candidate_gaps,
     exact_winner,
-    fast_exp,
     grid_cell,
     range_ends,
 )
@@ -69,15 +71,15 @@ class CertifyTables(NamedTuple):
     `by_cell` ``(C * G, 4)`` float32: own, own_step, lowest_inside, highest_inside (a grid
     cell's values side by side: 16 bytes per logit); `by_column` ``(7, C)`` float32: low,
     inv_step, high (the grid of `gather_offsets`), slope, own_slope, floor, ceiling (the
-    extrapolation beyond the table); `by_target` ``(C_c, C_l * G, 2)`` float32: the table of
-    `gather_offsets` (value and increment at grid point g of column l for target class c, side
-    by side) and `adjusted_lc` ``(C_l, C_c)`` float32, for the exact scores of the pixels the
+    extrapolation beyond the table); `by_point` ``(C_l * G, 2, C_c)`` float32: the table of
+    `gather_offsets` (at grid point g of column l the values for every target class c, then
+    their increments: a pixel's candidates read the same cache lines) and `adjusted_lc` ``(C_l, C_c)`` float32, for the exact scores of the pixels the
     bounds leave undecided; `by_cell_beyond` ``(C * G, 2)`` float32: lowest, highest without
     the unadjusted zeros, for the rare logits beyond the table."""
 
     by_cell: np.ndarray
     by_column: np.ndarray
-    by_target: np.ndarray
+    by_point: np.ndarray
     adjusted_lc: np.ndarray
     by_cell_beyond: np.ndarray
 
@@ -95,11 +97,11 @@ def certify_tables(
     by_cell = torch.stack([tables[name].reshape(-1) for name in cells], 1).to(torch.float32)
     by_column = torch.stack([column.reshape(-1) for column in columns]).to(torch.float32)
     num_classes = by_column.shape[1]
-    by_target = rows.view(rows.shape[0], 2, num_classes).permute(2, 0, 1)  # (C_c, C_l * G, 2)
+    by_point = rows.view(rows.shape[0], 2, num_classes)
     return CertifyTables(
         by_cell.contiguous().numpy(),
         by_column.contiguous().numpy(),
-        by_target.to(torch.float32).contiguous().numpy(),
+        by_point.to(torch.float32).contiguous().numpy(),
         adjusted_lc.to(torch.float32).contiguous().numpy(),
         torch.stack([tables["lowest"], tables["highest"]], 1).to(torch.float32).numpy(),
     )
@@ -108,6 +110,10 @@ def certify_tables(
 # Pixels certified together, class-major (see `certify_rows`): one tau, and a sweep, whose
 # halved tau ranges each concern a fraction of the block (fastest in bench_calibrate.py).
 BLOCK_ROWS, SWEEP_BLOCK_ROWS = 256, 512
+# Undecided pixels of a range of at most this many taus get exact scores at each of its taus
+# instead of more halvings (an 11-value sweep: 2.1x one tau's certificate, 2.8x with halving
+# down to single taus: the certificate alone, one thread, bench_calibrate.py data, 2026-12-03).
+EXACT_RANGE_TAUS = 5
 
 
 @numba.njit(inline="always")
@@ -208,12 +214,13 @@ def _BlockArrays(num_classes: int, block: int, count: int):  # noqa: N802 (a rec
     )  # fmt: skip
     compact = (
         np.empty(block, np.int64), np.empty(block, np.int64), np.empty(shape), np.empty(shape),
-        np.empty(shape), np.empty(shape, np.bool_), np.empty(shape), per_pixel,
+        np.empty(shape), np.empty(shape, np.bool_), per_pixel,
     )  # fmt: skip
+    lanes = num_classes + CANDIDATE_LANES - 1  # candidates, padded
     exact = (
         np.empty(num_classes, np.int64), np.empty(num_classes, np.float32),
-        np.empty(num_classes), np.empty(num_classes), np.empty(num_classes, np.bool_),
-        np.empty(num_classes),
+        np.empty(num_classes), np.empty(lanes, np.int64), np.empty((num_classes, lanes)),
+        np.empty((num_classes, lanes)), np.empty(lanes), np.empty(num_classes, np.bool_),
     )  # fmt: skip
     ranges = np.empty((2 * count + 2, 3), np.int64)  # (first tau, last tau, pixels) to certify
     members = np.empty((2 * count + 2, block), np.int64)  # their pixels
@@ -259,10 +266,10 @@ def _certify_block(logits, first, count, taus, tables, block, prediction) -> Non
             if not left[k]:
                 for position in range(low, high + 1):  # a loop: cheaper than a slice of one
                     prediction[position, row] = winner[k]
-            elif low == high:
-                prediction[low, row] = _decide_exactly(
-                    logits[row], taus[low], margin[k], ends, k, winner[k], scratch[1], compact,
-                    exact, tables,
+            elif high - low < EXACT_RANGE_TAUS:
+                _decide_exactly(
+                    logits[row], taus, low, high, margin[k], k, winner[k], compact, exact,
+                    tables, prediction[:, row],
                 )  # fmt: skip
             else:  # in place: the k-th pixel is read before position `undecided` <= k is written
                 pixels[undecided] = pixels[k]
@@ -290,22 +297,19 @@ def _gather_pixels(columns, magnitude, pixels, size, chosen, chosen_magnitude) -
 
 
 @numba.njit(inline="always")
-def _decide_exactly(values, tau, margin, ends, k, winner, weakest, compact, exact, tables):
-    """Pixel k of the block at a single tau, undecided by steps 1 and 2: `exact_winner` given
-    the classes step 2 kept and their bounds U_c = -log1p(e^(upper gap)) (module docstring),
-    passed as e^(upper gap): one exponential per kept class instead of three libm calls."""
-    line, fraction, beyond, gap, kept, upper = exact
-    position, kept_left, others_sums = compact[1], compact[5], compact[6]
-    column = position[k]
-    largest, largest_at, second = weakest[0][k], weakest[1][k], weakest[2][k]
+def _decide_exactly(values, taus, low, high, margin, k, winner, compact, exact, tables, prediction):
+    """Pixel k of the block at taus[low..high] (its `prediction` column), undecided by steps 1
+    and 2 on that range: `exact_winner` at each tau among the classes step 2 kept (the bounds
+    and `margin`, taken at the range's largest tau, hold for every tau of the range); the
+    tau-independent part of the scores is computed once (`candidate_gaps`)."""
+    kept = exact[7]
+    column = compact[1][k]  # the pixel's position in step 2's compacted arrays
     for c in range(kept.shape[0]):
-        kept[c] = kept_left[c, column]
-        if kept[c]:
-            others = second if c == largest_at else largest
-            upper[c] = others_sums[c, column] * fast_exp(others - ends[1][c, k])
-    return exact_winner(
-        values, tau, margin, winner, kept, upper, tables, (line, fraction, beyond, gap)
-    )
+        kept[c] = compact[5][c, column]
+    work = exact[:7]
+    count, padded = candidate_gaps(values, winner, kept, tables, work)
+    for tau_index in range(low, high + 1):
+        prediction[tau_index] = exact_winner(count, padded, taus[tau_index], margin, work)
 
 
 @kernel(depends_on=(steps, float32_math))

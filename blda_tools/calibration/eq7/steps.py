@@ -78,68 +78,83 @@ def grid_cell(value, column, by_column, points):
     return column * points + point, position - np.float32(point), beyond
 
 
+# Step 3 scores its candidates side by side, as many as a vector holds (4 float64 with AVX2):
+# a pixel's candidate count is rounded up to a multiple of it, the extra lanes ignored.
+CANDIDATE_LANES = 4
+_LARGEST_SUM = math.exp(699.0)
+
+
 @numba.njit(inline="always")
-def exact_winner(values, tau, margin, winner, kept, upper, tables, work) -> int:
-    """Step 3, at one tau, for a pixel the bounds leave undecided: the Eq. 7 log scores of
-    `winner` and of the `kept` classes (every class the bounds could not rule out, so the full
-    computation's winner is among them) from the interpolated offsets themselves, in float64;
-    the best is the winner when it beats every other candidate by more than 3 margin, else
-    UNDECIDED. A kept class whose bound U_c = -log1p(`upper`) is already below the best
-    exact score less 3 margin needs no exact score (tested as `upper` > expm1(3 margin -
-    best), with no logarithm per class). `values`: the pixel's float32 logits; `tables`: a
-    `CertifyTables` tuple; `work` = (line ``(C,)`` int64, fraction float32, beyond, gap
-    float64)."""
-    by_column, by_target, adjusted_lc = tables[1], tables[2], tables[3]
+def candidate_gaps(values, winner, kept, tables, work) -> tuple[int, int]:
+    """Step 3's part that does not depend on tau, for a pixel the bounds leave undecided: its
+    candidates (`winner`, then the `kept` classes: every class the bounds could not rule out,
+    so the full computation's winner is among them) and, per candidate c, f[l] - f[c] and
+    Delta_cl(f[l]) - Delta_cc(f[c]) for every l, in float64 from the offsets interpolated in
+    float32 as `gather_offsets` does (beyond the table they fall with slope -1 where
+    adjusted). Returns (candidates, padded to `CANDIDATE_LANES`). `values`: the pixel's
+    float32 logits; `tables`: a `CertifyTables` tuple; `work` = (line ``(C,)`` int64,
+    fraction float32, beyond float64, candidates ``(C + 3,)`` int64, logit_gaps, offset_gaps
+    ``(C, C + 3)`` float64 (row l, candidate i), totals ``(C + 3,)`` float64)."""
+    by_column, by_point, adjusted_lc = tables[1], tables[2], tables[3]
+    line, fraction, beyond, candidates, logit_gaps, offset_gaps, own = work
     num_classes = values.shape[0]
-    points = by_target.shape[1] // num_classes
-    line, fraction, beyond, _ = work
+    points = by_point.shape[0] // num_classes
     for column in range(num_classes):
         line[column], fraction[column], beyond[column] = grid_cell(
             values[column], column, by_column, points
         )
-    best = _exact_log_score(values, winner, tau, work, by_target[winner], adjusted_lc)
-    best_at, runner_up = winner, -math.inf
-    if math.isnan(best):
-        return UNDECIDED
-    skip = math.expm1(3.0 * margin - best)
+    candidates[0], count = winner, 1
     for c in range(num_classes):
-        if c == winner or not kept[c] or upper[c] > skip:
-            continue
-        score = _exact_log_score(values, c, tau, work, by_target[c], adjusted_lc)
-        if math.isnan(score):
-            return UNDECIDED
-        runner_up = max(runner_up, min(best, score))
-        if score > best:
-            best_at, best = c, score
-            skip = math.expm1(3.0 * margin - best)
-    return best_at if best - runner_up > 3.0 * margin else UNDECIDED
+        if kept[c] and c != winner:
+            candidates[count] = c
+            count += 1
+    padded = -(-count // CANDIDATE_LANES) * CANDIDATE_LANES
+    candidates[count:padded] = winner  # lanes computed and ignored
+    for i in range(padded):
+        c = candidates[i]
+        offset = by_point[line[c], 0, c] + fraction[c] * by_point[line[c], 1, c]
+        own[i] = float(offset) - beyond[c] * adjusted_lc[c, c]  # Delta_cc(f[c])
+    outside = False
+    for column in range(num_classes):
+        outside |= beyond[column] != 0.0
+    for column in range(num_classes):
+        point, logit = line[column], float(values[column])
+        for i in range(padded):
+            c = candidates[i]
+            offset = float(by_point[point, 0, c] + fraction[column] * by_point[point, 1, c])
+            if outside:  # rare
+                offset -= beyond[column] * adjusted_lc[column, c]
+            offset_gaps[column, i] = offset - own[i]
+            logit_gaps[column, i] = logit - float(values[c])
+    return count, padded
 
 
 @numba.njit(inline="always")
-def _exact_log_score(values, c, tau, work, table, adjusted_lc) -> float:
-    """log score_c = -log sum_l exp(X_lc - X_cc) as in `eq7_kernel`, in float64 from the
-    offsets Delta_cl(f[l]) interpolated in float32 as `gather_offsets` does (beyond the table
-    they fall with slope -1 where adjusted); `table`: ``by_target[c]``. NaN when a term
-    exceeds exp(700), where `fast_exp` would clamp it. The error, below 1e-9 (`fast_exp` 1e-12
-    relative, float64 roundings), is far inside the spare third margin (>= 7e-6)."""
-    line, fraction, beyond, gap = work
-    num_classes = values.shape[0]
-    offset = table[line[c], 0] + fraction[c] * table[line[c], 1]
-    own = float(offset) - beyond[c] * adjusted_lc[c, c]
-    largest = -math.inf
-    for column in range(num_classes):
-        offset = table[line[column], 0] + fraction[column] * table[line[column], 1]
-        offset_gap = float(offset) - beyond[column] * adjusted_lc[column, c] - own
-        gap[column] = (float(values[column]) - float(values[c])) + tau * offset_gap
-        largest = max(largest, gap[column])
-    if largest > 700.0:
-        return math.nan
-    for column in range(num_classes):  # a vectorised loop
-        gap[column] = fast_exp(gap[column])
-    total = 0.0
-    for column in range(num_classes):  # the term column == c is exp(0) = 1 exactly
-        total += gap[column]
-    return -math.log(total)
+def exact_winner(count, padded, tau, margin, work) -> int:
+    """Step 3 at one tau, from `candidate_gaps`: the Eq. 7 sums T_c = sum_l exp(X_lc - X_cc)
+    (score s_c = -log T_c, as in `eq7_kernel`) of every candidate side by side, in float64; the
+    best is the winner when it beats every other candidate by more than 3 margin (T_other >
+    T_best e^(3 margin)), else UNDECIDED, as when a term exceeds exp(700), where `fast_exp`
+    would clamp it. The error, below 1e-11 (`fast_exp` 1e-12 relative, float64 roundings), is
+    far inside the spare third margin (>= 7e-6)."""
+    candidates, logit_gaps, offset_gaps, totals = work[3:]
+    totals[:padded] = 0.0
+    for column in range(logit_gaps.shape[0]):
+        for i in range(padded):  # a vectorised loop (a count of large gaps in it was not)
+            totals[i] += fast_exp(logit_gaps[column, i] + tau * offset_gaps[column, i])
+    best = 0
+    for i in range(count):
+        # a clamped term makes its sum at least fast_exp(700) > e^699 (a sum of unclamped
+        # terms may pass e^699 too: undecided, which is always safe)
+        if totals[i] > _LARGEST_SUM:
+            return UNDECIDED
+    for i in range(1, count):
+        best = i if totals[i] < totals[best] else best
+    runner_up = math.inf
+    for i in range(count):
+        runner_up = runner_up if i == best else min(runner_up, totals[i])
+    # ties (the full computation takes the lower index) are left UNDECIDED
+    return candidates[best] if runner_up > totals[best] * math.exp(3.0 * margin) else UNDECIDED
 
 
 @numba.njit(inline="always")
@@ -194,11 +209,10 @@ def _block_left(own_high, winner, weakest, threshold, count, left, found) -> Non
 def block_step_two(ends, count, winner, threshold, weakest, left, compact) -> None:
     """Step 2 of the certificate (U_c exact) for the pixels of the block still `left`,
     on a compacted class-major copy of them so that the loops run over pixels (vectorised);
-    a pixel every other class of which is ruled out leaves `left`. For `_decide_exactly`,
-    `compact` keeps pixel j's classes not ruled out (`kept_left`) and the sums of their
-    other terms at column `position[j]`."""
+    a pixel every other class of which is ruled out leaves `left`. For step 3, `compact`
+    keeps pixel j's classes not ruled out (`kept_left`) at column `position[j]`."""
     own_high, weak = ends[1], ends[2]
-    index, position, own_high_left, weak_left, shifted, kept_left, others_sums, per_pixel = compact
+    index, position, own_high_left, weak_left, shifted, kept_left, per_pixel = compact
     largest, largest_at, second, candidate, limit, total, resum, found = per_pixel
     pixels = 0
     for j in range(count):
@@ -231,7 +245,7 @@ def block_step_two(ends, count, winner, threshold, weakest, left, compact) -> No
             others_sum = resum[k] if c == largest_at[k] else total[k] - shifted[c, k]
             bound = fast_exp(limit[k] - others + own_high_left[c, k])
             kept = (others - own_high_left[c, k] <= limit[k]) & (others_sum <= bound)
-            kept_left[c, k], others_sums[c, k] = (c != candidate[k]) & kept, others_sum
+            kept_left[c, k] = (c != candidate[k]) & kept
             found[k] |= kept_left[c, k]
     for k in range(pixels):
         left[index[k]] = found[k]
