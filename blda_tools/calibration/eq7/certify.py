@@ -20,8 +20,8 @@ single tau a third step decides the rest
 (`eq7_steps.exact_winner`, about 3%): the log scores of k and of the classes not ruled out,
 side by side, computed in float64 from the interpolated offsets themselves (their
 tau-independent part once per range, `eq7_steps.candidate_gaps`); the best wins when it leads
-every other by more than 3 margin. What none decides (about 0.02%: exact ties, terms beyond exp(700)) is left to the full
-computation (UNDECIDED in the output).
+every other by more than 3 margin. What none decides (about 0.02%: exact ties, terms beyond
+exp(700)) is left to the full computation (UNDECIDED in the output).
 
 Pixels go `BLOCK_ROWS` at a time (`SWEEP_BLOCK_ROWS` for several taus), class-major: each tau
 range runs the steps over the pixels it concerns, copied side by side, so that every loop runs
@@ -73,8 +73,8 @@ class CertifyTables(NamedTuple):
     inv_step, high (the grid of `gather_offsets`), slope, own_slope, floor, ceiling (the
     extrapolation beyond the table); `by_point` ``(C_l * G, 2, C_c)`` float32: the table of
     `gather_offsets` (at grid point g of column l the values for every target class c, then
-    their increments: a pixel's candidates read the same cache lines) and `adjusted_lc` ``(C_l, C_c)`` float32, for the exact scores of the pixels the
-    bounds leave undecided; `by_cell_beyond` ``(C * G, 2)`` float32: lowest, highest without
+    their increments: a pixel's candidates read the same cache lines) and `adjusted_lc`
+    ``(C_l, C_c)`` float32, for the exact scores of the pixels the bounds leave undecided; `by_cell_beyond` ``(C * G, 2)`` float32: lowest, highest without
     the unadjusted zeros, for the rare logits beyond the table."""
 
     by_cell: np.ndarray

@@ -81,6 +81,7 @@ def grid_cell(value, column, by_column, points):
 # Step 3 scores its candidates side by side, as many as a vector holds (4 float64 with AVX2):
 # a pixel's candidate count is rounded up to a multiple of it, the extra lanes ignored.
 CANDIDATE_LANES = 4
+# A term clamped by `fast_exp` (at exp(700)) makes its sum exceed this.
 _LARGEST_SUM = math.exp(699.0)
 
 
@@ -93,10 +94,11 @@ def candidate_gaps(values, winner, kept, tables, work) -> tuple[int, int]:
     float32 as `gather_offsets` does (beyond the table they fall with slope -1 where
     adjusted). Returns (candidates, padded to `CANDIDATE_LANES`). `values`: the pixel's
     float32 logits; `tables`: a `CertifyTables` tuple; `work` = (line ``(C,)`` int64,
-    fraction float32, beyond float64, candidates ``(C + 3,)`` int64, logit_gaps, offset_gaps
-    ``(C, C + 3)`` float64 (row l, candidate i), totals ``(C + 3,)`` float64)."""
+    fraction float32, beyond float64, candidates ``(P,)`` int64, logit_gaps, offset_gaps
+    ``(C, P)`` float64 (row l, candidate i), sums ``(P,)`` float64: Delta_cc(f[c]) here, the
+    sums T_c in `exact_winner`), P = C + CANDIDATE_LANES - 1."""
     by_column, by_point, adjusted_lc = tables[1], tables[2], tables[3]
-    line, fraction, beyond, candidates, logit_gaps, offset_gaps, own = work
+    line, fraction, beyond, candidates, logit_gaps, offset_gaps, own = work  # own: `sums`
     num_classes = values.shape[0]
     points = by_point.shape[0] // num_classes
     for column in range(num_classes):
@@ -137,17 +139,16 @@ def exact_winner(count, padded, tau, margin, work) -> int:
     T_best e^(3 margin)), else UNDECIDED, as when a term exceeds exp(700), where `fast_exp`
     would clamp it. The error, below 1e-11 (`fast_exp` 1e-12 relative, float64 roundings), is
     far inside the spare third margin (>= 7e-6)."""
-    candidates, logit_gaps, offset_gaps, totals = work[3:]
+    candidates, logit_gaps, offset_gaps, totals = work[3:]  # totals: `sums`
     totals[:padded] = 0.0
     for column in range(logit_gaps.shape[0]):
         for i in range(padded):  # a vectorised loop (a count of large gaps in it was not)
             totals[i] += fast_exp(logit_gaps[column, i] + tau * offset_gaps[column, i])
-    best = 0
     for i in range(count):
-        # a clamped term makes its sum at least fast_exp(700) > e^699 (a sum of unclamped
-        # terms may pass e^699 too: undecided, which is always safe)
+        # a sum of unclamped terms may pass it too: undecided, which is always safe
         if totals[i] > _LARGEST_SUM:
             return UNDECIDED
+    best = 0
     for i in range(1, count):
         best = i if totals[i] < totals[best] else best
     runner_up = math.inf
