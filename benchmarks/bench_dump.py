@@ -290,7 +290,7 @@ def traffic_floor(height: int, width: int, bandwidth: float) -> tuple[float, int
     return moved / bandwidth, moved
 
 
-def main() -> None:
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--images", type=int, default=200)
@@ -310,27 +310,18 @@ def main() -> None:
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        child(args)
-        return
-    if args.decode_resize:
-        print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}")
-        print(f"cores: {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")
-        measure_decode_resize(args)
-        return
-    height, width = (int(v) for v in args.size.lower().split("x"))
+    return parser.parse_args()
 
+
+KINDS = ("forward", "forward-streams", "dump")
+
+
+def run_all(args, height: int, width: int) -> tuple[dict[str, list[dict]], dict]:
+    """Every repeat of the three whole runs (alternated) and the per-step times, each in a
+    fresh process, on a dataset and checkpoint written to a temporary folder."""
     from blda_tools.models import create_model
 
-    print(f"machine: {cpu_model()}, {platform.platform()}")
-    print(
-        f"cores: {os.cpu_count()}, torch {torch.__version__} threads {torch.get_num_threads()}, "
-        f"python {sys.version.split()[0]}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
-        f"load average {os.getloadavg()[0]:.1f}"
-    )
-    kinds = ("forward", "forward-streams", "dump")
-    results: dict[str, list[dict]] = {kind: [] for kind in kinds}
+    results: dict[str, list[dict]] = {kind: [] for kind in KINDS}
     with tempfile.TemporaryDirectory() as temporary:
         root = Path(temporary) / "data"
         write_dataset(root, args.images, height, width)
@@ -339,38 +330,44 @@ def main() -> None:
         torch.save(create_model(args.model, NUM_CLASSES).state_dict(), checkpoint)
         # Alternated, so a change in the machine's load affects all figures alike.
         for repeat in range(0 if args.parts_only else args.repeats):
-            for kind in kinds:
+            for kind in KINDS:
                 out = Path(temporary) / f"dump{repeat}.h5"
                 results[kind].append(in_fresh_process(kind, args, root, checkpoint, out))
         parts = in_fresh_process("parts", args, root, checkpoint, Path(temporary) / "parts.h5")
-    print(f"load average after: {os.getloadavg()[0]:.1f}")
-    if not args.parts_only:
-        dump = results["dump"][0]
+    return results, parts
+
+
+def print_rates(args, results: dict[str, list[dict]], height: int, width: int) -> None:
+    dump = results["dump"][0]
+    print(
+        f"{args.model} on {args.images} images {height}x{width}, CPU, whole image, float16 "
+        f"store, {dump['workers']} loader worker(s), {dump['streams']} stream(s) x "
+        f"{dump['threads_per_stream']} thread(s), allocator setting applied: "
+        f"{dump['allocator_setting']}; best of {args.repeats} fresh processes each"
+    )
+    # Best of the repeats: the highest rate and the lowest CPU time of each.
+    rate = {kind: max(r["images_per_second"] for r in results[kind]) for kind in KINDS}
+    cpu = {kind: min(r["cpu_per_image"] for r in results[kind]) for kind in KINDS}
+    labels = {
+        "forward": "pure forward, one stream",
+        "forward-streams": "pure forward, dump's streams",
+        "dump": "dump-logits",
+    }
+    for kind in KINDS:
+        runs = ", ".join(f"{r['images_per_second']:.2f}" for r in results[kind])
         print(
-            f"{args.model} on {args.images} images {height}x{width}, CPU, whole image, float16 "
-            f"store, {dump['workers']} loader worker(s), {dump['streams']} stream(s) x "
-            f"{dump['threads_per_stream']} thread(s), allocator setting applied: "
-            f"{dump['allocator_setting']}; best of {args.repeats} fresh processes each"
+            f"{labels[kind]:30s}: {rate[kind]:6.2f} images/s  CPU {cpu[kind] * 1000:4.0f} ms/image"
+            f"  (runs: {runs})"
         )
-        # Best of the repeats: the highest rate and the lowest CPU time of each.
-        rate = {kind: max(r["images_per_second"] for r in results[kind]) for kind in kinds}
-        cpu = {kind: min(r["cpu_per_image"] for r in results[kind]) for kind in kinds}
-        labels = {
-            "forward": "pure forward, one stream",
-            "forward-streams": "pure forward, dump's streams",
-            "dump": "dump-logits",
-        }
-        for kind in kinds:
-            runs = ", ".join(f"{r['images_per_second']:.2f}" for r in results[kind])
-            print(
-                f"{labels[kind]:30s}: {rate[kind]:6.2f} images/s  CPU {cpu[kind] * 1000:4.0f} ms/image"
-                f"  (runs: {runs})"
-            )
-        baseline = max(rate["forward"], rate["forward-streams"])
-        print(
-            f"dump-logits / faster pure forward: {rate['dump'] / baseline:.0%} (target >= 90%); "
-            f"/ one-stream forward: {rate['dump'] / rate['forward']:.0%}"
-        )
+    baseline = max(rate["forward"], rate["forward-streams"])
+    print(
+        f"dump-logits / faster pure forward: {rate['dump'] / baseline:.0%} (target >= 90%); "
+        f"/ one-stream forward: {rate['dump'] / rate['forward']:.0%}"
+    )
+
+
+def print_parts(parts: dict, height: int, width: int) -> None:
+    """The CPU the dump adds beside the forward, per step, and the memory-traffic floor."""
     added = sum(parts[part] for part in PARTS[1:])
     steps = ", ".join(f"{part} {parts[part] * 1000:.1f}" for part in PARTS[1:])
     print(
@@ -381,16 +378,40 @@ def main() -> None:
     )
     bandwidth = copy_bandwidth()
     floor, moved = traffic_floor(height, width, bandwidth)
+    after_forward = parts["resize+cast"] + parts["prepare"] + parts["append"]
     print(
         f"added / forward = {added / parts['forward']:.1%} (target <= 10 %). Limit: after the "
         f"forward the dump moves >= {moved / 1e6:.0f} MB per image (resize+cast, append) = "
         f"{floor * 1000:.1f} ms at this core's copy bandwidth "
         f"{bandwidth / 1e9:.1f} GB/s, beside decoding the PNGs ({parts['decode'] * 1000:.1f} "
         f"ms here: zlib inflate); resize+cast + prepare + append took "
-        f"{(parts['resize+cast'] + parts['prepare'] + parts['append']) * 1000:.1f} ms, "
-        f"{(parts['resize+cast'] + parts['prepare'] + parts['append']) / floor:.1f}x that floor. "
+        f"{after_forward * 1000:.1f} ms, {after_forward / floor:.1f}x that floor. "
         f"load average now {os.getloadavg()[0]:.1f}"
     )
+
+
+def main() -> None:
+    args = parse_arguments()
+    if args.child:
+        child(args)
+        return
+    if args.decode_resize:
+        print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}")
+        print(f"cores: {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")
+        measure_decode_resize(args)
+        return
+    height, width = (int(v) for v in args.size.lower().split("x"))
+    print(f"machine: {cpu_model()}, {platform.platform()}")
+    print(
+        f"cores: {os.cpu_count()}, torch {torch.__version__} threads {torch.get_num_threads()}, "
+        f"python {sys.version.split()[0]}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+    results, parts = run_all(args, height, width)
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+    if not args.parts_only:
+        print_rates(args, results, height, width)
+    print_parts(parts, height, width)
 
 
 if __name__ == "__main__":

@@ -366,25 +366,10 @@ def prepare_dump(
     if rank is None or world_size is None:
         rank, world_size = distributed_rank()
     _check_counts(max_images=max_images, workers=workers, batch_size=batch_size, streams=streams)
-    check_weights(model_spec, checkpoint, random_weights)
-    if checkpoint is not None:  # before any image is read
-        check_input_file(checkpoint, f"--checkpoint {checkpoint}", "a checkpoint file")
-    declared_protocol, task = declared_family(model_spec)
-    if isinstance(inference, InferenceSettings):
-        protocol = "as given"
-    else:  # before any image is read: options that contradict the protocol are refused here
-        protocol, inference = resolve_inference(declared_protocol, inference)
-    try:
-        data = build_dataset(dataset, data_root, split, **(dataset_options or {}))
-    except BLDAError as error:
-        raise BLDAError(f"--data-root {data_root}: {error}") from None
+    protocol, inference, task = _check_model(model_spec, checkpoint, random_weights, inference)
+    data = _open_dataset(dataset, data_root, split, dataset_options)
     classification = check_task(model_spec, task, dataset, data.dataset_name == "image-folder")
-    sampling = PixelSampling() if sampling is None else sampling
-    if classification and sampling != PixelSampling(seed=sampling.seed):
-        raise BLDAError(
-            f"--dataset {dataset}: a classification dataset stores one row per image; "
-            "--stride, --pixels-per-image and --stratified do not apply"
-        )
+    sampling = _check_sampling(sampling, classification, dataset)
     requested_out, out = Path(out), shard_path(out, rank, world_size)
     metadata = {
         "model": model_spec,
@@ -403,7 +388,7 @@ def prepare_dump(
     if chosen_device.type == "cpu":
         keep_freed_memory()
     count = len(data) if max_images is None else min(max_images, len(data))
-    planned = list(range(rank, count, world_size))
+    planned = range(rank, count, world_size)  # this rank's images
     pending = [index for index in planned if data.names[index] not in stored]
     notices = protocol_notices(protocol, inference, data, pending[0] if pending else None)
     # Workers fork before the model exists: pages this process writes after a fork are
@@ -412,14 +397,10 @@ def prepare_dump(
     batches = start_loader(data, pending, workers, batch_size)
     model = load_model(model_spec, data.num_classes, checkpoint, weights, trust_checkpoint)
     writer_options = dict(
-        class_names=data.class_names,
-        ignore_index=data.ignore_index,
-        dtype=dtype,
-        compression=compression,
-        domain=dataset,
-        producer=f"blda dump-logits {__version__}",
+        class_names=data.class_names, ignore_index=data.ignore_index, dtype=dtype,
+        compression=compression, domain=dataset, producer=f"blda dump-logits {__version__}",
         **metadata,
-    )
+    )  # fmt: skip
     return DumpJob(
         dataset=data,
         model=model.to(chosen_device),
@@ -441,6 +422,39 @@ def prepare_dump(
         classification=classification,
         requested_out=requested_out,
     )
+
+
+def _check_model(model_spec: str, checkpoint, random_weights: bool, inference):
+    """(protocol, inference settings, task) of the model, checked before any image is read:
+    the weights to load, and inference options that contradict the model's test protocol."""
+    check_weights(model_spec, checkpoint, random_weights)
+    if checkpoint is not None:
+        check_input_file(checkpoint, f"--checkpoint {checkpoint}", "a checkpoint file")
+    declared_protocol, task = declared_family(model_spec)
+    if isinstance(inference, InferenceSettings):
+        return "as given", inference, task
+    return (*resolve_inference(declared_protocol, inference), task)
+
+
+def _open_dataset(dataset: str, data_root, split: str | None, options: dict | None):
+    """The dataset, its errors naming --data-root (where its files were looked for)."""
+    try:
+        return build_dataset(dataset, data_root, split, **(options or {}))
+    except BLDAError as error:
+        raise BLDAError(f"--data-root {data_root}: {error}") from None
+
+
+def _check_sampling(
+    sampling: PixelSampling | None, classification: bool, dataset: str
+) -> PixelSampling:
+    """The pixel sampling (default: every pixel); a classification dataset takes none."""
+    sampling = PixelSampling() if sampling is None else sampling
+    if classification and sampling != PixelSampling(seed=sampling.seed):
+        raise BLDAError(
+            f"--dataset {dataset}: a classification dataset stores one row per image; "
+            "--stride, --pixels-per-image and --stratified do not apply"
+        )
+    return sampling
 
 
 def _stream_layout(streams: int | None, device: torch.device) -> dict:
