@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import mpmath
+import numba
 import numpy as np
 import pytest
 import torch
@@ -15,7 +16,14 @@ from hypothesis import strategies as st
 
 from blda_tools.calibration.calibrator import Calibrator, full_prediction, predict_taus
 from blda_tools.calibration.eq7.certify import UNDECIDED, certified_predictions
-from blda_tools.calibration.eq7.steps import fast_exp, rule_out_threshold
+from blda_tools.calibration.eq7.kernel import gather_offsets
+from blda_tools.calibration.eq7.steps import (
+    CANDIDATE_LANES,
+    candidate_gaps,
+    exact_winner,
+    fast_exp,
+    rule_out_threshold,
+)
 from blda_tools.calibration.sweep import TauSweep
 from blda_tools.calibration.sweep_counts import count_sweep
 from blda_tools.errors import BLDAError
@@ -214,3 +222,58 @@ def test_sweep_counts_match_numpy_with_ties_and_an_unseen_class(rows, num_classe
             expected = np.zeros((num_classes, num_classes), dtype=np.int64)
             np.add.at(expected, (labels, prediction), 1)
             assert np.array_equal(cells[method, position], expected)
+
+
+@numba.njit
+def _step_three(values, winner, kept, tables, tau, margin):
+    num_classes = values.shape[0]
+    lanes = num_classes + CANDIDATE_LANES - 1
+    work = (
+        np.empty(num_classes, np.int64), np.empty(num_classes, np.float32),
+        np.empty(num_classes), np.empty(lanes, np.int64), np.empty((num_classes, lanes)),
+        np.empty((num_classes, lanes)), np.empty(lanes),
+    )  # fmt: skip
+    count, padded = candidate_gaps(values, winner, kept, tables, work)
+    return exact_winner(count, padded, tau, margin, work), count, padded
+
+
+@pytest.mark.parametrize("kept_count", [0, 1, 7, 8, 9, 18])
+def test_step_three_scores_any_number_of_candidates(fitted, kept_count):
+    """Step 3 alone, with 1 to 19 candidates (1 to 3 chunks of CANDIDATE_LANES lanes, the
+    padding lanes ignored), against the Eq. 7 sums T_c = sum_l exp(f[l] - f[c] + tau
+    (Delta_cl(f[l]) - Delta_cc(f[c]))) in float64 with numpy's exp, from the offsets of
+    `gather_offsets`: the candidate with the smallest sum when it leads by more than
+    e^(3 margin), else UNDECIDED."""
+    calibrator, logits = fitted
+    num_classes = logits.shape[1]
+    if kept_count >= num_classes:
+        pytest.skip("fewer classes than candidates")
+    tau, margin = 0.7, 1e-6
+    tables = tuple(calibrator.certify_tables())
+    sample = logits[:200].contiguous()
+    offsets = gather_offsets(sample, *calibrator.kernel_tensors()).double().numpy()
+    values = sample.numpy()
+    generator = np.random.default_rng(kept_count)
+    decided = 0
+    for pixel in range(sample.shape[0]):
+        order = generator.permutation(num_classes)
+        winner, others = int(order[0]), order[1 : 1 + kept_count]
+        kept = np.zeros(num_classes, np.bool_)
+        kept[others] = True
+        got, count, padded = _step_three(values[pixel], winner, kept, tables, tau, margin)
+        assert count == kept_count + 1 and padded % CANDIDATE_LANES == 0 and padded >= count
+        candidates = [winner, *sorted(int(c) for c in others)]
+        f = values[pixel].astype(np.float64)
+        own = np.array([offsets[pixel, c, c] for c in candidates])
+        exponents = (f[:, None] - f[candidates][None, :]) + tau * (
+            offsets[pixel][:, candidates] - own[None, :]
+        )
+        totals = np.exp(exponents).sum(0)
+        best = int(np.argmin(totals))
+        lead = np.min(np.delete(totals, best)) / totals[best] if count > 1 else math.inf
+        if abs(lead - math.exp(3 * margin)) < 1e-5:
+            continue  # too close to the decision threshold for float32 offsets
+        expected = candidates[best] if lead > math.exp(3 * margin) else UNDECIDED
+        assert got == expected, (pixel, candidates, totals)
+        decided += got != UNDECIDED
+    assert decided >= 100
