@@ -108,7 +108,18 @@ def _adversarial(logits: torch.Tensor, seed: int, scale: float, step, reach: flo
     scale=st.sampled_from([1.0, 6.0, 60.0]),
     step=st.sampled_from([None, 0.25, 1.0]),
     reach=st.sampled_from([0.0, 30.0]),
-    taus=st.sampled_from([[1.0], [0.1, 0.5, 1.0], [0.05, 0.3, 2.0, 5.0], [0.0, 0.2, 1.0]]),
+    taus=st.sampled_from(
+        [
+            [1.0],
+            [0.1, 0.5, 1.0],
+            [0.05, 0.3, 2.0, 5.0],
+            [0.0, 0.2, 1.0],
+            # evenly spaced (step 3 chains each term from one tau to the next), and nearly so
+            [0.1 * index for index in range(1, 11)],
+            [0.5, 1.0],
+            [0.2, 0.4, 0.6 + 1e-9],
+        ]
+    ),
 )
 def test_certified_predictions_are_the_full_computation(fitted, seed, scale, step, reach, taus):
     calibrator, logits = fitted
