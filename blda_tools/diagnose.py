@@ -199,7 +199,14 @@ def _measure(store, statistics, confusion, source, notes) -> Diagnosis:
     )
     if confusion is None:
         notes.append("No ground truth: IoU, accuracy and Bias from Eq. 4 are not available.")
-        return diagnosis
+    else:
+        _add_label_metrics(diagnosis, confusion, bias_estimated)
+    return diagnosis
+
+
+def _add_label_metrics(diagnosis: Diagnosis, confusion, bias_estimated) -> None:
+    """The fields of `diagnosis` that need ground truth, from the `confusion` matrix."""
+    names, notes = diagnosis.classes, diagnosis.notes
     scores = metrics.SegmentationMetrics.from_confusion(confusion)
     bias = metrics.bias_from_confusion(confusion)  # Eq. 4
     groups = metrics.prediction_groups(  # Table 18, with the balanced classes apart
@@ -223,7 +230,6 @@ def _measure(store, statistics, confusion, source, notes) -> Diagnosis:
             "Classes with no pixels and no predictions are NaN and left out of every mean: "
             + ", ".join(diagnosis.excluded_classes)
         )
-    return diagnosis
 
 
 def _draw_plots(

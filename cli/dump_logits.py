@@ -245,6 +245,10 @@ def dump_logits_command(ctx, **options):
             summary = job.run(advance)
     for warning in caught:
         console.print(f"[yellow]warning:[/] {warning.message}")
+    _print_summary(job, summary)
+
+
+def _print_summary(job, summary) -> None:
     for note in summary.notes:
         console.print(f"[yellow]note:[/] {note}")
     this_run = ""

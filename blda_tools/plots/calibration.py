@@ -120,39 +120,20 @@ def plot_per_class_change(
     axes.scatter(positions, before, s=34, facecolors="white", edgecolors=DARK, zorder=3)
     axes.scatter(positions, after, s=34, color=colors, zorder=4)
     for position in positions[~(np.isfinite(before) & np.isfinite(after))]:
-        axes.text(
-            position,
-            0.5,
-            "n/a",
-            transform=axes.get_xaxis_transform(),
-            ha="center",
-            fontsize=8,
-            color=GREY,
-        )
+        axes.text(position, 0.5, "n/a", transform=axes.get_xaxis_transform(), ha="center",
+                  fontsize=8, color=GREY)  # fmt: skip
     _class_ticks(axes, names)
     unit = " (%)" if as_percent else ""
     axes.set_ylabel(f"{metric_name}{unit}")
     axes.grid(axis="y", color="#e5e5e5", zorder=0)
-    axes.legend(
-        handles=[
-            Line2D(
-                [],
-                [],
-                marker="o",
-                linestyle="",
-                markerfacecolor="white",
-                markeredgecolor=DARK,
-                label="before",
-            ),
-            Line2D([], [], marker="o", linestyle="", color=BLUE, label="after (better)"),
-            Line2D([], [], marker="o", linestyle="", color=VERMILLION, label="after (worse)"),
-        ],
-        fontsize=8,
-        frameon=False,
-        ncol=3,
-        loc="lower center",
-        bbox_to_anchor=(0.5, 1.0),
-    )
+    marker = dict(marker="o", linestyle="")
+    handles = [
+        Line2D([], [], **marker, markerfacecolor="white", markeredgecolor=DARK, label="before"),
+        Line2D([], [], **marker, color=BLUE, label="after (better)"),
+        Line2D([], [], **marker, color=VERMILLION, label="after (worse)"),
+    ]
+    axes.legend(handles=handles, fontsize=8, frameon=False, ncol=3, loc="lower center",
+                bbox_to_anchor=(0.5, 1.0))  # fmt: skip
     axes.set_title(f"{metric_name} per class before and after calibration", fontsize=10, pad=24)
     return _save(figure, path)
 

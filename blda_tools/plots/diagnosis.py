@@ -38,6 +38,21 @@ MISSING_NOTES = {
 }
 
 
+def _rank_correlation_line(bias: np.ndarray, estimate: np.ndarray, given: float | None) -> str:
+    """The title's line for the Spearman correlation of Eq. 4 and Eq. 5 over the classes where
+    both are finite (`given` when the caller has it, else scipy's); empty when undefined."""
+    both = np.isfinite(bias) & np.isfinite(estimate)
+    # Ranks need at least three classes and some spread in each series.
+    if both.sum() < 3 or np.ptp(bias[both]) == 0 or np.ptp(estimate[both]) == 0:
+        return ""
+    rho = given
+    if rho is None:
+        from scipy.stats import spearmanr  # 0.6 s to import: only when needed
+
+        rho = spearmanr(bias[both], estimate[both]).statistic
+    return f"\nSpearman rank correlation of Eq. 4 and Eq. 5: {rho:.3f} ({both.sum()} classes)"
+
+
 def plot_bias(
     class_names: Sequence[str],
     bias: Sequence[float],
@@ -80,17 +95,7 @@ def plot_bias(
         handles.append(
             Line2D([], [], marker="D", linestyle="", color=DARK, label="Eq. 5 estimate from logits")
         )
-        both = finite & np.isfinite(estimate)
-        # Ranks need at least three classes and some spread in each series.
-        if both.sum() >= 3 and np.ptp(bias[both]) > 0 and np.ptp(estimate[both]) > 0:
-            rho = rank_correlation
-            if rho is None:
-                from scipy.stats import spearmanr  # 0.6 s to import: only when needed
-
-                rho = spearmanr(bias[both], estimate[both]).statistic
-            title += (
-                f"\nSpearman rank correlation of Eq. 4 and Eq. 5: {rho:.3f} ({both.sum()} classes)"
-            )
+        title += _rank_correlation_line(bias, estimate, rank_correlation)
     for position in positions[~finite[order]]:
         axes.text(position, 0.0, "n/a", ha="center", va="bottom", fontsize=8, color=GREY)
     _class_ticks(axes, [names[i] for i in order])
@@ -100,6 +105,25 @@ def plot_bias(
     axes.legend(handles=handles, fontsize=8, loc="upper right", frameon=False)
     axes.set_title(title, fontsize=10)
     return _save(figure, path)
+
+
+def _density_panel(axes, centers, curves, has_mass, index: int, count: int) -> None:
+    """Class `index`'s positive and negative densities (rows index and count + index of
+    `curves`) over the two anchors (the last two rows), and a note for a missing set."""
+    for color, row in ((BLUE, -2), (VERMILLION, -1)):  # the anchors
+        if has_mass[row]:
+            axes.plot(centers, curves[row], color=color, linestyle="--", linewidth=0.9)
+    has_positive, has_negative = has_mass[index], has_mass[count + index]
+    for color, row, present in (
+        (BLUE, index, has_positive),
+        (VERMILLION, count + index, has_negative),
+    ):
+        if present:
+            axes.fill_between(centers, curves[row], color=to_rgba(color, 0.25), linewidth=0)
+            axes.plot(centers, curves[row], color=color, linewidth=1.3)
+    note = MISSING_NOTES.get((bool(has_positive), bool(has_negative)))
+    if note:
+        _panel_note(axes, note)
 
 
 def plot_logit_densities(
@@ -138,20 +162,7 @@ def plot_logit_densities(
     centers, curves = _coarsen(centers, curves, low, high)
     figure, panels = _panel_grid(count, columns=5, panel_size=(2.6, 1.6), shared_x=True)
     for index, axes in enumerate(panels):
-        for color, row in ((BLUE, -2), (VERMILLION, -1)):  # the anchors
-            if has_mass[row]:
-                axes.plot(centers, curves[row], color=color, linestyle="--", linewidth=0.9)
-        has_positive, has_negative = has_mass[index], has_mass[count + index]
-        for color, row, present in (
-            (BLUE, index, has_positive),
-            (VERMILLION, count + index, has_negative),
-        ):
-            if present:
-                axes.fill_between(centers, curves[row], color=to_rgba(color, 0.25), linewidth=0)
-                axes.plot(centers, curves[row], color=color, linewidth=1.3)
-        note = MISSING_NOTES.get((bool(has_positive), bool(has_negative)))
-        if note:
-            _panel_note(axes, note)
+        _density_panel(axes, centers, curves, has_mass, index, count)
         axes.set_title(f"{index}: {names[index]}", fontsize=9)
         axes.set_xlim(low, high)
         axes.set_ylim(bottom=0.0)
