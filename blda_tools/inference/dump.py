@@ -32,9 +32,14 @@ from pathlib import Path
 import torch
 
 from blda_tools import __version__
-from blda_tools.datasets import build_dataset
 from blda_tools.errors import BLDAError, Interrupted
-from blda_tools.fileio import check_input_file, partial_path
+from blda_tools.fileio import partial_path
+from blda_tools.inference.dump_checks import (
+    check_counts,
+    check_model,
+    check_sampling,
+    open_dataset,
+)
 from blda_tools.inference.dump_files import (
     COMMAND,
     names_already_stored,
@@ -56,11 +61,10 @@ from blda_tools.inference.predict import (
     resize_logits,
     select_device,
 )
-from blda_tools.inference.protocols import protocol_notices, resolve_inference
+from blda_tools.inference.protocols import protocol_notices
 from blda_tools.inference.tasks import check_task
 from blda_tools.inference.upsample import upsample_to_float16_rows
 from blda_tools.models import load_model
-from blda_tools.models.loading import TORCHSCRIPT, declared_family
 from blda_tools.outputs import record_file
 from blda_tools.runtime.process import keep_freed_memory, torch_threads
 from blda_tools.store import LogitWriter, PreparedImage
@@ -365,11 +369,11 @@ def prepare_dump(
     """
     if rank is None or world_size is None:
         rank, world_size = distributed_rank()
-    _check_counts(max_images=max_images, workers=workers, batch_size=batch_size, streams=streams)
-    protocol, inference, task = _check_model(model_spec, checkpoint, random_weights, inference)
-    data = _open_dataset(dataset, data_root, split, dataset_options)
+    check_counts(max_images=max_images, workers=workers, batch_size=batch_size, streams=streams)
+    protocol, inference, task = check_model(model_spec, checkpoint, random_weights, inference)
+    data = open_dataset(dataset, data_root, split, dataset_options)
     classification = check_task(model_spec, task, dataset, data.dataset_name == "image-folder")
-    sampling = _check_sampling(sampling, classification, dataset)
+    sampling = check_sampling(sampling, classification, dataset)
     requested_out, out = Path(out), shard_path(out, rank, world_size)
     metadata = {
         "model": model_spec,
@@ -424,39 +428,6 @@ def prepare_dump(
     )
 
 
-def _check_model(model_spec: str, checkpoint, random_weights: bool, inference):
-    """(protocol, inference settings, task) of the model, checked before any image is read:
-    the weights to load, and inference options that contradict the model's test protocol."""
-    check_weights(model_spec, checkpoint, random_weights)
-    if checkpoint is not None:
-        check_input_file(checkpoint, f"--checkpoint {checkpoint}", "a checkpoint file")
-    declared_protocol, task = declared_family(model_spec)
-    if isinstance(inference, InferenceSettings):
-        return "as given", inference, task
-    return (*resolve_inference(declared_protocol, inference), task)
-
-
-def _open_dataset(dataset: str, data_root, split: str | None, options: dict | None):
-    """The dataset, its errors naming --data-root (where its files were looked for)."""
-    try:
-        return build_dataset(dataset, data_root, split, **(options or {}))
-    except BLDAError as error:
-        raise BLDAError(f"--data-root {data_root}: {error}") from None
-
-
-def _check_sampling(
-    sampling: PixelSampling | None, classification: bool, dataset: str
-) -> PixelSampling:
-    """The pixel sampling (default: every pixel); a classification dataset takes none."""
-    sampling = PixelSampling() if sampling is None else sampling
-    if classification and sampling != PixelSampling(seed=sampling.seed):
-        raise BLDAError(
-            f"--dataset {dataset}: a classification dataset stores one row per image; "
-            "--stride, --pixels-per-image and --stratified do not apply"
-        )
-    return sampling
-
-
 def _stream_layout(streams: int | None, device: torch.device) -> dict:
     if streams is None:
         streams, threads = default_streams(device)
@@ -480,26 +451,3 @@ def dump_logits(
     for the options and the module docstring for sampling, resume and sharding."""
     job = prepare_dump(model_spec, checkpoint, dataset, data_root, split, out, **options)
     return job.run(progress)
-
-
-def check_weights(model_spec: str, checkpoint, random_weights: bool) -> None:
-    """Refuse to run a built-in architecture on random weights unless asked to."""
-    if random_weights and checkpoint is not None:
-        raise BLDAError(
-            "--random-weights and --checkpoint: the weights come from the checkpoint; give one"
-        )
-    builtin = model_spec != TORCHSCRIPT and ":" not in model_spec
-    if builtin and checkpoint is None and not random_weights:
-        raise BLDAError(
-            f"--model {model_spec}: no --checkpoint, so the model would run on random weights; "
-            "pass --checkpoint FILE, or --random-weights to do that on purpose"
-        )
-
-
-def _check_counts(**values) -> None:
-    for option, value in values.items():
-        minimum = 0 if option == "workers" else 1  # streams: None (default) or >= 1
-        if value is not None and (not isinstance(value, int) or value < minimum):
-            raise BLDAError(
-                f"--{option.replace('_', '-')}: expected an integer >= {minimum}, got {value!r}"
-            )

@@ -1,0 +1,69 @@
+"""What `prepare_dump` checks before any compute, each failure a `BLDAError` naming the option:
+the counts, the weights to load, the model's test protocol against the inference options,
+the dataset's files and the pixel sampling."""
+
+from __future__ import annotations
+
+from blda_tools.datasets import build_dataset
+from blda_tools.errors import BLDAError
+from blda_tools.fileio import check_input_file
+from blda_tools.inference.pixel_sampling import PixelSampling
+from blda_tools.inference.predict import InferenceSettings
+from blda_tools.inference.protocols import resolve_inference
+from blda_tools.models.loading import TORCHSCRIPT, declared_family
+
+
+def check_model(model_spec: str, checkpoint, random_weights: bool, inference):
+    """(protocol, inference settings, task) of the model, checked before any image is read:
+    the weights to load, and inference options that contradict the model's test protocol."""
+    check_weights(model_spec, checkpoint, random_weights)
+    if checkpoint is not None:
+        check_input_file(checkpoint, f"--checkpoint {checkpoint}", "a checkpoint file")
+    declared_protocol, task = declared_family(model_spec)
+    if isinstance(inference, InferenceSettings):
+        return "as given", inference, task
+    return (*resolve_inference(declared_protocol, inference), task)
+
+
+def open_dataset(dataset: str, data_root, split: str | None, options: dict | None):
+    """The dataset, its errors naming --data-root (where its files were looked for)."""
+    try:
+        return build_dataset(dataset, data_root, split, **(options or {}))
+    except BLDAError as error:
+        raise BLDAError(f"--data-root {data_root}: {error}") from None
+
+
+def check_sampling(
+    sampling: PixelSampling | None, classification: bool, dataset: str
+) -> PixelSampling:
+    """The pixel sampling (default: every pixel); a classification dataset takes none."""
+    sampling = PixelSampling() if sampling is None else sampling
+    if classification and sampling != PixelSampling(seed=sampling.seed):
+        raise BLDAError(
+            f"--dataset {dataset}: a classification dataset stores one row per image; "
+            "--stride, --pixels-per-image and --stratified do not apply"
+        )
+    return sampling
+
+
+def check_weights(model_spec: str, checkpoint, random_weights: bool) -> None:
+    """Refuse to run a built-in architecture on random weights unless asked to."""
+    if random_weights and checkpoint is not None:
+        raise BLDAError(
+            "--random-weights and --checkpoint: the weights come from the checkpoint; give one"
+        )
+    builtin = model_spec != TORCHSCRIPT and ":" not in model_spec
+    if builtin and checkpoint is None and not random_weights:
+        raise BLDAError(
+            f"--model {model_spec}: no --checkpoint, so the model would run on random weights; "
+            "pass --checkpoint FILE, or --random-weights to do that on purpose"
+        )
+
+
+def check_counts(**values) -> None:
+    for option, value in values.items():
+        minimum = 0 if option == "workers" else 1  # streams: None (default) or >= 1
+        if value is not None and (not isinstance(value, int) or value < minimum):
+            raise BLDAError(
+                f"--{option.replace('_', '-')}: expected an integer >= {minimum}, got {value!r}"
+            )
