@@ -4,6 +4,11 @@ ignored and non-finite pixels behave as in F.cross_entropy."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -110,3 +115,28 @@ def test_non_finite_logits_show_in_the_loss_as_in_cross_entropy():
     loss.sum().backward()
     assert not torch.isfinite(leaf.grad[0, :, 0, labelled[0]]).all()
     assert (leaf.grad[0, :, 0, ignored] == 0).all()
+
+
+def test_the_first_compiled_pass_of_a_process_keeps_torchs_thread_count():
+    """numba's OpenMP layer shares libgomp with torch; its first parallel kernel in a process
+    set torch's intra-op threads to numba's pool size. A fresh process (the pool not yet
+    started) that asks torch for one thread still has one after the loss."""
+    script = (
+        "import torch\n"
+        "torch.set_num_threads(1)\n"
+        "from test_online import fitted_loss, make_batch\n"
+        "blda = fitted_loss()\n"
+        "logits, labels = make_batch(seed=7)\n"
+        "blda(logits, labels)\n"
+        "print(torch.get_num_threads())\n"
+    )
+    tests = Path(__file__).resolve().parent
+    environment = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "1"

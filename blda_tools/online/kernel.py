@@ -290,14 +290,23 @@ def cdf_targets(
 
 @contextlib.contextmanager
 def _numba_threads(count: int | None = None):
-    """numba's thread count set to `count` (None: torch's) meanwhile, capped at numba's pool."""
-    count = torch.get_num_threads() if count is None else count
+    """numba's thread count set to `count` (None: torch's) meanwhile, capped at numba's pool.
+
+    torch's own count is restored afterwards: numba's OpenMP threading layer shares libgomp
+    with torch, and the first parallel kernel of a process set torch's intra-op threads to
+    numba's pool size (measured on the 2-core VM: 1 -> 2), so a process that asked torch for
+    one thread ran with two from then on, and its first training run differed by float
+    rounding from every later identical one."""
+    torch_count = torch.get_num_threads()
+    count = torch_count if count is None else count
     previous = numba.get_num_threads()
     numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
     try:
         yield
     finally:
         numba.set_num_threads(previous)
+        if torch.get_num_threads() != torch_count:
+            torch.set_num_threads(torch_count)
 
 
 @kernel
