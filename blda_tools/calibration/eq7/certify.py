@@ -56,6 +56,7 @@ from blda_tools.calibration.eq7.steps import (
     candidate_gaps,
     exact_winner,
     grid_cell,
+    grid_point,
     range_ends,
 )
 from blda_tools.errors import BLDAError
@@ -121,23 +122,34 @@ def _load_block(logits, first, count, tables, columns, magnitude) -> None:
     """Rows [first, first + count) of `logits` into `columns` = (logit, own, lowest, highest),
     class-major ``(C, BLOCK_ROWS)`` float32: the logits, Delta_cc(f[c]) and the bounds of
     Delta_c'c(f[c]) over c' != c; and per pixel the largest |logit| and |offset| into
-    `magnitude` ``(2, BLOCK_ROWS)``; `tables`: a `CertifyTables` tuple. Gathered class-major
-    directly (no transpose) as if every logit were inside the table, then the rare ones beyond
-    it corrected (`_load_beyond`): the common loop does no extrapolation arithmetic."""
+    `magnitude` ``(2, BLOCK_ROWS)``; `tables`: a `CertifyTables` tuple. Gathered as if every
+    logit were inside the table, then the rare ones beyond it corrected (`_load_beyond`).
+
+    Three passes per class, so that only the table reads stay scalar: the class-major copy,
+    the grid positions (`grid_point`; vectorised, into `own` and `lowest` as scratch) and
+    the reads. In one scalar
+    pass the load took 9-12 % more of the whole one-tau certificate (bench_calibrate.py's
+    data, both versions in one process)."""
     by_cell, by_column = tables[0], tables[1]
     logit, own, lowest, highest = columns
     num_classes = logits.shape[1]
     points = by_cell.shape[0] // num_classes
-    outside = False
+    for c in range(num_classes):  # strided reads, contiguous writes
+        for j in range(count):
+            logit[c, j] = logits[first + j, c]
+    last, outside = np.float32(points - 1), False
     for c in range(num_classes):
-        low, high = by_column[0, c], by_column[2, c]
-        for j in range(count):  # scalar: LLVM does not vectorise the table gathers here
-            value = logits[first + j, c]
-            cell, fraction, _ = grid_cell(value, c, by_column, points)
+        low, inv_step, high = by_column[0, c], by_column[1, c], by_column[2, c]
+        point, fraction, values = own[c], lowest[c], logit[c]  # scratch until the reads
+        for j in range(count):
+            point[j], fraction[j] = grid_point(values[j], low, inv_step, last)
+            outside |= (values[j] < low) | (values[j] > high)
+        start = c * points
+        for j in range(count):  # scalar: LLVM does not vectorise the table gathers
+            cell, share = start + np.int64(point[j]), fraction[j]
             # float32 as in gather_offsets: the same own offset
-            own[c, j] = by_cell[cell, 0] + fraction * by_cell[cell, 1]
-            logit[c, j], lowest[c, j], highest[c, j] = value, by_cell[cell, 2], by_cell[cell, 3]
-            outside |= (value < low) | (value > high)
+            own[c, j] = by_cell[cell, 0] + share * by_cell[cell, 1]
+            lowest[c, j], highest[c, j] = by_cell[cell, 2], by_cell[cell, 3]
     if outside:
         _load_beyond(logits, first, count, tables, columns)
     # A pass of its own over the class-major arrays: vectorised, 4x cheaper than in the loop.

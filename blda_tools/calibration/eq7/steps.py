@@ -67,15 +67,24 @@ def fast_exp(value: float) -> float:
 
 
 @numba.njit(inline="always")
+def grid_point(value, low, inv_step, last):
+    """(grid point as a float32, fraction) of logit `value` on a column's grid (`low`,
+    `inv_step`, `last` = points - 1): the position computed in float32 exactly as
+    `gather_offsets` does, so that every step interpolates the same grid cell as the full
+    computation. Selects only: a loop over pixels calling it is vectorised."""
+    position = min(max((value - low) * inv_step, np.float32(0.0)), last)
+    point = np.float32(np.int32(position))  # exact: grids have fewer than 2^24 points
+    return point, position - point
+
+
+@numba.njit(inline="always")
 def grid_cell(value, column, by_column, points):
-    """(row of the table, fraction, distance beyond the table) of logit `value` in `column`:
-    the grid position computed in float32 exactly as `gather_offsets` does, so that every
-    step interpolates the same grid cell as the full computation."""
+    """(row of the table, fraction, distance beyond the table) of logit `value` in `column`
+    (`grid_point` on the column's grid)."""
     low, inv_step, high = by_column[0, column], by_column[1, column], by_column[2, column]
-    position = min(max((value - low) * inv_step, np.float32(0.0)), np.float32(points - 1))
-    point = int(position)
+    point, fraction = grid_point(value, low, inv_step, np.float32(points - 1))
     beyond = float(value - min(max(value, low), high))
-    return column * points + point, position - np.float32(point), beyond
+    return column * points + np.int64(point), fraction, beyond
 
 
 # Step 3 scores its candidates side by side: a pixel's candidate count is rounded up to a
