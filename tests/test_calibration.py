@@ -16,6 +16,7 @@ from scipy import optimize, special, stats
 from blda_tools.calibration import calibrator as calibration
 from blda_tools.calibration.calibrator import Calibrator
 from blda_tools.calibration.eq7.certify import UNDECIDED, certified_predictions, offset_bounds_rows
+from blda_tools.calibration.eq7.kernel import gather_offsets
 from blda_tools.calibration.sweep import TauSweep, parse_tau_spec, select_tau
 from blda_tools.errors import BLDAError
 from blda_tools.statistics import LogitGrid, LogitSetStatistics
@@ -464,3 +465,22 @@ def test_pruning_keeps_an_unadjusted_class_far_beyond_the_table(five_class_calib
     full = calibration.full_prediction(pixel, calibrator.kernel_tensors(), 5.0)
     assert int(full) == 4  # the unadjusted class wins
     assert torch.equal(calibrator.predict(pixel, 5.0), full)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), reach=st.sampled_from([0.0, 5.0, 40.0]))
+def test_loaded_own_offsets_are_those_of_the_full_computation(five_class_calibrator, seed, reach):
+    """Delta_cc(f[c]) as the certificate loads it is the full computation's (`gather_offsets`)
+    up to one float32 rounding, inside and beyond the table: the same grid cell and fraction
+    (a neighbouring cell or another fraction would be off by up to a table increment, ~1e-2
+    here). Not bit for bit: torch's addcmul may fuse the multiply-add, numba does not; the
+    certificate's margin covers that rounding (`eq7.certify`)."""
+    calibrator, _ = five_class_calibrator
+    low, high = calibrator.table_low_, calibrator.table_high_
+    generator = torch.Generator().manual_seed(seed)
+    logits = low - reach + torch.rand(333, 5, generator=generator) * (high - low + 2 * reach)
+    logits = logits.contiguous()
+    own, _, _ = offset_bounds_rows(logits.numpy(), tuple(calibrator.certify_tables()))
+    full = torch.diagonal(gather_offsets(logits, *calibrator.kernel_tensors()), 0, 1, 2).numpy()
+    one_rounding = np.spacing(np.float32(np.abs(full).max() + 1.0))
+    assert np.abs(own - full).max() <= one_rounding

@@ -147,7 +147,8 @@ def _load_block(logits, first, count, tables, columns, magnitude) -> None:
         start = c * points
         for j in range(count):  # scalar: LLVM does not vectorise the table gathers
             cell, share = start + np.int64(point[j]), fraction[j]
-            # float32 as in gather_offsets: the same own offset
+            # float32 as in gather_offsets: the same cell and fraction, the same value up to
+            # one rounding (torch may fuse the multiply-add; the margin covers it)
             own[c, j] = by_cell[cell, 0] + share * by_cell[cell, 1]
             lowest[c, j], highest[c, j] = by_cell[cell, 2], by_cell[cell, 3]
     if outside:
