@@ -61,6 +61,7 @@ def check_weights(model_spec: str, checkpoint, random_weights: bool) -> None:
 
 
 def check_counts(**values) -> None:
+    """Each option given as a keyword is None or an integer >= 1 (>= 0 for `workers`)."""
     for option, value in values.items():
         minimum = 0 if option == "workers" else 1  # streams: None (default) or >= 1
         if value is not None and (not isinstance(value, int) or value < minimum):

@@ -127,9 +127,8 @@ def _load_block(logits, first, count, tables, columns, magnitude) -> None:
 
     Three passes per class, so that only the table reads stay scalar: the class-major copy,
     the grid positions (`grid_point`; vectorised, into `own` and `lowest` as scratch) and
-    the reads. In one scalar
-    pass the load took 9-12 % more of the whole one-tau certificate (bench_calibrate.py's
-    data, both versions in one process)."""
+    the reads. With all three in one scalar loop the one-tau certificate took 9-12 % longer
+    (bench_calibrate.py's data, both versions in one process)."""
     by_cell, by_column = tables[0], tables[1]
     logit, own, lowest, highest = columns
     num_classes = logits.shape[1]
