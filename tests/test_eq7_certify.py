@@ -22,6 +22,8 @@ from blda_tools.calibration.eq7.steps import (
     candidate_gaps,
     exact_winner,
     fast_exp,
+    fast_expm1,
+    fast_log,
     rule_out_threshold,
 )
 from blda_tools.calibration.sweep import TauSweep
@@ -64,6 +66,30 @@ def test_fast_exp_has_a_relative_error_below_1e_12():
     np.testing.assert_allclose(got, np.exp(values), rtol=1e-12, atol=0)
     # Clamped beyond [-700, 700]: an upper bound below (the side the certificate relies on).
     assert fast_exp(-900.0) >= math.exp(-900.0) and fast_exp(-900.0) == fast_exp(-700.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=st.one_of(
+        st.floats(np.finfo(np.float64).tiny, 1e308),
+        st.floats(0.5, 2.0),  # around the mantissa's switch at sqrt 2
+        st.sampled_from([1.0, 2.0, 0.5, math.sqrt(2.0), math.nextafter(math.sqrt(2.0), 0.0)]),
+    )
+)
+def test_fast_log_is_within_2e_13_of_the_logarithm(value):
+    assert abs(fast_log(value) - math.log(value)) <= 2e-13  # an ulp of 709 is 1.1e-13
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.one_of(st.floats(0.0, 700.0), st.floats(0.0, 0.02), st.floats(1e-12, 1e-6)))
+def testfast_expm1_has_a_relative_error_below_1e_10(value):
+    exact = float(mpmath.expm1(value))
+    assert abs(fast_expm1(value) - exact) <= 1e-10 * exact
+
+
+def test_threshold_rules_out_nothing_beyond_exp_700():
+    assert rule_out_threshold(1.0, 699.0, 1.0) == math.inf  # shift + 3 margin > 700
+    assert rule_out_threshold(1.0, -800.0, 240.0) == math.inf  # expm1(3 margin) itself
 
 
 @settings(max_examples=50, deadline=None)
