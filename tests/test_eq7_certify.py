@@ -20,6 +20,7 @@ from blda_tools.calibration.eq7.kernel import gather_offsets
 from blda_tools.calibration.eq7.steps import (
     CANDIDATE_LANES,
     candidate_gaps,
+    candidate_work,
     exact_winner,
     fast_exp,
     fast_expm1,
@@ -263,13 +264,7 @@ def test_sweep_counts_match_numpy_with_ties_and_an_unseen_class(rows, num_classe
 
 @numba.njit
 def _step_three(values, winner, kept, tables, tau, margin):
-    num_classes = values.shape[0]
-    lanes = num_classes + CANDIDATE_LANES - 1
-    work = (
-        np.empty(num_classes, np.int64), np.empty(num_classes, np.float32),
-        np.empty(num_classes), np.empty(lanes, np.int64), np.empty((num_classes, lanes)),
-        np.empty((num_classes, lanes)), np.empty(lanes),
-    )  # fmt: skip
+    work = candidate_work(values.shape[0])
     count, padded = candidate_gaps(values, winner, kept, tables, work)
     return exact_winner(count, padded, tau, margin, work), count, padded
 

@@ -145,6 +145,19 @@ _LARGEST_SUM = math.exp(699.0)
 
 
 @numba.njit(inline="always")
+def candidate_work(num_classes: int):
+    """The `work` arrays of `candidate_gaps` and `exact_winner` for `num_classes` classes.
+    Rows and classes are unsigned: numba then indexes the tables without a check for
+    negative indices."""
+    lanes = num_classes + CANDIDATE_LANES - 1  # candidates, padded
+    return (
+        np.empty(num_classes, np.uint64), np.empty(num_classes, np.float32),
+        np.empty(num_classes), np.empty(lanes, np.uint64), np.empty((num_classes, lanes)),
+        np.empty((num_classes, lanes)), np.empty(lanes),
+    )  # fmt: skip
+
+
+@numba.njit(inline="always")
 def candidate_gaps(values, winner, kept, tables, work) -> tuple[int, int]:
     """Step 3's part that does not depend on tau, for a pixel the bounds leave undecided: its
     candidates (`winner`, then the `kept` classes: every class the bounds could not rule out,
@@ -152,8 +165,8 @@ def candidate_gaps(values, winner, kept, tables, work) -> tuple[int, int]:
     Delta_cl(f[l]) - Delta_cc(f[c]) for every l, in float64 from the offsets interpolated in
     float32 as `gather_offsets` does (beyond the table they fall with slope -1 where
     adjusted). Returns (candidates, padded to `CANDIDATE_LANES`). `values`: the pixel's
-    float32 logits; `tables`: a `CertifyTables` tuple; `work` = (line ``(C,)`` int64,
-    fraction float32, beyond float64, candidates ``(P,)`` int64, logit_gaps, offset_gaps
+    float32 logits; `tables`: a `CertifyTables` tuple; `work` (`candidate_work`) = (line ``(C,)``,
+    fraction float32, beyond float64, candidates ``(P,)``, logit_gaps, offset_gaps
     ``(C, P)`` float64 (row l, candidate i), sums ``(P,)`` float64: Delta_cc(f[c]) here, the
     sums T_c in `exact_winner`), P = C + CANDIDATE_LANES - 1."""
     by_column, by_point, adjusted_lc = tables[1], tables[2], tables[3]
@@ -216,7 +229,8 @@ def exact_winner(count, padded, tau, margin, work) -> int:
     for i in range(count):
         runner_up = runner_up if i == best else min(runner_up, totals[i])
     # ties (the full computation takes the lower index) are left UNDECIDED
-    return candidates[best] if runner_up > totals[best] * math.exp(3.0 * margin) else UNDECIDED
+    decided = runner_up > totals[best] * math.exp(3.0 * margin)
+    return np.int64(candidates[best]) if decided else UNDECIDED
 
 
 @numba.njit(inline="always")
