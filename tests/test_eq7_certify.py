@@ -263,8 +263,16 @@ def test_sweep_counts_match_numpy_with_ties_and_an_unseen_class(rows, num_classe
 
 
 @numba.njit
-def _step_three(values, winner, kept, tables, tau, margin):
-    work = candidate_work(values.shape[0])
+def _step_three_work(num_classes, stale):
+    """The kernel's step-3 arrays, the gaps filled with `stale` finite values: what earlier
+    pixels leave in the padding lanes, which must not change the result."""
+    work = candidate_work(num_classes)
+    work[4][:], work[5][:] = stale, stale
+    return work
+
+
+@numba.njit
+def _step_three(values, winner, kept, tables, tau, margin, work):
     count, padded = candidate_gaps(values, winner, kept, tables, work)
     return exact_winner(count, padded, tau, margin, work), count, padded
 
@@ -272,7 +280,7 @@ def _step_three(values, winner, kept, tables, tau, margin):
 @pytest.mark.parametrize("kept_count", [0, 1, 7, 8, 9, 18])
 def test_step_three_scores_any_number_of_candidates(fitted, kept_count):
     """Step 3 alone, with 1 to 19 candidates (1 to 3 chunks of CANDIDATE_LANES lanes, the
-    padding lanes ignored), against the Eq. 7 sums T_c = sum_l exp(f[l] - f[c] + tau
+    padding lanes ignored, whatever finite gaps they hold), against the Eq. 7 sums T_c = sum_l exp(f[l] - f[c] + tau
     (Delta_cl(f[l]) - Delta_cc(f[c]))) in float64 with numpy's exp, from the offsets of
     `gather_offsets`: the candidate with the smallest sum when it leads by more than
     e^(3 margin), else UNDECIDED."""
@@ -286,13 +294,14 @@ def test_step_three_scores_any_number_of_candidates(fitted, kept_count):
     offsets = gather_offsets(sample, *calibrator.kernel_tensors()).double().numpy()
     values = sample.numpy()
     generator = np.random.default_rng(kept_count)
-    decided = 0
+    # padding terms of e^-510: a padding lane would win if it were not ignored
+    decided, work = 0, _step_three_work(num_classes, -300.0)
     for pixel in range(sample.shape[0]):
         order = generator.permutation(num_classes)
         winner, others = int(order[0]), order[1 : 1 + kept_count]
         kept = np.zeros(num_classes, np.bool_)
         kept[others] = True
-        got, count, padded = _step_three(values[pixel], winner, kept, tables, tau, margin)
+        got, count, padded = _step_three(values[pixel], winner, kept, tables, tau, margin, work)
         assert count == kept_count + 1 and padded % CANDIDATE_LANES == 0 and padded >= count
         candidates = [winner, *sorted(int(c) for c in others)]
         f = values[pixel].astype(np.float64)
