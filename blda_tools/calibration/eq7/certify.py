@@ -72,11 +72,12 @@ class CertifyTables(NamedTuple):
     `by_cell` ``(C * G, 4)`` float32: own, own_step, lowest_inside, highest_inside (a grid
     cell's values side by side: 16 bytes per logit); `by_column` ``(7, C)`` float32: low,
     inv_step, high (the grid of `gather_offsets`), slope, own_slope, floor, ceiling (the
-    extrapolation beyond the table); `by_point` ``(C_l * G, 2, C_c)`` float32: the table of
-    `gather_offsets` (at grid point g of column l the values for every target class c, then
-    their increments: a pixel's candidates read the same cache lines) and `adjusted_lc`
-    ``(C_l, C_c)`` float32, for the exact scores of the pixels the bounds leave undecided; `by_cell_beyond` ``(C * G, 2)`` float32: lowest, highest without
-    the unadjusted zeros, for the rare logits beyond the table."""
+    extrapolation beyond the table); `by_point` ``(C_l * G + 1, C_c)`` float32: the values of
+    the table of `gather_offsets` (row l * G + g: grid point g of column l, for every target
+    class c; `steps.interpolate` forms the increments) and `adjusted_lc` ``(C_l, C_c)``
+    float32, for the exact scores of the pixels the bounds leave undecided; `by_cell_beyond`
+    ``(C * G, 2)`` float32: lowest, highest without the unadjusted zeros, for the rare logits
+    beyond the table."""
 
     by_cell: np.ndarray
     by_column: np.ndarray
@@ -98,7 +99,8 @@ def certify_tables(
     by_cell = torch.stack([tables[name].reshape(-1) for name in cells], 1).to(torch.float32)
     by_column = torch.stack([column.reshape(-1) for column in columns]).to(torch.float32)
     num_classes = by_column.shape[1]
-    by_point = rows.view(rows.shape[0], 2, num_classes)
+    # the values only (see `steps.interpolate`), and a row of zeros after the last point
+    by_point = torch.cat([rows[:, :num_classes], rows.new_zeros(1, num_classes)])
     return CertifyTables(
         by_cell.contiguous().numpy(),
         by_column.contiguous().numpy(),

@@ -124,6 +124,17 @@ def grid_point(value, low, inv_step, last):
 
 
 @numba.njit(inline="always")
+def interpolate(by_point, row, column, fraction):
+    """The float32 table value of `by_point` ``(R + 1, C)`` at `row` + `fraction` in
+    `column`: exactly `gather_offsets`' value + fraction increment, as the calibrator's
+    increments are the float32 differences of neighbouring points (at a column's last point
+    the fraction is 0, and the next row is finite). Reading the next point instead of a stored
+    increment halves the table step 3 reads at random (2.9 MB for C = 19, G = 2048)."""
+    value = by_point[row, column]
+    return value + fraction * (by_point[row + np.uint64(1), column] - value)
+
+
+@numba.njit(inline="always")
 def grid_cell(value, column, by_column, points):
     """(row of the table, fraction, distance beyond the table) of logit `value` in `column`
     (`grid_point` on the column's grid)."""
@@ -175,7 +186,7 @@ def candidate_gaps(values, winner, kept, tables, work) -> tuple[int, int]:
     by_column, by_point, adjusted_lc = tables[1], tables[2], tables[3]
     line, fraction, beyond, candidates, logit_gaps, offset_gaps, own = work  # own: `sums`
     num_classes = values.shape[0]
-    points = by_point.shape[0] // num_classes
+    points = (by_point.shape[0] - 1) // num_classes  # a row of zeros after the last point
     for column in range(num_classes):
         line[column], fraction[column], beyond[column] = grid_cell(
             values[column], column, by_column, points
@@ -188,7 +199,7 @@ def candidate_gaps(values, winner, kept, tables, work) -> tuple[int, int]:
     padded = -(-count // CANDIDATE_LANES) * CANDIDATE_LANES
     for i in range(count):
         c = candidates[i]
-        offset = by_point[line[c], 0, c] + fraction[c] * by_point[line[c], 1, c]
+        offset = interpolate(by_point, line[c], c, fraction[c])
         own[i] = float(offset) - beyond[c] * adjusted_lc[c, c]  # Delta_cc(f[c])
     outside = False
     for column in range(num_classes):
@@ -199,7 +210,7 @@ def candidate_gaps(values, winner, kept, tables, work) -> tuple[int, int]:
         c, own_offset, own_logit = candidates[i], own[i], float(values[candidates[i]])
         for column in range(num_classes):
             point = line[column]
-            offset = float(by_point[point, 0, c] + fraction[column] * by_point[point, 1, c])
+            offset = float(interpolate(by_point, point, c, fraction[column]))
             if outside:  # rare
                 offset -= beyond[column] * adjusted_lc[column, c]
             offset_gaps[column, i] = offset - own_offset
