@@ -280,10 +280,10 @@ def _step_three(values, winner, kept, tables, tau, margin, work):
 @pytest.mark.parametrize("kept_count", [0, 1, 7, 8, 9, 18])
 def test_step_three_scores_any_number_of_candidates(fitted, kept_count):
     """Step 3 alone, with 1 to 19 candidates (1 to 3 chunks of CANDIDATE_LANES lanes, the
-    padding lanes ignored, whatever finite gaps they hold), against the Eq. 7 sums T_c = sum_l exp(f[l] - f[c] + tau
-    (Delta_cl(f[l]) - Delta_cc(f[c]))) in float64 with numpy's exp, from the offsets of
-    `gather_offsets`: the candidate with the smallest sum when it leads by more than
-    e^(3 margin), else UNDECIDED."""
+    padding lanes ignored, whatever finite gaps they hold), against the Eq. 7 sums T_c =
+    sum_l exp(f[l] - f[c] + tau (Delta_cl(f[l]) - Delta_cc(f[c]))) in float64 with numpy's
+    exp, from the offsets of `gather_offsets`: the candidate with the smallest sum when it
+    leads by more than e^(3 margin), else UNDECIDED."""
     calibrator, logits = fitted
     num_classes = logits.shape[1]
     if kept_count >= num_classes:

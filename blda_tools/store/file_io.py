@@ -40,9 +40,10 @@ def start_writeback(file: h5py.File, start: int = 0) -> int:
     writes into the growing page cache cost more (the dump's appending thread: 12-14 ms of CPU
     per 256 x 512 image instead of 5.5) and `close` (fsync) waits for all of it at once (0.4 s
     at the end of a 21 s, 1 GB dump; `benchmarks/bench_dump.py`). A store is written once, so
-    its pages are not worth caching. The caller passes the size two commits ago: rows are
-    appended at the end, so going over the whole file at every commit (5.5 ms per commit,
-    0.45 ms per image of the dump) mostly revisits pages already dropped (~0.3 ms per image).
+    its pages are not worth caching. The caller passes the size two calls ago (the writer
+    calls it after every add and commit): rows are appended at the end, so going over the
+    whole file at every commit (5.5 ms per commit, 0.45 ms per image of the dump) mostly
+    revisited pages already dropped (~0.3 ms per image).
     """
     if not (hasattr(os, "posix_fadvise") and file.driver == "sec2"):
         return 0

@@ -145,13 +145,14 @@ def grid_cell(value, column, by_column, points):
 
 
 # Step 3 scores its candidates side by side: a pixel's candidate count is rounded up to a
-# multiple of CANDIDATE_LANES, the padding lanes summed and ignored. They hold finite gaps:
-# zeros at first (`candidate_work`), then those of earlier pixels, which `fast_exp` clamps;
-# zeroing them for every pixel cost 100-140 of candidate_gaps' 280-350 ns per call. The compiler's vector loop
+# multiple of CANDIDATE_LANES, the padding lanes summed and ignored. The compiler's vector loop
 # only runs for trip counts of at least its step (8 float64 on an AVX-512 CPU, one register;
 # two registers on AVX2); below that every lane went through the scalar remainder loop.
 # Measured on this project's AVX-512 VM, exact_winner alone: 4 lanes 284 ns per call, 8 lanes
-# 131 ns; the 10-tau certificate 695 -> 548 ns per pixel on bench_calibrate.py's data.
+# 131 ns; the 10-tau certificate 695 -> 548 ns per pixel on bench_calibrate.py's data. The
+# padding lanes hold finite gaps: zeros at first (`candidate_work`), then those of earlier
+# pixels, which `fast_exp` clamps; zeroing them for every pixel cost 100-140 of
+# candidate_gaps' 280-350 ns per call.
 CANDIDATE_LANES = 8
 # A term clamped by `fast_exp` (at exp(700)) makes its sum exceed this.
 _LARGEST_SUM = math.exp(699.0)
@@ -179,8 +180,8 @@ def candidate_gaps(values, winner, kept, tables, work) -> tuple[int, int]:
     Delta_cl(f[l]) - Delta_cc(f[c]) for every l, in float64 from the offsets interpolated in
     float32 as `gather_offsets` does (beyond the table they fall with slope -1 where
     adjusted). Returns (candidates, padded to `CANDIDATE_LANES`). `values`: the pixel's
-    float32 logits; `tables`: a `CertifyTables` tuple; `work` (`candidate_work`) = (line ``(C,)``,
-    fraction float32, beyond float64, candidates ``(P,)``, logit_gaps, offset_gaps
+    float32 logits; `tables`: a `CertifyTables` tuple; `work` (`candidate_work`) = (line
+    ``(C,)``, fraction float32, beyond float64, candidates ``(P,)``, logit_gaps, offset_gaps
     ``(C, P)`` float64 (row l, candidate i), sums ``(P,)`` float64: Delta_cc(f[c]) here, the
     sums T_c in `exact_winner`), P = C + CANDIDATE_LANES - 1."""
     by_column, by_point, adjusted_lc = tables[1], tables[2], tables[3]
