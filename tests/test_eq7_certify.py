@@ -83,7 +83,7 @@ def test_fast_log_is_within_2e_13_of_the_logarithm(value):
 
 @settings(max_examples=300, deadline=None)
 @given(value=st.one_of(st.floats(0.0, 700.0), st.floats(0.0, 0.02), st.floats(1e-12, 1e-6)))
-def testfast_expm1_has_a_relative_error_below_1e_10(value):
+def test_fast_expm1_has_a_relative_error_below_1e_10(value):
     exact = float(mpmath.expm1(value))
     assert abs(fast_expm1(value) - exact) <= 1e-10 * exact
 

@@ -7,7 +7,11 @@ lo(f[c']) <= Delta_cc'(f[c']) <= hi(f[c']) over the rows c != c' (`eq7_pruning.b
     L_c = -softplus(log sum_{c' != c} exp(f[c'] + tau hi_c') - a_cc) <= s_c.
 For tau in [tau_0, tau_1] (0 <= tau_0), a_cc and tau lo, tau hi lie between their values at the
 two ends, so the same bounds with the lowest (for L) or highest (for U) end hold for EVERY tau of
-the range: one certificate decides a pixel for a whole sweep. A sweep starts with its full
+the range: one certificate decides a pixel for a whole sweep. Step 1 takes L_k tighter, at each
+end of the range: it is concave in tau (-softplus of a log sum exp of affine functions, minus
+one), so its lowest value over the range is at an end (steps 1 and 2 over the range [0.1, 1]
+then decide 86.6 % of bench_calibrate.py's pixels instead of 83.5 %, and 40.0 % instead of
+28.4 % on overlapping classes with a strong bias). A sweep starts with its full
 range and halves it only for the pixels left undecided, down to ranges of at most
 `EXACT_RANGE_TAUS` taus, where the third step decides each tau.
 
@@ -225,7 +229,10 @@ def _BlockArrays(num_classes: int, block: int, count: int):  # noqa: N802 (a rec
     ends = (np.empty(shape), np.empty(shape), np.empty(shape), np.empty(shape))
     strongest = (np.empty(block), np.empty(block, np.int64), np.empty(block))
     weakest = (np.empty(block), np.empty(block, np.int64), np.empty(block))
-    scratch = (strongest, weakest, np.empty(block), np.empty(block), np.empty(block, np.bool_))
+    scratch = (
+        strongest, weakest, np.empty(block), np.empty(block), np.empty(block, np.bool_),
+        np.empty(block), np.empty(block),
+    )  # fmt: skip
     per_pixel = (
         np.empty(block), np.empty(block, np.int64), np.empty(block), np.empty(block, np.int64),
         np.empty(block), np.empty(block), np.empty(block), np.empty(block, np.bool_),
@@ -271,7 +278,9 @@ def _certify_block(logits, first, count, taus, tables, block, prediction) -> Non
         for k in range(size):
             scale = current_magnitude[0, k] + taus[high] * current_magnitude[1, k]
             margin[k] = (64.0 * scale + 64.0 + 4.0 * num_classes) * FLOAT32_EPS
-        block_steps(ends, size, margin, scratch, winner, threshold, left)
+        block_steps(
+            ends, current, size, (taus[low], taus[high]), margin, scratch, winner, threshold, left
+        )
         block_step_two(ends, size, winner, threshold, scratch[1], left, compact)
         undecided = 0
         for k in range(size):

@@ -359,28 +359,55 @@ def _block_candidates(ends, count, strongest, winner, best) -> None:
 
 
 @numba.njit(inline="always")
-def block_steps(ends, count, margin, scratch, winner, threshold, left) -> None:
+def block_steps(ends, columns, count, taus, margin, scratch, winner, threshold, left) -> None:
     """Step 1 of the certificate for every pixel of the block, class-major: `winner` and L_k
     exact (the others' strongest terms summed, shifted by their largest), and in `left`
-    whether step 2 is still needed (then with its `threshold`). A cruder step without
-    exponentials (log sum exp <= largest term + log(C - 1)) was dropped: its threshold is never
-    below this one's, so it ruled out nothing more, and it cost a pass and a threshold per pixel."""
+    whether step 2 is still needed (then with its `threshold`); `columns`: the loaded block,
+    `taus` = (lowest, highest) of the range. A cruder step without exponentials (log sum exp
+    <= largest term + log(C - 1)) was dropped: its threshold is never below this one's, so it
+    ruled out nothing more, and it cost a pass and a threshold per pixel."""
     own_low, own_high, weak, strong = ends
-    strongest, weakest, best, total, found = scratch
-    num_classes = own_low.shape[0]
+    strongest, weakest, best, total, found, own_k, second_end = scratch
     _block_candidates(ends, count, strongest, winner, best)
     _two_largest(weak, count, weakest[0], weakest[1], weakest[2])
     largest, largest_at, second = strongest
-    for j in range(count):
+    for j in range(count):  # at least every term of L_k at either end: no exponent above 0
         best[j] = second[j] if winner[j] == largest_at[j] else largest[j]
-        total[j] = 0.0
-    for c in range(num_classes):
-        for j in range(count):
-            term = fast_exp(strong[c, j] - best[j])  # computed first: a select, vectorised
-            total[j] += 0.0 if c == winner[j] else term
-    for j in range(count):  # a gather by `winner`: a scalar loop of its own
-        threshold[j] = best[j] - own_low[winner[j], j]  # the shift, for now
-    for j in range(count):  # vectorised
-        threshold[j] = rule_out_threshold(total[j], threshold[j], margin[j])
+    if taus[1] == taus[0]:
+        for j in range(count):  # a gather by `winner`: a scalar loop of its own
+            own_k[j] = own_low[winner[j], j]
+        _lower_threshold(strong, count, best, own_k, margin, winner, total, threshold)
+    else:
+        # L_k = -softplus(log sum_{c != k} exp(f[c] + tau hi_c) - f[k] - tau Delta_kk) is
+        # concave in tau (-softplus of a convex function): over a range it is lowest at an
+        # end. Taken at both ends, not with each term at its own worst end (also a bound,
+        # but looser; see `eq7.certify`). `strong` is free for the terms: step 1 is done
+        # with it, step 2 does not read it. The one-tau path above is the same sum.
+        logit, own, highest = columns[0], columns[1], columns[3]
+        for end in range(2):
+            tau = taus[end]
+            for c in range(logit.shape[0]):
+                for j in range(count):
+                    strong[c, j] = logit[c, j] + tau * highest[c, j]
+            for j in range(count):
+                own_k[j] = logit[winner[j], j] + tau * own[winner[j], j]
+            out = threshold if end == 0 else second_end
+            _lower_threshold(strong, count, best, own_k, margin, winner, total, out)
+        for j in range(count):  # the threshold grows with the lower gap: the larger one
+            threshold[j] = max(threshold[j], second_end[j])
     left[:count] = True
     _block_left(own_high, winner, weakest, threshold, count, left, found)
+
+
+@numba.njit(inline="always")
+def _lower_threshold(terms, count, best, own_k, margin, winner, total, out) -> None:
+    """Per pixel the `rule_out_threshold` of L_k into `out`, from the others' `terms`
+    ``(C, B)`` summed shifted by `best` and a_kk = `own_k`; `total`: scratch."""
+    for j in range(count):
+        total[j] = 0.0
+    for c in range(terms.shape[0]):
+        for j in range(count):
+            term = fast_exp(terms[c, j] - best[j])  # computed first: a select, vectorised
+            total[j] += 0.0 if c == winner[j] else term
+    for j in range(count):  # vectorised
+        out[j] = rule_out_threshold(total[j], best[j] - own_k[j], margin[j])
