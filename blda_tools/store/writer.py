@@ -435,7 +435,6 @@ class LogitWriter:
                 dataset.resize(stop, axis=0)
                 if stop > start:
                     write_rows(dataset, start, values, direct=not self.compression)
-        self._release_pages()
         record.update(offset=start, count=stop - start, kind=KINDS.index(record["kind"]))
         self._uncommitted.append(record)
         self.num_rows = stop
@@ -443,7 +442,9 @@ class LogitWriter:
         if record["name"]:
             self._name_set.add(record["name"])
         if time.monotonic() - self._last_commit >= self.commit_interval:
-            self.commit()
+            self.commit()  # which releases the pages too
+        else:
+            self._release_pages()
 
     def _release_pages(self) -> None:
         """`start_writeback` from the end of the file two calls ago (the pages written since
