@@ -29,24 +29,43 @@ def count_sweep(logits, labels, predictions, taus, log_prior, cells) -> None:
     """Add the counts of `logits` ``(n, C)`` float32 with `labels` ``(n,)`` (in [0, C)) into
     `cells` ``(2, T, C, C)`` int64: method 0 ("blda") takes `predictions` ``(T - 1, n)`` at
     taus[1:], method 1 ("prior") argmax_c f[c] - tau log_prior[c] (float64; `log_prior` ``(C,)``
-    may hold -inf for a class never seen), both the first index on ties; taus[0] is 0."""
+    may hold -inf for a class never seen), both the first index on ties; taus[0] is 0.
+
+    Counted as changes from one tau to the next (`changes`, summed over taus at the end): most
+    pixels keep their prediction across a sweep, so a pixel costs a compare per tau and an
+    increment per change instead of an increment per tau."""
     rows, num_classes = logits.shape
     columns = np.empty((num_classes, COUNT_BLOCK), np.float32)  # the logits, exactly
     best, best_at = np.empty(COUNT_BLOCK), np.empty(COUNT_BLOCK, np.int64)
+    previous = np.empty((2, COUNT_BLOCK), np.int64)  # each method's prediction at the last tau
+    changes = np.zeros(cells.shape, np.int64)
     for first in range(0, rows, COUNT_BLOCK):
         count = min(COUNT_BLOCK, rows - first)
         for c in range(num_classes):  # contiguous stores: measured 3x faster than j outer
             for j in range(count):
                 columns[c, j] = logits[first + j, c]
-        for position in range(taus.shape[0]):
-            # tau = 0 compares the logits themselves: 0 * log_prior would be NaN for -inf.
-            tau = taus[position] if position > 0 else 0.0
-            _block_argmax(columns, count, tau, log_prior, position > 0, best, best_at)
+        # tau = 0 compares the logits themselves: 0 * log_prior would be NaN for -inf.
+        _block_argmax(columns, count, 0.0, log_prior, False, best, best_at)
+        for j in range(count):
+            label, prediction = labels[first + j], best_at[j]
+            changes[0, 0, label, prediction] += 1
+            changes[1, 0, label, prediction] += 1
+            previous[0, j], previous[1, j] = prediction, prediction
+        for position in range(1, taus.shape[0]):
+            _block_argmax(columns, count, taus[position], log_prior, True, best, best_at)
             for j in range(count):
                 label = labels[first + j]
-                cells[1, position, label, best_at[j]] += 1
-                blda = best_at[j] if position == 0 else predictions[position - 1, first + j]
-                cells[0, position, label, blda] += 1
+                for method in range(2):
+                    now = predictions[position - 1, first + j] if method == 0 else best_at[j]
+                    if now != previous[method, j]:
+                        changes[method, position, label, now] += 1
+                        changes[method, position, label, previous[method, j]] -= 1
+                        previous[method, j] = now
+    for method in range(2):
+        running = np.zeros((num_classes, num_classes), np.int64)
+        for position in range(taus.shape[0]):
+            running += changes[method, position]
+            cells[method, position] += running
 
 
 @numba.njit(inline="always")
