@@ -265,8 +265,8 @@ def range_ends(columns, count, tau_low, tau_high, ends) -> None:
 @numba.njit(inline="always")
 def _two_largest(values, count, largest, largest_at, second) -> None:
     """Per pixel j of `values` ``(C, B)``: the largest value, its first index and the largest
-    of the other classes (equal to the largest on ties), as `_largest` twice; a loop over
-    pixels, with selects only, which the compiler vectorises."""
+    of the other classes (equal to the largest on ties); a loop over pixels, with selects
+    only, which the compiler vectorises."""
     largest[:count], second[:count], largest_at[:count] = -math.inf, -math.inf, 0
     for c in range(values.shape[0]):
         row = values[c]
