@@ -20,10 +20,10 @@ strongest terms, gives a lower bound L_k on the winner's score (s_winner >= s_k 
 other class c is ruled out when U_c < L_k - 3 margin. Two steps, the second deciding what the
 first left: with L_k exact (log sum exp >= largest term in U_c), with both exact. For C = 19
 and one tau (bench_calibrate.py's data) they decide about 76% and 21% of the pixels. At a
-single tau a third step decides the rest
-(`eq7_steps.exact_winner`, about 3%): the log scores of k and of the classes not ruled out,
-side by side, computed in float64 from the interpolated offsets themselves (their
-tau-independent part once per range, `eq7_steps.candidate_gaps`); the best wins when it leads
+single tau a third step decides the rest (about 4%): the log scores of k and of the classes
+not ruled out, computed in float64 from the interpolated offsets themselves, one (pixel,
+candidate) pair per lane for all of a block's undecided pixels at once (`eq7_steps.pair_sums`;
+their tau-independent part once per range, `eq7_steps.pair_gaps`); the best wins when it leads
 every other by more than 3 margin. What none decides (about 0.02%: exact ties, terms beyond
 exp(700)) is left to the full computation (UNDECIDED in the output).
 
@@ -56,11 +56,13 @@ from blda_tools.calibration.eq7.steps import (
     UNDECIDED,  # noqa: F401 (the marker of undecided pixels, for callers)
     block_step_two,
     block_steps,
-    candidate_gaps,
-    candidate_work,
-    exact_winner,
+    candidate_pairs,
     grid_cell,
     grid_point,
+    pair_gaps,
+    pair_sums,
+    pair_winner,
+    pair_work,
     range_ends,
 )
 from blda_tools.errors import BLDAError
@@ -124,17 +126,17 @@ EXACT_RANGE_TAUS = 5
 
 
 @numba.njit(inline="always")
-def _load_block(logits, first, count, tables, columns, magnitude, cells) -> None:
+def _load_block(logits, first, count, tables, columns, magnitude, grid) -> bool:
     """Rows [first, first + count) of `logits` into `columns` = (logit, own, lowest, highest),
     class-major ``(C, BLOCK_ROWS)`` float32: the logits, Delta_cc(f[c]) and the bounds of
     Delta_c'c(f[c]) over c' != c; and per pixel the largest |logit| and |offset| into
-    `magnitude` ``(2, BLOCK_ROWS)``; `tables`: a `CertifyTables` tuple; `cells`: scratch
-    ``(BLOCK_ROWS,)`` uint64. Gathered as if every logit were inside the table, then the rare
+    `magnitude` ``(2, BLOCK_ROWS)``; `tables`: a `CertifyTables` tuple; `grid`: each logit's
+    table row ``(C, BLOCK_ROWS)`` uint64 and fraction float32 (kept for step 3). Returns
+    whether any logit lies beyond its table. Gathered as if every logit were inside the table, then the rare
     ones beyond it corrected (`_load_beyond`).
 
     Three passes, so that only the table reads stay scalar: the class-major copy, then per
-    class the table rows and fractions (`grid_point`; vectorised, fractions into `lowest` as
-    scratch) and the reads. With all three in one scalar loop the one-tau certificate took
+    class the table rows and fractions (`grid_point`; vectorised) and the reads. With all three in one scalar loop the one-tau certificate took
     9-12 % longer (bench_calibrate.py's data, both versions in one process); the rows are
     unsigned so that numba's indexing needs no check for negative indices (the reads pass
     33 -> 26 ns/px, measured alone)."""
@@ -148,7 +150,7 @@ def _load_block(logits, first, count, tables, columns, magnitude, cells) -> None
     last, outside = np.float32(points - 1), False
     for c in range(num_classes):
         low, inv_step, high = by_column[0, c], by_column[1, c], by_column[2, c]
-        fraction, values, start = lowest[c], logit[c], c * points  # fraction: until the reads
+        cells, fraction, values, start = grid[0][c], grid[1][c], logit[c], c * points
         for j in range(count):
             point, fraction[j] = grid_point(values[j], low, inv_step, last)
             cells[j] = np.uint64(start + np.int64(point))
@@ -168,6 +170,7 @@ def _load_block(logits, first, count, tables, columns, magnitude, cells) -> None
             magnitude[0, j] = max(magnitude[0, j], abs(logit[c, j]))
             largest = max(abs(own[c, j]), abs(lowest[c, j]), abs(highest[c, j]))
             magnitude[1, j] = max(magnitude[1, j], largest)
+    return outside
 
 
 @numba.njit(inline="always")
@@ -199,11 +202,10 @@ def certify_rows(logits, start, stop, taus, tables, prediction) -> None:
     at a time, `SWEEP_BLOCK_ROWS` for several taus (`_certify_block`)."""
     size = BLOCK_ROWS if taus.shape[0] == 1 else SWEEP_BLOCK_ROWS
     block = _BlockArrays(logits.shape[1], size, taus.shape[0])
-    cells = np.empty(size, np.uint64)
     for first in range(start, stop, size):
         count = min(size, stop - first)
-        _load_block(logits, first, count, tables, block[0], block[1], cells)
-        _certify_block(logits, first, count, taus, tables, block, prediction)
+        outside = _load_block(logits, first, count, tables, block[0], block[1], block[14])
+        _certify_block(first, count, taus, tables, block, outside, prediction)
 
 
 @numba.njit(inline="always")
@@ -241,26 +243,28 @@ def _BlockArrays(num_classes: int, block: int, count: int):  # noqa: N802 (a rec
         np.empty(block, np.int64), np.empty(block, np.int64), np.empty(shape), np.empty(shape),
         np.empty(shape), np.empty(shape, np.bool_), per_pixel,
     )  # fmt: skip
-    exact = candidate_work(num_classes) + (np.empty(num_classes, np.bool_),)
     ranges = np.empty((2 * count + 2, 3), np.int64)  # (first tau, last tau, pixels) to certify
     members = np.empty((2 * count + 2, block), np.int64)  # their pixels
     magnitude, chosen_magnitude = np.empty((2, block)), np.empty((2, block))
     margin, threshold = np.empty(block), np.empty(block)
     winner, left = np.empty(block, np.int64), np.empty(block, np.bool_)
+    grid = (np.empty(shape, np.uint64), np.empty(shape, f32))
     return (
-        columns, magnitude, chosen, chosen_magnitude, ends, scratch, compact, exact,
-        ranges, members, margin, threshold, winner, left,
+        columns, magnitude, chosen, chosen_magnitude, ends, scratch, compact,
+        pair_work(num_classes, block), ranges, members, margin, threshold, winner, left, grid,
     )  # fmt: skip
 
 
 @numba.njit(inline="always")
-def _certify_block(logits, first, count, taus, tables, block, prediction) -> None:
-    """Certify the loaded block: the whole tau range for every pixel first, then each half of
-    it for the pixels left undecided, and so on down to single taus, where `exact_winner`
+def _certify_block(first, count, taus, tables, block, outside, prediction) -> None:
+    """Certify the loaded block (rows `first`...; `outside`: whether a logit lies beyond its
+    table): the whole tau range for every pixel first, then each half of it for the pixels
+    left undecided, and so on down to ranges of at most `EXACT_RANGE_TAUS` taus, where step 3
     decides what the bounds do not. Each range runs the steps class-major over the pixels it
     concerns (copied together), so that the loops run over pixels and are vectorised."""
     columns, magnitude, chosen, chosen_magnitude, ends, scratch, compact, exact = block[:8]
-    ranges, members, margin, threshold, winner, left = block[8:]
+    ranges, members, margin, threshold, winner, left, grid = block[8:]
+    entry_pixel, entry_index = exact[0], exact[1]
     num_classes = columns[0].shape[0]
     for k in range(count):
         members[0, k] = k
@@ -282,20 +286,26 @@ def _certify_block(logits, first, count, taus, tables, block, prediction) -> Non
             ends, current, size, (taus[low], taus[high]), margin, scratch, winner, threshold, left
         )
         block_step_two(ends, size, winner, threshold, scratch[1], left, compact)
-        undecided = 0
+        undecided, entries = 0, 0
         for k in range(size):
             row = first + pixels[k]
             if not left[k]:
                 for position in range(low, high + 1):  # a loop: cheaper than a slice of one
                     prediction[position, row] = winner[k]
-            elif high - low < EXACT_RANGE_TAUS:
-                _decide_exactly(
-                    logits[row], taus, low, high, margin[k], k, winner[k], compact, exact,
-                    tables, prediction[:, row],
-                )  # fmt: skip
+            elif high - low < EXACT_RANGE_TAUS:  # to step 3, with the range's other pixels
+                entry_pixel[entries], entry_index[entries] = pixels[k], k
+                entries += 1
             else:  # in place: the k-th pixel is read before position `undecided` <= k is written
                 pixels[undecided] = pixels[k]
                 undecided += 1
+        if entries:
+            pairs = candidate_pairs(entries, winner, compact[5], compact[1], exact)
+            pair_gaps(pairs, columns[0], grid, tables, outside, exact)
+            for position in range(low, high + 1):
+                pair_sums(pairs, taus[position], exact)
+                for entry in range(entries):
+                    decision = pair_winner(entry, margin[entry_index[entry]], exact)
+                    prediction[position, first + entry_pixel[entry]] = decision
         if undecided and low < high:
             middle = (low + high) // 2
             members[depth + 1, :undecided] = pixels[:undecided]
@@ -318,22 +328,6 @@ def _gather_pixels(columns, magnitude, pixels, size, chosen, chosen_magnitude) -
         chosen_magnitude[1, k] = magnitude[1, pixels[k]]
 
 
-@numba.njit(inline="always")
-def _decide_exactly(values, taus, low, high, margin, k, winner, compact, exact, tables, prediction):
-    """Pixel k of the block at taus[low..high] (its `prediction` column), undecided by steps 1
-    and 2 on that range: `exact_winner` at each tau among the classes step 2 kept (the bounds
-    and `margin`, taken at the range's largest tau, hold for every tau of the range); the
-    tau-independent part of the scores is computed once (`candidate_gaps`)."""
-    kept = exact[7]
-    column = compact[1][k]  # the pixel's position in step 2's compacted arrays
-    for c in range(kept.shape[0]):
-        kept[c] = compact[5][c, column]
-    work = exact[:7]
-    count, padded = candidate_gaps(values, winner, kept, tables, work)
-    for tau_index in range(low, high + 1):
-        prediction[tau_index] = exact_winner(count, padded, taus[tau_index], margin, work)
-
-
 @kernel(depends_on=(steps, float32_math))
 def offset_bounds_rows(logits, tables):
     """Delta_cc(f[c]) and the bounds of Delta_c'c(f[c]) over c' != c, each ``(n, C)`` float32
@@ -344,7 +338,8 @@ def offset_bounds_rows(logits, tables):
         np.empty((num_classes, count), np.float32), np.empty((num_classes, count), np.float32),
         np.empty((num_classes, count), np.float32), np.empty((num_classes, count), np.float32),
     )  # fmt: skip
-    _load_block(logits, 0, count, tables, columns, np.empty((2, count)), np.empty(count, np.uint64))
+    grid = (np.empty((num_classes, count), np.uint64), np.empty((num_classes, count), np.float32))
+    _load_block(logits, 0, count, tables, columns, np.empty((2, count)), grid)
     return columns[1].T.copy(), columns[2].T.copy(), columns[3].T.copy()
 
 

@@ -1,8 +1,9 @@
 """The steps of the Eq. 7 certificate (`blda_tools.calibration.eq7.certify`), compiled with numba.
 
 Steps 1 and 2 (`block_steps`, `block_step_two`) run class-major over the pixels of a block, so
-that their loops run over pixels and the compiler vectorises them; step 3 (`exact_winner`) runs
-pixel by pixel for the few pixels the bounds leave undecided. The module docstring of
+that their loops run over pixels and the compiler vectorises them; step 3 (`candidate_pairs`,
+`pair_gaps`, `pair_sums`, `pair_winner`) runs over the (pixel, candidate) pairs of the pixels
+the bounds leave undecided, all of a block's together. The module docstring of
 `eq7_certify` gives the bounds and why the result is exact.
 """
 
@@ -144,107 +145,122 @@ def grid_cell(value, column, by_column, points):
     return column * points + np.int64(point), fraction, beyond
 
 
-# Step 3 scores its candidates side by side: a pixel's candidate count is rounded up to a
-# multiple of CANDIDATE_LANES, the padding lanes summed and ignored. The compiler's vector loop
-# only runs for trip counts of at least its step (8 float64 on an AVX-512 CPU, one register;
-# two registers on AVX2); below that every lane went through the scalar remainder loop.
-# Measured on this project's AVX-512 VM, exact_winner alone: 4 lanes 284 ns per call, 8 lanes
-# 131 ns; the 10-tau certificate 695 -> 548 ns per pixel on bench_calibrate.py's data. The
-# padding lanes hold finite gaps: zeros at first (`candidate_work`), then those of earlier
-# pixels, which `fast_exp` clamps; zeroing them for every pixel cost 100-140 of
-# candidate_gaps' 280-350 ns per call.
-CANDIDATE_LANES = 8
+# Step 3 works on a block's undecided pixels together, one (pixel, candidate) pair per lane:
+# each loop runs over every pair of the block, so it is vectorised whatever a pixel's candidate
+# count (2 for most pixels, 3.8 on average on overlapping classes). Scoring the candidates
+# pixel by pixel, padded to 8 lanes, cost ~165 ns per pixel and tau against ~70 now, and the
+# certificate took 1311 -> 1044 ns per pixel at ten taus on overlapping classes with a strong
+# bias (one thread, both versions in one process, 2026-12-05). The gaps' table reads now
+# dominate (~3.6 ns per pair and column, random rows of a 2.9 MB table).
 # A term clamped by `fast_exp` (at exp(700)) makes its sum exceed this.
 _LARGEST_SUM = math.exp(699.0)
 
 
 @numba.njit(inline="always")
-def candidate_work(num_classes: int):
-    """The `work` arrays of `candidate_gaps` and `exact_winner` for `num_classes` classes.
-    Rows and classes are unsigned: numba then indexes the tables without a check for
-    negative indices. The gaps start at zero: their padding lanes must hold finite values
-    (see `CANDIDATE_LANES`)."""
-    lanes = num_classes + CANDIDATE_LANES - 1  # candidates, padded
+def pair_work(num_classes: int, block: int):
+    """The arrays of step 3 for a block of `block` pixels (see `candidate_pairs`): at most C
+    pairs per pixel, and a spare pixel's worth for `candidate_pairs`' unconditional writes."""
+    pairs = num_classes * (block + 1)
     return (
-        np.empty(num_classes, np.uint64), np.empty(num_classes, np.float32),
-        np.empty(num_classes), np.empty(lanes, np.uint64), np.zeros((num_classes, lanes)),
-        np.zeros((num_classes, lanes)), np.empty(lanes),
+        np.empty(block, np.int64), np.empty(block, np.int64), np.empty(block + 1, np.int64),
+        np.empty(pairs, np.uint64), np.empty(pairs, np.uint64), np.empty(pairs),
+        np.empty((num_classes, pairs)), np.empty((num_classes, pairs)), np.empty(pairs),
     )  # fmt: skip
 
 
 @numba.njit(inline="always")
-def candidate_gaps(values, winner, kept, tables, work) -> tuple[int, int]:
-    """Step 3's part that does not depend on tau, for a pixel the bounds leave undecided: its
-    candidates (`winner`, then the `kept` classes: every class the bounds could not rule out,
-    so the full computation's winner is among them) and, per candidate c, f[l] - f[c] and
-    Delta_cl(f[l]) - Delta_cc(f[c]) for every l, in float64 from the offsets interpolated in
-    float32 as `gather_offsets` does (beyond the table they fall with slope -1 where
-    adjusted). Returns (candidates, padded to `CANDIDATE_LANES`). `values`: the pixel's
-    float32 logits; `tables`: a `CertifyTables` tuple; `work` (`candidate_work`) = (line
-    ``(C,)``, fraction float32, beyond float64, candidates ``(P,)``, logit_gaps, offset_gaps
-    ``(C, P)`` float64 (row l, candidate i), sums ``(P,)`` float64: Delta_cc(f[c]) here, the
-    sums T_c in `exact_winner`), P = C + CANDIDATE_LANES - 1."""
-    by_column, by_point, adjusted_lc = tables[1], tables[2], tables[3]
-    line, fraction, beyond, candidates, logit_gaps, offset_gaps, own = work  # own: `sums`
-    num_classes = values.shape[0]
-    points = (by_point.shape[0] - 1) // num_classes  # a row of zeros after the last point
-    for column in range(num_classes):
-        line[column], fraction[column], beyond[column] = grid_cell(
-            values[column], column, by_column, points
-        )
-    candidates[0], count = winner, 1
-    for c in range(num_classes):
-        if kept[c] and c != winner:
-            candidates[count] = c
-            count += 1
-    padded = -(-count // CANDIDATE_LANES) * CANDIDATE_LANES
-    for i in range(count):
-        c = candidates[i]
-        offset = interpolate(by_point, line[c], c, fraction[c])
-        own[i] = float(offset) - beyond[c] * adjusted_lc[c, c]  # Delta_cc(f[c])
-    outside = False
-    for column in range(num_classes):
-        outside |= beyond[column] != 0.0
-    # Candidate by candidate, the rows inside: with the rows outside and a loop of 2-4
-    # candidates inside, this loop took 140-210 ns per call instead of 80-120.
-    for i in range(count):
-        c, own_offset, own_logit = candidates[i], own[i], float(values[candidates[i]])
-        for column in range(num_classes):
-            point = line[column]
-            offset = float(interpolate(by_point, point, c, fraction[column]))
-            if outside:  # rare
-                offset -= beyond[column] * adjusted_lc[column, c]
-            offset_gaps[column, i] = offset - own_offset
-            logit_gaps[column, i] = float(values[column]) - own_logit
-    return count, padded
+def candidate_pairs(entries, winner, kept, column_of, work) -> int:
+    """The (pixel, candidate) pairs of step 3; returns their number. `work` (`pair_work`) =
+    (entry_pixel, entry_index: the `entries` undecided pixels' places in the block and in
+    `winner` ``(B,)``; first: where each pixel's pairs start, then the end; pair_pixel,
+    pair_class ``(P,)``; own ``(P,)``, logit_gaps, offset_gaps ``(C, P)``, totals ``(P,)``,
+    for `pair_gaps` and `pair_sums`). A pixel's candidates are its `winner` and the classes
+    step 2 `kept` ``(C, B')`` at its `column_of` (every class the bounds could not rule out,
+    so the full computation's winner is among them)."""
+    entry_pixel, entry_index, first, pair_pixel, pair_class = work[:5]
+    pairs = 0
+    for entry in range(entries):
+        k, pixel = entry_index[entry], np.uint64(entry_pixel[entry])
+        column = column_of[k]
+        first[entry] = pairs
+        pair_pixel[pairs], pair_class[pairs] = pixel, np.uint64(winner[k])
+        pairs += 1
+        for c in range(kept.shape[0]):  # without a branch: the flags are unpredictable
+            pair_pixel[pairs], pair_class[pairs] = pixel, np.uint64(c)
+            pairs += np.int64(kept[c, column])
+    first[entries] = pairs
+    return pairs
 
 
 @numba.njit(inline="always")
-def exact_winner(count, padded, tau, margin, work) -> int:
-    """Step 3 at one tau, from `candidate_gaps`: the Eq. 7 sums T_c = sum_l exp(X_lc - X_cc)
-    (score s_c = -log T_c, as in `eq7_kernel`) of every candidate side by side, in float64; the
-    best is the winner when it beats every other candidate by more than 3 margin (T_other >
-    T_best e^(3 margin)), else UNDECIDED, as when a term exceeds exp(700), where `fast_exp`
-    would clamp it. The error, below 1e-11 (`fast_exp` 1e-12 relative, float64 roundings), is
-    far inside the spare third margin (>= 7e-6)."""
-    candidates, logit_gaps, offset_gaps, totals = work[3:]  # totals: `sums`
-    totals[:padded] = 0.0
+def pair_gaps(pairs, logit, grid, tables, outside, work) -> None:
+    """Step 3's part that does not depend on tau: for each pair (pixel, candidate c) and every
+    class l, f[l] - f[c] and Delta_cl(f[l]) - Delta_cc(f[c]) in float64, from the offsets
+    interpolated in float32 as `gather_offsets` does (beyond the table they fall with slope -1
+    where adjusted; `outside`: whether any logit of the block is beyond). `logit` ``(C, B)``
+    float32 and `grid` = (table rows ``(C, B)`` uint64, fractions ``(C, B)`` float32): the
+    block as loaded; `tables`: a `CertifyTables` tuple."""
+    by_column, by_point, adjusted_lc = tables[1], tables[2], tables[3]
+    pair_pixel, pair_class, own, logit_gaps, offset_gaps = work[3:8]
+    rows, fractions = grid
+    for p in range(pairs):
+        pixel, c = pair_pixel[p], pair_class[p]
+        offset = float(interpolate(by_point, rows[c, pixel], c, fractions[c, pixel]))
+        if outside:  # rare
+            offset -= _beyond(logit[c, pixel], c, by_column) * adjusted_lc[c, c]
+        own[p] = offset  # Delta_cc(f[c])
+    for column in range(logit.shape[0]):
+        row, fraction, values = rows[column], fractions[column], logit[column]
+        offset_gap, logit_gap = offset_gaps[column], logit_gaps[column]
+        for p in range(pairs):
+            pixel, c = pair_pixel[p], pair_class[p]
+            offset = float(interpolate(by_point, row[pixel], c, fraction[pixel]))
+            if outside:
+                offset -= _beyond(values[pixel], column, by_column) * adjusted_lc[column, c]
+            offset_gap[p] = offset - own[p]
+            logit_gap[p] = float(values[pixel]) - float(logit[c, pixel])
+
+
+@numba.njit(inline="always")
+def _beyond(value, column, by_column) -> float:
+    """How far logit `value` lies beyond its column's table (0 inside)."""
+    return float(value - min(max(value, by_column[0, column]), by_column[2, column]))
+
+
+@numba.njit(inline="always")
+def pair_sums(pairs, tau, work) -> None:
+    """Step 3 at one tau: the Eq. 7 sums T_c = sum_l exp(X_lc - X_cc) of every pair into
+    `totals` (score s_c = -log T_c, as in `eq7_kernel`), in float64 from `pair_gaps`."""
+    logit_gaps, offset_gaps, totals = work[6:]
+    totals[:pairs] = 0.0
     for column in range(logit_gaps.shape[0]):
-        for i in range(padded):  # a vectorised loop (a count of large gaps in it was not)
-            totals[i] += fast_exp(logit_gaps[column, i] + tau * offset_gaps[column, i])
-    for i in range(count):
+        logit_gap, offset_gap = logit_gaps[column], offset_gaps[column]
+        for p in range(pairs):  # vectorised
+            totals[p] += fast_exp(logit_gap[p] + tau * offset_gap[p])
+
+
+@numba.njit(inline="always")
+def pair_winner(entry, margin, work) -> int:
+    """The winner of one pixel (`entry`) from `pair_sums`: the candidate with the smallest sum
+    when it beats every other by more than 3 margin (T_other > T_best e^(3 margin)), else
+    UNDECIDED, as when a term exceeds exp(700), where `fast_exp` would clamp it. The error,
+    below 1e-11 (`fast_exp` 1e-12 relative, float64 roundings), is far inside the spare third
+    margin (>= 7e-6)."""
+    first, pair_class, totals = work[2], work[4], work[8]
+    begin, end = first[entry], first[entry + 1]
+    for p in range(begin, end):
         # a sum of unclamped terms may pass it too: undecided, which is always safe
-        if totals[i] > _LARGEST_SUM:
+        if totals[p] > _LARGEST_SUM:
             return UNDECIDED
-    best = 0
-    for i in range(1, count):
-        best = i if totals[i] < totals[best] else best
+    best = begin
+    for p in range(begin + 1, end):
+        best = p if totals[p] < totals[best] else best
     runner_up = math.inf
-    for i in range(count):
-        runner_up = runner_up if i == best else min(runner_up, totals[i])
+    for p in range(begin, end):
+        runner_up = runner_up if p == best else min(runner_up, totals[p])
     # ties (the full computation takes the lower index) are left UNDECIDED
     decided = runner_up > totals[best] * math.exp(3.0 * margin)
-    return np.int64(candidates[best]) if decided else UNDECIDED
+    return np.int64(pair_class[best]) if decided else UNDECIDED
 
 
 @numba.njit(inline="always")
