@@ -132,14 +132,14 @@ def _load_block(logits, first, count, tables, columns, magnitude, grid) -> bool:
     Delta_c'c(f[c]) over c' != c; and per pixel the largest |logit| and |offset| into
     `magnitude` ``(2, BLOCK_ROWS)``; `tables`: a `CertifyTables` tuple; `grid`: each logit's
     table row ``(C, BLOCK_ROWS)`` uint64 and fraction float32 (kept for step 3). Returns
-    whether any logit lies beyond its table. Gathered as if every logit were inside the table, then the rare
-    ones beyond it corrected (`_load_beyond`).
+    whether any logit lies beyond its table. Gathered as if every logit were inside the
+    table, then the rare ones beyond it corrected (`_load_beyond`).
 
     Three passes, so that only the table reads stay scalar: the class-major copy, then per
-    class the table rows and fractions (`grid_point`; vectorised) and the reads. With all three in one scalar loop the one-tau certificate took
-    9-12 % longer (bench_calibrate.py's data, both versions in one process); the rows are
-    unsigned so that numba's indexing needs no check for negative indices (the reads pass
-    33 -> 26 ns/px, measured alone)."""
+    class the table rows and fractions (`grid_point`; vectorised) and the reads. With all
+    three in one scalar loop the one-tau certificate took 9-12 % longer (bench_calibrate.py's
+    data, both versions in one process); the rows are unsigned so that numba's indexing needs
+    no check for negative indices (the reads pass 33 -> 26 ns/px, measured alone)."""
     by_cell, by_column = tables[0], tables[1]
     logit, own, lowest, highest = columns
     num_classes = logits.shape[1]

@@ -149,9 +149,10 @@ def grid_cell(value, column, by_column, points):
 # each loop runs over every pair of the block, so it is vectorised whatever a pixel's candidate
 # count (2 for most pixels, 3.8 on average on overlapping classes). Scoring the candidates
 # pixel by pixel, padded to 8 lanes, cost ~165 ns per pixel and tau against ~70 now, and the
-# certificate took 1311 -> 1044 ns per pixel at ten taus on overlapping classes with a strong
-# bias (one thread, both versions in one process, 2026-12-05). The gaps' table reads now
-# dominate (~3.6 ns per pair and column, random rows of a 2.9 MB table).
+# certificate took 1308 -> 1036 ns per pixel at ten taus on overlapping classes with a strong
+# bias (one thread, both versions in one process, 2026-12-05). `pair_gaps` now dominates,
+# ~3.6 ns per pair and class: about eight scalar gathers each, not waiting on memory (with
+# every table row cache-resident it was only 4 % faster).
 # A term clamped by `fast_exp` (at exp(700)) makes its sum exceed this.
 _LARGEST_SUM = math.exp(699.0)
 
