@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from blda_tools.calibration.calibrator import Calibrator, check_tau, predict_taus
+from blda_tools.calibration.eq7.certify import prediction_dtype
 from blda_tools.calibration.eq7.pruning import thread_pool
 from blda_tools.calibration.sweep_counts import count_sweep
 from blda_tools.errors import BLDAError
@@ -139,14 +140,14 @@ class TauSweep:
         tau > 0 (one thread) and the counts of both methods."""
         C, T = self.num_classes, len(self.taus)
         part = logits[rows]
+        # in the certificates' narrow type, written by them directly (`predict_taus`)
+        predictions = torch.empty(T - 1, part.shape[0], dtype=prediction_dtype(C))
         if T > 1:
-            predictions = predict_taus(part, self._kernel, self._tables, self.taus[1:], 1)
-            predictions = predictions.numpy()
-        else:
-            predictions = np.empty((0, part.shape[0]), dtype=np.int64)
+            predict_taus(part, self._kernel, self._tables, self.taus[1:], 1, predictions)
         cells = np.zeros((2, T, C, C), dtype=np.int64)
         taus = np.asarray(self.taus, dtype=np.float64)
-        count_sweep(part.numpy(), labels[rows].numpy(), predictions, taus, self._log_prior, cells)
+        arrays = (part.numpy(), labels[rows].numpy(), predictions.numpy())
+        count_sweep(*arrays, taus, self._log_prior, cells)
         return cells
 
     def compute(self) -> list[SweepRow]:

@@ -27,9 +27,10 @@ COUNT_BLOCK = 512
 @kernel
 def count_sweep(logits, labels, predictions, taus, log_prior, cells) -> None:
     """Add the counts of `logits` ``(n, C)`` float32 with `labels` ``(n,)`` (in [0, C)) into
-    `cells` ``(2, T, C, C)`` int64: method 0 ("blda") takes `predictions` ``(T - 1, n)`` at
-    taus[1:], method 1 ("prior") argmax_c f[c] - tau log_prior[c] (float64; `log_prior` ``(C,)``
-    may hold -inf for a class never seen), both the first index on ties; taus[0] is 0.
+    `cells` ``(2, T, C, C)`` int64: method 0 ("blda") takes `predictions` ``(T - 1, n)`` (any
+    integer type) at taus[1:], method 1 ("prior") argmax_c f[c] - tau log_prior[c] (float64;
+    `log_prior` ``(C,)`` may hold -inf for a class never seen), both the first index on ties;
+    taus[0] is 0.
 
     Counted as changes from one tau to the next (`changes`, summed over taus at the end): most
     pixels keep their prediction across a sweep, so a pixel costs a compare per tau and an

@@ -197,9 +197,9 @@ def _load_beyond(logits, first, count, tables, columns) -> None:
 @kernel(depends_on=(steps, float32_math))
 def certify_rows(logits, start, stop, taus, tables, prediction) -> None:
     """Certified Eq. 7 predictions of rows [start, stop) of `logits` ``(n, C)`` float32 for the
-    sorted positive `taus` ``(T,)`` into `prediction` ``(T, n)`` int64 (UNDECIDED where even
-    the exact scores do not decide); `tables`: a `CertifyTables` tuple. `BLOCK_ROWS` pixels
-    at a time, `SWEEP_BLOCK_ROWS` for several taus (`_certify_block`)."""
+    sorted positive `taus` ``(T,)`` into `prediction` ``(T, n)`` (`prediction_dtype`;
+    UNDECIDED where even the exact scores do not decide); `tables`: a `CertifyTables` tuple.
+    `BLOCK_ROWS` pixels at a time, `SWEEP_BLOCK_ROWS` for several taus (`_certify_block`)."""
     size = BLOCK_ROWS if taus.shape[0] == 1 else SWEEP_BLOCK_ROWS
     block = _BlockArrays(logits.shape[1], size, taus.shape[0])
     for first in range(start, stop, size):
@@ -343,15 +343,28 @@ def offset_bounds_rows(logits, tables):
     return columns[1].T.copy(), columns[2].T.copy(), columns[3].T.copy()
 
 
-def certified_predictions(logits: Tensor, taus: list[float], tables: CertifyTables) -> Tensor:
-    """``(T, n)`` int64: the certified Eq. 7 prediction of `logits` ``(n, C)`` (float32,
-    contiguous, finite) at each sorted positive tau, UNDECIDED where the bounds leave it to the
-    full computation (the kernel releases the GIL: callers may run parts in threads)."""
+def prediction_dtype(num_classes: int) -> torch.dtype:
+    """The integer type of certified predictions: int16 up to 32767 classes, else int32.
+    Narrow, because a sweep writes and reads one per pixel and tau: 10 taus in int64 were 160
+    bytes of memory traffic per pixel, with fresh pages for each block."""
+    return torch.int16 if num_classes <= 32767 else torch.int32
+
+
+def certified_predictions(
+    logits: Tensor, taus: list[float], tables: CertifyTables, out: Tensor | None = None
+) -> Tensor:
+    """``(T, n)`` `prediction_dtype`: the certified Eq. 7 prediction of `logits` ``(n, C)``
+    (float32, contiguous, finite) at each sorted positive tau, UNDECIDED where the bounds leave
+    it to the full computation; written into `out` when given (contiguous, of that shape and
+    type). The kernel releases the GIL: callers may run parts in threads."""
     if logits.dtype != torch.float32 or not logits.is_contiguous() or logits.ndim != 2:
         # The kernel must find the grid cells of `gather_offsets`, which works in float32.
         raise BLDAError(f"logits: expected a contiguous (n, C) float32 tensor, got {logits.dtype}")
-    values = logits.numpy()
-    prediction = np.empty((len(taus), values.shape[0]), dtype=np.int64)
+    shape, dtype = (len(taus), logits.shape[0]), prediction_dtype(logits.shape[1])
+    if out is None:
+        out = torch.empty(shape, dtype=dtype)
+    elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
+        raise BLDAError(f"out: expected a contiguous {shape} {dtype} tensor, got {out.dtype}")
     tau_array = np.asarray(taus, dtype=np.float64)
-    certify_rows(values, 0, values.shape[0], tau_array, tuple(tables), prediction)
-    return torch.from_numpy(prediction)
+    certify_rows(logits.numpy(), 0, shape[1], tau_array, tuple(tables), out.numpy())
+    return out

@@ -23,7 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-from blda_tools.calibration.eq7.certify import UNDECIDED, CertifyTables, certified_predictions
+from blda_tools.calibration.eq7.certify import (
+    UNDECIDED,
+    CertifyTables,
+    certified_predictions,
+    prediction_dtype,
+)
 from blda_tools.calibration.eq7.kernel import (
     BLOCK_PIXELS,
     gather_offsets,
@@ -90,27 +95,38 @@ def predict_taus(
     tables: CertifyTables,
     taus: Sequence[float],
     threads: int = 1,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Eq. 7 predictions ``(T, n)`` of `logits` ``(n, C)`` (float32, contiguous, finite) at the
     sorted positive `taus`: certified from the bounds where they decide (`certified_predictions`,
     one certificate for many taus at once), by the full C x C computation elsewhere; identical
-    to the argmax of `balanced_log_scores_blocks` at each tau. The rows are split over `threads`
-    threads, each certifying and completing its own part (numba and torch release the GIL; torch
-    runs one thread meanwhile)."""
-    prediction = torch.empty(len(taus), logits.shape[0], dtype=torch.int64)
+    to the argmax of `balanced_log_scores_blocks` at each tau. Into `out` when given (``(T, n)``,
+    any integer type; the certificates write into it directly when it is one contiguous part
+    of `prediction_dtype`), else a new int64 tensor. The rows are split over `threads` threads,
+    each certifying and completing its own part (numba and torch release the GIL; torch runs
+    one thread meanwhile)."""
+    prediction = torch.empty(len(taus), logits.shape[0], dtype=torch.int64) if out is None else out
     threads = max(1, min(threads, logits.shape[0] // 4096))  # small inputs: one thread
     bounds = torch.linspace(0, logits.shape[0], threads + 1).to(torch.int64).tolist()
+    direct = (
+        threads == 1
+        and prediction.dtype == prediction_dtype(logits.shape[1])
+        and prediction.is_contiguous()
+    )
 
     def work(part: int) -> None:
         rows = slice(bounds[part], bounds[part + 1])
         values = logits[rows]
-        certified = certified_predictions(values, list(taus), tables)
+        certified = certified_predictions(
+            values, list(taus), tables, prediction if direct else None
+        )
         for index, tau in enumerate(taus):
             undecided = (certified[index] == UNDECIDED).nonzero().squeeze(1)
             if undecided.numel():
                 full = full_prediction(values.index_select(0, undecided), kernel, tau)
-                certified[index].index_copy_(0, undecided, full)
-        prediction[:, rows] = certified
+                certified[index].index_copy_(0, undecided, full.to(certified.dtype))
+        if not direct:
+            prediction[:, rows] = certified
 
     if threads == 1:
         work(0)
@@ -146,9 +162,8 @@ def predict_pruned(
     with torch_threads(1) if threads > 1 else contextlib.nullcontext():
         for start in range(0, logits.shape[0], block):
             part = logits[start : start + block]
-            prediction[start : start + block] = predict_taus(part, kernel, tables, [tau], threads)[
-                0
-            ]
+            out = prediction[start : start + block].unsqueeze(0)
+            predict_taus(part, kernel, tables, [tau], threads, out)
     return prediction
 
 
