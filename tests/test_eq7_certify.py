@@ -279,13 +279,13 @@ def _step_three(values, winners, kept, tables, tau, margin):
             row, fractions[c, j], beyond = grid_cell(logit[c, j], c, by_column, points)
             rows[c, j] = np.uint64(row)
             outside |= beyond != 0.0
-    work = pair_work(num_classes, count)
+    work = pair_work(num_classes, count, 1)
     work[0][:], work[1][:] = np.arange(count), np.arange(count)
     pairs = candidate_pairs(count, winners, kept, np.arange(count), work)
     pair_gaps(pairs, logit, (rows, fractions), tables, outside, work)
-    pair_sums(pairs, tau, work)
-    decisions = np.array([pair_winner(j, margin, work) for j in range(count)])
-    return decisions, work[2][: count + 1].copy(), work[8][:pairs].copy()
+    pair_sums(pairs, np.array([tau]), 0, 0, work)
+    decisions = np.array([pair_winner(j, 0, margin, work) for j in range(count)])
+    return decisions, work[2][: count + 1].copy(), work[8][0, :pairs].copy()
 
 
 @pytest.mark.parametrize("kept_count", [0, 1, 7, 8, 9, 18, -1])
@@ -343,3 +343,56 @@ def test_step_three_scores_any_number_of_candidates(fitted, kept_count):
         decided += got[pixel] != UNDECIDED
         within += lead <= math.exp(3 * margin)
     assert decided >= 100 and (within >= 10 or kept_count == 0)
+
+
+@numba.njit
+def _sums_and_decisions(work, pairs, entries, taus, margin):
+    """`pair_sums` over all of `taus`, then `pair_winner` of every entry at every tau."""
+    pair_sums(pairs, taus, 0, taus.shape[0] - 1, work)
+    decisions = np.empty((taus.shape[0], entries), np.int64)
+    for position in range(taus.shape[0]):
+        for entry in range(entries):
+            decisions[position, entry] = pair_winner(entry, position, margin, work)
+    return decisions
+
+
+@pytest.mark.parametrize("even", [True, False])
+def test_step_three_sums_over_a_range_of_taus(even):
+    """`pair_sums` on hand-made gaps for 40 pixels x 3 candidates against numpy's exp at each
+    tau: evenly spaced taus chain each term from tau to tau, others take one exponential per
+    tau. Pixel 0 has a term crossing exp(-600) within the range, pixel 1 one above exp(600),
+    pixel 2's first candidate only terms below exp(-600) besides its own: chained, the first
+    two are left undecided and the third's dropped terms change nothing; one exponential per
+    tau scores all three (fast_exp is exact to exp(700))."""
+    num_classes, entries, per_pixel = 6, 40, 3
+    pairs = entries * per_pixel
+    taus = np.round(np.arange(1, 11) * 0.1, 12)
+    if not even:
+        taus[4] += 0.013
+    work = pair_work(num_classes, entries, len(taus))
+    work[2][: entries + 1] = np.arange(entries + 1) * per_pixel  # each pixel's first pair
+    work[4][:pairs] = np.tile(np.arange(per_pixel, dtype=np.uint64), entries)
+    generator = np.random.default_rng(5)
+    logit_gaps = generator.normal(-2.0, 2.0, (num_classes, pairs))
+    offset_gaps = generator.normal(0.0, 1.5, (num_classes, pairs))
+    logit_gaps[0], offset_gaps[0] = 0.0, 0.0  # the own term, exp(0)
+    logit_gaps[1, 0], offset_gaps[1, 0] = -640.0, 60.0  # -634 at tau 0.1, -580 at 1
+    logit_gaps[2, 3], offset_gaps[2, 3] = 605.0, 0.0
+    logit_gaps[1:, 6], offset_gaps[1:, 6] = -700.0, 10.0  # at most -690: pixel 2 wins with it
+    work[6][:, :pairs], work[7][:, :pairs] = logit_gaps, offset_gaps
+    margin = 1e-3
+    decisions = _sums_and_decisions(work, pairs, entries, taus, margin)
+    exponents = logit_gaps[None] + taus[:, None, None] * offset_gaps[None]  # (T, C, P)
+    expected = np.exp(exponents).sum(1)
+    got = work[8][: len(taus), :pairs]
+    usable = np.ones(pairs, bool)
+    usable[0] = usable[3] = not even  # chained: the unsure term and the one beyond exp(600)
+    np.testing.assert_allclose(got[:, usable], expected[:, usable], rtol=1e-11)
+    for position in range(len(taus)):
+        for entry in range(entries):
+            sums = expected[position, entry * per_pixel : (entry + 1) * per_pixel]
+            best = int(np.argmin(sums))
+            lead = np.min(np.delete(sums, best)) / sums[best]
+            undecided = lead <= math.exp(3 * margin) or (entry in (0, 1) and even)
+            assert decisions[position, entry] == (UNDECIDED if undecided else best)
+    assert (decisions[:, 2] != UNDECIDED).all() and (decisions[:, 3:] != UNDECIDED).mean() > 0.9

@@ -23,9 +23,10 @@ and one tau (bench_calibrate.py's data) they decide about 76% and 21% of the pix
 single tau a third step decides the rest (about 4%): the log scores of k and of the classes
 not ruled out, computed in float64 from the interpolated offsets themselves, one (pixel,
 candidate) pair per lane for all of a block's undecided pixels at once (`eq7_steps.pair_sums`;
-their tau-independent part once per range, `eq7_steps.pair_gaps`); the best wins when it leads
-every other by more than 3 margin. What none decides (about 0.02%: exact ties, terms beyond
-exp(700)) is left to the full computation (UNDECIDED in the output).
+their tau-independent part once per range, `eq7_steps.pair_gaps`, and over evenly spaced taus
+each term chained from one tau to the next); the best wins when it leads every other by more
+than 3 margin. What none decides (about 0.02%: exact ties, terms beyond exp(600) or exp(700))
+is left to the full computation (UNDECIDED in the output).
 
 Pixels go `BLOCK_ROWS` at a time (`SWEEP_BLOCK_ROWS` for several taus), class-major: each tau
 range runs the steps over the pixels it concerns, copied side by side, so that every loop runs
@@ -120,9 +121,11 @@ def certify_tables(
 # halved tau ranges each concern a fraction of the block (fastest in bench_calibrate.py).
 BLOCK_ROWS, SWEEP_BLOCK_ROWS = 256, 512
 # Undecided pixels of a range of at most this many taus get exact scores at each of its taus
-# instead of more halvings (an 11-value sweep: 2.1x one tau's certificate, 2.8x with halving
-# down to single taus: the certificate alone, one thread, bench_calibrate.py data, 2026-12-03).
-EXACT_RANGE_TAUS = 5
+# instead of more halvings. With step 3's terms chained from tau to tau (`steps.pair_sums`)
+# the default sweep's ten taus beyond 0 go straight to step 3: 5 -> 10 took the certificate
+# from 330 to 275 ns per pixel on bench_calibrate.py's data and 946 -> 841 on overlapping
+# classes with a strong bias (16: the same; one thread, 2026-12-05).
+EXACT_RANGE_TAUS = 10
 
 
 @numba.njit(inline="always")
@@ -249,9 +252,10 @@ def _BlockArrays(num_classes: int, block: int, count: int):  # noqa: N802 (a rec
     margin, threshold = np.empty(block), np.empty(block)
     winner, left = np.empty(block, np.int64), np.empty(block, np.bool_)
     grid = (np.empty(shape, np.uint64), np.empty(shape, f32))
+    exact = pair_work(num_classes, block, min(count, EXACT_RANGE_TAUS))
     return (
-        columns, magnitude, chosen, chosen_magnitude, ends, scratch, compact,
-        pair_work(num_classes, block), ranges, members, margin, threshold, winner, left, grid,
+        columns, magnitude, chosen, chosen_magnitude, ends, scratch, compact, exact, ranges,
+        members, margin, threshold, winner, left, grid,
     )  # fmt: skip
 
 
@@ -301,10 +305,10 @@ def _certify_block(first, count, taus, tables, block, outside, prediction) -> No
         if entries:
             pairs = candidate_pairs(entries, winner, compact[5], compact[1], exact)
             pair_gaps(pairs, columns[0], grid, tables, outside, exact)
+            pair_sums(pairs, taus, low, high, exact)
             for position in range(low, high + 1):
-                pair_sums(pairs, taus[position], exact)
                 for entry in range(entries):
-                    decision = pair_winner(entry, margin[entry_index[entry]], exact)
+                    decision = pair_winner(entry, position - low, margin[entry_index[entry]], exact)
                     prediction[position, first + entry_pixel[entry]] = decision
         if undecided and low < high:
             middle = (low + high) // 2
