@@ -37,7 +37,7 @@ from blda_tools.calibration.eq7.kernel import (
 )
 from blda_tools.runtime.process import torch_threads
 
-# Pixels per block of prediction: the certificates' output is (taus, block) int64.
+# Pixels per block of prediction: the certificates' output is (taus, block) int16.
 PRUNE_BLOCK = 1 << 18
 
 
@@ -120,11 +120,7 @@ def predict_taus(
         certified = certified_predictions(
             values, list(taus), tables, prediction if direct else None
         )
-        for index, tau in enumerate(taus):
-            undecided = (certified[index] == UNDECIDED).nonzero().squeeze(1)
-            if undecided.numel():
-                full = full_prediction(values.index_select(0, undecided), kernel, tau)
-                certified[index].index_copy_(0, undecided, full.to(certified.dtype))
+        _complete(values, certified, kernel, taus)
         if not direct:
             prediction[:, rows] = certified
 
@@ -144,6 +140,22 @@ def thread_pool(threads: int) -> ThreadPoolExecutor:
     a few milliseconds per call (measured: 2 threads on 2^18 pixels 57 ms with a new pool,
     50 ms with a kept one)."""
     return ThreadPoolExecutor(threads, thread_name_prefix="blda-eq7")
+
+
+def _complete(logits: Tensor, certified: Tensor, kernel, taus: Sequence[float]) -> None:
+    """Fill the UNDECIDED entries of `certified` ``(T, n)`` with the full computation. They are
+    found from the smallest value of each pixel (UNDECIDED is the only negative one): a
+    reduction over taus, then a look at those few pixels; comparing every entry took 13 ns per
+    pixel at ten taus, 3 % of a sweep (int16 predictions, one thread)."""
+    suspects = (certified.amin(0) == UNDECIDED).nonzero().squeeze(1)
+    if suspects.numel() == 0:
+        return
+    marked = certified.index_select(1, suspects) == UNDECIDED  # (T, suspects)
+    for index, tau in enumerate(taus):
+        undecided = suspects[marked[index]]
+        if undecided.numel():
+            full = full_prediction(logits.index_select(0, undecided), kernel, tau)
+            certified[index].index_copy_(0, undecided, full.to(certified.dtype))
 
 
 def predict_pruned(
