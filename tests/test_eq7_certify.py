@@ -238,20 +238,10 @@ def test_bad_logits_raise_clear_errors(fitted):
         TauSweep(calibrator, [1.0]).update(bad, torch.zeros(10, dtype=torch.int64))
 
 
-# Row counts: tiny, one block exactly, and blocks with a partial last one (COUNT_BLOCK = 512).
-@pytest.mark.parametrize(("rows", "num_classes"), [(1, 2), (500, 4), (512, 19), (1100, 7)])
-def test_sweep_counts_match_numpy_with_ties_and_an_unseen_class(rows, num_classes):
-    generator = np.random.default_rng(5)
-    logits = generator.normal(size=(rows, num_classes))
-    logits = np.round(logits, 1).astype(np.float32)  # many exact ties
-    labels = generator.integers(0, num_classes, rows)
-    taus = np.array([0.0, 0.5, 2.0])
-    prior = np.linspace(2.0, 1.0, num_classes)
-    prior[-1] = 0.0  # the last class never seen: log 0 = -inf, it wins wherever tau > 0
-    with np.errstate(divide="ignore"):
-        log_prior = np.log(prior / prior.sum())
-    predictions = generator.integers(0, num_classes, (2, rows))
-    cells = np.zeros((2, 3, num_classes, num_classes), dtype=np.int64)
+def _check_sweep_counts(logits, labels, predictions, taus, log_prior):
+    """count_sweep's cells against numpy's argmax at every tau, both methods."""
+    num_classes = logits.shape[1]
+    cells = np.zeros((2, len(taus), num_classes, num_classes), dtype=np.int64)
     count_sweep(logits, labels, predictions, taus, log_prior, cells)
     for position, tau in enumerate(taus):
         # float64 as the baseline is defined; argmax takes the first index on ties
@@ -262,6 +252,68 @@ def test_sweep_counts_match_numpy_with_ties_and_an_unseen_class(rows, num_classe
             expected = np.zeros((num_classes, num_classes), dtype=np.int64)
             np.add.at(expected, (labels, prediction), 1)
             assert np.array_equal(cells[method, position], expected)
+
+
+# Row counts: tiny, one block exactly, and blocks with a partial last one (COUNT_BLOCK = 512).
+SWEEP_SHAPES = [(1, 2), (500, 4), (512, 19), (1100, 7)]
+
+
+@pytest.mark.parametrize(("rows", "num_classes"), SWEEP_SHAPES)
+def test_sweep_counts_match_numpy_with_ties_and_an_unseen_class(rows, num_classes):
+    generator = np.random.default_rng(5)
+    logits = generator.normal(size=(rows, num_classes))
+    logits = np.round(logits, 1).astype(np.float32)  # many exact ties
+    labels = generator.integers(0, num_classes, rows)
+    prior = np.linspace(2.0, 1.0, num_classes)
+    prior[-1] = 0.0  # the last class never seen: log 0 = -inf, it wins wherever tau > 0
+    with np.errstate(divide="ignore"):
+        log_prior = np.log(prior / prior.sum())
+    predictions = generator.integers(0, num_classes, (2, rows))
+    _check_sweep_counts(logits, labels, predictions, np.array([0.0, 0.5, 2.0]), log_prior)
+
+
+@pytest.mark.parametrize("prior_step", [0.5, 2.0])  # about half / nearly all pixels change
+@pytest.mark.parametrize(("rows", "num_classes"), SWEEP_SHAPES)
+def test_sweep_counts_with_ties_at_taus_inside_the_sweep(rows, num_classes, prior_step):
+    """Quarters for logits and taus, halves for the log prior: every score is exact, so two
+    classes tie exactly wherever their lines cross at one of the taus, and the baseline's
+    shortcut for pixels with the same winner at both ends must leave every such pixel to the
+    per-tau argmax."""
+    generator = np.random.default_rng(6)
+    logits = (np.round(generator.normal(size=(rows, num_classes)) * 4) / 4).astype(np.float32)
+    labels = generator.integers(0, num_classes, rows)
+    taus = np.arange(9) * 0.25
+    log_prior = -prior_step * generator.integers(1, 6, num_classes)
+    predictions = generator.integers(0, num_classes, (len(taus) - 1, rows)).astype(np.int16)
+    _check_sweep_counts(logits, labels, predictions, taus, log_prior)
+    scores = logits.astype(np.float64)[None] - taus[1:-1, None, None] * log_prior  # (T, n, C)
+    best = scores.max(2, keepdims=True)
+    tied_inside = ((scores == best).sum(2) > 1).any(0)
+    assert rows < 500 or tied_inside.sum() >= 20
+    # and pixels whose winner changes inside the sweep, away from its ends
+    winners = np.argmax(scores, 2)
+    assert rows < 500 or (winners != winners[:1]).any(0).mean() > 0.05
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 1200),
+    num_classes=st.integers(2, 8),
+    scale=st.sampled_from([1e-3, 1.0, 30.0]),
+    top=st.sampled_from([0.3, 1.0, 4.0]),
+    count=st.integers(2, 12),
+    seed=st.integers(0, 2**16),
+)
+def test_sweep_counts_match_numpy_on_any_finite_prior(rows, num_classes, scale, top, count, seed):
+    """Random logits at any scale (close leads included), any finite log prior, any sorted
+    taus from 0: the same counts as numpy's argmax at every tau."""
+    generator = np.random.default_rng(seed)
+    logits = (generator.normal(size=(rows, num_classes)) * scale).astype(np.float32)
+    labels = generator.integers(0, num_classes, rows)
+    log_prior = np.log(generator.dirichlet(np.ones(num_classes)) + 1e-6)
+    taus = np.concatenate([[0.0], np.sort(generator.uniform(0.0, top, count - 1))])
+    predictions = generator.integers(0, num_classes, (count - 1, rows)).astype(np.int16)
+    _check_sweep_counts(logits, labels, predictions, taus, log_prior)
 
 
 @numba.njit
