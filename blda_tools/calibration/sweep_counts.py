@@ -117,8 +117,8 @@ def _block_argmax(columns, count, tau, log_prior, adjust, leads, result) -> None
         for j in range(count):
             value = columns[c, j] - shift
             greater = value > best[j]
-            if leads:
-                runner_up[j] = best[j] if greater else max(runner_up[j], value)
+            if leads:  # min and max rather than a nested select: LLVM vectorises it
+                runner_up[j] = min(max(runner_up[j], value), best[j])
             best_at[j] = c if greater else best_at[j]
             best[j] = value if greater else best[j]
 
