@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from blda_tools.calibration.calibrator import Calibrator, full_prediction, predict_taus
 from blda_tools.calibration.eq7.certify import UNDECIDED, certified_predictions
 from blda_tools.calibration.eq7.kernel import gather_offsets
+from blda_tools.calibration.eq7.pruning import full_predictions
 from blda_tools.calibration.eq7.steps import (
     candidate_pairs,
     fast_exp,
@@ -226,6 +227,22 @@ def test_threads_give_the_full_computation_too(fitted):
     two = predict_taus(sample, kernel, calibrator.certify_tables(), taus, threads=2)
     for index, tau in enumerate(taus):
         assert torch.equal(two[index], full_prediction(sample, kernel, tau))
+
+
+def test_full_predictions_of_chosen_entries_are_the_block_computation(fitted):
+    """`full_predictions` at several taus, only the `wanted` entries, in blocks of 37 pixels:
+    each the argmax of the calibrator's own block computation (`log_scores`), the rest left
+    UNDECIDED."""
+    calibrator, logits = fitted
+    sample = (logits[:200] * 1.7).contiguous()
+    taus = [0.1, 1.0, 3.0]
+    wanted = torch.rand(len(taus), 200, generator=torch.Generator().manual_seed(3)) < 0.3
+    wanted[1] = False  # a tau with nothing wanted
+    got = full_predictions(sample, calibrator.kernel_tensors(), taus, wanted, block=37)
+    for index, tau in enumerate(taus):
+        expected = calibrator.log_scores(sample, tau).argmax(1)
+        assert torch.equal(got[index][wanted[index]], expected[wanted[index]])
+        assert (got[index][~wanted[index]] == UNDECIDED).all()
 
 
 def test_bad_logits_raise_clear_errors(fitted):
