@@ -64,10 +64,13 @@ def count_sweep(logits, labels, predictions, taus, log_prior, cells) -> None:
     lines = taus.shape[0] > 2 and np.isfinite(log_prior).all()
     for first in range(0, rows, COUNT_BLOCK):
         count = min(COUNT_BLOCK, rows - first)
-        block_labels = labels[first : first + count]
-        for c in range(num_classes):  # contiguous stores: measured 3x faster than j outer
+        block_labels, block = labels[first : first + count], logits[first : first + count]
+        # contiguous stores: measured 3x faster than j outer; indexing a slice from 0 rather
+        # than `logits[first + j]`, numba knows the index is not negative (no wrap-around
+        # select): 16 -> 10 ns per pixel
+        for c in range(num_classes):
             for j in range(count):
-                columns[c, j] = logits[first + j, c]
+                columns[c, j] = block[j, c]
         # tau = 0 compares the logits themselves: 0 * log_prior would be NaN for -inf.
         if lines:  # with the leads: constant flags, so that each call compiles without branches
             _block_argmax(columns, count, 0.0, log_prior, False, True, at_zero)
