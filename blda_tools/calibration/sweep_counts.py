@@ -63,6 +63,7 @@ def count_sweep(logits, labels, predictions, taus, log_prior, cells) -> None:
     changes = np.zeros(cells.shape, np.int64)
     # a class never seen (-inf) is no line: then every pixel gets an argmax per tau
     lines = taus.shape[0] > 2 and np.isfinite(log_prior).all()
+    spread = 3.0 * taus[-1] * np.abs(log_prior).max() if lines else 0.0  # for `_unsteady`
     for first in range(0, rows, COUNT_BLOCK):
         count = min(COUNT_BLOCK, rows - first)
         block_labels, block = labels[first : first + count], logits[first : first + count]
@@ -87,7 +88,7 @@ def count_sweep(logits, labels, predictions, taus, log_prior, cells) -> None:
         source, moved = columns, count
         if lines:
             _block_argmax(columns, count, taus[-1], log_prior, True, True, at_tau)
-            moved = _unsteady(at_zero, at_tau, count, taus[-1], log_prior, pixels)
+            moved = _unsteady(at_zero, at_tau, count, spread, pixels)
         if moved <= _GATHER_SHARE * count:  # the unsteady pixels' logits, side by side
             for c in range(num_classes):
                 for i in range(moved):
@@ -128,11 +129,11 @@ def _block_argmax(columns, count, tau, log_prior, adjust, leads, result) -> None
 
 
 @numba.njit(inline="always")
-def _unsteady(at_zero, at_end, count, end, log_prior, pixels) -> int:
-    """Write the pixels whose prior baseline may change within [0, `end`] into `pixels` and
-    return how many: all but those with the same winner at both ends, leading by more than
-    `_LEAD_TOLERANCE` of the scores' scale there (a tie left for the per-tau argmax)."""
-    spread = 3.0 * end * np.abs(log_prior).max()
+def _unsteady(at_zero, at_end, count, spread, pixels) -> int:
+    """Write the pixels whose prior baseline may change between tau 0 and the last tau into
+    `pixels` and return how many: all but those with the same winner at both ends, leading by
+    more than `_LEAD_TOLERANCE` of the scores' scale there, 1 + the largest |score| + `spread`
+    (3 tau_last max|log_prior|); a tie is left for the per-tau argmax."""
     moved = 0
     for j in range(count):
         scale = 1.0 + max(abs(at_zero[0][j]), abs(at_end[0][j])) + spread

@@ -150,9 +150,10 @@ def _complete(logits: Tensor, certified: Tensor, kernel, taus: Sequence[float]) 
     suspects = (certified.amin(0) == UNDECIDED).nonzero().squeeze(1)
     if suspects.numel() == 0:
         return
-    marked = certified.index_select(1, suspects) == UNDECIDED  # (T, suspects)
+    selected = certified.index_select(1, suspects)  # (T, suspects)
+    marked = selected == UNDECIDED
     full = full_predictions(logits.index_select(0, suspects), kernel, taus, marked)
-    certified[:, suspects] = torch.where(marked, full.to(certified.dtype), certified[:, suspects])
+    certified[:, suspects] = torch.where(marked, full.to(certified.dtype), selected)
 
 
 def predict_pruned(
@@ -199,13 +200,13 @@ def full_predictions(
         part = logits[start : start + block]
         gaps = score_gaps(part, gather_offsets(part, *kernel))
         for index, tau in enumerate(taus):
-            if wanted is None:
-                scores = log_scores_from_gaps(*gaps, tau, scratch[: part.shape[0]])
-                prediction[index, start : start + block] = scores.argmax(1)
-                continue
-            rows = wanted[index, start : start + block].nonzero().squeeze(1)
-            if rows.numel():  # the few pixels the certificate left at this tau
-                chosen = [gap.index_select(0, rows) for gap in gaps]
-                scores = log_scores_from_gaps(*chosen, tau, scratch[: rows.numel()])
-                prediction[index, start + rows] = scores.argmax(1)
+            if wanted is None:  # every pixel of the block
+                chosen, target = gaps, slice(start, start + part.shape[0])
+            else:  # the few pixels the certificate left at this tau
+                rows = wanted[index, start : start + block].nonzero().squeeze(1)
+                if rows.numel() == 0:
+                    continue
+                chosen, target = [gap.index_select(0, rows) for gap in gaps], start + rows
+            scores = log_scores_from_gaps(*chosen, tau, scratch[: chosen[0].shape[0]])
+            prediction[index, target] = scores.argmax(1)
     return prediction
