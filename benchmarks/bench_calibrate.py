@@ -6,8 +6,9 @@
 Prints the machine and:
 - the fit time of a Calibrator (361 cells, K = 5) from statistics of synthetic logits;
 - `--apply` throughput (Calibrator.predict, one tau) in pixels per second: the full C x C
-  computation, the exact pruned prediction (numba certificates, `--threads` threads) for several
-  block sizes and with one thread, the share of pixels the bounds leave undecided per tau, and,
+  computation, the exact pruned prediction (numba certificates, `--threads` threads) for
+  several task sizes (rows per certificate task) and with one thread, the share of pixels the
+  bounds leave undecided per tau, and,
   as alternatives, nearest-grid lookup instead of linear interpolation, and (with --compile)
   torch.compile of the full block kernel;
 - the 11-value sweep (TauSweep over 0:1:0.1 with the prior baseline; one certificate per pixel
@@ -24,6 +25,7 @@ Targets (issue 20): apply >= 10 M px/s for one tau on the 2-core machine; sweep 
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing
 import os
 import platform
@@ -169,14 +171,15 @@ def bench_apply(calibrator: Calibrator, logits: torch.Tensor, use_compile: bool,
     if not quick:
         rate = best_rate(lambda: pruning.full_prediction(logits, kernel, 1.0), pixels)
         print(f"  full C x C computation (no pruning), block 1024: {rates(rate)} (before)")
-    default_rate, default_block = 0.0, pruning.PRUNE_BLOCK
-    for block in sorted({16384, 65536, 262144, default_block}):
-        pruning.PRUNE_BLOCK = block
-        rate = best_rate(lambda: calibrator.predict(logits, 1.0), pixels)
-        marker = " (default)" if block == default_block else ""
-        default_rate = rate if block == default_block else default_rate
-        print(f"  pruned (exact), block {block:>6}: {rates(rate)}{marker}")
-    pruning.PRUNE_BLOCK = default_block
+    default_rate, tables, threads = 0.0, calibrator.certify_tables(), torch.get_num_threads()
+    for rows in sorted({16384, 65536, 262144, pruning.TASK_ROWS}):
+        predict = functools.partial(
+            pruning.predict_pruned, logits, kernel, tables, 1.0, threads, rows
+        )
+        rate = best_rate(predict, pixels)
+        marker = " (default)" if rows == pruning.TASK_ROWS else ""
+        default_rate = rate if rows == pruning.TASK_ROWS else default_rate
+        print(f"  pruned (exact), tasks of {rows:>6} rows: {rates(rate)}{marker}")
     rate = best_rate(lambda: calibrator.predict(logits, 1.0, threads=1), pixels)
     print(f"  pruned (exact), one thread:    {rates(rate)}")
     print_undecided(calibrator, logits)

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blda_tools.calibration.calibrator import Calibrator, full_prediction, predict_taus
-from blda_tools.calibration.eq7.certify import UNDECIDED, certified_predictions
+from blda_tools.calibration.eq7.certify import UNDECIDED, certified_predictions, prediction_dtype
 from blda_tools.calibration.eq7.kernel import gather_offsets
 from blda_tools.calibration.eq7.pruning import full_predictions
 from blda_tools.calibration.eq7.steps import (
@@ -220,13 +220,30 @@ def test_one_certificate_decides_most_pixels_for_a_whole_sweep(fitted):
         assert torch.equal(certified[index][decided[index]], full[decided[index]])
 
 
-def test_threads_give_the_full_computation_too(fitted):
+@pytest.mark.parametrize("task_rows", [1000, 1 << 15])
+@pytest.mark.parametrize("dtype", [torch.int64, prediction_dtype(19)])
+def test_threads_give_the_full_computation_too(fitted, task_rows, dtype):
+    """Two threads taking tasks in turn (nine of 1000 rows, the last partial, or one per
+    thread), into a new int64 tensor or the caller's tensor of either type."""
     calibrator, logits = fitted
     sample = (logits[:9000] * 1.3).contiguous()
-    taus, kernel = [0.2, 1.0], calibrator.kernel_tensors()
-    two = predict_taus(sample, kernel, calibrator.certify_tables(), taus, threads=2)
+    taus, kernel, tables = [0.2, 1.0], calibrator.kernel_tensors(), calibrator.certify_tables()
+    out = torch.full((len(taus), 9000), 99, dtype=dtype)
+    two = predict_taus(sample, kernel, tables, taus, threads=2, out=out, task_rows=task_rows)
+    assert two is out
     for index, tau in enumerate(taus):
-        assert torch.equal(two[index], full_prediction(sample, kernel, tau))
+        assert torch.equal(two[index].long(), full_prediction(sample, kernel, tau))
+
+
+def test_certificates_of_some_rows_leave_the_others_alone(fitted):
+    calibrator, logits = fitted
+    sample, tables, taus = logits[:700], calibrator.certify_tables(), [0.5, 1.0]
+    out = torch.full((2, 700), 99, dtype=prediction_dtype(19))
+    certified_predictions(sample, taus, tables, out, slice(123, 456))
+    assert torch.equal(out[:, 123:456], certified_predictions(sample[123:456], taus, tables))
+    assert (out[:, :123] == 99).all() and (out[:, 456:] == 99).all()
+    with pytest.raises(BLDAError, match="rows: expected a slice of step 1"):
+        certified_predictions(sample, taus, tables, out, slice(0, 700, 2))
 
 
 def test_full_predictions_of_chosen_entries_are_the_block_computation(fitted):

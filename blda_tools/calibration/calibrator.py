@@ -51,7 +51,6 @@ from blda_tools.calibration.eq7.kernel import (
     score_gaps,  # noqa: F401
 )
 from blda_tools.calibration.eq7.pruning import (
-    PRUNE_BLOCK,
     bound_tables,
     full_prediction,  # noqa: F401
     predict_pruned,
@@ -269,7 +268,7 @@ class Calibrator:
         tau = self.tau if tau is None else check_tau(tau, "tau")
         threads = torch.get_num_threads() if threads is None else int(threads)
         tables = self.certify_tables()
-        return predict_pruned(logits, self.kernel_tensors(), tables, tau, PRUNE_BLOCK, threads)
+        return predict_pruned(logits, self.kernel_tensors(), tables, tau, threads)
 
     def certify_tables(self) -> CertifyTables:
         """The tables of the pruning bounds, laid out for `blda_tools.calibration.eq7.certify`."""

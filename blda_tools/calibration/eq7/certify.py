@@ -360,12 +360,18 @@ def prediction_dtype(num_classes: int) -> torch.dtype:
 
 
 def certified_predictions(
-    logits: Tensor, taus: list[float], tables: CertifyTables, out: Tensor | None = None
+    logits: Tensor,
+    taus: list[float],
+    tables: CertifyTables,
+    out: Tensor | None = None,
+    rows: slice | None = None,
 ) -> Tensor:
     """``(T, n)`` `prediction_dtype`: the certified Eq. 7 prediction of `logits` ``(n, C)``
     (float32, contiguous, finite) at each sorted positive tau, UNDECIDED where the bounds leave
     it to the full computation; written into `out` when given (contiguous, of that shape and
-    type). The kernel releases the GIL: callers may run parts in threads."""
+    type). With `rows` (a slice of step 1) only those columns of `out` are written, so that
+    threads can share one output. The kernel releases the GIL: callers may run parts in
+    threads."""
     if logits.dtype != torch.float32 or not logits.is_contiguous() or logits.ndim != 2:
         # The kernel must find the grid cells of `gather_offsets`, which works in float32.
         raise BLDAError(f"logits: expected a contiguous (n, C) float32 tensor, got {logits.dtype}")
@@ -374,6 +380,9 @@ def certified_predictions(
         out = torch.empty(shape, dtype=dtype)
     elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
         raise BLDAError(f"out: expected a contiguous {shape} {dtype} tensor, got {out.dtype}")
+    start, stop, step = (rows or slice(None)).indices(shape[1])
+    if step != 1:
+        raise BLDAError(f"rows: expected a slice of step 1, got {rows}")
     tau_array = np.asarray(taus, dtype=np.float64)
-    certify_rows(logits.numpy(), 0, shape[1], tau_array, tuple(tables), out.numpy())
+    certify_rows(logits.numpy(), start, stop, tau_array, tuple(tables), out.numpy())
     return out
