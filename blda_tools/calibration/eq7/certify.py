@@ -369,7 +369,7 @@ def certified_predictions(
     """``(T, n)`` `prediction_dtype`: the certified Eq. 7 prediction of `logits` ``(n, C)``
     (float32, contiguous, finite) at each sorted positive tau, UNDECIDED where the bounds leave
     it to the full computation; written into `out` when given (contiguous, of that shape and
-    type). With `rows` (a slice of step 1) only those columns of `out` are written, so that
+    type). With `rows` (a slice with step 1) only those columns of `out` are written, so that
     threads can share one output. The kernel releases the GIL: callers may run parts in
     threads."""
     if logits.dtype != torch.float32 or not logits.is_contiguous() or logits.ndim != 2:
