@@ -71,6 +71,21 @@ def test_plain_progress_without_a_total_and_a_quiet_interval():
     assert re.fullmatch(r"scan: 7 rows, \S+ rows/s, 0:00:00 elapsed\n", stream.getvalue())
 
 
+def test_plain_progress_of_a_job_that_counted_nothing_ends_silently():
+    # e.g. a job that fails on its input: its error is the only line
+    stream = io.StringIO()
+    progress = PlainProgress("apply", 81920, "px", interval=0.0, stream=stream)
+    progress.close()
+    assert stream.getvalue() == ""
+    resumed = PlainProgress("dump", 10, "images", completed=4, interval=3600.0, stream=stream)
+    resumed.close()
+    assert stream.getvalue() == ""
+    resumed = PlainProgress("dump", 10, "images", completed=4, interval=3600.0, stream=stream)
+    resumed.advance(1)
+    resumed.close()
+    assert re.fullmatch(r"dump: 5/10 images \(50%\), .*\n", stream.getvalue())
+
+
 @needs_sample
 def test_diagnose_in_a_log(tmp_path):
     completed = _blda("diagnose", STORES / "target_val.h5", "--out", tmp_path / "d", "--no-plots")

@@ -45,7 +45,9 @@ class PlainProgress:
         self.stream = stream
         self.status = ""
         self.start = self.last_line = time.perf_counter()
-        self.last_line_completed: int | None = None
+        # as if a line had been written at the start: a job that fails before counting any
+        # work ends without a '0/N' line above its error
+        self.last_line_completed = completed
         self.closed = False
 
     def advance(self, count: int) -> None:
@@ -58,7 +60,7 @@ class PlainProgress:
             self.write_line(now)
 
     def close(self) -> None:
-        """The last line (once), unless no work was counted since the last line."""
+        """The last line (once), unless no work was counted since the last line (or the start)."""
         if not self.closed:
             self.closed = True
             if self.last_line_completed != self.completed:
