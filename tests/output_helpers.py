@@ -61,6 +61,8 @@ def expect_one_line_error(result, *fragments) -> str:
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and len(lines) == 1, result.output
+    # nothing after it: a message that runs on over several lines (torch's advice) is not one line
+    assert not result.output.split(lines[0], 1)[1].strip(), result.output
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]

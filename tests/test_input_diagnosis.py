@@ -226,10 +226,10 @@ def test_a_folder_given_as_any_input_file(stores, tmp_path):
     cases = [
         (["dump-logits", "--model", "tiny", "--checkpoint", folder, "--dataset", "cityscapes",
           "--data-root", tmp_path / "data", "--out", tmp_path / "o.h5"], "a checkpoint file"),
-        (["export", folder, "--out", tmp_path / "e.pt"], "a calibrator file"),
+        (["export", folder, "--out", tmp_path / "e.pt"], "a blda calibrator file"),
         (["export", tmp_path / "cal" / "calibrator.pt", "--model", folder, "--out",
-          tmp_path / "e.pt"], "a TorchScript model file"),
-        (["calibrate", stores["eval"], "--apply", folder, "--out", tmp_path / "p"], "a calibrator file"),
+          tmp_path / "e.pt"], "a TorchScript archive"),
+        (["calibrate", stores["eval"], "--apply", folder, "--out", tmp_path / "p"], "a blda calibrator file"),
         (["calibrate", stores["eval"], "--fit-on", folder, "--out", tmp_path / "p"], "a logit store file"),
     ]  # fmt: skip
     for arguments, expected in cases:

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -60,6 +58,7 @@ from blda_tools.errors import BLDAError, check_same_classes
 from blda_tools.fileio import save_torch
 from blda_tools.gmm import GaussianMixture1D
 from blda_tools.statistics import LogitSetStatistics
+from blda_tools.torch_files import load_torch
 
 # The eq7_kernel / eq7_pruning names marked F401 are re-exported: sweep, export, calibrate, the
 # tests and the benchmarks import them from here, where they lived before the split.
@@ -318,14 +317,7 @@ class Calibrator:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Calibrator:
         """Read a calibrator written by `save` (torch.load with weights_only=True)."""
-        if Path(path).is_dir():
-            raise BLDAError(f"{path}: is a directory; expected a calibrator file (calibrator.pt)")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise BLDAError(f"{path}: no such calibrator file") from None
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
-            raise BLDAError(f"{path}: not a blda calibrator ({error})") from None
+        state = load_torch(path, str(path), "a blda calibrator file")
         if not isinstance(state, dict) or state.get("format") != FORMAT_NAME:
             raise BLDAError(f"{path}: not a blda calibrator (format {FORMAT_NAME!r} missing)")
         if state.get("format_version") != FORMAT_VERSION:

@@ -20,9 +20,9 @@ from blda_tools.calibration.calibrator import (
     balanced_log_scores_blocks,
     check_tau,
 )
-from blda_tools.errors import BLDAError
-from blda_tools.fileio import check_input_file, save_torchscript
+from blda_tools.fileio import save_torchscript
 from blda_tools.outputs import output_file
+from blda_tools.torch_files import load_torchscript
 
 
 class BalancedLogits(torch.nn.Module):
@@ -88,13 +88,7 @@ def export_torchscript(
     tau = calibrator.tau if tau is None else check_tau(tau, "--tau")
     module: torch.nn.Module = BalancedLogits(calibrator, tau)
     if model_path is not None:
-        check_input_file(model_path, f"--model {model_path}", "a TorchScript model file")
-        try:
-            model = torch.jit.load(str(model_path), map_location="cpu")
-        except (RuntimeError, ValueError, OSError) as error:
-            raise BLDAError(
-                f"--model {model_path}: not a loadable TorchScript model ({error})"
-            ) from None
+        model = load_torchscript(model_path, f"--model {model_path}")
         module = BalancedModel(model, module)
     scripted = torch.jit.script(module)
     with output_file(out_path, "export") as target:

@@ -7,7 +7,6 @@ Its evaluation methods (CDF, density, inverse CDF, sampling) come from `MixtureE
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping
 
 import numpy as np
@@ -25,6 +24,7 @@ from blda_tools.gmm.em import (
 )
 from blda_tools.gmm.evaluation import MixtureEvaluation
 from blda_tools.gmm.normal import CDF_METHODS, _numerical_variance_floor
+from blda_tools.torch_files import load_torch
 
 FORMAT = "blda.GaussianMixture1D"
 FORMAT_VERSION = 1
@@ -177,12 +177,7 @@ class GaussianMixture1D(MixtureEvaluation):
     @classmethod
     def load(cls, path: str | os.PathLike, map_location=None) -> GaussianMixture1D:
         """Read a file written by `save` (torch.load with weights_only=True)."""
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise BLDAError(f"{path}: no such file") from None
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
-            raise BLDAError(f"{path}: not a saved GaussianMixture1D ({error})") from None
+        state = load_torch(path, str(path), "a saved GaussianMixture1D")
         try:
             return cls().load_state_dict(state).to(map_location)
         except BLDAError as error:

@@ -12,18 +12,14 @@ Accepted layouts (after `torch.load(..., weights_only=True)`):
 from __future__ import annotations
 
 import os
-import pickle
 import warnings
-import zipfile
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import check_input_file
 from blda_tools.models.identify import likely_architecture
 from blda_tools.models.key_filters import (
     StateDict,
@@ -33,6 +29,7 @@ from blda_tools.models.key_filters import (
     select_prefix,
     strip_prefix,
 )
+from blda_tools.torch_files import load_torch
 
 # --weights choice -> part of a UDA checkpoint (key prefix without the dot).
 WEIGHT_PARTS = {"student": "model", "teacher": "ema_model", "imnet": "imnet_model"}
@@ -55,8 +52,6 @@ class LoadReport:
 
 def read_checkpoint(path: str | os.PathLike, trust_checkpoint: bool = False) -> object:
     """`torch.load` on the CPU, tensors and plain containers only unless `trust_checkpoint`."""
-    path = Path(path)
-    check_input_file(path, f"--checkpoint {path}", "a checkpoint file")
     if trust_checkpoint:
         warnings.warn(
             f"--trust-checkpoint: unpickling {path} with weights_only=False can run arbitrary "
@@ -64,38 +59,14 @@ def read_checkpoint(path: str | os.PathLike, trust_checkpoint: bool = False) -> 
             UserWarning,
             stacklevel=2,
         )
-    if not _looks_like_torch_file(path):
-        raise BLDAError(
-            f"--checkpoint {path}: not a PyTorch checkpoint (expected a file written by "
-            "torch.save; for a TorchScript export use --model torchscript)"
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
-    except pickle.UnpicklingError as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        unsupported = [line for line in lines if "Unsupported global" in line]
-        if unsupported and not trust_checkpoint:
-            raise BLDAError(
-                f"--checkpoint {path}: the file stores Python objects beyond tensors and plain "
-                f"containers ({unsupported[0]}). If you trust its origin, load it with "
-                "--trust-checkpoint (trust_checkpoint=True); otherwise re-save its state_dict."
-            ) from None
-        raise BLDAError(
-            f"--checkpoint {path}: unreadable checkpoint ({lines[-1] if lines else error})"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
-        raise BLDAError(
-            f"--checkpoint {path}: not a readable PyTorch checkpoint ({type(error).__name__}: "
-            f"{first_line})"
-        ) from None
-
-
-def _looks_like_torch_file(path: Path) -> bool:
-    # torch.save writes a zip archive (current format) or a pickle (legacy format, protocol >= 2).
-    with open(path, "rb") as file:
-        magic = file.read(4)
-    return magic == b"PK\x03\x04" or magic[:1] == b"\x80"
+    return load_torch(
+        path,
+        f"--checkpoint {path}",
+        "a PyTorch checkpoint",
+        trusted=trust_checkpoint,
+        trust_option="--trust-checkpoint (trust_checkpoint=True); otherwise re-save its state_dict",
+        torchscript_advice="for a TorchScript export use --model torchscript",
+    )
 
 
 def extract_state_dict(

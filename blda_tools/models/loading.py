@@ -13,15 +13,14 @@ import importlib
 import inspect
 import os
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import check_input_file
 from blda_tools.models.checkpoints import LoadReport, load_checkpoint
 from blda_tools.models.registry import create_model
+from blda_tools.torch_files import load_torchscript
 
 TORCHSCRIPT = "torchscript"
 
@@ -79,16 +78,11 @@ def declared_family(arch_or_spec: str) -> tuple[str | None, str | None]:
 def _load_torchscript(checkpoint: str | os.PathLike | None) -> nn.Module:
     if checkpoint is None:
         raise BLDAError("--model torchscript: needs --checkpoint FILE (the TorchScript archive)")
-    path = Path(checkpoint)
-    check_input_file(path, f"--checkpoint {path}", "a TorchScript archive")
-    try:
-        return torch.jit.load(str(path), map_location="cpu")
-    except (RuntimeError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
-        raise BLDAError(
-            f"--checkpoint {path}: not a TorchScript archive ({first_line}); "
-            "save one with torch.jit.script(model).save(path), or pass the architecture name"
-        ) from None
+    return load_torchscript(
+        checkpoint,
+        f"--checkpoint {checkpoint}",
+        "save one with torch.jit.script(model).save(path), or pass the architecture name",
+    )
 
 
 def _build_plugin(spec: str, num_classes: int) -> nn.Module:

@@ -20,6 +20,7 @@ from torch import nn
 
 from blda_tools.errors import BLDAError
 from blda_tools.fileio import save_torch
+from blda_tools.torch_files import load_torch
 
 
 def weights_state_dict(student: nn.Module, teacher: nn.Module | None) -> dict[str, torch.Tensor]:
@@ -74,10 +75,9 @@ def load_training_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise BLDAError(f"{path}: no checkpoint to resume from (expected a file)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for corrupt or unsafe files
-        raise BLDAError(f"{path}: cannot read the checkpoint: {error}") from None
+    checkpoint = load_torch(path, str(path), "a blda training checkpoint")
+    if not isinstance(checkpoint, dict):
+        raise BLDAError(f"{path}: not a blda training checkpoint (expected a dict)")
     missing = {"state_dict", "meta", "optimizer", "rng", "sampler"} - set(checkpoint)
     if missing:
         raise BLDAError(

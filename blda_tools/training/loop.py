@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from blda_tools.errors import BLDAError
+from blda_tools.torch_files import load_torch
 from blda_tools.training.batches import (
     STREAM_MIX,
     MicroBatch,
@@ -232,7 +233,10 @@ class Trainer:
             save_checkpoint(cache, {"image_class_pixels": counts})
         if self.world_size > 1:
             dist.barrier()
-        counts = torch.load(cache, weights_only=True)["image_class_pixels"]
+        counts = load_torch(cache, str(cache), "blda's pixel-count cache (delete it to recount)")
+        counts = counts["image_class_pixels"] if isinstance(counts, dict) else None
+        if counts is None:
+            raise BLDAError(f"{cache}: not blda's pixel-count cache (delete it to recount)")
         if len(counts) != len(self.parts.source):
             raise BLDAError(
                 f"{cache}: counts {len(counts)} images, the source has a different number"
