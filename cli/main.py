@@ -38,8 +38,18 @@ class _Group(click.Group):
 
 
 def _fail(error: BLDAError | str) -> None:
-    click.secho(f"error: {error}", fg="red", err=True)
+    click.secho(f"error: {one_line(str(error))}", fg="red", err=True)
     sys.exit(2)
+
+
+def one_line(message: str) -> str:
+    """`message` on one line: a library's text quoted in it (torch, OpenCV, h5py) may span
+    several, and a one-line error is what scripts and logs grep for."""
+    joined = ""
+    for line in (line.strip() for line in message.splitlines()):
+        if line:  # a line that ends a clause joins with "; ", one that runs on with a space
+            joined += ("" if not joined else " " if joined[-1] in ":;,.(" else "; ") + line
+    return joined
 
 
 def _report_interrupt(interrupt: KeyboardInterrupt) -> None:

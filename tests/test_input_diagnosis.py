@@ -1,10 +1,12 @@
 """Bad input is diagnosed right, before the long work, naming the option it came from: a folder
 given as a store, an unfinished store, class lists that differ (only the differing names), a
-held-out store of another class set, a plugin factory that raises; and `calibrate` reuses a
-statistics file written by `diagnose` (checked against the grid, classes and rows)."""
+held-out store of another class set, a plugin factory that raises; `calibrate` reuses a
+statistics file written by `diagnose` (checked against the grid, classes and rows); and an
+error message that quotes a library's multi-line text is still printed on one line."""
 
 from __future__ import annotations
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -12,7 +14,7 @@ from output_helpers import expect_one_line_error
 from test_calibration_job import GRID, NAMES, _write_store
 from test_dump import make_cityscapes
 
-from blda_cli.main import _register_commands, cli
+from blda_cli.main import _Group, _register_commands, cli
 from blda_tools.calibrate import CalibrateOptions, calibrate
 from blda_tools.calibration import inputs as calibrate_inputs
 from blda_tools.diagnose import diagnose
@@ -238,3 +240,14 @@ def test_a_folder_given_as_any_input_file(stores, tmp_path):
         )
         assert "no such file" not in line
     assert not (tmp_path / "p").exists() and not (tmp_path / "e.pt").exists()
+
+
+def test_any_multi_line_error_is_printed_on_one_line():
+    # a library's text quoted in a BLDAError (OpenCV, h5py, torch) may span several lines
+    @click.command("fails")
+    def fails():
+        raise BLDAError("model.pth: cannot read it (first line\n\tsecond:\n\nthird)")
+
+    result = CliRunner().invoke(_Group(name="blda", commands=[fails]), ["fails"])
+    assert result.exit_code == 2
+    assert result.output == "error: model.pth: cannot read it (first line; second: third)\n"
