@@ -153,7 +153,8 @@ class SizeParam(click.ParamType):
 @click.option(
     "--resume",
     is_flag=True,
-    help="Continue an interrupted dump (<out>.partial), skipping the images already stored.",
+    help="Continue an interrupted dump (<out>.partial), skipping the images already stored "
+    "(with none stored yet, every image is dumped).",
 )
 @click.option("--strict", is_flag=True, help="Stop at a corrupt image instead of skipping it.")
 @click.option(
@@ -239,6 +240,8 @@ def dump_logits_command(ctx, **options):
             f"resuming {job.out}.partial: {job.already_stored} of "
             f"{job.already_stored + job.total} images already stored, {job.total} to go"
         )
+    elif options["resume"]:  # said, so that a mistyped --out is not taken for a fresh start
+        console.print(f"--resume: no image stored yet in {job.out}.partial; dumping every image")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CorruptImageWarning)
         with progress_bar("dump-logits", job.total, unit="images") as advance:

@@ -306,8 +306,12 @@ def test_killed_dump_resumed_equals_uninterrupted_run(tmp_path, plugin):
     assert "3 of 6 images already stored, 3 to go" in resumed.output
     # Totals of the whole store: 6 images of 9 x 11 at stride 2 (5 x 6 = 30 rows each).
     assert "6 image(s), 180 rows (3 image(s), 90 rows this run)" in resumed.output
-    whole_run = runner.invoke(dump_logits_command, [*arguments, "--out", str(tmp_path / "a.h5")])
+    # --resume with nothing to resume dumps every image, and says so
+    whole_run = runner.invoke(
+        dump_logits_command, [*arguments, "--out", str(tmp_path / "a.h5"), "--resume"]
+    )
     assert whole_run.exit_code == 0, whole_run.output
+    assert f"--resume: no image stored yet in {tmp_path / 'a.h5'}.partial" in whole_run.output
 
     resumed_arrays, resumed_attributes = read_all(killed)
     whole_arrays, whole_attributes = read_all(tmp_path / "a.h5")
