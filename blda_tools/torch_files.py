@@ -86,13 +86,16 @@ def _checked_torch_file(path, where: str, expected: str, torchscript_advice: str
     try:
         with open(path, "rb") as file:
             magic = file.read(4)
-        is_zip = magic == _ZIP_MAGIC and zipfile.is_zipfile(path)
-        names = zipfile.ZipFile(path).namelist() if is_zip else []
-    except (OSError, zipfile.BadZipFile) as error:
+        if magic != _ZIP_MAGIC:
+            names = []
+        else:
+            with zipfile.ZipFile(path) as archive:  # its directory only
+                names = archive.namelist()
+    except zipfile.BadZipFile:
+        raise BLDAError(f"{where}: not {expected} (a truncated or corrupt zip archive)") from None
+    except OSError as error:
         raise BLDAError(f"{where}: cannot be read ({describe_os_error(error)})") from None
-    if magic == _ZIP_MAGIC and not is_zip:
-        raise BLDAError(f"{where}: not {expected} (a truncated or corrupt zip archive)")
-    if not is_zip and magic[:1] != _PICKLE_MAGIC:
+    if magic != _ZIP_MAGIC and magic[:1] != _PICKLE_MAGIC:
         raise BLDAError(f"{where}: not {expected} (expected a file written by torch.save)")
     if any(name.endswith("/constants.pkl") for name in names):  # what torch.jit.save adds
         advice = f"; {torchscript_advice}" if torchscript_advice else ""

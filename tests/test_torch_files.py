@@ -77,7 +77,7 @@ LOADERS = {
 
 def _assert_one_line(message: str, name: str, fragment: str) -> None:
     assert "\n" not in message, message
-    assert message.split(":")[0].endswith(name) or f" {name}" in message.split(": ")[0], message
+    assert message.split(": ")[0].endswith(name), message  # the file first, by name
     assert fragment in message, (fragment, message)
     # torch's advice to its own users (re-run with weights_only=False, file an issue) is not ours
     assert "weights_only" not in message and "file an issue" not in message, message

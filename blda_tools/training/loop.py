@@ -233,10 +233,11 @@ class Trainer:
             save_checkpoint(cache, {"image_class_pixels": counts})
         if self.world_size > 1:
             dist.barrier()
-        counts = load_torch(cache, str(cache), "blda's pixel-count cache (delete it to recount)")
-        counts = counts["image_class_pixels"] if isinstance(counts, dict) else None
-        if counts is None:
-            raise BLDAError(f"{cache}: not blda's pixel-count cache (delete it to recount)")
+        expected = "blda's pixel-count cache (delete it to recount)"
+        cached = load_torch(cache, str(cache), expected)
+        if not isinstance(cached, dict) or "image_class_pixels" not in cached:
+            raise BLDAError(f"{cache}: not {expected}")
+        counts = cached["image_class_pixels"]
         if len(counts) != len(self.parts.source):
             raise BLDAError(
                 f"{cache}: counts {len(counts)} images, the source has a different number"
