@@ -1,8 +1,10 @@
-"""The one exception type users see: a clear message naming the file, field or option; and the
-wording of the commonest mismatch, two class lists that differ."""
+"""The one exception type users see: a clear message naming the file, field or option; the
+wording of the commonest mismatch, two class lists that differ; and how running out of memory
+or losing a worker process is recognised and told."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 
@@ -55,3 +57,56 @@ class Interrupted(KeyboardInterrupt):
     A `KeyboardInterrupt`, so code that stops on Ctrl-C still does; the CLI prints the message
     in one line and exits with status 130 (as a shell does for SIGINT).
     """
+
+
+class WorkerDied(BLDAError):
+    """A worker process ended without a result (killed, mostly by the system for lack of
+    memory): a resource failure like a full disk, after which a resumable job can go on."""
+
+
+# torch's allocators fail with a RuntimeError: "CUDA out of memory. ...", "MPS backend out of
+# memory ...", "[enforce fail at alloc_cpu.cpp:...] ... DefaultCPUAllocator: can't allocate
+# memory: you tried to allocate N bytes ..." (Linux; "not enough memory" on Windows).
+_ALLOCATOR_FAILED = re.compile(r"out of memory|DefaultCPUAllocator: (?:can't allocate|not enough)")
+_ENFORCE_PREFIX = re.compile(r"^\[enforce fail at [^\]]*\][^.]*\.\s*")
+
+
+def is_out_of_memory(error: BaseException | None) -> bool:
+    """Whether `error` is an allocation that failed: MemoryError (Python, numpy) or torch's."""
+    if isinstance(error, MemoryError):
+        return True
+    return isinstance(error, RuntimeError) and bool(_ALLOCATOR_FAILED.search(str(error)))
+
+
+def out_of_memory_text(error: BaseException) -> str:
+    """The line a user reads: "out of memory: " and what the allocator said, in its first two
+    sentences (CUDA's message goes on with a paragraph of allocator statistics)."""
+    said = _ENFORCE_PREFIX.sub("", " ".join(str(error).split()))
+    said = ". ".join(said.split(". ")[:2]).rstrip(".")
+    return f"out of memory: {said}" if said else "out of memory"
+
+
+def worker_died(purpose: str, detail: str = "") -> WorkerDied:
+    """The error for a worker process of `purpose` that ended without its result."""
+    return WorkerDied(
+        f"{purpose}: a worker process ended unexpectedly (killed; most often by the system, "
+        f"for lack of memory{detail})"
+    )
+
+
+def loader_worker_death(error: BaseException | None) -> WorkerDied | None:
+    """`WorkerDied` for torch's RuntimeError about a DataLoader worker that died ("DataLoader
+    worker (pid(s) ...) exited unexpectedly", "... is killed by signal: Killed"), else None.
+    torch raises it from its SIGCHLD handler, so anywhere in the thread that iterates."""
+    if not (isinstance(error, RuntimeError) and str(error).startswith("DataLoader worker")):
+        return None
+    return worker_died("image loading", f"; torch: {error}")
+
+
+def needs_less_memory(error: BaseException | None) -> bool:
+    """Memory ran out, or a worker process died (what the out-of-memory killer leaves)."""
+    return (
+        is_out_of_memory(error)
+        or isinstance(error, WorkerDied)
+        or loader_worker_death(error) is not None
+    )

@@ -8,13 +8,34 @@ import click
 
 from blda_cli.progress import show_library_notices
 from blda_tools import __version__
-from blda_tools.errors import BLDAError, Interrupted
+from blda_tools.errors import (
+    BLDAError,
+    Interrupted,
+    WorkerDied,
+    is_out_of_memory,
+    loader_worker_death,
+    needs_less_memory,
+    out_of_memory_text,
+)
 from blda_tools.fileio import os_failure
+
+# What each command can do about memory running out or a worker process killed (a job that
+# failed part-way through says itself what it kept and how to resume).
+MEMORY_HINTS = {
+    "dump-logits": "try a smaller --batch-size, fewer --workers or a smaller --resize",
+    "diagnose": "try fewer --workers, or --no-plots",
+    "train": "try --set run.num_workers=0, or --set run.batch_size=1 or a smaller "
+    "augment.crop_size (these two change the recipe)",
+    "synthcity": "try a smaller --size or fewer --workers",
+    "demo": "try --quick",
+}
+DEFAULT_MEMORY_HINT = "free memory, or use a machine with more"
 
 
 class _Group(click.Group):
-    """A click group that turns BLDAError, and any OS failure that no library code translated,
-    into a one-line message and exit status 2, and Ctrl-C into one line and exit status 130."""
+    """A click group that turns BLDAError, any OS failure that no library code translated and
+    memory running out into a one-line message and exit status 2, and Ctrl-C into one line and
+    exit status 130."""
 
     def resolve_command(self, ctx: click.Context, args):
         name, command, rest = super().resolve_command(ctx, args)
@@ -26,15 +47,25 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except BLDAError as error:
-            _fail(error)
+            cause = error if isinstance(error, WorkerDied) else error.__cause__
+            _fail(f"{error}; {_memory_hint(ctx)}" if needs_less_memory(cause) else error)
         except OSError as error:
             _fail(os_failure(error))
+        except (MemoryError, RuntimeError) as error:
+            died = loader_worker_death(error)
+            if died is None and not is_out_of_memory(error):
+                raise  # a bug: its traceback is what a report needs
+            _fail(f"{died or out_of_memory_text(error)}; {_memory_hint(ctx)}")
         except click.UsageError as error:  # a bad option value: one line too, with the way on
             where = error.ctx.command_path if error.ctx is not None else "blda"
             _fail(f"{error.format_message()} (see `{where} --help`)")
         except KeyboardInterrupt as interrupt:
             _report_interrupt(interrupt)
             sys.exit(130)  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
+def _memory_hint(ctx: click.Context) -> str:
+    return MEMORY_HINTS.get(ctx.invoked_subcommand or "", DEFAULT_MEMORY_HINT)
 
 
 def _fail(error: BLDAError | str) -> None:

@@ -32,8 +32,14 @@ from pathlib import Path
 import torch
 
 from blda_tools import __version__
-from blda_tools.errors import BLDAError, Interrupted
-from blda_tools.fileio import partial_path
+from blda_tools.errors import (
+    BLDAError,
+    Interrupted,
+    is_out_of_memory,
+    loader_worker_death,
+    out_of_memory_text,
+)
+from blda_tools.fileio import os_failure, partial_path
 from blda_tools.inference.dump_checks import (
     check_counts,
     check_model,
@@ -176,12 +182,12 @@ class DumpJob:
                 while in_flight:
                     self._store(in_flight.popleft(), writer, summary, progress)
         except KeyboardInterrupt:
-            # The writer has committed every image it had (`LogitWriter._abandon`).
-            raise Interrupted(
-                f"dump-logits interrupted: {writer.num_images} of "
-                f"{self.already_stored + self.total} images kept in {writer.partial_path}; "
-                "run the same dump-logits command with --resume to continue"
-            ) from None
+            raise Interrupted(f"dump-logits interrupted: {self._kept(writer)}") from None
+        except (OSError, MemoryError, RuntimeError) as error:
+            failure = self._resource_failure(error, writer)
+            if failure is None:
+                raise
+            raise failure from error
         summary.seconds = time.perf_counter() - started
         summary.images_in_store, summary.rows_in_store = writer.num_images, writer.num_rows
         if summary.images_written + self.already_stored == 0:
@@ -198,6 +204,32 @@ class DumpJob:
         if summary.corrupt:
             summary.notes.append(f"{len(summary.corrupt)} corrupt image(s) skipped.")
         return summary
+
+    def _kept(self, writer: LogitWriter) -> str:
+        """What a dump stopped part-way keeps: every image the writer committed (it commits
+        what it has on the way out, `LogitWriter._abandon`), and how to go on."""
+        kept = writer.num_images - writer.uncommitted_images
+        return (
+            f"{kept} of {self.already_stored + self.total} images kept in {writer.partial_path}; "
+            "run the same dump-logits command with --resume to continue"
+        )
+
+    def _resource_failure(self, error: BaseException, writer: LogitWriter) -> BLDAError | None:
+        """What to raise when a resource ran out (disk, memory, a loader worker killed) after
+        images were kept: what ran out, and that --resume continues; None otherwise (the error
+        is raised as it is, and the CLI tells it)."""
+        if writer.num_images == writer.uncommitted_images:
+            return None
+        died = loader_worker_death(error)
+        if isinstance(error, OSError):
+            failure = str(os_failure(error))
+        elif died is not None:
+            failure = str(died)
+        elif is_out_of_memory(error):
+            failure = out_of_memory_text(error)
+        else:
+            return None
+        return BLDAError(f"{failure}; {self._kept(writer)}")
 
     def _store(self, processed: Future, writer: LogitWriter, summary, progress) -> None:
         """Store one batch's prepared images once its stream has them. While waiting, commit

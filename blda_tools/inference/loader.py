@@ -102,4 +102,4 @@ def start_loader(dataset, pending: list[int], workers: int, batch_size: int) -> 
         worker_init_fn=functools.partial(_start_worker, os.getpid()),
         prefetch_factor=4,
     )
-    return iter(loader)
+    return iter(loader)  # iter() starts the workers now

@@ -21,8 +21,9 @@ that could not be written) is raised again by `Figure.result()` in the caller.
 from __future__ import annotations
 
 import os
-import signal
 from types import TracebackType
+
+from blda_tools.errors import worker_died
 
 # Processes a job starts by default: two figures at a time halved the drawing time on 2 cores
 # (`benchmarks/bench_diagnose.py --whole`); one core draws them itself.
@@ -37,7 +38,7 @@ class Figure:
 
     def result(self):
         if self._pending is not None:
-            return self._pending.get()
+            return self._pending.result()
         return draw(*self._call)
 
 
@@ -65,19 +66,18 @@ class FigureWorkers:
         (`Figure.result`), so without workers the figures are drawn in the order asked."""
         if self._pool is None:
             return Figure(call=(name, args, kwargs))
-        return Figure(pending=self._pool.apply_async(draw, (name, args, kwargs)))
+        return Figure(pending=self._pool.submit(draw, name, args, kwargs))
 
     def __enter__(self) -> FigureWorkers:
         """Start the workers (they import matplotlib and warm up meanwhile)."""
         if self.processes > 0 and self._pool is None:
-            import multiprocessing
+            from blda_tools.runtime.process import start_worker_pool
 
-            # spawn: a fork of a process running torch and numba threads is not safe, and a
-            # fresh process does not carry their memory.
-            context = multiprocessing.get_context("spawn")
-            self._pool = context.Pool(
-                self.processes, initializer=_start_worker, initargs=(os.getpid(),)
-            )
+            self._pool = start_worker_pool(self.processes, _warm_up)
+            # An executor starts its processes as work arrives: one task each starts them all
+            # now, so that they import matplotlib and warm up while the caller computes.
+            for _ in range(self.processes):
+                self._pool.submit(int)
         return self
 
     def __exit__(
@@ -88,21 +88,15 @@ class FigureWorkers:
     ) -> None:
         if self._pool is None:
             return
+        from blda_tools.runtime import process
+
+        pool, self._pool = self._pool, None
         if exc_type is None:
-            self._pool.close()
-        else:
-            self._pool.terminate()
-        self._pool.join()
-        self._pool = None
-
-
-def _start_worker(parent: int) -> None:
-    from blda_tools.runtime.process import exit_with_parent
-
-    # Ctrl-C reaches every process of the terminal's group; the parent stops the pool.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    exit_with_parent(parent)
-    _warm_up()
+            pool.shutdown(wait=True)
+            return
+        process.stop_worker_pool(pool)
+        if process.is_broken_pool(exc):
+            raise worker_died("figures") from None
 
 
 def _warm_up() -> None:

@@ -2,7 +2,10 @@
 
 - `keep_freed_memory`: glibc's allocator keeps freed memory for long CPU inference runs;
 - `torch_threads`: torch's intra-op thread count changed for a block of work;
-- `exit_with_parent`: a worker process ends when the process that started it dies.
+- `exit_with_parent`: a worker process ends when the process that started it dies;
+- `worker_processes`: a pool of such workers, stopped at once on an error, that reports a
+  worker which died (killed by the system for lack of memory, mostly) instead of waiting for
+  it forever.
 
 Why the allocator setting matters:
 
@@ -27,7 +30,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+
+from blda_tools.errors import worker_died
 
 # mallopt parameters (glibc's malloc.h).
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
@@ -94,3 +99,74 @@ def _watch_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(PARENT_POLL_SECONDS)
     os._exit(1)
+
+
+@contextlib.contextmanager
+def worker_processes(
+    processes: int, purpose: str, initializer: Callable | None = None, initargs=()
+) -> Iterator:
+    """A `concurrent.futures.ProcessPoolExecutor` of `processes` spawned workers for a block.
+
+    `multiprocessing.Pool` waits forever for the task of a worker that was killed (the
+    system's out-of-memory killer, mostly); an executor fails every pending future with
+    `BrokenProcessPool`, raised here as `WorkerDied` (a `BLDAError`) naming `purpose` (the
+    CLI adds what to try). Workers leave Ctrl-C to this process and end when it dies
+    (`exit_with_parent`), then run `initializer(*initargs)`. Leaving the block by an exception
+    stops them at once; leaving it normally waits for their work.
+    """
+    pool = start_worker_pool(processes, initializer, initargs)
+    try:
+        yield pool
+    except BaseException as error:
+        stop_worker_pool(pool)
+        if is_broken_pool(error):
+            raise worker_died(purpose) from None
+        raise
+    pool.shutdown(wait=True)
+
+
+def start_worker_pool(processes: int, initializer: Callable | None = None, initargs=()):
+    """The executor of `worker_processes`, for a caller that manages its lifetime itself."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: a fork of a process running torch and numba threads is not safe, and a fresh
+    # process does not carry the parent's memory.
+    return ProcessPoolExecutor(
+        processes,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(os.getpid(), initializer, tuple(initargs)),
+    )
+
+
+def stop_worker_pool(pool) -> None:
+    """Cancel what has not started and terminate the workers now (their results are unwanted)."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python >= 3.14
+    if terminate is not None:
+        terminate()
+        return
+    # Before 3.14 an executor has no public way to stop running tasks: its worker processes
+    # (`_processes`, pid -> Process, which `shutdown` drops) are terminated directly.
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.join(timeout=5.0)
+
+
+def is_broken_pool(error: BaseException | None) -> bool:
+    """Whether `error` is an executor's report of a worker that died."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    return isinstance(error, BrokenProcessPool)
+
+
+def _start_worker(parent: int, initializer: Callable | None, initargs: tuple) -> None:
+    # Ctrl-C reaches every process of the terminal's group; the parent stops the pool, and a
+    # worker's own KeyboardInterrupt would only print a traceback per worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exit_with_parent(parent)
+    if initializer is not None:
+        initializer(*initargs)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import signal
 from collections.abc import Callable
 
 from blda_tools.errors import BLDAError
-from blda_tools.runtime.process import exit_with_parent
+from blda_tools.runtime.process import worker_processes
 from blda_tools.statistics import logit_sets
 from blda_tools.statistics.grid import LogitGrid
 from blda_tools.statistics.logit_sets import LogitSetStatistics
@@ -107,7 +106,7 @@ def _collect(store, source, grid, workers, rows_per_chunk, progress) -> LogitSet
     total = store.num_rows
     if workers == 1 or total < 2 * rows_per_chunk:
         return _statistics_of_range(store, source, grid, 0, total, rows_per_chunk, progress)
-    import multiprocessing
+    from concurrent.futures import as_completed
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     # More ranges than workers so the progress callback moves; ranges stay contiguous.
@@ -124,26 +123,10 @@ def _collect(store, source, grid, workers, rows_per_chunk, progress) -> LogitSet
     # Compile (or load) the kernels here on a few rows first: the workers then load them from
     # the on-disk cache instead of each compiling them, and the compile notice is shown once.
     _statistics_of_range(store, source, grid, 0, min(total, 256), 256, None)
-    context = multiprocessing.get_context("spawn")
-    # Workers exit when this process dies (even by SIGKILL) instead of waiting on its pipes.
-    with context.Pool(workers, initializer=_start_worker, initargs=(os.getpid(),)) as pool:
-        for part, rows in pool.imap_unordered(_star_worker, tasks):
+    with worker_processes(workers, "statistics") as pool:
+        for done in as_completed([pool.submit(_worker, *task) for task in tasks]):
+            part, rows = done.result()
             result.merge(part)
             if progress is not None:
                 progress(rows)
     return result
-
-
-def _start_worker(parent: int) -> None:
-    _leave_interrupts_to_parent()
-    exit_with_parent(parent)
-
-
-def _leave_interrupts_to_parent() -> None:
-    # Ctrl-C reaches every process of the terminal's group; the parent stops the pool, and a
-    # worker's own KeyboardInterrupt would only print a traceback per worker.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _star_worker(task):
-    return _worker(*task)

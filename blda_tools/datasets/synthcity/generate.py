@@ -26,7 +26,6 @@ import functools
 import json
 import os
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,7 +51,7 @@ from blda_tools.datasets.synthcity.scenes import (
 from blda_tools.errors import BLDAError
 from blda_tools.fileio import atomic_output
 from blda_tools.outputs import output_set, read_manifest, record_set
-from blda_tools.runtime.process import exit_with_parent
+from blda_tools.runtime.process import worker_processes
 
 __all__ = [
     "CLASS_NAMES", "DOMAINS", "GENERATOR_VERSION", "SOURCE", "TARGET", "TARGET_DRIFT", "Domain",
@@ -209,9 +208,7 @@ def _generate(info: SynthCityInfo, staging: Path, tasks, val_fraction, progress,
     write = functools.partial(_write_image, staging, seed, size)
     with contextlib.ExitStack() as stack:
         if workers > 1:
-            pool = stack.enter_context(  # workers exit when this process dies
-                ProcessPoolExecutor(workers, initializer=exit_with_parent, initargs=(os.getpid(),))
-            )
+            pool = stack.enter_context(worker_processes(workers, "synthcity make"))
             results = pool.map(write, tasks, chunksize=4)
         else:
             results = map(write, tasks)
