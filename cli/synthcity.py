@@ -72,7 +72,7 @@ def _summary(info: SynthCityInfo) -> Table:
         pixels = info.class_pixels.get(split, [])
         ranked = sorted(range(len(pixels)), key=lambda c: pixels[c])
         common, rare = (
-            (_share(pixels, ranked[-1]), _share(pixels, ranked[0])) if pixels else ("-", "-")
+            (_share(pixels, ranked[-1]), _share(pixels, ranked[0])) if sum(pixels) else ("-", "-")
         )
         table.add_row(split, str(count), layouts[split], common, rare)
     return table
@@ -81,4 +81,4 @@ def _summary(info: SynthCityInfo) -> Table:
 def _share(pixels: list[int], train_id: int) -> str:
     from blda_tools.datasets.synthcity.generate import CLASS_NAMES
 
-    return f"{CLASS_NAMES[train_id]} ({100 * pixels[train_id] / max(sum(pixels), 1):.2f}%)"
+    return f"{CLASS_NAMES[train_id]} ({100 * pixels[train_id] / sum(pixels):.2f}%)"

@@ -296,3 +296,17 @@ def test_road_follows_the_pinhole_perspective():
         slope = np.median(counts[inside] / below)
         assert slope > 0
         np.testing.assert_allclose(counts[inside], slope * below, atol=2.0)
+
+
+def test_cli_summary_of_an_empty_split_names_no_class(tmp_path):
+    arguments = ["make", "--out", str(tmp_path / "set"), "--images", "2", "--size", "32x64"]
+    result = CliRunner().invoke(synthcity, [*arguments, "--val-fraction", "0"])
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "target/val" in line)
+    # no pixels: neither a commonest nor a rarest class (not "0.00%" of nothing)
+    assert [cell.strip() for cell in row.strip("│ ").split("│")][1:] == [
+        "0",
+        "Cityscapes",
+        "-",
+        "-",
+    ]
