@@ -10,6 +10,9 @@ The policy, the same for every command (docs/outputs.md):
   the output directory and moved into place only when all are complete. A killed run leaves
   only that folder, which the next run of the command removes; a failed run removes it, and
   the output directories it created if they are left empty.
+- A run holds a lock on its staging folder until it is done: a second run of the same command
+  into the same output refuses at once, naming it (two diagnose runs into one --out each
+  emptied the other's staging folder; both reported success and left nothing).
 
 A set is named by its command and key: key "." for a command that owns a whole output directory
 (`diagnose`, `calibrate`), the file name for one that writes a single file into a directory
@@ -201,8 +204,7 @@ def output_set(
         for name in sorted(declared or ()):
             check_can_write(directory, name, owner, sets)
         staging = staging_dir(directory, command, key)
-        shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
-        staging.mkdir()
+        lock = _claim_staging(staging, where, command)
     except BaseException as error:
         remove_empty_directories(created)
         if isinstance(error, OSError):
@@ -221,6 +223,50 @@ def output_set(
             # Name the file the user will look for, not where it was being built.
             raise BLDAError(str(error).replace(str(staging), str(directory))) from None
         raise
+    finally:
+        os.close(lock)  # after the staging folder is gone
+
+
+def _claim_staging(staging: Path, where: Path, command: str) -> int:
+    """Make `staging` an empty folder locked by this run (`hold_lock`). A folder left by a
+    killed run is unlocked and emptied; one locked by a running command is refused."""
+    busy = (
+        f"{where}: another `blda {command}` is writing there now; wait for it to finish or "
+        "choose another --out"
+    )
+    descriptor = hold_lock(staging, busy, directory=True)
+    try:
+        for leftover in staging.iterdir():  # a killed run's files
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink()
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return descriptor
+
+
+def hold_lock(path: Path, busy: str, *, directory: bool = False) -> int:
+    """Lock `path` (a folder, or a file made if missing) for as long as the returned descriptor
+    is open; `BLDAError(busy)` when another process holds it. flock: the kernel releases it
+    when the process dies, so a killed run never leaves a stale lock behind."""
+    while True:
+        if directory:
+            path.mkdir(exist_ok=True)
+            descriptor = os.open(path, os.O_RDONLY)
+        else:
+            descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise BLDAError(busy) from None
+        # A holder removes `path` as it finishes: a lock on what it removed holds nothing.
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(descriptor), os.stat(path)):
+                return descriptor
+        os.close(descriptor)
 
 
 @contextlib.contextmanager

@@ -162,3 +162,34 @@ def test_cli_reports_bad_options_clearly(tmp_path, plugin):
             "stratified": False,
             "seed": 0,
         }
+
+
+def test_a_store_another_dump_is_writing_is_named_not_offered_for_deletion(tmp_path, plugin):
+    import subprocess
+    import sys
+
+    make_cityscapes(tmp_path / "data", count=1)
+    out = tmp_path / "o.h5"
+    # another process holds `out`'s unfinished store open for writing, as a running dump does
+    script = (
+        "import sys, h5py\n"
+        f"file = h5py.File({str(out) + '.partial'!r}, 'w'); print('ready', flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    writer = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        for resume in (False, True):
+            with pytest.raises(BLDAError) as caught:
+                dump(plugin, tmp_path / "data", out, inference=WHOLE, workers=0, resume=resume)
+            assert str(caught.value) == (
+                f"--out {out}: another dump-logits is writing {out}.partial now; wait for it to "
+                "finish (then --resume, if it was stopped), or choose another --out"
+            )
+    finally:
+        writer.kill()
+        writer.wait()
+    with pytest.raises(BLDAError, match="an unfinished dump; pass --resume"):  # once it is gone
+        dump(plugin, tmp_path / "data", out, inference=WHOLE, workers=0)

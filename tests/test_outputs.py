@@ -233,3 +233,84 @@ def test_a_dump_rerun_with_another_number_of_ranks_removes_the_earlier_shards(
     assert json.loads((out.parent / outputs.MANIFEST).read_text())["sets"] == {
         "dump-logits val.h5": ["val.h5"]
     }
+
+
+def test_a_second_run_into_the_same_output_refuses_while_the_first_runs(tmp_path):
+    directory = tmp_path / "d"
+    with outputs.output_set(directory, "diagnose", ["a.txt"]) as first:
+        first.path("a.txt").write_text("first")
+        with pytest.raises(BLDAError) as refused:
+            with outputs.output_set(directory, "diagnose", ["a.txt"]):
+                pytest.fail("the second run started")
+        assert str(refused.value) == (
+            f"{directory}: another `blda diagnose` is writing there now; wait for it to finish "
+            "or choose another --out"
+        )
+        # another command, or another single-file set, in the same folder is not blocked
+        with outputs.output_set(directory, "calibrate", ["b.txt"]) as other:
+            other.path("b.txt").write_text("other")
+    assert (directory / "a.txt").read_text() == "first"  # the refused run removed nothing
+    assert sorted(outputs.read_manifest(directory)) == ["calibrate", "diagnose"]
+    with outputs.output_set(directory, "diagnose", ["a.txt"]) as again:  # once it is done
+        again.path("a.txt").write_text("again")
+    assert (directory / "a.txt").read_text() == "again"
+    assert leftovers(directory) == [".blda-outputs.json", "a.txt", "b.txt"]
+
+
+def test_a_run_in_another_process_holds_its_output(tmp_path):
+    import subprocess
+    import sys
+
+    directory = tmp_path / "d"
+    # another process runs `output_set` for the same set and waits, its staging folder locked
+    script = (
+        "import sys, time; from blda_tools import outputs\n"
+        f"with outputs.output_set({str(directory)!r}, 'diagnose', ['a.txt']) as o:\n"
+        "    o.path('a.txt').write_text('other process'); print('ready', flush=True)\n"
+        "    sys.stdin.readline()\n"
+    )
+    other = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert other.stdout.readline().strip() == "ready"
+        with pytest.raises(BLDAError, match="another `blda diagnose` is writing there now"):
+            with outputs.output_set(directory, "diagnose", ["a.txt"]):
+                pass
+        other.stdin.write("\n")
+        other.stdin.flush()
+        assert other.wait(timeout=60) == 0
+    finally:
+        other.kill()
+    assert (directory / "a.txt").read_text() == "other process"
+
+
+def test_a_second_train_in_a_running_run_directory_is_refused(tmp_path, monkeypatch):
+    from test_training_loop import components, small_config
+
+    from blda_tools.training import runner
+
+    config, run_dir = small_config("run.iterations=2"), tmp_path / "run"
+    runner.run_training(config, run_dir, components(), stop_at=1)  # a checkpoint to resume
+    original_train, refusals = runner._train, []
+
+    def train_and_meanwhile_start_another(*args):
+        for resume in (True, False):  # as a second `blda train` started now would
+            with pytest.raises(BLDAError) as refused:
+                runner.run_training(config, run_dir, components(), resume=resume)
+            refusals.append(str(refused.value))
+        return original_train(*args)
+
+    monkeypatch.setattr(runner, "_train", train_and_meanwhile_start_another)
+    runner.run_training(config, run_dir, components(), resume=True)
+    assert refusals == 2 * [
+        f"--work-dir {run_dir}: another `blda train` is running in it now; wait for it to finish "
+        "(then --resume, if it was stopped) or choose another directory"
+    ]
+    # the refused runs removed nothing; the lock is gone with the run that held it
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".blda-outputs.json", "checkpoints", "config.toml", "log.jsonl", "rcs_class_pixels.pt"
+    ]  # fmt: skip
+    monkeypatch.setattr(runner, "_train", original_train)
+    with pytest.raises(BLDAError, match="already holds a run"):  # no longer "running"
+        runner.run_training(config, run_dir, components())

@@ -4,6 +4,7 @@ docs/outputs.md)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -43,10 +44,25 @@ def remove_other_layouts(out: Path, world_size: int) -> None:
             record_set(directory, owner, [])
 
 
+def _being_written(path: Path) -> bool:
+    """Whether another process has the HDF5 file `path` open for writing: HDF5 locks a file it
+    writes, and an open for reading then fails with EAGAIN ("unable to lock file")."""
+    try:
+        with h5py.File(path, "r"):
+            return False
+    except OSError as error:
+        return error.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or "unable to lock" in str(error)
+
+
 def names_already_stored(out: Path, resume: bool, metadata: dict) -> set[str]:
     """Images an unfinished store of `out` committed, after checking it may be continued:
     written with the same settings (else the store would mix two dumps)."""
     path = partial_path(out)
+    if path.exists() and _being_written(path):
+        raise BLDAError(
+            f"--out {out}: another dump-logits is writing {path} now; wait for it to finish "
+            "(then --resume, if it was stopped), or choose another --out"
+        )
     if not resume:
         if path.exists():
             raise BLDAError(

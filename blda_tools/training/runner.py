@@ -16,7 +16,7 @@ import logging
 import os
 import random
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ from blda_tools.fileio import (
     ensure_writable_dir,
     remove_empty_directories,
 )
-from blda_tools.outputs import check_can_write, read_manifest, record_set
+from blda_tools.outputs import check_can_write, hold_lock, read_manifest, record_set
 from blda_tools.training.checkpoint import load_training_checkpoint
 from blda_tools.training.config import (
     TrainingConfig,
@@ -55,6 +55,8 @@ RUN_FILES = (
     "rcs_class_pixels.pt",
     "blda",
 )
+# Held by the run training in a directory (`_one_run_at_a_time`); removed when it ends.
+RUN_LOCK = ".blda-train.lock"
 
 logger = logging.getLogger(__name__)
 
@@ -220,17 +222,39 @@ def run_training(
     # The device is checked before the run directory is touched.
     device = resolve_device(config.run.device, int(os.environ.get("LOCAL_RANK", 0)))
     created = created_directories(run_dir) if rank == 0 and not resume else []
+    started = False
     try:
-        prepare_run_dir(config, run_dir, resume=resume, is_main=rank == 0)
+        with _one_run_at_a_time(run_dir, rank == 0):
+            prepare_run_dir(config, run_dir, resume=resume, is_main=rank == 0)
+            started = True
+            return _train(config, run_dir, components, device, resume, stop_at, rank, world_size)
     except BaseException:
-        remove_empty_directories(created)  # a refused run directory: the user's files stay
-        raise
-    try:
-        return _train(config, run_dir, components, device, resume, stop_at, rank, world_size)
-    except BaseException:
-        if rank == 0 and not resume and not checkpoint_path(run_dir).exists():
+        if not started:
+            remove_empty_directories(created)  # a refused run directory: the user's files stay
+        elif rank == 0 and not resume and not checkpoint_path(run_dir).exists():
             remove_unstarted_run(run_dir, created)
         raise
+
+
+@contextlib.contextmanager
+def _one_run_at_a_time(run_dir: Path, holds: bool) -> Iterator[None]:
+    """While a run trains (its rank 0 holds the lock, `holds`), another `blda train` in the
+    same directory, --resume or not, is refused: the two would interleave their checkpoints
+    and log lines (both ran to the end, writing the same files, before this lock)."""
+    if not holds or not run_dir.is_dir():  # a --resume of nothing: prepare_run_dir says so
+        yield
+        return
+    busy = (
+        f"--work-dir {run_dir}: another `blda train` is running in it now; wait for it to "
+        "finish (then --resume, if it was stopped) or choose another directory"
+    )
+    lock = run_dir / RUN_LOCK
+    descriptor = hold_lock(lock, busy)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # before the descriptor is closed (see `hold_lock`)
+        os.close(descriptor)
 
 
 def _train(config, run_dir, components, device, resume, stop_at, rank, world_size) -> dict:
