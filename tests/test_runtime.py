@@ -46,3 +46,32 @@ def test_freed_memory_is_reused_without_page_faults():
     assert result["default"] > 0.9 * pages
     assert result["applied"] is True
     assert result["kept"] < 0.01 * pages
+
+
+# A caller's script as new users write them: no `if __name__ == "__main__":` guard.
+UNGUARDED_SCRIPT = textwrap.dedent(
+    """
+    import os
+    from blda_tools.runtime.process import worker_processes
+
+    with worker_processes(2, "the job") as pool:
+        pids = {pool.submit(os.getpid).result() for _ in range(4)}
+    print("workers", len(pids) <= 2 and os.getpid() not in pids)
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["script file", "stdin"])
+def test_worker_pools_work_from_unguarded_scripts_and_stdin(tmp_path, how):
+    # spawn runs the caller's main module in every worker: the script would start its pool
+    # again in each (which dies), and stdin cannot be found at all
+    if how == "script file":
+        (tmp_path / "script.py").write_text(UNGUARDED_SCRIPT)
+        command, stdin = [sys.executable, str(tmp_path / "script.py")], None
+    else:
+        command, stdin = [sys.executable, "-"], UNGUARDED_SCRIPT
+    process = subprocess.run(
+        command, input=stdin, capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert process.stdout.strip() == "workers True"

@@ -73,11 +73,8 @@ class FigureWorkers:
         if self.processes > 0 and self._pool is None:
             from blda_tools.runtime.process import start_worker_pool
 
+            # started now: they import matplotlib and warm up while the caller computes
             self._pool = start_worker_pool(self.processes, _warm_up)
-            # An executor starts its processes as work arrives: one task each starts them all
-            # now, so that they import matplotlib and warm up while the caller computes.
-            for _ in range(self.processes):
-                self._pool.submit(int)
         return self
 
     def __exit__(

@@ -126,18 +126,42 @@ def worker_processes(
 
 
 def start_worker_pool(processes: int, initializer: Callable | None = None, initargs=()):
-    """The executor of `worker_processes`, for a caller that manages its lifetime itself."""
+    """The executor of `worker_processes`, its processes started now, for a caller that
+    manages its lifetime itself."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     # spawn: a fork of a process running torch and numba threads is not safe, and a fresh
     # process does not carry the parent's memory.
-    return ProcessPoolExecutor(
+    pool = ProcessPoolExecutor(
         processes,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_start_worker,
         initargs=(os.getpid(), initializer, tuple(initargs)),
     )
+    # An executor starts a process per task while none is idle: one task each starts them all
+    # (they warm up meanwhile), here, where the caller's main module is hidden from them.
+    with _main_module_hidden():
+        for _ in range(processes):
+            pool.submit(int)
+    return pool
+
+
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Spawned workers run blda's functions only, yet spawn runs the caller's main module in
+    each (`__mp_main__`) unless it has no file: a script without an `if __name__ ==
+    "__main__"` guard started its work again in every worker (which died), and code fed on
+    stdin could not be found. While processes start, `__main__` is an empty module."""
+    import types
+
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
 
 
 def stop_worker_pool(pool) -> None:
