@@ -176,6 +176,30 @@ def check_input_file(path: str | os.PathLike, where: str, expected: str) -> Path
     return path
 
 
+def read_text_file(path: str | os.PathLike, expected: str) -> str:
+    """The UTF-8 text of `path`, or a BLDAError naming it and what it should hold (a binary
+    or otherwise encoded file given where a text file is expected)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise BLDAError(
+            f"{as_text(path)}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+            f"{error.start}); expected {expected}"
+        ) from None
+
+
+def as_text(value: str | os.PathLike) -> str:
+    r"""`value` (a path, mostly) as text an output can hold: output files and HDF5 strings are
+    UTF-8, but a Linux file name may be any bytes, which Python keeps as lone surrogates. Each
+    byte that is not UTF-8 becomes the four characters \xNN (any other lone surrogate \uXXXX)."""
+    text = os.fspath(value)
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def json_ready(value):
     """`value` with every NaN or infinite float replaced by None (JSON has no NaN)."""
     if isinstance(value, float) and not math.isfinite(value):

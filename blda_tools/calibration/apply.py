@@ -23,7 +23,7 @@ from blda_tools.datasets import CITYSCAPES_PALETTE, default_palette
 from blda_tools.datasets.base import write_color_png, write_label_png
 from blda_tools.datasets.cityscapes import CITYSCAPES_CLASSES
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import atomic_output
+from blda_tools.fileio import as_text, atomic_output
 from blda_tools.outputs import output_set
 from blda_tools.runtime.process import torch_threads
 from blda_tools.store import LogitStore
@@ -147,7 +147,7 @@ def _write_prediction_store(
         file.attrs["format_version"] = 1
         file.attrs["class_names"] = json.dumps(list(calibrator.class_names))
         file.attrs["tau"] = float(tau)
-        file.attrs["calibrator"] = str(calibrator_path)
+        file.attrs["calibrator"] = as_text(calibrator_path)
         prediction = file.create_dataset("prediction", (store.num_rows,), dtype=dtype)
         labels = (
             file.create_dataset("labels", (store.num_rows,), dtype=np.int32)

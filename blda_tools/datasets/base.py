@@ -19,7 +19,7 @@ from PIL import Image
 
 from blda_tools.datasets import png_fast
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import atomic_output
+from blda_tools.fileio import as_text, atomic_output, read_text_file
 
 IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -153,9 +153,10 @@ class SegmentationDataset:
 
 
 def sample_name(path: Path, root: Path) -> str:
-    """The path relative to `root` without extension, with `/` separators."""
+    """The path relative to `root` without extension, with `/` separators, as UTF-8 text
+    (`as_text`: stores and prediction files hold names as text)."""
     relative = PurePosixPath(path.relative_to(root).as_posix())
-    return str(relative.with_suffix(""))
+    return as_text(relative.with_suffix(""))
 
 
 # ---------------------------------------------------------------- reading files
@@ -292,7 +293,9 @@ def select_split(keys: Sequence[str], split: str, dataset: str, image_dir: Path)
     available = set(keys)
     selected: list[str] = []
     seen: set[str] = set()
-    for number, line in enumerate(list_file.read_text().splitlines(), start=1):
+    for number, line in enumerate(
+        read_text_file(list_file, "a list of image names").splitlines(), start=1
+    ):
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
@@ -380,7 +383,8 @@ def read_names_option(
         path = Path(value)
         if not path.is_file():
             raise BLDAError(f"{option}: file {path} does not exist (one class name per line)")
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        text = read_text_file(path, "class names, one per line")
+        names = [line.strip() for line in text.splitlines() if line.strip()]
     else:
         names = [str(name) for name in value]
     if not names:

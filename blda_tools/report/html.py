@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import atomic_output
+from blda_tools.fileio import as_text, atomic_output
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MISSING = "n/a"
@@ -182,7 +182,7 @@ class Report:
         """Write the report atomically as UTF-8 and return its path."""
         path = Path(path)
         with atomic_output(path) as temporary:
-            temporary.write_text(self.to_html(), encoding="utf-8")
+            temporary.write_text(as_text(self.to_html()), encoding="utf-8")
         return path
 
 

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import atomic_output, check_input_file
+from blda_tools.fileio import as_text, atomic_output, check_input_file
 
 FORMAT_NAME = "blda-logit-statistics"
 FORMAT_VERSION = 1
@@ -67,7 +67,7 @@ def write_statistics(
         if header.label_source is not None:
             file.attrs["label_source"] = header.label_source
         if header.stores is not None:
-            file.attrs["stores"] = list(header.stores)
+            file.attrs["stores"] = [as_text(store) for store in header.stores]
         for name in ARRAYS:
             compression = "gzip" if name == "histogram" else None
             file.create_dataset(name, data=arrays[name], compression=compression)

@@ -18,6 +18,7 @@ from typing import Any
 import tomllib
 
 from blda_tools.errors import BLDAError
+from blda_tools.fileio import as_text, read_text_file
 
 # The schema (dataclasses, KEY_DOCS) lives in config_schema.py; re-exported here.
 from blda_tools.training.config_schema import (  # noqa: F401
@@ -112,7 +113,7 @@ def load_config(
     if name_or_path is not None:
         path = resolve_config_path(name_or_path)
         try:
-            table = tomllib.loads(path.read_text())
+            table = tomllib.loads(read_text_file(path, "a TOML config"))
         except (OSError, tomllib.TOMLDecodeError) as error:
             raise BLDAError(f"{path}: cannot read the TOML config: {error}") from None
         apply_table(config, table, source=str(path))
@@ -182,6 +183,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return float(value)
     elif hint is str:
         if isinstance(value, str):
+            if as_text(value) != value:  # a file name's bytes that are not UTF-8
+                raise BLDAError(
+                    f"{where}: {as_text(value)} is not UTF-8 text; a config (TOML) holds UTF-8 "
+                    "only: rename the folder, or link it under a UTF-8 name"
+                )
             return value
     raise BLDAError(f"{where}: expected {hint.__name__}, got {value!r}")
 
@@ -271,11 +277,20 @@ def to_toml(config: TrainingConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+_TOML_ESCAPES = {
+    **{chr(code): f"\\u{code:04X}" for code in (*range(0x20), 0x7F)},
+    **{"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"},
+    **{'"': '\\"', "\\": "\\\\"},
+}
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # TOML basic strings: backslash, quote and control characters escaped (a raw newline,
+        # which --set data.root="a\\nb" gives, would end the string)
+        return '"' + "".join(_TOML_ESCAPES.get(c, c) for c in value) + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import atomic_output, json_ready, write_failure
+from blda_tools.fileio import atomic_output, json_ready, read_text_file, write_failure
 
 LOG_NAME = "log.jsonl"
 
@@ -44,7 +44,7 @@ def read_log(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise BLDAError(f"{path}: no training log (expected {LOG_NAME} in a run directory)")
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text_file(path, "a training log").splitlines(), start=1):
         if line.strip():
             try:
                 records.append(json.loads(line))
