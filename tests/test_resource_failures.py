@@ -200,20 +200,29 @@ def _dump_arguments(plugin, data_root, out, *extra):
             "--out", str(out), *extra]  # fmt: skip
 
 
-def test_dump_out_of_memory_part_way_keeps_the_images_for_resume(tmp_path, plugin, monkeypatch):
+def _fail_forward(monkeypatch, at_call: int, failure):
+    """The plugin model's forward pass calls `failure()` at its `at_call`-th call; returns a
+    function that puts the plugin's own forward pass back."""
     import dump_test_plugin
 
-    make_cityscapes(tmp_path / "data", count=4)
-    forward = dump_test_plugin.PixelLinear.forward
-    calls = []
+    forward, calls = dump_test_plugin.PixelLinear.forward, []
 
-    def forward_failing_at_third(self, x):
+    def failing_forward(self, x):
         calls.append(1)
-        if len(calls) == 3:  # a real allocation failure of torch's CPU allocator
-            torch.empty(IMPOSSIBLE_BYTES, dtype=torch.uint8)
+        if len(calls) == at_call:
+            failure()
         return forward(self, x)
 
-    monkeypatch.setattr(dump_test_plugin.PixelLinear, "forward", forward_failing_at_third)
+    monkeypatch.setattr(dump_test_plugin.PixelLinear, "forward", failing_forward)
+    return lambda: monkeypatch.setattr(dump_test_plugin.PixelLinear, "forward", forward)
+
+
+def test_dump_out_of_memory_part_way_keeps_the_images_for_resume(tmp_path, plugin, monkeypatch):
+    make_cityscapes(tmp_path / "data", count=4)
+    # the third image: a real allocation failure of torch's CPU allocator
+    restore = _fail_forward(
+        monkeypatch, 3, lambda: torch.empty(IMPOSSIBLE_BYTES, dtype=torch.uint8)
+    )
     out = tmp_path / "o.h5"
     result = CliRunner().invoke(
         cli, _dump_arguments(plugin, tmp_path / "data", out, "--workers", "0")
@@ -229,7 +238,7 @@ def test_dump_out_of_memory_part_way_keeps_the_images_for_resume(tmp_path, plugi
     with h5py.File(f"{out}.partial", "r") as file:
         assert file.attrs["committed_images"] == 2
 
-    monkeypatch.setattr(dump_test_plugin.PixelLinear, "forward", forward)
+    restore()
     resumed = CliRunner().invoke(
         cli, _dump_arguments(plugin, tmp_path / "data", out, "--workers", "0", "--resume")
     )
@@ -272,14 +281,12 @@ def test_dump_with_a_loader_worker_killed_keeps_the_images_for_resume(
 def test_dump_out_of_memory_before_any_image_leaves_nothing_to_resume(
     tmp_path, plugin, monkeypatch
 ):
-    import dump_test_plugin
-
     make_cityscapes(tmp_path / "data", count=2)
 
-    def forward_failing(self, x):
+    def python_out_of_memory():
         raise MemoryError  # Python's own, with no message
 
-    monkeypatch.setattr(dump_test_plugin.PixelLinear, "forward", forward_failing)
+    _fail_forward(monkeypatch, 1, python_out_of_memory)
     out = tmp_path / "o.h5"
     result = CliRunner().invoke(
         cli, _dump_arguments(plugin, tmp_path / "data", out, "--workers", "0")
@@ -289,19 +296,12 @@ def test_dump_out_of_memory_before_any_image_leaves_nothing_to_resume(
 
 
 def test_errors_that_are_not_resources_are_not_offered_a_resume(tmp_path, plugin, monkeypatch):
-    import dump_test_plugin
-
     make_cityscapes(tmp_path / "data", count=3)
-    forward = dump_test_plugin.PixelLinear.forward
-    calls = []
 
-    def forward_wrong_at_second(self, x):
-        calls.append(1)
-        if len(calls) == 2:
-            raise BLDAError("the model refused this image")
-        return forward(self, x)
+    def refused():
+        raise BLDAError("the model refused this image")
 
-    monkeypatch.setattr(dump_test_plugin.PixelLinear, "forward", forward_wrong_at_second)
+    _fail_forward(monkeypatch, 2, refused)
     result = CliRunner().invoke(
         cli, _dump_arguments(plugin, tmp_path / "data", tmp_path / "o.h5", "--workers", "0")
     )
