@@ -23,7 +23,8 @@ from blda_tools.fileio import os_failure
 # failed part-way through says itself what it kept and how to resume).
 MEMORY_HINTS = {
     "dump-logits": "try a smaller --batch-size, fewer --workers or a smaller --resize",
-    "diagnose": "try fewer --workers, or --no-plots",
+    "diagnose": "try fewer --workers or --grid bins, or --no-plots",
+    "calibrate": "try fewer --table-points or --grid bins",
     "train": "try --set run.num_workers=0, or --set run.batch_size=1 or a smaller "
     "augment.crop_size (these two change the recipe)",
     "synthcity": "try a smaller --size or fewer --workers",
