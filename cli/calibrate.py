@@ -267,8 +267,9 @@ def _num(value) -> str:
 )
 @click.option("--tau", type=float, default=None, help="Override the calibrator's tau.")
 def export_command(calibrator_path, out_path, model_path, tau):
-    """Write CALIBRATOR as a self-contained TorchScript module: logits (B, C, H, W) -> Eq. 7
-    log scores (balanced logits), loadable with torch.jit.load without blda."""
+    """Write CALIBRATOR as a self-contained TorchScript module: logits (B, C, H, W), or (B, C)
+    of a classifier, -> Eq. 7 log scores (balanced logits) of the same shape, loadable with
+    torch.jit.load without blda."""
     from blda_tools.calibration.export import export_torchscript
 
     export_torchscript(calibrator_path, out_path, model_path=model_path, tau=tau)

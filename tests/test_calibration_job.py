@@ -20,6 +20,7 @@ from blda_cli.calibrate import calibrate_command, export_command
 from blda_cli.main import _Group
 from blda_tools.calibrate import CalibrateOptions, calibrate
 from blda_tools.calibration.apply import apply_calibrator
+from blda_tools.calibration.calibrator import Calibrator
 from blda_tools.calibration.export import export_torchscript
 from blda_tools.errors import BLDAError
 from blda_tools.statistics import LogitGrid
@@ -184,6 +185,46 @@ def test_export_wraps_a_torchscript_model(stores, tmp_path):
         alone(torch.full((1, 3, 2, 2), float("nan")))
 
 
+def test_the_exported_module_takes_classifier_logits_too(stores, tmp_path):
+    options = CalibrateOptions(
+        taus="0.7", n_components=2, min_samples=20, grid=LogitGrid(-20, 20, 400), plots=False
+    )
+    calibrate(stores["select"], tmp_path, options)
+    module = export_torchscript(tmp_path / "calibrator.pt", tmp_path / "m.pt")
+    logits = 3 * torch.randn(500, 3, generator=torch.Generator().manual_seed(4))
+    scores = module(logits)  # (B, C): one row of class scores per image
+    assert scores.shape == (500, 3)
+    # the same values as pixels of a (B, C, 1, 1) map, and the certified predictions of
+    # `Calibrator.predict` (another implementation: bounds, then exact scores where undecided)
+    assert torch.equal(scores, module(logits[:, :, None, None])[:, :, 0, 0])
+    predicted = Calibrator.load(tmp_path / "calibrator.pt").predict(logits, tau=0.7)
+    assert torch.equal(scores.argmax(1), predicted)
+    with pytest.raises(torch.jit.Error, match=r"\(B, 3, H, W\) or \(B, 3\), got \[2, 4\]"):
+        module(torch.zeros(2, 4))
+
+
+def test_the_exported_module_keeps_working_after_a_model_output_with_gradients(stores, tmp_path):
+    calibrate(stores["select"], tmp_path, CalibrateOptions(
+        taus="0.5", estimator="empirical", min_samples=20, grid=LogitGrid(-20, 20, 400),
+        plots=False,
+    ))  # fmt: skip
+    export_torchscript(tmp_path / "calibrator.pt", tmp_path / "m.pt")
+    # a fresh process: TorchScript's profiling state is per process, and users call the module
+    # on their model's output (which has a grad_fn) before anything else
+    script = (
+        "import torch\n"
+        f"module = torch.jit.load({str(tmp_path / 'm.pt')!r})\n"
+        "model = torch.nn.Conv2d(3, 3, 1)\n"
+        "images, maps, rows = torch.randn(2, 3, 5, 7), torch.randn(2, 3, 4, 4), torch.randn(9, 3)\n"
+        "before = module(maps)\n"
+        "module(model(images))\n"
+        "module(model(images))\n"
+        "assert torch.equal(module(maps), before)\n"
+        "assert torch.equal(module(rows), module(rows[:, :, None, None])[:, :, 0, 0])\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+
+
 def test_apply_to_sampled_rows_writes_a_prediction_store(stores, tmp_path):
     calibrate(
         stores["select"],
@@ -206,8 +247,6 @@ def test_apply_to_sampled_rows_writes_a_prediction_store(stores, tmp_path):
         assert file.attrs["format"] == "blda-predictions"
         prediction = file["prediction"][()]
         assert list(file["images/count"][()]) == [50]
-    from blda_tools.calibration.calibrator import Calibrator
-
     expected = Calibrator.load(tmp_path / "calibrator.pt").predict(logits).numpy()
     assert np.array_equal(prediction, expected)
 

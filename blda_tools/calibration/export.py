@@ -1,8 +1,8 @@
 """`blda export`: a calibrator as a self-contained TorchScript module.
 
-The module maps logits ``(B, C, H, W)`` to the log scores of Eq. 7 ("balanced logits"), whose
-argmax over C is the calibrated prediction; with a TorchScript segmentation model it maps images
-to balanced logits instead. It scripts the very functions `blda calibrate --apply` runs
+The module maps logits ``(B, C, H, W)`` (segmentation) or ``(B, C)`` (classification) to the
+log scores of Eq. 7 ("balanced logits") of the same shape, whose argmax over C is the calibrated
+prediction; with a TorchScript model first it maps images to balanced logits instead. It scripts the very functions `blda calibrate --apply` runs
 (`blda_tools.calibration.balanced_log_scores_blocks`), with the offset table as
 buffers, so it loads with ``torch.jit.load`` alone, without blda installed.
 """
@@ -26,7 +26,8 @@ from blda_tools.torch_files import load_torchscript
 
 
 class BalancedLogits(torch.nn.Module):
-    """Logits ``(B, C, H, W)`` -> Eq. 7 log scores ``(B, C, H, W)`` (float32, no gradient)."""
+    """Logits ``(B, C, H, W)`` or ``(B, C)`` -> Eq. 7 log scores of that shape (float32, no
+    gradient)."""
 
     def __init__(self, calibrator: Calibrator, tau: float) -> None:
         super().__init__()
@@ -41,26 +42,36 @@ class BalancedLogits(torch.nn.Module):
         self.class_names = list(calibrator.class_names)
 
     def forward(self, logits: Tensor) -> Tensor:
-        if logits.dim() != 4 or logits.shape[1] != len(self.class_names):
+        classes = len(self.class_names)
+        if logits.dim() not in (2, 4) or logits.shape[1] != classes:
             raise RuntimeError(
-                "expected logits of shape (B, " + str(len(self.class_names)) + ", H, W)"
+                "expected logits of shape (B, " + str(classes) + ", H, W) or (B, "
+                + str(classes) + "), got " + str(list(logits.shape))
+            )  # fmt: skip
+        # Post-hoc: no gradient flows. detach() alone is not enough once TorchScript's profiling
+        # executor has seen a model's output (a tensor with a grad_fn): every later call failed
+        # in the in-place scratch arithmetic ("functions with out=... arguments don't support
+        # automatic differentiation").
+        with torch.no_grad():
+            flat = logits.detach().to(torch.float32)
+            if logits.dim() == 4:
+                flat = flat.permute(0, 2, 3, 1).reshape(-1, classes)
+            flat = flat.contiguous()
+            if not bool(torch.isfinite(flat).all()):
+                raise RuntimeError("logits contain NaN or infinite values")
+            scores = balanced_log_scores_blocks(
+                flat,
+                self.rows,
+                self.low,
+                self.inv_step,
+                self.high,
+                self.adjusted_lc,
+                self.tau,
+                self.block,
             )
-        batch, classes, height, width = logits.shape
-        # Post-hoc: no gradient flows through the offsets (the scratch buffer is written in place).
-        flat = logits.detach().permute(0, 2, 3, 1).reshape(-1, classes).to(torch.float32)
-        flat = flat.contiguous()
-        if not bool(torch.isfinite(flat).all()):
-            raise RuntimeError("logits contain NaN or infinite values")
-        scores = balanced_log_scores_blocks(
-            flat,
-            self.rows,
-            self.low,
-            self.inv_step,
-            self.high,
-            self.adjusted_lc,
-            self.tau,
-            self.block,
-        )
+        if logits.dim() == 2:
+            return scores
+        batch, height, width = logits.shape[0], logits.shape[2], logits.shape[3]
         return scores.view(batch, height, width, classes).permute(0, 3, 1, 2).contiguous()
 
 
