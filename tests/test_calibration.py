@@ -168,6 +168,16 @@ def test_eq7_matches_a_slow_per_pixel_reference(estimator):
         assert (calibrator.predict(sample, tau).numpy() == expected.argmax(1))[clear].all()
 
 
+def test_a_model_output_with_gradients_is_calibrated_without_them():
+    calibrator, logits = _fitted_three_class_calibrator()
+    layer = torch.nn.Linear(3, 3)
+    output = layer(logits[:200])  # as a model's output: requires grad, has a grad_fn
+    plain = output.detach().clone()
+    scores = calibrator.log_scores(output, 0.5)
+    assert not scores.requires_grad and torch.equal(scores, calibrator.log_scores(plain, 0.5))
+    assert torch.equal(calibrator.predict(output, 0.5), calibrator.predict(plain, 0.5))
+
+
 def _confusion_numpy(labels: np.ndarray, prediction: np.ndarray, num_classes: int) -> np.ndarray:
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(confusion, (labels, prediction), 1)

@@ -95,6 +95,25 @@ def test_every_cell_matches_numpy():
     assert_matches_numpy(filled(logits, labels), logits, labels)
 
 
+def test_logit_maps_count_as_one_row_per_pixel():
+    # a model's output (B, C, H, W) with its label maps (B, H, W), requiring grad
+    generator = torch.Generator().manual_seed(3)
+    maps = torch.nn.Conv2d(3, 3, 1)(torch.randn(2, 3, 5, 4, generator=generator))
+    label_maps = torch.randint(0, 3, (2, 5, 4), generator=generator)
+    label_maps[0, 0, :2] = 255
+    statistics = LogitSetStatistics(3, GRID)
+    statistics.update(maps, label_maps)
+    # the rows written out pixel by pixel, checked against numpy cell by cell
+    values = maps.detach().numpy()
+    rows = np.array([values[b, :, h, w] for b in range(2) for h in range(5) for w in range(4)])
+    labels = np.array(
+        [label_maps[b, h, w].item() for b in range(2) for h in range(5) for w in range(4)]
+    )
+    assert_matches_numpy(statistics, rows, labels)
+    with pytest.raises(BLDAError, match=r"labels: expected shape \(2, 5, 4\) to match"):
+        statistics.update(maps, label_maps[:, :4])
+
+
 def test_float16_logits_are_counted_as_their_exact_values():
     logits, labels = random_rows(12, 3000)
     half = logits.astype(np.float16)
@@ -280,7 +299,7 @@ def test_bad_input_raises_and_leaves_statistics_unchanged():
             statistics.update(torch.from_numpy(broken), torch.from_numpy(labels))
     with pytest.raises(BLDAError, match="labels: expected shape"):
         statistics.update(torch.from_numpy(logits), torch.from_numpy(labels[:-1]))
-    with pytest.raises(BLDAError, match=r"logits: expected shape \(n, 3\)"):
+    with pytest.raises(BLDAError, match=r"logits: expected shape \(n, 3\) or \(B, 3, H, W\)"):
         statistics.update(torch.from_numpy(logits[:, :2]), torch.from_numpy(labels))
     assert_same(statistics, before)
 

@@ -276,7 +276,8 @@ class Calibrator:
 
     def _check_logits(self, logits) -> Tensor:
         names = self._require_fitted()
-        logits = torch.as_tensor(logits)
+        # Post-hoc: a model's output may carry a grad_fn; no gradient flows through Eq. 7 here.
+        logits = torch.as_tensor(logits).detach()
         if logits.ndim != 2 or logits.shape[1] != len(names):
             raise BLDAError(f"logits: expected shape (n, {len(names)}), got {tuple(logits.shape)}")
         logits = logits.to(torch.float32).contiguous()

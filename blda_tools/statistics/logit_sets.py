@@ -105,7 +105,8 @@ class LogitSetStatistics:
     def update(self, logits, labels=None) -> None:
         """Add rows: `logits` ``(n, C)`` float, `labels` ``(n,)`` integer (given classes), numpy
         arrays or torch tensors (on any device), or None for pseudo-labels (each row's first
-        maximal class, every row counted).
+        maximal class, every row counted). Maps ``(B, C, H, W)`` with labels ``(B, H, W)`` (a
+        model's output and its label maps) are rows of their pixels.
 
         Pixels whose label is `ignore_index` are skipped for every statistic. Raises `BLDAError`
         for a shape mismatch, a label outside ``[0, C)`` that is not the ignore index, or a
@@ -170,11 +171,18 @@ class LogitSetStatistics:
         )
 
     def _check_inputs(self, logits, labels) -> tuple[np.ndarray, np.ndarray | None]:
-        """Contiguous CPU numpy logits (float16 or float32) and labels (any integer type)."""
+        """Contiguous CPU numpy logits (float16 or float32) and labels (any integer type);
+        maps ``(B, C, H, W)`` (any number of spatial dimensions) as one row per pixel."""
         logits = as_numpy(logits)
         C = self.num_classes
+        pixels = None
+        if logits.ndim >= 3 and logits.shape[1] == C:
+            pixels = (logits.shape[0], *logits.shape[2:])
+            logits = np.moveaxis(logits, 1, -1).reshape(-1, C)
         if logits.ndim != 2 or logits.shape[1] != C:
-            raise BLDAError(f"logits: expected shape (n, {C}), got {tuple(logits.shape)}")
+            raise BLDAError(
+                f"logits: expected shape (n, {C}) or (B, {C}, H, W), got {tuple(logits.shape)}"
+            )
         if logits.dtype.kind != "f":
             raise BLDAError(f"logits: expected a floating-point array, got {logits.dtype}")
         dtype = logits.dtype if logits.dtype in KERNEL_DTYPES else np.float32
@@ -182,11 +190,12 @@ class LogitSetStatistics:
         if labels is None:
             return values, None
         labels = as_numpy(labels)
-        if labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
+        expected = (logits.shape[0],) if pixels is None else pixels
+        if labels.shape != expected:
             raise BLDAError(
-                f"labels: expected shape ({logits.shape[0]},) to match the logits, "
-                f"got {tuple(labels.shape)}"
+                f"labels: expected shape {expected} to match the logits, got {tuple(labels.shape)}"
             )
+        labels = labels.reshape(-1)
         if labels.dtype.kind not in "iu":
             raise BLDAError(f"labels: expected an integer array, got {labels.dtype}")
         return values, np.ascontiguousarray(labels)
