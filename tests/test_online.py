@@ -430,3 +430,17 @@ def test_mixture_set_moves_with_the_module():
     blda = BLDALoss(3).to(torch.float64)
     assert isinstance(blda.source, MixtureSet)
     assert blda.source.means.dtype == torch.float64 and blda.source.steps.dtype == torch.int64
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_an_empty_batch_gives_what_cross_entropy_gives(reduction):
+    # a last batch of a loader may be empty; torch's cross-entropy is the reference
+    loss = BLDALoss(num_classes=4, reduction=reduction)
+    for logits, labels in (
+        (torch.randn(0, 4, 3, 5, requires_grad=True), torch.zeros(0, 3, 5, dtype=torch.int64)),
+        (torch.randn(0, 4, requires_grad=True), torch.zeros(0, dtype=torch.int64)),
+    ):
+        got = loss(logits, labels, domain="source")
+        expected = F.cross_entropy(logits, labels, reduction=reduction)
+        assert got.shape == expected.shape and got.requires_grad
+        torch.testing.assert_close(got, expected, equal_nan=True)

@@ -261,10 +261,10 @@ class BLDALoss(nn.Module):
             flat_logits, valid = logits.detach().t()[None], valid[None]
             flat_labels, flat_weights = labels[None], None if weights is None else weights[None]
         else:
-            batch = logits.shape[0]
-            flat_logits = logits.detach().reshape(batch, self.num_classes, -1)
-            flat_labels, valid = labels.reshape(batch, -1), valid.reshape(batch, -1)
-            flat_weights = None if weights is None else weights.reshape(batch, -1)
+            # flatten, not reshape(batch, C, -1): an empty batch has no -1 to infer
+            flat_logits = logits.detach().flatten(2)
+            flat_labels, valid = labels.flatten(1), valid.flatten(1)
+            flat_weights = None if weights is None else weights.flatten(1)
         if domain == "source":
             in_target = torch.zeros_like(valid)
         elif domain == "target":
