@@ -23,6 +23,7 @@ from test_dump import make_cityscapes
 from torch import nn
 
 from blda_cli.dump_logits import dump_logits_command
+from blda_tools.errors import BLDAError
 from blda_tools.inference.dump import prepare_dump
 from blda_tools.inference.predict import InferenceSettings, predict_images, predict_logits
 from blda_tools.inference.protocols import PROTOCOLS, rescale_warning, resolve_inference
@@ -117,6 +118,20 @@ def test_explicit_resize_is_an_exact_size_and_named_as_an_override():
     assert settings_.resize == (100, 300) and settings_.keep_ratio is False
     assert description == "daformer protocol, overridden: resize"
     assert resolve_inference(None, {})[1] == InferenceSettings()
+
+
+def test_a_window_stride_larger_than_the_crop_is_refused():
+    # windows at multiples of the stride, each crop wide: a stride beyond the crop leaves gaps
+    with pytest.raises(BLDAError) as given:
+        resolve_inference("hrda", {"crop": (512, 512), "stride": (256, 600)})
+    assert str(given.value) == (
+        "--window-stride 256x600 is larger than --crop 512x512: the pixels between windows "
+        "would get no logits (mmseg's slide inference needs every pixel in a window); give "
+        "--window-stride at most 512x512"
+    )
+    with pytest.raises(BLDAError, match="^the hrda protocol's stride 512x512 is larger than"):
+        resolve_inference("hrda", {"crop": (256, 256)})
+    assert resolve_inference("hrda", {"crop": (512, 512)})[1].stride == (512, 512)  # equal: no gap
 
 
 def saved_weights(arch: str, path, num_classes: int = 19):

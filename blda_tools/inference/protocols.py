@@ -72,6 +72,16 @@ def resolve_inference(
             f"{given} and {how}: sliding-window options, but the inference is on whole images; "
             "add --mode slide"
         )
+    if settings.mode == "slide" and (
+        settings.stride[0] > settings.crop[0] or settings.stride[1] > settings.crop[1]
+    ):
+        stride = "--window-stride" if "stride" in overrides else f"the {name} protocol's stride"
+        raise BLDAError(
+            f"{stride} {settings.stride[0]}x{settings.stride[1]} is larger than --crop "
+            f"{settings.crop[0]}x{settings.crop[1]}: the pixels between windows would get no "
+            "logits (mmseg's slide inference needs every pixel in a window); give "
+            f"--window-stride at most {settings.crop[0]}x{settings.crop[1]}"
+        )
     changed = [
         key
         for key in ("mode", "resize", "crop", "stride")
