@@ -101,10 +101,8 @@ def test_all_corrupt_or_float16_overflow_fail_without_leaving_a_store(tmp_path, 
     arguments = (huge, tmp_path / "good", tmp_path / "h.h5")
     with pytest.raises(BLDAError, match='beyond the float16 range.*dtype="float32"'):
         dump(*arguments, inference=WHOLE, workers=0)
-    assert not (tmp_path / "h.h5").exists()
-    with pytest.raises(BLDAError, match="unfinished store holds float16 logits"):
-        dump(*arguments, inference=WHOLE, workers=0, dtype="float32", resume=True)
-    (tmp_path / "h.h5.partial").unlink()
+    # it failed at the first image: no unfinished store of no image is left to block the rerun
+    assert not (tmp_path / "h.h5").exists() and not (tmp_path / "h.h5.partial").exists()
     summary = dump(*arguments, inference=WHOLE, workers=0, dtype="float32")
     assert summary.images_written == 2
 

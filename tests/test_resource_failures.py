@@ -18,10 +18,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 from output_helpers import command_lines, expect_one_line_error, leftovers, make_inputs
-from test_dump import install_plugin, make_cityscapes
+from test_dump import WHOLE, dump, install_plugin, make_cityscapes
 
 from blda_cli.main import _register_commands, cli
 from blda_tools.errors import BLDAError, WorkerDied, is_out_of_memory, out_of_memory_text
+from blda_tools.fileio import partial_path
 from blda_tools.runtime.process import worker_processes
 
 _register_commands()
@@ -323,3 +324,24 @@ def test_dump_with_its_loader_worker_killed_at_once_is_told_in_one_line(
         result, "image loading: a worker process ended unexpectedly", "fewer --workers"
     )
     assert "kept" not in line and not out.exists()
+
+
+def test_a_dump_stopped_before_its_first_image_leaves_no_unfinished_store(
+    tmp_path, plugin, monkeypatch
+):
+    from blda_tools.errors import Interrupted
+
+    make_cityscapes(tmp_path / "data", count=2)
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    restore = _fail_forward(monkeypatch, 1, ctrl_c)
+    out = tmp_path / "o.h5"
+    with pytest.raises(Interrupted, match="^dump-logits interrupted before any image was stored$"):
+        dump("dump_test_plugin:build", tmp_path / "data", out, inference=WHOLE, workers=0)
+    # an unfinished store of no image would only make the next run ask for --resume
+    assert not out.exists() and not partial_path(out).exists()
+    restore()
+    summary = dump("dump_test_plugin:build", tmp_path / "data", out, inference=WHOLE, workers=0)
+    assert summary.images_written == 2

@@ -181,13 +181,11 @@ class DumpJob:
                         self._store(in_flight.popleft(), writer, summary, progress)
                 while in_flight:
                     self._store(in_flight.popleft(), writer, summary, progress)
-        except KeyboardInterrupt:
-            raise Interrupted(f"dump-logits interrupted: {self._kept(writer)}") from None
-        except (OSError, MemoryError, RuntimeError) as error:
-            failure = self._resource_failure(error, writer)
-            if failure is None:
+        except BaseException as error:
+            stopped = self._stopped(error, writer)
+            if stopped is error:
                 raise
-            raise failure from error
+            raise stopped from (None if isinstance(error, KeyboardInterrupt) else error)
         summary.seconds = time.perf_counter() - started
         summary.images_in_store, summary.rows_in_store = writer.num_images, writer.num_rows
         if summary.images_written + self.already_stored == 0:
@@ -205,22 +203,22 @@ class DumpJob:
             summary.notes.append(f"{len(summary.corrupt)} corrupt image(s) skipped.")
         return summary
 
-    def _kept(self, writer: LogitWriter) -> str:
-        """What a dump stopped part-way keeps: every image the writer committed (it commits
-        what it has on the way out, `LogitWriter._abandon`), and how to go on."""
+    def _stopped(self, error: BaseException, writer: LogitWriter) -> BaseException:
+        """What to raise for a dump stopped part-way by `error`. The writer committed every
+        image it had on the way out (`LogitWriter._abandon`): Ctrl-C and a resource that ran
+        out (disk, memory, a loader worker killed) say how many are kept for --resume; an
+        unfinished store that holds no image is removed, as it would only block the next run.
+        Any other error is raised as it is."""
         kept = writer.num_images - writer.uncommitted_images
-        return (
-            f"{kept} of {self.already_stored + self.total} images kept in {writer.partial_path}; "
-            "run the same dump-logits command with --resume to continue"
-        )
-
-    def _resource_failure(self, error: BaseException, writer: LogitWriter) -> BLDAError | None:
-        """What to raise when a resource ran out (disk, memory, a loader worker killed) after
-        images were kept: what ran out, and that --resume continues; None otherwise (the error
-        is raised as it is, and the CLI tells it)."""
-        if writer.num_images == writer.uncommitted_images:
-            return None
+        if kept == 0:
+            writer.partial_path.unlink(missing_ok=True)
+        if isinstance(error, KeyboardInterrupt):
+            if kept == 0:
+                return Interrupted("dump-logits interrupted before any image was stored")
+            return Interrupted(f"dump-logits interrupted: {self._kept(kept)}")
         died = loader_worker_death(error)
+        if kept == 0 or not isinstance(error, (OSError, MemoryError, RuntimeError)):
+            return error
         if isinstance(error, OSError):
             failure = str(os_failure(error))
         elif died is not None:
@@ -228,8 +226,14 @@ class DumpJob:
         elif is_out_of_memory(error):
             failure = out_of_memory_text(error)
         else:
-            return None
-        return BLDAError(f"{failure}; {self._kept(writer)}")
+            return error
+        return BLDAError(f"{failure}; {self._kept(kept)}")
+
+    def _kept(self, kept: int) -> str:
+        return (
+            f"{kept} of {self.already_stored + self.total} images kept in "
+            f"{partial_path(self.out)}; run the same dump-logits command with --resume to continue"
+        )
 
     def _store(self, processed: Future, writer: LogitWriter, summary, progress) -> None:
         """Store one batch's prepared images once its stream has them. While waiting, commit

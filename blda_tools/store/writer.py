@@ -149,7 +149,7 @@ class LogitWriter:
             raise self._write_failure(exc) from None
 
     def _write_failure(self, error: OSError) -> BLDAError:
-        kept = self.partial_path.exists()
+        kept = self.partial_path.exists() and self.num_images > self.uncommitted_images
         return BLDAError(
             f"{self.partial_path}: cannot write: {describe_os_error(error)}"
             + ("; the images committed so far are kept: continue with --resume" if kept else "")
