@@ -15,7 +15,12 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from blda_tools.errors import BLDAError
+from blda_tools.errors import (
+    BLDAError,
+    is_out_of_memory,
+    loader_worker_death,
+    out_of_memory_text,
+)
 
 PARTIAL_SUFFIX = ".partial"
 # The longest file name most Linux file systems take (ext4, xfs, tmpfs, btrfs).
@@ -228,3 +233,14 @@ def os_failure(error: OSError) -> BLDAError:
     """An OS failure that reached the command line, as the one-line error the CLI prints."""
     where = error.filename if error.filename is not None else "file system"
     return BLDAError(f"{where}: {describe_os_error(error)}")
+
+
+def resource_failure(error: BaseException) -> str | None:
+    """The line for a resource that ran out: an OS failure (a full disk, ...), memory, or a
+    data loader worker killed; None for any other error."""
+    if isinstance(error, OSError):
+        return str(os_failure(error))
+    died = loader_worker_death(error)
+    if died is not None:
+        return str(died)
+    return out_of_memory_text(error) if is_out_of_memory(error) else None

@@ -8,16 +8,8 @@ import click
 
 from blda_cli.progress import show_library_notices
 from blda_tools import __version__
-from blda_tools.errors import (
-    BLDAError,
-    Interrupted,
-    WorkerDied,
-    is_out_of_memory,
-    loader_worker_death,
-    needs_less_memory,
-    out_of_memory_text,
-)
-from blda_tools.fileio import os_failure
+from blda_tools.errors import BLDAError, Interrupted, WorkerDied, needs_less_memory
+from blda_tools.fileio import resource_failure
 
 # What each command can do about memory running out or a worker process killed (a job that
 # failed part-way through says itself what it kept and how to resume).
@@ -50,13 +42,11 @@ class _Group(click.Group):
         except BLDAError as error:
             cause = error if isinstance(error, WorkerDied) else error.__cause__
             _fail(f"{error}; {_memory_hint(ctx)}" if needs_less_memory(cause) else error)
-        except OSError as error:
-            _fail(os_failure(error))
-        except (MemoryError, RuntimeError) as error:
-            died = loader_worker_death(error)
-            if died is None and not is_out_of_memory(error):
+        except (OSError, MemoryError, RuntimeError) as error:
+            failure = resource_failure(error)
+            if failure is None:
                 raise  # a bug: its traceback is what a report needs
-            _fail(f"{died or out_of_memory_text(error)}; {_memory_hint(ctx)}")
+            _fail(failure if isinstance(error, OSError) else f"{failure}; {_memory_hint(ctx)}")
         except click.UsageError as error:  # a bad option value: one line too, with the way on
             where = error.ctx.command_path if error.ctx is not None else "blda"
             _fail(f"{error.format_message()} (see `{where} --help`)")

@@ -32,14 +32,8 @@ from pathlib import Path
 import torch
 
 from blda_tools import __version__
-from blda_tools.errors import (
-    BLDAError,
-    Interrupted,
-    is_out_of_memory,
-    loader_worker_death,
-    out_of_memory_text,
-)
-from blda_tools.fileio import os_failure, partial_path
+from blda_tools.errors import BLDAError, Interrupted
+from blda_tools.fileio import partial_path, resource_failure
 from blda_tools.inference.dump_checks import (
     check_counts,
     check_model,
@@ -216,18 +210,8 @@ class DumpJob:
             if kept == 0:
                 return Interrupted("dump-logits interrupted before any image was stored")
             return Interrupted(f"dump-logits interrupted: {self._kept(kept)}")
-        died = loader_worker_death(error)
-        if kept == 0 or not isinstance(error, (OSError, MemoryError, RuntimeError)):
-            return error
-        if isinstance(error, OSError):
-            failure = str(os_failure(error))
-        elif died is not None:
-            failure = str(died)
-        elif is_out_of_memory(error):
-            failure = out_of_memory_text(error)
-        else:
-            return error
-        return BLDAError(f"{failure}; {self._kept(kept)}")
+        failure = None if kept == 0 else resource_failure(error)
+        return error if failure is None else BLDAError(f"{failure}; {self._kept(kept)}")
 
     def _kept(self, kept: int) -> str:
         return (

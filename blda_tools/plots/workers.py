@@ -23,8 +23,6 @@ from __future__ import annotations
 import os
 from types import TracebackType
 
-from blda_tools.errors import worker_died
-
 # Processes a job starts by default: two figures at a time halved the drawing time on 2 cores
 # (`benchmarks/bench_diagnose.py --whole`); one core draws them itself.
 DEFAULT_PROCESSES = 2 if (os.cpu_count() or 1) > 1 else 0
@@ -85,15 +83,10 @@ class FigureWorkers:
     ) -> None:
         if self._pool is None:
             return
-        from blda_tools.runtime import process
+        from blda_tools.runtime.process import close_worker_pool
 
         pool, self._pool = self._pool, None
-        if exc_type is None:
-            pool.shutdown(wait=True)
-            return
-        process.stop_worker_pool(pool)
-        if process.is_broken_pool(exc):
-            raise worker_died("figures") from None
+        close_worker_pool(pool, exc, "figures")
 
 
 def _warm_up() -> None:

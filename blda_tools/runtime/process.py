@@ -118,11 +118,9 @@ def worker_processes(
     try:
         yield pool
     except BaseException as error:
-        stop_worker_pool(pool)
-        if is_broken_pool(error):
-            raise worker_died(purpose) from None
+        close_worker_pool(pool, error, purpose)
         raise
-    pool.shutdown(wait=True)
+    close_worker_pool(pool, None, purpose)
 
 
 def start_worker_pool(processes: int, initializer: Callable | None = None, initargs=()):
@@ -162,6 +160,18 @@ def _main_module_hidden() -> Iterator[None]:
     finally:
         if main is not None:
             sys.modules["__main__"] = main
+
+
+def close_worker_pool(pool, error: BaseException | None, purpose: str) -> None:
+    """Leave a pool: wait for its work when its block ended normally (`error` None), else stop
+    the workers at once, and raise `WorkerDied` naming `purpose` when `error` is a worker's
+    death (`BrokenProcessPool`); the caller re-raises any other error."""
+    if error is None:
+        pool.shutdown(wait=True)
+        return
+    stop_worker_pool(pool)
+    if is_broken_pool(error):
+        raise worker_died(purpose) from None
 
 
 def stop_worker_pool(pool) -> None:
