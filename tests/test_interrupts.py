@@ -48,12 +48,18 @@ def _environment() -> dict:
     }
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    # A background job (`pytest &`, nohup) starts with SIGINT ignored, and a child inherits
+    # that: Python then installs no KeyboardInterrupt handler and the dump runs to its end.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.skipif(not SAMPLE_TARGET.is_dir(), reason="needs sample_data/")
 def test_ctrl_c_in_dump_logits_keeps_the_partial_store_and_resume_completes_it(tmp_path):
     out = tmp_path / "val.h5"
     process = subprocess.Popen(
         _dump_command(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=_environment(), start_new_session=True,
+        env=_environment(), start_new_session=True, preexec_fn=_ctrl_c_as_in_a_terminal,
     )  # fmt: skip
     seen = []
     try:
