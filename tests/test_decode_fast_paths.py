@@ -7,6 +7,7 @@ from __future__ import annotations
 import struct
 import zlib
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -99,6 +100,31 @@ def test_other_layouts_are_left_to_pillow(tmp_path, decoder, names):
     paths = save_other_layouts(tmp_path)
     for name in names:
         assert decoder(paths[name]) is None, name
+
+
+def opencv_colour(path) -> np.ndarray:
+    """mmcv's `imread(path, "color")` (its cv2 backend), as RGB."""
+    return cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def test_images_read_as_mmcv_reads_them_and_classifier_images_as_pillow(tmp_path):
+    paths = save_other_layouts(tmp_path)
+    grey16 = RNG.integers(0, 65536, (9, 7), dtype=np.uint16)  # not 257 x a byte
+    paths["grey16_random"] = tmp_path / "grey16_random.png"
+    Image.fromarray(grey16).save(paths["grey16_random"])
+    rgb16 = RNG.integers(0, 65536, (5, 6, 3), dtype=np.uint16)
+    paths["rgb16"] = tmp_path / "rgb16.png"
+    cv2.imwrite(str(paths["rgb16"]), rgb16)
+    for name in ["palette", "rgba", "grey16", "grey", "rgb", "rgb_trns", "grey_trns", "icc",
+                 "grey16_random", "rgb16"]:  # fmt: skip
+        assert np.array_equal(read_rgb_array(paths[name]), opencv_colour(paths[name])), name
+        pillow = read_rgb_array(paths[name], reader="pillow")
+        assert np.array_equal(pillow, pillow_rgb(paths[name])), name
+    # the case that differs: Pillow clips 16-bit grey at 255, OpenCV keeps the high byte
+    assert np.array_equal(read_rgb_array(paths["grey16_random"])[:, :, 1], grey16 >> 8)
+    assert not np.array_equal(
+        pillow_rgb(paths["grey16_random"]), opencv_colour(paths["grey16_random"])
+    )
 
 
 def test_corrupt_image_data_falls_back_to_pillow_and_its_error(tmp_path):

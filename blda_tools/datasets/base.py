@@ -7,8 +7,9 @@ are cheap and a dataset can be sent to DataLoader worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
@@ -164,19 +165,47 @@ def sample_name(path: Path, root: Path) -> str:
 
 def read_rgb_image(path: Path) -> Image.Image:
     """Open and fully decode an image as 8-bit RGB, or raise `CorruptSampleError` naming it."""
+    with _decoded(path) as opened:
+        return opened.convert("RGB")
+
+
+@contextlib.contextmanager
+def _decoded(path: Path) -> Iterator[Image.Image]:
+    """The image at `path` opened and decoded by Pillow; `CorruptSampleError` names it."""
     try:
         with Image.open(path) as opened:
             opened.load()
-            return opened.convert("RGB")
+            yield opened
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise CorruptSampleError(f"{path}: cannot read image ({error})") from None
 
 
-def read_rgb_array(path: Path) -> np.ndarray:
-    """`read_rgb_image` as a uint8 `(H, W, 3)` array: 8-bit RGB PNGs decoded by OpenCV
-    (`png_fast`: the same pixels, faster), every other file by Pillow."""
+# Pillow modes of more than 8 bits per sample (16-bit grey PNG, 32-bit TIFF): `convert("RGB")`
+# clips their values at 255, so that nearly every pixel of a 16-bit grey image is white.
+# mmcv's reader, OpenCV with IMREAD_COLOR, converts them to 8 bits (a 16-bit PNG keeps each
+# value's high byte).
+_DEEP_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
+def read_rgb_array(path: Path, *, reader: str = "mmcv") -> np.ndarray:
+    """The image at `path` as a uint8 `(H, W, 3)` RGB array, decoded as `reader` does:
+    "mmcv" (the segmentation frameworks: OpenCV's IMREAD_COLOR) or "pillow" (torchvision's
+    ImageFolder: `convert("RGB")`). Both give the same pixels for 8-bit files: 8-bit RGB PNGs
+    are decoded by OpenCV (`png_fast`: faster), the others by Pillow, except that "mmcv"
+    leaves the images of more than 8 bits per sample to OpenCV."""
     decoded = png_fast.decode_rgb8(path)
-    return np.array(read_rgb_image(path)) if decoded is None else decoded
+    if decoded is not None:
+        return decoded
+    with _decoded(path) as opened:
+        if reader == "pillow" or opened.mode not in _DEEP_MODES:
+            return np.array(opened.convert("RGB"))
+    try:
+        decoded = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR_RGB)
+    except OSError as error:
+        raise CorruptSampleError(f"{path}: cannot read image ({error})") from None
+    if decoded is None or decoded.dtype != np.uint8:
+        raise CorruptSampleError(f"{path}: cannot read image (OpenCV could not decode it)")
+    return decoded
 
 
 def array_to_tensor(image: np.ndarray) -> torch.Tensor:

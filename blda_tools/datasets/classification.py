@@ -85,7 +85,8 @@ class ImageFolderDataset(SegmentationDataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"image-folder: index {index} out of range for {len(self)}")
         index = index % len(self)
-        image = array_to_tensor(read_rgb_array(self.image_paths[index]))
+        # MIC's classification code reads with torchvision's ImageFolder, i.e. Pillow
+        image = array_to_tensor(read_rgb_array(self.image_paths[index], reader="pillow"))
         label = torch.tensor(self.targets[index], dtype=torch.int64)
         return SegmentationSample(image=image, label=label, name=self.names[index])
 
