@@ -6,9 +6,11 @@ expectations, and sharding (bad input: test_dump_errors.py)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -29,6 +31,7 @@ from blda_tools.inference.dump import (
     PixelSampling,
     default_streams,
     dump_logits,
+    prepare_dump,
 )
 from blda_tools.inference.dump_files import shard_path
 from blda_tools.inference.loader import compact_label
@@ -346,6 +349,55 @@ def test_resume_refuses_other_settings_and_existing_outputs(tmp_path, plugin):
             sampling=PixelSampling(stride=2),
             **options,
         )
+
+
+def _unfinished(store: Path) -> Path:
+    """`store`, complete, turned back into the unfinished store of its dump."""
+    partial = store.with_name(store.name + ".partial")
+    store.rename(partial)
+    with h5py.File(partial, "r+") as file:
+        file.attrs["complete"] = False
+    return partial
+
+
+def test_resume_refuses_other_data_images_and_layouts(tmp_path, plugin, monkeypatch):
+    make_cityscapes(tmp_path / "data", count=3)
+    shutil.copytree(tmp_path / "data", tmp_path / "copy")  # the same names, another dataset
+    options = dict(inference=WHOLE, workers=0)
+    refusals = [
+        ({"data_root": tmp_path / "copy"}, r"written with data_root='.*data', this run has"),
+        ({"max_images": 2}, r"holds 1 image\(s\) this run would not dump \(first: "),
+        ({"compression": "gzip"}, r"holds compression=None, this run has compression='gzip'"),
+        ({"dtype": "float32"}, r"holds dtype='float16', this run has dtype='float32'"),
+    ]
+    for changed, message in refusals:
+        dump(plugin, tmp_path / "data", tmp_path / "o.h5", **options)
+        _unfinished(tmp_path / "o.h5")
+        arguments = {"data_root": tmp_path / "data", **options, **changed}
+        with pytest.raises(BLDAError, match=message):
+            dump(plugin, out=tmp_path / "o.h5", resume=True, **arguments)
+        Path(f"{tmp_path / 'o.h5'}.partial").unlink()
+    # The same data folder named another way (relative, through a link) is the same dump.
+    dump(plugin, tmp_path / "data", tmp_path / "o.h5", **options)
+    _unfinished(tmp_path / "o.h5")
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    summary = dump(plugin, Path("link"), tmp_path / "o.h5", resume=True, **options)
+    assert (summary.images_written, summary.images_in_store) == (0, 3)
+
+
+def test_a_dump_started_beside_another_into_the_same_out_leaves_its_store_alone(tmp_path, plugin):
+    make_cityscapes(tmp_path / "data", count=2)
+    out = tmp_path / "o.h5"
+    job = prepare_dump(plugin, None, "cityscapes", tmp_path / "data", "val", out,
+                       inference=WHOLE, workers=0)  # fmt: skip
+    # after this run's checks, another run creates the unfinished store and writes into it
+    dump(plugin, tmp_path / "data", tmp_path / "other.h5", inference=WHOLE, workers=0)
+    other = _unfinished(tmp_path / "other.h5").rename(f"{out}.partial")
+    written = other.read_bytes()
+    with pytest.raises(BLDAError, match=r"o.h5.partial: an unfinished store is already there"):
+        job.run()
+    assert other.read_bytes() == written and not out.exists()
 
 
 def test_labels_sent_from_workers_as_uint8_only_when_they_fit():

@@ -135,6 +135,7 @@ class DumpJob:
     notices: list[str] = field(default_factory=list)
     classification: bool = False
     requested_out: Path | None = None  # --out as given (`out` is this rank's shard of it)
+    resume: bool = False  # continue the unfinished store of `out` (checked by `prepare_dump`)
 
     @property
     def total(self) -> int:
@@ -159,9 +160,10 @@ class DumpJob:
         )
         writer = LogitWriter(
             self.out,
-            # An unfinished store is continued; a complete one (this command's, checked by
-            # `prepare_dump`) is replaced when the new one is complete.
-            resume=partial_path(self.out).exists(),
+            # The unfinished store `prepare_dump` checked is continued; a complete one (this
+            # command's) is replaced when the new one is complete.
+            resume=self.resume,
+            exclusive=True,  # a dump started beside this one into the same --out
             commit_interval=COMMIT_SECONDS,
             **self.writer_options,
         )
@@ -397,22 +399,25 @@ def prepare_dump(
     requested_out, out = Path(out), shard_path(out, rank, world_size)
     metadata = {
         "model": model_spec,
-        "checkpoint": None if checkpoint is None else str(checkpoint),
+        # absolute: a resumed run may start elsewhere, and the store says what it came from
+        "checkpoint": None if checkpoint is None else os.path.abspath(checkpoint),
         "weights": weights,
         "dataset": dataset,
-        "data_root": str(data_root),
+        "data_root": os.path.abspath(data_root),
         "split": data.split,
         "inference": inference.to_metadata(),
         "inference_protocol": protocol,
         "sampling": vars(sampling).copy(),
         "shard": {"rank": rank, "world_size": world_size},
     }
-    stored = names_already_stored(out, resume, metadata)
+    count = len(data) if max_images is None else min(max_images, len(data))
+    planned = range(rank, count, world_size)  # this rank's images
+    layout = {"dtype": dtype, "compression": compression}
+    planned_names = {data.names[index] for index in planned}
+    stored = names_already_stored(out, resume, metadata, planned_names, layout)
     chosen_device = select_device(device)
     if chosen_device.type == "cpu":
         keep_freed_memory()
-    count = len(data) if max_images is None else min(max_images, len(data))
-    planned = range(rank, count, world_size)  # this rank's images
     pending = [index for index in planned if data.names[index] not in stored]
     notices = protocol_notices(protocol, inference, data, pending[0] if pending else None)
     # Workers fork before the model exists: pages this process writes after a fork are
@@ -445,6 +450,7 @@ def prepare_dump(
         notices=notices,
         classification=classification,
         requested_out=requested_out,
+        resume=resume,
     )
 
 

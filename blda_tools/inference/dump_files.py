@@ -54,9 +54,13 @@ def _being_written(path: Path) -> bool:
         return error.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or "unable to lock" in str(error)
 
 
-def names_already_stored(out: Path, resume: bool, metadata: dict) -> set[str]:
+def names_already_stored(
+    out: Path, resume: bool, metadata: dict, planned: set[str], layout: dict
+) -> set[str]:
     """Images an unfinished store of `out` committed, after checking it may be continued:
-    written with the same settings (else the store would mix two dumps)."""
+    written with the same settings and data (`RESUME_KEYS`, `PATH_KEYS`: else the store would
+    mix two dumps), every image it holds among this run's `planned` names, its logits of this
+    run's `layout` (dtype, compression)."""
     path = partial_path(out)
     if path.exists() and _being_written(path):
         raise BLDAError(
@@ -80,14 +84,43 @@ def names_already_stored(out: Path, resume: bool, metadata: dict) -> set[str]:
             stored = json.loads(file.attrs["metadata"])
             committed = int(file.attrs["committed_images"])
             names = {name.decode() for name in file["images/name"][:committed]}
+            logits = file["logits"]
+            stored_layout = {"dtype": str(logits.dtype), "compression": logits.compression}
     except (OSError, KeyError, ValueError) as error:
         raise BLDAError(
             f"--resume: {path} is not a resumable logit store ({error}); delete it"
         ) from None
-    for key in RESUME_KEYS:
-        if stored.get(key) != metadata[key]:
+    _check_same_run(path, stored, metadata)
+    for key, option in (("dtype", "--float32"), ("compression", "--compression")):
+        if stored_layout[key] != layout[key]:
             raise BLDAError(
-                f"--resume: {path} was written with {key}={stored.get(key)!r}, this run has "
-                f"{key}={metadata[key]!r}; use the same options or delete it"
+                f"--resume: {path} holds {key}={stored_layout[key]!r}, this run has "
+                f"{key}={layout[key]!r} ({option}); use the same options or delete it"
             )
+    outside = sorted(names - planned)
+    if outside:
+        raise BLDAError(
+            f"--resume: {path} holds {len(outside)} image(s) this run would not dump (first: "
+            f"{outside[0]!r}); use the same --split, --max-images and number of ranks, or "
+            "delete it"
+        )
     return names
+
+
+# Paths compared by the file they name: the same checkpoint or data folder given another way
+# (absolute, relative, through a link) is the same run.
+PATH_KEYS = ("checkpoint", "data_root")
+
+
+def _check_same_run(path: Path, stored: dict, metadata: dict) -> None:
+    for key in RESUME_KEYS + PATH_KEYS:
+        before, now = stored.get(key), metadata[key]
+        if key in PATH_KEYS and before is not None and now is not None:
+            same = os.path.realpath(before) == os.path.realpath(now)
+        else:
+            same = before == now
+        if not same:
+            raise BLDAError(
+                f"--resume: {path} was written with {key}={before!r}, this run has "
+                f"{key}={now!r}; use the same options or delete it"
+            )

@@ -64,7 +64,8 @@ class LogitWriter:
     Use as a context manager. Rows go to `<path>.partial`; a clean exit marks the store
     complete and renames it onto `path`. An exception inside the block leaves the `.partial`
     file, which `resume=True` reopens: anything past the last commit is dropped and `names`
-    lists the images already stored, so callers can skip them. Keyword arguments beyond the
+    lists the images already stored, so callers can skip them; without it an unfinished store
+    is replaced, or refused with `exclusive=True`. Keyword arguments beyond the
     listed ones are stored as JSON metadata (`domain` and `producer` become root attributes).
 
     Commits: by default every `add` is committed (flushed, then counted) before it returns.
@@ -85,6 +86,7 @@ class LogitWriter:
         chunk_rows: int = 65536,
         commit_interval: float = 0.0,
         resume: bool = False,
+        exclusive: bool = False,
         **metadata,
     ) -> None:
         self.path = Path(path)
@@ -101,6 +103,7 @@ class LogitWriter:
             )
         self.commit_interval = float(commit_interval)
         self._metadata = _checked_metadata(metadata, self.path)
+        self._exclusive = bool(exclusive)
         self.label_dtype = (
             np.uint8 if 0 <= self.ignore_index <= 255 and len(self.class_names) <= 255 else np.int32
         )
@@ -317,9 +320,17 @@ class LogitWriter:
         return f"{self.path}: image {name!r}" if name else f"{self.path}: image #{self.num_images}"
 
     def _create_partial(self) -> h5py.File:
+        # `exclusive`: an unfinished store already there (another writer's now, or one stopped
+        # earlier) is refused, never truncated (O_EXCL: also against a writer starting now).
+        mode = "w-" if self._exclusive else "w"
         try:
-            file = h5py.File(self.partial_path, "w", **self._chunk_cache_options())
+            file = h5py.File(self.partial_path, mode, **self._chunk_cache_options())
         except OSError as error:
+            if self._exclusive and self.partial_path.exists():
+                raise BLDAError(
+                    f"{self.partial_path}: an unfinished store is already there (another "
+                    "writer's, or one stopped earlier); resume it (--resume) or delete it"
+                ) from None
             raise BLDAError(
                 f"{self.partial_path}: cannot create the store: {describe_os_error(error)}"
             ) from None
