@@ -58,6 +58,13 @@ def load_torch(
         informative = [line for line in lines if not line.startswith(_TORCH_ADVICE)]
         reason = informative[0] if informative else "unreadable"
         raise BLDAError(f"{where}: not {expected} (a corrupt pickle: {reason})") from None
+    except (ImportError, AttributeError) as error:
+        # Only when trusted: full unpickling imports the classes the file names (an mmcv
+        # Config in a checkpoint's meta, a class of the script that saved it).
+        raise BLDAError(
+            f"{where}: unpickling needs a class this Python cannot import ({error}); install "
+            "the package that saved it, or save only its tensors (the state_dict)"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         raise BLDAError(
             f"{where}: cannot be read as {expected} ({type(error).__name__}: "

@@ -8,6 +8,7 @@ such a file prints that line alone."""
 from __future__ import annotations
 
 import io
+import sys
 import zipfile
 
 import pytest
@@ -141,3 +142,25 @@ def test_calibrate_apply_with_a_bad_calibrator_prints_one_line_and_no_progress(
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: {bad_files / name}: "), lines
     assert not (tmp_path / "out").exists()
+
+
+def test_a_trusted_pickle_whose_classes_cannot_be_imported_is_one_line(tmp_path, monkeypatch):
+    # as an mmcv checkpoint's meta (an mmcv Config) where mmcv is not installed
+    (tmp_path / "gone_package.py").write_text("class Config:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import gone_package
+
+    torch.save({"state_dict": {}, "meta": gone_package.Config()}, tmp_path / "ckpt.pth")
+    monkeypatch.delitem(sys.modules, "gone_package")
+    (tmp_path / "gone_package.py").unlink()
+    with pytest.raises(BLDAError, match=r"--checkpoint ckpt.pth: unpickling needs a class .*"
+                       "gone_package"):  # fmt: skip
+        load_torch(tmp_path / "ckpt.pth", "--checkpoint ckpt.pth", "a checkpoint", trusted=True)
+    # a class the saving script defined in its __main__
+    (tmp_path / "gone_package.py").write_text("class Config:\n    pass\n")
+    monkeypatch.setattr(gone_package.Config, "__module__", "__main__")
+    monkeypatch.setattr(sys.modules["__main__"], "Config", gone_package.Config, raising=False)
+    torch.save({"meta": gone_package.Config()}, tmp_path / "main.pth")
+    monkeypatch.delattr(sys.modules["__main__"], "Config")
+    with pytest.raises(BLDAError, match="unpickling needs a class this Python cannot import"):
+        load_torch(tmp_path / "main.pth", "--checkpoint", "a checkpoint", trusted=True)
