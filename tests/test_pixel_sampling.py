@@ -8,7 +8,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blda_tools.inference.pixel_sampling import sample_pixels, stratified_quota
+from blda_tools.errors import BLDAError
+from blda_tools.inference.pixel_sampling import (
+    PixelSampling,
+    image_generator,
+    sample_pixels,
+    stratified_quota,
+)
 
 
 @pytest.mark.parametrize(
@@ -52,3 +58,18 @@ def test_sample_pixels_draws_the_quota_from_each_stratum_deterministically():
     assert torch.bincount(strata[first], minlength=8).tolist() == [5, 3, 1, 0, 0, 0, 0, 0]
     other = sample_pixels(strata, eligible, 9, torch.Generator().manual_seed(6))
     assert not torch.equal(first, other)  # another seed, another sample (fixed seeds)
+
+
+@pytest.mark.parametrize("seed", [-(2**31), 0, 2**32 - 1])
+def test_every_accepted_seed_seeds_a_generator(seed):
+    assert PixelSampling(seed=seed).seed == seed
+    for name in ("some/image", "x" * 100):  # torch takes the image's 64-bit seed
+        assert 0 <= float(torch.rand(1, generator=image_generator(seed, name))) < 1
+
+
+@pytest.mark.parametrize("seed", [-(2**31) - 1, 2**32, 1.5, "3"])
+def test_seeds_torch_cannot_take_are_refused_naming_the_option(seed):
+    with pytest.raises(
+        BLDAError, match=r"--seed: expected an integer from -2147483648 to 4294967295"
+    ):
+        PixelSampling(seed=seed)

@@ -38,6 +38,11 @@ def check_sampling(
 ) -> PixelSampling:
     """The pixel sampling (default: every pixel); a classification dataset takes none."""
     sampling = PixelSampling() if sampling is None else sampling
+    if not isinstance(sampling, PixelSampling):
+        raise BLDAError(
+            f"sampling: expected a PixelSampling (stride, pixels_per_image, stratified, seed) "
+            f"or None, got {type(sampling).__name__}"
+        )
     if classification and sampling != PixelSampling(seed=sampling.seed):
         raise BLDAError(
             f"--dataset {dataset}: a classification dataset stores one row per image; "

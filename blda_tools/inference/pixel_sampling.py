@@ -10,6 +10,9 @@ import torch
 
 from blda_tools.errors import BLDAError
 
+# Seeds whose image generators' 64-bit seeds (`image_generator`) torch accepts.
+SEED_RANGE = (-(2**31), 2**32 - 1)
+
 
 @dataclass(frozen=True)
 class PixelSampling:
@@ -31,6 +34,12 @@ class PixelSampling:
         for option, value in (("stride", self.stride), ("pixels-per-image", self.pixels_per_image)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise BLDAError(f"--{option}: expected a positive integer, got {value!r}")
+        # the seed of an image's generator is (seed << 32) + crc32(name), a 64-bit seed
+        if not isinstance(self.seed, int) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise BLDAError(
+                f"--seed: expected an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}, "
+                f"got {self.seed!r}"
+            )
         if self.pixels_per_image is not None and self.stride != 1:
             raise BLDAError("--stride and --pixels-per-image: choose one way of subsampling")
         if self.stratified and self.pixels_per_image is None:
