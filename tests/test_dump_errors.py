@@ -81,9 +81,12 @@ def test_corrupt_image_is_skipped_and_counted_or_fatal_with_strict(tmp_path, plu
     assert str(broken) in summary.corrupt[0]
     with LogitStore(tmp_path / "c.h5") as store:
         assert len(store.images) == 2
-    with pytest.raises(BLDAError, match=f"{broken}.*--strict"):
+    with pytest.raises(BLDAError, match=f"{broken}.*--strict") as stopped:
         dump(plugin, tmp_path / "data", tmp_path / "d.h5", inference=WHOLE, workers=1, strict=True)
     assert not (tmp_path / "d.h5").exists()
+    # the image before it is kept, and the message says so (the next run needs --resume)
+    assert f"1 of 3 images kept in {tmp_path / 'd.h5'}.partial" in str(stopped.value)
+    assert "--resume" in str(stopped.value)
 
 
 def test_all_corrupt_or_float16_overflow_fail_without_leaving_a_store(tmp_path, plugin):
@@ -92,10 +95,12 @@ def test_all_corrupt_or_float16_overflow_fail_without_leaving_a_store(tmp_path, 
         image.write_bytes(b"broken")
     with (
         pytest.warns(CorruptImageWarning),
-        pytest.raises(BLDAError, match=r"no image could be read \(2 corrupt\)"),
+        pytest.raises(
+            BLDAError, match=r"no image could be read \(2 corrupt; the first: .*cannot read image"
+        ),
     ):
-        dump(plugin, tmp_path / "data", tmp_path / "o.h5", workers=0)
-    assert not (tmp_path / "o.h5").exists() and not (tmp_path / "o.h5.partial").exists()
+        dump(plugin, tmp_path / "data", tmp_path / "new" / "folder" / "o.h5", workers=0)
+    assert not (tmp_path / "new").exists()  # nothing left, not even the folders it made
     make_cityscapes(tmp_path / "good", count=2)
     huge = plugin.replace(":build", ":build_huge")
     arguments = (huge, tmp_path / "good", tmp_path / "h.h5")

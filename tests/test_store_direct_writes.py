@@ -84,6 +84,7 @@ def test_laid_out_rows_store_what_prepare_stores(tmp_path, stride):
         ({"largest": 70000.0}, "beyond the float16 range"),
         ({"rows": "float32"}, "laid-out rows must be"),
         ({"rows": "short"}, "laid-out rows must be"),
+        ({"rows": "classes"}, "logits have 2 classes; the store has 3"),
         ({"labels": "wrong"}, "labels have shape"),
         ({"labels": "bad"}, "is not a class"),
     ],
@@ -91,7 +92,11 @@ def test_laid_out_rows_store_what_prepare_stores(tmp_path, stride):
 def test_laid_out_rows_are_checked(tmp_path, change, message):
     _, rows, labels = map_and_rows(1)
     largest = change.get("largest", 1.0)
-    rows = {"float32": rows.astype(np.float32), "short": rows[:-1]}.get(change.get("rows"), rows)
+    rows = {
+        "float32": rows.astype(np.float32),
+        "short": rows[:-1],
+        "classes": rows[:, :2].copy(),
+    }.get(change.get("rows"), rows)
     bad_labels = labels.copy()
     bad_labels[1, 1] = 7
     labels = {"wrong": labels[:, :-1], "bad": bad_labels}.get(change.get("labels"), labels)

@@ -33,7 +33,12 @@ import torch
 
 from blda_tools import __version__
 from blda_tools.errors import BLDAError, Interrupted
-from blda_tools.fileio import partial_path, resource_failure
+from blda_tools.fileio import (
+    created_directories,
+    partial_path,
+    remove_empty_directories,
+    resource_failure,
+)
 from blda_tools.inference.dump_checks import (
     check_counts,
     check_model,
@@ -106,6 +111,10 @@ class DumpSummary:
 # ---------------------------------------------------------------------------- the job
 
 
+class StrictStop(BLDAError):
+    """`--strict` stopped the dump at a corrupt image (the images before it are kept)."""
+
+
 @dataclass
 class DumpJob:
     """A dump ready to run: dataset, model and output resolved, images still to do known.
@@ -149,7 +158,19 @@ class DumpJob:
         rows; this thread appends them in dataset order, so the store is the same whatever
         the streams' timing. On 2 CPU cores, two one-thread streams ran the forward pass
         alone 1.5x faster than one two-thread stream (`benchmarks/bench_dump.py`).
+
+        A run that fails and leaves no store (complete or unfinished) also removes the
+        folders it created for it.
         """
+        created = created_directories(self.out.parent)
+        try:
+            return self._write(progress)
+        except BaseException:
+            if not self.out.exists() and not partial_path(self.out).exists():
+                remove_empty_directories(created)
+            raise
+
+    def _write(self, progress: Callable[[int], None] | None) -> DumpSummary:
         started = time.perf_counter()
         summary = DumpSummary(
             self.out,
@@ -186,7 +207,10 @@ class DumpJob:
         summary.images_in_store, summary.rows_in_store = writer.num_images, writer.num_rows
         if summary.images_written + self.already_stored == 0:
             self.out.unlink()  # an empty store would only fail later, in every reader
-            raise BLDAError(f"{self.out}: no image could be read ({len(summary.corrupt)} corrupt)")
+            raise BLDAError(
+                f"{self.out}: no image could be read ({len(summary.corrupt)} corrupt; the "
+                f"first: {summary.corrupt[0]})"
+            )
         record_file(self.out, COMMAND)
         if self.rank == 0 and self.requested_out is not None:
             remove_other_layouts(self.requested_out, self.world_size)
@@ -212,6 +236,8 @@ class DumpJob:
             if kept == 0:
                 return Interrupted("dump-logits interrupted before any image was stored")
             return Interrupted(f"dump-logits interrupted: {self._kept(kept)}")
+        if isinstance(error, StrictStop) and kept > 0:
+            return BLDAError(f"{error}; {self._kept(kept)}")
         failure = None if kept == 0 else resource_failure(error)
         return error if failure is None else BLDAError(f"{failure}; {self._kept(kept)}")
 
@@ -235,7 +261,7 @@ class DumpJob:
             except FutureTimeout:
                 writer.commit()
         if errors and self.strict:
-            raise BLDAError(f"{errors[0]} (--strict: stopping at the first corrupt image)")
+            raise StrictStop(f"{errors[0]} (--strict: stopping at the first corrupt image)")
         for error in errors:
             warnings.warn(f"skipped: {error}", CorruptImageWarning, stacklevel=2)
             summary.corrupt.append(error)

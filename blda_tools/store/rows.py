@@ -64,6 +64,11 @@ def _laid_out_map_rows(rows, labels, image_size, stride, largest, store, where):
     num_classes, dtype = store
     height, width = (_checked_int(v, "image_size", where, minimum=1) for v in image_size)
     count = -(-height // stride) * -(-width // stride)
+    if isinstance(rows, np.ndarray) and rows.ndim == 2 and rows.shape[1] != num_classes:
+        # the same words as `prepare`: usually a model of another class count
+        raise BLDAError(
+            f"{where}: logits have {rows.shape[1]} classes; the store has {num_classes}"
+        )
     if (
         not isinstance(rows, np.ndarray)
         or rows.shape != (count, num_classes)
@@ -172,7 +177,7 @@ def _check_float16_range(largest: float, dtype: str, where: str) -> None:
     if dtype == "float16" and largest > FLOAT16_MAX:
         raise BLDAError(
             f"{where}: logits reach {largest:.6g}, beyond the float16 range (+-{FLOAT16_MAX:g}); "
-            'store them with dtype="float32"'
+            'store them with dtype="float32" (`blda dump-logits --float32`)'
         )
 
 
