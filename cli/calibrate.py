@@ -263,7 +263,8 @@ def _num(value) -> str:
     "model_path",
     type=PATH,
     default=None,
-    help="A TorchScript segmentation model to wrap (images -> balanced logits).",
+    help="A TorchScript segmentation model to wrap (images -> balanced logits); its forward "
+    "takes an image tensor and returns logits, or a dict with them as 'out' (torchvision).",
 )
 @click.option("--tau", type=float, default=None, help="Override the calibrator's tau.")
 def export_command(calibrator_path, out_path, model_path, tau):

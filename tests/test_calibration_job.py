@@ -185,6 +185,47 @@ def test_export_wraps_a_torchscript_model(stores, tmp_path):
         alone(torch.full((1, 3, 2, 2), float("nan")))
 
 
+class DictOutput(torch.nn.Module):
+    """torchvision's segmentation models return their logits as "out" of a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Conv2d(3, 3, 1)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.head(images)
+        return {"out": logits, "aux": logits.flip(1)}
+
+
+class TwoInputs(torch.nn.Module):
+    def forward(self, images: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+        return images + depth
+
+
+def test_export_wraps_a_model_with_dict_output_and_refuses_other_signatures(stores, tmp_path):
+    options = CalibrateOptions(
+        taus="0.5", estimator="empirical", min_samples=20, grid=LogitGrid(-20, 20, 400), plots=False
+    )
+    calibrate(stores["select"], tmp_path, options)
+    model = torch.jit.script(DictOutput())
+    model.save(str(tmp_path / "dict.pt"))
+    wrapped = export_torchscript(
+        tmp_path / "calibrator.pt", tmp_path / "w.pt", tmp_path / "dict.pt"
+    )
+    alone = export_torchscript(tmp_path / "calibrator.pt", tmp_path / "a.pt")
+    images = torch.randn(2, 3, 5, 7)
+    assert torch.equal(wrapped(images), alone(model(images)["out"]))
+    torch.jit.script(TwoInputs()).save(str(tmp_path / "two.pt"))
+    result = CliRunner().invoke(
+        _cli(), ["export", str(tmp_path / "calibrator.pt"), "--out", str(tmp_path / "t.pt"),
+              "--model", str(tmp_path / "two.pt")],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: --model {tmp_path / 'two.pt'}: expected a model")
+    assert "Tensor depth" in result.output and len(result.output.splitlines()) == 1
+    assert not (tmp_path / "t.pt").exists()
+
+
 def test_the_exported_module_takes_classifier_logits_too(stores, tmp_path):
     options = CalibrateOptions(
         taus="0.7", n_components=2, min_samples=20, grid=LogitGrid(-20, 20, 400), plots=False

@@ -20,6 +20,7 @@ from blda_tools.calibration.calibrator import (
     balanced_log_scores_blocks,
     check_tau,
 )
+from blda_tools.errors import BLDAError
 from blda_tools.fileio import save_torchscript
 from blda_tools.outputs import output_file
 from blda_tools.torch_files import load_torchscript
@@ -87,6 +88,31 @@ class BalancedModel(torch.nn.Module):
         return self.balancer(self.model(images))
 
 
+class BalancedOutModel(BalancedModel):
+    """`BalancedModel` for a model that returns a dict of maps whose logits are "out"
+    (torchvision's segmentation models; `dump-logits` reads them the same way)."""
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.balancer(self.model(images)["out"])
+
+
+def _model_wrapper(model, where: str) -> type[BalancedModel]:
+    """The wrapper of TorchScript `model`: its forward must take one image tensor (further
+    arguments with defaults) and return a logits tensor, or a dict of them with "out"."""
+    schema = model.forward.schema
+    required = [argument for argument in schema.arguments[1:] if not argument.has_default_value()]
+    returns = [str(value.type) for value in schema.returns]
+    takes_images = len(required) == 1 and str(required[0].type) == "Tensor"
+    if takes_images and returns == ["Tensor"]:
+        return BalancedModel
+    if takes_images and returns == ["Dict[str, Tensor]"]:
+        return BalancedOutModel
+    raise BLDAError(
+        f"{where}: expected a model whose forward takes an image tensor and returns a logits "
+        f"tensor (or a dict with them as 'out'); its forward is {schema}"
+    )
+
+
 def export_torchscript(
     calibrator_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -99,8 +125,9 @@ def export_torchscript(
     tau = calibrator.tau if tau is None else check_tau(tau, "--tau")
     module: torch.nn.Module = BalancedLogits(calibrator, tau)
     if model_path is not None:
-        model = load_torchscript(model_path, f"--model {model_path}")
-        module = BalancedModel(model, module)
+        where = f"--model {model_path}"
+        model = load_torchscript(model_path, where)
+        module = _model_wrapper(model, where)(model, module)
     scripted = torch.jit.script(module)
     with output_file(out_path, "export") as target:
         save_torchscript(scripted, target)
