@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -364,3 +365,34 @@ def test_bad_input_gives_clear_errors_and_exit_status_2(stores, tmp_path):
                 taus="0,1", estimator="empirical", min_samples=20, grid=LogitGrid(-20, 20, 400)
             ),
         )
+
+
+@pytest.mark.parametrize(
+    ("names", "clash"),
+    [
+        (["x/y", "x//y"], "'x/y' and 'x//y' (#0 and #1): both would be written as x/y.png"),
+        (["x/y", "x/./y"], "'x/y' and 'x/./y' (#0 and #1): both would be written as x/y.png"),
+        (["", "image000000"], "'' and 'image000000' (#0 and #1): both would be written as"),
+    ],
+)
+def test_apply_refuses_images_that_would_write_the_same_png(stores, tmp_path, names, clash):
+    options = CalibrateOptions(
+        taus="0.5", estimator="empirical", min_samples=20, grid=LogitGrid(-20, 20, 400), plots=False
+    )
+    calibrate(stores["select"], tmp_path / "fit", options)
+    with LogitWriter(tmp_path / "clash.h5", NAMES) as writer:
+        for name in names:  # distinct names to the store
+            writer.add(torch.randn(len(NAMES), 4, 4), name=name)
+    with pytest.raises(BLDAError, match=re.escape(clash)):
+        apply_calibrator(tmp_path / "fit" / "calibrator.pt", tmp_path / "clash.h5", tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+    # distinct files are written under their names, spelled as paths
+    with LogitWriter(tmp_path / "fine.h5", NAMES) as writer:
+        for name in ("a//b", "c/./d", ""):
+            writer.add(torch.randn(len(NAMES), 4, 4), name=name)
+    apply_calibrator(tmp_path / "fit" / "calibrator.pt", tmp_path / "fine.h5", tmp_path / "q")
+    written = sorted(
+        path.relative_to(tmp_path / "q").as_posix() for path in (tmp_path / "q").rglob("*.png")
+    )
+    assert written == [f"{folder}/{name}.png" for folder in ("color", "trainIds")
+                       for name in ("a/b", "c/d", "image000002")]  # fmt: skip

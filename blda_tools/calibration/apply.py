@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import h5py
 import numpy as np
@@ -81,8 +81,25 @@ def output_names(store: LogitStore) -> list[str]:
     """The files `--apply` writes for `store`: PNG pairs when every image is a map."""
     if not all(record.kind == "map" for record in store.images):
         return [PREDICTION_STORE]
-    names = [_safe_relative_name(record.name, index) for index, record in enumerate(store.images)]
-    return [f"{folder}/{name}.png" for name in names for folder in ("trainIds", "color")]
+    return [f"{folder}/{name}.png" for name in png_names(store) for folder in ("trainIds", "color")]
+
+
+def png_names(store: LogitStore) -> list[str]:
+    """Each image's PNG name (without the suffix), or a BLDAError when two images would
+    write the same file: names that differ only in their spelling of a path ('x/y', 'x//y',
+    'x/./y'), or an unnamed image's `imageNNNNNN` that another image is called."""
+    names, first_of = [], {}
+    for index, record in enumerate(store.images):
+        name = _safe_relative_name(record.name, index)
+        if name in first_of:
+            earlier = store.images[first_of[name]].name
+            raise BLDAError(
+                f"images {earlier!r} and {record.name!r} (#{first_of[name]} and #{index}): "
+                f"both would be written as {name}.png; give the images distinct names"
+            )
+        first_of[name] = index
+        names.append(name)
+    return names
 
 
 def _apply(calibrator, calibrator_path, store, out_dir: Path, tau, progress) -> ApplyResult:
@@ -105,7 +122,7 @@ def _write_prediction_pngs(calibrator, predict, store, out_dir: Path, progress) 
         CITYSCAPES_PALETTE if tuple(names) == CITYSCAPES_CLASSES else default_palette(len(names))
     )
     written = []
-    for index, record in enumerate(store.images):
+    for index, (record, relative) in enumerate(zip(store.images, png_names(store), strict=True)):
         logits, _ = store.read_image(index)
         height, width = record.shape
         flat = logits.permute(1, 2, 0).reshape(-1, len(names))
@@ -114,7 +131,6 @@ def _write_prediction_pngs(calibrator, predict, store, out_dir: Path, progress) 
             prediction = prediction.repeat_interleave(record.stride, 0)
             prediction = prediction.repeat_interleave(record.stride, 1)
             prediction = prediction[: record.height, : record.width]
-        relative = _safe_relative_name(record.name, index)
         for folder, writer in (("trainIds", write_label_png), ("color", None)):
             target = out_dir / folder / f"{relative}.png"
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -131,10 +147,10 @@ def _write_prediction_pngs(calibrator, predict, store, out_dir: Path, progress) 
 def _safe_relative_name(name: str, index: int) -> str:
     if not name:
         return f"image{index:06d}"
-    parts = Path(name).parts
-    if Path(name).is_absolute() or ".." in parts:
+    path = PurePosixPath(name)  # 'x//y' and 'x/./y' name the file 'x/y' names
+    if path.is_absolute() or ".." in path.parts or str(path) == ".":
         raise BLDAError(f"image name {name!r}: not a safe relative file name for an output PNG")
-    return name
+    return str(path)
 
 
 def _write_prediction_store(
