@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from blda_tools.calibrate import CalibrateOptions, calibrate
 from blda_tools.calibration.apply import apply_calibrator
 from blda_tools.calibration.calibrator import Calibrator
 from blda_tools.calibration.export import export_torchscript
+from blda_tools.diagnose import diagnose
 from blda_tools.errors import BLDAError
 from blda_tools.statistics import LogitGrid
 from blda_tools.store import LogitWriter
@@ -167,6 +169,24 @@ def test_apply_matches_the_exported_module_run_without_blda(stores, tmp_path):
     exported = torch.load(tmp_path / "y.pt", weights_only=True).numpy()
     upsampled = exported.repeat(2, 0).repeat(2, 1)[:25, :25]
     assert np.array_equal(png, upsampled)
+
+
+def test_statistics_of_the_evaluated_stores_warn_from_any_working_folder(
+    stores, tmp_path, monkeypatch
+):
+    """The statistics file names its stores; calibrate, run from another folder, still sees
+    that they are the evaluated ones."""
+    shutil.copy(stores["eval"], tmp_path / "eval.h5")
+    monkeypatch.chdir(tmp_path)
+    diagnose(["eval.h5"], "diagnosis", grid=LogitGrid(-20, 20, 400), plots_and_report=False)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    options = CalibrateOptions(
+        taus="0,1", fit_on=["../diagnosis/statistics.h5"], fit_labels="gt", n_components=2,
+        min_samples=20, grid=LogitGrid(-20, 20, 400), plots=False, select_on=[stores["select"]],
+    )  # fmt: skip
+    result = calibrate("../eval.h5", "out", options)
+    assert "FITTING USES THE GROUND TRUTH OF THE EVALUATED PIXELS" in " ".join(result.warnings)
 
 
 def test_export_wraps_a_torchscript_model(stores, tmp_path):

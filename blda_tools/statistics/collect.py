@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Callable
 
@@ -92,13 +93,14 @@ def collect_statistics(
     """
     grid = grid if grid is not None else LogitGrid()
     source = resolve_label_source(labels, store.has_labels, where=", ".join(map(str, store.paths)))
-    if int(workers) != workers or workers < 1:
-        raise BLDAError(f"workers: expected a positive integer, got {workers}")
+    if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
+        raise BLDAError(f"workers: expected a positive integer, got {workers!r}")
     if rows_per_chunk < 1:
         raise BLDAError(f"rows_per_chunk: expected a positive integer, got {rows_per_chunk}")
     statistics = _collect(store, source, grid, workers, rows_per_chunk, progress)
     statistics.label_source = source
-    statistics.stores = tuple(str(path) for path in store.paths)
+    # absolute: calibrate, run from another folder, compares them with its stores
+    statistics.stores = tuple(os.path.abspath(path) for path in store.paths)
     return statistics
 
 
