@@ -213,6 +213,10 @@ def _calibrate(inputs: CalibrationInputs, out_dir: Path, options, progress) -> C
     )
     if evaluation is not None:
         _add_metrics(result, evaluation)
+    for statistics, what in ((fit_statistics, "fitting"), (anchor_statistics, "anchor")):
+        note = statistics.outside_grid_note()
+        if note is not None and (what == "fitting" or anchor_statistics is not fit_statistics):
+            result.notes.append(f"{what} data: {note}")
     _describe_choice(result)
     _write_outputs(result, calibrator, evaluation, fit_statistics, out_dir, options)
     return result
@@ -285,7 +289,13 @@ def _describe_choice(result: CalibrationResult) -> None:
     """Plain notes: a tau of 0 (a calibrator that changes nothing), and whether BLDA or the
     prior-adjustment baseline at its own best tau does better on the evaluated stores."""
     selection = result.selection
-    if result.chosen_tau == 0 and selection["how"].startswith("given"):
+    if len(result.unadjusted_cells) == len(result.classes) ** 2:
+        result.notes.append(
+            "No cell of the logit-set matrix has --min-samples logits, so no logit gets an "
+            "offset: this calibrator changes nothing at any tau. Lower --min-samples, or fit "
+            "on more data (--fit-on)."
+        )
+    elif result.chosen_tau == 0 and selection["how"].startswith("given"):
         result.notes.append(
             "tau = 0 was given: this calibrator changes nothing (its predictions are the "
             "argmax of the logits)."

@@ -169,10 +169,7 @@ def _measure(store, statistics, confusion, source, notes) -> Diagnosis:
     js_positive, js_negative = metrics.anchor_divergences(statistics.histogram)  # Table 15
     clipped = int(statistics.clipped.sum())
     if clipped:
-        notes.append(
-            f"{clipped} logits fell outside the histogram grid [{statistics.grid.low}, "
-            f"{statistics.grid.high}] and were counted in its edge bins."
-        )
+        notes.append(statistics.outside_grid_note())
     diagnosis = Diagnosis(
         classes=names,
         label_source=source,

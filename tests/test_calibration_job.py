@@ -27,7 +27,7 @@ from blda_tools.calibration.export import export_torchscript
 from blda_tools.diagnose import diagnose
 from blda_tools.errors import BLDAError
 from blda_tools.statistics import LogitGrid
-from blda_tools.store import LogitWriter
+from blda_tools.store import LogitStore, LogitWriter
 
 NAMES = ["road", "car", "bike"]
 GRID = "-20:20:400"
@@ -416,3 +416,23 @@ def test_apply_refuses_images_that_would_write_the_same_png(stores, tmp_path, na
     )
     assert written == [f"{folder}/{name}.png" for folder in ("color", "trainIds")
                        for name in ("a/b", "c/d", "image000002")]  # fmt: skip
+
+
+def test_calibrate_notes_logits_outside_the_grid_and_a_calibrator_with_no_offset(stores, tmp_path):
+    narrow = LogitGrid(-1, 1, 100)  # the stores' Gaussian logits reach +-4
+    options = CalibrateOptions(taus="0,1", n_components=2, min_samples=20, grid=narrow, plots=False)
+    result = calibrate(stores["eval"], tmp_path / "narrow", options)
+    with LogitStore(stores["eval"]) as store:
+        outside = sum(
+            int(((part.logits < -1) | (part.logits > 1)).sum()) for part in store.iter_arrays()
+        )
+    assert f"fitting data: {outside} logits fell outside the histogram grid [-1, 1]" in " ".join(
+        result.notes
+    )
+    diagnosis = diagnose(stores["eval"], tmp_path / "d", grid=narrow, plots_and_report=False)
+    assert f"{outside} logits fell outside the histogram grid [-1, 1]" in " ".join(diagnosis.notes)
+    options = CalibrateOptions(taus="0,1", n_components=2, min_samples=10**9, plots=False)
+    result = calibrate(stores["eval"], tmp_path / "none", options)
+    notes = " ".join(result.notes)
+    assert "No cell of the logit-set matrix has --min-samples logits" in notes
+    assert "Try another --anchor" not in notes

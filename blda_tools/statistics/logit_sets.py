@@ -242,6 +242,17 @@ class LogitSetStatistics:
         """Number of labelled (not ignored) rows seen."""
         return int(self.count[:, 0].sum())
 
+    def outside_grid_note(self, option: str = "--grid") -> str | None:
+        """A note when logits fell outside the grid (they are counted in its edge bins, which
+        distorts the tails of the densities), else None."""
+        clipped = int(self.clipped.sum())
+        if clipped == 0:
+            return None
+        return (
+            f"{clipped} logits fell outside the histogram grid [{self.grid.low:g}, "
+            f"{self.grid.high:g}] and were counted in its edge bins; a wider {option} keeps them."
+        )
+
     # ------------------------------------------------------------------ merge
     def merge(self, other: LogitSetStatistics) -> LogitSetStatistics:
         """Add `other`'s statistics into this object exactly and return self."""
