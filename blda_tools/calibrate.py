@@ -89,11 +89,14 @@ class CalibrationResult:
         return json_ready(content)
 
 
+DEFAULT_TAUS, DEFAULT_COMPONENTS = "0:1:0.1", 5
+
+
 @dataclass(frozen=True)
 class CalibrateOptions:
     """Options of `calibrate` (the CLI's options, one to one)."""
 
-    taus: str | Sequence[float] = "0:1:0.1"
+    taus: str | Sequence[float] = DEFAULT_TAUS
     fit_on: Paths | None = None
     fit_labels: str = "pseudo"
     anchor_from: Paths | None = None
@@ -101,7 +104,7 @@ class CalibrateOptions:
     select_on: Paths | None = None
     metric: str = "miou"
     estimator: str = "gmm"
-    n_components: int = 5
+    n_components: int = DEFAULT_COMPONENTS
     eps: float = 0.01
     min_samples: int = 100
     table_points: int = 2048
@@ -132,11 +135,17 @@ class CalibrationInputs:
 
 def open_inputs(stores: Paths, options: CalibrateOptions) -> CalibrationInputs:
     """Open and check every store and statistics file, naming the option each came from."""
-    taus = (
-        parse_tau_spec(options.taus)
-        if isinstance(options.taus, str)
-        else parse_tau_spec(",".join(str(t) for t in options.taus))
-    )
+    taus = _taus(options.taus)
+    if len(taus) == 1 and options.select_on:
+        raise BLDAError(
+            f"--select-on and --tau {options.taus}: one tau leaves nothing to choose; give "
+            "several values (0:1:0.1) or leave --select-on out"
+        )
+    if options.estimator != "gmm" and options.n_components != DEFAULT_COMPONENTS:
+        raise BLDAError(
+            f"n_components={options.n_components} and estimator={options.estimator!r}: "
+            "components are those of a Gaussian mixture (estimator 'gmm')"
+        )
     if options.fit_labels not in FIT_LABELS:
         raise BLDAError(f"--fit-labels: expected gt or pseudo, got {options.fit_labels!r}")
     calibrator = Calibrator(
@@ -161,11 +170,26 @@ def open_inputs(stores: Paths, options: CalibrateOptions) -> CalibrationInputs:
         anchors = statistics_source(options.anchor_from, "--anchor-from", names, grid, None)
     held_out = open_held_out(options.select_on, names) if options.select_on else None
     if held_out is None and len(taus) > 1 and not evaluated.has_labels:
+        default = " (the default when fitting)" if options.taus == DEFAULT_TAUS else ""
         raise BLDAError(
-            "--tau: several values but no labels to choose among them: give --select-on "
-            "STORE with ground truth, or a single --tau value"
+            f"--tau {options.taus}{default}: several values, but STORES have no labels to "
+            "choose among them: give --select-on STORE with ground truth, or one --tau value"
         )
     return CalibrationInputs(taus, calibrator, evaluated, fit, anchors, held_out)
+
+
+def _taus(spec) -> list[float]:
+    """`CalibrateOptions.taus` (a spec or a sequence of numbers) -> sorted unique taus."""
+    if isinstance(spec, str):
+        return parse_tau_spec(spec)
+    if isinstance(spec, int | float):
+        return parse_tau_spec(str(spec))
+    try:
+        return parse_tau_spec(",".join(str(float(tau)) for tau in spec))
+    except (TypeError, ValueError):
+        raise BLDAError(
+            f"taus: expected a spec (0:1:0.1) or a sequence of numbers, got {spec!r}"
+        ) from None
 
 
 def calibration_passes(stores: Paths, options: CalibrateOptions) -> int:

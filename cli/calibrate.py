@@ -123,7 +123,7 @@ def calibrate_command(ctx, stores, out_dir, tau_spec, apply_path, **options):
     calibrated predictions (PNG pairs per image, or DIR/predictions.h5).
     """
     # The library is imported here, not at the top, so that `--help` never loads torch.
-    from blda_tools.calibrate import CalibrateOptions, calibrate, calibration_passes
+    from blda_tools.calibrate import DEFAULT_TAUS, CalibrateOptions, calibrate, calibration_passes
     from blda_tools.report.explain import after_calibrate
 
     _check_options(ctx)
@@ -131,7 +131,7 @@ def calibrate_command(ctx, stores, out_dir, tau_spec, apply_path, **options):
         _apply(apply_path, stores, out_dir, tau_spec)
         return
     config = CalibrateOptions(
-        taus="0:1:0.1" if tau_spec is None else tau_spec,
+        taus=DEFAULT_TAUS if tau_spec is None else tau_spec,
         fit_on=list(options["fit_on"]) or None,
         fit_labels=options["fit_labels"],
         anchor_from=list(options["anchor_from"]) or None,
@@ -186,19 +186,15 @@ def _check_options(ctx) -> None:
             f"--components and --estimator {ctx.params['estimator']}: components are those of "
             "a Gaussian mixture (--estimator gmm)"
         )
-    single_tau = given(ctx, "tau_spec") and _one_value(ctx.params["tau_spec"])
-    if single_tau and not given(ctx, "apply_path"):
-        for option in ("select_on", "metric"):
-            if given(ctx, option):
-                raise BLDAError(
-                    f"{option_text(ctx, option)} and --tau {ctx.params['tau_spec']}: one tau "
-                    "leaves nothing to choose; give several values (0:1:0.1) or leave "
-                    f"{option_text(ctx, option)} out"
-                )
+    if given(ctx, "tau_spec") and given(ctx, "metric") and not given(ctx, "apply_path"):
+        from blda_tools.calibration.sweep import parse_tau_spec
 
-
-def _one_value(spec: str) -> bool:
-    return ":" not in spec and "," not in spec
+        if len(parse_tau_spec(ctx.params["tau_spec"])) == 1:  # --select-on: the library's
+            raise BLDAError(
+                f"{option_text(ctx, 'metric')} and --tau {ctx.params['tau_spec']}: one tau "
+                "leaves nothing to choose; give several values (0:1:0.1) or leave "
+                f"{option_text(ctx, 'metric')} out"
+            )
 
 
 def _apply(apply_path, stores, out_dir, tau_spec) -> None:

@@ -297,10 +297,16 @@ def test_fit_errors_are_clear():
     statistics.update(torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.5]]), torch.tensor([0, 1, 0]))
     with pytest.raises(BLDAError, match="positive anchor has 3 logits, fewer than n_components=5"):
         Calibrator(min_samples=5).fit(statistics)
+    absent = LogitSetStatistics(3, LogitGrid(-5, 5, 50), class_names=["road", "car", "bus"])
+    absent.update(torch.tensor([[1.0, 0.0, 0.2], [0.0, 1.0, 0.1]]), torch.tensor([0, 1]))
+    with pytest.raises(BLDAError, match="positive anchor has no logits: .*--anchor takes"):
+        Calibrator("empirical", anchor="class:bus", min_samples=1).fit(absent)
     with pytest.raises(BLDAError, match="unknown class 'bus'.*road, car"):
         Calibrator("empirical", anchor="class:bus").fit(statistics)
-    with pytest.raises(BLDAError, match="--min-samples"):
+    with pytest.raises(BLDAError, match="--components 5 and --min-samples 2: .*--min-samples >= 5"):
         Calibrator(n_components=5, min_samples=2)
+    with pytest.raises(BLDAError, match="--table-points: expected an integer >= 16"):
+        Calibrator(table_points=8)
     calibrator = Calibrator("empirical", min_samples=1).fit(statistics)
     with pytest.raises(BLDAError, match="NaN"):
         calibrator.predict(torch.tensor([[math.nan, 0.0]]))

@@ -101,9 +101,26 @@ def test_calibrate_options_that_mean_nothing_together(inputs, tmp_path):
     base = ["calibrate", inputs["store"], "--out", tmp_path / "o", "--grid", GRID]
     refused([*base, "--estimator", "empirical", "--components", "3"], "--components",
             "--estimator empirical")  # fmt: skip
-    refused([*base, "--tau", "0.5", "--select-on", inputs["store"]], "--select-on", "--tau 0.5",
-            "nothing to choose")  # fmt: skip
-    refused([*base, "--tau", "0.5", "--metric", "macc"], "--metric", "--tau 0.5")
+    for one_tau in ("0.5", "0.5,0.5", "0.5:0.5:0.1", "0.5:0.55:0.1"):  # each spec of one value
+        refused([*base, "--tau", one_tau, "--select-on", inputs["store"]], "--select-on",
+                f"--tau {one_tau}", "nothing to choose")  # fmt: skip
+        refused([*base, "--tau", one_tau, "--metric", "macc"], "--metric", f"--tau {one_tau}")
+    assert not (tmp_path / "o").exists()
+
+
+def test_calibrate_from_python_refuses_what_means_nothing_together(inputs, tmp_path):
+    from blda_tools.calibrate import CalibrateOptions, calibrate
+    from blda_tools.errors import BLDAError
+
+    for options, message in [
+        (CalibrateOptions(taus="0.5,0.5", select_on=[inputs["store"]]), "one tau leaves nothing"),
+        (CalibrateOptions(taus=[0.5], select_on=[inputs["store"]]), "one tau leaves nothing"),
+        (CalibrateOptions(estimator="empirical", n_components=3), "components are those of"),
+        (CalibrateOptions(taus=0.5, select_on=[inputs["store"]]), "one tau leaves nothing"),
+        (CalibrateOptions(taus=object()), "taus: expected a spec"),
+    ]:
+        with pytest.raises(BLDAError, match=message):
+            calibrate(inputs["store"], tmp_path / "o", options)
     assert not (tmp_path / "o").exists()
 
 

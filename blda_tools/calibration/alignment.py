@@ -67,7 +67,13 @@ class Anchors:
         self.mixtures: dict[str, GaussianMixture1D] = {}
         for name, histogram in (("positive", positive), ("negative", negative)):
             total = int(histogram.sum())
-            if total < max(components, 1) or total == 0:
+            if total == 0:  # fewer components cannot help
+                raise BLDAError(
+                    f"anchor: the {name} anchor has no logits: the anchor data (--anchor-from, "
+                    "else the fitting data) hold no labelled pixel of the class(es) --anchor "
+                    "takes; give data with them, or another --anchor"
+                )
+            if total < components:
                 raise BLDAError(
                     f"anchor: the {name} anchor has {total} logits, fewer than "
                     f"n_components={components}; give more data (--anchor-from) or fewer components"

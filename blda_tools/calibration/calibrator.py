@@ -99,14 +99,16 @@ class Calibrator:
         if not 0 < eps < 0.5:
             raise BLDAError(f"--eps: expected 0 < eps < 0.5, got {eps}")
         fewest = n_components if estimator == "gmm" else 1  # a mixture needs K samples
-        if int(min_samples) != min_samples or min_samples < fewest:
+        if int(min_samples) != min_samples or min_samples < 1:
+            raise BLDAError(f"--min-samples: expected a positive integer, got {min_samples}")
+        if min_samples < fewest:  # either option may be the one to change
             raise BLDAError(
-                f"--min-samples: expected an integer >= {fewest}"
-                + (f" (n_components={n_components})" if estimator == "gmm" else "")
-                + f", got {min_samples}"
+                f"--components {n_components} and --min-samples {min_samples}: a mixture of "
+                f"{n_components} components needs cells of at least as many logits; give "
+                f"--min-samples >= {n_components} or fewer --components"
             )
         if int(table_points) != table_points or table_points < 16:
-            raise BLDAError(f"table_points: expected an integer >= 16, got {table_points}")
+            raise BLDAError(f"--table-points: expected an integer >= 16, got {table_points}")
         check_tau(tau, "tau")
         self.estimator, self.n_components, self.eps = estimator, int(n_components), float(eps)
         self.min_samples, self.table_points = int(min_samples), int(table_points)

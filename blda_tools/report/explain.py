@@ -89,24 +89,19 @@ def sibling(out_dir: str | Path, name: str) -> Path:
 
 
 def after_diagnose(stores: Sequence[str], out_dir: str | Path, has_labels: bool) -> list[str]:
-    """The next commands after `blda diagnose STORES --out OUT_DIR`."""
+    """The next commands after `blda diagnose STORES --out OUT_DIR`. Without labels in STORES
+    tau is chosen on a held-out labelled store, or given."""
     calibration = sibling(out_dir, "calibration")
-    lines = [command("blda", "calibrate", *stores, "--out", calibration)]
-    if has_labels:
-        lines.append(
-            command(
-                "blda",
-                "calibrate",
-                *stores,
-                "--fit-on",
-                "TARGET_TRAIN.h5",
-                "--select-on",
-                "HELD_OUT.h5",
-                "--out",
-                calibration,
-            )  # fmt: skip
-        )
-    return lines
+    held_out = ("--select-on", "HELD_OUT.h5", "--out", calibration)
+    if not has_labels:
+        return [
+            command("blda", "calibrate", *stores, *held_out),
+            command("blda", "calibrate", *stores, "--tau", "0.5", "--out", calibration),
+        ]
+    return [
+        command("blda", "calibrate", *stores, "--out", calibration),
+        command("blda", "calibrate", *stores, "--fit-on", "TARGET_TRAIN.h5", *held_out),
+    ]
 
 
 def after_calibrate(stores: Sequence[str], out_dir: str | Path) -> list[str]:
