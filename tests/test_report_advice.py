@@ -157,10 +157,23 @@ def test_calibrate_on_a_perfect_model_chooses_tau_zero_and_says_so(tmp_path):
     logits[np.arange(120), labels] = 5.0
     with LogitWriter(tmp_path / "perfect.h5", NAMES) as writer:
         writer.add(logits, labels, name="perfect")
-    options = CalibrateOptions(taus="0:1:0.5", select_on=tmp_path / "perfect.h5", plots=False)
+    # every cell holds 30 logits: offsets with --min-samples 10 (none with the default 100)
+    options = CalibrateOptions(
+        taus="0:1:0.5", select_on=tmp_path / "perfect.h5", min_samples=10, plots=False
+    )
     result = calibrate(tmp_path / "perfect.h5", tmp_path / "out", options)
     assert result.chosen_tau == 0.0
     assert result.notes[0].startswith("tau = 0 was chosen")
     saved = json.loads((tmp_path / "out" / "calibration.json").read_text())
     assert saved["notes"] == result.notes
     assert saved["prior_baseline"]["tau"] == 0.0
+
+
+def test_after_diagnosing_unlabelled_stores_the_suggested_calibrations_can_run():
+    from blda_tools.report.explain import after_diagnose
+
+    lines = after_diagnose(["target.h5"], "diagnosis", has_labels=False)
+    # without labels a sweep needs a held-out labelled store, or one tau is given
+    assert all("--select-on" in line or "--tau 0.5" in line for line in lines), lines
+    labelled = after_diagnose(["val.h5"], "diagnosis", has_labels=True)
+    assert labelled[0] == "blda calibrate val.h5 --out calibration"
