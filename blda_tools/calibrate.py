@@ -44,7 +44,7 @@ from blda_tools.errors import BLDAError
 from blda_tools.fileio import atomic_output, json_ready, none_to_nan, write_json
 from blda_tools.gmm import mixture_pdf
 from blda_tools.outputs import output_set
-from blda_tools.statistics import LogitGrid, LogitSetStatistics
+from blda_tools.statistics import LogitGrid, LogitSetStatistics, as_grid
 from blda_tools.statistics.metrics import SegmentationMetrics, js_divergence
 from blda_tools.store import LogitStore
 
@@ -110,6 +110,9 @@ class CalibrateOptions:
     table_points: int = 2048
     grid: LogitGrid = field(default_factory=LogitGrid)
     plots: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grid", as_grid(self.grid))  # (low, high, bins) accepted
 
 
 @dataclass

@@ -29,6 +29,7 @@ from blda_tools.report.html import Report
 from blda_tools.statistics import (
     LogitGrid,
     LogitSetStatistics,
+    as_grid,
     collect_statistics,
     first_argmax,
     metrics,
@@ -107,7 +108,7 @@ def diagnose(
     CLI does, before importing torch); otherwise `figure_workers.DEFAULT_PROCESSES` are started
     here, before the statistics pass, so that their start-up hides behind it.
     """
-    store = LogitStore(stores)
+    store, grid = LogitStore(stores), as_grid(grid)
     if figures is None:
         figures = FigureWorkers(figure_workers.DEFAULT_PROCESSES if plots_and_report else 0)
     # Stopped (at once on an error) before the output set is removed or moved into place, so

@@ -88,6 +88,15 @@ def _locked(directory: Path) -> Iterator[None]:
         os.close(descriptor)
 
 
+# Output sets whose command name is not how a user runs it.
+_COMMAND_LINES = {"calibrate-apply": "blda calibrate --apply"}
+
+
+def command_line(command: str) -> str:
+    """How a user runs the command that writes the output sets named `command`."""
+    return _COMMAND_LINES.get(command, f"blda {command}")
+
+
 def check_can_write(directory: Path, name: str, owner: str, sets: dict[str, list[str]]) -> None:
     """Refuse when `directory/name` exists and is not a file of the set `owner`."""
     target = directory / name
@@ -96,11 +105,11 @@ def check_can_write(directory: Path, name: str, owner: str, sets: dict[str, list
     holders = [set_name for set_name, files in sets.items() if name in files]
     if owner in holders:
         return
-    command = owner.split(" ")[0]
+    command = command_line(owner.split(" ")[0])
     if holders:
-        cause = f"written by `blda {holders[0].split(' ')[0]}`, not by `blda {command}`"
+        cause = f"written by `{command_line(holders[0].split(' ')[0])}`, not by `{command}`"
     else:
-        cause = f"exists and was not written by `blda {command}` (no record in {MANIFEST})"
+        cause = f"exists and was not written by `{command}` (no record in {MANIFEST})"
     raise BLDAError(
         f"{target}: {cause}; blda does not replace it: remove it or choose another --out"
     )
@@ -231,7 +240,7 @@ def _claim_staging(staging: Path, where: Path, command: str) -> int:
     """Make `staging` an empty folder locked by this run (`hold_lock`). A folder left by a
     killed run is unlocked and emptied; one locked by a running command is refused."""
     busy = (
-        f"{where}: another `blda {command}` is writing there now; wait for it to finish or "
+        f"{where}: another `{command_line(command)}` is writing there now; wait for it to finish or "
         "choose another --out"
     )
     descriptor = hold_lock(staging, busy, directory=True)

@@ -160,3 +160,27 @@ def test_dump_logits_options_that_mean_nothing(tmp_path, monkeypatch):
 def test_click_usage_errors_are_one_line_too(arguments, fragment):
     line = refused(arguments, fragment)
     assert "--help" in line
+
+
+def test_grids_and_foreign_files_are_named_as_the_user_wrote_them(inputs, tmp_path):
+    base = ["calibrate", inputs["store"], "--out", tmp_path / "o"]
+    refused([*base, "--grid=1:0:10"], "--grid: expected finite LOW < HIGH")
+    refused(["diagnose", inputs["store"], "--out", tmp_path / "d", "--grid=-1:1:0"],
+            "--grid: BINS must be a positive integer")  # fmt: skip
+    (tmp_path / "p" / "trainIds" / "city").mkdir(parents=True)
+    (tmp_path / "p" / "trainIds" / "city" / "image0.png").write_bytes(b"mine")
+    refused(["calibrate", "--apply", inputs["calibrator"], inputs["store"], "--out", tmp_path / "p"],
+            "exists and was not written by `blda calibrate --apply`")  # fmt: skip
+
+
+def test_a_grid_may_be_given_as_low_high_bins_from_python(inputs, tmp_path):
+    from blda_tools.calibrate import CalibrateOptions
+    from blda_tools.diagnose import diagnose
+    from blda_tools.errors import BLDAError
+    from blda_tools.statistics import LogitGrid
+
+    assert CalibrateOptions(grid=(-10, 10, 100)).grid == LogitGrid(-10.0, 10.0, 100)
+    result = diagnose(inputs["store"], tmp_path / "d", grid=(-20, 20, 400), plots_and_report=False)
+    assert result.num_pixels > 0
+    with pytest.raises(BLDAError, match=r"--grid: expected a LogitGrid or \(low, high, bins\)"):
+        CalibrateOptions(grid="-10:10:100")

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from blda_tools.statistics.collect import LABEL_SOURCES, collect_statistics, resolve_label_source
-from blda_tools.statistics.grid import LogitGrid
+from blda_tools.statistics.grid import LogitGrid, as_grid
 from blda_tools.statistics.io import FORMAT_NAME, FORMAT_VERSION
 from blda_tools.statistics.kernel import first_argmax
 from blda_tools.statistics.logit_sets import LogitSetStatistics
@@ -21,6 +21,7 @@ __all__ = [
     "LABEL_SOURCES",
     "LogitGrid",
     "LogitSetStatistics",
+    "as_grid",
     "collect_statistics",
     "first_argmax",
     "resolve_label_source",

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from blda_tools.errors import BLDAError
 from blda_tools.runtime.process import worker_processes
 from blda_tools.statistics import logit_sets
-from blda_tools.statistics.grid import LogitGrid
+from blda_tools.statistics.grid import LogitGrid, as_grid
 from blda_tools.statistics.logit_sets import LogitSetStatistics
 
 LABEL_SOURCES = ("auto", "gt", "pseudo")
@@ -91,7 +91,7 @@ def collect_statistics(
     this process). `progress(rows)` is called as rows are done (per chunk with one worker; per
     finished range with several).
     """
-    grid = grid if grid is not None else LogitGrid()
+    grid = as_grid(grid)
     source = resolve_label_source(labels, store.has_labels, where=", ".join(map(str, store.paths)))
     if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
         raise BLDAError(f"workers: expected a positive integer, got {workers!r}")

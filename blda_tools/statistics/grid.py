@@ -28,10 +28,10 @@ class LogitGrid:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.low) and math.isfinite(self.high) and self.high > self.low):
             raise BLDAError(
-                f"LogitGrid: need finite low < high, got low={self.low}, high={self.high}"
+                f"--grid: expected finite LOW < HIGH, got low={self.low}, high={self.high}"
             )
         if int(self.bins) != self.bins or self.bins < 1:
-            raise BLDAError(f"LogitGrid: bins must be a positive integer, got {self.bins}")
+            raise BLDAError(f"--grid: BINS must be a positive integer, got {self.bins}")
 
     @property
     def width(self) -> float:
@@ -62,3 +62,19 @@ class LogitGrid:
         """The float32 ``1 / width`` and ``-low / width`` of the bin arithmetic (the statistics
         kernel uses the same two numbers)."""
         return np.float32(1.0 / self.width), np.float32(-self.low / self.width)
+
+
+def as_grid(value) -> LogitGrid:
+    """`value` as a LogitGrid: a LogitGrid, a (low, high, bins) sequence, or None (the
+    default grid)."""
+    if value is None:
+        return LogitGrid()
+    if isinstance(value, LogitGrid):
+        return value
+    try:
+        low, high, bins = value
+        return LogitGrid(float(low), float(high), int(bins))
+    except (TypeError, ValueError):
+        raise BLDAError(
+            f"--grid: expected a LogitGrid or (low, high, bins), got {value!r}"
+        ) from None
