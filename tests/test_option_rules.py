@@ -184,3 +184,25 @@ def test_a_grid_may_be_given_as_low_high_bins_from_python(inputs, tmp_path):
     assert result.num_pixels > 0
     with pytest.raises(BLDAError, match=r"--grid: expected a LogitGrid or \(low, high, bins\)"):
         CalibrateOptions(grid="-10:10:100")
+
+
+def test_a_held_out_store_whose_every_label_is_ignored_is_refused_before_any_pass(tmp_path):
+    import numpy as np
+
+    from blda_tools.calibrate import CalibrateOptions, calibrate
+    from blda_tools.errors import BLDAError
+    from blda_tools.store import LogitStore, LogitWriter
+
+    names = ["road", "car", "bike"]
+    rng = np.random.default_rng(0)
+    for name, labels in (("ignored", np.full(50, 255)), ("one", np.r_[np.full(49, 255), 2])):
+        with LogitWriter(tmp_path / f"{name}.h5", names) as writer:
+            writer.add(rng.normal(size=(50, 3)).astype(np.float32), labels.astype(np.uint8))
+    with LogitStore(tmp_path / "one.h5") as store:
+        assert store.has_labelled_pixel(rows=7)  # found in the last read
+    with LogitStore(tmp_path / "ignored.h5") as store:
+        assert not store.has_labelled_pixel(rows=7)
+    options = CalibrateOptions(select_on=[tmp_path / "ignored.h5"], min_samples=5, plots=False)
+    with pytest.raises(BLDAError, match=r"--select-on .*ignored.h5: no ground-truth labels"):
+        calibrate(tmp_path / "one.h5", tmp_path / "o", options)
+    assert not (tmp_path / "o").exists()

@@ -148,9 +148,9 @@ def open_held_out(paths: Paths, class_names: Sequence[str]) -> LogitStore:
     """The `--select-on` stores: same classes as the evaluated stores, and labelled."""
     store = open_store(paths, "--select-on")
     check_same_classes(class_names, store.class_names, "--select-on", ("STORES", "--select-on"))
-    if not store.has_labels:
+    if not store.has_labelled_pixel():  # no labels, or every label the ignore index
         raise BLDAError(
             f"--select-on {', '.join(map(str, store.paths))}: no ground-truth labels to choose "
-            "tau with; give a labelled held-out store"
+            "tau with (every pixel unlabelled or ignored); give a labelled held-out store"
         )
     return store

@@ -205,6 +205,16 @@ class LogitStore:
             raise BLDAError(f"{where}: dtype must be float16, float32 or None, got {dtype}")
         return name
 
+    def has_labelled_pixel(self, rows: int = 1 << 22) -> bool:
+        """Whether any row's label is not the ignore index (reads the labels only, `rows` at
+        a time, and stops at the first)."""
+        for shard in self._shards if self.has_labels else ():
+            labels = shard.file["labels"]
+            for first in range(0, labels.shape[0], rows):
+                if bool((labels[first : first + rows] != self.ignore_index).any()):
+                    return True
+        return False
+
     def _label_dtype(self) -> np.dtype | None:
         """The stored label type (the widest, should shards differ), None without labels."""
         if not self.has_labels:
