@@ -500,3 +500,26 @@ def test_loaded_own_offsets_are_those_of_the_full_computation(five_class_calibra
     full = torch.diagonal(gather_offsets(logits, *calibrator.kernel_tensors()), 0, 1, 2).numpy()
     one_rounding = np.spacing(np.float32(np.abs(full).max() + 1.0))
     assert np.abs(own - full).max() <= one_rounding
+
+
+def test_a_calibrator_refuses_bad_tau_other_anchors_and_damaged_files(tmp_path):
+    statistics = LogitSetStatistics(2, LogitGrid(-5, 5, 50), class_names=["road", "car"])
+    statistics.update(torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.5]]), torch.tensor([0, 1, 0]))
+    calibrator = Calibrator("empirical", min_samples=1).fit(statistics)
+    with pytest.raises(BLDAError, match="tau: expected a finite tau >= 0"):
+        calibrator.tau = -2.0
+    other = LogitSetStatistics(3, LogitGrid(-5, 5, 50))
+    other.update(torch.zeros(2, 3), torch.tensor([0, 1]))
+    with pytest.raises(BLDAError, match="anchor statistics: 3 classes, the fit-on statistics 2"):
+        Calibrator("empirical", min_samples=1).fit(statistics, other)
+    calibrator.save(tmp_path / "good.pt")
+    state = torch.load(tmp_path / "good.pt", weights_only=True)
+    damaged = {
+        "low_shape": ("table_low", torch.zeros(5), "table_low has shape"),
+        "nan": ("offsets", torch.full_like(state["offsets"], float("nan")), "offsets holds NaN"),
+        "names": ("class_names", 5, "class_names is not a list of names"),
+    }
+    for name, (field, value, message) in damaged.items():
+        torch.save({**state, field: value}, tmp_path / f"{name}.pt")
+        with pytest.raises(BLDAError, match=message):
+            Calibrator.load(tmp_path / f"{name}.pt")

@@ -109,16 +109,24 @@ class Calibrator:
             )
         if int(table_points) != table_points or table_points < 16:
             raise BLDAError(f"--table-points: expected an integer >= 16, got {table_points}")
-        check_tau(tau, "tau")
         self.estimator, self.n_components, self.eps = estimator, int(n_components), float(eps)
         self.min_samples, self.table_points = int(min_samples), int(table_points)
-        self.anchor, self.tau = anchor, float(tau)
+        self.anchor, self.tau = anchor, tau
         self.class_names: tuple[str, ...] | None = None
         self.ignore_index = 255
         self.cell_mixture_: dict[str, Tensor] | None = None
         self.anchor_mixtures_: dict[str, dict[str, Tensor]] = {}
 
     # ------------------------------------------------------------------ fit
+    @property
+    def tau(self) -> float:
+        """The tau `predict` and `log_scores` use by default (checked when set)."""
+        return self._tau
+
+    @tau.setter
+    def tau(self, value: float) -> None:
+        self._tau = check_tau(value, "tau")
+
     def fit(
         self,
         statistics: LogitSetStatistics,
@@ -129,6 +137,11 @@ class Calibrator:
         anchor_statistics = statistics if anchor_statistics is None else anchor_statistics
         if anchor_statistics.grid != statistics.grid:
             raise BLDAError("anchor statistics: histogram grid differs from the fit-on statistics")
+        if anchor_statistics.num_classes != statistics.num_classes:
+            raise BLDAError(
+                f"anchor statistics: {anchor_statistics.num_classes} classes, the fit-on "
+                f"statistics {statistics.num_classes}"
+            )
         if None not in (statistics.class_names, anchor_statistics.class_names) and (
             statistics.class_names != anchor_statistics.class_names
         ):
@@ -338,7 +351,10 @@ class Calibrator:
                 state["anchor"],
                 state["tau"],
             )
-            calibrator.class_names = tuple(state["class_names"])
+            names = state["class_names"]
+            if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+                raise BLDAError(f"{path}: class_names is not a list of names: {names!r}")
+            calibrator.class_names = tuple(names)
             calibrator.ignore_index = int(state["ignore_index"])
             calibrator.table_low_ = state["table_low"].to(torch.float32)
             calibrator.table_high_ = state["table_high"].to(torch.float32)
@@ -347,11 +363,9 @@ class Calibrator:
             calibrator.class_prior_ = state["class_prior"]
             calibrator.cell_mixture_ = state["cell_mixture"]
             calibrator.anchor_mixtures_ = state["anchor_mixtures"]
-        except (KeyError, AttributeError) as error:
+        except (KeyError, AttributeError, TypeError, ValueError) as error:
             raise BLDAError(f"{path}: calibrator is missing or has a bad field {error}") from None
-        C = len(calibrator.class_names)
-        if calibrator.offsets_.ndim != 3 or calibrator.offsets_.shape[:2] != (C, C):
-            raise BLDAError(f"{path}: offsets have shape {tuple(calibrator.offsets_.shape)}")
+        _check_loaded_tables(calibrator, path)
         calibrator._build_rows()
         return calibrator
 
@@ -359,6 +373,29 @@ class Calibrator:
         """BLDAError unless `class_names` are the calibrator's classes, in the same order."""
         names = self._require_fitted()
         check_same_classes(names, class_names, where, ("the calibrator", "the stores"))
+
+
+def _check_loaded_tables(calibrator: Calibrator, path) -> None:
+    """The tables of a loaded calibrator: shaped for its classes and finite (a damaged or
+    edited file would otherwise fail inside the kernels, or give NaN scores)."""
+    classes = len(calibrator.class_names)
+    offsets = calibrator.offsets_
+    if offsets.ndim != 3 or offsets.shape[:2] != (classes, classes):
+        raise BLDAError(f"{path}: offsets have shape {tuple(offsets.shape)}")
+    expected = {
+        "table_low": (calibrator.table_low_, (classes,)),
+        "table_high": (calibrator.table_high_, (classes,)),
+        "adjusted": (calibrator.adjusted_, (classes, classes)),
+    }
+    for name, (table, shape) in expected.items():
+        if tuple(table.shape) != shape:
+            raise BLDAError(f"{path}: {name} has shape {tuple(table.shape)}, expected {shape}")
+    for name, table in (("offsets", offsets), ("table_low", calibrator.table_low_),
+                        ("table_high", calibrator.table_high_)):  # fmt: skip
+        if not bool(torch.isfinite(table).all()):
+            raise BLDAError(f"{path}: {name} holds NaN or infinite values")
+    if not bool((calibrator.table_high_ > calibrator.table_low_).all()):
+        raise BLDAError(f"{path}: table_high is not above table_low for every class")
 
 
 def check_tau(tau: float, option: str = "--tau") -> float:
