@@ -185,7 +185,7 @@ def read_text_file(path: str | os.PathLike, expected: str) -> str:
     """The UTF-8 text of `path`, or a BLDAError naming it and what it should hold (a binary
     or otherwise encoded file given where a text file is expected)."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8-sig")  # a leading BOM is not text
     except UnicodeDecodeError as error:
         raise BLDAError(
             f"{as_text(path)}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset "

@@ -89,8 +89,8 @@ class SizeParam(click.ParamType):
 @click.option(
     "--split",
     default=None,
-    help="Split (Cityscapes: train/val/test) or a list file; "
-    "default: the dataset's default (Cityscapes val).",
+    help="Cityscapes: train, val or test (default val); GTA5, SYNTHIA, folder: all (the "
+    "default) or a list file of image names; image-folder: a split folder (default val).",
 )
 @click.option(
     "--out",

@@ -256,8 +256,10 @@ def test_gta5_split_list_file(tmp_path):
     listing.write_text("00002\n00009\n")
     with pytest.raises(BLDAError, match=r"split.txt:2: no image '00009'"):
         build_dataset("gta5", tmp_path, str(listing))
-    with pytest.raises(BLDAError, match="neither 'all' nor an existing list file"):
+    with pytest.raises(BLDAError, match="--split train: gta5 takes 'all' or an existing list"):
         build_dataset("gta5", tmp_path, "train")
+    listing.write_text("\ufeff00002\n00001\n", encoding="utf-8")  # as Windows Notepad saves it
+    assert build_dataset("gta5", tmp_path, str(listing)).names == ("images/00002", "images/00001")
 
 
 def test_gta5_missing_folders_and_orphan_labels(tmp_path):

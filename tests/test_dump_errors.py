@@ -23,6 +23,7 @@ from blda_tools.errors import BLDAError
 from blda_tools.inference.dump import (
     CorruptImageWarning,
     PixelSampling,
+    dump_logits,
     prepare_dump,
 )
 from blda_tools.models import create_model
@@ -196,3 +197,16 @@ def test_a_store_another_dump_is_writing_is_named_not_offered_for_deletion(tmp_p
         writer.wait()
     with pytest.raises(BLDAError, match="an unfinished dump; pass --resume"):  # once it is gone
         dump(plugin, tmp_path / "data", out, inference=WHOLE, workers=0)
+
+
+def test_split_and_rank_errors_name_their_option(tmp_path, plugin):
+    from test_datasets import make_gta5
+
+    make_gta5(tmp_path / "gta", mismatch=False)
+    with pytest.raises(BLDAError, match=r"^--split nosuch\.txt: gta5 takes 'all' or"):
+        dump_logits(plugin, None, "gta5", tmp_path / "gta", "nosuch.txt", tmp_path / "g.h5")
+    make_cityscapes(tmp_path / "data", count=2)
+    with pytest.raises(BLDAError, match=r"^--split: expected a split name or a list file, got 3"):
+        dump(plugin, tmp_path / "data", tmp_path / "o.h5", split=3)
+    with pytest.raises(BLDAError, match=r"rank=2, world_size=2: expected integers 0 <= rank"):
+        dump(plugin, tmp_path / "data", tmp_path / "o.h5", rank=2, world_size=2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 import pytest
+import torch
 from click.testing import CliRunner
 from output_helpers import expect_one_line_error, make_inputs
 from test_calibration_job import GRID
@@ -138,6 +139,11 @@ def test_dump_logits_options_that_mean_nothing(tmp_path, monkeypatch):
     refused(
         [*folder, "--window-stride", "8"], "--window-stride and the native protocol", "--mode slide"
     )
+    archive = tmp_path / "model.pt"
+    torch.jit.script(torch.nn.Conv2d(3, 19, 1)).save(str(archive))
+    scripted = [*base, "--model", "torchscript", "--checkpoint", archive]
+    refused([*scripted, "--weights", "teacher"], "--weights teacher and --model torchscript")
+    refused([*scripted, "--trust-checkpoint"], "--trust-checkpoint and --model torchscript")
     # A built-in architecture without weights runs only when asked to.
     refused([*base, "--model", "tiny"], "--model tiny: no --checkpoint", "--random-weights")
     refused([*base, "--model", "tiny", "--random-weights", "--checkpoint", tmp_path / "c.pth"],

@@ -316,8 +316,8 @@ def select_split(keys: Sequence[str], split: str, dataset: str, image_dir: Path)
     list_file = Path(split)
     if not list_file.is_file():
         raise BLDAError(
-            f"{dataset}: split {split!r} is neither 'all' nor an existing list file "
-            "(one image name per line)"
+            f"--split {split}: {dataset} takes 'all' or an existing list file (one image name "
+            "per line); no such file"
         )
     available = set(keys)
     selected: list[str] = []
@@ -333,13 +333,13 @@ def select_split(keys: Sequence[str], split: str, dataset: str, image_dir: Path)
             relative = PurePosixPath(*relative.parts[1:])
         key = image_key(relative)
         if key not in available:
-            raise BLDAError(f"{list_file}:{number}: no image {entry!r} under {image_dir}")
+            raise BLDAError(f"--split {list_file}:{number}: no image {entry!r} under {image_dir}")
         if key in seen:
-            raise BLDAError(f"{list_file}:{number}: image {entry!r} is listed twice")
+            raise BLDAError(f"--split {list_file}:{number}: image {entry!r} is listed twice")
         seen.add(key)
         selected.append(key)
     if not selected:
-        raise BLDAError(f"{list_file}: split list file names no images")
+        raise BLDAError(f"--split {list_file}: the list file names no images")
     return selected
 
 

@@ -40,6 +40,7 @@ from blda_tools.fileio import (
     resource_failure,
 )
 from blda_tools.inference.dump_checks import (
+    check_archive_options,
     check_counts,
     check_model,
     check_sampling,
@@ -417,8 +418,13 @@ def prepare_dump(
     """
     if rank is None or world_size is None:
         rank, world_size = distributed_rank()
+    elif not (isinstance(rank, int) and isinstance(world_size, int) and 0 <= rank < world_size):
+        raise BLDAError(
+            f"rank={rank!r}, world_size={world_size!r}: expected integers 0 <= rank < world_size"
+        )
     check_counts(max_images=max_images, workers=workers, batch_size=batch_size, streams=streams)
     protocol, inference, task = check_model(model_spec, checkpoint, random_weights, inference)
+    check_archive_options(model_spec, weights, trust_checkpoint)
     data = open_dataset(dataset, data_root, split, dataset_options)
     classification = check_task(model_spec, task, dataset, data.dataset_name == "image-folder")
     sampling = check_sampling(sampling, classification, dataset)

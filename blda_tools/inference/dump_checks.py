@@ -26,10 +26,15 @@ def check_model(model_spec: str, checkpoint, random_weights: bool, inference):
 
 
 def open_dataset(dataset: str, data_root, split: str | None, options: dict | None):
-    """The dataset, its errors naming --data-root (where its files were looked for)."""
+    """The dataset, its errors naming --data-root (where its files were looked for) unless
+    they name the option at fault themselves (--split)."""
+    if split is not None and not isinstance(split, str):
+        raise BLDAError(f"--split: expected a split name or a list file, got {split!r}")
     try:
         return build_dataset(dataset, data_root, split, **(options or {}))
     except BLDAError as error:
+        if str(error).startswith("--"):
+            raise
         raise BLDAError(f"--data-root {data_root}: {error}") from None
 
 
@@ -49,6 +54,20 @@ def check_sampling(
             "--stride, --pixels-per-image and --stratified do not apply"
         )
     return sampling
+
+
+def check_archive_options(model_spec: str, weights: str, trust_checkpoint: bool) -> None:
+    """A TorchScript archive is loaded whole by torch.jit.load: no student or teacher to
+    choose, nothing unpickled to trust."""
+    if model_spec != TORCHSCRIPT:
+        return
+    for option, meaningless in ((f"--weights {weights}", weights != "student"),
+                                ("--trust-checkpoint", trust_checkpoint)):  # fmt: skip
+        if meaningless:
+            raise BLDAError(
+                f"{option} and --model torchscript: a TorchScript archive is loaded whole "
+                "(torch.jit.load), with no weights to choose and nothing unpickled"
+            )
 
 
 def check_weights(model_spec: str, checkpoint, random_weights: bool) -> None:
