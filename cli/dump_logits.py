@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from blda_cli.option_rules import require
 from blda_cli.progress import console, progress_bar
@@ -202,9 +203,26 @@ def dump_logits_command(ctx, **options):
     --dataset image-folder gives one row per image.
     """
     # The library is imported here, not at the top, so that `--help` never loads torch.
-    from blda_tools.inference.dump import CorruptImageWarning, PixelSampling, prepare_dump
+    from blda_tools.datasets import SizeMismatchWarning
+    from blda_tools.inference.dump import CorruptImageWarning
 
     _check_options(ctx)
+    # Warnings (a partial checkpoint, a resized or corrupt image) as one line each, whether
+    # the dump ends well or not; every corrupt or resized image, not only the first.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CorruptImageWarning)
+        warnings.simplefilter("always", SizeMismatchWarning)
+        try:
+            job, summary = _dump(options)
+        finally:
+            for warning in caught:
+                console.print(f"[yellow]warning:[/] {escape(str(warning.message))}")
+    _print_summary(job, summary)
+
+
+def _dump(options: dict):
+    from blda_tools.inference.dump import PixelSampling, prepare_dump
+
     sampling = PixelSampling(
         stride=options["stride"],
         pixels_per_image=options["pixels_per_image"],
@@ -242,13 +260,8 @@ def dump_logits_command(ctx, **options):
         )
     elif options["resume"]:  # said, so that a mistyped --out is not taken for a fresh start
         console.print(f"--resume: no image stored yet in {job.out}.partial; dumping every image")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", CorruptImageWarning)
-        with progress_bar("dump-logits", job.total, unit="images") as advance:
-            summary = job.run(advance)
-    for warning in caught:
-        console.print(f"[yellow]warning:[/] {warning.message}")
-    _print_summary(job, summary)
+    with progress_bar("dump-logits", job.total, unit="images") as advance:
+        return job, job.run(advance)
 
 
 def _print_summary(job, summary) -> None:

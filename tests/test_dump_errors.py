@@ -210,3 +210,25 @@ def test_split_and_rank_errors_name_their_option(tmp_path, plugin):
         dump(plugin, tmp_path / "data", tmp_path / "o.h5", split=3)
     with pytest.raises(BLDAError, match=r"rank=2, world_size=2: expected integers 0 <= rank"):
         dump(plugin, tmp_path / "data", tmp_path / "o.h5", rank=2, world_size=2)
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_warnings_are_one_line_each_from_workers_too_and_when_the_dump_fails(
+    tmp_path, plugin, workers
+):
+    from test_datasets import make_gta5
+
+    make_gta5(tmp_path / "gta")  # image 00003 is larger than its label: resized, with a warning
+    base = ["--model", plugin, "--dataset", "gta5", "--data-root", str(tmp_path / "gta"),
+            "--mode", "whole", "--resize", "none", "--workers", workers]  # fmt: skip
+    result = CliRunner().invoke(dump_logits_command, [*base, "--out", str(tmp_path / "a.h5")])
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "00003.png is 10x7 but label" in warned[0], result.output
+    # a failed dump still shows what it warned about: every image corrupt
+    for image in (tmp_path / "gta" / "images").iterdir():
+        image.write_bytes(b"broken")
+    result = CliRunner().invoke(dump_logits_command, [*base, "--out", str(tmp_path / "b.h5")])
+    assert result.exit_code != 0
+    warned = [line for line in result.output.splitlines() if line.startswith("warning: skipped")]
+    assert len(warned) == 4, result.output

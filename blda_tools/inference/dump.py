@@ -54,6 +54,7 @@ from blda_tools.inference.dump_files import (
 )
 from blda_tools.inference.loader import (
     decode,
+    reissue,
     runs_of_equal_size,
     start_loader,
     with_arrays,
@@ -275,9 +276,16 @@ class DumpJob:
 
     def _process(self, batch: list, writer: LogitWriter) -> tuple[list[PreparedImage], list[str]]:
         """A batch's prepared images and corrupt images' messages, in a stream thread. Items
-        are `(sample, error)` pairs from the loader workers, or dataset indices to decode here
+        are `(sample, error, warnings)` from the loader workers, or dataset indices to decode here
         (without workers)."""
-        pairs = [decode(self.dataset, item) if isinstance(item, int) else item for item in batch]
+        pairs = []
+        for item in batch:
+            if isinstance(item, int):
+                pairs.append(decode(self.dataset, item))
+            else:  # from a loader worker
+                sample, error, warned = item
+                reissue(warned)
+                pairs.append((sample, error))
         errors = [error for _, error in pairs if error is not None]
         if errors and self.strict:
             return [], errors

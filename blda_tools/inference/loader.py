@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -30,7 +31,17 @@ class _DecodedItems(Dataset):
         return len(self.indices)
 
     def __getitem__(self, position: int):
-        return decode(self.dataset, self.indices[position])
+        # A worker's warnings (a resized GTA5 image) travel with the sample, so that the main
+        # process shows them as it shows its own, not as a worker's raw stderr.
+        with warnings.catch_warnings(record=True) as caught:
+            sample, error = decode(self.dataset, self.indices[position])
+        return sample, error, [(str(w.message), w.category) for w in caught]
+
+
+def reissue(warned: list) -> None:
+    """Issue again in this process the warnings a loader worker recorded (`_DecodedItems`)."""
+    for message, category in warned:
+        warnings.warn(message, category, stacklevel=2)
 
 
 def decode(dataset, index: int):
@@ -88,8 +99,8 @@ def runs_of_equal_size(samples: list) -> Iterator[list]:
 
 
 def start_loader(dataset, pending: list[int], workers: int, batch_size: int) -> Iterator[list]:
-    """Batches of the `pending` images in order: with `workers`, lists of `(sample, error)`
-    decoded by that many processes, which start now; without, lists of dataset indices that
+    """Batches of the `pending` images in order: with `workers`, lists of `(sample, error,
+    warnings)` decoded by that many processes, which start now; without, lists of dataset indices that
     the inference streams decode themselves (a thread beside them would take CPU time from
     them)."""
     if workers == 0:
