@@ -105,7 +105,7 @@ def test_uint8_resize_is_opencv_bilinear_then_normalised():
 
 def test_rescale_warning_names_the_options_and_stays_quiet_up_to_2x():
     message = rescale_warning(PROTOCOLS["hrda"], (128, 256))
-    assert "upsamples 128 x 256 images 8.0x" in message
+    assert "upsamples 128 x 256 images 8.00x" in message
     for option in ("--mode", "--resize", "--crop", "--window-stride"):
         assert option in message
     assert rescale_warning(PROTOCOLS["daformer"], (1024, 2048)) is None  # 0.5x
@@ -150,7 +150,7 @@ def test_hrda_default_protocol_in_the_job_and_store_metadata(tmp_path):
     assert job.inference == PROTOCOLS["hrda"]
     assert job.writer_options["inference"]["crop"] == [1024, 1024]
     assert job.writer_options["inference_protocol"] == "hrda protocol"
-    assert any("upsamples 16 x 32 images 64.0x" in notice for notice in job.notices)
+    assert any("upsamples 16 x 32 images 64.00x" in notice for notice in job.notices)
 
 
 def test_daformer_default_and_cli_overrides_reach_the_store(tmp_path):
@@ -162,7 +162,7 @@ def test_daformer_default_and_cli_overrides_reach_the_store(tmp_path):
     result = runner.invoke(dump_logits_command, [*base, "--out", str(tmp_path / "d.h5")])
     assert result.exit_code == 0, result.output
     assert "daformer protocol: whole image, resized within 512 x 1024" in result.output
-    assert "upsamples 32 x 64 images 16.0x" in result.output
+    assert "upsamples 32 x 64 images 16.00x" in result.output
     metadata = read_metadata(tmp_path / "d.h5")
     assert metadata["inference"]["mode"] == "whole"
     assert metadata["inference"]["resize"] == [512, 1024]
