@@ -90,6 +90,25 @@ def test_overrides_are_typed():
         ("augment.crop_size=[512]", r"augment\.crop_size must be two positive numbers"),
         ("run.iterations", r"expected KEY=VALUE"),
         ("run.checkpoint_interval=0", r"run\.checkpoint_interval must be >= 1"),
+        # values the types allow but training cannot use (each trained wrongly or failed late)
+        ("optim.lr=-1", r"optim\.lr must lie in \(0, inf\), got -1"),
+        ("optim.lr=nan", r"optim\.lr must be finite, got nan"),
+        ("optim.betas=[0.9, 1.5]", r"optim\.betas must lie in \[0, 1\)"),
+        ("optim.min_lr=-0.5", r"optim\.min_lr must lie in \[0, inf\)"),
+        ("optim.weight_decay=-1", r"optim\.weight_decay must lie in \[0, inf\)"),
+        ("optim.warmup_iters=-5", r"optim\.warmup_iters must lie in \[0, inf\)"),
+        ("optim.poly_power=-1", r"optim\.poly_power must lie in \[0, inf\)"),
+        ("run.seed=-1", r"run\.seed must lie in \[0, 4.29497e\+09\]"),
+        ("run.seed=4294967296", r"run\.seed must lie in"),
+        (
+            "self_training.pseudo_threshold=2",
+            r"self_training\.pseudo_threshold must lie in \[0, 1\]",
+        ),
+        ("augment.cat_max_ratio=-1", r"augment\.cat_max_ratio must lie in \(0, 1\]"),
+        ("augment.color_jitter_probability=5", r"color_jitter_probability must lie in \[0, 1\]"),
+        ("rcs.temperature=inf", r"rcs\.temperature must be finite"),
+        ("evaluation.classes=[-1]", r"evaluation\.classes must be distinct class ids >= 0"),
+        ("evaluation.classes=[0, 0]", r"evaluation\.classes must be distinct class ids >= 0"),
     ],
 )
 def test_bad_override_values_are_refused(override, message):
@@ -130,3 +149,25 @@ def test_resolved_toml_round_trips(tmp_path):
     assert config_differences(load_config(path), config) == []
     changed = load_config(path, ["optim.lr=1e-3", "run.log_interval=7"])
     assert config_differences(config, changed) == ["optim.lr"]  # logging keys may change
+
+
+def test_a_config_object_is_checked_as_a_file_is_and_class_ids_against_the_data():
+    from blda_tools.training.config import check_class_ids, checked_config
+
+    config = load_config("synthcity_tiny")
+    config.run.iterations = 0
+    with pytest.raises(BLDAError, match=r"run\.iterations must be >= 1"):
+        checked_config(config)
+    config.run.iterations = "2"
+    with pytest.raises(BLDAError, match=r"run\.iterations: expected int, got '2'"):
+        checked_config(config)
+    config.run.iterations, config.loss.blda_tau = 2, 5.0
+    with pytest.raises(BLDAError, match=r"loss\.blda_tau set but loss\.name is"):
+        checked_config(config)
+    config.loss.blda_tau = 0.1
+    assert checked_config(config) == config
+    config.evaluation.classes = [3, 99]
+    with pytest.raises(BLDAError, match=r"evaluation\.classes must be class ids below 19"):
+        check_class_ids(config, 19)
+    with pytest.raises(BLDAError, match="a list of KEY=VALUE, got the string"):
+        load_config("synthcity_tiny", "run.iterations=2")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from importlib import resources
@@ -71,6 +72,28 @@ _MINIMA = {
     "loss.blda_max_samples_per_cell": 0,
     "loss.blda_anchor_max_samples": 0,
 }
+# Numbers the types leave open: (low, high, low included, high included); every float key
+# must also be finite. A value outside trains wrongly (a negative learning rate ascends, a
+# pseudo-label threshold above 1 weights every target pixel 0) or fails late in torch.
+_RANGES = {
+    "run.seed": (0, 2**32 - 1, True, True),  # numpy's seed range
+    "optim.lr": (0.0, math.inf, False, False),
+    "optim.head_lr_mult": (0.0, math.inf, False, False),
+    "optim.weight_decay": (0.0, math.inf, True, False),
+    "optim.warmup_iters": (0, math.inf, True, False),
+    "optim.warmup_ratio": (0.0, 1.0, True, True),
+    "optim.poly_power": (0.0, math.inf, True, False),
+    "optim.min_lr": (0.0, math.inf, True, False),
+    "augment.cat_max_ratio": (0.0, 1.0, False, True),
+    "augment.color_jitter_strength": (0.0, math.inf, True, False),
+    "augment.color_jitter_probability": (0.0, 1.0, True, True),
+    "self_training.pseudo_threshold": (0.0, 1.0, True, True),
+    "rcs.min_crop_ratio": (0.0, math.inf, True, False),  # HRDA 2.0 (crops of 4x the pixels)
+    "feature_distance.weight": (0.0, math.inf, True, False),
+    "feature_distance.scale_min_ratio": (0.0, 1.0, True, True),
+}
+# Lists of class ids (their upper bound, the class count, is checked with the data).
+CLASS_LISTS = ("evaluation.classes", "feature_distance.classes")
 # Keys a resumed run may change: they affect logging and file writes, never the numbers.
 RESUMABLE_KEYS = (
     "run.log_interval",
@@ -117,11 +140,22 @@ def load_config(
         except (OSError, tomllib.TOMLDecodeError) as error:
             raise BLDAError(f"{path}: cannot read the TOML config: {error}") from None
         apply_table(config, table, source=str(path))
+    if isinstance(overrides, str):  # one KEY=VALUE, not its characters
+        raise BLDAError(f"--set: expected a list of KEY=VALUE, got the string {overrides!r}")
     for override in overrides:
         key, value = parse_override(override)
         set_key(config, key, value, source="--set")
     validate(config)
     return config
+
+
+def checked_config(config: TrainingConfig) -> TrainingConfig:
+    """A config object built in Python, checked as a file is: every key's type, then
+    `validate` (returns a checked copy; the object itself is left as it was)."""
+    checked = TrainingConfig()
+    apply_table(checked, to_dict(config), source="TrainingConfig")
+    validate(checked)
+    return checked
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -208,13 +242,17 @@ def validate(config: TrainingConfig) -> None:
     for dotted, minimum in _MINIMA.items():
         if get_key(config, dotted) < minimum:
             raise BLDAError(f"config: {dotted} must be >= {minimum}, got {get_key(config, dotted)}")
+    _validate_ranges(config)
     low, high = config.augment.scale_range
     if low > high:
         raise BLDAError(f"config: augment.scale_range must be [low, high], got {[low, high]}")
     if not 0.0 <= config.self_training.ema_alpha <= 1.0:
         raise BLDAError("config: self_training.ema_alpha must lie in [0, 1]")
-    if config.rcs.temperature <= 0:
-        raise BLDAError("config: rcs.temperature must be > 0")
+    if not 0 < config.rcs.temperature < math.inf:
+        raise BLDAError("config: rcs.temperature must be a finite number > 0")
+    low, high = config.optim.betas
+    if not (0.0 <= low < 1.0 and 0.0 <= high < 1.0):
+        raise BLDAError(f"config: optim.betas must lie in [0, 1), got {config.optim.betas}")
     if config.feature_distance.enabled and not config.feature_distance.imagenet_weights:
         raise BLDAError(
             "config: feature_distance.enabled needs feature_distance.imagenet_weights, the path "
@@ -232,6 +270,36 @@ def validate(config: TrainingConfig) -> None:
 
     check_mic_settings(config.mic)
     _validate_blda(config.loss)
+
+
+def _validate_ranges(config: TrainingConfig) -> None:
+    for section in dataclasses.fields(config):
+        for key in dataclasses.fields(getattr(config, section.name)):
+            value = getattr(getattr(config, section.name), key.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise BLDAError(f"config: {section.name}.{key.name} must be finite, got {value}")
+    for dotted, (low, high, low_in, high_in) in _RANGES.items():
+        value = get_key(config, dotted)
+        above = value >= low if low_in else value > low
+        below = value <= high if high_in else value < high
+        if not (above and below):
+            bounds = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+            raise BLDAError(f"config: {dotted} must lie in {bounds}, got {value}")
+    for dotted in CLASS_LISTS:
+        ids = get_key(config, dotted)
+        if any(class_id < 0 for class_id in ids) or len(set(ids)) != len(ids):
+            raise BLDAError(f"config: {dotted} must be distinct class ids >= 0, got {ids}")
+
+
+def check_class_ids(config: TrainingConfig, num_classes: int) -> None:
+    """The class-id lists against the data's class count (known once the data is open)."""
+    for dotted in CLASS_LISTS:
+        ids = get_key(config, dotted)
+        if any(class_id >= num_classes for class_id in ids):
+            raise BLDAError(
+                f"config: {dotted} must be class ids below {num_classes} (the data's classes), "
+                f"got {ids}"
+            )
 
 
 def _validate_blda(loss: LossConfig) -> None:

@@ -43,13 +43,27 @@ def read_log(path: str | Path) -> list[dict]:
         path = path / LOG_NAME
     if not path.is_file():
         raise BLDAError(f"{path}: no training log (expected {LOG_NAME} in a run directory)")
+    text = read_text_file(path, "a training log")
+    lines = text.splitlines()
+    # A record is written as one line with its newline: a last line without one is a write
+    # cut short (a full disk, a kill), which a resume rewrites; it is not read.
+    torn = bool(lines) and not text.endswith("\n")
     records = []
-    for number, line in enumerate(read_text_file(path, "a training log").splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise BLDAError(f"{path}:{number}: not a JSON line") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if torn and number == len(lines):
+                break
+            raise BLDAError(f"{path}:{number}: not a JSON line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("iteration", 0), int):
+            raise BLDAError(
+                f"{path}:{number}: expected a record {{\"kind\": ..., \"iteration\": N, ...}}, "
+                f"got {line[:60]}"
+            )
+        records.append(record)
     return records
 
 
@@ -115,16 +129,24 @@ def curve_records(records: list[dict]) -> list[dict]:
     curves = []
     for record in records:
         if record.get("kind") == "train":
-            losses = {f"loss_{k}": v for k, v in record.get("losses", {}).items() if v is not None}
-            curves.append({"iteration": record["iteration"], **losses})
+            losses = record.get("losses", {})
+            losses = losses if isinstance(losses, dict) else {"?": losses}
+            values = {f"loss_{k}": v for k, v in losses.items() if v is not None}
+            curves.append({"iteration": record["iteration"], **values})
         elif record.get("kind") == "eval" and record.get("mIoU") is not None:
-            curves.append(
-                {
-                    "iteration": record["iteration"],
-                    "miou": record["mIoU"] / 100,
-                    "macc": record["mAcc"] / 100,
-                }
-            )
+            values = {"miou": record["mIoU"], "macc": record.get("mAcc")}
+            curves.append({"iteration": record["iteration"], **values})
+        else:
+            continue
+        for name, value in curves[-1].items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise BLDAError(
+                    f"log record of iteration {record['iteration']}: {name} is {value!r}, "
+                    "expected a number"
+                )
+        if "miou" in curves[-1]:
+            curves[-1]["miou"] /= 100
+            curves[-1]["macc"] /= 100
     return curves
 
 

@@ -35,6 +35,8 @@ from blda_tools.outputs import check_can_write, hold_lock, read_manifest, record
 from blda_tools.training.checkpoint import load_training_checkpoint
 from blda_tools.training.config import (
     TrainingConfig,
+    check_class_ids,
+    checked_config,
     config_differences,
     load_config,
     resolve_data_root,
@@ -124,6 +126,7 @@ def build_components(config: TrainingConfig) -> TrainingComponents:
     if not getattr(val, "has_labels", True):
         raise BLDAError(f"data: the target {data.val_split} split at {target_root} has no labels")
     classes, ignore = check_same_classes({"source": source, "target": target, "val": val})
+    check_class_ids(config, len(classes))
     model = create_model(config.model.arch, len(classes))
     if not getattr(model, "supports_training", True):
         raise BLDAError(
@@ -308,6 +311,8 @@ def train(
         config = load_config(config, overrides)
     elif overrides:
         raise BLDAError("train: overrides apply to a config file, not to a TrainingConfig object")
+    else:
+        config = checked_config(config)
     _init_distributed(config)
     seed_everything(config.run.seed)
     components = build_components(config)

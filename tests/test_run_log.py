@@ -1,0 +1,51 @@
+"""A training log cut short or edited by hand: the resume and plot-log read what they can and
+name the line they cannot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from blda_tools.errors import BLDAError
+from blda_tools.training.run_log import JsonlLog, curve_records, read_log
+
+RECORDS = [{"kind": "train", "iteration": i, "losses": {"ce": 1.0 / i}} for i in (1, 2, 3)]
+
+
+def write(path, text: str) -> None:
+    path.mkdir(exist_ok=True)
+    (path / "log.jsonl").write_text(text)
+
+
+def test_a_record_cut_short_at_the_end_is_dropped_and_resume_rewrites_the_log(tmp_path):
+    lines = "".join(json.dumps(record) + "\n" for record in RECORDS)
+    write(tmp_path, lines + '{"kind": "tra')  # a full disk stopped the write mid-line
+    assert read_log(tmp_path) == RECORDS
+    JsonlLog(tmp_path).truncate_after(2)  # what --resume from iteration 2 does
+    assert (tmp_path / "log.jsonl").read_text() == "".join(
+        json.dumps(record) + "\n" for record in RECORDS[:2]
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"kind": "tra\n{"kind": "train", "iteration": 2}\n', r"log.jsonl:1: not a JSON line"),
+        ('{"kind": "train", "iteration": 1}\n{"kind": "tr\n', r"log.jsonl:2: not a JSON line"),
+        ("[1, 2]\n", r"log.jsonl:1: expected a record"),
+        ('{"kind": "train", "iteration": "x"}\n', r"log.jsonl:1: expected a record"),
+    ],
+)
+def test_lines_that_are_not_records_are_named(tmp_path, text, message):
+    write(tmp_path, text)  # a broken line that ends with its newline was not cut short
+    with pytest.raises(BLDAError, match=message):
+        read_log(tmp_path)
+
+
+def test_curves_refuse_values_that_are_not_numbers():
+    records = [{"kind": "train", "iteration": 4, "losses": {"ce": "high"}}]
+    with pytest.raises(BLDAError, match="iteration 4: loss_ce is 'high', expected a number"):
+        curve_records(records)
+    evaluation = [{"kind": "eval", "iteration": 5, "mIoU": 40.0, "mAcc": 50.0}]
+    assert curve_records(evaluation) == [{"iteration": 5, "miou": 0.4, "macc": 0.5}]
