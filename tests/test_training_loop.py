@@ -7,6 +7,7 @@ last one, which runs the shipped `synthcity_tiny` config on a generated SynthCit
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,3 +317,34 @@ def test_synthcity_tiny_end_to_end_with_real_models_and_datasets(tmp_path):
     assert (tmp_path / "run" / "training_curves.png").stat().st_size > 0
     assert not list((tmp_path / "run").rglob("*.partial"))
     assert os.path.getsize(tmp_path / "run" / "log.jsonl") > 0
+
+
+def test_batches_are_the_same_with_and_without_loader_workers(tmp_path):
+    """run.num_workers may change on --resume: it must not change a number. A worker builds
+    batches on one torch thread; the main process (num_workers = 0) has two here."""
+    from blda_tools.datasets.synthcity.generate import make_synthcity
+    from blda_tools.training.batches import TrainingBatches
+    from blda_tools.training.runner import build_components
+
+    make_synthcity(tmp_path / "synthcity", images=4, size=(64, 128), seed=0)
+    config = load_config("synthcity_tiny", [
+        f'data.root="{tmp_path / "synthcity"}"', "data.source_size=[64, 128]",
+        "data.target_size=[64, 128]", "augment.crop_size=[64, 64]", "rcs.min_pixels=0",
+        "augment.color_jitter_probability=1.0", "run.num_workers=0",
+    ])  # fmt: skip
+    parts = build_components(config)
+    batches = TrainingBatches(parts.source, parts.target, config, ignore_index=parts.ignore_index)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        in_process = [batches[step] for step in range(4)]
+    finally:
+        torch.set_num_threads(previous)
+    loader = torch.utils.data.DataLoader(
+        batches, sampler=range(4), batch_size=None, num_workers=1, collate_fn=lambda item: item
+    )
+    for ours, theirs in zip(in_process, loader, strict=True):
+        for field in dataclasses.fields(ours):
+            mine, worker = getattr(ours, field.name), getattr(theirs, field.name)
+            if isinstance(mine, torch.Tensor):
+                assert torch.equal(mine, worker), field.name

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from blda_tools.runtime.process import torch_threads
 from blda_tools.training.augment import weak_augment
 from blda_tools.training.config import TrainingConfig
 from blda_tools.training.sampling import RareClassSampler
@@ -134,6 +135,13 @@ class TrainingBatches(Dataset):
         return list(range(first, first + batch))
 
     def __getitem__(self, micro_step: int) -> MicroBatch:
+        # One thread, as in a DataLoader worker: some augmentations reduce (the mean of a
+        # contrast jitter), and a reduction's rounding depends on the threads that share it,
+        # so that run.num_workers = 0 and >= 1 gave different batches (3e-5 apart).
+        with torch_threads(1):
+            return self._micro_batch(micro_step)
+
+    def _micro_batch(self, micro_step: int) -> MicroBatch:
         seed = self.config.run.seed
         indices = self.sample_indices(micro_step)
         images, labels, classes, targets, valid = [], [], [], [], []
