@@ -444,3 +444,17 @@ def test_an_empty_batch_gives_what_cross_entropy_gives(reduction):
         expected = F.cross_entropy(logits, labels, reduction=reduction)
         assert got.shape == expected.shape and got.requires_grad
         torch.testing.assert_close(got, expected, equal_nan=True)
+
+
+def test_float64_logits_keep_float64_and_pass_gradcheck_at_tau_zero():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, 3, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 4, (2, 3, 3), generator=generator)
+    labels[0, 0, 0] = 255
+    loss = BLDALoss(4, tau=0.0)(logits, labels, domain="source")
+    expected = torch.nn.functional.cross_entropy(logits, labels, ignore_index=255, reduction="sum")
+    assert loss.dtype == torch.float64
+    assert torch.allclose(loss, expected / labels.numel(), rtol=1e-12)  # mean over all pixels
+    assert torch.autograd.gradcheck(
+        lambda x: BLDALoss(4, tau=0.0)(x, labels, domain="source"), (logits,)
+    )

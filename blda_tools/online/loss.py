@@ -405,6 +405,9 @@ class BLDALoss(nn.Module):
         """Per-pixel cross-entropy of f + scale Delta (Eq. 9), differentiable in f with Delta a
         constant (detached); plain cross-entropy where `tables` is None or no row is active."""
         row = None if tables is None else self._table_rows(pixels)
+        # float64 logits stay float64 (as F.cross_entropy keeps them: gradcheck works);
+        # half precision is computed in float32
+        compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
         if row is None:
             adjusted = logits
         elif logits.dtype == torch.float32 and logits.device.type == "cpu":
@@ -421,9 +424,9 @@ class BLDALoss(nn.Module):
             # in place into the offsets buffer: one (B, C, H, W) tensor less. detach() makes
             # the reshaped buffer a non-differentiable view, so autograd records a plain add
             # (no CopySlices: a copy and a zero fill of the whole buffer in backward).
-            adjusted = to_logit_shape(scaled, logits).detach().add_(logits.float())
+            adjusted = to_logit_shape(scaled, logits).detach().to(compute).add_(logits.to(compute))
         return F.cross_entropy(
-            adjusted.float(), labels, reduction="none", ignore_index=self.ignore_index
+            adjusted.to(compute), labels, reduction="none", ignore_index=self.ignore_index
         )
 
     # -- cumulative density estimation (Eq. 10) --------------------------------------------------

@@ -60,7 +60,7 @@ def read_log(path: str | Path) -> list[dict]:
             raise BLDAError(f"{path}:{number}: not a JSON line") from None
         if not isinstance(record, dict) or not isinstance(record.get("iteration", 0), int):
             raise BLDAError(
-                f"{path}:{number}: expected a record {{\"kind\": ..., \"iteration\": N, ...}}, "
+                f'{path}:{number}: expected a record {{"kind": ..., "iteration": N, ...}}, '
                 f"got {line[:60]}"
             )
         records.append(record)
