@@ -315,3 +315,18 @@ def test_plugin_factories_and_their_errors(tmp_path, monkeypatch):
         load_model("blda_test_plugin:missing", 6)
     with pytest.raises(BLDAError, match="returned str, expected a torch nn.Module"):
         load_model("blda_test_plugin:not_a_model", 6)
+
+
+def test_a_training_run_s_weight_file_is_named_by_its_config_key(tmp_path):
+    from blda_tools.models import create_model
+    from blda_tools.models.checkpoints import load_checkpoint, load_pretrained_backbone
+
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    model = create_model("tiny", 3)
+    with pytest.raises(BLDAError, match=rf"^model\.pretrained {text}: "):
+        load_checkpoint(model, text, option="model.pretrained")
+    with pytest.raises(BLDAError, match=rf"^model\.backbone_weights {text}: "):
+        load_pretrained_backbone(model, text, option="model.backbone_weights")
+    with pytest.raises(BLDAError, match=rf"^--checkpoint {text}: "):
+        load_checkpoint(model, text)

@@ -50,8 +50,11 @@ class LoadReport:
     dropped: list[str] = field(default_factory=list)
 
 
-def read_checkpoint(path: str | os.PathLike, trust_checkpoint: bool = False) -> object:
-    """`torch.load` on the CPU, tensors and plain containers only unless `trust_checkpoint`."""
+def read_checkpoint(
+    path: str | os.PathLike, trust_checkpoint: bool = False, option: str = "--checkpoint"
+) -> object:
+    """`torch.load` on the CPU, tensors and plain containers only unless `trust_checkpoint`;
+    errors name the file as `option` (the config key of a training run's weights)."""
     if trust_checkpoint:
         warnings.warn(
             f"--trust-checkpoint: unpickling {path} with weights_only=False can run arbitrary "
@@ -59,12 +62,13 @@ def read_checkpoint(path: str | os.PathLike, trust_checkpoint: bool = False) -> 
             UserWarning,
             stacklevel=2,
         )
+    trust = "--trust-checkpoint" if option == "--checkpoint" else "model.trust_checkpoint=true"
     return load_torch(
         path,
-        f"--checkpoint {path}",
+        f"{option} {path}",
         "a PyTorch checkpoint",
         trusted=trust_checkpoint,
-        trust_option="--trust-checkpoint (trust_checkpoint=True); otherwise re-save its state_dict",
+        trust_option=f"{trust} (trust_checkpoint=True); otherwise re-save its state_dict",
         torchscript_advice="for a TorchScript export use --model torchscript",
     )
 
@@ -149,6 +153,7 @@ def load_checkpoint(
     weights: str = "student",
     trust_checkpoint: bool = False,
     strict: bool = True,
+    option: str = "--checkpoint",
 ) -> LoadReport:
     """Load the `weights` part of the checkpoint at `path` into `model`.
 
@@ -157,7 +162,7 @@ def load_checkpoint(
     the message lists a sample of the offending keys. Keys the model declares optional
     (`model.optional_checkpoint_keys`) are dropped and reported.
     """
-    checkpoint = read_checkpoint(path, trust_checkpoint)
+    checkpoint = read_checkpoint(path, trust_checkpoint, option)
     model_state = model.state_dict()
     state_dict, source = extract_state_dict(checkpoint, weights, path, model_keys=model_state)
     state_dict = nvlabs_segformer_head_to_daformer(state_dict)
@@ -170,7 +175,10 @@ def load_checkpoint(
 
 
 def load_pretrained_backbone(
-    model: nn.Module, path: str | os.PathLike, trust_checkpoint: bool = False
+    model: nn.Module,
+    path: str | os.PathLike,
+    trust_checkpoint: bool = False,
+    option: str = "--checkpoint",
 ) -> LoadReport:
     """Load ImageNet encoder weights (e.g. SegFormer's `mit_b5.pth`) into `model.backbone`.
 
@@ -179,7 +187,7 @@ def load_pretrained_backbone(
     """
     if not isinstance(getattr(model, "backbone", None), nn.Module):
         raise BLDAError(f"model {_model_name(model)}: has no `backbone` to load {path} into")
-    checkpoint = read_checkpoint(path, trust_checkpoint)
+    checkpoint = read_checkpoint(path, trust_checkpoint, option)
     state_dict, source = extract_state_dict(checkpoint, "student", path)
     if any(k.startswith("backbone.") for k in state_dict):
         state_dict = select_prefix("backbone.")(state_dict)

@@ -135,14 +135,21 @@ def build_components(config: TrainingConfig) -> TrainingComponents:
             "deeplabv2_r101 or tiny model"
         )
     if "model.backbone_weights" in weights:
-        load_pretrained_backbone(model, weights["model.backbone_weights"], trust)
+        load_pretrained_backbone(
+            model, weights["model.backbone_weights"], trust, "model.backbone_weights"
+        )
     if "model.pretrained" in weights:
-        load_checkpoint(model, weights["model.pretrained"], trust_checkpoint=trust)
+        load_checkpoint(
+            model, weights["model.pretrained"], trust_checkpoint=trust, option="model.pretrained"
+        )
     imagenet_model = None
     if config.feature_distance.enabled:
         imagenet_model = create_model(config.model.arch, len(classes))
         load_pretrained_backbone(
-            imagenet_model, weights["feature_distance.imagenet_weights"], trust
+            imagenet_model,
+            weights["feature_distance.imagenet_weights"],
+            trust,
+            "feature_distance.imagenet_weights",
         )
     loss = build_loss(
         config.loss.name, num_classes=len(classes), ignore_index=ignore, config=config
