@@ -212,7 +212,9 @@ def calibrate(
     """
     options = options or CalibrateOptions()
     inputs = open_inputs(stores, options)
-    with output_set(out_dir, "calibrate", OUTPUT_FILES) as outputs:
+    # the files this run may write: a foreign plot is no reason to refuse a --no-plots run
+    names = OUTPUT_FILES if options.plots else [n for n in OUTPUT_FILES if not n.endswith(".png")]
+    with output_set(out_dir, "calibrate", names) as outputs:
         return _calibrate(inputs, outputs.staging, options, progress)
 
 
@@ -348,9 +350,11 @@ def _describe_choice(result: CalibrationResult) -> None:
     else:
         verdict = f"the prior-adjustment baseline does better than {ours}"
     other = "macc" if metric == "miou" else "miou"
+    # with one tau given nothing was chosen: the baseline runs at that tau too
+    its_tau = "the same tau" if selection["how"].startswith("given") else "its own best tau"
     result.notes.append(
         f"On the evaluated stores {verdict}: {names[metric]} {result.after[metric]:.1%} at tau "
-        f"= {result.chosen_tau:g} against {baseline[metric]:.1%} at its own best tau = "
+        f"= {result.chosen_tau:g} against {baseline[metric]:.1%} at {its_tau} = "
         f"{baseline['tau']:g} ({100 * difference:+.1f} points); {names[other]} "
         f"{result.after[other]:.1%} against {baseline[other]:.1%}."
     )

@@ -119,8 +119,9 @@ PATH = click.Path(path_type=Path)
 def calibrate_command(ctx, stores, out_dir, tau_spec, apply_path, **options):
     """Post-hoc CDF alignment (Eq. 6-7) of logit STORES: fit, sweep tau, choose it, or --apply.
 
-    Writes DIR/sweep.csv, DIR/calibration.json, plots and DIR/calibrator.pt; with --apply,
-    calibrated predictions (PNG pairs per image, or DIR/predictions.h5).
+    Writes DIR/calibrator.pt, DIR/calibration.json, DIR/sweep.csv (when the evaluated
+    stores have labels) and plots (unless --no-plots); with --apply, calibrated predictions
+    (PNG pairs per image, or DIR/predictions.h5).
     """
     # The library is imported here, not at the top, so that `--help` never loads torch.
     from blda_tools.calibrate import DEFAULT_TAUS, CalibrateOptions, calibrate, calibration_passes
@@ -158,8 +159,12 @@ def calibrate_command(ctx, stores, out_dir, tau_spec, apply_path, **options):
         metric = selection.get("metric") or "miou"
         console.print(
             f"prior adjustment at its own best tau = {baseline['tau']:g}: "
-            f"mIoU {_pct(baseline['miou'])}, mAcc {_pct(baseline['macc'])}"
-            + (f" (chosen by {metric} the same way)" if selection.get("metric") else "")
+            f"mIoU {_percent(baseline['miou'])}, mAcc {_percent(baseline['macc'])}"
+            + (
+                f" (chosen by {_METRIC_NAMES[metric]} the same way)"
+                if selection.get("metric")
+                else ""
+            )
         )
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
@@ -206,17 +211,16 @@ def _apply(apply_path, stores, out_dir, tau_spec) -> None:
     total = LogitStore(stores).num_rows
     with progress_bar("apply", total, unit="px") as advance:
         result = apply_calibrator(apply_path, stores, out_dir, tau=tau, progress=advance)
-    where = result.prediction_store or f"{len(result.files)} PNG files"
+    where = result.prediction_store or f"{len(result.files)} PNG files in {out_dir}"
     console.print(
-        f"tau = {result.tau:g}: {result.num_pixels:,} pixels of {result.images} images -> "
-        f"{where} in {out_dir}"
+        f"tau = {result.tau:g}: {result.num_pixels:,} pixels of {result.images} images -> {where}"
     )
 
 
 def _class_table(result) -> Table:
     table = Table(title=f"Per class, before -> after (tau = {result.chosen_tau:g})")
     table.add_column("class")
-    for column in ("IoU", "Acc", "JS pos", "JS neg"):
+    for column in ("IoU %", "Acc %", "JS pos", "JS neg"):
         table.add_column(column, justify="right")
     js = result.js
     for index, name in enumerate(result.classes):
@@ -237,6 +241,14 @@ def _class_table(result) -> Table:
         ]
         table.add_row("mean", *summary, "", "", style="bold")
     return table
+
+
+_METRIC_NAMES = {"miou": "mIoU", "macc": "mAcc"}
+
+
+def _percent(value) -> str:
+    text = _pct(value)
+    return text if text == "n/a" else f"{text}%"
 
 
 def _pct(value) -> str:

@@ -212,3 +212,16 @@ def test_a_held_out_store_whose_every_label_is_ignored_is_refused_before_any_pas
     with pytest.raises(BLDAError, match=r"--select-on .*ignored.h5: no ground-truth labels"):
         calibrate(tmp_path / "one.h5", tmp_path / "o", options)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_no_plots_run_leaves_a_foreign_plot_alone(inputs, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "tau_sweep.png").write_bytes(b"my own figure")
+    arguments = ["calibrate", inputs["store"], "--out", out, "--grid", GRID, "--tau", "0,1",
+                 "--components", "2", "--min-samples", "20", "--no-plots"]  # fmt: skip
+    result = CliRunner().invoke(cli, [str(a) for a in arguments])
+    assert result.exit_code == 0, result.output
+    assert (out / "tau_sweep.png").read_bytes() == b"my own figure"
+    assert (out / "calibration.json").exists()
+    refused([a for a in arguments if a != "--no-plots"], "tau_sweep.png", "not written by")

@@ -177,3 +177,10 @@ def test_after_diagnosing_unlabelled_stores_the_suggested_calibrations_can_run()
     assert all("--select-on" in line or "--tau 0.5" in line for line in lines), lines
     labelled = after_diagnose(["val.h5"], "diagnosis", has_labels=True)
     assert labelled[0] == "blda calibrate val.h5 --out calibration"
+
+
+def test_with_one_tau_given_the_baseline_is_compared_at_that_tau():
+    given = _result(1.5, 0.50, 1.5, 0.55, how="given (--tau with one value)")
+    _describe_choice(given)
+    assert "against 55.0% at the same tau = 1.5" in given.notes[-1]
+    assert "own best" not in given.notes[-1]
