@@ -49,3 +49,18 @@ def test_curves_refuse_values_that_are_not_numbers():
         curve_records(records)
     evaluation = [{"kind": "eval", "iteration": 5, "mIoU": 40.0, "mAcc": 50.0}]
     assert curve_records(evaluation) == [{"iteration": 5, "miou": 0.4, "macc": 0.5}]
+
+
+def test_the_last_progress_line_shows_the_final_evaluation(capsys, monkeypatch):
+    from blda_tools.training.run_log import LiveView
+
+    monkeypatch.setenv("BLDA_PROGRESS_INTERVAL", "0")  # a line per update
+    view = LiveView(total=20, start=0, enabled=True)
+    view.update(10, {"ce": 0.5})
+    view.evaluated(3.1)
+    view.update(20, {"ce": 0.25})  # the line of the last iteration, before its evaluation
+    view.evaluated(8.99)
+    view.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-2].endswith("ce 0.250  mIoU 3.1")
+    assert lines[-1].startswith("train: 20/20 it") and lines[-1].endswith("ce 0.250  mIoU 9.0")

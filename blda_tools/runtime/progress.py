@@ -47,7 +47,7 @@ class PlainProgress:
         self.start = self.last_line = time.perf_counter()
         # as if a line had been written at the start: a job that fails before counting any
         # work ends without a '0/N' line above its error
-        self.last_line_completed = completed
+        self.last_line_completed, self.last_line_status = completed, ""
         self.closed = False
 
     def advance(self, count: int) -> None:
@@ -60,14 +60,19 @@ class PlainProgress:
             self.write_line(now)
 
     def close(self) -> None:
-        """The last line (once), unless no work was counted since the last line (or the start)."""
+        """The last line (once), unless neither the work counted nor the status changed since
+        the last line (or the start)."""
         if not self.closed:
             self.closed = True
-            if self.last_line_completed != self.completed:
+            moved = self.last_line_completed != self.completed
+            if moved or (
+                self.completed != self.start_completed and self.last_line_status != self.status
+            ):
                 self.write_line(time.perf_counter())
 
     def write_line(self, now: float) -> None:
         self.last_line, self.last_line_completed = now, self.completed
+        self.last_line_status = self.status
         elapsed = now - self.start
         done = self.completed - self.start_completed
         rate = done / elapsed if elapsed > 0 else 0.0

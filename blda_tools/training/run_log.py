@@ -75,6 +75,7 @@ class LiveView:
         self.total, self.enabled = total, enabled
         self.start_iteration, self.start_time = start, time.perf_counter()
         self.last_miou: float | None = None
+        self.last_update: tuple[int, dict[str, float]] | None = None
         self.progress = self.plain = None
         if enabled and not _stdout_is_terminal():
             from blda_tools.runtime.progress import PlainProgress
@@ -96,10 +97,21 @@ class LiveView:
         elapsed = time.perf_counter() - self.start_time
         return (iteration - self.start_iteration) / elapsed if elapsed > 0 else 0.0
 
-    def update(self, iteration: int, losses: dict[str, float]) -> None:
+    def evaluated(self, miou: float) -> None:
+        """A new target-val mIoU: shown from now on, the last line included."""
+        self.last_miou = miou
+        if self.last_update is not None:
+            iteration, losses = self.last_update
+            self.update(iteration, losses, quiet=True)
+
+    def update(self, iteration: int, losses: dict[str, float], quiet: bool = False) -> None:
+        """`quiet`: the status only, without a line of its own (plain output)."""
+        self.last_update = (iteration, losses)
         loss_text = " ".join(f"{k} {v:.3f}" for k, v in losses.items())
         miou = f"mIoU {self.last_miou:.1f}" if self.last_miou is not None else "mIoU -"
-        if self.plain is not None:
+        if self.plain is not None and quiet:
+            self.plain.status = f"{loss_text}  {miou}"
+        elif self.plain is not None:
             self.plain.update(iteration, f"{loss_text}  {miou}")
         if self.progress is None:
             return

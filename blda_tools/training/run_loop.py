@@ -123,7 +123,7 @@ def _evaluate_and_checkpoint(trainer: Trainer, log: JsonlLog, view: LiveView, st
         scores = trainer.evaluate()
         if scores is not None:
             trainer.last_scores = scores
-            view.last_miou = scores["mIoU"]
+            view.evaluated(scores["mIoU"])
             improved = trainer.best_miou is None or scores["mIoU"] > trainer.best_miou
             if improved:
                 trainer.best_miou = scores["mIoU"]
