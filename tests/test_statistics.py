@@ -169,9 +169,9 @@ def test_grid_edges_centers_width():
     np.testing.assert_allclose(grid.edges, np.linspace(-1, 3, 9))
     np.testing.assert_allclose(grid.centers, np.arange(8) * 0.5 - 0.75)
     assert grid.width == 0.5
-    with pytest.raises(BLDAError, match="low < high"):
+    with pytest.raises(BLDAError, match="LOW < HIGH"):
         LogitGrid(1.0, 1.0, 4)
-    with pytest.raises(BLDAError, match="bins"):
+    with pytest.raises(BLDAError, match="BINS"):
         LogitGrid(0.0, 1.0, 0)
 
 
