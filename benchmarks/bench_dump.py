@@ -259,7 +259,7 @@ def child(args) -> None:
     elif args.child == "parts":
         result = measure_parts(args)
     else:
-        from blda_tools.inference.dump import default_streams
+        from blda_tools.inference.streams import default_streams
 
         streams = 1 if args.child == "forward" else default_streams(torch.device("cpu"))[0]
         result = measure_forward(args, streams)

@@ -29,13 +29,13 @@ from blda_tools.errors import BLDAError
 from blda_tools.inference.dump import (
     CorruptImageWarning,
     PixelSampling,
-    default_streams,
     dump_logits,
     prepare_dump,
 )
 from blda_tools.inference.dump_files import shard_path
 from blda_tools.inference.loader import compact_label
 from blda_tools.inference.predict import InferenceSettings
+from blda_tools.inference.streams import default_streams
 from blda_tools.models import create_model
 from blda_tools.store import LogitStore
 

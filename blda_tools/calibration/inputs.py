@@ -17,6 +17,9 @@ from pathlib import Path
 
 import h5py
 
+from blda_tools.calibration.alignment import anchor_class
+from blda_tools.calibration.calibrator import Calibrator
+from blda_tools.calibration.sweep import parse_tau_spec
 from blda_tools.errors import BLDAError, check_same_classes
 from blda_tools.statistics import LogitGrid, LogitSetStatistics, collect_statistics
 from blda_tools.statistics.io import FORMAT_NAME as STATISTICS_FORMAT
@@ -154,3 +157,89 @@ def open_held_out(paths: Paths, class_names: Sequence[str]) -> LogitStore:
             "tau with (every pixel unlabelled or ignored); give a labelled held-out store"
         )
     return store
+
+
+# The calibrate defaults that its checks refer to (`CalibrateOptions` holds them).
+DEFAULT_TAUS, DEFAULT_COMPONENTS = "0:1:0.1", 5
+FIT_LABELS = ("gt", "pseudo")
+
+
+@dataclass
+class CalibrationInputs:
+    """Every input of `calibrate`, opened and checked (`open_inputs`) before any pass."""
+
+    taus: list[float]
+    calibrator: Calibrator  # not fitted yet: its options are checked
+    evaluated: LogitStore
+    fit: StatisticsSource
+    anchors: StatisticsSource | None
+    held_out: LogitStore | None
+
+    def rows(self) -> int:
+        """Rows `calibrate` will stream in all (for a progress bar's total)."""
+        evaluated = self.evaluated
+        # A sweep of the evaluated stores needs their labels; the before/after pass always runs.
+        passes = 2 if evaluated.has_labels else 1
+        total = self.fit.rows + passes * evaluated.num_rows
+        total += self.anchors.rows if self.anchors is not None else 0
+        return total + (self.held_out.num_rows if self.held_out is not None else 0)
+
+
+def open_inputs(stores: Paths, options) -> CalibrationInputs:
+    """Open and check every store and statistics file, naming the option each came from;
+    `options` is a `blda_tools.calibrate.CalibrateOptions`."""
+    taus = _taus(options.taus)
+    if len(taus) == 1 and options.select_on:
+        raise BLDAError(
+            f"--select-on and --tau {options.taus}: one tau leaves nothing to choose; give "
+            "several values (0:1:0.1) or leave --select-on out"
+        )
+    if options.estimator != "gmm" and options.n_components != DEFAULT_COMPONENTS:
+        raise BLDAError(
+            f"n_components={options.n_components} and estimator={options.estimator!r}: "
+            "components are those of a Gaussian mixture (estimator 'gmm')"
+        )
+    if options.fit_labels not in FIT_LABELS:
+        raise BLDAError(f"--fit-labels: expected gt or pseudo, got {options.fit_labels!r}")
+    calibrator = Calibrator(
+        options.estimator,
+        options.n_components,
+        options.eps,
+        options.min_samples,
+        options.table_points,
+        options.anchor,
+    )
+    evaluated = open_store(stores, "STORES")
+    names, grid = evaluated.class_names, options.grid
+    anchor_class(options.anchor, names)
+    if options.fit_on:
+        fit = statistics_source(options.fit_on, "--fit-on", names, grid, options.fit_labels)
+    else:
+        fit = statistics_source(
+            stores, "--fit-on (default: STORES)", names, grid, options.fit_labels
+        )
+    anchors = None
+    if options.anchor_from:
+        anchors = statistics_source(options.anchor_from, "--anchor-from", names, grid, None)
+    held_out = open_held_out(options.select_on, names) if options.select_on else None
+    if held_out is None and len(taus) > 1 and not evaluated.has_labels:
+        default = " (the default when fitting)" if options.taus == DEFAULT_TAUS else ""
+        raise BLDAError(
+            f"--tau {options.taus}{default}: several values, but STORES have no labels to "
+            "choose among them: give --select-on STORE with ground truth, or one --tau value"
+        )
+    return CalibrationInputs(taus, calibrator, evaluated, fit, anchors, held_out)
+
+
+def _taus(spec) -> list[float]:
+    """`CalibrateOptions.taus` (a spec or a sequence of numbers) -> sorted unique taus."""
+    if isinstance(spec, str):
+        return parse_tau_spec(spec)
+    if isinstance(spec, int | float):
+        return parse_tau_spec(str(spec))
+    try:
+        return parse_tau_spec(",".join(str(float(tau)) for tau in spec))
+    except (TypeError, ValueError):
+        raise BLDAError(
+            f"taus: expected a spec (0:1:0.1) or a sequence of numbers, got {spec!r}"
+        ) from None

@@ -4,7 +4,8 @@
   `predict_images` for uint8 images resized as mmcv does, `predict_classes` for classifiers);
 - `protocols`: each model family's test protocol, the default of a dump; `resize`: mmcv's
   keep-ratio sizes and OpenCV resize of uint8 images; `tasks`: segmentation or classification;
-- `dump`: the dump job: inference streams, appends in dataset order, resume, torchrun shards;
+- `dump`: the dump job: appends in dataset order, resume, torchrun shards; `streams`: how many
+  forward passes run at once, on how many threads;
 - `loader`: where the dump's images come from (loader workers or the streams themselves);
 - `pixel_sampling`: which pixels a dump keeps.
 

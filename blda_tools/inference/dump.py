@@ -23,9 +23,8 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +68,7 @@ from blda_tools.inference.predict import (
     select_device,
 )
 from blda_tools.inference.protocols import protocol_notices
+from blda_tools.inference.streams import stream_executor, stream_layout
 from blda_tools.inference.tasks import check_task
 from blda_tools.inference.upsample import upsample_to_float16_rows
 from blda_tools.models import load_model
@@ -191,7 +191,11 @@ class DumpJob:
             **self.writer_options,
         )
         try:
-            with writer, torch_threads(self.threads_per_stream), _executor(self.streams) as pool:
+            with (
+                writer,
+                torch_threads(self.threads_per_stream),
+                stream_executor(self.streams) as pool,
+            ):
                 in_flight: deque[Future] = deque()
                 for batch in self.batches:
                     in_flight.append(pool.submit(self._process, batch, writer))
@@ -363,24 +367,6 @@ class DumpJob:
         )
 
 
-def default_streams(device: torch.device) -> tuple[int, int]:
-    """`(streams, threads_per_stream)`: on a CPU with several threads, two streams sharing
-    them; elsewhere one stream (a GPU overlaps the host's work by itself)."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads < 2:
-        return 1, threads
-    return 2, threads // 2
-
-
-@contextmanager
-def _executor(streams: int):
-    executor = ThreadPoolExecutor(streams, thread_name_prefix="blda-dump-stream")
-    try:
-        yield executor
-    finally:  # on an error, the groups not started are dropped; running ones finish
-        executor.shutdown(wait=True, cancel_futures=True)
-
-
 def prepare_dump(
     model_spec: str,
     checkpoint: str | os.PathLike | None,
@@ -485,21 +471,13 @@ def prepare_dump(
         workers=workers,
         rank=rank,
         world_size=world_size,
-        **_stream_layout(streams, chosen_device),
+        **stream_layout(streams, chosen_device),
         protocol=protocol,
         notices=notices,
         classification=classification,
         requested_out=requested_out,
         resume=resume,
     )
-
-
-def _stream_layout(streams: int | None, device: torch.device) -> dict:
-    if streams is None:
-        streams, threads = default_streams(device)
-    else:
-        threads = max(1, torch.get_num_threads() // streams) if device.type == "cpu" else 1
-    return {"streams": streams, "threads_per_stream": threads}
 
 
 def dump_logits(
