@@ -4,6 +4,8 @@ or losing a worker process is recognised and told."""
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from collections.abc import Sequence
 
@@ -14,6 +16,17 @@ class BLDAError(Exception):
     The CLI prints the message (no traceback) and exits with status 2. Library callers can catch
     it like any exception.
     """
+
+
+def check_number(value, name: str, *, integer: bool = False, optional: bool = False) -> None:
+    """BLDAError naming `name` unless `value` is a real number (an integer when `integer`; not
+    NaN, not a bool; None too when `optional`), before any range is compared with it."""
+    if optional and value is None:
+        return
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or math.isnan(value):
+        expected = "an integer" if integer else "a number"
+        raise BLDAError(f"{name}: expected {expected}, got {value!r}")
 
 
 def class_difference(expected: Sequence[str], found: Sequence[str], names=("expected", "found")):

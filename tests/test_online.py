@@ -422,8 +422,23 @@ def test_bad_input_raises_blda_error():
         BLDALoss(3, min_samples=1200)
     with pytest.raises(BLDAError, match="state_dict"):
         BLDALoss(4).load_state_dict(blda.state_dict())
-    with pytest.raises(BLDAError, match="logits: samples: contains NaN"):
+    with pytest.raises(BLDAError, match="logits: contain NaN or infinite values at labelled"):
         BLDALoss(3, min_samples=40)(torch.full_like(logits, float("nan")), labels)
+
+
+def test_one_nan_logit_is_always_refused_and_leaves_the_state_as_it_was():
+    torch.manual_seed(0)
+    loss = BLDALoss(3, min_samples=20, momentum_warmup=0, max_samples_per_cell=30)
+    for _ in range(3):
+        loss.update_statistics(torch.randn(2, 3, 16, 16), torch.randint(0, 3, (2, 16, 16)))
+    for position in range(5):  # wherever it lies, whatever the sampling draws
+        logits, labels = torch.randn(2, 3, 16, 16), torch.randint(0, 3, (2, 16, 16))
+        logits[1, 0, position, 5] = float("nan") if position % 2 else float("inf")
+        before = {k: v.clone() for k, v in loss.state_dict().items() if torch.is_tensor(v)}
+        with pytest.raises(BLDAError, match="logits: contain NaN or infinite values at labelled"):
+            loss(logits, labels)
+        after = loss.state_dict()
+        assert all(torch.equal(value, after[key]) for key, value in before.items())
 
 
 def test_mixture_set_moves_with_the_module():

@@ -54,9 +54,10 @@ from blda_tools.calibration.eq7.pruning import (
     predict_pruned,
     predict_taus,  # noqa: F401
 )
-from blda_tools.errors import BLDAError, check_same_classes
+from blda_tools.errors import BLDAError, check_number, check_same_classes
 from blda_tools.fileio import save_torch
 from blda_tools.gmm import GaussianMixture1D
+from blda_tools.runtime.arrays import check_float32_range
 from blda_tools.statistics import LogitSetStatistics
 from blda_tools.torch_files import load_torch
 
@@ -94,6 +95,10 @@ class Calibrator:
     ) -> None:
         if estimator not in ESTIMATORS:
             raise BLDAError(f"--estimator: expected one of {ESTIMATORS}, got {estimator!r}")
+        for option, value, integer in (("--components", n_components, True), ("--eps", eps, False),
+                                       ("--min-samples", min_samples, True),
+                                       ("--table-points", table_points, True)):  # fmt: skip
+            check_number(value, option, integer=integer)
         if int(n_components) != n_components or n_components < 1:
             raise BLDAError(f"--components: expected a positive integer, got {n_components}")
         if not 0 < eps < 0.5:
@@ -135,6 +140,12 @@ class Calibrator:
         """Tabulate Delta_cl (Eq. 6) from `statistics` (rows = fit-on labels); anchors from
         `anchor_statistics` (default: the same statistics)."""
         anchor_statistics = statistics if anchor_statistics is None else anchor_statistics
+        for name, value in (("statistics", statistics), ("anchor_statistics", anchor_statistics)):
+            if not isinstance(value, LogitSetStatistics):
+                raise BLDAError(
+                    f"fit: {name} must be LogitSetStatistics (collect_statistics or "
+                    f"read from statistics.h5), got {type(value).__name__}"
+                )
         if anchor_statistics.grid != statistics.grid:
             raise BLDAError("anchor statistics: histogram grid differs from the fit-on statistics")
         if anchor_statistics.num_classes != statistics.num_classes:
@@ -280,6 +291,9 @@ class Calibrator:
         `threads` defaults to torch's thread count."""
         logits = self._check_logits(logits)
         tau = self.tau if tau is None else check_tau(tau, "tau")
+        check_number(threads, "threads", integer=True, optional=True)
+        if threads is not None and threads < 1:
+            raise BLDAError(f"threads: expected None or an integer >= 1, got {threads!r}")
         threads = torch.get_num_threads() if threads is None else int(threads)
         tables = self.certify_tables()
         return predict_pruned(logits, self.kernel_tensors(), tables, tau, threads)
@@ -295,6 +309,7 @@ class Calibrator:
         logits = torch.as_tensor(logits).detach()
         if logits.ndim != 2 or logits.shape[1] != len(names):
             raise BLDAError(f"logits: expected shape (n, {len(names)}), got {tuple(logits.shape)}")
+        check_float32_range(logits)
         logits = logits.to(torch.float32).contiguous()
         # min and max propagate NaN and show infinities: one cheap pass instead of isfinite.
         if logits.numel() and not all(map(math.isfinite, map(float, torch.aminmax(logits)))):
@@ -387,11 +402,20 @@ def _check_loaded_tables(calibrator: Calibrator, path) -> None:
         "table_high": (calibrator.table_high_, (classes,)),
         "adjusted": (calibrator.adjusted_, (classes, classes)),
     }
+    prior = calibrator.class_prior_
+    if not isinstance(prior, torch.Tensor):
+        raise BLDAError(f"{path}: class_prior is not a tensor: {type(prior).__name__}")
+    expected["class_prior"] = (prior, (classes,))
+    if offsets.shape[2] != calibrator.table_points:
+        raise BLDAError(
+            f"{path}: offsets hold {offsets.shape[2]} grid points, table_points says "
+            f"{calibrator.table_points}"
+        )
     for name, (table, shape) in expected.items():
         if tuple(table.shape) != shape:
             raise BLDAError(f"{path}: {name} has shape {tuple(table.shape)}, expected {shape}")
     for name, table in (("offsets", offsets), ("table_low", calibrator.table_low_),
-                        ("table_high", calibrator.table_high_)):  # fmt: skip
+                        ("table_high", calibrator.table_high_), ("class_prior", prior)):  # fmt: skip
         if not bool(torch.isfinite(table).all()):
             raise BLDAError(f"{path}: {name} holds NaN or infinite values")
     if not bool((calibrator.table_high_ > calibrator.table_low_).all()):

@@ -27,6 +27,7 @@ from blda_tools.calibration.eq7.certify import prediction_dtype
 from blda_tools.calibration.eq7.pruning import thread_pool
 from blda_tools.calibration.sweep_counts import count_sweep
 from blda_tools.errors import BLDAError
+from blda_tools.runtime.arrays import check_float32_range
 from blda_tools.runtime.process import torch_threads
 from blda_tools.statistics.metrics import SegmentationMetrics
 
@@ -110,6 +111,7 @@ class TauSweep:
             raise BLDAError(f"labels: values outside [0, {C}) other than the ignore index")
         T = len(self.taus)
         threads = torch.get_num_threads() if threads is None else int(threads)
+        check_float32_range(logits)
         logits = logits.to(torch.float32).contiguous()
         # min and max propagate NaN and show infinities (the certificates need finite values)
         if not all(map(math.isfinite, map(float, torch.aminmax(logits)))):

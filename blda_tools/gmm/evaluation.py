@@ -82,7 +82,10 @@ class MixtureEvaluation:
         density evaluation each. Probabilities beyond the table (only when eps < Phi(-s)) map to
         its end points, so the result is always finite, also for zero-variance cells.
         """
-        p = self._points(p, "p").clamp(float(eps), 1.0 - float(eps))
+        p = self._points(p, "p")
+        if not bool(torch.isfinite(p).all()):  # clamp keeps a NaN, which would map to a value
+            raise BLDAError("p: expected probabilities, got NaN or infinite values")
+        p = p.clamp(float(eps), 1.0 - float(eps))
         std = self.variances.clamp_min(_numerical_variance_floor(self.dtype)).sqrt()
         lower = (self.means - self.inverse_cdf_span * std).amin(-1, keepdim=True)
         upper = (self.means + self.inverse_cdf_span * std).amax(-1, keepdim=True)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from blda_tools.errors import BLDAError
+from blda_tools.errors import BLDAError, check_number
 from blda_tools.fileio import save_torch
 from blda_tools.gmm.em import (
     INITS,
@@ -24,6 +24,7 @@ from blda_tools.gmm.em import (
 )
 from blda_tools.gmm.evaluation import MixtureEvaluation
 from blda_tools.gmm.normal import CDF_METHODS, _numerical_variance_floor
+from blda_tools.runtime.devices import checked_device
 from blda_tools.torch_files import load_torch
 
 FORMAT = "blda.GaussianMixture1D"
@@ -68,6 +69,12 @@ class GaussianMixture1D(MixtureEvaluation):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
+        for name, value in (("n_components", n_components), ("n_init", n_init),
+                            ("inverse_cdf_points", inverse_cdf_points), ("seed", seed)):  # fmt: skip
+            check_number(value, name, integer=True)
+        check_number(min_samples, "min_samples", integer=True, optional=True)
+        check_number(variance_floor, "variance_floor")
+        check_number(inverse_cdf_span, "inverse_cdf_span")
         if int(n_components) < 1:
             raise BLDAError(f"n_components: expected a positive integer, got {n_components}")
         self.n_components = int(n_components)
@@ -96,7 +103,7 @@ class GaussianMixture1D(MixtureEvaluation):
         self.cdf_method = cdf_method
         self.inverse_cdf_points = int(inverse_cdf_points)
         self.inverse_cdf_span = float(inverse_cdf_span)
-        self._reset(tuple(int(s) for s in batch_shape), torch.device(device or "cpu"), dtype)
+        self._reset(tuple(int(s) for s in batch_shape), checked_device(device), dtype)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -179,7 +186,8 @@ class GaussianMixture1D(MixtureEvaluation):
         """Read a file written by `save` (torch.load with weights_only=True)."""
         state = load_torch(path, str(path), "a saved GaussianMixture1D")
         try:
-            return cls().load_state_dict(state).to(map_location)
+            device = None if map_location is None else checked_device(map_location, "map_location")
+            return cls().load_state_dict(state).to(device)
         except BLDAError as error:
             raise BLDAError(f"{path}: {error}") from None
 
@@ -409,7 +417,8 @@ class GaussianMixture1D(MixtureEvaluation):
             raise BLDAError(f"updated: expected a bool tensor of shape {self.batch_shape}")
         momentum = torch.as_tensor(momentum, dtype=self.dtype, device=self.device)
         steps = torch.as_tensor(steps_since_update, dtype=self.dtype, device=self.device)
-        if bool(((momentum < 0) | (momentum > 1)).any()) or bool((steps < 0).any()):
+        # written so that NaN fails too (every comparison with NaN is false)
+        if not bool(((momentum >= 0) & (momentum <= 1)).all()) or not bool((steps >= 0).all()):
             raise BLDAError("momentum: expected values in [0, 1] and steps_since_update >= 0")
         old_share = torch.where(self.fitted_, momentum**steps, 0.0)[..., None]
         news = (new.weights, new.means, new.variances)

@@ -31,6 +31,7 @@ from blda_tools.inference import MODES
 from blda_tools.inference.resize import rescaled_size, resize_uint8
 from blda_tools.models.segmentor import normalize
 from blda_tools.models.sliding import window_starts
+from blda_tools.runtime.devices import checked_device
 
 
 def _checked_size(value, option: str) -> tuple[int, int]:
@@ -97,25 +98,14 @@ def select_device(option: str | torch.device | None = None) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
         return torch.device("cpu")
-    try:
-        device = torch.device(option)
-    except (RuntimeError, TypeError):
-        raise BLDAError(
-            f"--device: {option!r} is not a device; expected auto, cpu, cuda, cuda:N or mps"
-        ) from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BLDAError(f"--device {option}: CUDA is not available on this machine")
-        index = local_rank if device.index is None else device.index
+    device = checked_device(option, "--device")
+    if device.type == "cuda" and device.index is None:
+        index = local_rank
         if index >= torch.cuda.device_count():
             raise BLDAError(
                 f"--device {option}: GPU {index} does not exist ({torch.cuda.device_count()} found)"
             )
         return torch.device("cuda", index)
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise BLDAError(f"--device {option}: MPS is not available on this machine")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise BLDAError(f"--device: {option!r} is not supported; expected cpu, cuda or mps")
     return device
 
 

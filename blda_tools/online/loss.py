@@ -296,6 +296,12 @@ class BLDALoss(nn.Module):
         self.last_terms = {"n_cells_updated": 0}
         if self.mode == "none":
             return
+        # Every pixel the update may draw, checked before anything is sampled or changed: a
+        # NaN was caught only when the sampling happened to draw it, and after the source
+        # mixtures had been updated. (The loss itself treats non-finite logits as
+        # F.cross_entropy does; an ignored pixel's logits are never read.)
+        if not bool(torch.isfinite(pixels.logits).all(1)[pixels.valid].all()):
+            raise BLDAError("logits: contain NaN or infinite values at labelled pixels")
         self.iteration += 1
         sync = RankSync(self.process_group, self.sync_processes)
         generator = torch.Generator(device=pixels.logits.device)

@@ -3,7 +3,7 @@ argument."""
 
 from __future__ import annotations
 
-from blda_tools.errors import BLDAError
+from blda_tools.errors import BLDAError, check_number
 
 MODES = ("ola", "ola_source", "none")
 DOMAINS = ("source", "target", "mixed")
@@ -23,6 +23,14 @@ def check_options(options: dict) -> None:
     check_choice("regression_loss", options["regression_loss"], REGRESSION_LOSSES)
     check_choice("reduction", options["reduction"], REDUCTIONS)
     check_choice("anchor_sampling", options["anchor_sampling"], ANCHOR_SAMPLINGS)
+    integers = ("num_classes", "n_components", "em_steps", "min_samples", "momentum_warmup",
+                "anchor_grid_points", "offset_grid_points")  # fmt: skip
+    for name in integers:
+        check_number(options[name], name, integer=True)
+    for name in ("max_samples_per_cell", "anchor_max_samples"):
+        check_number(options[name], name, integer=True, optional=True)
+    for name in ("momentum", "eps", "tau", "regression_weight"):
+        check_number(options[name], name)
     components, minimum, cap = (
         options[k] for k in ("n_components", "min_samples", "max_samples_per_cell")
     )

@@ -11,6 +11,8 @@ import sys
 
 import numpy as np
 
+from blda_tools.errors import BLDAError
+
 
 def loaded_torch():
     """The torch module if this process has imported it, else None."""
@@ -31,3 +33,22 @@ def as_numpy(value) -> np.ndarray:
             value = value.float()
         return value.cpu().numpy()
     return np.asarray(value)
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_float32_range(values, name: str = "logits") -> None:
+    """For float64 `values` (numpy or torch) about to become float32: a BLDAError when a finite
+    value lies beyond float32's range, where the cast would make it infinite (and the error
+    would then wrongly say the input held infinities)."""
+    array = as_numpy(values)
+    if array.dtype != np.float64 or array.size == 0:
+        return
+    with np.errstate(invalid="ignore"):
+        largest = np.nanmax(np.abs(np.where(np.isfinite(array), array, 0.0)))
+    if largest > FLOAT32_MAX:
+        raise BLDAError(
+            f"{name}: finite values up to {largest:.3g} lie beyond the float32 range "
+            f"(+-{FLOAT32_MAX:.3g}) they are computed in"
+        )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from blda_tools.errors import BLDAError
+from blda_tools.errors import BLDAError, check_number
 
 
 @dataclass(frozen=True)
@@ -26,12 +26,15 @@ class LogitGrid:
     bins: int = 4000
 
     def __post_init__(self) -> None:
+        check_number(self.low, "--grid: LOW")
+        check_number(self.high, "--grid: HIGH")
         if not (math.isfinite(self.low) and math.isfinite(self.high) and self.high > self.low):
             raise BLDAError(
                 f"--grid: expected finite LOW < HIGH, got low={self.low}, high={self.high}"
             )
-        if int(self.bins) != self.bins or self.bins < 1:
-            raise BLDAError(f"--grid: BINS must be a positive integer, got {self.bins}")
+        check_number(self.bins, "--grid: BINS", integer=True)
+        if self.bins < 1:
+            raise BLDAError(f"--grid: BINS must be a positive integer, got {self.bins!r}")
 
     @property
     def width(self) -> float:

@@ -21,10 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from blda_tools.errors import BLDAError, check_same_classes
-from blda_tools.runtime.arrays import as_numpy
+from blda_tools.errors import BLDAError, check_number, check_same_classes
+from blda_tools.runtime.arrays import as_numpy, check_float32_range
 from blda_tools.statistics import kernel
-from blda_tools.statistics.grid import LogitGrid
+from blda_tools.statistics.grid import LogitGrid, as_grid
 from blda_tools.statistics.io import ARRAYS, StatisticsHeader, read_statistics, write_statistics
 
 UPDATE_THREADS = min(2, os.cpu_count() or 1)
@@ -76,10 +76,11 @@ class LogitSetStatistics:
         ignore_index: int = 255,
         class_names: Iterable[str] | None = None,
     ) -> None:
-        if int(num_classes) != num_classes or num_classes < 1:
-            raise BLDAError(f"num_classes must be a positive integer, got {num_classes}")
+        check_number(num_classes, "num_classes", integer=True)
+        if num_classes < 1:
+            raise BLDAError(f"num_classes must be a positive integer, got {num_classes!r}")
         self.num_classes = int(num_classes)
-        self.grid = grid if grid is not None else LogitGrid()
+        self.grid = as_grid(grid)
         self.ignore_index = int(ignore_index)
         self.class_names = tuple(class_names) if class_names is not None else None
         if self.class_names is not None and len(self.class_names) != self.num_classes:
@@ -186,6 +187,7 @@ class LogitSetStatistics:
         if logits.dtype.kind != "f":
             raise BLDAError(f"logits: expected a floating-point array, got {logits.dtype}")
         dtype = logits.dtype if logits.dtype in KERNEL_DTYPES else np.float32
+        check_float32_range(logits)
         values = np.ascontiguousarray(logits, dtype=dtype)
         if labels is None:
             return values, None

@@ -124,6 +124,8 @@ def prediction_probabilities_from_histograms(histogram) -> np.ndarray:
     counts = _as_float64(histogram, "histogram")
     if counts.ndim != 3 or counts.shape[0] != counts.shape[1]:
         raise BLDAError(f"histogram: expected shape (C, C, B), got {tuple(counts.shape)}")
+    if not (np.isfinite(counts).all() and (counts >= 0).all()):
+        raise BLDAError("histogram: counts must be finite and non-negative")
     num_classes = counts.shape[0]
     totals = counts.sum(2, keepdims=True)
     # Bins empty in every cell add nothing to the integral and leave every CDF unchanged past
@@ -279,6 +281,8 @@ def anchor_divergences(histogram) -> tuple[np.ndarray, np.ndarray]:
     counts = _as_float64(histogram, "histogram")
     if counts.ndim != 3 or counts.shape[0] != counts.shape[1]:
         raise BLDAError(f"histogram: expected shape (C, C, B), got {tuple(counts.shape)}")
+    if not (np.isfinite(counts).all() and (counts >= 0).all()):
+        raise BLDAError("histogram: counts must be finite and non-negative")
     num_classes = counts.shape[0]
     # Bins empty in every cell add nothing to any divergence: only the occupied range is needed.
     occupied = np.flatnonzero(counts.sum((0, 1)) > 0)

@@ -225,6 +225,15 @@ class LogitStore:
         self, index: int, validate: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The stored raster of map image `index`: logits `(C, h, w)` float32, labels `(h, w)` int64."""
+        if (
+            isinstance(index, bool)
+            or not isinstance(index, int)
+            or not -len(self.images) <= index < len(self.images)
+        ):
+            raise BLDAError(
+                f"{', '.join(map(str, self.paths))}: no image {index!r} (the store holds "
+                f"{len(self.images)}: 0 to {len(self.images) - 1})"
+            )
         record = self.images[index]
         if record.kind != "map":
             raise BLDAError(
