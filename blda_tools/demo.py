@@ -25,13 +25,15 @@ from pathlib import Path
 
 import torch
 
+from blda_tools import calibrate as calibrate_stage
+from blda_tools import diagnose as diagnose_stage
 from blda_tools.calibrate import CalibrateOptions, CalibrationResult, calibrate, calibration_passes
 from blda_tools.diagnose import Diagnosis, diagnose
 from blda_tools.errors import BLDAError, Interrupted
 from blda_tools.fileio import partial_path, write_json
 from blda_tools.inference.dump import PixelSampling, prepare_dump
 from blda_tools.inference.predict import InferenceSettings
-from blda_tools.outputs import output_set, remove_sets, set_name
+from blda_tools.outputs import check_set, claim_file, output_set, remove_sets, set_name
 from blda_tools.report import explain
 from blda_tools.report.html import Report, ordinal
 from blda_tools.store import LogitStore
@@ -128,6 +130,7 @@ def run_demo(
     settings = settings or DemoSettings()
     sample = _checked_sample_dir(sample_dir)
     out = _checked_out_dir(out_dir, sample)
+    _check_stage_outputs(out)
     progress = progress or _no_progress
     previous_threads = torch.get_num_threads()
     if threads is not None:
@@ -172,6 +175,16 @@ def _remove_demo_outputs(out: Path) -> None:
     remove_sets(out / "diagnosis", ["diagnose"])
     remove_sets(out / "calibration", ["calibrate"])
     remove_sets(out, ["demo"])
+
+
+def _check_stage_outputs(out: Path) -> None:
+    """Refuse files of other owners where any stage would write, before the first stage runs
+    (each stage checks its own outputs only when it starts)."""
+    for name in SPLITS:
+        claim_file(out / "stores" / f"{name}.h5", "dump-logits")
+    check_set(out / "diagnosis", "diagnose", diagnose_stage.OUTPUT_FILES)
+    check_set(out / "calibration", "calibrate", calibrate_stage.OUTPUT_FILES)
+    check_set(out, "demo", DEMO_FILES)
 
 
 def _checked_sample_dir(sample_dir: str | os.PathLike) -> Path:

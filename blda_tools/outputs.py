@@ -115,6 +115,24 @@ def check_can_write(directory: Path, name: str, owner: str, sets: dict[str, list
     )
 
 
+def check_set(
+    directory: str | os.PathLike,
+    command: str,
+    names: Iterable[str],
+    *,
+    key: str = WHOLE_DIRECTORY,
+) -> None:
+    """Refuse, before any work, when a file of `names` exists in `directory` and is not the
+    set's own (what `output_set` checks on entry; a pipeline such as the demo checks every
+    stage's set first)."""
+    directory = Path(directory) if str(directory) else Path(".")
+    if not directory.is_dir():
+        return
+    sets, owner = read_manifest(directory), set_name(command, key)
+    for name in sorted(Path(name).as_posix() for name in names):
+        check_can_write(directory, name, owner, sets)
+
+
 @dataclass
 class OutputSet:
     """Files being written as one set: write each under `path(name)`, inside `staging`."""
@@ -208,10 +226,7 @@ def output_set(
     try:
         created = created_directories(directory)
         declared = None if names is None else frozenset(Path(n).as_posix() for n in names)
-        owner = set_name(command, key)
-        sets = read_manifest(directory)
-        for name in sorted(declared or ()):
-            check_can_write(directory, name, owner, sets)
+        check_set(directory, command, declared or (), key=key)
         staging = staging_dir(directory, command, key)
         lock = _claim_staging(staging, where, command)
     except BaseException as error:

@@ -162,3 +162,23 @@ def test_a_demo_that_fails_in_its_last_stage_leaves_nothing_of_it(demo_run, monk
         run_demo(out, settings=DemoSettings.quick())
     left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
     assert left == ["notes.txt"]
+
+
+@pytest.mark.parametrize(
+    "foreign", ["stores/target_val.h5", "diagnosis/report.html", "calibration/sweep.csv"]
+)
+def test_a_foreign_file_where_a_later_stage_writes_is_refused_before_any_stage(
+    tmp_path, monkeypatch, foreign
+):
+    import blda_tools.demo as demo
+
+    def no_stage_may_run(*arguments, **keywords):
+        raise AssertionError("a stage ran before the foreign file was refused")
+
+    monkeypatch.setattr(demo, "prepare_dump", no_stage_may_run)
+    out = tmp_path / "out"
+    (out / foreign).parent.mkdir(parents=True)
+    (out / foreign).write_text("mine")
+    with pytest.raises(BLDAError, match=f"{foreign}: exists and was not written by"):
+        run_demo(out, settings=DemoSettings.quick())
+    assert (out / foreign).read_text() == "mine"
