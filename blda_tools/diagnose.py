@@ -52,8 +52,8 @@ class Diagnosis:
     """Everything `diagnose` measured; `to_json()` is the content of `diagnosis.json`.
 
     Metrics are fractions in [0, 1]. Fields that need ground truth (IoU, accuracy, Bias from
-    Eq. 4) are None when the store has no labels. A class with no pixels and no predictions is
-    NaN (null in JSON) and listed in `excluded_classes`.
+    Eq. 4) are None when the store has no labels. A class with no pixels and no predictions has
+    NaN IoU and accuracy (null in JSON), is listed in `excluded_classes`, and has Bias -1/C.
     """
 
     classes: list[str]
@@ -225,7 +225,9 @@ def _add_label_metrics(diagnosis: Diagnosis, confusion, bias_estimated) -> None:
     diagnosis.excluded_classes = [names[c] for c in scores.excluded]
     if scores.excluded:
         notes.append(
-            "Classes with no pixels and no predictions are NaN and left out of every mean: "
+            "Classes with no pixels and no predictions have NaN IoU and accuracy, left out of "
+            "every mean (mIoU, mAcc and the groups'); their Bias (Eq. 4) is -1/C, as for any "
+            "class never predicted, so they are listed as under-predicted: "
             + ", ".join(diagnosis.excluded_classes)
         )
 

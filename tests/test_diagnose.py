@@ -218,3 +218,23 @@ def test_output_path_that_is_a_file_is_refused(tmp_path):
 def test_missing_store_is_named(tmp_path):
     result = _run("diagnose", tmp_path / "nowhere.h5", "--out", tmp_path / "out")
     assert result.exit_code == 2 and "nowhere.h5" in result.output
+
+
+def test_a_class_without_pixels_or_predictions_is_nan_in_metrics_and_under_predicted(tmp_path):
+    """Class 3 ("pole") never appears and is never predicted: IoU and accuracy NaN and out of
+    the means, Bias (Eq. 4 worked by hand: mean_c P(3 | c) - 1/C = 0 - 1/4) = -0.25, so it is
+    in the under-predicted group, and the note says so."""
+    generator = torch.Generator().manual_seed(3)
+    path = tmp_path / "three.h5"
+    with LogitWriter(path, NAMES, ignore_index=IGNORE, domain="test") as writer:
+        labels = torch.randint(0, 3, (16, 16), generator=generator)
+        logits = torch.randn(len(NAMES), 16, 16, generator=generator)
+        logits[3] = -50.0  # never the argmax
+        writer.add(logits, labels, name="image")
+    diagnosis = diagnose(path, tmp_path / "out", plots_and_report=False)
+    assert np.isnan(diagnosis.iou[3]) and np.isnan(diagnosis.acc[3])
+    assert diagnosis.miou == pytest.approx(np.nanmean(diagnosis.iou[:3]))
+    assert diagnosis.bias[3] == pytest.approx(-0.25)
+    assert "pole" in diagnosis.groups["under"]["classes"]
+    (note,) = [note for note in diagnosis.notes if "no pixels and no predictions" in note]
+    assert "Bias (Eq. 4) is -1/C" in note and "under-predicted: pole" in note
