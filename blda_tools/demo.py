@@ -265,7 +265,7 @@ def _calibrate(
         metric=settings.metric,
     )
     total = calibration_passes(stores["target_val"], options)
-    with progress("calibrate target_val", total, "px") as advance:
+    with progress("calibrate (all passes)", total, "px") as advance:
         return calibrate(stores["target_val"], out, options, progress=advance)
 
 

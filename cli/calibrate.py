@@ -147,7 +147,9 @@ def calibrate_command(ctx, stores, out_dir, tau_spec, apply_path, **options):
         grid=parse_grid(options["grid_spec"]),
         plots=not options["no_plots"],
     )
-    with progress_bar("calibrate", calibration_passes(stores, config), unit="px") as advance:
+    with progress_bar(
+        "calibrate (all passes)", calibration_passes(stores, config), unit="px"
+    ) as advance:
         result = calibrate(stores, out_dir, config, progress=advance)
     for warning in result.warnings:
         console.print(f"[bold red]WARNING:[/] {warning}")

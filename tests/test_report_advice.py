@@ -184,3 +184,10 @@ def test_with_one_tau_given_the_baseline_is_compared_at_that_tau():
     _describe_choice(given)
     assert "against 55.0% at the same tau = 1.5" in given.notes[-1]
     assert "own best" not in given.notes[-1]
+
+
+def test_the_rank_agreement_gives_the_correlation_to_three_decimals_as_every_table():
+    from blda_tools.report.explain import rank_agreement
+
+    assert "(Spearman 0.996)" in rank_agreement(0.9962)  # not a rounded "1.00"
+    assert "(Spearman 0.412)" in rank_agreement(0.4121)

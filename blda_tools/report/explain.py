@@ -152,9 +152,9 @@ def rank_agreement(correlation: float | None) -> str | None:
     if correlation >= 0.8:
         return (
             f"The logit-only estimate (Eq. 5) ranks the classes like the ground truth (Spearman "
-            f"{correlation:.2f}): on unlabelled data of this kind, diagnose alone shows the bias."
+            f"{correlation:.3f}): on unlabelled data of this kind, diagnose alone shows the bias."
         )
     return (
         f"The logit-only estimate (Eq. 5) agrees only loosely with the ground truth (Spearman "
-        f"{correlation:.2f}): trust Eq. 4 here, and Eq. 5 on unlabelled data with care."
+        f"{correlation:.3f}): trust Eq. 4 here, and Eq. 5 on unlabelled data with care."
     )
