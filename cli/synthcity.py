@@ -31,13 +31,25 @@ def synthcity() -> None:
 @synthcity.command("make")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--images", default=100, show_default=True, type=int,
-              help="N: N source images and N target images (split into train and val).")  # fmt: skip
-@click.option("--size", "size_text", default="256x512", show_default=True, help="HxW in pixels.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same files.")
+              help="N >= 1: N source images and N target images (split into train and val).")  # fmt: skip
+@click.option(
+    "--size",
+    "size_text",
+    default="256x512",
+    show_default=True,
+    help="HxW in pixels, each at least 32.",
+)
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Same seed, same files (a whole number >= 0).",
+)
 @click.option("--val-fraction", default=0.25, show_default=True, type=float,
-              help="Share of the N target images that go to the val split.")  # fmt: skip
+              help="Share of the N target images that go to the val split, in [0, 1) (at least one image once N >= 2 and it is > 0).")  # fmt: skip
 @click.option("--workers", default=1, show_default=True, type=int,
-              help="Processes to generate with (same files whatever the number).")  # fmt: skip
+              help="Processes to generate with, >= 1 (same files whatever the number).")  # fmt: skip
 def make(out, images, size_text, seed, val_fraction, workers) -> None:
     """Write source (GTA5 layout) and target (Cityscapes layout) images and labels.
 
@@ -70,10 +82,14 @@ def _summary(info: SynthCityInfo) -> Table:
     layouts = {"source": "GTA5", "target/train": "Cityscapes", "target/val": "Cityscapes"}
     for split, count in info.counts.items():
         pixels = info.class_pixels.get(split, [])
-        ranked = sorted(range(len(pixels)), key=lambda c: pixels[c])
+        # The rarest class that is there: a class the split lacks is not "rare".
+        ranked = sorted((c for c in range(len(pixels)) if pixels[c]), key=lambda c: pixels[c])
         common, rare = (
             (_share(pixels, ranked[-1]), _share(pixels, ranked[0])) if sum(pixels) else ("-", "-")
         )
+        absent = sum(1 for value in pixels if value == 0)
+        if absent and sum(pixels):
+            rare += f", {absent} class{'es' if absent > 1 else ''} absent"
         table.add_row(split, str(count), layouts[split], common, rare)
     return table
 

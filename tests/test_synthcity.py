@@ -310,3 +310,25 @@ def test_cli_summary_of_an_empty_split_names_no_class(tmp_path):
         "-",
         "-",
     ]
+
+
+def test_cli_summary_names_the_rarest_class_present_and_counts_the_absent(tmp_path):
+    """Truth: the source label PNGs (Cityscapes label ids, GTA5 layout) counted here with the
+    official id -> train id table."""
+    out = tmp_path / "set"
+    arguments = ["make", "--out", str(out), "--images", "2", "--size", "32x32"]
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(synthcity, arguments)
+    assert result.exit_code == 0, result.output
+    pixels = [0] * len(CLASS_NAMES)
+    for path in sorted((out / "source" / "labels").glob("*.png")):
+        ids, counts = np.unique(np.asarray(Image.open(path)), return_counts=True)
+        for label_id, count in zip(ids.tolist(), counts.tolist(), strict=True):
+            train_id = id2label[label_id].trainId
+            if 0 <= train_id < len(CLASS_NAMES):
+                pixels[train_id] += count
+    present = [c for c, value in enumerate(pixels) if value]
+    assert len(present) < len(pixels)  # a tiny set lacks classes: the case under test
+    rarest = min(present, key=lambda c: pixels[c])
+    row = next(line for line in result.output.splitlines() if "source" in line)
+    absent = len(pixels) - len(present)
+    assert f"{CLASS_NAMES[rarest]} (" in row and f"{absent} classes absent" in row
