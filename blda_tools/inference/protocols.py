@@ -1,8 +1,9 @@
 """Each model family's own test protocol: what `dump-logits` uses when no inference option is
 given, so that blda's mIoU equals the one the family's trainer reports.
 
-A built-in model names its protocol (`Segmentor.test_protocol`); a plugin may set a
-`test_protocol` attribute to one of these names. Protocols (Cityscapes val, from the public
+A built-in model names its protocol (`Segmentor.test_protocol`); a plugin's factory (the
+callable `--model module:factory` names) may carry a `test_protocol` attribute set to one of
+these names (`models.loading.declared_family` reads it before any weight is built). Protocols (Cityscapes val, from the public
 configs; implementation facts, "Test protocols of the base methods"):
 
 * `daformer` (DAFormer, DACS / DeepLabV2, SegFormer as trained in DAFormer's framework):
