@@ -16,9 +16,7 @@ from blda_tools.errors import BLDAError
 PATH = click.Path(path_type=Path)
 
 
-@click.command(
-    "calibrate", short_help="Post-hoc CDF alignment (Eq. 6-7): tau sweep, apply, export."
-)
+@click.command("calibrate", short_help="Post-hoc CDF alignment (Eq. 6-7): fit, tau sweep, --apply.")
 @click.argument("stores", nargs=-1, required=True, type=PATH)
 @click.option("--out", "out_dir", required=True, type=PATH, help="Output directory.")
 @click.option(
@@ -207,8 +205,10 @@ def _check_options(ctx) -> None:
 def _apply(apply_path, stores, out_dir, tau_spec) -> None:
     from blda_tools.calibration.apply import apply_calibrator
     from blda_tools.calibration.calibrator import check_tau
+    from blda_tools.fileio import check_input_file
     from blda_tools.store import LogitStore
 
+    check_input_file(apply_path, f"--apply {apply_path}", "a calibrator.pt `blda calibrate` wrote")
     tau = None if tau_spec is None else check_tau(tau_spec)
     total = LogitStore(stores).num_rows
     with progress_bar("apply", total, unit="px") as advance:

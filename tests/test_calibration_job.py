@@ -426,7 +426,7 @@ def test_calibrate_notes_logits_outside_the_grid_and_a_calibrator_with_no_offset
         outside = sum(
             int(((part.logits < -1) | (part.logits > 1)).sum()) for part in store.iter_arrays()
         )
-    assert f"fitting data: {outside} logits fell outside the histogram grid [-1, 1]" in " ".join(
+    assert f"fitting data: {outside:,} logits fell outside the histogram grid [-1, 1]" in " ".join(
         result.notes
     )
     # diagnose's rows are the labelled pixels (ground truth), calibrate's fit every pixel
@@ -436,7 +436,9 @@ def test_calibrate_notes_logits_outside_the_grid_and_a_calibrator_with_no_offset
             for part in store.iter_arrays()
         )
     diagnosis = diagnose(stores["eval"], tmp_path / "d", grid=narrow, plots_and_report=False)
-    assert f"{labelled} logits fell outside the histogram grid [-1, 1]" in " ".join(diagnosis.notes)
+    assert f"{labelled:,} logits fell outside the histogram grid [-1, 1]" in " ".join(
+        diagnosis.notes
+    )
     options = CalibrateOptions(taus="0,1", n_components=2, min_samples=10**9, plots=False)
     result = calibrate(stores["eval"], tmp_path / "none", options)
     notes = " ".join(result.notes)

@@ -225,3 +225,13 @@ def test_a_no_plots_run_leaves_a_foreign_plot_alone(inputs, tmp_path):
     assert (out / "tau_sweep.png").read_bytes() == b"my own figure"
     assert (out / "calibration.json").exists()
     refused([a for a in arguments if a != "--no-plots"], "tau_sweep.png", "not written by")
+
+
+@pytest.mark.parametrize(
+    "calibrator, says", [("missing.pt", "no such file"), (".", "is a directory")]
+)
+def test_an_apply_calibrator_that_is_not_a_file_names_apply(inputs, tmp_path, calibrator, says):
+    path = tmp_path / calibrator
+    refused(["calibrate", inputs["store"], "--apply", path, "--out", tmp_path / "o"],
+            f"--apply {path}", says)  # fmt: skip
+    assert not (tmp_path / "o").exists()

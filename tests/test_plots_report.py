@@ -444,3 +444,20 @@ def test_figure_workers_draw_the_same_pngs_and_raise_their_errors(tmp_path):
     for name in calls:
         assert drawn[2][name].parent == tmp_path / "2"
         assert np.array_equal(pixels(drawn[0][name]), pixels(drawn[2][name])), name
+
+
+def test_training_curves_of_a_short_run_tick_whole_iterations(tmp_path, monkeypatch):
+    import blda_tools.plots.training as training
+
+    drawn = {}
+
+    def keep_figure(figure, path, tight):
+        drawn["figure"] = figure
+        return path
+
+    monkeypatch.setattr(training, "_save", keep_figure)
+    records = [{"iteration": i, "source_loss": 1.0 / i, "miou": 0.1 * i} for i in (1, 2, 3)]
+    training.plot_training_curves(records, path=tmp_path / "curves.png")
+    for axes in drawn["figure"].axes:
+        ticks = [t for t in axes.get_xticks() if 1 <= t <= 3]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks

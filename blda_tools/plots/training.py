@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from blda_tools.errors import BLDAError
 from blda_tools.plots.style import DPI, METHOD_COLORS, _save
@@ -52,6 +53,7 @@ def plot_training_curves(records: Sequence[Mapping[str, float]], *, path: str | 
         else:
             axes.legend(fontsize=8, frameon=False)
         axes.set_xlabel("iteration")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # no "iteration 2.5" on short runs
         axes.grid(color="#e5e5e5")
     panels[0].set_ylabel("loss")
     panels[1].set_ylabel("%")

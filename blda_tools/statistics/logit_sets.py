@@ -251,7 +251,7 @@ class LogitSetStatistics:
         if clipped == 0:
             return None
         return (
-            f"{clipped} logits fell outside the histogram grid [{self.grid.low:g}, "
+            f"{clipped:,} logits fell outside the histogram grid [{self.grid.low:g}, "
             f"{self.grid.high:g}] and were counted in its edge bins; a wider {option} keeps them."
         )
 
