@@ -14,13 +14,15 @@ from blda_tools.fileio import resource_failure
 # What each command can do about memory running out or a worker process killed (a job that
 # failed part-way through says itself what it kept and how to resume).
 MEMORY_HINTS = {
-    "dump-logits": "try a smaller --batch-size, fewer --workers or a smaller --resize",
-    "diagnose": "try fewer --workers or --grid bins, or --no-plots",
-    "calibrate": "try fewer --table-points or --grid bins",
-    "train": "try --set run.num_workers=0, or --set run.batch_size=1 or a smaller "
-    "augment.crop_size (these two change the recipe)",
-    "synthcity": "try a smaller --size or fewer --workers",
-    "demo": "try --quick",
+    "dump-logits": ("a smaller --batch-size, fewer --workers or a smaller --resize",),
+    "diagnose": ("fewer --workers or --grid bins", "--no-plots"),
+    "calibrate": ("fewer --table-points or --grid bins",),
+    "train": (
+        "--set run.num_workers=0, or --set run.batch_size=1 or a smaller augment.crop_size "
+        "(these two change the recipe)",
+    ),
+    "synthcity": ("a smaller --size or fewer --workers",),
+    "demo": ("--quick",),
 }
 DEFAULT_MEMORY_HINT = "free memory, or use a machine with more"
 
@@ -32,6 +34,7 @@ class _Group(click.Group):
 
     def resolve_command(self, ctx: click.Context, args):
         name, command, rest = super().resolve_command(ctx, args)
+        ctx.meta["blda.arguments"] = list(rest)  # for `_memory_hint`
         from blda_cli.option_rules import refuse_empty_values
 
         return name, refuse_empty_values(command) if command else command, rest
@@ -56,7 +59,11 @@ class _Group(click.Group):
 
 
 def _memory_hint(ctx: click.Context) -> str:
-    return MEMORY_HINTS.get(ctx.invoked_subcommand or "", DEFAULT_MEMORY_HINT)
+    """What the command's options can do about memory; a flag the user gave is no advice."""
+    given = set(ctx.meta.get("blda.arguments", ()))
+    hints = MEMORY_HINTS.get(ctx.invoked_subcommand or "", ())
+    hints = [hint for hint in hints if hint not in given]
+    return f"try {' or '.join(hints)}" if hints else DEFAULT_MEMORY_HINT
 
 
 def _fail(error: BLDAError | str) -> None:

@@ -347,3 +347,24 @@ def test_a_dump_stopped_before_its_first_image_leaves_no_unfinished_store(
     restore()
     summary = dump("dump_test_plugin:build", tmp_path / "data", out, inference=WHOLE, workers=0)
     assert summary.images_written == 2
+
+
+@pytest.mark.parametrize(
+    "extra, advice, not_advised",
+    [([], "fewer --workers or --grid bins or --no-plots", None),
+     (["--no-plots"], "fewer --workers or --grid bins", "--no-plots")],
+)  # fmt: skip
+def test_the_memory_advice_leaves_out_a_flag_already_given(
+    tmp_path, monkeypatch, extra, advice, not_advised
+):
+    import blda_tools.diagnose as diagnose
+
+    def out_of_memory(*arguments, **keywords):
+        raise MemoryError
+
+    monkeypatch.setattr(diagnose, "collect_statistics", out_of_memory)
+    inputs = make_inputs(tmp_path / "inputs")
+    _register_commands()
+    arguments = ["diagnose", str(inputs["store"]), "--out", str(tmp_path / "d"), *extra]
+    line = expect_one_line_error(CliRunner().invoke(cli, arguments), f"try {advice}")
+    assert not_advised is None or not_advised not in line.split("try ", 1)[1]
