@@ -42,6 +42,7 @@ from blda_tools.fileio import atomic_output, json_ready, none_to_nan, write_json
 from blda_tools.gmm import mixture_pdf
 from blda_tools.outputs import output_set
 from blda_tools.statistics import LogitGrid, LogitSetStatistics, as_grid
+from blda_tools.statistics.grid import check_histograms_fit
 from blda_tools.statistics.metrics import SegmentationMetrics, js_divergence
 
 Paths = str | os.PathLike | Sequence[str | os.PathLike]
@@ -124,6 +125,10 @@ def calibrate(
     """
     options = options or CalibrateOptions()
     inputs = open_inputs(stores, options)
+    # Held at once: the fitting statistics, the anchors' (when apart), before and after.
+    copies = 3 + (inputs.anchors is not None)
+    check_histograms_fit(inputs.evaluated.num_classes, as_grid(options.grid), copies)
+    inputs.calibrator.check_tables_fit(inputs.evaluated.num_classes)
     # the files this run may write: a foreign plot is no reason to refuse a --no-plots run
     names = OUTPUT_FILES if options.plots else [n for n in OUTPUT_FILES if not n.endswith(".png")]
     with output_set(out_dir, "calibrate", names) as outputs:

@@ -137,7 +137,21 @@ def exact_probabilities():
     return np.array([[exact_prediction_probability(c, k) for k in range(4)] for c in range(4)])
 
 
-def test_eq5_with_exact_bin_masses(exact_probabilities):
+# Eq. 5 and the JS divergences run in blocks of rows bounded in bytes; one row per block must
+# give the same truth.
+ROW_BLOCKS = pytest.mark.parametrize("block_bytes", [None, 1], ids=["default-blocks", "row-by-row"])
+
+
+@pytest.fixture
+def eq5_blocks(monkeypatch, block_bytes):
+    if block_bytes is not None:
+        import blda_tools.statistics.metrics as metrics
+
+        monkeypatch.setattr(metrics, "TEMPORARY_BYTES", block_bytes)
+
+
+@ROW_BLOCKS
+def test_eq5_with_exact_bin_masses(exact_probabilities, eq5_blocks):
     grid = LogitGrid(-20.0, 20.0, 800)
     edges = grid.edges
     masses = np.stack(
@@ -149,7 +163,8 @@ def test_eq5_with_exact_bin_masses(exact_probabilities):
     np.testing.assert_allclose(bias_from_histograms(masses), exact_bias, atol=1e-3)
 
 
-def test_eq5_from_sampled_logits_within_001(exact_probabilities):
+@ROW_BLOCKS
+def test_eq5_from_sampled_logits_within_001(exact_probabilities, eq5_blocks):
     generator = torch.Generator().manual_seed(0)
     statistics = LogitSetStatistics(4)
     for c in range(4):
@@ -262,9 +277,11 @@ def test_js_of_disjoint_distributions_is_ln2():
     assert float(js_divergence([1.0, 0.0], [0.0, 3.0])) == pytest.approx(math.log(2))
 
 
-def test_anchor_divergences_against_scipy_per_cell():
+@ROW_BLOCKS
+@pytest.mark.parametrize("dtype", [np.int64, np.float64])
+def test_anchor_divergences_against_scipy_per_cell(eq5_blocks, dtype):
     rng = np.random.default_rng(3)
-    histogram = rng.integers(0, 6, size=(3, 3, 7)).astype(float)
+    histogram = rng.integers(0, 6, size=(3, 3, 7)).astype(dtype)
     histogram[2, 0] = 0  # an empty negative cell is left out of class 0's average
     js_positive, js_negative = anchor_divergences(histogram)
     positive_anchor = sum(histogram[k, k] for k in range(3))

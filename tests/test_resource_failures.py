@@ -368,3 +368,51 @@ def test_the_memory_advice_leaves_out_a_flag_already_given(
     arguments = ["diagnose", str(inputs["store"]), "--out", str(tmp_path / "d"), *extra]
     line = expect_one_line_error(CliRunner().invoke(cli, arguments), f"try {advice}")
     assert not_advised is None or not_advised not in line.split("try ", 1)[1]
+
+
+@pytest.mark.parametrize(
+    "command, named",
+    [(["diagnose", "STORE", "--grid", "-5:5:100000"], "--grid: 100,000 BINS"),
+     (["diagnose", "STORE", "--grid", "-5:5:100000", "--workers", "2"], "3 sets of"),
+     (["calibrate", "STORE", "--grid", "-5:5:100000"], "3 sets of"),
+     (["calibrate", "STORE", "--grid", "-5:5:100000", "--anchor-from", "STORE"], "4 sets of"),
+     (["calibrate", "STORE", "--table-points", "100000"], "--table-points: 100,000 points")],
+)  # fmt: skip
+def test_arrays_that_cannot_fit_in_memory_are_refused_before_any_work(
+    tmp_path, monkeypatch, command, named
+):
+    """With 1 MB available, a (C, C, 100000) histogram or table (C = 3: 7.2 MB) cannot fit:
+    refused at once, with nothing read and nothing written."""
+    from blda_tools.runtime import memory
+    from blda_tools.statistics import collect
+
+    inputs = make_inputs(tmp_path / "inputs")
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1 << 20)
+    monkeypatch.setattr(collect, "_in_workers", lambda store, workers, rows: workers > 1)
+
+    def no_pass(*arguments, **keywords):
+        raise AssertionError("a pass over the data began")
+
+    monkeypatch.setattr(collect, "_collect", no_pass)
+    _register_commands()
+    out = tmp_path / "out"
+    arguments = [str(inputs["store"]) if a == "STORE" else a for a in command]
+    line = expect_one_line_error(
+        CliRunner().invoke(cli, [*arguments, "--out", str(out)]),
+        named,
+        "more than the 1.0 MB available",
+    )
+    assert "give fewer" in line and not out.exists()
+
+
+def test_the_memory_available_is_read_and_no_more_than_the_machine_has():
+    from blda_tools.runtime.memory import available_bytes
+
+    available = available_bytes()
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    swap = 0
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("SwapTotal:"):
+                swap = int(line.split()[1]) * 1024
+    assert isinstance(available, int) and 0 < available <= physical + swap

@@ -58,6 +58,7 @@ from blda_tools.errors import BLDAError, check_number, check_same_classes
 from blda_tools.fileio import save_torch
 from blda_tools.gmm import GaussianMixture1D
 from blda_tools.runtime.arrays import check_float32_range
+from blda_tools.runtime.memory import check_fits_in_memory
 from blda_tools.statistics import LogitSetStatistics
 from blda_tools.torch_files import load_torch
 
@@ -163,6 +164,7 @@ class Calibrator:
                 ("fit-on", "anchors"),
             )
         num_classes = statistics.num_classes
+        self.check_tables_fit(num_classes)
         self.class_names = tuple(
             statistics.class_names or [f"class{c}" for c in range(num_classes)]
         )
@@ -383,6 +385,15 @@ class Calibrator:
         _check_loaded_tables(calibrator, path)
         calibrator._build_rows()
         return calibrator
+
+    def check_tables_fit(self, num_classes: int) -> None:
+        """Refuse `table_points` whose fit cannot fit in memory (`runtime.memory`)."""
+        check_fits_in_memory(  # probabilities, aligned logits and offsets, float64
+            3 * num_classes * num_classes * self.table_points * 8,
+            f"--table-points: {self.table_points:,} points for {num_classes} classes: the "
+            "(C, C, points) float64 tables of the fit",
+            "give fewer --table-points (the default is 2,048)",
+        )
 
     def check_classes(self, class_names: Sequence[str], where: str) -> None:
         """BLDAError unless `class_names` are the calibrator's classes, in the same order."""

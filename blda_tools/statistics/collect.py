@@ -9,7 +9,7 @@ from collections.abc import Callable
 from blda_tools.errors import BLDAError
 from blda_tools.runtime.process import worker_processes
 from blda_tools.statistics import logit_sets
-from blda_tools.statistics.grid import LogitGrid, as_grid
+from blda_tools.statistics.grid import LogitGrid, as_grid, check_histograms_fit
 from blda_tools.statistics.logit_sets import LogitSetStatistics
 
 LABEL_SOURCES = ("auto", "gt", "pseudo")
@@ -97,6 +97,9 @@ def collect_statistics(
         raise BLDAError(f"workers: expected a positive integer, got {workers!r}")
     if rows_per_chunk < 1:
         raise BLDAError(f"rows_per_chunk: expected a positive integer, got {rows_per_chunk}")
+    # At least each worker's statistics and the merged result hold a histogram set each.
+    parallel = _in_workers(store, workers, rows_per_chunk)
+    check_histograms_fit(store.num_classes, as_grid(grid), copies=workers + 1 if parallel else 1)
     statistics = _collect(store, source, grid, workers, rows_per_chunk, progress)
     statistics.label_source = source
     # absolute: calibrate, run from another folder, compares them with its stores
@@ -104,9 +107,14 @@ def collect_statistics(
     return statistics
 
 
+def _in_workers(store, workers: int, rows_per_chunk: int) -> bool:
+    """Whether the pass runs in worker processes (a small store is read in this one)."""
+    return workers > 1 and store.num_rows >= 2 * rows_per_chunk
+
+
 def _collect(store, source, grid, workers, rows_per_chunk, progress) -> LogitSetStatistics:
     total = store.num_rows
-    if workers == 1 or total < 2 * rows_per_chunk:
+    if not _in_workers(store, workers, rows_per_chunk):
         return _statistics_of_range(store, source, grid, 0, total, rows_per_chunk, progress)
     from concurrent.futures import as_completed
 

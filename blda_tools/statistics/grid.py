@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from blda_tools.errors import BLDAError, check_number
+from blda_tools.runtime.memory import check_fits_in_memory
 
 
 @dataclass(frozen=True)
@@ -81,3 +82,16 @@ def as_grid(value) -> LogitGrid:
         raise BLDAError(
             f"--grid: expected a LogitGrid or (low, high, bins), got {value!r}"
         ) from None
+
+
+def check_histograms_fit(num_classes: int, grid: LogitGrid, copies: int = 1) -> None:
+    """Refuse a grid whose `copies` sets of ``(C, C, BINS)`` int64 histograms cannot fit in
+    memory (`runtime.memory`): numpy would get the memory lazily and the OOM killer end the
+    run part-way, without a word."""
+    held = "the" if copies == 1 else f"{copies} sets of"
+    check_fits_in_memory(
+        copies * num_classes * num_classes * grid.bins * 8,
+        f"--grid: {grid.bins:,} BINS for {num_classes} classes: {held} (C, C, BINS) int64 "
+        "histograms",
+        f"give fewer BINS (the default is {LogitGrid.bins:,})",
+    )

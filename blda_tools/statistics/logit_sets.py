@@ -24,7 +24,7 @@ import numpy as np
 from blda_tools.errors import BLDAError, check_number, check_same_classes
 from blda_tools.runtime.arrays import as_numpy, check_float32_range
 from blda_tools.statistics import kernel
-from blda_tools.statistics.grid import LogitGrid, as_grid
+from blda_tools.statistics.grid import LogitGrid, as_grid, check_histograms_fit
 from blda_tools.statistics.io import ARRAYS, StatisticsHeader, read_statistics, write_statistics
 
 UPDATE_THREADS = min(2, os.cpu_count() or 1)
@@ -88,6 +88,7 @@ class LogitSetStatistics:
                 f"class_names: {len(self.class_names)} names for {self.num_classes} classes"
             )
         C, B = self.num_classes, self.grid.bins
+        check_histograms_fit(C, self.grid)
         self.histogram = np.zeros((C, C, B), dtype=np.int64)
         self.count = np.zeros((C, C), dtype=np.int64)
         self.sum = np.zeros((C, C), dtype=np.float64)

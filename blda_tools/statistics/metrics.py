@@ -28,6 +28,20 @@ def _as_float64(values, name: str) -> np.ndarray:
         raise BLDAError(f"{name}: expected numbers, got {type(values).__name__}") from None
 
 
+def _checked_histogram(histogram) -> np.ndarray:
+    """A ``(C, C, B)`` histogram of finite non-negative counts, as numpy. Integer counts keep
+    their dtype: a fine grid's float64 copy would double the memory, so callers convert the
+    parts they work on."""
+    counts = as_numpy(histogram)
+    if counts.dtype.kind not in "iu":
+        counts = _as_float64(counts, "histogram")
+    if counts.ndim != 3 or counts.shape[0] != counts.shape[1]:
+        raise BLDAError(f"histogram: expected shape (C, C, B), got {tuple(counts.shape)}")
+    if not ((counts.dtype.kind in "iu" or np.isfinite(counts).all()) and (counts >= 0).all()):
+        raise BLDAError("histogram: counts must be finite and non-negative")
+    return counts
+
+
 def _square_confusion(confusion, name: str = "confusion") -> np.ndarray:
     matrix = _as_float64(confusion, name)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] == 0:
@@ -121,23 +135,38 @@ def prediction_probabilities_from_histograms(histogram) -> np.ndarray:
     lying in those bins, so keep the grid wide enough (the statistics record how many were
     clipped). Returns ``(C, C)`` float64.
     """
-    counts = _as_float64(histogram, "histogram")
-    if counts.ndim != 3 or counts.shape[0] != counts.shape[1]:
-        raise BLDAError(f"histogram: expected shape (C, C, B), got {tuple(counts.shape)}")
-    if not (np.isfinite(counts).all() and (counts >= 0).all()):
-        raise BLDAError("histogram: counts must be finite and non-negative")
+    counts = _checked_histogram(histogram)
     num_classes = counts.shape[0]
-    totals = counts.sum(2, keepdims=True)
     # Bins empty in every cell add nothing to the integral and leave every CDF unchanged past
     # them, so the quadrature only needs the occupied range of the (usually wide) grid.
     occupied = np.flatnonzero(counts.sum((0, 1)) > 0)
     if occupied.size:
         counts = counts[..., int(occupied[0]) : int(occupied[-1]) + 1]
+    # Rows c are independent (the product runs over y' within a row): a block of rows at a time
+    # keeps the ~8 temporaries of a fine grid within TEMPORARY_BYTES instead of 8 copies of the
+    # whole histogram.
+    per_row = 8 * num_classes * max(counts.shape[2], 1)
+    rows = max(1, min(num_classes, TEMPORARY_BYTES // per_row))
+    probability = np.empty((num_classes, num_classes), dtype=np.float64)
+    for first in range(0, num_classes, rows):
+        block = counts[first : first + rows].astype(np.float64)
+        probability[first : first + rows] = _prediction_probabilities(block)
+    return probability
+
+
+# Bytes of one temporary of the Eq. 5 quadrature (it holds ~8): 64 MB.
+TEMPORARY_BYTES = 1 << 26
+
+
+def _prediction_probabilities(counts: np.ndarray) -> np.ndarray:
+    """Eq. 5 for rows ``(R, C, B)`` of the histogram (see the function above)."""
+    num_classes = counts.shape[1]
+    totals = counts.sum(2, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         mass = counts / totals  # per-bin probability of each cell; NaN for empty cells
     cdf_below = np.cumsum(mass, 2) - mass  # F at each bin's left edge
     nodes, weights = _unit_gauss_legendre(max(1, math.ceil(num_classes / 2)))
-    probability = np.zeros((num_classes, num_classes), dtype=np.float64)
+    probability = np.zeros(counts.shape[:2], dtype=np.float64)
     ones = np.ones_like(mass[:, :1])
     for node, weight in zip(nodes.tolist(), weights.tolist(), strict=True):
         cdf = cdf_below + node * mass  # F_cy'(z) at this node of every bin
@@ -246,10 +275,32 @@ def js_divergence(p, q) -> np.ndarray:
     `p` and `q` hold non-negative masses or counts on the same grid along the last dimension
     (broadcast over leading dimensions); each is normalised to sum to 1. NaN where one is empty.
     """
-    p = _as_float64(p, "p")
-    q = _as_float64(q, "q")
-    if (p < 0).any() or (q < 0).any():
+    p, q = _non_negative(p, "p"), _non_negative(q, "q")
+    shape = np.broadcast_shapes(p.shape, q.shape)
+    if len(shape) < 2:
+        return _js_divergence(p.astype(np.float64), q.astype(np.float64))
+    # Blocks along the first axis, each converted to float64 on its own: the ~6 temporaries of
+    # a (C, C, BINS) histogram on a fine grid stay within TEMPORARY_BYTES each.
+    p, q = np.broadcast_to(p, shape), np.broadcast_to(q, shape)
+    rows = max(1, TEMPORARY_BYTES // (8 * max(math.prod(shape[1:]), 1)))
+    blocks = [
+        _js_divergence(p[first : first + rows].astype(np.float64), q[first : first + rows])
+        for first in range(0, shape[0], rows)
+    ]
+    return np.concatenate(blocks) if blocks else np.empty(shape[:-1])
+
+
+def _non_negative(values, name: str) -> np.ndarray:
+    array = as_numpy(values)
+    if array.dtype.kind not in "iu":
+        array = _as_float64(array, name)
+    if (array < 0).any():
         raise BLDAError("js_divergence: masses must be non-negative")
+    return array
+
+
+def _js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    p, q = p.astype(np.float64, copy=False), q.astype(np.float64, copy=False)
     p_total = p.sum(-1, keepdims=True)
     q_total = q.sum(-1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -278,11 +329,7 @@ def anchor_divergences(histogram) -> tuple[np.ndarray, np.ndarray]:
     js_negative[l] = mean over c != l of JS(cell [c, l], global negative anchor = all
     off-diagonal cells pooled), empty cells left out. NaN where no cell qualifies.
     """
-    counts = _as_float64(histogram, "histogram")
-    if counts.ndim != 3 or counts.shape[0] != counts.shape[1]:
-        raise BLDAError(f"histogram: expected shape (C, C, B), got {tuple(counts.shape)}")
-    if not (np.isfinite(counts).all() and (counts >= 0).all()):
-        raise BLDAError("histogram: counts must be finite and non-negative")
+    counts = _checked_histogram(histogram)
     num_classes = counts.shape[0]
     # Bins empty in every cell add nothing to any divergence: only the occupied range is needed.
     occupied = np.flatnonzero(counts.sum((0, 1)) > 0)
