@@ -208,7 +208,7 @@ def _apply(apply_path, stores, out_dir, tau_spec) -> None:
     from blda_tools.fileio import check_input_file
     from blda_tools.store import LogitStore
 
-    check_input_file(apply_path, f"--apply {apply_path}", "a calibrator.pt `blda calibrate` wrote")
+    check_input_file(apply_path, f"--apply {apply_path}", "a blda calibrator file")
     tau = None if tau_spec is None else check_tau(tau_spec)
     total = LogitStore(stores).num_rows
     with progress_bar("apply", total, unit="px") as advance:
