@@ -18,11 +18,12 @@ from fixtures_datasets import random_image, write_rgb
 
 from blda_cli.dump_logits import dump_logits_command
 from blda_tools.calibrate import CalibrateOptions, calibrate
+from blda_tools.datasets import build_dataset
 from blda_tools.diagnose import diagnose
 from blda_tools.errors import BLDAError
 from blda_tools.inference.dump import prepare_dump
 from blda_tools.models import create_model, load_checkpoint
-from blda_tools.store import LogitStore
+from blda_tools.store import LogitStore, LogitWriter
 
 MEAN = np.array([123.675, 116.28, 103.53])
 STD = np.array([58.395, 57.12, 57.375])
@@ -206,3 +207,16 @@ def test_classification_checkpoint_given_to_a_segmentation_model_says_so(tmp_pat
     model = model.to_empty(device="cpu")
     with pytest.raises(BLDAError, match=r"a classifier \(resnet101, torchvision layout\)"):
         load_checkpoint(model, tmp_path / "cls.pth")
+
+
+def test_with_256_classes_or_more_class_255_is_a_label_not_the_ignore_value(tmp_path):
+    """ImageNet-sized class lists: class 255's images keep their label (the ignore value moves
+    past the classes), and the store takes that label as a class."""
+    names = [f"class{index:03d}" for index in range(300)]
+    make_image_folder(tmp_path / "folder", classes=names[254:257], per_class=1, size=(8, 8))
+    dataset = build_dataset("image-folder", tmp_path / "folder", "val", class_names=names)
+    assert dataset.ignore_index == 300
+    assert [int(dataset.read_sample(i).label) for i in range(3)] == [254, 255, 256]
+    with LogitWriter(tmp_path / "s.h5", names, ignore_index=dataset.ignore_index) as writer:
+        writer.add(np.zeros((1, 300), np.float32), np.array([255]), name="x")
+    assert LogitStore(tmp_path / "s.h5").has_labelled_pixel()

@@ -89,7 +89,7 @@ def test_map_round_trip_and_strided_maps(tmp_path, dtype):
 
 @pytest.mark.parametrize(
     ("ignore_index", "num_classes", "expected"),
-    [(255, 3, np.uint8), (-1, 3, np.int32), (255, 300, np.int32)],
+    [(255, 3, np.uint8), (-1, 3, np.int32), (300, 300, np.int32)],
 )
 def test_labels_dtype(tmp_path, ignore_index, num_classes, expected):
     names = [f"c{i}" for i in range(num_classes)]

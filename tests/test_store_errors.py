@@ -124,6 +124,65 @@ def test_reader_rejects_unusable_files(tmp_path):
     expect_open_error(tmp_path / "no-adds.h5", "no-adds.h5", "empty (zero rows)")
 
 
+def _set_attribute(name, value):
+    def damage(file):
+        file.attrs[name] = value
+
+    return damage
+
+
+def _replace(name, make):
+    def damage(file):
+        del file[name]
+        make(file, name)
+
+    return damage
+
+
+def _two_image_store(path):
+    with LogitWriter(path, CLASSES) as writer:
+        writer.add(*random_rows(1, 4), name="first")
+        writer.add(*random_rows(2, 6), name="second")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [(_set_attribute("class_names", "[1, 2, 3]"), "class_names must be a list of strings"),
+     (_set_attribute("class_names", '"abc"'), "class_names holds str 'abc'; expected a JSON list"),
+     (_set_attribute("class_names", '{"a": 1, "b": 2, "c": 3}'), "expected a JSON list"),
+     (_set_attribute("class_names", '["a", "a", "b"]'), "non-empty and distinct"),
+     (_set_attribute("class_names", "[]"), "non-empty and distinct"),
+     (_set_attribute("class_names", "road, car"), "class_names is not JSON text"),
+     (_set_attribute("metadata", "[1, 2]"), "metadata holds list [1, 2]; expected a JSON object"),
+     (_set_attribute("format_version", "x"), "format version 'x' is not supported"),
+     (_set_attribute("complete", "false"), "complete is 'false', not a boolean"),
+     (_set_attribute("ignore_index", 1), "ignore_index 1 is a class id (the classes are 0..2)"),
+     (_set_attribute("num_classes", 4), "num_classes is 4 but it holds 3 class names"),
+     (_set_attribute("committed_rows", 7), "committed_rows is 7 but it holds 10 logit rows"),
+     (_replace("logits", lambda f, n: f.create_group(n)), "logits is not a dataset"),
+     (_replace("images/name", lambda f, n: f.create_dataset(n, data=np.array([b"\xff\xfe", b"b"]))),
+      "images/name is not UTF-8 text"),
+     (_replace("images/name", lambda f, n: f.create_dataset(n, data=np.array([b"x", b"x"]))),
+      "holds image 'x' twice"),
+     (_replace("images/count", lambda f, n: f.create_dataset(n, data=np.array([14, -4]))),
+      "negative images/count"),
+     (_replace("images/stride", lambda f, n: f.create_dataset(n, data=np.array([0, 1]))),
+      "images/stride below 1")],
+)  # fmt: skip
+def test_reader_names_each_damaged_header_field(tmp_path, damage, problem):
+    path = _two_image_store(tmp_path / "damaged.h5")
+    with h5py.File(path, "r+") as file:
+        damage(file)
+    expect_open_error(path, "damaged.h5", problem)
+
+
+def test_writer_refuses_an_ignore_index_that_is_a_class(tmp_path):
+    with pytest.raises(BLDAError, match="ignore_index 1 is a class id"):
+        LogitWriter(tmp_path / "x.h5", CLASSES, ignore_index=1)
+    assert not any(tmp_path.iterdir())
+
+
 def test_reader_rejects_incomplete_stores(tmp_path):
     path = tmp_path / "killed.h5"
     with pytest.raises(RuntimeError), LogitWriter(path, CLASSES) as writer:

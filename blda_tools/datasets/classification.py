@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from blda_tools.datasets.base import (
+    IGNORE_INDEX,
     IMAGE_EXTENSIONS,
     SegmentationDataset,
     SegmentationSample,
@@ -75,6 +76,10 @@ class ImageFolderDataset(SegmentationDataset):
             palette=default_palette(len(names)),
         )
         self.targets: tuple[int, ...] = tuple(targets)
+        # Every class index is a label here: with 256 classes or more, 255 is a class, so the
+        # ignore value (which no image carries) moves just past the last class.
+        if len(names) > IGNORE_INDEX:
+            self.ignore_index = len(names)
 
     @property
     def has_labels(self) -> bool:

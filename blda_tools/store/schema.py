@@ -98,6 +98,18 @@ def _checked_int(value, option: str, where, minimum: int | None = None) -> int:
     return int(value)
 
 
+def _checked_ignore_index(value, num_classes: int, where) -> int:
+    """An integer outside the class ids ``[0, C)``: a label equal to a class id cannot also
+    mean "no label" (that class's pixels would all be skipped, its IoU falling to 0)."""
+    value = _checked_int(value, "ignore_index", where)
+    if 0 <= value < num_classes:
+        raise BLDAError(
+            f"{where}: ignore_index {value} is a class id (the classes are 0..{num_classes - 1}); "
+            f"expected a value outside them, such as 255 (or {num_classes} from 256 classes up)"
+        )
+    return value
+
+
 def _checked_choice(value, choices, option: str, path):
     if value not in choices:
         raise BLDAError(

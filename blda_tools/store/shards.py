@@ -19,6 +19,8 @@ from blda_tools.store.schema import (
     INDEX_COLUMNS,
     KINDS,
     ImageRecord,
+    _checked_class_names,
+    _checked_ignore_index,
 )
 
 
@@ -80,35 +82,96 @@ def _checked_shard(path: Path, file: h5py.File) -> _Shard:
         raise BLDAError(
             f"{path}: an HDF5 file but not a blda logit store (no format={FORMAT_NAME!r} attribute)"
         )
-    version = int(attrs.get("format_version", -1))
-    if version != FORMAT_VERSION:
+    version = attrs.get("format_version", -1)
+    if not (isinstance(version, (int, np.integer)) and version == FORMAT_VERSION):
         raise BLDAError(
-            f"{path}: store format version {version} is not supported (this blda reads version {FORMAT_VERSION})"
+            f"{path}: store format version {_shown(version)} is not supported (this blda reads version {FORMAT_VERSION})"
         )
-    if not attrs.get("complete", False):
+    complete = attrs.get("complete", False)
+    if not isinstance(complete, (bool, np.bool_)):
+        raise BLDAError(
+            f"{path}: damaged blda logit store: complete is {complete!r}, not a boolean"
+        )
+    if not complete:
         raise BLDAError(f"{path}: " + UNFINISHED.format(out=path))
     try:
-        class_names = json.loads(attrs["class_names"])
-        logits, images = file["logits"], file["images"]
-        index = {column: images[column][:] for column in INDEX_COLUMNS}
+        class_names = _checked_class_names(_json_attribute(path, attrs, "class_names", list), path)
         metadata = {
             "domain": str(attrs["domain"]),
             "producer": str(attrs["producer"]),
             "created": str(attrs["created"]),
         }
-        metadata.update(json.loads(attrs["metadata"]))
-        ignore_index = int(attrs["ignore_index"])
-    except (KeyError, ValueError, OSError) as error:
+        metadata.update(_json_attribute(path, attrs, "metadata", dict))
+        ignore_index = _checked_ignore_index(attrs["ignore_index"], len(class_names), path)
+        logits, images = _dataset(path, file, "logits"), file["images"]
+        index = {column: _dataset(path, images, column)[:] for column in INDEX_COLUMNS}
+    except (KeyError, ValueError, OSError, TypeError) as error:
         raise BLDAError(
             f"{path}: damaged blda logit store, a field is missing or unreadable ({error})"
         ) from None
-    index["name"] = np.array([name.decode() for name in index["name"]], dtype=object)
+    index["name"] = _image_names(path, index["name"])
     if index["kind"].max(initial=0) >= len(KINDS):
         raise BLDAError(f"{path}: the image index has an unknown kind code {index['kind'].max()}")
     index["kind"] = np.asarray(KINDS, dtype=object)[index["kind"]]
     num_rows = logits.shape[0]
+    _check_row_counts(path, attrs, len(class_names), num_rows)
     _check_layout(path, file, index, len(class_names), num_rows)
     return _Shard(path, file, class_names, ignore_index, num_rows, metadata, index)
+
+
+def _shown(value) -> str:
+    """An attribute's value as written in messages (numpy scalars as plain numbers)."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
+def _json_attribute(path: Path, attrs, name: str, kind: type):
+    """Attribute `name`, JSON text holding a `kind` (list or dict)."""
+    try:
+        value = json.loads(attrs[name])
+    except (TypeError, ValueError):
+        raise BLDAError(f"{path}: damaged blda logit store: {name} is not JSON text") from None
+    if not isinstance(value, kind):
+        raise BLDAError(
+            f"{path}: damaged blda logit store: {name} holds {type(value).__name__} "
+            f"{value!r:.80}; expected a JSON {'list' if kind is list else 'object'}"
+        )
+    return value
+
+
+def _dataset(path: Path, group, name: str) -> h5py.Dataset:
+    item = group[name]
+    if not isinstance(item, h5py.Dataset):
+        where = name if group.name == "/" else f"{group.name.lstrip('/')}/{name}"
+        raise BLDAError(f"{path}: damaged blda logit store: {where} is not a dataset")
+    return item
+
+
+def _image_names(path: Path, raw: np.ndarray) -> np.ndarray:
+    """The stored image names as str, UTF-8; a name held twice is refused (names say where
+    outputs go, so two images of one name would overwrite each other)."""
+    try:
+        names = np.array([name.decode("utf-8") for name in raw], dtype=object)
+    except (UnicodeDecodeError, AttributeError):
+        raise BLDAError(
+            f"{path}: damaged blda logit store: images/name is not UTF-8 text"
+        ) from None
+    named = names[names != ""]
+    unique, counts = np.unique(named.astype(str), return_counts=True) if named.size else ([], [])
+    repeated = [name for name, count in zip(unique, counts, strict=True) if count > 1]
+    if repeated:
+        raise BLDAError(f"{path}: the image index holds image {str(repeated[0])!r} twice")
+    return names
+
+
+def _check_row_counts(path: Path, attrs, num_classes: int, num_rows: int) -> None:
+    """The header's own counts, where it has them, agree with the datasets."""
+    for name, actual in (("num_classes", num_classes), ("committed_rows", num_rows)):
+        if name in attrs and attrs[name] != actual:
+            what = "class names" if name == "num_classes" else "logit rows"
+            raise BLDAError(
+                f"{path}: damaged blda logit store: {name} is {_shown(attrs[name])} but it holds "
+                f"{actual} {what}"
+            )
 
 
 def _check_layout(path, file, index, num_classes, num_rows) -> None:
@@ -134,6 +197,11 @@ def _check_layout(path, file, index, num_classes, num_rows) -> None:
     counts, offsets = index["count"], index["offset"]
     if len({len(column) for column in index.values()}) != 1:
         raise BLDAError(f"{path}: the image index columns have different lengths")
+    for column in ("count", "height", "width"):
+        if (index[column] < 0).any():
+            raise BLDAError(f"{path}: the image index has a negative images/{column}")
+    if (index["stride"] < 1).any():
+        raise BLDAError(f"{path}: the image index has an images/stride below 1")
     expected_offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(counts) else counts
     if counts.sum() != num_rows or not np.array_equal(offsets, expected_offsets):
         raise BLDAError(f"{path}: the image index does not cover the {num_rows} rows contiguously")

@@ -42,6 +42,7 @@ from blda_tools.store.schema import (
     MAX_NAME_BYTES,
     _checked_choice,
     _checked_class_names,
+    _checked_ignore_index,
     _checked_int,
     _checked_metadata,
 )
@@ -92,7 +93,7 @@ class LogitWriter:
         self.path = Path(path)
         self.partial_path = partial_path(self.path)
         self.class_names = _checked_class_names(class_names, self.path)
-        self.ignore_index = _checked_int(ignore_index, "ignore_index", self.path)
+        self.ignore_index = _checked_ignore_index(ignore_index, len(self.class_names), self.path)
         self.dtype = _checked_choice(dtype, LOGIT_DTYPES, "dtype", self.path)
         self.compression = _checked_choice(compression, COMPRESSIONS, "compression", self.path)
         self.chunk_rows = _checked_int(chunk_rows, "chunk_rows", self.path, minimum=1)
