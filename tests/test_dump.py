@@ -506,3 +506,31 @@ def test_shards_read_together_equal_a_single_run(tmp_path, plugin):
             assert torch.equal(actual[name][0], logits)
             assert torch.equal(actual[name][1], labels)
             assert torch.equal(actual[name][2], positions)
+
+
+def test_resume_refuses_a_checkpoint_rewritten_at_the_same_path(tmp_path):
+    """training rewrites latest.pth in place: resuming a dump of it must not mix two models;
+    the same bytes copied anew (another mtime) are the same checkpoint."""
+    from blda_tools.demo import CHECKPOINT, DEFAULT_SAMPLE_DIR
+
+    checkpoint = tmp_path / "latest.pth"
+    shutil.copy(DEFAULT_SAMPLE_DIR / CHECKPOINT, checkpoint)
+    data = DEFAULT_SAMPLE_DIR / "synthcity" / "target"
+    options = dict(max_images=2, inference=InferenceSettings(), workers=0)
+    out = tmp_path / "o.h5"
+    dump_logits("tiny", checkpoint, "cityscapes", data, "val", out, **options)
+    _unfinished(out)
+    state = torch.load(checkpoint, weights_only=True)
+    weights = state["state_dict"] if "state_dict" in state else state
+    first = next(key for key, value in weights.items() if value.is_floating_point())
+    weights[first] = weights[first] + 1.0
+    torch.save(state, tmp_path / "next.pth")
+    original = checkpoint.read_bytes()
+    os.replace(tmp_path / "next.pth", checkpoint)
+    with pytest.raises(BLDAError, match=r"--resume: .*o.h5.* another version of .*latest.pth"):
+        dump_logits("tiny", checkpoint, "cityscapes", data, "val", out, resume=True, **options)
+    checkpoint.write_bytes(original)  # the dumped weights again, a new file time
+    summary = dump_logits(
+        "tiny", checkpoint, "cityscapes", data, "val", out, resume=True, **options
+    )
+    assert summary.images_in_store == 2

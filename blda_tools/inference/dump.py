@@ -47,6 +47,7 @@ from blda_tools.inference.dump_checks import (
 )
 from blda_tools.inference.dump_files import (
     COMMAND,
+    checkpoint_fingerprint,
     names_already_stored,
     remove_other_layouts,
     shard_path,
@@ -427,6 +428,7 @@ def prepare_dump(
         "model": model_spec,
         # absolute: a resumed run may start elsewhere, and the store says what it came from
         "checkpoint": None if checkpoint is None else os.path.abspath(checkpoint),
+        "checkpoint_fingerprint": checkpoint_fingerprint(checkpoint),
         "weights": weights,
         "dataset": dataset,
         "data_root": os.path.abspath(data_root),

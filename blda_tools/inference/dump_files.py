@@ -5,6 +5,7 @@ docs/outputs.md)."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -112,6 +113,29 @@ def names_already_stored(
 PATH_KEYS = ("checkpoint", "data_root")
 
 
+# Bytes read from each end of a checkpoint for its fingerprint. A torch zip archive ends with
+# its central directory, which holds every entry's CRC-32, so the tail changes with any weight.
+FINGERPRINT_BYTES = 1 << 20
+
+
+def checkpoint_fingerprint(checkpoint: str | os.PathLike | None) -> str | None:
+    """SHA-256 of a checkpoint's size and its first and last MB: a rewritten file at the same
+    path (training's `latest.pth`) tells itself apart without reading gigabytes."""
+    if checkpoint is None:
+        return None
+    digest = hashlib.sha256()
+    try:
+        with open(checkpoint, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            digest.update(str(size).encode())
+            digest.update(file.read(FINGERPRINT_BYTES))
+            file.seek(max(size - FINGERPRINT_BYTES, 0))
+            digest.update(file.read(FINGERPRINT_BYTES))
+    except OSError as error:
+        raise BLDAError(f"--checkpoint {checkpoint}: cannot read: {error.strerror}") from None
+    return digest.hexdigest()
+
+
 def _check_same_run(path: Path, stored: dict, metadata: dict) -> None:
     for key in RESUME_KEYS + PATH_KEYS:
         before, now = stored.get(key), metadata[key]
@@ -124,3 +148,11 @@ def _check_same_run(path: Path, stored: dict, metadata: dict) -> None:
                 f"--resume: {path} was written with {key}={before!r}, this run has "
                 f"{key}={now!r}; use the same options or delete it"
             )
+    # Stores of blda before the fingerprint have none to compare.
+    before = stored.get("checkpoint_fingerprint")
+    if before is not None and before != metadata["checkpoint_fingerprint"]:
+        raise BLDAError(
+            f"--resume: {path} was dumped from another version of {metadata['checkpoint']} (the "
+            "file has changed since: new weights would mix two models in one store); dump "
+            "again without --resume, or resume with the checkpoint it was dumped from"
+        )
