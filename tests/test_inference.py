@@ -162,3 +162,16 @@ def test_select_device():
         assert select_device("auto") == torch.device("cpu")
         with pytest.raises(BLDAError, match="--device cuda: CUDA is not available"):
             select_device("cuda")
+
+
+def test_predict_logits_refuses_a_stride_beyond_the_crop_and_inputs_too_small():
+    """A stride larger than the window leaves pixels in no window (their logits were NaN);
+    an input below a kernel's size is torch's RuntimeError, told as one line."""
+    from blda_tools.inference.predict import predict_logits
+
+    model = torch.nn.Conv2d(3, 4, 5)
+    images = torch.zeros(1, 3, 32, 32)
+    with pytest.raises(BLDAError, match=r"stride \(32, 32\) is larger than crop \(16, 16\)"):
+        predict_logits(model, images, mode="slide", crop=(16, 16), stride=(32, 32))
+    with pytest.raises(BLDAError, match="an input of 4 x 4 is too small for it"):
+        predict_logits(model, images, mode="whole", resize=(4, 4))

@@ -348,3 +348,32 @@ def test_batches_are_the_same_with_and_without_loader_workers(tmp_path):
             mine, worker = getattr(ours, field.name), getattr(theirs, field.name)
             if isinstance(mine, torch.Tensor):
                 assert torch.equal(mine, worker), field.name
+
+
+class NeedsLargeInputs(TwoLayerNet):
+    """TwoLayerNet behind a 12 x 12 kernel: 16 x 16 training crops pass, 8 x 8 windows do not."""
+
+    def forward_with_features(self, x):
+        F.conv2d(x, torch.zeros(1, 3, 12, 12))  # torch refuses inputs below the kernel size
+        return super().forward_with_features(x)
+
+
+def test_evaluation_settings_the_model_cannot_run_are_refused_before_training(tmp_path):
+    parts = components()
+    parts.model = NeedsLargeInputs()
+    config = small_config(
+        "run.iterations=4", "evaluation.crop_size=[8, 8]", "evaluation.stride=[8, 8]"
+    )
+    with pytest.raises(BLDAError) as caught:
+        run_training(config, tmp_path / "run", parts)
+    message = str(caught.value)
+    assert (
+        "config: evaluation.resize / crop_size / stride (tried on the first val image)" in message
+    )
+    assert "an input of 8 x 8 is too small" in message
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing left
+
+
+def test_an_evaluation_stride_beyond_the_crop_is_refused():
+    with pytest.raises(BLDAError, match=r"evaluation.stride \[16, 16\] is larger than"):
+        small_config("evaluation.crop_size=[8, 8]", "evaluation.stride=[16, 16]")

@@ -155,6 +155,12 @@ def predict_logits(
         flip=flip,
         amp=amp,
     )
+    steps = zip(settings.stride, settings.crop, strict=True)
+    if settings.mode == "slide" and any(step > side for step, side in steps):
+        raise BLDAError(  # mmseg's slide inference needs every pixel in some window
+            f"predict_logits: stride {settings.stride} is larger than crop {settings.crop}: the "
+            "pixels between windows would get no logits; give a stride at most the crop"
+        )
     if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
         raise BLDAError(
             f"predict_logits: images must be normalised float (B, 3, H, W), got "
@@ -308,9 +314,26 @@ class _Forward:
         self.model, self.use_amp = model, use_amp
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
-            output = self.model(images)
+        try:
+            with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
+                output = self.model(images)
+        except RuntimeError as error:
+            if not any(words in str(error) for words in TOO_SMALL_WORDS):
+                raise
+            first_line = str(error).strip().splitlines()[0]
+            raise BLDAError(
+                f"model: an input of {images.shape[2]} x {images.shape[3]} is too small for it "
+                f"({first_line}); give a larger --resize or --crop (train: evaluation.resize / "
+                "evaluation.crop_size)"
+            ) from None
         return _checked_logits(output, images)
+
+
+# torch's words when an input is too small for a network's strides and kernels.
+TOO_SMALL_WORDS = (
+    "Kernel size can't be greater than actual input size",
+    "Output size is too small",
+)
 
 
 def _checked_logits(output, images: torch.Tensor) -> torch.Tensor:

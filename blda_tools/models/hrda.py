@@ -209,7 +209,8 @@ class HRDASegmentor(Segmentor):
                 f"model {getattr(self, 'arch', 'hrda')}: window {tuple(images.shape[2:])} gives "
                 f"context logits {tuple(low.shape[2:])} but detail logits "
                 f"{tuple(detail_logits.shape[2:])}; HRDA needs window sides divisible by 8 "
-                "(choose --resize / --crop accordingly)"
+                "(choose the resize and window to suit: dump-logits --resize / --crop, train "
+                "evaluation.resize / evaluation.crop_size)"
             )
         return up(attention) * detail_logits + low, detail_features
 

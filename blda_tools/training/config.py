@@ -236,6 +236,13 @@ def validate(config: TrainingConfig) -> None:
         value = get_key(config, dotted)
         if len(value) != 2 or min(value) <= 0:
             raise BLDAError(f"config: {dotted} must be two positive numbers, got {value}")
+    crop, stride = config.evaluation.crop_size, config.evaluation.stride
+    if any(step > side for step, side in zip(stride, crop, strict=False)):
+        raise BLDAError(
+            f"config: evaluation.stride {list(stride)} is larger than evaluation.crop_size "
+            f"{list(crop)}: the pixels between windows would get no logits (and a NaN score); "
+            "give a stride at most the crop"
+        )
     resize = config.evaluation.resize
     if resize and (len(resize) != 2 or min(resize) <= 0):
         raise BLDAError(f"config: evaluation.resize must be [] or [height, width], got {resize}")

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from blda_tools.errors import BLDAError
 from blda_tools.inference.predict import predict_logits
 from blda_tools.statistics.metrics import SegmentationMetrics
 
@@ -104,3 +105,18 @@ def evaluate(
         dist.all_reduce(confusion)
     model.train(was_training)
     return scores_from_confusion(confusion.cpu(), class_names, classes)
+
+
+def check_evaluation(run_probe: Callable[[], object], device: torch.device) -> None:
+    """Evaluate the first val image before the first iteration (`run_probe`), so that
+    evaluation settings the model cannot run fail at once, not after the training they would
+    end. The random state is left as it was: a probed run trains as an unprobed one."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            run_probe()
+        except BLDAError as error:
+            raise BLDAError(
+                f"config: evaluation.resize / crop_size / stride (tried on the first val image): "
+                f"{error}"
+            ) from None

@@ -472,8 +472,9 @@ class Trainer:
             generator=torch.Generator().manual_seed(self.config.run.seed),
         )
 
-    def evaluate(self) -> dict | None:
-        """Scores of the student on target val (every rank takes part), or None without val."""
+    def evaluate(self, probe: bool = False) -> dict | None:
+        """Scores of the student on target val (every rank takes part), or None without val;
+        `probe`: on the first val image only, in this rank alone (`check_evaluation`)."""
         if self.parts.val is None:
             return None
         settings = self.config.evaluation
@@ -487,10 +488,10 @@ class Trainer:
             resize=settings.resize,
             crop_size=settings.crop_size,
             stride=settings.stride,
-            max_images=settings.max_images,
+            max_images=1 if probe else settings.max_images,
             classes=settings.classes,
             amp=self.config.run.amp != "none",
             ignore_index=self.parts.ignore_index,
-            rank=self.rank,
-            world_size=self.world_size,
+            rank=0 if probe else self.rank,
+            world_size=1 if probe else self.world_size,
         )

@@ -42,6 +42,7 @@ from blda_tools.training.config import (
     resolve_data_root,
     to_toml,
 )
+from blda_tools.training.evaluate import check_evaluation
 from blda_tools.training.loop import Trainer, TrainingComponents, resolve_device
 from blda_tools.training.losses import build_loss
 from blda_tools.training.run_log import JsonlLog
@@ -271,6 +272,7 @@ def _train(config, run_dir, components, device, resume, stop_at, rank, world_siz
     if world_size > 1:
         dist.barrier()
     trainer = Trainer(config, run_dir, components, device=device, rank=rank, world_size=world_size)
+    check_evaluation(lambda: trainer.evaluate(probe=True), device)
     rng_state = None
     if resume:
         checkpoint = load_training_checkpoint(checkpoint_path(run_dir))
