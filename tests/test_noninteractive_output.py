@@ -110,7 +110,7 @@ def test_calibrate_in_a_log(tmp_path):
     )  # fmt: skip
     err = completed.stderr
     _assert_plain(err + completed.stdout)
-    assert re.search(r"^calibrate: [\d,]+/[\d,]+ px \(\d+%\)", err, re.MULTILINE)
+    assert re.search(r"^calibrate \(all passes\): [\d,]+/[\d,]+ px \(\d+%\)", err, re.MULTILINE)
     rows = _table_rows(err)
     assert "traffic light" in rows and "mean" in rows
     assert all(line.count("│") == 6 for line in rows.values())
