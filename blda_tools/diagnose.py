@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from blda_tools import __version__
+from blda_tools.errors import BLDAError
 from blda_tools.fileio import json_ready, none_to_nan, write_json
 from blda_tools.outputs import output_set
 from blda_tools.plots import workers as figure_workers
@@ -122,18 +123,19 @@ def _diagnose(
     store, out_dir, labels, workers, grid, plots_and_report, progress, named_dir, figures
 ) -> Diagnosis:
     """The work of `diagnose`, writing into `out_dir` (the staging folder of `named_dir`)."""
-    source = resolve_label_source(labels, store.has_labels, where=", ".join(map(str, store.paths)))
+    ground_truth = _has_ground_truth(store, labels)
+    source = resolve_label_source(labels, ground_truth, where=", ".join(map(str, store.paths)))
     notes = []
     if source == "pseudo":
         notes.append(
             "Rows of the logit-set matrix are pseudo-labels (argmax of the logits): "
-            + ("the store has no ground-truth labels." if not store.has_labels else "as asked.")
+            + ("as asked." if ground_truth else _no_ground_truth(store))
         )
     statistics = collect_statistics(
         store, labels=source, grid=grid, workers=workers, progress=progress
     )
     confusion = statistics.confusion if source == "gt" else None
-    if source == "pseudo" and store.has_labels:
+    if source == "pseudo" and ground_truth:
         # Metrics and Eq. 4 still come from the ground truth: a second, cheap pass.
         confusion = _ground_truth_confusion(store, progress)
     diagnosis = _measure(store, statistics, confusion, source, notes)
@@ -148,6 +150,37 @@ def _diagnose(
     diagnosis.files["diagnosis"] = "diagnosis.json"
     write_json(out_dir / "diagnosis.json", diagnosis.to_json())
     return diagnosis
+
+
+def _has_ground_truth(store: LogitStore, labels: str) -> bool:
+    """Whether the store has a labelled pixel; refuses --labels gt where every label is the
+    ignore index (a store of unlabelled pixels, which pseudo-labels can still diagnose)."""
+    if not store.has_labels or store.has_labelled_pixel():
+        return store.has_labels
+    if labels == "gt":
+        raise BLDAError(
+            f"{', '.join(map(str, store.paths))}: every label is the ignore index "
+            f"{store.ignore_index}, so there is no ground truth for --labels gt; give --labels "
+            "pseudo (or auto) for the diagnosis from the logits alone"
+        )
+    return False
+
+
+def _no_ground_truth(store: LogitStore) -> str:
+    if store.has_labels:
+        return (
+            f"every label of the store is the ignore index {store.ignore_index} (no ground "
+            "truth: no metrics and no Eq. 4)."
+        )
+    return "the store has no ground-truth labels."
+
+
+def diagnosis_passes(stores, labels: str = "auto") -> int:
+    """Rows `diagnose` will stream in all (for a progress bar's total): twice the store's when
+    pseudo-labels are asked for on labelled data (the ground-truth metrics take a second pass)."""
+    store = LogitStore(stores)
+    twice = labels == "pseudo" and store.has_labels and store.has_labelled_pixel()
+    return store.num_rows * (2 if twice else 1)
 
 
 def _ground_truth_confusion(store: LogitStore, progress) -> np.ndarray:

@@ -61,11 +61,10 @@ def diagnose_command(stores, out_dir, labels, workers, grid_spec, no_plots):
     with figure_workers.FigureWorkers(
         0 if no_plots else figure_workers.DEFAULT_PROCESSES
     ) as figures:
-        from blda_tools.diagnose import diagnose
-        from blda_tools.store import LogitStore
+        from blda_tools.diagnose import diagnose, diagnosis_passes
 
         grid = parse_grid(grid_spec)
-        total = LogitStore(stores).num_rows
+        total = diagnosis_passes(stores, labels)
         with progress_bar("diagnose", total, unit="px") as advance:
             result = diagnose(
                 stores,

@@ -98,7 +98,14 @@ def _fitted_three_class_calibrator(estimator="gmm"):
     return calibrator.fit(statistics), logits
 
 
-def test_offsets_match_eq6_computed_with_scipy_including_beyond_the_table():
+@pytest.mark.parametrize("inverse_chunk", [None, 1000], ids=["one-chunk", "many-chunks"])
+def test_offsets_match_eq6_computed_with_scipy_including_beyond_the_table(
+    monkeypatch, inverse_chunk
+):
+    if inverse_chunk is not None:  # the anchors' inversion taken in pieces: the same values
+        import blda_tools.calibration.alignment as alignment
+
+        monkeypatch.setattr(alignment, "INVERSE_CHUNK", inverse_chunk)
     calibrator, _ = _fitted_three_class_calibrator()
     cells = calibrator.cell_mixture_
     anchors = {

@@ -444,3 +444,26 @@ def test_calibrate_notes_logits_outside_the_grid_and_a_calibrator_with_no_offset
     notes = " ".join(result.notes)
     assert "No cell of the logit-set matrix has --min-samples logits" in notes
     assert "Try another --anchor" not in notes
+
+
+def test_fitting_on_ground_truth_that_is_all_ignored_names_the_store(tmp_path):
+    from blda_tools.calibration.inputs import open_inputs
+    from blda_tools.store import LogitWriter
+
+    generator = np.random.default_rng(4)
+    paths = {}
+    for name, labels in (
+        ("labelled", generator.integers(0, 3, 500)),
+        ("ignored", np.full(500, 255)),
+    ):
+        paths[name] = tmp_path / f"{name}.h5"
+        with LogitWriter(paths[name], ["a", "b", "c"]) as writer:
+            writer.add(generator.standard_normal((500, 3)).astype(np.float32), labels, name="x")
+    options = CalibrateOptions(fit_on=paths["ignored"], fit_labels="gt")
+    with pytest.raises(
+        BLDAError,
+        match=r"--fit-on .*ignored.h5: --fit-labels gt, but every label is the ignore index 255",
+    ):
+        open_inputs(paths["labelled"], options)
+    with pytest.raises(BLDAError, match=r"STORES have no labelled pixel \(all ignored\)"):
+        open_inputs(paths["ignored"], CalibrateOptions(fit_labels="pseudo"))

@@ -238,3 +238,34 @@ def test_a_class_without_pixels_or_predictions_is_nan_in_metrics_and_under_predi
     assert "pole" in diagnosis.groups["under"]["classes"]
     (note,) = [note for note in diagnosis.notes if "no pixels and no predictions" in note]
     assert "Bias (Eq. 4) is -1/C" in note and "under-predicted: pole" in note
+
+
+def _all_ignored_store(path: Path) -> Path:
+    generator = torch.Generator().manual_seed(5)
+    with LogitWriter(path, NAMES, ignore_index=IGNORE, domain="test") as writer:
+        writer.add(torch.randn(len(NAMES), 8, 8, generator=generator), torch.full((8, 8), IGNORE))
+    return path
+
+
+def test_a_store_whose_labels_are_all_ignored_is_diagnosed_from_its_logits(tmp_path):
+    """No ground truth: --labels gt names the store and the cause; auto and pseudo give the
+    logit-only diagnosis (Eq. 5), as for a store without labels, with no metrics."""
+    store = _all_ignored_store(tmp_path / "ignored.h5")
+    result = _run("diagnose", store, "--out", tmp_path / "gt", "--labels", "gt", "--no-plots")
+    assert result.exit_code == 2
+    assert "ignored.h5: every label is the ignore index 255" in result.output
+    for labels in ("auto", "pseudo"):
+        diagnosis = diagnose(store, tmp_path / labels, labels=labels, plots_and_report=False)
+        assert diagnosis.miou is None and diagnosis.bias is None
+        assert len(diagnosis.bias_estimated) == len(NAMES)
+        assert any("every label of the store is the ignore index" in n for n in diagnosis.notes)
+
+
+def test_the_pseudo_label_progress_total_counts_the_ground_truth_pass(tmp_path):
+    from blda_tools.diagnose import diagnosis_passes
+
+    store = _write_store(tmp_path / "val.h5")
+    rows = 3 * 24 * 24
+    assert diagnosis_passes(store, "pseudo") == 2 * rows
+    assert diagnosis_passes(store, "auto") == diagnosis_passes(store, "gt") == rows
+    assert diagnosis_passes(_all_ignored_store(tmp_path / "ignored.h5"), "pseudo") == 64

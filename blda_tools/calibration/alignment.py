@@ -18,6 +18,8 @@ from blda_tools.statistics import LogitSetStatistics
 # Newton steps on the anchors' inverse CDF at fit time: the table then carries no inversion error.
 NEWTON_STEPS = 3
 INVERSE_TABLE_POINTS = 1 << 16
+# Probabilities inverted at once by `Anchors.inverse_cdf` (~12 float64 temporaries of this size).
+INVERSE_CHUNK = 1 << 22
 # Bins EM works on at most (histograms are merged by an integer factor down to this).
 FIT_BINS = 512
 
@@ -84,6 +86,19 @@ class Anchors:
                 self.mixtures[name] = mixture.fit_histogram(centers, counts, bin_width=width)
 
     def inverse_cdf(self, name: str, p: Tensor) -> Tensor:
+        """The anchor's inverse CDF at `p` (any shape), elementwise, float64.
+
+        Taken INVERSE_CHUNK values at a time: the inversion holds ~12 temporaries the size of
+        its input, and the fit's input is (C, C, table points) (133M values for 255 classes)."""
+        flat = p.reshape(-1)
+        result = torch.empty(flat.shape, dtype=torch.float64)
+        for start in range(0, flat.numel(), INVERSE_CHUNK):
+            result[start : start + INVERSE_CHUNK] = self._inverse_cdf(
+                name, flat[start : start + INVERSE_CHUNK]
+            )
+        return result.reshape(p.shape)
+
+    def _inverse_cdf(self, name: str, p: Tensor) -> Tensor:
         if self.estimator == "gmm":
             return mixture_inverse_cdf(self.mixtures[name], p)
         histogram = self.positive_histogram if name == "positive" else self.negative_histogram

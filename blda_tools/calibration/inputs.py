@@ -97,6 +97,11 @@ def statistics_source(
                 f"{option} {', '.join(map(str, paths))}: --fit-labels gt, but the store has no "
                 "ground-truth labels; use --fit-labels pseudo"
             )
+        if labels == "gt" and not store.has_labelled_pixel():
+            raise BLDAError(
+                f"{option} {', '.join(map(str, paths))}: --fit-labels gt, but every label is "
+                f"the ignore index {store.ignore_index}; use --fit-labels pseudo"
+            )
         return StatisticsSource(option, store, None)
     if not all(kinds):
         raise BLDAError(
@@ -222,10 +227,11 @@ def open_inputs(stores: Paths, options) -> CalibrationInputs:
     if options.anchor_from:
         anchors = statistics_source(options.anchor_from, "--anchor-from", names, grid, None)
     held_out = open_held_out(options.select_on, names) if options.select_on else None
-    if held_out is None and len(taus) > 1 and not evaluated.has_labels:
+    if held_out is None and len(taus) > 1 and not evaluated.has_labelled_pixel():
         default = " (the default when fitting)" if options.taus == DEFAULT_TAUS else ""
+        none = "no labels" if not evaluated.has_labels else "no labelled pixel (all ignored)"
         raise BLDAError(
-            f"--tau {options.taus}{default}: several values, but STORES have no labels to "
+            f"--tau {options.taus}{default}: several values, but STORES have {none} to "
             "choose among them: give --select-on STORE with ground truth, or one --tau value"
         )
     return CalibrationInputs(taus, calibrator, evaluated, fit, anchors, held_out)
