@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from blda_cli.diagnose import parse_grid
 from blda_cli.option_rules import given, option_text, refuse_together
@@ -150,10 +151,10 @@ def calibrate_command(ctx, stores, out_dir, tau_spec, apply_path, **options):
     ) as advance:
         result = calibrate(stores, out_dir, config, progress=advance)
     for warning in result.warnings:
-        console.print(f"[bold red]WARNING:[/] {warning}")
+        console.print(f"[bold red]WARNING:[/] {escape(warning)}")
     console.print(_class_table(result))
     selection = result.selection
-    console.print(f"chosen tau = {result.chosen_tau:g}, {selection['how']}")
+    console.print(f"chosen tau = {result.chosen_tau:g}, {selection['how']}", markup=False)
     baseline = result.prior_baseline
     if baseline is not None and baseline["tau"] != result.chosen_tau:
         metric = selection.get("metric") or "miou"
@@ -173,7 +174,7 @@ def calibrate_command(ctx, stores, out_dir, tau_spec, apply_path, **options):
             f"[yellow]note:[/] {len(result.unadjusted_cells)} cells have fewer than "
             f"{config.min_samples} logits and get no offset (listed in calibration.json)"
         )
-    console.print(f"wrote {out_dir}/calibration.json and {out_dir}/calibrator.pt")
+    console.print(f"wrote {out_dir}/calibration.json and {out_dir}/calibrator.pt", markup=False)
     console.print("next:", highlight=False)
     for line in after_calibrate([str(path) for path in stores], out_dir):
         console.print(f"  {line}", highlight=False, markup=False)
@@ -215,7 +216,8 @@ def _apply(apply_path, stores, out_dir, tau_spec) -> None:
         result = apply_calibrator(apply_path, stores, out_dir, tau=tau, progress=advance)
     where = result.prediction_store or f"{len(result.files)} PNG files in {out_dir}"
     console.print(
-        f"tau = {result.tau:g}: {result.num_pixels:,} pixels of {result.images} images -> {where}"
+        f"tau = {result.tau:g}: {result.num_pixels:,} pixels of {result.images} images -> {where}",
+        markup=False,
     )
 
 
@@ -226,7 +228,7 @@ def _class_table(result) -> Table:
         table.add_column(column, justify="right")
     js = result.js
     for index, name in enumerate(result.classes):
-        cells = [name]
+        cells = [Text(name)]
         for key in ("iou", "acc"):
             if result.before is None or result.after is None:
                 cells.append("n/a")
@@ -284,4 +286,4 @@ def export_command(calibrator_path, out_path, model_path, tau):
     from blda_tools.calibration.export import export_torchscript
 
     export_torchscript(calibrator_path, out_path, model_path=model_path, tau=tau)
-    console.print(f"wrote {out_path}")
+    console.print(f"wrote {out_path}", markup=False)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import click
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from blda_cli.progress import console, progress_bar
 
@@ -85,7 +86,7 @@ def _class_table(result: DemoResult) -> Table:
     )  # fmt: skip
     for name, pixels, bias, estimated, iou, iou_after, acc, acc_after in rows:
         table.add_row(
-            name, f"{pixels:,}", _fmt(bias, "+.4f"), _fmt(estimated, "+.4f"),
+            Text(name), f"{pixels:,}", _fmt(bias, "+.4f"), _fmt(estimated, "+.4f"),
             _fmt(iou, ".1%"), _fmt(iou_after, ".1%"), _fmt(acc, ".1%"), _fmt(acc_after, ".1%"),
             style="red" if bias is not None and bias > diagnosis.balanced_tolerance else None,
         )  # fmt: skip
@@ -97,7 +98,7 @@ def _print_summary(result: DemoResult) -> None:
     before, after = calibration.before, calibration.after
     selection = calibration.selection
     for warning in calibration.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     for note in calibration.notes:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     console.print(
@@ -114,7 +115,9 @@ def _print_summary(result: DemoResult) -> None:
         f"{_fmt(result.diagnosis.bias_rank_correlation, '.3f')}"
     )
     stages = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in result.seconds.items())
-    console.print(f"wrote {result.report} and {result.out_dir / 'demo.json'} ({stages})")
+    console.print(
+        f"wrote {result.report} and {result.out_dir / 'demo.json'} ({stages})", markup=False
+    )
 
 
 def _fmt(value, spec: str) -> str:

@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from blda_cli.progress import console, progress_bar
 
@@ -78,14 +80,15 @@ def diagnose_command(stores, out_dir, labels, workers, grid_spec, no_plots):
             )
     console.print(_results_table(result))
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
     if result.miou is not None:
         console.print(
             f"mIoU {result.miou:.1%}  mAcc {result.macc:.1%}  IoU std {result.iou_std:.1%}  "
             f"Spearman(Eq. 4, Eq. 5) {_fmt(result.bias_rank_correlation, '.3f')}"
         )
     console.print(
-        f"wrote {out_dir}/diagnosis.json" + ("" if no_plots else f", {out_dir}/report.html")
+        f"wrote {out_dir}/diagnosis.json" + ("" if no_plots else f", {out_dir}/report.html"),
+        markup=False,
     )
     from blda_tools.report.explain import after_diagnose
 
@@ -118,7 +121,7 @@ def _results_table(result) -> Table:
     for column in columns:
         table.add_column(column, justify="left" if column == "class" else "right")
     for row in rows:
-        cells = [row[0]] + [
+        cells = [Text(row[0])] + [
             _fmt(value, CLASS_TABLE_FORMATS[column])
             for column, value in zip(columns[1:], row[1:], strict=True)
         ]

@@ -269,3 +269,15 @@ def test_the_pseudo_label_progress_total_counts_the_ground_truth_pass(tmp_path):
     assert diagnosis_passes(store, "pseudo") == 2 * rows
     assert diagnosis_passes(store, "auto") == diagnosis_passes(store, "gt") == rows
     assert diagnosis_passes(_all_ignored_store(tmp_path / "ignored.h5"), "pseudo") == 64
+
+
+def test_class_names_and_paths_are_printed_as_they_are_not_as_console_markup(tmp_path):
+    names = ["[bold]x[/bold]", "b", "c", "d"]
+    path = tmp_path / "marked.h5"
+    generator = torch.Generator().manual_seed(6)
+    with LogitWriter(path, names, ignore_index=IGNORE, domain="test") as writer:
+        writer.add(torch.randn(4, 8, 8, generator=generator), torch.randint(0, 4, (8, 8)))
+    out = tmp_path / "out[1]"
+    result = _run("diagnose", path, "--out", out, "--no-plots")
+    assert result.exit_code == 0, result.output
+    assert "[bold]x[/bold]" in result.output and f"wrote {out}/diagnosis.json" in result.output
