@@ -219,7 +219,7 @@ def output_set(
     must be the command's own, checked here, before any work. Leaving the block normally moves
     the set into place; an exception removes everything this run made.
     """
-    directory = Path(directory) if str(directory) else Path(".")
+    directory = checked_output_path(directory, "out")
     # Named in errors: the output the user asked for (the file, for a single-file set).
     where = directory if key == WHOLE_DIRECTORY else directory / key
     created = []
@@ -293,10 +293,20 @@ def hold_lock(path: Path, busy: str, *, directory: bool = False) -> int:
         os.close(descriptor)
 
 
+def checked_output_path(path: str | os.PathLike, what: str) -> Path:
+    """`path` as a Path; an empty one is refused (the CLI refuses an empty option value, and
+    the library must not take it as the current directory either)."""
+    if isinstance(path, str) and not path.strip():
+        raise BLDAError(f"{what}: an empty path; give a file or directory ('.' for this one)")
+    if not isinstance(path, (str, os.PathLike)):
+        raise BLDAError(f"{what}: expected a path, got {type(path).__name__}")
+    return Path(path)
+
+
 @contextlib.contextmanager
 def output_file(path: str | os.PathLike, command: str) -> Iterator[Path]:
     """A single output file as a set of one: yields where to write it."""
-    path = Path(path)
+    path = checked_output_path(path, "out")
     if _is_dir(path):
         raise BLDAError(f"{path}: is a directory; expected the name of the file to write")
     with output_set(path.parent, command, [path.name], key=path.name) as outputs:
@@ -305,7 +315,7 @@ def output_file(path: str | os.PathLike, command: str) -> Iterator[Path]:
 
 def claim_file(path: str | os.PathLike, command: str) -> None:
     """Before writing `path` outside an `output_set` (a resumable store), check it may be."""
-    path = Path(path)
+    path = checked_output_path(path, "out")
     if _is_dir(path):
         raise BLDAError(f"{path}: is a directory; expected the name of the file to write")
     directory = path.parent if str(path.parent) else Path(".")

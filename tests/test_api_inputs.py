@@ -83,3 +83,39 @@ def test_an_image_outside_the_store_is_named(tmp_path):
         writer.add(torch.zeros(2, 3, 3), name="only")
     with LogitStore(tmp_path / "s.h5") as store, pytest.raises(BLDAError, match="no image 99"):
         store.read_image(99)
+
+
+def _api_calls_with_an_empty_output(store):
+    from blda_tools.calibrate import calibrate
+    from blda_tools.datasets.synthcity.generate import make_synthcity
+    from blda_tools.diagnose import diagnose
+    from blda_tools.inference.dump import dump_logits
+    from blda_tools.training import train
+
+    return {
+        "diagnose": lambda: diagnose(store, ""),
+        "calibrate": lambda: calibrate(store, ""),
+        "make_synthcity": lambda: make_synthcity("", images=1, size=(32, 64)),
+        "dump_logits": lambda: dump_logits(
+            "tiny", None, "cityscapes", store.parent, "val", "", random_weights=True
+        ),
+        "train": lambda: train("synthcity_tiny", "", []),
+    }
+
+
+@pytest.mark.parametrize(
+    "call", ["diagnose", "calibrate", "make_synthcity", "dump_logits", "train"]
+)
+def test_an_empty_output_path_is_refused_not_taken_as_the_current_directory(
+    tmp_path, monkeypatch, call
+):
+    store = tmp_path / "s.h5"
+    with LogitWriter(store, ["a", "b", "c"]) as writer:
+        writer.add(np.random.default_rng(0).standard_normal((50, 3)).astype(np.float32),
+                   np.zeros(50, np.int64), name="x")  # fmt: skip
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with pytest.raises(BLDAError, match="an empty path"):
+        _api_calls_with_an_empty_output(store)[call]()
+    assert not any(cwd.iterdir())  # nothing written where the user stands

@@ -73,7 +73,7 @@ from blda_tools.inference.streams import stream_executor, stream_layout
 from blda_tools.inference.tasks import check_task
 from blda_tools.inference.upsample import upsample_to_float16_rows
 from blda_tools.models import load_model
-from blda_tools.outputs import record_file
+from blda_tools.outputs import checked_output_path, record_file
 from blda_tools.runtime.process import keep_freed_memory, torch_threads
 from blda_tools.store import LogitWriter, PreparedImage
 from blda_tools.store.schema import FLOAT16_MAX
@@ -418,12 +418,13 @@ def prepare_dump(
             f"rank={rank!r}, world_size={world_size!r}: expected integers 0 <= rank < world_size"
         )
     check_counts(max_images=max_images, workers=workers, batch_size=batch_size, streams=streams)
+    requested_out = checked_output_path(out, "out")
     protocol, inference, task = check_model(model_spec, checkpoint, random_weights, inference)
     check_archive_options(model_spec, weights, trust_checkpoint)
     data = open_dataset(dataset, data_root, split, dataset_options)
     classification = check_task(model_spec, task, dataset, data.dataset_name == "image-folder")
     sampling = check_sampling(sampling, classification, dataset)
-    requested_out, out = Path(out), shard_path(out, rank, world_size)
+    out = shard_path(requested_out, rank, world_size)
     metadata = {
         "model": model_spec,
         # absolute: a resumed run may start elsewhere, and the store says what it came from

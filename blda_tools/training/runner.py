@@ -31,7 +31,13 @@ from blda_tools.fileio import (
     ensure_writable_dir,
     remove_empty_directories,
 )
-from blda_tools.outputs import check_can_write, hold_lock, read_manifest, record_set
+from blda_tools.outputs import (
+    check_can_write,
+    checked_output_path,
+    hold_lock,
+    read_manifest,
+    record_set,
+)
 from blda_tools.training.checkpoint import load_training_checkpoint
 from blda_tools.training.config import (
     TrainingConfig,
@@ -229,7 +235,7 @@ def run_training(
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    run_dir = Path(work_dir)
+    run_dir = checked_output_path(work_dir, "work_dir")
     # The device is checked before the run directory is touched.
     device = resolve_device(config.run.device, int(os.environ.get("LOCAL_RANK", 0)))
     created = created_directories(run_dir) if rank == 0 and not resume else []
@@ -322,6 +328,7 @@ def train(
         raise BLDAError("train: overrides apply to a config file, not to a TrainingConfig object")
     else:
         config = checked_config(config)
+    checked_output_path(work_dir, "work_dir")  # before the data and models are loaded
     _init_distributed(config)
     seed_everything(config.run.seed)
     components = build_components(config)

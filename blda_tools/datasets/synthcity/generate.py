@@ -50,7 +50,7 @@ from blda_tools.datasets.synthcity.scenes import (
 )
 from blda_tools.errors import BLDAError
 from blda_tools.fileio import atomic_output
-from blda_tools.outputs import output_set, read_manifest, record_set
+from blda_tools.outputs import checked_output_path, output_set, read_manifest, record_set
 from blda_tools.runtime.process import worker_processes
 
 __all__ = [
@@ -158,9 +158,11 @@ def _adopt_earlier_set(root: Path) -> None:
 
 def _parse_size(size) -> tuple[int, int]:
     try:
-        height, width = (int(value) for value in size)
+        height, width = size
     except (TypeError, ValueError):
         raise BLDAError(f"--size: expected (height, width), got {size!r}") from None
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in size):
+        raise BLDAError(f"--size: expected whole numbers of pixels, got {size!r}")
     if height < MIN_SIZE or width < MIN_SIZE:
         raise BLDAError(
             f"--size: height and width must be at least {MIN_SIZE}, got {height}x{width}"
@@ -189,7 +191,7 @@ def make_synthcity(
     if not isinstance(workers, int) or workers < 1:
         raise BLDAError(f"--workers: expected a positive whole number, got {workers!r}")
     counts = split_counts(images, val_fraction)
-    root = Path(out)
+    root = checked_output_path(out, "--out")
     info = SynthCityInfo(root=root, seed=seed, size=size, counts=counts)
     tasks = [(split, index) for split, count in counts.items() for index in range(count)]
     names = [p.relative_to(root).as_posix() for task in tasks for p in _paths(root, *task)]
