@@ -97,8 +97,11 @@ def command_line(command: str) -> str:
     return _COMMAND_LINES.get(command, f"blda {command}")
 
 
-def check_can_write(directory: Path, name: str, owner: str, sets: dict[str, list[str]]) -> None:
-    """Refuse when `directory/name` exists and is not a file of the set `owner`."""
+def check_can_write(
+    directory: Path, name: str, owner: str, sets: dict[str, list[str]], option: str = "--out"
+) -> None:
+    """Refuse when `directory/name` exists and is not a file of the set `owner` (`option`:
+    the command's option that names where it writes)."""
     target = directory / name
     if not (target.exists() or target.is_symlink()):
         return
@@ -111,7 +114,7 @@ def check_can_write(directory: Path, name: str, owner: str, sets: dict[str, list
     else:
         cause = f"exists and was not written by `{command}` (no record in {MANIFEST})"
     raise BLDAError(
-        f"{target}: {cause}; blda does not replace it: remove it or choose another --out"
+        f"{target}: {cause}; blda does not replace it: remove it or choose another {option}"
     )
 
 

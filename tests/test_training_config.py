@@ -171,3 +171,33 @@ def test_a_config_object_is_checked_as_a_file_is_and_class_ids_against_the_data(
         check_class_ids(config, 19)
     with pytest.raises(BLDAError, match="a list of KEY=VALUE, got the string"):
         load_config("synthcity_tiny", "run.iterations=2")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [(["model.arch=nope"], "config: model.arch: unknown architecture 'nope'"),
+     (["data.source_split=nolist.txt"], "config: data.source_split nolist.txt: gta5 takes"),
+     (["data.source=nope"], "config: data.source / data.root / data.source_root: dataset 'nope'"),
+     (["data.root=/nonexistent"], "config: data.source / data.root / data.source_root: gta5: "
+                                   "expected folder /nonexistent/source")],
+)  # fmt: skip
+def test_train_errors_name_config_keys_not_dump_logits_options(tmp_path, overrides, message):
+    from blda_tools.demo import DEFAULT_SAMPLE_DIR
+    from blda_tools.training import train
+
+    root = DEFAULT_SAMPLE_DIR / "synthcity"
+    with pytest.raises(BLDAError) as caught:
+        train("synthcity_tiny", tmp_path / "run", [f'data.root="{root}"', *overrides])
+    assert message in str(caught.value) and "--" not in str(caught.value).split(":")[1]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_foreign_file_in_the_run_directory_names_work_dir(tmp_path):
+    from blda_tools.demo import DEFAULT_SAMPLE_DIR
+    from blda_tools.training import train
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.toml").write_text("mine")
+    root = DEFAULT_SAMPLE_DIR / "synthcity"
+    with pytest.raises(BLDAError, match="choose another --work-dir"):
+        train("synthcity_tiny", tmp_path / "run", [f'data.root="{root}"', "rcs.min_pixels=20"])

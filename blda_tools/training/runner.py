@@ -108,6 +108,25 @@ def pretrained_paths(config: TrainingConfig) -> dict[str, Path]:
     return {key: _check_pretrained_path(path, key) for key, path in named.items() if path}
 
 
+# The options of dump-logits whose library calls training shares, as they start messages.
+_SHARED_OPTIONS = ("--model", "--split", "--data-root", "--dataset")
+
+
+@contextlib.contextmanager
+def _named_by(key: str, split_key: str | None = None) -> Iterator[None]:
+    """Errors of library calls that dump-logits shares name its options (`--split x: ...`);
+    in a training run they name the config key instead (`split_key` for --split)."""
+    try:
+        yield
+    except BLDAError as error:
+        message = str(error)
+        option = next((o for o in _SHARED_OPTIONS if message.startswith(o)), None)
+        if option is None:
+            raise BLDAError(f"config: {key}: {message}") from None
+        named = split_key if option == "--split" and split_key else key
+        raise BLDAError(f"config: {named}{message[len(option) :]}") from None
+
+
 def build_components(config: TrainingConfig) -> TrainingComponents:
     """Datasets, model (+ pretrained weights), ImageNet model and loss named by `config`."""
     from blda_tools.datasets import build_dataset
@@ -122,10 +141,13 @@ def build_components(config: TrainingConfig) -> TrainingComponents:
     trust = config.model.trust_checkpoint
     data = config.data
     source_root = resolve_data_root(data, data.source_root)
-    source = build_dataset(data.source, source_root, data.source_split)
+    with _named_by("data.source / data.root / data.source_root", "data.source_split"):
+        source = build_dataset(data.source, source_root, data.source_split)
     target_root = resolve_data_root(data, data.target_root)
-    target = build_dataset(data.target, target_root, data.target_split)
-    val = build_dataset(data.target, target_root, data.val_split)
+    with _named_by("data.target / data.root / data.target_root", "data.target_split"):
+        target = build_dataset(data.target, target_root, data.target_split)
+    with _named_by("data.target / data.root / data.target_root", "data.val_split"):
+        val = build_dataset(data.target, target_root, data.val_split)
     if not getattr(source, "has_labels", True):
         raise BLDAError(
             f"data: the source {data.source} at {source_root} has no labels to train on"
@@ -134,7 +156,8 @@ def build_components(config: TrainingConfig) -> TrainingComponents:
         raise BLDAError(f"data: the target {data.val_split} split at {target_root} has no labels")
     classes, ignore = check_same_classes({"source": source, "target": target, "val": val})
     check_class_ids(config, len(classes))
-    model = create_model(config.model.arch, len(classes))
+    with _named_by("model.arch"):
+        model = create_model(config.model.arch, len(classes))
     if not getattr(model, "supports_training", True):
         raise BLDAError(
             f"model.arch: {config.model.arch} can be used for inference (dump-logits, "
@@ -192,7 +215,7 @@ def prepare_run_dir(config: TrainingConfig, run_dir: Path, *, resume: bool, is_m
         # none (`remove_unstarted_run`).
         sets = read_manifest(run_dir) if run_dir.is_dir() else {}
         for name in RUN_FILES:
-            check_can_write(run_dir, name, COMMAND, sets)
+            check_can_write(run_dir, name, COMMAND, sets, option="--work-dir")
         _remove_run_files(run_dir)  # train's own, from a run killed before its first checkpoint
         ensure_writable_dir(run_dir / "checkpoints")
         with atomic_output(saved) as temporary:
