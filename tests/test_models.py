@@ -239,3 +239,23 @@ def test_normalize_uses_imagenet_statistics():
     assert normalize(image[None]).shape == (1, 3, 1, 2)
     with pytest.raises(BLDAError, match="3, H, W"):
         normalize(torch.zeros(4, 5, 5, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("arch", list_models())
+def test_every_builtin_layout_is_identified_as_itself(arch):
+    """The key rules of `identify` against each registered constructor's own state dict."""
+    from blda_tools.models.identify import likely_architecture
+
+    with torch.device("meta"):
+        model = create_model(arch, 19)
+    assert likely_architecture(model.state_dict()) == arch
+
+
+def test_a_tiny_checkpoint_given_as_hrda_tiny_names_tiny(tmp_path):
+    torch.save(create_model("tiny", 19).state_dict(), tmp_path / "tiny.pth")
+    with pytest.raises(BLDAError, match="keys are those of tiny"):
+        load_checkpoint(create_model("hrda_tiny", 19), tmp_path / "tiny.pth")
+    torch.save(create_model("hrda_tiny", 5).state_dict(), tmp_path / "five.pth")
+    with pytest.raises(BLDAError, match="another number of classes") as caught:
+        load_checkpoint(create_model("hrda_tiny", 19), tmp_path / "five.pth")
+    assert "another architecture" not in str(caught.value)

@@ -6,7 +6,8 @@ Rules, from the released layouts (`manifests/`): HRDA keeps its DAFormer head un
 `decode_head.head.` beside `decode_head.scale_attention.`; DAFormer has `decode_head.embed_layers`
 and `decode_head.fuse_layer`; SegFormer `decode_head.linear_c`; DeepLabV2
 `decode_head.aspp_modules` over `backbone.layer4`; a torchvision ResNet classifier `fc` over
-`layer4`. The MiT variant follows from the first stage's width (32: B0) and the number of
+`layer4`; blda's `tiny` CNN `decode_head.lateral` and `decode_head.refine` over
+`backbone.stage1` (under `decode_head.head.` for `hrda_tiny`). The MiT variant follows from the first stage's width (32: B0) and the number of
 blocks of stage 3 (2: B1, 6: B2, 18: B3, 27: B4, 40: B5).
 """
 
@@ -32,7 +33,11 @@ def likely_architecture(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     if has("decode_head.scale_attention."):
         if has("decode_head.head.aspp_modules."):
             return "hrda_deeplabv2_r101"
-        return _mit("hrda", state_dict)
+        if has("decode_head.head.lateral.") and has("backbone.stage1."):
+            return "hrda_tiny"
+        return _mit("hrda", state_dict) if has("backbone.patch_embed1.") else None
+    if has("decode_head.lateral.") and has("decode_head.refine.") and has("backbone.stage1."):
+        return "tiny"
     if has("decode_head.embed_layers.") and has("decode_head.fuse_layer."):
         return _mit("daformer", state_dict)
     if has("decode_head.linear_c") and has("decode_head.linear_fuse."):
