@@ -64,3 +64,24 @@ def test_the_last_progress_line_shows_the_final_evaluation(capsys, monkeypatch):
     lines = capsys.readouterr().err.splitlines()
     assert lines[-2].endswith("ce 0.250  mIoU 3.1")
     assert lines[-1].startswith("train: 20/20 it") and lines[-1].endswith("ce 0.250  mIoU 9.0")
+
+
+@pytest.mark.parametrize(
+    ("iteration", "interval", "iterations", "said"),
+    [(3, 500, 200, "the first is written at iteration 200"),
+     (3, 5, 200, "the first is written at iteration 5"),
+     (5, 5, 200, "stopped before the checkpoint of iteration 5 was written")],
+)  # fmt: skip
+def test_an_interrupt_before_any_checkpoint_says_when_the_first_comes(
+    tmp_path, iteration, interval, iterations, said
+):
+    from types import SimpleNamespace
+
+    from blda_tools.training.run_loop import _interrupted_message
+
+    run = SimpleNamespace(checkpoint_interval=interval, iterations=iterations)
+    trainer = SimpleNamespace(
+        iteration=iteration, config=SimpleNamespace(run=run), run_dir=tmp_path
+    )
+    message = _interrupted_message(trainer, None)
+    assert f"interrupted at iteration {iteration}: no checkpoint yet ({said})" in message

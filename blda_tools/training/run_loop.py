@@ -103,10 +103,14 @@ def _loss_report(trainer: Trainer, log: JsonlLog) -> None:
 def _interrupted_message(trainer: Trainer, saved: int | None) -> str:
     where = f"train interrupted at iteration {trainer.iteration}"
     if saved is None:
-        return (
-            f"{where}: no checkpoint yet (the first is written at iteration "
-            f"{trainer.config.run.checkpoint_interval}); nothing to resume, run it again"
+        run = trainer.config.run
+        first = min(run.checkpoint_interval, run.iterations)  # the last iteration saves too
+        when = (
+            f"the first is written at iteration {first}"
+            if trainer.iteration < first
+            else f"stopped before the checkpoint of iteration {first} was written"
         )
+        return f"{where}: no checkpoint yet ({when}); nothing to resume, run it again"
     return (
         f"{where}: {checkpoint_path(trainer.run_dir)} (iteration {saved}) is kept; continue "
         "with the same train command and --resume"
