@@ -201,3 +201,14 @@ def test_a_foreign_file_in_the_run_directory_names_work_dir(tmp_path):
     root = DEFAULT_SAMPLE_DIR / "synthcity"
     with pytest.raises(BLDAError, match="choose another --work-dir"):
         train("synthcity_tiny", tmp_path / "run", [f'data.root="{root}"', "rcs.min_pixels=20"])
+
+
+def test_resume_takes_the_same_folder_given_another_way_as_the_same_config(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    absolute = load_config("synthcity_tiny", [f'data.root="{tmp_path / "data"}"'])
+    relative = load_config("synthcity_tiny", ['data.root="../data"'])
+    other = load_config("synthcity_tiny", [f'data.root="{tmp_path / "elsewhere"}"'])
+    assert config_differences(absolute, relative) == []
+    assert config_differences(absolute, other) == ["data.root"]

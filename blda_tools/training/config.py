@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from importlib import resources
@@ -371,6 +372,14 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
+# Keys naming files or folders: the same place given another way (absolute, relative,
+# through a link) is the same value.
+PATH_KEYS = frozenset(
+    ("data.root", "data.source_root", "data.target_root", "model.pretrained",
+     "model.backbone_weights", "feature_distance.imagenet_weights")
+)  # fmt: skip
+
+
 def config_differences(old: TrainingConfig, new: TrainingConfig) -> list[str]:
     """Dotted keys whose values differ, excluding those a resume may change."""
     old_table, new_table = to_dict(old), to_dict(new)
@@ -378,8 +387,17 @@ def config_differences(old: TrainingConfig, new: TrainingConfig) -> list[str]:
         f"{section}.{key}"
         for section, values in new_table.items()
         for key, value in values.items()
-        if old_table[section][key] != value and f"{section}.{key}" not in RESUMABLE_KEYS
+        if not _same_value(f"{section}.{key}", old_table[section][key], value)
+        and f"{section}.{key}" not in RESUMABLE_KEYS
     ]
+
+
+def _same_value(key: str, old: Any, new: Any) -> bool:
+    if old == new:
+        return True
+    if key in PATH_KEYS and old and new:
+        return os.path.realpath(old) == os.path.realpath(new)
+    return False
 
 
 def resolve_data_root(config: DataConfig, root: str) -> Path:
