@@ -256,25 +256,31 @@ def _describe_choice(result: CalibrationResult) -> None:
     baseline, metric = result.prior_baseline, selection.get("metric") or "miou"
     if baseline is None or result.after is None:
         return
-    difference = result.after[metric] - baseline[metric]
     names = {"miou": "mIoU", "macc": "mAcc"}
+    # The points between the two figures as shown (to 0.1), so that the note adds up.
+    difference = _shown_percent(result.after[metric]) - _shown_percent(baseline[metric])
     # At tau = 0 BLDA changes nothing: the comparison is with the uncalibrated model.
     ours = "BLDA" if result.chosen_tau > 0 else "the uncalibrated model (BLDA's tau = 0)"
-    if abs(difference) < 5e-4:
-        verdict = f"{ours} and the prior-adjustment baseline do equally well"
+    if abs(difference) < 0.05:
+        verdict = f"{ours} and the prior-adjustment baseline do equally well on {names[metric]}"
     elif difference > 0:
-        verdict = f"{ours} does better than the prior-adjustment baseline"
+        verdict = f"{ours} does better on {names[metric]} than the prior-adjustment baseline"
     else:
-        verdict = f"the prior-adjustment baseline does better than {ours}"
+        verdict = f"the prior-adjustment baseline does better on {names[metric]} than {ours}"
     other = "macc" if metric == "miou" else "miou"
     # with one tau given nothing was chosen: the baseline runs at that tau too
     its_tau = "the same tau" if selection["how"].startswith("given") else "its own best tau"
     result.notes.append(
         f"On the evaluated stores {verdict}: {names[metric]} {result.after[metric]:.1%} at tau "
         f"= {result.chosen_tau:g} against {baseline[metric]:.1%} at {its_tau} = "
-        f"{baseline['tau']:g} ({100 * difference:+.1f} points); {names[other]} "
+        f"{baseline['tau']:g} ({difference:+.1f} points); {names[other]} "
         f"{result.after[other]:.1%} against {baseline[other]:.1%}."
     )
+
+
+def _shown_percent(fraction: float) -> float:
+    """`fraction` in % as the notes print it (`:.1%`)."""
+    return float(f"{fraction:.1%}".rstrip("%"))
 
 
 def _before_after_statistics(calibrator, store, grid, progress):
