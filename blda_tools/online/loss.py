@@ -300,7 +300,7 @@ class BLDALoss(nn.Module):
         # NaN was caught only when the sampling happened to draw it, and after the source
         # mixtures had been updated. (The loss itself treats non-finite logits as
         # F.cross_entropy does; an ignored pixel's logits are never read.)
-        if not bool(torch.isfinite(pixels.logits).all(1)[pixels.valid].all()):
+        if not _finite_at(pixels.logits, pixels.valid):
             raise BLDAError("logits: contain NaN or infinite values at labelled pixels")
         self.iteration += 1
         sync = RankSync(self.process_group, self.sync_processes)
@@ -488,3 +488,13 @@ class BLDALoss(nn.Module):
         if self.reduction == "sum":
             return per_pixel.sum()
         return per_pixel
+
+
+def _finite_at(logits: torch.Tensor, valid: torch.Tensor) -> bool:
+    """Whether every logit of the `valid` pixels is finite. One sum decides the usual case (a
+    finite sum has no NaN or infinity among its terms); only a non-finite sum, from a bad value
+    anywhere or a float overflow, pays for the masked test (a full isfinite mask and gather
+    cost 40 % of the whole loss at 2 x 19 x 512 x 512)."""
+    if bool(torch.isfinite(logits.sum())):
+        return True
+    return bool(torch.isfinite(logits).all(1)[valid].all())
