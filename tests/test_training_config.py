@@ -212,3 +212,16 @@ def test_resume_takes_the_same_folder_given_another_way_as_the_same_config(tmp_p
     other = load_config("synthcity_tiny", [f'data.root="{tmp_path / "elsewhere"}"'])
     assert config_differences(absolute, relative) == []
     assert config_differences(absolute, other) == ["data.root"]
+
+
+def test_a_checkpoint_without_its_config_is_not_called_a_run_to_resume(tmp_path):
+    from blda_tools.demo import DEFAULT_SAMPLE_DIR
+    from blda_tools.training import train
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "latest.pth").write_bytes(b"stray")
+    overrides = [f'data.root="{DEFAULT_SAMPLE_DIR / "synthcity"}"']
+    with pytest.raises(BLDAError, match="no config.toml, so not a run --resume can continue"):
+        train("synthcity_tiny", tmp_path / "run", overrides)
+    with pytest.raises(BLDAError, match="has no config.toml"):
+        train("synthcity_tiny", tmp_path / "run", overrides, resume=True)

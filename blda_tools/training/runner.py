@@ -206,6 +206,12 @@ def prepare_run_dir(config: TrainingConfig, run_dir: Path, *, resume: bool, is_m
             raise BLDAError(f"--resume: {checkpoint_path(run_dir)} does not exist yet")
         return
     if checkpoint_path(run_dir).exists():
+        if not saved.is_file():  # --resume would refuse it: no config to resume with
+            raise BLDAError(
+                f"--work-dir: {run_dir} holds {checkpoint_path(run_dir).relative_to(run_dir)} "
+                "but no config.toml, so not a run --resume can continue; remove it or choose "
+                "another directory"
+            )
         raise BLDAError(
             f"--work-dir: {run_dir} already holds a run; pass --resume or choose another directory"
         )
