@@ -109,8 +109,12 @@ def test_overrides_are_typed():
         ("rcs.temperature=inf", r"rcs\.temperature must be finite"),
         ("evaluation.classes=[-1]", r"evaluation\.classes must be distinct class ids >= 0"),
         ("evaluation.classes=[0, 0]", r"evaluation\.classes must be distinct class ids >= 0"),
+        ("self_training.ema_alpha=2.0", r"ema_alpha must lie in \[0, 1\], got 2\.0"),
+        ("hrda.detail_loss_weight=1.5", r"detail_loss_weight must lie in \[0, 1\), got 1\.5"),
+        ("loss.blda_min_samples=1", r"loss\.blda_min_samples: expected an integer >= "
+                                    r"loss\.blda_components=5, got 1"),
     ],
-)
+)  # fmt: skip
 def test_bad_override_values_are_refused(override, message):
     with pytest.raises(BLDAError, match=message):
         load_config("synthcity_tiny", [override])

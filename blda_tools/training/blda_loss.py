@@ -14,6 +14,8 @@ passes `regression=` (the head's sigmoid output at the label size) to every call
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -84,6 +86,8 @@ def check_blda_settings(loss_config) -> None:
         key = _ARGUMENT_KEYS.get(argument)
         if key is None:
             raise
+        for name, other_key in _ARGUMENT_KEYS.items():  # "... >= n_components=5" names a key
+            rest = re.sub(rf"\b{name}=", f"{other_key}=", rest)
         raise BLDAError(f"config: {key}:{rest}") from None
 
 

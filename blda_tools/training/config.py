@@ -255,7 +255,9 @@ def validate(config: TrainingConfig) -> None:
     if low > high:
         raise BLDAError(f"config: augment.scale_range must be [low, high], got {[low, high]}")
     if not 0.0 <= config.self_training.ema_alpha <= 1.0:
-        raise BLDAError("config: self_training.ema_alpha must lie in [0, 1]")
+        raise BLDAError(
+            f"config: self_training.ema_alpha must lie in [0, 1], got {config.self_training.ema_alpha}"
+        )
     if not 0 < config.rcs.temperature < math.inf:
         raise BLDAError("config: rcs.temperature must be a finite number > 0")
     low, high = config.optim.betas
@@ -273,7 +275,9 @@ def validate(config: TrainingConfig) -> None:
             f"[top, bottom, left, right] >= 0, got {margins}"
         )
     if not 0.0 <= config.hrda.detail_loss_weight < 1.0:
-        raise BLDAError("config: hrda.detail_loss_weight must lie in [0, 1)")
+        raise BLDAError(
+            f"config: hrda.detail_loss_weight must lie in [0, 1), got {config.hrda.detail_loss_weight}"
+        )
     from blda_tools.training.masking import check_mic_settings
 
     check_mic_settings(config.mic)
