@@ -119,7 +119,7 @@ class SizeParam(click.ParamType):
 @click.option(
     "--resize",
     type=SizeParam(allow_none=True),
-    help="Resize images to exactly HxW (OpenCV, as mmcv) before inference; logits come back "
+    help="Resize images to exactly HxW (one number N: NxN; OpenCV, as mmcv) before inference; logits come back "
     "at label resolution; `none` keeps the native size. Default: the protocol's, keeping the "
     "aspect ratio within 512x1024 (DAFormer, SegFormer, DeepLabV2) or 1024x2048 (HRDA/MIC); "
     "native size for other models.",

@@ -78,7 +78,10 @@ def names_already_stored(
         return set()
     if not path.exists():
         if out.exists():
-            raise BLDAError(f"--resume: {out} is already complete; delete it to dump again")
+            raise BLDAError(
+                f"--resume: {out} is already complete, nothing to resume; run without --resume "
+                "to dump it again (the store is then replaced)"
+            )
         return set()
     try:
         with h5py.File(path, "r") as file:
