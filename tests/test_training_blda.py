@@ -268,7 +268,7 @@ def test_shipped_blda_configs_are_their_base_recipe_plus_the_blda_loss(name):
     assert dataclasses.asdict(base.loss)["name"] == "cross_entropy"
 
 
-def test_synthcity_tiny_blda_end_to_end_writes_plots_and_log(tmp_path):
+def test_synthcity_tiny_blda_end_to_end_writes_plots_and_log(tmp_path, monkeypatch):
     from blda_cli.train import train_command
     from blda_tools.datasets.synthcity.generate import make_synthcity
     from blda_tools.models import create_model, load_checkpoint
@@ -285,8 +285,21 @@ def test_synthcity_tiny_blda_end_to_end_writes_plots_and_log(tmp_path):
     arguments = ["--config", "synthcity_tiny_blda", "--work-dir", str(run_dir)]
     for override in overrides:
         arguments += ["--set", override]
+    import blda_tools.plots as plots
+    from blda_tools.datasets.synthcity.generate import CLASS_NAMES
+
+    titles = []
+    drawn = plots.plot_gmm_fits
+
+    def plot_and_keep_titles(centers, histograms, densities, path):
+        titles.extend(histograms)
+        return drawn(centers, histograms, densities, path=path)
+
+    monkeypatch.setattr(plots, "plot_gmm_fits", plot_and_keep_titles)
     result = CliRunner().invoke(train_command, arguments)
     assert result.exit_code == 0, result.output
+    # Panels named by class: "label road, logit road (positive)", not class indices.
+    assert titles and all(title.split(",")[0][len("label ") :] in CLASS_NAMES for title in titles)
     records = read_log(run_dir)
     # Strict JSON: a never-fitted class is null, not NaN.
     for line in (run_dir / "log.jsonl").read_text().splitlines():

@@ -140,8 +140,9 @@ class TrainingBLDALoss(nn.Module):
         self.capture = due and self.blda.mode != "none"  # "none" keeps no GMMs to report
         self.captured = None
 
-    def finish_iteration(self, iteration: int, run_dir) -> dict | None:
-        """After the step: the GMM report (plots in `run_dir`, None = another rank) if due."""
+    def finish_iteration(self, iteration: int, run_dir, class_names=None) -> dict | None:
+        """After the step: the GMM report (plots in `run_dir`, None = another rank) if due;
+        `class_names` title its panels."""
         from blda_tools.training.blda_report import write_report
 
         if not self.capture:
@@ -149,7 +150,7 @@ class TrainingBLDALoss(nn.Module):
         captured, self.captured, self.capture = self.captured, None, False
         if run_dir is None:
             return None
-        return write_report(self.blda, captured, run_dir, iteration)
+        return write_report(self.blda, captured, run_dir, iteration, class_names)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """As nn.Module, but a state of another loss or class count raises BLDAError."""

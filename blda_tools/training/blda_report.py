@@ -100,8 +100,9 @@ def plotted_cells(blda: BLDALoss, logits: Tensor, labels: Tensor) -> list[tuple[
     return [cell for c in chosen for cell in ((c, c), (c, int(rival[c])))]
 
 
-def write_report(blda: BLDALoss, captured, run_dir, iteration: int) -> dict:
-    """Write the GMM-fit figure of the captured source batch; return the log record's fields."""
+def write_report(blda: BLDALoss, captured, run_dir, iteration: int, class_names=None) -> dict:
+    """Write the GMM-fit figure of the captured source batch; return the log record's fields.
+    Panels are titled by class name when `class_names` are given, else by class index."""
     from blda_tools.plots import plot_gmm_fits
 
     record: dict = {"js_to_anchors": anchor_js_divergences(blda)}
@@ -125,7 +126,8 @@ def write_report(blda: BLDALoss, captured, run_dir, iteration: int) -> dict:
     histograms, densities = {}, {}
     fitted = _densities(blda.source, centers)
     for (row, column), value in zip(cells, values, strict=True):
-        title = f"label {row}, logit {column}" + (" (positive)" if row == column else "")
+        label, logit = (row, column) if not class_names else (class_names[row], class_names[column])
+        title = f"label {label}, logit {logit}" + (" (positive)" if row == column else "")
         histograms[title] = torch.histogram(value.cpu(), bins=edges).hist.tolist()
         densities[title] = fitted[row, column].tolist()
     path = Path(run_dir) / REPORT_DIR / f"gmm_fits_{iteration:06d}.png"

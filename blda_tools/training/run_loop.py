@@ -95,7 +95,9 @@ def _loss_report(trainer: Trainer, log: JsonlLog) -> None:
     if finish_iteration is None:
         return
     is_main = trainer.rank == 0
-    record = finish_iteration(trainer.iteration, trainer.run_dir if is_main else None)
+    record = finish_iteration(
+        trainer.iteration, trainer.run_dir if is_main else None, trainer.parts.class_names
+    )
     if record is not None and is_main:
         log.write({"kind": "loss", "iteration": trainer.iteration, **record})
 
