@@ -119,3 +119,15 @@ def test_an_empty_output_path_is_refused_not_taken_as_the_current_directory(
     with pytest.raises(BLDAError, match="an empty path"):
         _api_calls_with_an_empty_output(store)[call]()
     assert not any(cwd.iterdir())  # nothing written where the user stands
+
+
+def test_a_fit_takes_the_class_names_of_whichever_statistics_carry_them():
+    rng = np.random.default_rng(2)
+    logits = torch.from_numpy(rng.standard_normal((3000, 3)).astype(np.float32))
+    labels = torch.from_numpy(rng.integers(0, 3, 3000))
+    unnamed = LogitSetStatistics(3)
+    named = LogitSetStatistics(3, class_names=["road", "car", "sky"])
+    for statistics in (unnamed, named):
+        statistics.update(logits, labels)
+    calibrator = Calibrator(min_samples=10, table_points=64).fit(unnamed, named)
+    assert calibrator.class_names == ("road", "car", "sky")

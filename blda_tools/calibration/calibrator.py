@@ -165,9 +165,9 @@ class Calibrator:
             )
         num_classes = statistics.num_classes
         self.check_tables_fit(num_classes)
-        self.class_names = tuple(
-            statistics.class_names or [f"class{c}" for c in range(num_classes)]
-        )
+        # Names from whichever statistics carry them (where both do, checked equal above).
+        named = statistics.class_names or anchor_statistics.class_names
+        self.class_names = tuple(named or [f"class{c}" for c in range(num_classes)])
         self.ignore_index = statistics.ignore_index
         anchors = Anchors(
             *anchor_histograms(anchor_statistics, self.anchor),
