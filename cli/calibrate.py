@@ -276,7 +276,9 @@ def _num(value) -> str:
     type=PATH,
     default=None,
     help="A TorchScript segmentation model to wrap (images -> balanced logits); its forward "
-    "takes an image tensor and returns logits, or a dict with them as 'out' (torchvision).",
+    "takes an image tensor and returns logits, or a dict with them as 'out' (torchvision). "
+    "A model whose logits on a 64x64 image have another class count than the calibrator's is "
+    "refused.",
 )
 @click.option("--tau", type=float, default=None, help="Override the calibrator's tau.")
 def export_command(calibrator_path, out_path, model_path, tau):

@@ -467,3 +467,14 @@ def test_fitting_on_ground_truth_that_is_all_ignored_names_the_store(tmp_path):
         open_inputs(paths["labelled"], options)
     with pytest.raises(BLDAError, match=r"STORES have no labelled pixel \(all ignored\)"):
         open_inputs(paths["ignored"], CalibrateOptions(fit_labels="pseudo"))
+
+
+def test_export_refuses_a_model_with_another_class_count_before_writing(stores, tmp_path):
+    options = CalibrateOptions(
+        taus="0.5", estimator="empirical", min_samples=20, grid=LogitGrid(-20, 20, 400), plots=False
+    )
+    calibrate(stores["select"], tmp_path, options)  # three classes
+    torch.jit.script(torch.nn.Conv2d(3, 5, 1)).save(str(tmp_path / "five.pt"))
+    with pytest.raises(BLDAError, match="five.pt: gives logits of 5 classes, the calibrator has 3"):
+        export_torchscript(tmp_path / "calibrator.pt", tmp_path / "e.pt", tmp_path / "five.pt")
+    assert not (tmp_path / "e.pt").exists()

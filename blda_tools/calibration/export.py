@@ -113,6 +113,27 @@ def _model_wrapper(model, where: str) -> type[BalancedModel]:
     )
 
 
+# The image a model's class count is read from at export (a model that cannot take it is
+# exported unchecked: the exported module still checks its logits' shape when it runs).
+PROBE_IMAGE = (1, 3, 64, 64)
+
+
+def _check_model_classes(model, num_classes: int, where: str) -> None:
+    """Refuse a model whose logits have another class count than the calibrator's, now
+    rather than when the exported module first runs."""
+    try:
+        with torch.no_grad():
+            output = model(torch.zeros(PROBE_IMAGE))
+    except Exception:  # noqa: BLE001 (a model that needs other input: unchecked, see above)
+        return
+    logits = output.get("out") if isinstance(output, dict) else output
+    if isinstance(logits, Tensor) and logits.dim() == 4 and logits.shape[1] != num_classes:
+        raise BLDAError(
+            f"{where}: gives logits of {logits.shape[1]} classes, the calibrator has "
+            f"{num_classes}; export the model that made the calibrated stores"
+        )
+
+
 def export_torchscript(
     calibrator_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -127,6 +148,7 @@ def export_torchscript(
     if model_path is not None:
         where = f"--model {model_path}"
         model = load_torchscript(model_path, where)
+        _check_model_classes(model, calibrator.num_classes, where)
         module = _model_wrapper(model, where)(model, module)
     scripted = torch.jit.script(module)
     with output_file(out_path, "export") as target:
