@@ -127,7 +127,7 @@ def _check_model_classes(model, num_classes: int, where: str) -> None:
     except Exception:  # noqa: BLE001 (a model that needs other input: unchecked, see above)
         return
     logits = output.get("out") if isinstance(output, dict) else output
-    if isinstance(logits, Tensor) and logits.dim() == 4 and logits.shape[1] != num_classes:
+    if isinstance(logits, Tensor) and logits.dim() in (2, 4) and logits.shape[1] != num_classes:
         raise BLDAError(
             f"{where}: gives logits of {logits.shape[1]} classes, the calibrator has "
             f"{num_classes}; export the model that made the calibrated stores"
