@@ -3,6 +3,7 @@ the file and the problem."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import h5py
@@ -240,3 +241,34 @@ def test_validation_names_file_and_rows(tmp_path, column, row, value, problem):
 # --------------------------------------------------------------------------------------------
 # Atomic writes and resume
 # --------------------------------------------------------------------------------------------
+
+
+def test_an_older_image_folder_store_of_256_classes_reads_255_as_a_class(tmp_path):
+    """blda before 2026-12-07 wrote image-folder stores with ignore_index 255 whatever the
+    class count; every image there has a class, so the reader takes C as their ignore value
+    and class 255's rows count. Another store with a class-id ignore_index is refused."""
+    names = [f"c{index}" for index in range(300)]
+    path = tmp_path / "imagenet.h5"
+    labels = np.array([0, 255, 299])
+    with LogitWriter(path, names, ignore_index=300, dataset="image-folder") as writer:
+        writer.add(np.zeros((3, 300), np.float32), labels, name="x")
+    with h5py.File(path, "r+") as file:
+        file.attrs["ignore_index"] = 255  # as the older writer left it
+    with LogitStore(path) as store:
+        assert store.ignore_index == 300
+        assert read_all(store)[2].tolist() == [0, 255, 299]
+    with h5py.File(path, "r+") as file:
+        metadata = json.loads(file.attrs["metadata"])
+        file.attrs["metadata"] = json.dumps({**metadata, "dataset": "cityscapes"})
+    expect_open_error(path, "ignore_index 255 is a class id", "such as 300 or -1")
+
+
+def test_a_rank_without_images_is_refused_before_the_dump(tmp_path):
+    from blda_tools.demo import CHECKPOINT, DEFAULT_SAMPLE_DIR
+    from blda_tools.inference.dump import prepare_dump
+
+    with pytest.raises(BLDAError, match="rank 2 of 3: no image to dump .*run at most 2 processes"):
+        prepare_dump("tiny", DEFAULT_SAMPLE_DIR / CHECKPOINT, "cityscapes",
+                     DEFAULT_SAMPLE_DIR / "synthcity" / "target", "val", tmp_path / "s.h5",
+                     rank=2, world_size=3, max_images=2, workers=0, device="cpu")  # fmt: skip
+    assert not any(tmp_path.iterdir())

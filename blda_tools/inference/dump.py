@@ -214,9 +214,9 @@ class DumpJob:
         summary.images_in_store, summary.rows_in_store = writer.num_images, writer.num_rows
         if summary.images_written + self.already_stored == 0:
             self.out.unlink()  # an empty store would only fail later, in every reader
+            first = f"; the first: {summary.corrupt[0]}" if summary.corrupt else ""
             raise BLDAError(
-                f"{self.out}: no image could be read ({len(summary.corrupt)} corrupt; the "
-                f"first: {summary.corrupt[0]})"
+                f"{self.out}: no image could be read ({len(summary.corrupt)} corrupt{first})"
             )
         record_file(self.out, COMMAND)
         if self.rank == 0 and self.requested_out is not None:
@@ -441,6 +441,11 @@ def prepare_dump(
     }
     count = len(data) if max_images is None else min(max_images, len(data))
     planned = range(rank, count, world_size)  # this rank's images
+    if not planned:
+        raise BLDAError(
+            f"rank {rank} of {world_size}: no image to dump ({count} in all, one per rank at "
+            f"most); run at most {count} processes"
+        )
     layout = {"dtype": dtype, "compression": compression}
     planned_names = {data.names[index] for index in planned}
     stored = names_already_stored(out, resume, metadata, planned_names, layout)

@@ -105,7 +105,8 @@ def _checked_ignore_index(value, num_classes: int, where) -> int:
     if 0 <= value < num_classes:
         raise BLDAError(
             f"{where}: ignore_index {value} is a class id (the classes are 0..{num_classes - 1}); "
-            f"expected a value outside them, such as 255 (or {num_classes} from 256 classes up)"
+            "expected a value outside them, such as "
+            + ("255" if num_classes <= 255 else f"{num_classes} or -1")
         )
     return value
 

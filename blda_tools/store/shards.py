@@ -102,7 +102,11 @@ def _checked_shard(path: Path, file: h5py.File) -> _Shard:
             "created": str(attrs["created"]),
         }
         metadata.update(_json_attribute(path, attrs, "metadata", dict))
-        ignore_index = _checked_ignore_index(attrs["ignore_index"], len(class_names), path)
+        ignore_index = _checked_ignore_index(
+            _image_folder_ignore(attrs["ignore_index"], metadata, len(class_names)),
+            len(class_names),
+            path,
+        )
         logits, images = _dataset(path, file, "logits"), file["images"]
         index = {column: _dataset(path, images, column)[:] for column in INDEX_COLUMNS}
     except (KeyError, ValueError, OSError, TypeError) as error:
@@ -117,6 +121,17 @@ def _checked_shard(path: Path, file: h5py.File) -> _Shard:
     _check_row_counts(path, attrs, len(class_names), num_rows)
     _check_layout(path, file, index, len(class_names), num_rows)
     return _Shard(path, file, class_names, ignore_index, num_rows, metadata, index)
+
+
+def _image_folder_ignore(ignore_index, metadata: dict, num_classes: int):
+    """The ignore value of a store: as written, except an image-folder store of 256 or more
+    classes from blda before 2026-12-07, which wrote 255 although 255 is then a class. Every
+    image of an image-folder dataset has a class (none is ignored), so its labels are class
+    ids throughout and C is the right ignore value."""
+    folder = metadata.get("dataset") == "image-folder"
+    if folder and isinstance(ignore_index, (int, np.integer)) and 0 <= ignore_index < num_classes:
+        return num_classes
+    return ignore_index
 
 
 def _shown(value) -> str:
