@@ -85,3 +85,16 @@ def test_an_interrupt_before_any_checkpoint_says_when_the_first_comes(
     )
     message = _interrupted_message(trainer, None)
     assert f"interrupted at iteration {iteration}: no checkpoint yet ({said})" in message
+
+
+def test_plot_log_names_the_log_file_of_a_bad_record(tmp_path):
+    from blda_tools.training.run_log import plot_log
+
+    record = {"kind": "train", "iteration": 1, "losses": {"source": "high"}}
+    write(tmp_path / "run", json.dumps(record) + "\n")
+    with pytest.raises(BLDAError) as caught:
+        plot_log(tmp_path / "run")
+    assert str(caught.value).startswith(
+        f"{tmp_path / 'run' / 'log.jsonl'}: the record of iteration 1"
+    )
+    assert not (tmp_path / "run" / "training_curves.png").exists()

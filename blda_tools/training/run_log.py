@@ -135,9 +135,10 @@ def _stdout_is_terminal() -> bool:
     return Console().is_terminal
 
 
-def curve_records(records: list[dict]) -> list[dict]:
+def curve_records(records: list[dict], where: str = "log") -> list[dict]:
     """Log records in the shape `blda_tools.plots.plot_training_curves` draws: `loss_<name>`
-    per training record, `miou` / `macc` as fractions per evaluation."""
+    per training record, `miou` / `macc` as fractions per evaluation. `where` starts errors
+    (the log file's path)."""
     curves = []
     for record in records:
         if record.get("kind") == "train":
@@ -153,7 +154,8 @@ def curve_records(records: list[dict]) -> list[dict]:
         for name, value in curves[-1].items():
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise BLDAError(
-                    f"log record of iteration {record['iteration']}: {name} is {value!r}, "
+                    f"{where}: the record of iteration {record['iteration']}: {name} is "
+                    f"{value!r}, "
                     "expected a number"
                 )
         if "miou" in curves[-1]:
@@ -168,7 +170,8 @@ def plot_log(run_dir: str | Path, out: str | Path | None = None) -> Path:
     from blda_tools.outputs import output_file
     from blda_tools.plots import plot_training_curves
 
-    curves = curve_records(read_log(run_dir))
+    log = Path(run_dir) / LOG_NAME if Path(run_dir).is_dir() else Path(run_dir)
+    curves = curve_records(read_log(run_dir), where=str(log))
     if not curves:
         raise BLDAError(f"{run_dir}: the log has no training or evaluation records yet")
     out = Path(out) if out is not None else Path(run_dir) / "training_curves.png"
