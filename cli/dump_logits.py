@@ -259,7 +259,9 @@ def _dump(options: dict):
             f"{job.already_stored + job.total} images already stored, {job.total} to go"
         )
     elif options["resume"]:  # said, so that a mistyped --out is not taken for a fresh start
-        console.print(f"--resume: no image stored yet in {job.out}.partial; dumping every image")
+        partial = Path(f"{job.out}.partial")
+        state = "holds no image yet" if partial.exists() else "does not exist (nothing to resume)"
+        console.print(f"--resume: {partial} {state}; dumping every image", markup=False)
     with progress_bar("dump-logits", job.total, unit="images") as advance:
         return job, job.run(advance)
 
