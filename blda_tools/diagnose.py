@@ -179,7 +179,7 @@ def diagnosis_passes(stores, labels: str = "auto") -> int:
     """Rows `diagnose` will stream in all (for a progress bar's total): twice the store's when
     pseudo-labels are asked for on labelled data (the ground-truth metrics take a second pass)."""
     store = LogitStore(stores)
-    twice = labels == "pseudo" and store.has_labels and store.has_labelled_pixel()
+    twice = labels == "pseudo" and store.has_labelled_pixel()  # False without labels
     return store.num_rows * (2 if twice else 1)
 
 

@@ -128,7 +128,7 @@ def check_set(
     """Refuse, before any work, when a file of `names` exists in `directory` and is not the
     set's own (what `output_set` checks on entry; a pipeline such as the demo checks every
     stage's set first)."""
-    directory = Path(directory) if str(directory) else Path(".")
+    directory = checked_output_path(directory, "out")
     if not directory.is_dir():
         return
     sets, owner = read_manifest(directory), set_name(command, key)

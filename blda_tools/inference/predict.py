@@ -75,6 +75,12 @@ class InferenceSettings:
         if self.center_crop is not None:
             _checked_size(self.center_crop, "center_crop")
 
+    @property
+    def windows_leave_gaps(self) -> bool:
+        """Whether windows of `crop` at `stride` leave pixels in no window (a stride beyond
+        the crop): mmseg's slide inference needs every pixel in some window."""
+        return any(step > side for step, side in zip(self.stride, self.crop, strict=True))
+
     def to_metadata(self) -> dict:
         """A JSON-ready dict of the settings (tuples as lists)."""
         return {key: list(v) if isinstance(v, tuple) else v for key, v in asdict(self).items()}
@@ -155,8 +161,7 @@ def predict_logits(
         flip=flip,
         amp=amp,
     )
-    steps = zip(settings.stride, settings.crop, strict=True)
-    if settings.mode == "slide" and any(step > side for step, side in steps):
+    if settings.mode == "slide" and settings.windows_leave_gaps:
         raise BLDAError(  # mmseg's slide inference needs every pixel in some window
             f"predict_logits: stride {settings.stride} is larger than crop {settings.crop}: the "
             "pixels between windows would get no logits; give a stride at most the crop"

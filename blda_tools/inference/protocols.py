@@ -73,9 +73,7 @@ def resolve_inference(
             f"{given} and {how}: sliding-window options, but the inference is on whole images; "
             "add --mode slide"
         )
-    if settings.mode == "slide" and (
-        settings.stride[0] > settings.crop[0] or settings.stride[1] > settings.crop[1]
-    ):
+    if settings.mode == "slide" and settings.windows_leave_gaps:
         stride = "--window-stride" if "stride" in overrides else f"the {name} protocol's stride"
         raise BLDAError(
             f"{stride} {settings.stride[0]}x{settings.stride[1]} is larger than --crop "

@@ -162,20 +162,13 @@ def _dataset(path: Path, group, name: str) -> h5py.Dataset:
 
 
 def _image_names(path: Path, raw: np.ndarray) -> np.ndarray:
-    """The stored image names as str, UTF-8; a name held twice is refused (names say where
-    outputs go, so two images of one name would overwrite each other)."""
+    """The stored image names as str (UTF-8); `_check_shards_agree` refuses repeats."""
     try:
-        names = np.array([name.decode("utf-8") for name in raw], dtype=object)
+        return np.array([name.decode("utf-8") for name in raw], dtype=object)
     except (UnicodeDecodeError, AttributeError):
         raise BLDAError(
             f"{path}: damaged blda logit store: images/name is not UTF-8 text"
         ) from None
-    named = names[names != ""]
-    unique, counts = np.unique(named.astype(str), return_counts=True) if named.size else ([], [])
-    repeated = [name for name, count in zip(unique, counts, strict=True) if count > 1]
-    if repeated:
-        raise BLDAError(f"{path}: the image index holds image {str(repeated[0])!r} twice")
-    return names
 
 
 def _check_row_counts(path: Path, attrs, num_classes: int, num_rows: int) -> None:
@@ -247,10 +240,18 @@ def _check_shards_agree(shards: list[_Shard]) -> None:
             raise BLDAError(
                 f"shards {pair}: only {with_labels} has labels; all shards must have labels or none"
             )
+    # Names say where outputs go: two images of one name, in one shard or two, would
+    # overwrite each other. (Unnamed images, "", are allowed.)
     seen: dict[str, Path] = {}
     for shard in shards:
         for name in shard.index["name"]:
-            if name and seen.setdefault(name, shard.path) != shard.path:
+            if not name:
+                continue
+            if name not in seen:
+                seen[name] = shard.path
+            elif seen[name] == shard.path:
+                raise BLDAError(f"{shard.path}: the image index holds image {name!r} twice")
+            else:
                 raise BLDAError(f"shards {seen[name]} and {shard.path} both hold image {name!r}")
 
 

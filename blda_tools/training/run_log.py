@@ -36,11 +36,15 @@ class JsonlLog:
             raise write_failure(self.path, error) from None
 
 
+def log_path(path: str | Path) -> Path:
+    """The log file `path` names: itself, or `RUN_DIR/log.jsonl` for a run directory."""
+    path = Path(path)
+    return path / LOG_NAME if path.is_dir() else path
+
+
 def read_log(path: str | Path) -> list[dict]:
     """Records of a `log.jsonl` (or of `RUN_DIR/log.jsonl`)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / LOG_NAME
+    path = log_path(path)
     if not path.is_file():
         raise BLDAError(f"{path}: no training log (expected {LOG_NAME} in a run directory)")
     text = read_text_file(path, "a training log")
@@ -155,8 +159,7 @@ def curve_records(records: list[dict], where: str = "log") -> list[dict]:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise BLDAError(
                     f"{where}: the record of iteration {record['iteration']}: {name} is "
-                    f"{value!r}, "
-                    "expected a number"
+                    f"{value!r}, expected a number"
                 )
         if "miou" in curves[-1]:
             curves[-1]["miou"] /= 100
@@ -170,8 +173,7 @@ def plot_log(run_dir: str | Path, out: str | Path | None = None) -> Path:
     from blda_tools.outputs import output_file
     from blda_tools.plots import plot_training_curves
 
-    log = Path(run_dir) / LOG_NAME if Path(run_dir).is_dir() else Path(run_dir)
-    curves = curve_records(read_log(run_dir), where=str(log))
+    curves = curve_records(read_log(run_dir), where=str(log_path(run_dir)))
     if not curves:
         raise BLDAError(f"{run_dir}: the log has no training or evaluation records yet")
     out = Path(out) if out is not None else Path(run_dir) / "training_curves.png"
