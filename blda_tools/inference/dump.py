@@ -47,9 +47,11 @@ from blda_tools.inference.dump_checks import (
 )
 from blda_tools.inference.dump_files import (
     COMMAND,
-    checkpoint_fingerprint,
+    dump_metadata,
+    images_of_rank,
     names_already_stored,
     remove_other_layouts,
+    shard_of,
     shard_path,
 )
 from blda_tools.inference.loader import (
@@ -62,7 +64,6 @@ from blda_tools.inference.loader import (
 from blda_tools.inference.pixel_sampling import PixelSampling, sampled_positions
 from blda_tools.inference.predict import (
     InferenceSettings,
-    distributed_rank,
     predict_classes,
     predict_images,
     resize_logits,
@@ -411,12 +412,7 @@ def prepare_dump(
     without it, each image page-faults its activations back in). The loader workers start
     here, before the model is loaded, and start decoding.
     """
-    if rank is None or world_size is None:
-        rank, world_size = distributed_rank()
-    elif not (isinstance(rank, int) and isinstance(world_size, int) and 0 <= rank < world_size):
-        raise BLDAError(
-            f"rank={rank!r}, world_size={world_size!r}: expected integers 0 <= rank < world_size"
-        )
+    rank, world_size = shard_of(rank, world_size)
     check_counts(max_images=max_images, workers=workers, batch_size=batch_size, streams=streams)
     requested_out = checked_output_path(out, "out")
     protocol, inference, task = check_model(model_spec, checkpoint, random_weights, inference)
@@ -425,27 +421,12 @@ def prepare_dump(
     classification = check_task(model_spec, task, dataset, data.dataset_name == "image-folder")
     sampling = check_sampling(sampling, classification, dataset)
     out = shard_path(requested_out, rank, world_size)
-    metadata = {
-        "model": model_spec,
-        # absolute: a resumed run may start elsewhere, and the store says what it came from
-        "checkpoint": None if checkpoint is None else os.path.abspath(checkpoint),
-        "checkpoint_fingerprint": checkpoint_fingerprint(checkpoint),
-        "weights": weights,
-        "dataset": dataset,
-        "data_root": os.path.abspath(data_root),
-        "split": data.split,
-        "inference": inference.to_metadata(),
-        "inference_protocol": protocol,
-        "sampling": vars(sampling).copy(),
-        "shard": {"rank": rank, "world_size": world_size},
-    }
+    metadata = dump_metadata(
+        model_spec, checkpoint, weights, dataset, data_root, data.split,
+        inference, protocol, sampling, rank, world_size,
+    )  # fmt: skip
     count = len(data) if max_images is None else min(max_images, len(data))
-    planned = range(rank, count, world_size)  # this rank's images
-    if not planned:
-        raise BLDAError(
-            f"rank {rank} of {world_size}: no image to dump ({count} in all, one per rank at "
-            f"most); run at most {count} processes"
-        )
+    planned = images_of_rank(count, rank, world_size)
     layout = {"dtype": dtype, "compression": compression}
     planned_names = {data.names[index] for index in planned}
     stored = names_already_stored(out, resume, metadata, planned_names, layout)

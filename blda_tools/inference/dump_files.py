@@ -1,4 +1,5 @@
-"""Where a dump writes: torchrun shard names, an unfinished store to continue, and the stores of
+"""Where a dump writes and what it records: this rank's images and its shard's name, the
+store's metadata (what it was dumped from), an unfinished store to continue, and the stores of
 an earlier dump to the same `--out` with another number of ranks (the output policy,
 docs/outputs.md)."""
 
@@ -15,11 +16,55 @@ import h5py
 
 from blda_tools.errors import BLDAError
 from blda_tools.fileio import partial_path
+from blda_tools.inference.predict import distributed_rank
 from blda_tools.outputs import claim_file, read_manifest, record_set
 
 COMMAND = "dump-logits"
 # Metadata that must match between an unfinished store and a resumed run.
 RESUME_KEYS = ("model", "checkpoint", "weights", "dataset", "split", "inference", "sampling")
+
+
+def shard_of(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world_size) as given, or torchrun's environment when either is None."""
+    if rank is None or world_size is None:
+        return distributed_rank()
+    if not (isinstance(rank, int) and isinstance(world_size, int) and 0 <= rank < world_size):
+        raise BLDAError(
+            f"rank={rank!r}, world_size={world_size!r}: expected integers 0 <= rank < world_size"
+        )
+    return rank, world_size
+
+
+def images_of_rank(count: int, rank: int, world_size: int) -> range:
+    """The indices of the `count` images that rank `rank` dumps (every world_size-th)."""
+    planned = range(rank, count, world_size)
+    if not planned:
+        raise BLDAError(
+            f"rank {rank} of {world_size}: no image to dump ({count} in all, one per rank at "
+            f"most); run at most {count} processes"
+        )
+    return planned
+
+
+def dump_metadata(
+    model_spec, checkpoint, weights, dataset, data_root, split, inference, protocol, sampling,
+    rank, world_size,
+) -> dict:  # fmt: skip
+    """What a store was dumped from, stored with it; `--resume` compares it (`RESUME_KEYS`)."""
+    return {
+        "model": model_spec,
+        # absolute: a resumed run may start elsewhere, and the store says what it came from
+        "checkpoint": None if checkpoint is None else os.path.abspath(checkpoint),
+        "checkpoint_fingerprint": checkpoint_fingerprint(checkpoint),
+        "weights": weights,
+        "dataset": dataset,
+        "data_root": os.path.abspath(data_root),
+        "split": split,
+        "inference": inference.to_metadata(),
+        "inference_protocol": protocol,
+        "sampling": vars(sampling).copy(),
+        "shard": {"rank": rank, "world_size": world_size},
+    }
 
 
 def shard_path(out: str | os.PathLike, rank: int, world_size: int) -> Path:

@@ -1,12 +1,17 @@
 """How `LogitWriter` writes to its HDF5 file: rows (whole chunks directly), the kernel's
-writeback after a commit, metadata kept in memory between flushes."""
+writeback after a commit, metadata kept in memory between flushes, and whether an unfinished
+file can be resumed by this writer."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import h5py
 import numpy as np
+
+from blda_tools.errors import BLDAError, check_same_classes
+from blda_tools.store.schema import FORMAT_NAME, FORMAT_VERSION
 
 
 def write_rows(dataset: h5py.Dataset, start: int, values: np.ndarray, direct: bool) -> None:
@@ -62,3 +67,26 @@ def keep_metadata_in_memory_until_flush(file: h5py.File) -> None:
     config.evictions_enabled = False
     config.incr_mode = config.flash_incr_mode = config.decr_mode = 0
     file.id.set_mdc_config(config)
+
+
+def check_resumable(
+    file: h5py.File, where: str, class_names: list[str], dtype: str, ignore_index: int
+) -> None:
+    """Refuse an unfinished store that this writer's options cannot continue."""
+    if (
+        file.attrs.get("format") != FORMAT_NAME
+        or file.attrs.get("format_version") != FORMAT_VERSION
+    ):
+        raise BLDAError(
+            f"{where}: not a blda logit store of format version {FORMAT_VERSION}; delete it"
+        )
+    stored_names = json.loads(file.attrs["class_names"])
+    check_same_classes(stored_names, class_names, where, ("the store", "this run"))
+    if file["logits"].dtype != np.dtype(dtype):
+        raise BLDAError(
+            f"{where}: the unfinished store holds {file['logits'].dtype} logits, not dtype={dtype!r}"
+        )
+    if int(file.attrs["ignore_index"]) != ignore_index:
+        raise BLDAError(
+            f"{where}: the unfinished store has ignore_index {file.attrs['ignore_index']}, not {ignore_index}"
+        )

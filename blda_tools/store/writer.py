@@ -15,9 +15,10 @@ import h5py
 import numpy as np
 
 from blda_tools import __version__
-from blda_tools.errors import BLDAError, check_same_classes
+from blda_tools.errors import BLDAError
 from blda_tools.fileio import describe_os_error, ensure_writable_dir, partial_path
 from blda_tools.store.file_io import (
+    check_resumable,
     keep_metadata_in_memory_until_flush,
     start_writeback,
     write_rows,
@@ -374,7 +375,7 @@ class LogitWriter:
                 f"{where}: cannot reopen the unfinished store ({error}); delete it and start again"
             ) from None
         try:
-            self._check_resumable(file, where)
+            check_resumable(file, where, self.class_names, self.dtype, self.ignore_index)
             self._truncate_to_committed(file, where)
         except BaseException:
             file.close()
@@ -385,25 +386,6 @@ class LogitWriter:
         self._writeback_marks = (0, 0)  # file ends at the last two `_release_pages`
         self._last_commit = time.monotonic()
         return file
-
-    def _check_resumable(self, file: h5py.File, where: str) -> None:
-        if (
-            file.attrs.get("format") != FORMAT_NAME
-            or file.attrs.get("format_version") != FORMAT_VERSION
-        ):
-            raise BLDAError(
-                f"{where}: not a blda logit store of format version {FORMAT_VERSION}; delete it"
-            )
-        stored_names = json.loads(file.attrs["class_names"])
-        check_same_classes(stored_names, self.class_names, where, ("the store", "this run"))
-        if file["logits"].dtype != np.dtype(self.dtype):
-            raise BLDAError(
-                f"{where}: the unfinished store holds {file['logits'].dtype} logits, not dtype={self.dtype!r}"
-            )
-        if int(file.attrs["ignore_index"]) != self.ignore_index:
-            raise BLDAError(
-                f"{where}: the unfinished store has ignore_index {file.attrs['ignore_index']}, not {self.ignore_index}"
-            )
 
     def _truncate_to_committed(self, file: h5py.File, where: str) -> None:
         """Drop rows and images written after the last completed add (the interrupted one)."""
