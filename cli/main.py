@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
@@ -55,7 +56,8 @@ class _Group(click.Group):
             _fail(f"{error.format_message()} (see `{where} --help`)")
         except KeyboardInterrupt as interrupt:
             _report_interrupt(interrupt)
-            sys.exit(130)  # 128 + SIGINT, what a shell reports for Ctrl-C
+            # 128 + the signal's number, what a shell reports: 130 for Ctrl-C, 143 for SIGTERM
+            sys.exit(128 + (signal.SIGTERM if _terminated else signal.SIGINT))
 
 
 def _memory_hint(ctx: click.Context) -> str:
@@ -107,7 +109,31 @@ def _register_commands() -> None:
         cli.add_command(command)
 
 
+_terminated = False
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (`kill`, a batch scheduler preempting the job, torchrun stopping its workers) ends
+    a command as Ctrl-C does: a job keeps what it has stored and says how to continue, and the
+    exit status is 143. A second SIGTERM kills at once (what it leaves is resumable, as after
+    SIGKILL)."""
+
+    def stop(signum, frame) -> None:
+        global _terminated
+        _terminated = True
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # A scheduler signals every process of the job, so loader workers die with this one;
+        # torch's SIGCHLD handler would then raise "worker exited unexpectedly" at any point of
+        # the cleanup below. Python runs pending handlers by signal number, SIGTERM (15) before
+        # SIGCHLD (17), so this one runs first and the other is never called.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main() -> None:
+    _stop_on_sigterm()
     _register_commands()
     show_library_notices()
     cli()

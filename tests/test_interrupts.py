@@ -1,8 +1,9 @@
 """Ctrl-C: one line saying what was kept and how to continue, exit status 130, no traceback;
 `--resume` says where it resumes from and reports the whole store / run (issue 16, section 3).
+SIGTERM does the same with exit status 143.
 
-The dump test sends SIGINT to the process group of a real `blda dump-logits`, as a terminal's
-Ctrl-C does (the loader workers get it too)."""
+The dump test sends SIGINT or SIGTERM to the process group of a real `blda dump-logits`, as a
+terminal's Ctrl-C or a batch scheduler does (the loader workers get it too)."""
 
 from __future__ import annotations
 
@@ -55,7 +56,14 @@ def _ctrl_c_as_in_a_terminal() -> None:
 
 
 @pytest.mark.skipif(not SAMPLE_TARGET.is_dir(), reason="needs sample_data/")
-def test_ctrl_c_in_dump_logits_keeps_the_partial_store_and_resume_completes_it(tmp_path):
+@pytest.mark.parametrize(
+    "stop, status",  # a terminal's Ctrl-C; a batch scheduler's preemption (or `kill -- -PGID`)
+    [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_stopped_dump_logits_keeps_the_partial_store_and_resume_completes_it(
+    tmp_path, stop, status
+):
     out = tmp_path / "val.h5"
     process = subprocess.Popen(
         _dump_command(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -69,13 +77,13 @@ def test_ctrl_c_in_dump_logits_keeps_the_partial_store_and_resume_completes_it(t
             if match and int(match.group(1)) >= 3:
                 break
         assert process.poll() is None, "".join(seen)
-        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+        os.killpg(process.pid, stop)  # both reach the whole process group, loader worker too
         rest = process.stderr.read() + process.stdout.read()
         code = process.wait(timeout=60)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    assert code == 130, rest
+    assert code == status, rest
     assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest
     message = [line for line in rest.splitlines() if "interrupted" in line]
     assert len(message) == 1, rest
