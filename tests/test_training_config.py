@@ -229,3 +229,37 @@ def test_a_checkpoint_without_its_config_is_not_called_a_run_to_resume(tmp_path)
         train("synthcity_tiny", tmp_path / "run", overrides)
     with pytest.raises(BLDAError, match="has no config.toml"):
         train("synthcity_tiny", tmp_path / "run", overrides, resume=True)
+
+
+def _notes(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "blda_tools.training.config"]
+
+
+def test_a_key_of_a_switched_off_section_gets_a_note_naming_its_switch(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="blda_tools"):
+        load_config("synthcity_tiny", ["mic.mask_ratio=0.5", "rcs.enabled=false",
+                                       "rcs.temperature=0.5", "rcs.temperature=0.4"])  # fmt: skip
+    assert _notes(caplog) == [
+        "--set: mic.mask_ratio has no effect while mic.enabled = false (--set mic.enabled=true "
+        "to use it)",
+        "--set: rcs.temperature has no effect while rcs.enabled = false (--set rcs.enabled=true "
+        "to use it)",
+    ]  # the file's rcs keys are not named: --set switched rcs off (an ablation)
+    caplog.clear()
+    own = tmp_path / "own.toml"
+    own.write_text("[feature_distance]\nweight = 0.01\n\n[mic]\nenabled = true\nmask_ratio = 0.5\n")
+    with caplog.at_level("INFO", logger="blda_tools"):
+        load_config(own)
+    assert _notes(caplog) == [
+        f"{own}: feature_distance.weight has no effect while feature_distance.enabled = false "
+        "(--set feature_distance.enabled=true to use it)"
+    ]
+
+
+def test_shipped_configs_and_their_ablations_load_without_notes(caplog):
+    with caplog.at_level("INFO", logger="blda_tools"):
+        for name in shipped_configs():
+            load_config(name)
+        load_config("gta2cs_mic_hrda_mitb5", ["mic.enabled=false"])
+        load_config("gta2cs_daformer_mitb5", ["rcs.enabled=false", "self_training.enabled=false"])
+    assert _notes(caplog) == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import types
@@ -37,6 +38,8 @@ from blda_tools.training.config_schema import (  # noqa: F401
     SelfTrainingConfig,
     TrainingConfig,
 )
+
+logger = logging.getLogger(__name__)
 
 _CHOICES = {
     "run.amp": ("none", "bf16", "fp16"),
@@ -134,6 +137,7 @@ def load_config(
 ) -> TrainingConfig:
     """Defaults, then the TOML file (if any), then `key=value` overrides; validated."""
     config = TrainingConfig()
+    given: list[tuple[str, str]] = []  # (source, key) of every key the file and --set give
     if name_or_path is not None:
         path = resolve_config_path(name_or_path)
         try:
@@ -141,13 +145,37 @@ def load_config(
         except (OSError, tomllib.TOMLDecodeError) as error:
             raise BLDAError(f"{path}: cannot read the TOML config: {error}") from None
         apply_table(config, table, source=str(path))
+        given += [(str(path), f"{section}.{key}") for section in table for key in table[section]]
     if isinstance(overrides, str):  # one KEY=VALUE, not its characters
         raise BLDAError(f"--set: expected a list of KEY=VALUE, got the string {overrides!r}")
     for override in overrides:
         key, value = parse_override(override)
         set_key(config, key, value, source="--set")
+        given.append(("--set", key))
     validate(config)
+    for source, key, switch in inactive_keys(config, given):
+        logger.info("%s: %s has no effect while %s = false (--set %s=true to use it)",
+                    source, key, switch, switch)  # fmt: skip
     return config
+
+
+def inactive_keys(
+    config: TrainingConfig, given: typing.Iterable[tuple[str, str]]
+) -> list[tuple[str, str, str]]:
+    """(source, key, switch) for each given key of a section whose `enabled` key (the switch)
+    is false: the run never reads it, and a user who sets `mic.mask_ratio` but not
+    `mic.enabled = true` should hear so. A file's keys are not named when `--set` switched their section off (an ablation
+    of a shipped recipe). (`loss.blda_*` with another loss is an error: `_validate_blda`.)"""
+    given = list(dict.fromkeys(given))  # a key given twice is named once per source
+    inactive = []
+    for source, dotted in given:
+        section, _, key = dotted.partition(".")
+        if key == "enabled" or getattr(getattr(config, section), "enabled", True) is not False:
+            continue
+        if source != "--set" and ("--set", f"{section}.enabled") in given:
+            continue
+        inactive.append((source, dotted, f"{section}.enabled"))
+    return inactive
 
 
 def checked_config(config: TrainingConfig) -> TrainingConfig:
