@@ -314,8 +314,28 @@ def test_fit_errors_are_clear():
     calibrator = Calibrator("empirical", min_samples=1).fit(statistics)
     with pytest.raises(BLDAError, match="NaN"):
         calibrator.predict(torch.tensor([[math.nan, 0.0]]))
-    with pytest.raises(BLDAError, match=r"expected shape \(n, 2\)"):
+    with pytest.raises(BLDAError, match=r"expected shape \(n, 2\) or \(B, 2, H, W\)"):
         calibrator.predict(torch.zeros(4, 3))
+    with pytest.raises(BLDAError, match="logits: expected a floating-point array, got int64"):
+        calibrator.predict(torch.zeros(4, 2, dtype=torch.int64))
+
+
+def test_maps_are_calibrated_pixel_by_pixel_in_their_own_shape():
+    """A model's output (B, C, H, W) gives (B, H, W) predictions and (B, C, H, W) scores: each
+    pixel's row as `predict` and `log_scores` give it for rows, laid out by hand with numpy."""
+    calibrator, logits = _fitted_three_class_calibrator("empirical")
+    maps = logits[:24].numpy().reshape(2, 3, 4, 3).transpose(0, 3, 1, 2)  # (B, C, H, W)
+    rows = torch.from_numpy(maps.transpose(0, 2, 3, 1).reshape(-1, 3).copy())
+    prediction = calibrator.predict(torch.from_numpy(maps.copy()), 1.0)
+    assert prediction.shape == (2, 3, 4)
+    assert torch.equal(prediction.reshape(-1), calibrator.predict(rows, 1.0))
+    scores = calibrator.log_scores(maps, 1.0)  # numpy maps too
+    assert scores.shape == (2, 3, 3, 4)
+    by_row = calibrator.log_scores(rows, 1.0).numpy().reshape(2, 3, 4, 3).transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(scores.numpy(), by_row)
+    offsets = calibrator.offsets(torch.from_numpy(maps.copy()))
+    assert offsets.shape == (2, 3, 4, 3, 3)
+    assert torch.equal(offsets.reshape(-1, 3, 3), calibrator.offsets(rows))
 
 
 def test_class_anchor_uses_that_class_cells():

@@ -57,7 +57,7 @@ from blda_tools.calibration.eq7.pruning import (
 from blda_tools.errors import BLDAError, check_number, check_same_classes
 from blda_tools.fileio import save_torch
 from blda_tools.gmm import GaussianMixture1D
-from blda_tools.runtime.arrays import check_float32_range
+from blda_tools.runtime.arrays import check_float32_range, logit_rows
 from blda_tools.runtime.memory import check_fits_in_memory
 from blda_tools.statistics import LogitSetStatistics
 from blda_tools.torch_files import load_torch
@@ -270,9 +270,11 @@ class Calibrator:
         return self.class_names
 
     def offsets(self, logits: Tensor) -> Tensor:
-        """Delta_cl(f[l]) for every pixel, ``(n, C_l, C_c)`` (the table interpolated)."""
-        logits = self._check_logits(logits)
-        return gather_offsets(logits, *self.kernel_tensors())
+        """Delta_cl(f[l]) for every pixel, ``(n, C_l, C_c)`` (the table interpolated); maps
+        ``(B, C, H, W)`` give ``(B, H, W, C_l, C_c)``."""
+        rows, pixels = self._check_logits(logits)
+        offsets = gather_offsets(rows, *self.kernel_tensors())
+        return offsets if pixels is None else offsets.reshape(*pixels, *offsets.shape[1:])
 
     def kernel_tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """(rows, low, inv_step, high, adjusted_lc): the arguments of `gather_offsets`."""
@@ -280,43 +282,46 @@ class Calibrator:
         return self._rows, self.table_low_, self._inv_step, self.table_high_, self._adjusted_lc
 
     def log_scores(self, logits: Tensor, tau: float | None = None) -> Tensor:
-        """Eq. 7 log scores ``(n, C)`` (the "balanced logits") of `logits` ``(n, C)``."""
-        logits = self._check_logits(logits)
+        """Eq. 7 log scores (the "balanced logits") of `logits`: rows ``(n, C)`` or maps
+        ``(B, C, H, W)`` (a model's output), in the same shape."""
+        rows, pixels = self._check_logits(logits)
         tau = self.tau if tau is None else check_tau(tau, "tau")
-        return balanced_log_scores_blocks(logits, *self.kernel_tensors(), tau, BLOCK_PIXELS)
+        scores = balanced_log_scores_blocks(rows, *self.kernel_tensors(), tau, BLOCK_PIXELS)
+        return scores if pixels is None else scores.reshape(*pixels, -1).movedim(-1, 1)
 
     def predict(
         self, logits: Tensor, tau: float | None = None, threads: int | None = None
     ) -> Tensor:
-        """Eq. 7 prediction ``(n,)`` int64: the argmax of `log_scores` (lowest index on ties),
-        certified from bounds where they decide, else fully computed (`predict_pruned`);
-        `threads` defaults to torch's thread count."""
-        logits = self._check_logits(logits)
+        """Eq. 7 prediction int64: the argmax of `log_scores` (lowest index on ties), ``(n,)``
+        for rows ``(n, C)`` and ``(B, H, W)`` for maps ``(B, C, H, W)``; certified from bounds
+        where they decide, else fully computed (`predict_pruned`); `threads` defaults to
+        torch's thread count."""
+        rows, pixels = self._check_logits(logits)
         tau = self.tau if tau is None else check_tau(tau, "tau")
         check_number(threads, "threads", integer=True, optional=True)
         if threads is not None and threads < 1:
             raise BLDAError(f"threads: expected None or an integer >= 1, got {threads!r}")
         threads = torch.get_num_threads() if threads is None else int(threads)
         tables = self.certify_tables()
-        return predict_pruned(logits, self.kernel_tensors(), tables, tau, threads)
+        prediction = predict_pruned(rows, self.kernel_tensors(), tables, tau, threads)
+        return prediction if pixels is None else prediction.reshape(pixels)
 
     def certify_tables(self) -> CertifyTables:
         """The tables of the pruning bounds, laid out for `blda_tools.calibration.eq7.certify`."""
         self._require_fitted()
         return self._certify_tables
 
-    def _check_logits(self, logits) -> Tensor:
+    def _check_logits(self, logits) -> tuple[Tensor, tuple[int, ...] | None]:
+        """(float32 contiguous rows (n, C), the maps' (B, H, W) or None): see `logit_rows`."""
         names = self._require_fitted()
         # Post-hoc: a model's output may carry a grad_fn; no gradient flows through Eq. 7 here.
-        logits = torch.as_tensor(logits).detach()
-        if logits.ndim != 2 or logits.shape[1] != len(names):
-            raise BLDAError(f"logits: expected shape (n, {len(names)}), got {tuple(logits.shape)}")
-        check_float32_range(logits)
-        logits = logits.to(torch.float32).contiguous()
+        rows, pixels = logit_rows(torch.as_tensor(logits).detach(), len(names))
+        check_float32_range(rows)
+        rows = rows.to(torch.float32).contiguous()
         # min and max propagate NaN and show infinities: one cheap pass instead of isfinite.
-        if logits.numel() and not all(map(math.isfinite, map(float, torch.aminmax(logits)))):
+        if rows.numel() and not all(map(math.isfinite, map(float, torch.aminmax(rows)))):
             raise BLDAError("logits: contain NaN or infinite values")
-        return logits
+        return rows, pixels
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:

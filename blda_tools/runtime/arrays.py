@@ -52,3 +52,26 @@ def check_float32_range(values, name: str = "logits") -> None:
             f"{name}: finite values up to {largest:.3g} lie beyond the float32 range "
             f"(+-{FLOAT32_MAX:.3g}) they are computed in"
         )
+
+
+def logit_rows(logits, num_classes: int):
+    """`logits` as rows ``(n, C)``, and the shape of the maps they came from: maps ``(B, C, H,
+    W)`` (any number of spatial dimensions, a model's output) give one row per pixel and
+    ``(B, H, W)``; rows ``(n, C)`` give themselves and None. For numpy arrays and torch tensors
+    alike (a view where the layout allows); a BLDAError names any other shape, or a dtype that
+    is not floating point."""
+    shape = tuple(logits.shape)
+    pixels = None
+    if len(shape) >= 3 and shape[1] == num_classes:
+        pixels = (shape[0], *shape[2:])
+        moved = logits.movedim(1, -1) if is_tensor(logits) else np.moveaxis(logits, 1, -1)
+        logits = moved.reshape(-1, num_classes)
+    if len(logits.shape) != 2 or logits.shape[1] != num_classes:
+        raise BLDAError(
+            f"logits: expected shape (n, {num_classes}) or (B, {num_classes}, H, W), got {shape}"
+        )
+    floating = logits.is_floating_point() if is_tensor(logits) else logits.dtype.kind == "f"
+    if not floating:
+        dtype = str(logits.dtype).removeprefix("torch.")  # the same name for both
+        raise BLDAError(f"logits: expected a floating-point array, got {dtype}")
+    return logits, pixels

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from blda_tools.errors import BLDAError, check_number, check_same_classes
-from blda_tools.runtime.arrays import as_numpy, check_float32_range
+from blda_tools.runtime.arrays import as_numpy, check_float32_range, logit_rows
 from blda_tools.statistics import kernel
 from blda_tools.statistics.grid import LogitGrid, as_grid, check_histograms_fit
 from blda_tools.statistics.io import ARRAYS, StatisticsHeader, read_statistics, write_statistics
@@ -175,18 +175,7 @@ class LogitSetStatistics:
     def _check_inputs(self, logits, labels) -> tuple[np.ndarray, np.ndarray | None]:
         """Contiguous CPU numpy logits (float16 or float32) and labels (any integer type);
         maps ``(B, C, H, W)`` (any number of spatial dimensions) as one row per pixel."""
-        logits = as_numpy(logits)
-        C = self.num_classes
-        pixels = None
-        if logits.ndim >= 3 and logits.shape[1] == C:
-            pixels = (logits.shape[0], *logits.shape[2:])
-            logits = np.moveaxis(logits, 1, -1).reshape(-1, C)
-        if logits.ndim != 2 or logits.shape[1] != C:
-            raise BLDAError(
-                f"logits: expected shape (n, {C}) or (B, {C}, H, W), got {tuple(logits.shape)}"
-            )
-        if logits.dtype.kind != "f":
-            raise BLDAError(f"logits: expected a floating-point array, got {logits.dtype}")
+        logits, pixels = logit_rows(as_numpy(logits), self.num_classes)
         dtype = logits.dtype if logits.dtype in KERNEL_DTYPES else np.float32
         check_float32_range(logits)
         values = np.ascontiguousarray(logits, dtype=dtype)
