@@ -185,6 +185,41 @@ def test_resume_continues_exactly(tmp_path):
     assert split["last_scores"] == whole["last_scores"]
 
 
+class UnreadableVal(BandsDataset):
+    """Val whose image 2 cannot be read (the probe before iteration 1 reads image 0 only)."""
+
+    def __getitem__(self, index):
+        if index == 2:
+            from blda_tools.datasets.base import CorruptSampleError
+
+            raise CorruptSampleError("val/2.png: cannot read image (truncated)")
+        return super().__getitem__(index)
+
+
+def test_a_failed_evaluation_keeps_the_training_so_far_and_resume_ends_as_a_whole_run(tmp_path):
+    # Evaluation and the first checkpoint are due at the same iteration, as in the paper
+    # configs; the run was removed as one that failed before its first checkpoint.
+    config = small_config("run.iterations=8", "evaluation.interval=4", "run.checkpoint_interval=8")
+    broken = components()
+    broken.val = UnreadableVal(3, shift=40, seed=2)
+    latest = tmp_path / "split" / "checkpoints" / "latest.pth"
+    with pytest.raises(BLDAError) as caught:
+        run_training(config, tmp_path / "split", broken)
+    assert str(caught.value) == (
+        "val/2.png: cannot read image (truncated); the evaluation at iteration 4 failed, the "
+        f"training so far is kept in {latest}: fix the cause and continue with the same train "
+        "command and --resume"
+    )
+    assert _state(tmp_path / "split")["meta"]["iteration"] == 4
+    resumed = run_training(config, tmp_path / "split", components(), resume=True)
+    whole = run_training(config, tmp_path / "whole", components())
+    assert resumed["iteration"] == whole["iteration"] == 8
+    one, two = _state(tmp_path / "whole"), _state(tmp_path / "split")
+    for key, value in one["state_dict"].items():
+        assert torch.equal(value, two["state_dict"][key]), key
+    assert resumed["last_scores"] == whole["last_scores"]
+
+
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     # Micro-batches k = 0, 1 of one sample hold the samples 0 and 1, as one batch of two does.
     accumulated = Trainer(

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from blda_tools.errors import Interrupted
+from blda_tools.errors import BLDAError, Interrupted
 from blda_tools.training.checkpoint import restore_rng_state, save_checkpoint
 from blda_tools.training.loop import Trainer
 from blda_tools.training.run_log import JsonlLog, LiveView
@@ -119,6 +119,20 @@ def _interrupted_message(trainer: Trainer, saved: int | None) -> str:
     )
 
 
+def _training_kept(trainer: Trainer, error: BLDAError) -> BLDAError:
+    """An evaluation that failed must not cost the training done so far (an evaluation is
+    often due where the first checkpoint is, and a run without one is removed): rank 0 saves
+    latest.pth first, so the run continues with --resume once the cause is fixed."""
+    if trainer.rank != 0:
+        return error
+    path = checkpoint_path(trainer.run_dir)
+    save_checkpoint(path, trainer.checkpoint())
+    return BLDAError(
+        f"{error}; the evaluation at iteration {trainer.iteration} failed, the training so far "
+        f"is kept in {path}: fix the cause and continue with the same train command and --resume"
+    )
+
+
 def _evaluate_and_checkpoint(trainer: Trainer, log: JsonlLog, view: LiveView, stop: int) -> bool:
     """Evaluate and checkpoint when due; True when `checkpoints/latest.pth` was written."""
     config, iteration = trainer.config, trainer.iteration
@@ -126,7 +140,10 @@ def _evaluate_and_checkpoint(trainer: Trainer, log: JsonlLog, view: LiveView, st
     interval = config.evaluation.interval
     improved = False
     if final or (interval > 0 and iteration % interval == 0):
-        scores = trainer.evaluate()
+        try:
+            scores = trainer.evaluate()
+        except BLDAError as error:  # e.g. a val image that cannot be read
+            raise _training_kept(trainer, error) from error
         if scores is not None:
             trainer.last_scores = scores
             view.evaluated(scores["mIoU"])
