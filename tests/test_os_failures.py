@@ -73,6 +73,15 @@ def full_disk(tmp_path):
 
 
 @pytest.fixture
+def small_disk(tmp_path):
+    """Room for three images of `test_dump_logits_filling_the_disk_before_its_first_commit`."""
+    target = tmp_path / "small"
+    _mount_tmpfs(target, "size=8m")
+    yield target
+    subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+@pytest.fixture
 def read_only(tmp_path):
     target = tmp_path / "readonly"
     _mount_tmpfs(target, "ro,size=16k")
@@ -102,6 +111,19 @@ def test_dump_logits_on_a_full_disk_keeps_the_resumable_part(tmp_path, monkeypat
     result = CliRunner().invoke(cli, arguments)
     line = expect_one_line_error(result, str(full_disk), "No space left on device")
     assert "o.h5" in line
+
+
+def test_dump_logits_filling_the_disk_before_its_first_commit(tmp_path, monkeypatch, small_disk):
+    # The first add's rows do not fit: HDF5's close, flushing them, failed too and its
+    # RuntimeError replaced the write error with a traceback (helper's probe, 12 MB tmpfs).
+    plugin = install_plugin(tmp_path, monkeypatch)
+    make_cityscapes(tmp_path / "data", count=6, size=(128, 256))  # 2.5 MB of float32 logits each
+    arguments = ["dump-logits", "--model", plugin, "--dataset", "cityscapes", "--data-root",
+                 str(tmp_path / "data"), "--mode", "whole", "--resize", "none", "--workers", "0",
+                 "--float32", "--out", str(small_disk / "o.h5")]  # fmt: skip
+    result = CliRunner().invoke(cli, arguments)
+    line = expect_one_line_error(result, str(small_disk / "o.h5"), "No space left on device")
+    assert "continue with --resume" not in line  # no image was committed
 
 
 @pytest.mark.parametrize(

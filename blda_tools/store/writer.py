@@ -3,6 +3,7 @@ resumable after an interruption."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -304,13 +305,16 @@ class LogitWriter:
         """
         if self._file is None:
             return
-        try:
+        # The exception already propagating is the one to report: on a full disk, HDF5's
+        # close fails as well (its flush of the rows written), with a RuntimeError that would
+        # replace the write error. The file stays what the last commit made it.
+        with contextlib.suppress(Exception):
             if self._uncommitted:
                 self.commit()
-        except Exception:  # noqa: BLE001 - the exception already propagating is the one to report
-            pass
-        finally:
+        try:
             self._close_file()
+        except Exception:  # noqa: BLE001 - see above
+            self._file = None
 
     def _close_file(self) -> None:
         self._open_datasets.clear()
