@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,6 +219,32 @@ def test_a_failed_evaluation_keeps_the_training_so_far_and_resume_ends_as_a_whol
     for key, value in one["state_dict"].items():
         assert torch.equal(value, two["state_dict"][key]), key
     assert resumed["last_scores"] == whole["last_scores"]
+
+
+class UnreadableSource(BandsDataset):
+    def __getitem__(self, index):
+        if index > 0:
+            from blda_tools.datasets.base import CorruptSampleError
+
+            raise CorruptSampleError(f"source/labels/{index}.png: cannot read label (truncated)")
+        return super().__getitem__(index)
+
+
+def test_an_unreadable_sample_in_a_loader_worker_gives_its_own_one_line_message(tmp_path):
+    # torch re-raises a worker's error with the worker's traceback as its message.
+    from blda_tools.training.sampling import count_class_pixels
+
+    broken = components()
+    broken.source = UnreadableSource(8)
+    config = small_config("run.iterations=4", "run.num_workers=1", "rcs.enabled=false")
+    with pytest.raises(BLDAError) as caught:
+        run_training(config, tmp_path / "run", broken)
+    assert re.fullmatch(
+        r"source/labels/\d\.png: cannot read label \(truncated\)", str(caught.value)
+    )
+    with pytest.raises(BLDAError) as caught:
+        count_class_pixels(UnreadableSource(8), 3, num_workers=1)
+    assert str(caught.value) == "source/labels/1.png: cannot read label (truncated)"
 
 
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path):

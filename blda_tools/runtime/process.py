@@ -30,9 +30,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
-from blda_tools.errors import worker_died
+from blda_tools.errors import BLDAError, worker_died
 
 # mallopt parameters (glibc's malloc.h).
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
@@ -204,3 +204,33 @@ def _start_worker(parent: int, initializer: Callable | None, initargs: tuple) ->
     exit_with_parent(parent)
     if initializer is not None:
         initializer(*initargs)
+
+
+def readable_worker_errors(items: Iterable):
+    """`items` (a DataLoader's), with each BLDAError as its worker raised it
+    (`without_worker_traceback`)."""
+    try:
+        yield from items
+    except BLDAError as error:  # e.g. a sample that cannot be read
+        raise without_worker_traceback(error) from None
+
+
+def without_worker_traceback(error: Exception) -> Exception:
+    """`error` as a DataLoader worker raised it. torch re-raises a worker's exception in the
+    parent with the worker's whole traceback as its message ("Caught CorruptSampleError in
+    DataLoader worker process 0. Original Traceback (most recent call last): ..."), which the
+    CLI would print as one 1,400-character error line; the same type with the worker's own
+    message instead (an error raised without workers is returned as it is)."""
+    message = str(error)
+    if not (message.startswith("Caught ") and "Original Traceback" in message):
+        return error
+    kind = type(error)
+    # The traceback's last line is "<module>.<class>: <the worker's message>" (chained
+    # exceptions, if any, come before it).
+    _, found, original = message.rpartition(f"\n{kind.__module__}.{kind.__qualname__}: ")
+    if not found:
+        return error
+    try:
+        return kind(original.strip())
+    except Exception:  # noqa: BLE001 - a class that wants other arguments: keep torch's
+        return error

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from blda_tools.errors import BLDAError, Interrupted
+from blda_tools.runtime.process import readable_worker_errors
 from blda_tools.training.checkpoint import restore_rng_state, save_checkpoint
 from blda_tools.training.loop import Trainer
 from blda_tools.training.run_log import JsonlLog, LiveView
@@ -41,7 +42,7 @@ def run_loop(trainer: Trainer, *, stop_at: int | None, rng_state: dict | None) -
     total = config.run.iterations
     stop = total if stop_at is None else min(stop_at, total)
     log = JsonlLog(run_dir)
-    micro_batches = iter(trainer.micro_batch_loader())
+    micro_batches = readable_worker_errors(iter(trainer.micro_batch_loader()))  # starts now
     if rng_state is not None:
         restore_rng_state(rng_state)
     view = LiveView(total, trainer.iteration, enabled=is_main and config.run.live)

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from blda_tools.errors import BLDAError
+from blda_tools.runtime.process import readable_worker_errors
 
 
 def rcs_class_probabilities(
@@ -102,7 +103,7 @@ def count_class_pixels(
         batch_size=None,
         num_workers=num_workers,
     )
-    rows = list(loader)
+    rows = list(readable_worker_errors(loader))
     if not rows:
         raise BLDAError("rcs.enabled: the source dataset is empty")
     return torch.stack(rows).long()
