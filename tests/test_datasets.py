@@ -271,6 +271,16 @@ def test_gta5_missing_folders_and_orphan_labels(tmp_path):
         build_dataset("gta5", tmp_path)
 
 
+def test_gta5_converted_by_daformer_reads_the_original_labels(tmp_path):
+    # DAFormer's "Setup Datasets" step writes NNNNN_labelTrainIds.png beside each label.
+    make_gta5(tmp_path, mismatch=False)
+    for index in range(3):  # zeros: a copy that were read would show
+        write_gray(tmp_path / "labels" / f"{index:05d}_labelTrainIds.png", np.zeros((H, W)))
+    dataset = build_dataset("gta5", tmp_path)
+    assert dataset.names == ("images/00000", "images/00001", "images/00002")
+    np.testing.assert_array_equal(dataset[2].label.numpy(), CITYSCAPES_TRAIN_IDS)
+
+
 # ---------------------------------------------------------------- generic folders
 
 

@@ -84,6 +84,16 @@ def test_synthia_16bit_labels_read_from_channel_r(tmp_path):
         assert not np.array_equal(np.array(pillow_read)[:, :, 0], SYNTHIA_IDS)
 
 
+def test_synthia_converted_by_daformer_reads_the_original_labels(tmp_path):
+    write_rgb(tmp_path / "RGB/0000000.png", random_image(H, W, 0))
+    write_png16(tmp_path / "GT/LABELS/0000000.png", synthia_label_samples())
+    # DAFormer's converter writes train ids beside it; zeros, so that reading it would show.
+    write_gray(tmp_path / "GT/LABELS/0000000_labelTrainIds.png", np.zeros((H, W)))
+    dataset = build_dataset("synthia", tmp_path)
+    assert dataset.names == ("RGB/0000000",)
+    np.testing.assert_array_equal(dataset[0].label.numpy(), SYNTHIA_TRAIN_IDS)
+
+
 def test_synthia_8bit_gray_labels_and_corrupt_16bit_labels(tmp_path):
     write_rgb(tmp_path / "RGB/0000000.png", random_image(H, W, 0))
     write_gray(tmp_path / "GT/LABELS/0000000.png", np.minimum(SYNTHIA_IDS, 255))

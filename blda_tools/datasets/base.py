@@ -374,22 +374,32 @@ def pair_labels(
     return [labels_by_key[key] for key in image_keys]
 
 
+# The suffix of the train-id label copies that DAFormer's dataset converters write beside the
+# original GTA5 and SYNTHIA labels (the "Setup Datasets" step of its README).
+DAFORMER_CONVERTED = "_labelTrainIds"
+
+
 def paired_listing(
     image_dir: Path,
     label_dir: Path,
     split: str,
     dataset: str,
     image_extensions: Sequence[str] = (".png",),
+    derived_labels: str = "",
 ) -> tuple[list[Path], list[Path] | None]:
     """Images of a split under `image_dir` and their labels under `label_dir`, matched by key.
 
     The layouts of GTA5, SYNTHIA and the generic folder dataset: one folder of images, one of
-    labels with the same relative names (labels are always PNG). Errors as `pair_labels`.
+    labels with the same relative names (labels are always PNG). Label files whose name ends
+    in `derived_labels` + ".png" are converted copies beside the originals and are left out.
+    Errors as `pair_labels`.
     """
     images = list_files(image_dir, image_extensions)
     if not images:
         raise BLDAError(f"{dataset}: no images ({', '.join(image_extensions)}) under {image_dir}")
     labels = list_files(label_dir, (".png",)) if label_dir.is_dir() else {}
+    if derived_labels:
+        labels = {key: path for key, path in labels.items() if not key.endswith(derived_labels)}
     keys = select_split(list(images), split, dataset, image_dir)
     label_paths = pair_labels(
         keys,

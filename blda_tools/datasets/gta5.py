@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from blda_tools.datasets.base import (
+    DAFORMER_CONVERTED,
     SegmentationDataset,
     map_ids,
     paired_listing,
@@ -70,7 +71,11 @@ class GTA5Dataset(SegmentationDataset):
         root = require_dir(Path(root), "gta5", "the GTA5 data root")
         image_dir = require_dir(root / "images", "gta5", "images/NNNNN.png")
         label_dir = root / "labels"
-        image_paths, label_paths = paired_listing(image_dir, label_dir, split, "gta5")
+        # DAFormer's tools/convert_datasets/gta.py writes NAME_labelTrainIds.png beside
+        # each label; blda maps the original ids itself, to the same train ids.
+        image_paths, label_paths = paired_listing(
+            image_dir, label_dir, split, "gta5", derived_labels=DAFORMER_CONVERTED
+        )
         if size_mismatch == "skip" and label_paths is not None:
             image_paths, label_paths = self._drop_mismatched(root, image_paths, label_paths)
         super().__init__(

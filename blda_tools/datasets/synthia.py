@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from blda_tools.datasets.base import (
+    DAFORMER_CONVERTED,
     CorruptSampleError,
     SegmentationDataset,
     map_ids,
@@ -57,7 +58,11 @@ class SynthiaDataset(SegmentationDataset):
         root = require_dir(Path(root), "synthia", "the SYNTHIA RAND-CITYSCAPES data root")
         image_dir = require_dir(root / "RGB", "synthia", "RGB/NNNNNNN.png")
         label_dir = root / "GT" / "LABELS"
-        image_paths, label_paths = paired_listing(image_dir, label_dir, split, "synthia")
+        # DAFormer's tools/convert_datasets/synthia.py writes NAME_labelTrainIds.png beside
+        # each label; blda maps the original ids itself, to the same train ids.
+        image_paths, label_paths = paired_listing(
+            image_dir, label_dir, split, "synthia", derived_labels=DAFORMER_CONVERTED
+        )
         super().__init__(
             root,
             split,
