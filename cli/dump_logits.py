@@ -58,7 +58,8 @@ class SizeParam(click.ParamType):
     "--random-weights",
     is_flag=True,
     help="Run a built-in architecture on its random initialisation, without --checkpoint "
-    "(for tests and timing; refused otherwise).",
+    "(for tests and timing; refused otherwise). The weights are drawn from a fixed seed: the "
+    "same in every run, so --resume continues the same model.",
 )
 @click.option(
     "--weights",

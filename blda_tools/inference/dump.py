@@ -83,6 +83,8 @@ from blda_tools.store.schema import FLOAT16_MAX
 # redoes at most this much work on `--resume`; a commit per image (two flushes, nine index
 # writes) cost ~2 ms CPU per 256 x 512 image, one a second a few images' worth less.
 COMMIT_SECONDS = 1.0
+# The torch seed of a model built without a checkpoint (`--random-weights`).
+RANDOM_WEIGHTS_SEED = 0
 
 
 class CorruptImageWarning(UserWarning):
@@ -439,7 +441,12 @@ def prepare_dump(
     # copied (copy-on-write) while the workers live, and the model's weights and
     # activations would be, image after image.
     batches = start_loader(data, pending, workers, batch_size)
-    model = load_model(model_spec, data.num_classes, checkpoint, weights, trust_checkpoint)
+    # Without a checkpoint the weights are the model's random initialisation: drawn from a
+    # fixed seed, so that such a dump is reproducible and --resume continues the same model
+    # (in a forked random state: the caller's is left as it was).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        model = load_model(model_spec, data.num_classes, checkpoint, weights, trust_checkpoint)
     writer_options = dict(
         class_names=data.class_names, ignore_index=data.ignore_index, dtype=dtype,
         compression=compression, domain=dataset, producer=f"blda dump-logits {__version__}",
