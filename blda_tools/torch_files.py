@@ -23,7 +23,9 @@ from blda_tools.fileio import check_input_file, describe_os_error
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's current format, and torch.jit.save's
 _PICKLE_MAGIC = b"\x80"  # torch.save's legacy format (pickle protocol >= 2)
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+# torch's two wordings: a global not allowed by default, and one whose module it blocks
+# ("Trying to load unsupported GLOBAL posix.system whose module posix is blocked").
+_UNSUPPORTED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
 _TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
 
 

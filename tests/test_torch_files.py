@@ -31,6 +31,16 @@ class Arbitrary:
     """Unpickling it needs full pickle: weights_only=True refuses it."""
 
 
+class RunsACommand:
+    """A pickle that would run a shell command: torch blocks the module `os.system` lives in
+    (posix), with a message of its own."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo this must never run",))
+
+
 def _torch_bytes(content) -> bytes:
     buffer = io.BytesIO()
     torch.save(content, buffer)
@@ -47,6 +57,7 @@ def bad_files(tmp_path_factory):
         "truncated.pt": archive[: len(archive) // 2],
         "corrupt.pt": b"\x80\x02garbage that is no pickle",
         "objects.pt": _torch_bytes({"meta": Arbitrary()}),
+        "command.pt": _torch_bytes({"meta": RunsACommand()}),
     }
     for name, data in contents.items():
         (folder / name).write_bytes(data)
@@ -65,6 +76,7 @@ CASES = {
     "script.pt": "a TorchScript archive, not",
     "other.zip": "cannot be read as",
     "objects.pt": "stores Python objects beyond tensors and plain containers",
+    "command.pt": "stores Python objects beyond tensors and plain containers (posix.system)",
     "folder.pt": "is a directory",
     "absent.pt": "no such file",
 }
