@@ -29,7 +29,7 @@ import shutil
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from blda_tools.errors import BLDAError
 from blda_tools.fileio import (
@@ -60,12 +60,23 @@ def read_manifest(directory: Path) -> dict[str, list[str]]:
         sets = content["sets"] if content.get("format") == MANIFEST_FORMAT else None
     except (OSError, ValueError, KeyError, AttributeError):
         sets = None
-    if not isinstance(sets, dict):
-        raise BLDAError(
-            f"{path}: damaged record of the files blda wrote here; delete it (blda then treats "
-            "the files of this directory as not its own)"
-        )
+    if not isinstance(sets, dict) or not all(isinstance(files, list) for files in sets.values()):
+        raise _damaged_record(path, "")
+    for files in sets.values():
+        for name in files:
+            # blda records files inside the directory by relative names; any other entry
+            # would make a re-run remove a file elsewhere (the record may come from anyone).
+            relative = PurePosixPath(str(name))
+            if not str(name) or relative.is_absolute() or ".." in relative.parts:
+                raise _damaged_record(path, f" (it lists {name!r}, not a file inside {directory})")
     return {str(name): [str(file) for file in files] for name, files in sets.items()}
+
+
+def _damaged_record(path: Path, detail: str) -> BLDAError:
+    return BLDAError(
+        f"{path}: damaged record of the files blda wrote here{detail}; delete it (blda then "
+        "treats the files of this directory as not its own)"
+    )
 
 
 def _write_manifest(directory: Path, sets: dict[str, list[str]]) -> None:
@@ -192,6 +203,12 @@ class OutputSet:
 
 def _remove_owned(directory: Path, name: str) -> None:
     target = directory / name
+    # A folder of the record's path may be a symbolic link to somewhere else: what blda
+    # removes must lie inside the directory, and be a file (it records no folder).
+    inside = target.parent.resolve().is_relative_to(directory.resolve())
+    if not inside or (target.is_dir() and not target.is_symlink()):
+        where = "lies outside the directory" if not inside else "is a folder"
+        raise _damaged_record(directory / MANIFEST, f" (it lists {name!r}, which {where})")
     with contextlib.suppress(FileNotFoundError):
         target.unlink()
     parent = target.parent

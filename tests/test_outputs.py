@@ -45,6 +45,52 @@ def test_a_rerun_without_plots_removes_the_earlier_report_and_keeps_foreign_file
     assert recorded == {"diagnose": ["diagnosis.json", "statistics.h5"]}
 
 
+def _record_also(out: Path, name: str) -> None:
+    path = out / ".blda-outputs.json"
+    record = json.loads(path.read_text())
+    record["sets"]["diagnose"].append(name)
+    path.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("entry", ["../victim.txt", "ABSOLUTE", "plots/../../victim.txt"])
+def test_a_record_naming_a_file_outside_the_folder_is_refused_and_the_file_kept(
+    inputs, tmp_path, entry
+):
+    # The record may come with a folder from anyone: a re-run removed what it listed.
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    victim.write_text("mine")
+    assert (
+        run("diagnose", inputs["store"], "--out", out, "--grid", GRID, "--no-plots").exit_code == 0
+    )
+    _record_also(out, str(victim) if entry == "ABSOLUTE" else entry)
+    result = run("diagnose", inputs["store"], "--out", out, "--grid", GRID, "--no-plots")
+    line = expect_one_line_error(result, str(out / ".blda-outputs.json"), "damaged record")
+    assert "not a file inside" in line
+    assert victim.read_text() == "mine"
+
+
+def test_a_record_reaching_outside_through_a_link_or_naming_a_folder_is_refused(inputs, tmp_path):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "victim.txt").write_text("mine")
+    assert (
+        run("diagnose", inputs["store"], "--out", out, "--grid", GRID, "--no-plots").exit_code == 0
+    )
+    (out / "linked").symlink_to(elsewhere, target_is_directory=True)
+    _record_also(out, "linked/victim.txt")
+    result = run("diagnose", inputs["store"], "--out", out, "--grid", GRID, "--no-plots")
+    expect_one_line_error(result, "'linked/victim.txt', which lies outside the directory", "")
+    assert (elsewhere / "victim.txt").read_text() == "mine"
+    _record_also(out, "folder")
+    (out / "folder").mkdir()
+    record = json.loads((out / ".blda-outputs.json").read_text())
+    record["sets"]["diagnose"].remove("linked/victim.txt")
+    (out / ".blda-outputs.json").write_text(json.dumps(record))
+    result = run("diagnose", inputs["store"], "--out", out, "--grid", GRID, "--no-plots")
+    expect_one_line_error(result, "'folder', which is a folder", "")
+    assert (out / "folder").is_dir()
+
+
 @pytest.mark.parametrize("command", ["diagnose", "calibrate", "apply", "demo"])
 def test_a_file_the_command_did_not_write_is_refused_before_any_work(inputs, tmp_path, command):
     out = tmp_path / "out"
