@@ -139,6 +139,17 @@ def test_every_plot_writes_a_valid_png_including_missing_classes(tmp_path, num_c
         assert_valid_png(path)
 
 
+def test_class_names_with_dollar_signs_are_drawn_as_text(tmp_path):
+    # Read as mathtext, "$\\foo$" raised ParseFatalException and ended diagnose / calibrate.
+    from matplotlib import rcParams
+
+    data = made_up_results(3)
+    data["names"] = ["$\\foo$", "cost $5 to $10", "$x_{2}$"]
+    for path in draw_all(data, tmp_path):
+        assert_valid_png(path)
+    assert rcParams["text.parse_math"] is True  # the session's own setting is left alone
+
+
 def test_plots_survive_all_nan_and_empty_inputs(tmp_path):
     names = ["a", "b", "c"]
     centers = np.linspace(-1, 1, 50)

@@ -29,9 +29,11 @@ from blda_tools.plots.style import (
     _panel_note,
     _save,
     _width_for_classes,
+    literal_text,
 )
 
 
+@literal_text
 def plot_tau_sweep(
     taus: Sequence[float] | Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]],
     miou: Sequence[float] | None = None,
@@ -91,6 +93,7 @@ def plot_tau_sweep(
     return _save(figure, path, tight=False)
 
 
+@literal_text
 def plot_per_class_change(
     class_names: Sequence[str],
     before: Sequence[float],
@@ -138,6 +141,7 @@ def plot_per_class_change(
     return _save(figure, path)
 
 
+@literal_text
 def plot_gmm_fits(
     grid_centers: Sequence[float],
     histograms: Mapping[str, Sequence[float]],

@@ -28,6 +28,7 @@ from blda_tools.plots.style import (
     _separate_labels,
     _width_for_classes,
     format_count,
+    literal_text,
 )
 
 # (has positive pixels, has negative pixels) -> note in a class's density panel.
@@ -53,6 +54,7 @@ def _rank_correlation_line(bias: np.ndarray, estimate: np.ndarray, given: float 
     return f"\nSpearman rank correlation of Eq. 4 and Eq. 5: {rho:.3f} ({both.sum()} classes)"
 
 
+@literal_text
 def plot_bias(
     class_names: Sequence[str],
     bias: Sequence[float],
@@ -126,6 +128,7 @@ def _density_panel(axes, centers, curves, has_mass, index: int, count: int) -> N
         _panel_note(axes, note)
 
 
+@literal_text
 def plot_logit_densities(
     class_names: Sequence[str],
     grid_centers: Sequence[float],
@@ -180,6 +183,7 @@ def plot_logit_densities(
     return _save(figure, path, tight=False)
 
 
+@literal_text
 def plot_confusion(class_names: Sequence[str], confusion: np.ndarray, *, path: str | Path) -> Path:
     """Heat map of the confusion matrix normalised by rows (row = true class, column = predicted).
 
@@ -241,6 +245,7 @@ def plot_confusion(class_names: Sequence[str], confusion: np.ndarray, *, path: s
     return _save(figure, path)
 
 
+@literal_text
 def plot_frequency_vs_accuracy(
     class_names: Sequence[str],
     class_pixels: Sequence[float],

@@ -3,11 +3,12 @@ docstring), atomic PNG saving, panel grids, legends, notes, class ticks and labe
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
 import numpy as np
-from matplotlib import rcParams
+from matplotlib import rc_context, rcParams
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -25,6 +26,20 @@ BLUE, ORANGE, VERMILLION, SKY, GREEN, PURPLE = (
 )
 GREY, DARK = "#999999", "#222222"
 METHOD_COLORS = (BLUE, ORANGE, GREEN, PURPLE, SKY, VERMILLION)
+
+
+def literal_text(plot):
+    """Draw `plot`'s text as given. Class names and image names come from the user's data, and
+    matplotlib would read "$...$" in them as mathtext: "$\\foo$" raised and ended the job,
+    "cost $5 to $10" came out as math. Only for the figure being drawn: a user's session keeps
+    its own setting."""
+
+    @functools.wraps(plot)
+    def drawn(*arguments, **options):
+        with rc_context({"text.parse_math": False}):
+            return plot(*arguments, **options)
+
+    return drawn
 
 
 def format_count(count: float) -> str:

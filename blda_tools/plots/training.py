@@ -11,9 +11,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from blda_tools.errors import BLDAError
-from blda_tools.plots.style import DPI, METHOD_COLORS, _save
+from blda_tools.plots.style import DPI, METHOD_COLORS, _save, literal_text
 
 
+@literal_text
 def plot_training_curves(records: Sequence[Mapping[str, float]], *, path: str | Path) -> Path:
     """Losses and mIoU / mAcc against the iteration, from training log records.
 
