@@ -246,8 +246,16 @@ def test_replaces_its_own_set_and_never_touches_foreign_files(tmp_path):
     ]
     # A set generated before blda recorded its outputs is known by its synthcity.json.
     (tmp_path / "set" / ".blda-outputs.json").unlink()
+    # Only the files its counts name are the set's: PNGs put beside them stay (`cp -r A/* B`
+    # copies no record, and the user's own images were removed too).
+    for mine in ("source/images/my_extra.png", "target/leftImg8bit/train/synthcity/mine.png"):
+        (tmp_path / "set" / mine).write_bytes(b"mine")
     make_synthcity(tmp_path / "set", images=1, size=SMALL)
-    assert sorted(p.name for p in (tmp_path / "set/source/images").iterdir()) == ["00001.png"]
+    assert sorted(p.name for p in (tmp_path / "set/source/images").iterdir()) == [
+        "00001.png",
+        "my_extra.png",
+    ]
+    assert (tmp_path / "set/target/leftImg8bit/train/synthcity/mine.png").read_bytes() == b"mine"
 
 
 def test_cli_make_writes_the_layout_and_a_summary(tmp_path):

@@ -145,14 +145,26 @@ def _adopt_earlier_set(root: Path) -> None:
     if not manifest.is_file() or COMMAND in read_manifest(root):
         return
     try:
-        generator = json.loads(manifest.read_text()).get("generator")
+        content = json.loads(manifest.read_text())
+        generator, counts = content.get("generator"), content.get("counts")
     except (OSError, ValueError, AttributeError):
         return
-    if generator != "blda SynthCity":
+    if generator != "blda SynthCity" or not isinstance(counts, dict):
         return
-    patterns = ["source/images/*.png", "source/labels/*.png",
-                "target/leftImg8bit/*/synthcity/*.png", "target/gtFine/*/synthcity/*.png"]  # fmt: skip
-    earlier = [p.relative_to(root).as_posix() for pattern in patterns for p in root.glob(pattern)]
+    if not all(  # a record this generator could have written (10^7: a sanity bound)
+        split in _STREAMS and isinstance(count, int) and 0 <= count <= 10**7
+        for split, count in counts.items()
+    ):
+        return
+    # Only the files its counts name: a PNG put beside them (or left by `cp -r A/* B`, which
+    # copies no record) is the user's, and a re-run must not remove it.
+    earlier = [
+        path.relative_to(root).as_posix()
+        for split, count in counts.items()
+        for index in range(count)
+        for path in _paths(root, split, index)
+        if path.is_file()
+    ]
     record_set(root, COMMAND, [*earlier, "synthcity.json"])
 
 
