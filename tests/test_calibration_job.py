@@ -346,6 +346,10 @@ def test_bad_input_gives_clear_errors_and_exit_status_2(stores, tmp_path):
             ["calibrate", str(stores["eval"]), "--out", str(tmp_path / "y"), "--tau", "-1"],
             "--tau: expected a finite tau >= 0",
         ),
+        (  # beyond float32: a traceback after the fit's passes
+            ["calibrate", str(stores["eval"]), "--out", str(tmp_path / "y"), "--tau", "1e39"],
+            "--tau: expected a tau of at most 10000",
+        ),
         (
             [
                 "calibrate",

@@ -26,6 +26,7 @@ identical results.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Sequence
 
@@ -387,6 +388,10 @@ class Calibrator:
             calibrator.anchor_mixtures_ = state["anchor_mixtures"]
         except (KeyError, AttributeError, TypeError, ValueError) as error:
             raise BLDAError(f"{path}: calibrator is missing or has a bad field {error}") from None
+        except BLDAError as error:  # a field the constructor refuses (its message names it)
+            message = str(error)
+            named = message if message.startswith(str(path)) else f"{path}: {message}"
+            raise BLDAError(named) from None
         _check_loaded_tables(calibrator, path)
         calibrator._build_rows()
         return calibrator
@@ -438,12 +443,21 @@ def _check_loaded_tables(calibrator: Calibrator, path) -> None:
         raise BLDAError(f"{path}: table_high is not above table_low for every class")
 
 
+# The largest tau taken. The paper's lie in [0, 1]; far beyond, tau Delta leaves the range
+# in which Eq. 7's float32 arithmetic is meaningful (1e39 does not even fit in float32).
+MAX_TAU = 1e4
+
+
 def check_tau(tau: float, option: str = "--tau") -> float:
-    """A finite tau >= 0, else BLDAError naming `option`."""
-    try:
-        value = float(tau)
-    except (TypeError, ValueError):
-        raise BLDAError(f"{option}: expected a number, got {tau!r}") from None
+    """A number 0 <= tau <= MAX_TAU (a string is not one), else BLDAError naming `option`."""
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
+        raise BLDAError(f"{option}: expected a number, got {tau!r}")
+    value = float(tau)
     if not math.isfinite(value) or value < 0:
         raise BLDAError(f"{option}: expected a finite tau >= 0, got {tau!r}")
+    if value > MAX_TAU:
+        raise BLDAError(
+            f"{option}: expected a tau of at most {MAX_TAU:g} (the paper's lie in [0, 1]; larger "
+            f"ones take Eq. 7's float32 arithmetic out of its range), got {tau!r}"
+        )
     return value
