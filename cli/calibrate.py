@@ -24,8 +24,8 @@ PATH = click.Path(path_type=Path)
     "--tau",
     "tau_spec",
     default=None,
-    help="Scale of the offsets (Eq. 7): 0.1, START:STOP:STEP (inclusive) or 0,0.1,0.5,1. "
-    "Default 0:1:0.1 when fitting; the calibrator's own tau with --apply.",
+    help="Scale of the offsets (Eq. 7), each in [0, 10000]: 0.1, START:STOP:STEP (inclusive) or "
+    "0,0.1,0.5,1. Default 0:1:0.1 when fitting; the calibrator's own tau with --apply.",
 )
 @click.option(
     "--apply",
@@ -280,7 +280,7 @@ def _num(value) -> str:
     "A model whose logits on a 64x64 image have another class count than the calibrator's is "
     "refused.",
 )
-@click.option("--tau", type=float, default=None, help="Override the calibrator's tau.")
+@click.option("--tau", type=float, default=None, help="Override the calibrator's tau (0 to 10000).")
 def export_command(calibrator_path, out_path, model_path, tau):
     """Write CALIBRATOR as a self-contained TorchScript module: logits (B, C, H, W), or (B, C)
     of a classifier, -> Eq. 7 log scores (balanced logits) of the same shape, loadable with
