@@ -190,9 +190,12 @@ def test_reader_rejects_incomplete_stores(tmp_path):
         writer.add(*random_rows(12, 4))
         raise RuntimeError("simulated crash")
     assert not path.exists() and (tmp_path / "killed.h5.partial").exists()
+    # The command to continue it names the store where it is, not in the current folder.
     expect_open_error(
-        tmp_path / "killed.h5.partial", "killed.h5.partial", "not completed", "--resume"
-    )
+        tmp_path / "killed.h5.partial", "killed.h5.partial", "not completed",
+        f"--out {tmp_path / 'killed.h5'} --resume",
+    )  # fmt: skip
+    expect_open_error(tmp_path / "absent.h5.partial", "absent.h5.partial: no such file")
     os.replace(tmp_path / "killed.h5.partial", tmp_path / "renamed.h5")
     expect_open_error(tmp_path / "renamed.h5", "renamed.h5", "not completed", "--resume")
 

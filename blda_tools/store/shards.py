@@ -45,7 +45,10 @@ UNFINISHED = (
 
 def _open_shard(path: Path) -> _Shard:
     if path.name.endswith(PARTIAL_SUFFIX):
-        raise BLDAError(f"{path}: " + UNFINISHED.format(out=path.name[: -len(PARTIAL_SUFFIX)]))
+        if not path.exists():
+            raise BLDAError(f"{path}: no such file")
+        out = path.with_name(path.name[: -len(PARTIAL_SUFFIX)])  # in the same folder
+        raise BLDAError(f"{path}: " + UNFINISHED.format(out=out))
     if path.is_dir():
         raise BLDAError(f"{path}: is a directory; expected a logit store file (.h5)")
     if not path.exists():
