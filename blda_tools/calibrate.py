@@ -142,9 +142,12 @@ def _calibrate(inputs: CalibrationInputs, out_dir: Path, options, progress) -> C
     calibrator = inputs.calibrator.fit(fit_statistics, anchor_statistics)
     selection, evaluation = _choose_tau(calibrator, inputs, options, warnings, progress)
     calibrator.tau = selection["tau"]
-    if evaluation is None and evaluated.has_labels:
+    labelled = inputs.evaluated_labelled
+    if evaluation is None and labelled:
         evaluation = sweep_stores(calibrator, evaluated, taus, progress)
-    before_after = _before_after_statistics(calibrator, evaluated, options.grid, progress)
+    before_after = _before_after_statistics(
+        calibrator, evaluated, labelled, options.grid, progress
+    )
     anchors = anchor_histograms(anchor_statistics, options.anchor)
     result = CalibrationResult(
         classes=list(calibrator.class_names),
@@ -153,7 +156,7 @@ def _calibrate(inputs: CalibrationInputs, out_dir: Path, options, progress) -> C
         warnings=warnings,
         before=None,
         after=None,
-        js=_js_summary(before_after, anchors, evaluated.has_labels),
+        js=_js_summary(before_after, anchors, labelled),
         unadjusted_cells=[list(cell) for cell in calibrator.unadjusted_cells_],
         fit=_fit_summary(calibrator, inputs, options),
     )
@@ -283,15 +286,16 @@ def _shown_percent(fraction: float) -> float:
     return float(f"{fraction:.1%}".rstrip("%"))
 
 
-def _before_after_statistics(calibrator, store, grid, progress):
-    """Logit-set statistics of the evaluated pixels before and after calibration (one pass)."""
+def _before_after_statistics(calibrator, store, labelled: bool, grid, progress):
+    """Logit-set statistics of the evaluated pixels before and after calibration (one pass),
+    by their labels when some pixel is `labelled`, else by the uncalibrated argmax."""
     kernel = calibrator.kernel_tensors()
     C, tau = calibrator.num_classes, calibrator.tau
     made = [LogitSetStatistics(C, grid, store.ignore_index, store.class_names) for _ in range(2)]
     before, after = made
     for chunk in store.iter_chunks(rows=1 << 16, reuse_buffers=True):
         logits = chunk.logits
-        labels = chunk.labels if store.has_labels else logits.argmax(1)
+        labels = chunk.labels if labelled else logits.argmax(1)
         before.update(logits, labels)
         rows = labels.clamp(0, C - 1)  # ignored pixels are skipped by update anyway
         calibrated = torch.empty_like(logits)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -471,6 +472,16 @@ def test_fitting_on_ground_truth_that_is_all_ignored_names_the_store(tmp_path):
         open_inputs(paths["labelled"], options)
     with pytest.raises(BLDAError, match=r"STORES have no labelled pixel \(all ignored\)"):
         open_inputs(paths["ignored"], CalibrateOptions(fit_labels="pseudo"))
+    # One tau: no metrics to report, so no sweep.csv and no comparison note (it compared NaN
+    # with NaN); the divergences use the argmax, as for a store without labels.
+    options = CalibrateOptions(taus="0.2", min_samples=20, grid=LogitGrid(-20, 20, 400),
+                               fit_labels="pseudo", plots=False)  # fmt: skip
+    result = calibrate(paths["ignored"], tmp_path / "out", options)
+    assert sorted(result.files) == ["calibration", "calibrator"]
+    assert not (tmp_path / "out" / "sweep.csv").exists()
+    assert not any("nan" in note for note in result.notes), result.notes
+    assert result.js["rows"] == "pseudo-labels (uncalibrated argmax)"
+    assert all(math.isfinite(value) for value in result.js["positive_before"])
 
 
 def test_export_refuses_a_model_with_another_class_count_before_writing(stores, tmp_path):

@@ -179,12 +179,15 @@ class CalibrationInputs:
     fit: StatisticsSource
     anchors: StatisticsSource | None
     held_out: LogitStore | None
+    # Whether the evaluated stores hold a pixel whose label is not the ignore index: only
+    # then are there metrics to report (a labels dataset of 255s has none).
+    evaluated_labelled: bool
 
     def rows(self) -> int:
         """Rows `calibrate` will stream in all (for a progress bar's total)."""
         evaluated = self.evaluated
         # A sweep of the evaluated stores needs their labels; the before/after pass always runs.
-        passes = 2 if evaluated.has_labels else 1
+        passes = 2 if self.evaluated_labelled else 1
         total = self.fit.rows + passes * evaluated.num_rows
         total += self.anchors.rows if self.anchors is not None else 0
         return total + (self.held_out.num_rows if self.held_out is not None else 0)
@@ -227,14 +230,15 @@ def open_inputs(stores: Paths, options) -> CalibrationInputs:
     if options.anchor_from:
         anchors = statistics_source(options.anchor_from, "--anchor-from", names, grid, None)
     held_out = open_held_out(options.select_on, names) if options.select_on else None
-    if held_out is None and len(taus) > 1 and not evaluated.has_labelled_pixel():
+    labelled = evaluated.has_labelled_pixel()
+    if held_out is None and len(taus) > 1 and not labelled:
         default = " (the default when fitting)" if options.taus == DEFAULT_TAUS else ""
         none = "no labels" if not evaluated.has_labels else "no labelled pixel (all ignored)"
         raise BLDAError(
             f"--tau {options.taus}{default}: several values, but STORES have {none} to "
             "choose among them: give --select-on STORE with ground truth, or one --tau value"
         )
-    return CalibrationInputs(taus, calibrator, evaluated, fit, anchors, held_out)
+    return CalibrationInputs(taus, calibrator, evaluated, fit, anchors, held_out, labelled)
 
 
 def _taus(spec) -> list[float]:
