@@ -145,9 +145,7 @@ def _calibrate(inputs: CalibrationInputs, out_dir: Path, options, progress) -> C
     labelled = inputs.evaluated_labelled
     if evaluation is None and labelled:
         evaluation = sweep_stores(calibrator, evaluated, taus, progress)
-    before_after = _before_after_statistics(
-        calibrator, evaluated, labelled, options.grid, progress
-    )
+    before_after = _before_after_statistics(calibrator, evaluated, labelled, options.grid, progress)
     anchors = anchor_histograms(anchor_statistics, options.anchor)
     result = CalibrationResult(
         classes=list(calibrator.class_names),

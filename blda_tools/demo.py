@@ -29,7 +29,7 @@ from blda_tools import calibrate as calibrate_stage
 from blda_tools import diagnose as diagnose_stage
 from blda_tools.calibrate import CalibrateOptions, CalibrationResult, calibrate, calibration_passes
 from blda_tools.diagnose import Diagnosis, diagnose
-from blda_tools.errors import BLDAError, Interrupted
+from blda_tools.errors import BLDAError, Interrupted, check_number
 from blda_tools.fileio import partial_path, write_json
 from blda_tools.inference.dump import PixelSampling, prepare_dump
 from blda_tools.inference.predict import InferenceSettings
@@ -132,6 +132,9 @@ def run_demo(
     out = _checked_out_dir(out_dir, sample)
     _check_stage_outputs(out)
     progress = progress or _no_progress
+    check_number(threads, "threads", integer=True, optional=True)
+    if threads is not None and threads < 1:
+        raise BLDAError(f"threads: expected None or an integer >= 1, got {threads!r}")
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)

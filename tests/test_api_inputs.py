@@ -20,6 +20,18 @@ from blda_tools.statistics.metrics import (
 from blda_tools.store import LogitStore, LogitWriter
 
 
+def _run_demo(**options):
+    from blda_tools.demo import run_demo
+
+    return run_demo("never-written", **options)
+
+
+def _check_tau(tau):
+    from blda_tools.calibration.calibrator import check_tau
+
+    return check_tau(tau)
+
+
 @pytest.mark.parametrize(
     ("build", "message"),
     [
@@ -37,6 +49,11 @@ from blda_tools.store import LogitStore, LogitWriter
         (lambda: GaussianMixture1D(2, device="bogus"), "device: 'bogus' is not a device"),
         (lambda: GaussianMixture1D(2).momentum_update(GaussianMixture1D(2), float("nan")),
          "momentum: expected values in \\[0, 1\\]"),
+        (lambda: LogitStore(None), "logit store: expected a path or a list of paths, got None"),
+        (lambda: LogitStore([3]), "logit store: expected a path or a list of paths, got \\[3\\]"),
+        (lambda: _run_demo(threads=0), "threads: expected None or an integer >= 1, got 0"),
+        (lambda: _check_tau("0.3"), "--tau: expected a number, got '0.3'"),
+        (lambda: _check_tau(1e39), "--tau: expected a tau of at most 10000"),
         (lambda: GaussianMixture1D(2).inverse_cdf(torch.tensor([float("nan"), 0.5])),
          "p: expected probabilities, got NaN"),
     ],

@@ -26,7 +26,6 @@ identical results.
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from collections.abc import Sequence
 
@@ -450,8 +449,7 @@ MAX_TAU = 1e4
 
 def check_tau(tau: float, option: str = "--tau") -> float:
     """A number 0 <= tau <= MAX_TAU (a string is not one), else BLDAError naming `option`."""
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
-        raise BLDAError(f"{option}: expected a number, got {tau!r}")
+    check_number(tau, option)
     value = float(tau)
     if not math.isfinite(value) or value < 0:
         raise BLDAError(f"{option}: expected a finite tau >= 0, got {tau!r}")

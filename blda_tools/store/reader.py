@@ -37,7 +37,13 @@ class LogitStore:
     """
 
     def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike]) -> None:
-        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        given = paths
+        try:
+            paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        except TypeError:
+            paths = [None]
+        if not all(isinstance(path, (str, os.PathLike)) for path in paths):
+            raise BLDAError(f"logit store: expected a path or a list of paths, got {given!r}")
         if not paths:
             raise BLDAError("logit store: no file given")
         self.paths = tuple(Path(p) for p in paths)
