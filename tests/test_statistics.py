@@ -276,6 +276,41 @@ def test_load_refuses_other_files(tmp_path):
         LogitSetStatistics.load(tmp_path / "broken.h5")
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda f: f["histogram"].__setitem__((0, 0, 0), -5), "dataset 'histogram' holds values"),
+        (lambda f: f["confusion"].__setitem__((1, 1), -1), "dataset 'confusion' holds values"),
+        (lambda f: f.attrs.__setitem__("class_names", "abc"), "class_names is not a list"),
+        (lambda f: f.attrs.__setitem__("class_names", ["a", "b"]), "3 classes"),
+        (
+            lambda f: f.attrs.__setitem__("label_source", "pseudo-ish"),
+            "label_source is 'pseudo-ish'",
+        ),
+    ],
+)
+def test_load_names_the_file_of_a_hand_edited_statistics_file(tmp_path, edit, message):
+    path = tmp_path / "edited.h5"
+    statistics = filled(*random_rows(6, 50))
+    statistics.class_names = ("a", "b", "c")
+    statistics.save(path)
+    with h5py.File(path, "a") as file:
+        edit(file)
+    with pytest.raises(BLDAError, match=message) as raised:
+        LogitSetStatistics.load(path)
+    assert str(raised.value).startswith(f"{path}: "), raised.value
+
+
+def test_load_reads_text_attributes_written_as_bytes_or_json(tmp_path):
+    # h5py writes numpy bytes as bytes, and the logit store keeps class names as JSON text.
+    path = tmp_path / "other_writer.h5"
+    filled(*random_rows(6, 50)).save(path)
+    with h5py.File(path, "a") as file:
+        file.attrs["format"] = np.bytes_(b"blda-logit-statistics")
+        file.attrs["class_names"] = '["road", "car", "bus"]'
+    assert LogitSetStatistics.load(path).class_names == ("road", "car", "bus")
+
+
 def test_merge_refuses_mismatches():
     statistics = LogitSetStatistics(3, GRID)
     with pytest.raises(BLDAError, match="grid"):

@@ -8,6 +8,7 @@ logit_sets -> io.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -81,7 +82,7 @@ def read_statistics(path: str | os.PathLike) -> tuple[StatisticsHeader, dict[str
     except OSError as error:
         raise BLDAError(f"{path}: cannot open as an HDF5 statistics file ({error})") from None
     with file:
-        if file.attrs.get("format") != FORMAT_NAME:
+        if _optional_text(file.attrs.get("format")) != FORMAT_NAME:  # str or bytes in HDF5
             raise BLDAError(f"{path}: not a blda statistics file (format attribute missing)")
         version = int(file.attrs.get("format_version", -1))
         if version != FORMAT_VERSION:
@@ -97,14 +98,47 @@ def read_statistics(path: str | os.PathLike) -> tuple[StatisticsHeader, dict[str
                 grid_low=float(file.attrs["grid_low"]),
                 grid_high=float(file.attrs["grid_high"]),
                 grid_bins=int(file.attrs["grid_bins"]),
-                class_names=None if names is None else tuple(str(name) for name in names),
-                label_source=_optional_text(file.attrs.get("label_source")),
+                class_names=_class_names(names, path),
+                label_source=_label_source(file.attrs.get("label_source"), path),
                 stores=_optional_texts(file.attrs.get("stores")),
             )
         except KeyError as error:
             raise BLDAError(f"{path}: statistics file is missing {error}") from None
         arrays = {name: _read_array(file, name, header.array_shape(name), path) for name in ARRAYS}
+    for name in ("histogram", "count", "confusion", "clipped"):  # counts of pixels
+        values = arrays[name]
+        if not (np.isfinite(values).all() and (values >= 0).all()):
+            raise BLDAError(
+                f"{path}: dataset '{name}' holds values that are not counts (< 0 or NaN)"
+            )
     return header, arrays
+
+
+def _class_names(names, path) -> tuple[str, ...] | None:
+    """The `class_names` attribute: a list of names, or (as the logit store writes it) their
+    JSON text."""
+    if names is None:
+        return None
+    text = _optional_text(names) if isinstance(names, str | bytes) else None
+    if text is not None:
+        try:
+            names = json.loads(text)
+        except ValueError:
+            names = None
+    if (
+        names is None
+        or isinstance(names, str)
+        or not all(isinstance(name, str | bytes) for name in names)
+    ):
+        raise BLDAError(f"{path}: class_names is not a list of class names")
+    return tuple(_optional_text(name) for name in names)
+
+
+def _label_source(value, path) -> str | None:
+    source = _optional_text(value)
+    if source not in (None, "gt", "pseudo"):
+        raise BLDAError(f"{path}: label_source is {source!r}, not 'gt' or 'pseudo'")
+    return source
 
 
 def _read_array(file: h5py.File, name: str, shape: tuple[int, ...], path) -> np.ndarray:

@@ -293,12 +293,15 @@ class LogitSetStatistics:
     def load(cls, path: str | os.PathLike) -> LogitSetStatistics:
         """Read statistics written by `save`; `BLDAError` for anything else."""
         header, arrays = read_statistics(path)
-        statistics = cls(
-            header.num_classes,
-            LogitGrid(header.grid_low, header.grid_high, header.grid_bins),
-            ignore_index=header.ignore_index,
-            class_names=header.class_names,
-        )
+        try:
+            statistics = cls(
+                header.num_classes,
+                LogitGrid(header.grid_low, header.grid_high, header.grid_bins),
+                ignore_index=header.ignore_index,
+                class_names=header.class_names,
+            )
+        except BLDAError as error:  # a header the constructor refuses: name the file
+            raise BLDAError(f"{path}: {error}") from None
         statistics.num_ignored = header.num_ignored
         statistics.label_source, statistics.stores = header.label_source, header.stores
         for name in ARRAYS:
