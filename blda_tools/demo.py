@@ -131,6 +131,7 @@ def run_demo(
     sample = _checked_sample_dir(sample_dir)
     out = _checked_out_dir(out_dir, sample)
     _check_stage_outputs(out)
+    _check_sample_inputs(sample)
     progress = progress or _no_progress
     check_number(threads, "threads", integer=True, optional=True)
     if threads is not None and threads < 1:
@@ -200,6 +201,21 @@ def _checked_sample_dir(sample_dir: str | os.PathLike) -> Path:
             "the repository's sample_data/ or a directory built by scripts/make_sample_data.py"
         )
     return sample
+
+
+def _check_sample_inputs(sample: Path) -> None:
+    """What the stages read, before the first one begins: a failed demo removes the stages'
+    outputs, the earlier run's included, so a checkpoint or dataset it cannot read must not
+    get that far."""
+    from blda_tools.datasets import build_dataset
+    from blda_tools.models.checkpoints import read_checkpoint
+
+    try:
+        read_checkpoint(sample / CHECKPOINT)
+        for dataset, root, split in SPLITS.values():
+            build_dataset(dataset, sample / "synthcity" / root, split)
+    except BLDAError as error:
+        raise BLDAError(f"--sample-dir {sample}: {error}") from None
 
 
 def _checked_out_dir(out_dir: str | os.PathLike, sample: Path) -> Path:

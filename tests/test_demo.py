@@ -182,3 +182,26 @@ def test_a_foreign_file_where_a_later_stage_writes_is_refused_before_any_stage(
     with pytest.raises(BLDAError, match=f"{foreign}: exists and was not written by"):
         run_demo(out, settings=DemoSettings.quick())
     assert (out / foreign).read_text() == "mine"
+
+
+@pytest.mark.parametrize("damage", ["checkpoint", "val split"])
+def test_an_unreadable_sample_is_refused_before_an_earlier_demo_is_touched(
+    demo_run, tmp_path, damage
+):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(demo_run[0], out)  # a complete earlier demo
+    sample = tmp_path / "sample"
+    shutil.copytree(DEFAULT_SAMPLE_DIR, sample)
+    if damage == "checkpoint":
+        checkpoint = sample / "model" / "tiny_source.pth"
+        checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+        expected = "tiny_source.pth"
+    else:
+        shutil.rmtree(sample / "synthcity" / "target" / "leftImg8bit" / "val")
+        expected = "val"
+    before = snapshot(out)
+    with pytest.raises(BLDAError, match=f"--sample-dir {sample}: .*{expected}"):
+        run_demo(out, sample_dir=sample, settings=DemoSettings.quick())
+    assert snapshot(out) == before  # the earlier demo is all there
