@@ -82,3 +82,28 @@ def test_a_kernel_recompiles_when_a_module_it_depends_on_changes(tmp_path):
     # `kernel` sees the change; numba alone keeps the machine code of the old helper (its
     # cache checks only the kernel's own file), which is why `depends_on` exists.
     assert _run(probe, cache, cwd=package).stdout.split() == ["15", "11"]
+
+
+LABEL_TYPES_PROBE = """
+import logging, sys, numpy as np
+logging.basicConfig(level=logging.INFO, format="NOTICE %(message)s")
+from blda_tools.statistics import LogitGrid, LogitSetStatistics
+logits = np.random.default_rng(0).standard_normal((64, 3)).astype(np.float32)
+for kind in sys.argv[1:]:
+    statistics = LogitSetStatistics(3, LogitGrid(-4, 4, 16))
+    statistics.update(logits, (np.arange(64) % 3).astype(kind))
+    print(kind, int(statistics.confusion.sum()))
+"""
+
+
+def test_labels_of_any_integer_type_reuse_the_kernels_compiled_once(tmp_path):
+    # Each label type was a signature of its own: "compiling kernels, once" came back for
+    # int32, uint16 or int16 labels (helper's probe).
+    cache = tmp_path / "numba-cache"
+    first = _run(LABEL_TYPES_PROBE.replace("sys.argv[1:]", '["uint8", "int64"]'), cache)
+    assert first.stdout.split() == ["uint8", "64", "int64", "64"]
+    assert first.stderr.count(f"NOTICE {COMPILE_NOTICE}") == 1
+    others = '["int16", "uint16", "int32", "uint32", "int8"]'
+    second = _run(LABEL_TYPES_PROBE.replace("sys.argv[1:]", others), cache)
+    assert second.stdout.split()[1::2] == ["64"] * 5
+    assert COMPILE_NOTICE not in second.stderr

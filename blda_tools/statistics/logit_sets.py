@@ -190,7 +190,10 @@ class LogitSetStatistics:
         labels = labels.reshape(-1)
         if labels.dtype.kind not in "iu":
             raise BLDAError(f"labels: expected an integer array, got {labels.dtype}")
-        return values, np.ascontiguousarray(labels)
+        # Two label types reach the kernels, uint8 (stores of up to 255 classes) and int64
+        # (the rest): each other type would be one more compile of them, announced again.
+        kind = np.uint8 if labels.dtype == np.uint8 else np.int64
+        return values, np.ascontiguousarray(labels, dtype=kind)
 
     # ------------------------------------------------------------------ derived
     def mean(self) -> np.ndarray:
