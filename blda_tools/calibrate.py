@@ -42,6 +42,7 @@ from blda_tools.fileio import atomic_output, json_ready, none_to_nan, write_json
 from blda_tools.gmm import mixture_pdf
 from blda_tools.outputs import output_set
 from blda_tools.statistics import LogitGrid, LogitSetStatistics, as_grid
+from blda_tools.statistics.evaluation_classes import describe
 from blda_tools.statistics.grid import check_histograms_fit
 from blda_tools.statistics.metrics import SegmentationMetrics, js_divergence
 
@@ -77,6 +78,7 @@ class CalibrationResult:
     # The prior-adjustment baseline at ITS best tau, chosen the way BLDA's tau was, with its
     # metrics on the evaluated stores (None without labels there).
     prior_baseline: dict | None = None
+    eval_classes: list[str] | None = None  # those mIoU / mAcc average over; None: all
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -96,6 +98,8 @@ class CalibrateOptions:
     anchor: str = "global"
     select_on: Paths | None = None
     metric: str = "miou"
+    # The classes mIoU / mAcc average over: "all", "synthia16", "synthia13" or class names.
+    eval_classes: str | Sequence[str] | None = "all"
     estimator: str = "gmm"
     n_components: int = DEFAULT_COMPONENTS
     eps: float = 0.01
@@ -144,7 +148,7 @@ def _calibrate(inputs: CalibrationInputs, out_dir: Path, options, progress) -> C
     calibrator.tau = selection["tau"]
     labelled = inputs.evaluated_labelled
     if evaluation is None and labelled:
-        evaluation = sweep_stores(calibrator, evaluated, taus, progress)
+        evaluation = sweep_stores(calibrator, evaluated, taus, progress, classes=inputs.averaged)
     before_after = _before_after_statistics(calibrator, evaluated, labelled, options.grid, progress)
     anchors = anchor_histograms(anchor_statistics, options.anchor)
     result = CalibrationResult(
@@ -158,6 +162,11 @@ def _calibrate(inputs: CalibrationInputs, out_dir: Path, options, progress) -> C
         unadjusted_cells=[list(cell) for cell in calibrator.unadjusted_cells_],
         fit=_fit_summary(calibrator, inputs, options),
     )
+    if inputs.averaged:
+        result.eval_classes = [result.classes[c] for c in inputs.averaged]
+        result.notes.append(
+            f"mIoU and mAcc average over {describe(inputs.averaged, result.classes)}."
+        )
     if evaluation is not None:
         _add_metrics(result, evaluation)
     for statistics, what in ((fit_statistics, "fitting"), (anchor_statistics, "anchor")):
@@ -194,7 +203,7 @@ def _choose_tau(calibrator, inputs: CalibrationInputs, options, warnings, progre
     """(selection dict, evaluated-store sweep when it was needed for the choice, else None)."""
     evaluated, taus, held_out = inputs.evaluated, inputs.taus, inputs.held_out
     if held_out is not None:
-        sweep = sweep_stores(calibrator, held_out, taus, progress)
+        sweep = sweep_stores(calibrator, held_out, taus, progress, classes=inputs.averaged)
         results = sweep.compute()
         best = select_tau(results, options.metric, taus)
         if _overlap(held_out.paths, evaluated.paths):
@@ -208,7 +217,7 @@ def _choose_tau(calibrator, inputs: CalibrationInputs, options, warnings, progre
     if len(taus) == 1:
         given = {"tau": taus[0], "how": "given (--tau with one value)", "metric": None}
         return {**given, "prior_tau": taus[0]}, None
-    sweep = sweep_stores(calibrator, evaluated, taus, progress)
+    sweep = sweep_stores(calibrator, evaluated, taus, progress, classes=inputs.averaged)
     results = sweep.compute()
     best = select_tau(results, options.metric, taus)
     prior = select_tau(results, options.metric, taus, method="prior")

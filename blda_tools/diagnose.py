@@ -36,6 +36,7 @@ from blda_tools.statistics import (
     metrics,
     resolve_label_source,
 )
+from blda_tools.statistics.evaluation_classes import describe, evaluation_classes
 from blda_tools.store import LogitStore
 
 PLOT_FILES = {
@@ -79,6 +80,8 @@ class Diagnosis:
     clipped_logits: int
     # |Bias| at or below it: "balanced" (`explain.balanced_tolerance`), the third group.
     balanced_tolerance: float = 0.0
+    # The classes mIoU / mAcc and their stds average over (`eval_classes`); None: all.
+    eval_classes: list[str] | None = None
     notes: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
 
@@ -98,6 +101,7 @@ def diagnose(
     plots_and_report: bool = True,
     progress: Callable[[int], None] | None = None,
     figures: FigureWorkers | None = None,
+    eval_classes: str | Sequence[str] | None = "all",
 ) -> Diagnosis:
     """Diagnose class bias from logit stores and write the results to `out_dir`.
 
@@ -107,21 +111,25 @@ def diagnose(
     `progress(rows)` is called as rows are processed (the CLI draws a bar with it).
     `figures`: the processes that draw the figures, when the caller started them earlier (the
     CLI does, before importing torch); otherwise `figure_workers.DEFAULT_PROCESSES` are started
-    here, before the statistics pass, so that their start-up hides behind it.
+    here, before the statistics pass, so that their start-up hides behind it. `eval_classes`:
+    the classes mIoU and mAcc average over, "all", "synthia16", "synthia13" or class names
+    (`statistics.evaluation_classes`); per-class figures and the bias cover every class.
     """
     store, grid = LogitStore(stores), as_grid(grid)
+    averaged = evaluation_classes(eval_classes, store.class_names)
     if figures is None:
         figures = FigureWorkers(figure_workers.DEFAULT_PROCESSES if plots_and_report else 0)
     # Stopped (at once on an error) before the output set is removed or moved into place, so
     # that no worker still writes into it; the caller's workers too.
     with output_set(out_dir, "diagnose", OUTPUT_FILES) as outputs, figures:
         return _diagnose(store, outputs.staging, labels, workers, grid, plots_and_report, progress,
-                         named_dir=Path(out_dir), figures=figures)  # fmt: skip
+                         named_dir=Path(out_dir), figures=figures, averaged=averaged)  # fmt: skip
 
 
 def _diagnose(
-    store, out_dir, labels, workers, grid, plots_and_report, progress, named_dir, figures
-) -> Diagnosis:
+    store, out_dir, labels, workers, grid, plots_and_report, progress, named_dir, figures,
+    averaged,
+) -> Diagnosis:  # fmt: skip
     """The work of `diagnose`, writing into `out_dir` (the staging folder of `named_dir`)."""
     ground_truth = _has_ground_truth(store, labels)
     source = resolve_label_source(labels, ground_truth, where=", ".join(map(str, store.paths)))
@@ -138,7 +146,7 @@ def _diagnose(
     if source == "pseudo" and ground_truth:
         # Metrics and Eq. 4 still come from the ground truth: a second, cheap pass.
         confusion = _ground_truth_confusion(store, progress)
-    diagnosis = _measure(store, statistics, confusion, source, notes)
+    diagnosis = _measure(store, statistics, confusion, source, notes, averaged)
     if plots_and_report:
         drawn = _draw_plots(figures, diagnosis, statistics, out_dir)
     statistics.save(out_dir / "statistics.h5")  # while the figures are drawn
@@ -197,7 +205,7 @@ def _ground_truth_confusion(store: LogitStore, progress) -> np.ndarray:
     return confusion.reshape(num_classes, num_classes)
 
 
-def _measure(store, statistics, confusion, source, notes) -> Diagnosis:
+def _measure(store, statistics, confusion, source, notes, averaged=()) -> Diagnosis:
     names = list(store.class_names)
     bias_estimated = metrics.bias_from_histograms(statistics.histogram)  # Eq. 5
     js_positive, js_negative = metrics.anchor_divergences(statistics.histogram)  # Table 15
@@ -231,14 +239,18 @@ def _measure(store, statistics, confusion, source, notes) -> Diagnosis:
     if confusion is None:
         notes.append("No ground truth: IoU, accuracy and Bias from Eq. 4 are not available.")
     else:
-        _add_label_metrics(diagnosis, confusion, bias_estimated)
+        _add_label_metrics(diagnosis, confusion, bias_estimated, averaged)
     return diagnosis
 
 
-def _add_label_metrics(diagnosis: Diagnosis, confusion, bias_estimated) -> None:
-    """The fields of `diagnosis` that need ground truth, from the `confusion` matrix."""
+def _add_label_metrics(diagnosis: Diagnosis, confusion, bias_estimated, averaged) -> None:
+    """The fields of `diagnosis` that need ground truth, from the `confusion` matrix; its
+    means over the classes `averaged` (all when empty)."""
     names, notes = diagnosis.classes, diagnosis.notes
-    scores = metrics.SegmentationMetrics.from_confusion(confusion)
+    scores = metrics.SegmentationMetrics.from_confusion(confusion, averaged)
+    if averaged:
+        diagnosis.eval_classes = [names[c] for c in averaged]
+        notes.append(f"mIoU and mAcc average over {describe(averaged, names)}.")
     bias = metrics.bias_from_confusion(confusion)  # Eq. 4
     groups = metrics.prediction_groups(  # Table 18, with the balanced classes apart
         bias, scores.iou, scores.acc, tolerance=diagnosis.balanced_tolerance

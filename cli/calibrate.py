@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from blda_cli.diagnose import parse_grid
+from blda_cli.diagnose import eval_classes_option, parse_grid
 from blda_cli.option_rules import given, option_text, refuse_together
 from blda_cli.progress import console, progress_bar
 from blda_tools.errors import BLDAError
@@ -75,6 +75,7 @@ PATH = click.Path(path_type=Path)
     show_default=True,
     help="What the choice of tau maximises: mean IoU or mean class accuracy.",
 )
+@eval_classes_option
 @click.option(
     "--estimator",
     type=click.Choice(["gmm", "empirical"]),
@@ -138,6 +139,7 @@ def calibrate_command(ctx, stores, out_dir, tau_spec, apply_path, **options):
         anchor=options["anchor"],
         select_on=list(options["select_on"]) or None,
         metric=options["metric"],
+        eval_classes=options["eval_classes"],
         estimator=options["estimator"],
         n_components=options["components"],
         eps=options["eps"],
@@ -180,8 +182,9 @@ def calibrate_command(ctx, stores, out_dir, tau_spec, apply_path, **options):
         console.print(f"  {line}", highlight=False, markup=False)
 
 
-FIT_ONLY = ("fit_on", "fit_labels", "anchor_from", "anchor", "select_on", "metric", "estimator",
-            "components", "eps", "min_samples", "table_points", "grid_spec", "no_plots")  # fmt: skip
+FIT_ONLY = ("fit_on", "fit_labels", "anchor_from", "anchor", "select_on", "metric", "eval_classes",
+            "estimator", "components", "eps", "min_samples", "table_points", "grid_spec",
+            "no_plots")  # fmt: skip
 
 
 def _check_options(ctx) -> None:

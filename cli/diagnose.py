@@ -16,6 +16,16 @@ if TYPE_CHECKING:
     from blda_tools.statistics import LogitGrid
 
 
+eval_classes_option = click.option(
+    "--eval-classes",
+    default="all",
+    show_default=True,
+    help="Classes mIoU and mAcc average over: all, synthia16 or synthia13 (the SYNTHIA to "
+    "Cityscapes protocols: no terrain, truck, train; and no wall, fence, pole) or class names "
+    "(road,car,...). Each class's IoU still comes from the whole confusion matrix.",
+)
+
+
 @click.command("diagnose")
 @click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
@@ -48,7 +58,8 @@ if TYPE_CHECKING:
     help="Histogram grid LOW:HIGH:BINS shared by every class pair.",
 )
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots and the HTML report.")
-def diagnose_command(stores, out_dir, labels, workers, grid_spec, no_plots):
+@eval_classes_option
+def diagnose_command(stores, out_dir, labels, workers, grid_spec, no_plots, eval_classes):
     """Measure class bias from logit STORES (shards of one store may be listed together).
 
     Writes DIR/diagnosis.json, DIR/statistics.h5 (`blda calibrate --fit-on` / `--anchor-from`
@@ -77,13 +88,15 @@ def diagnose_command(stores, out_dir, labels, workers, grid_spec, no_plots):
                 plots_and_report=not no_plots,
                 progress=advance,
                 figures=figures,
+                eval_classes=eval_classes,
             )
     console.print(_results_table(result))
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
     if result.miou is not None:
+        over = f" ({len(result.eval_classes)} classes)" if result.eval_classes else ""
         console.print(
-            f"mIoU {result.miou:.1%}  mAcc {result.macc:.1%}  IoU std {result.iou_std:.1%}  "
+            f"mIoU{over} {result.miou:.1%}  mAcc{over} {result.macc:.1%}  IoU std {result.iou_std:.1%}  "
             f"Spearman(Eq. 4, Eq. 5) {_fmt(result.bias_rank_correlation, '.3f')}"
         )
     console.print(

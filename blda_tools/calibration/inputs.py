@@ -22,6 +22,7 @@ from blda_tools.calibration.calibrator import Calibrator
 from blda_tools.calibration.sweep import parse_tau_spec
 from blda_tools.errors import BLDAError, check_same_classes
 from blda_tools.statistics import LogitGrid, LogitSetStatistics, collect_statistics
+from blda_tools.statistics.evaluation_classes import evaluation_classes
 from blda_tools.statistics.io import FORMAT_NAME as STATISTICS_FORMAT
 from blda_tools.store import LogitStore
 
@@ -182,6 +183,7 @@ class CalibrationInputs:
     # Whether the evaluated stores hold a pixel whose label is not the ignore index: only
     # then are there metrics to report (a labels dataset of 255s has none).
     evaluated_labelled: bool
+    averaged: tuple[int, ...] = ()  # the classes mIoU / mAcc average over (all if empty)
 
     def rows(self) -> int:
         """Rows `calibrate` will stream in all (for a progress bar's total)."""
@@ -238,7 +240,10 @@ def open_inputs(stores: Paths, options) -> CalibrationInputs:
             f"--tau {options.taus}{default}: several values, but STORES have {none} to "
             "choose among them: give --select-on STORE with ground truth, or one --tau value"
         )
-    return CalibrationInputs(taus, calibrator, evaluated, fit, anchors, held_out, labelled)
+    averaged = evaluation_classes(options.eval_classes, evaluated.class_names)
+    return CalibrationInputs(
+        taus, calibrator, evaluated, fit, anchors, held_out, labelled, averaged
+    )
 
 
 def _taus(spec) -> list[float]:

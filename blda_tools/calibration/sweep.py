@@ -86,9 +86,17 @@ class SweepRow:
 class TauSweep:
     """Streaming confusion matrices of Eq. 7 and prior adjustment for every tau (update/compute)."""
 
-    def __init__(self, calibrator: Calibrator, taus: Sequence[float], block: int = SWEEP_BLOCK):
+    def __init__(
+        self,
+        calibrator: Calibrator,
+        taus: Sequence[float],
+        block: int = SWEEP_BLOCK,
+        classes: Sequence[int] = (),
+    ):
+        """`classes`: those the metrics' means run over (`evaluation_classes`; all if empty)."""
         taus = sorted({check_tau(tau) for tau in taus} | {0.0})  # tau = 0: the uncalibrated model
         self.calibrator, self.taus, self.block = calibrator, taus, int(block)
+        self.classes = tuple(classes)
         self.num_classes = calibrator.num_classes
         self.ignore_index = calibrator.ignore_index
         C, T = self.num_classes, len(taus)
@@ -159,7 +167,8 @@ class TauSweep:
         for method in METHODS:
             for index, tau in enumerate(self.taus):
                 confusion = self.confusion[method][index].view(C, C)
-                rows.append(SweepRow(tau, method, SegmentationMetrics.from_confusion(confusion)))
+                scores = SegmentationMetrics.from_confusion(confusion, self.classes)
+                rows.append(SweepRow(tau, method, scores))
         return rows
 
     def confusion_at(self, tau: float, method: str = "blda") -> Tensor:
@@ -175,15 +184,17 @@ def sweep_stores(
     taus: Sequence[float],
     progress: Callable[[int], None] | None = None,
     rows_per_chunk: int = SWEEP_BLOCK,
+    classes: Sequence[int] = (),
 ) -> TauSweep:
-    """Stream a labelled `LogitStore` through a `TauSweep` (one pass for every tau)."""
+    """Stream a labelled `LogitStore` through a `TauSweep` (one pass for every tau); its
+    metrics average over `classes` (all if empty)."""
     if not store.has_labels:
         raise BLDAError(
             f"{', '.join(map(str, store.paths))}: the sweep needs ground-truth labels to measure "
             "mIoU and mAcc, and this store has none"
         )
     calibrator.check_classes(store.class_names, ", ".join(map(str, store.paths)))
-    sweep = TauSweep(calibrator, taus)
+    sweep = TauSweep(calibrator, taus, classes=classes)
     for chunk in store.iter_chunks(rows=rows_per_chunk, reuse_buffers=True):
         sweep.update(chunk.logits, chunk.labels)
         if progress is not None:

@@ -13,6 +13,7 @@ Conventions, used everywhere in blda:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,8 +75,10 @@ class SegmentationMetrics:
     excluded: tuple[int, ...]  # classes with no pixels and no predictions
 
     @classmethod
-    def from_confusion(cls, confusion) -> SegmentationMetrics:
-        """Metrics of a confusion matrix (rows = true class, columns = predicted class)."""
+    def from_confusion(cls, confusion, classes: Sequence[int] = ()) -> SegmentationMetrics:
+        """Metrics of a confusion matrix (rows = true class, columns = predicted class); the
+        means and stds over `classes` only when given (`evaluation_classes`, e.g. SYNTHIA's
+        16), each class's IoU still from the whole matrix."""
         matrix = _square_confusion(confusion)
         true_positive = np.diagonal(matrix)
         pixels = matrix.sum(1)
@@ -84,8 +87,9 @@ class SegmentationMetrics:
         with np.errstate(invalid="ignore", divide="ignore"):
             iou = np.where(union > 0, true_positive / union, math.nan)
             acc = np.where(pixels > 0, true_positive / pixels, math.nan)
-        miou, iou_std = _nan_mean_std(iou)
-        macc, acc_std = _nan_mean_std(acc)
+        averaged = list(classes) if len(classes) else slice(None)
+        miou, iou_std = _nan_mean_std(iou[averaged])
+        macc, acc_std = _nan_mean_std(acc[averaged])
         excluded = tuple(int(c) for c in np.flatnonzero(union == 0))
         return cls(
             iou=tuple(iou.tolist()),

@@ -3,7 +3,6 @@ confusion matrices summed over processes, IoU / accuracy (`blda_tools.statistics
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -33,20 +32,9 @@ def scores_from_confusion(
     from labels and predictions). Means and population stds are over `classes` (all if empty,
     e.g. the 16 SYNTHIA classes), skipping NaN as mmseg's nanmean does.
     """
-    metrics = SegmentationMetrics.from_confusion(confusion)
-    iou = torch.tensor(metrics.iou, dtype=torch.float64)
-    accuracy = torch.tensor(metrics.acc, dtype=torch.float64)
-    if classes:
-        iou, accuracy = iou[list(classes)], accuracy[list(classes)]
-
-    def mean_std(values: torch.Tensor) -> tuple[float, float]:
-        kept = values[~values.isnan()]
-        if len(kept) == 0:
-            return math.nan, math.nan
-        return 100 * kept.mean().item(), 100 * kept.std(correction=0).item()
-
-    miou, iou_std = mean_std(iou)
-    macc, acc_std = mean_std(accuracy)
+    metrics = SegmentationMetrics.from_confusion(confusion, classes)
+    miou, iou_std = 100 * metrics.miou, 100 * metrics.iou_std
+    macc, acc_std = 100 * metrics.macc, 100 * metrics.acc_std
     confusion = confusion.double()
     return {
         "mIoU": miou,
