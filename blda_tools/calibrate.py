@@ -206,12 +206,13 @@ def _choose_tau(calibrator, inputs: CalibrationInputs, options, warnings, progre
         sweep = sweep_stores(calibrator, held_out, taus, progress, classes=inputs.averaged)
         results = sweep.compute()
         best = select_tau(results, options.metric, taus)
+        how = "held-out stores (--select-on)"
         if _overlap(held_out.paths, evaluated.paths):
             warnings.append(
                 "TAU IS SELECTED ON STORES THAT ARE ALSO EVALUATED (--select-on overlaps the "
                 "evaluated stores): the reported metrics are optimistic."
             )
-        how = "held-out stores (--select-on)"
+            how = "--select-on stores, also evaluated (optimistic)"  # not held out
         prior = select_tau(results, options.metric, taus, method="prior")
         return _selection(best, how, options.metric, held_out, prior), None
     if len(taus) == 1:

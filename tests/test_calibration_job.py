@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import re
@@ -125,6 +126,11 @@ def test_selecting_on_the_evaluated_stores_and_fitting_on_their_labels_warn_loud
     assert result.selection["how"] == "evaluated stores (optimistic)"
     saved = json.loads((tmp_path / "calibration.json").read_text())
     assert saved["warnings"] == result.warnings
+    # --select-on the evaluated store itself: warned, and not called held out
+    again = dataclasses.replace(options, select_on=[stores["eval"]], fit_labels="pseudo")
+    result = calibrate(stores["eval"], tmp_path / "again", again)
+    assert "SELECTED ON STORES THAT ARE ALSO EVALUATED" in " ".join(result.warnings)
+    assert result.selection["how"] == "--select-on stores, also evaluated (optimistic)"
 
 
 def test_apply_matches_the_exported_module_run_without_blda(stores, tmp_path):
