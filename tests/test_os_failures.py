@@ -55,38 +55,32 @@ def test_a_name_that_fits_only_without_the_partial_suffix_is_written(inputs, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, ".blda-outputs.json"])
 
 
-def _mount_tmpfs(target: Path, options: str) -> None:
+def _tmpfs(target: Path, options: str):
+    """A tmpfs mounted at `target` for one test (skipped where the test cannot mount)."""
     target.mkdir()
     mounted = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True
     )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield target
+    subprocess.run(["umount", "-l", str(target)], check=False)
 
 
 @pytest.fixture
 def full_disk(tmp_path):
-    target = tmp_path / "full"
-    _mount_tmpfs(target, "size=16k")
-    yield target
-    subprocess.run(["umount", "-l", str(target)], check=False)
+    yield from _tmpfs(tmp_path / "full", "size=16k")
 
 
 @pytest.fixture
 def small_disk(tmp_path):
     """Room for three images of `test_dump_logits_filling_the_disk_before_its_first_commit`."""
-    target = tmp_path / "small"
-    _mount_tmpfs(target, "size=8m")
-    yield target
-    subprocess.run(["umount", "-l", str(target)], check=False)
+    yield from _tmpfs(tmp_path / "small", "size=8m")
 
 
 @pytest.fixture
 def read_only(tmp_path):
-    target = tmp_path / "readonly"
-    _mount_tmpfs(target, "ro,size=16k")
-    yield target
-    subprocess.run(["umount", "-l", str(target)], check=False)
+    yield from _tmpfs(tmp_path / "readonly", "ro,size=16k")
 
 
 @pytest.mark.parametrize("command", ["diagnose", "calibrate", "apply", "export", "plot-log"])
