@@ -208,12 +208,15 @@ def _check_options(ctx) -> None:
 
 def _apply(apply_path, stores, out_dir, tau_spec) -> None:
     from blda_tools.calibration.apply import apply_calibrator
-    from blda_tools.calibration.calibrator import check_tau
+    from blda_tools.calibration.sweep import parse_tau_spec
     from blda_tools.fileio import check_input_file
     from blda_tools.store import LogitStore
 
     check_input_file(apply_path, f"--apply {apply_path}", "a blda calibrator file")
-    tau = None if tau_spec is None else check_tau(tau_spec)
+    taus = None if tau_spec is None else parse_tau_spec(tau_spec)
+    if taus is not None and len(taus) != 1:
+        raise BLDAError(f"--apply and --tau {tau_spec}: applying takes one tau, got {len(taus)}")
+    tau = None if taus is None else taus[0]
     total = LogitStore(stores).num_rows
     with progress_bar("apply", total, unit="px") as advance:
         result = apply_calibrator(apply_path, stores, out_dir, tau=tau, progress=advance)

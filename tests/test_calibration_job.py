@@ -294,6 +294,32 @@ def test_the_exported_module_keeps_working_after_a_model_output_with_gradients(s
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
 
 
+def test_apply_with_a_tau_of_its_own_predicts_at_that_tau(stores, tmp_path):
+    # --apply --tau 0.3 was refused ("expected a number, got '0.3'") for every value.
+    options = CalibrateOptions(
+        taus="0.8", n_components=2, min_samples=20, grid=LogitGrid(-20, 20, 400), plots=False
+    )
+    calibrate(stores["select"], tmp_path / "fit", options)
+    calibrator = Calibrator.load(tmp_path / "fit" / "calibrator.pt")
+    arguments = [
+        "calibrate",
+        str(stores["eval"]),
+        "--apply",
+        str(tmp_path / "fit" / "calibrator.pt"),
+    ]
+    result = CliRunner().invoke(_cli(), [*arguments, "--tau", "0.3", "--out", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    assert "tau = 0.3:" in result.output
+    with h5py.File(stores["eval"], "r") as file:  # image 0: the first 24 x 24 rows
+        logits = torch.from_numpy(file["logits"][: 24 * 24].astype(np.float32))
+    png = np.array(Image.open(tmp_path / "p" / "trainIds" / "city" / "image0.png"))
+    np.testing.assert_array_equal(png.reshape(-1), calibrator.predict(logits, 0.3).numpy())
+    result = CliRunner().invoke(
+        _cli(), [*arguments, "--tau", "0.3,0.4", "--out", str(tmp_path / "q")]
+    )
+    assert result.exit_code == 2 and "applying takes one tau, got 2" in result.output
+
+
 def test_apply_to_sampled_rows_writes_a_prediction_store(stores, tmp_path):
     calibrate(
         stores["select"],
