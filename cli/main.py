@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import threading
+import time
 
 import click
 
@@ -110,6 +113,8 @@ def _register_commands() -> None:
 
 
 _terminated = False
+# After SIGTERM: seconds until SIGINT repeats the stop, then until the process ends.
+INSIST_SECONDS = 30.0
 
 
 def _stop_on_sigterm() -> None:
@@ -127,9 +132,22 @@ def _stop_on_sigterm() -> None:
         # the cleanup below. Python runs pending handlers by signal number, SIGTERM (15) before
         # SIGCHLD (17), so this one runs first and the other is never called.
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        threading.Thread(target=_insist, name="blda-sigterm", daemon=True).start()
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+
+
+def _insist() -> None:
+    """The KeyboardInterrupt of a SIGTERM can be lost: raised while a weakref callback or a
+    __del__ runs, Python only prints it, and the job goes on, e.g. waiting for a loader worker
+    that died with the signal (a hang the regression helper saw in 2 of 5 runs). SIGINT then
+    raises it again in the main thread, interrupting a blocking read; if even that is lost the
+    process ends, leaving what SIGKILL would (resumable)."""
+    time.sleep(INSIST_SECONDS)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(INSIST_SECONDS)
+    os._exit(128 + signal.SIGTERM)
 
 
 def main() -> None:
