@@ -62,14 +62,26 @@ def read_manifest(directory: Path) -> dict[str, list[str]]:
         sets = None
     if not isinstance(sets, dict) or not all(isinstance(files, list) for files in sets.values()):
         raise _damaged_record(path, "")
+    inside = directory.resolve()
     for files in sets.values():
         for name in files:
-            # blda records files inside the directory by relative names; any other entry
-            # would make a re-run remove a file elsewhere (the record may come from anyone).
-            relative = PurePosixPath(str(name))
-            if not str(name) or relative.is_absolute() or ".." in relative.parts:
-                raise _damaged_record(path, f" (it lists {name!r}, not a file inside {directory})")
+            _check_recorded(path, inside, str(name))
     return {str(name): [str(file) for file in files] for name, files in sets.items()}
+
+
+def _check_recorded(record: Path, inside: Path, name: str) -> None:
+    """blda records the files it wrote by relative names inside the directory. Any other
+    entry (absolute, "..", a folder, or a file behind a symbolic link to elsewhere) would make
+    a re-run remove a file outside it, and a record may come from anyone: it is refused here,
+    when the record is read, before any work and any removal."""
+    relative = PurePosixPath(name)
+    if not name or relative.is_absolute() or ".." in relative.parts:
+        raise _damaged_record(record, f" (it lists {name!r}, not a file inside {record.parent})")
+    target = record.parent / name
+    if not target.parent.resolve().is_relative_to(inside):
+        raise _damaged_record(record, f" (it lists {name!r}, which lies outside the directory)")
+    if target.is_dir() and not target.is_symlink():
+        raise _damaged_record(record, f" (it lists {name!r}, which is a folder)")
 
 
 def _damaged_record(path: Path, detail: str) -> BLDAError:
@@ -112,8 +124,14 @@ def check_can_write(
     directory: Path, name: str, owner: str, sets: dict[str, list[str]], option: str = "--out"
 ) -> None:
     """Refuse when `directory/name` exists and is not a file of the set `owner` (`option`:
-    the command's option that names where it writes)."""
+    the command's option that names where it writes), and when its folder is a symbolic link
+    out of `directory`: blda writes inside it only."""
     target = directory / name
+    if not target.parent.resolve().is_relative_to(directory.resolve()):
+        raise BLDAError(
+            f"{target}: its folder leads out of {directory} (a symbolic link); blda writes only "
+            f"inside {option}: remove the link or choose another {option}"
+        )
     if not (target.exists() or target.is_symlink()):
         return
     holders = [set_name for set_name, files in sets.items() if name in files]
@@ -202,13 +220,7 @@ class OutputSet:
 
 
 def _remove_owned(directory: Path, name: str) -> None:
-    target = directory / name
-    # A folder of the record's path may be a symbolic link to somewhere else: what blda
-    # removes must lie inside the directory, and be a file (it records no folder).
-    inside = target.parent.resolve().is_relative_to(directory.resolve())
-    if not inside or (target.is_dir() and not target.is_symlink()):
-        where = "lies outside the directory" if not inside else "is a folder"
-        raise _damaged_record(directory / MANIFEST, f" (it lists {name!r}, which {where})")
+    target = directory / name  # checked when the record was read (`_check_recorded`)
     with contextlib.suppress(FileNotFoundError):
         target.unlink()
     parent = target.parent

@@ -5,6 +5,7 @@ touched (the same rule in every command), and a failed run leaves nothing."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -73,14 +74,16 @@ def test_a_record_reaching_outside_through_a_link_or_naming_a_folder_is_refused(
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "victim.txt").write_text("mine")
-    assert (
-        run("diagnose", inputs["store"], "--out", out, "--grid", GRID, "--no-plots").exit_code == 0
-    )
+    assert run("diagnose", inputs["store"], "--out", out, "--grid", GRID).exit_code == 0
+    before = sorted(p.name for p in out.iterdir())
     (out / "linked").symlink_to(elsewhere, target_is_directory=True)
     _record_also(out, "linked/victim.txt")
     result = run("diagnose", inputs["store"], "--out", out, "--grid", GRID, "--no-plots")
     expect_one_line_error(result, "'linked/victim.txt', which lies outside the directory", "")
     assert (elsewhere / "victim.txt").read_text() == "mine"
+    # refused when the record was read, before the pass: the earlier report and PNGs stay
+    assert sorted(p.name for p in out.iterdir() if p.name != "linked") == before
+    assert "diagnose:" not in result.output  # no progress line: no statistics pass ran
     _record_also(out, "folder")
     (out / "folder").mkdir()
     record = json.loads((out / ".blda-outputs.json").read_text())
@@ -89,6 +92,26 @@ def test_a_record_reaching_outside_through_a_link_or_naming_a_folder_is_refused(
     result = run("diagnose", inputs["store"], "--out", out, "--grid", GRID, "--no-plots")
     expect_one_line_error(result, "'folder', which is a folder", "")
     assert (out / "folder").is_dir()
+
+
+def test_a_folder_linked_out_of_the_output_is_not_written_through(inputs, tmp_path):
+    # apply writes color/<name>.png: with color/ a link elsewhere, a re-run wrote (and
+    # replaced) files there (regression helper).
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    assert run(*command_lines(inputs, out)["apply"]).exit_code == 0
+    written = sorted(p.relative_to(out / "color") for p in (out / "color").rglob("*.png"))
+    shutil.rmtree(out / "color")
+    elsewhere.mkdir()
+    (elsewhere / "mine.txt").write_text("mine")
+    (out / "color").symlink_to(elsewhere, target_is_directory=True)
+    result = run(*command_lines(inputs, out)["apply"])  # its record lists color/...
+    expect_one_line_error(result, "damaged record", "which lies outside the directory")
+    fresh = tmp_path / "fresh"  # no record: the files' folder is checked when they are moved
+    fresh.mkdir()
+    (fresh / "color").symlink_to(elsewhere, target_is_directory=True)
+    result = run(*command_lines(inputs, fresh)["apply"])
+    expect_one_line_error(result, "its folder leads out of", "a symbolic link")
+    assert written and sorted(p.name for p in elsewhere.iterdir()) == ["mine.txt"]
 
 
 @pytest.mark.parametrize("command", ["diagnose", "calibrate", "apply", "demo"])
