@@ -263,3 +263,19 @@ def test_shipped_configs_and_their_ablations_load_without_notes(caplog):
         load_config("gta2cs_mic_hrda_mitb5", ["mic.enabled=false"])
         load_config("gta2cs_daformer_mitb5", ["rcs.enabled=false", "self_training.enabled=false"])
     assert _notes(caplog) == []
+
+
+def test_resuming_reads_the_runs_own_config_without_notes(tmp_path, caplog):
+    # A run's config.toml lists every key, those of switched-off sections too: --resume
+    # printed a note for each (regression helper).
+    from blda_tools.training.runner import prepare_run_dir
+
+    config = load_config("synthcity_tiny")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest.pth").write_bytes(b"a checkpoint")
+    (tmp_path / "config.toml").write_text(to_toml(config))
+    with caplog.at_level("INFO", logger="blda_tools"):
+        prepare_run_dir(config, tmp_path, resume=True, is_main=True)
+        assert _notes(caplog) == []
+        load_config(tmp_path / "config.toml")  # read as a user's file: its notes are due
+    assert any("mic.mask_ratio has no effect" in note for note in _notes(caplog))

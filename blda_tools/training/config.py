@@ -133,9 +133,14 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
 
 
 def load_config(
-    name_or_path: str | Path | None = None, overrides: typing.Iterable[str] = ()
+    name_or_path: str | Path | None = None,
+    overrides: typing.Iterable[str] = (),
+    *,
+    notes: bool = True,
 ) -> TrainingConfig:
-    """Defaults, then the TOML file (if any), then `key=value` overrides; validated."""
+    """Defaults, then the TOML file (if any), then `key=value` overrides; validated. `notes`:
+    name the given keys that have no effect (`inactive_keys`); off for a run's own resolved
+    config.toml, which lists every key."""
     config = TrainingConfig()
     given: list[tuple[str, str]] = []  # (source, key) of every key the file and --set give
     if name_or_path is not None:
@@ -153,7 +158,7 @@ def load_config(
         set_key(config, key, value, source="--set")
         given.append(("--set", key))
     validate(config)
-    for source, key, switch in inactive_keys(config, given):
+    for source, key, switch in inactive_keys(config, given) if notes else ():
         logger.info("%s: %s has no effect while %s = false (--set %s=true to use it)",
                     source, key, switch, switch)  # fmt: skip
     return config

@@ -196,7 +196,7 @@ def prepare_run_dir(config: TrainingConfig, run_dir: Path, *, resume: bool, is_m
     if resume:
         if not saved.is_file():
             raise BLDAError(f"--resume: {run_dir} has no config.toml; not a blda training run")
-        differences = config_differences(load_config(saved), config)
+        differences = config_differences(load_config(saved, notes=False), config)
         if differences:
             raise BLDAError(
                 f"--resume: {run_dir} was made with another config (different: "
