@@ -279,6 +279,11 @@ def test_gta5_converted_by_daformer_reads_the_original_labels(tmp_path):
     dataset = build_dataset("gta5", tmp_path)
     assert dataset.names == ("images/00000", "images/00001", "images/00002")
     np.testing.assert_array_equal(dataset[2].label.numpy(), CITYSCAPES_TRAIN_IDS)
+    # The copies alone are not a dataset without labels (it was read as one, silently).
+    for index in range(3):
+        (tmp_path / "labels" / f"{index:05d}.png").unlink()
+    with pytest.raises(BLDAError, match=r"holds only converted \*_labelTrainIds.png copies \(3\)"):
+        build_dataset("gta5", tmp_path)
 
 
 # ---------------------------------------------------------------- generic folders

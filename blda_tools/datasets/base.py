@@ -399,7 +399,14 @@ def paired_listing(
         raise BLDAError(f"{dataset}: no images ({', '.join(image_extensions)}) under {image_dir}")
     labels = list_files(label_dir, (".png",)) if label_dir.is_dir() else {}
     if derived_labels:
-        labels = {key: path for key, path in labels.items() if not key.endswith(derived_labels)}
+        originals = {key: path for key, path in labels.items() if not key.endswith(derived_labels)}
+        if labels and not originals:  # converted copies alone: not a dataset without labels
+            raise BLDAError(
+                f"{dataset}: {label_dir} holds only converted *{derived_labels}.png copies "
+                f"({len(labels)}), not the original label files, which blda reads (it maps "
+                "their ids to train ids itself); put the original labels back"
+            )
+        labels = originals
     keys = select_split(list(images), split, dataset, image_dir)
     label_paths = pair_labels(
         keys,
