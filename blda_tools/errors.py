@@ -24,7 +24,12 @@ def check_number(value, name: str, *, integer: bool = False, optional: bool = Fa
     if optional and value is None:
         return
     kind = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind) or math.isnan(value):
+    # (an integer is never NaN, and math.isnan refuses one beyond float64, e.g. 10**400)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, kind)
+        or (not isinstance(value, numbers.Integral) and math.isnan(value))
+    ):
         expected = "an integer" if integer else "a number"
         raise BLDAError(f"{name}: expected {expected}, got {value!r}")
 

@@ -338,6 +338,19 @@ def test_maps_are_calibrated_pixel_by_pixel_in_their_own_shape():
     assert torch.equal(offsets.reshape(-1, 3, 3), calibrator.offsets(rows))
 
 
+def test_maps_of_no_pixel_views_of_any_strides_and_tau_as_a_tensor():
+    calibrator, logits = _fitted_three_class_calibrator("empirical")
+    assert calibrator.log_scores(np.zeros((0, 3, 4, 4), np.float32)).shape == (0, 3, 4, 4)
+    assert calibrator.predict(np.zeros((2, 3, 0, 4), np.float32)).shape == (2, 0, 4)
+    maps = logits[:24].numpy().reshape(2, 3, 4, 3).transpose(0, 3, 1, 2)
+    flipped = np.flip(maps, 3)  # negative strides: torch.as_tensor refused them
+    expected = calibrator.predict(torch.from_numpy(flipped.copy()), 0.5)
+    assert torch.equal(calibrator.predict(flipped, torch.tensor(0.5)), expected)
+    assert torch.equal(calibrator.predict(flipped, np.float64(0.5)), expected)
+    with pytest.raises(BLDAError, match="tau: expected a tau of at most 10000"):
+        calibrator.predict(flipped, 10**400)  # beyond float64: no OverflowError
+
+
 def test_class_anchor_uses_that_class_cells():
     _, logits = _fitted_three_class_calibrator("empirical")
     statistics = LogitSetStatistics(3, LogitGrid(-20, 20, 800), class_names=["a", "b", "c"])

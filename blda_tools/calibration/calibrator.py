@@ -29,6 +29,7 @@ import math
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -274,7 +275,8 @@ class Calibrator:
         ``(B, C, H, W)`` give ``(B, H, W, C_l, C_c)``."""
         rows, pixels = self._check_logits(logits)
         offsets = gather_offsets(rows, *self.kernel_tensors())
-        return offsets if pixels is None else offsets.reshape(*pixels, *offsets.shape[1:])
+        offsets = offsets if pixels is None else offsets.reshape(*pixels, *offsets.shape[1:])
+        return offsets.to(_device_of(logits))
 
     def kernel_tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """(rows, low, inv_step, high, adjusted_lc): the arguments of `gather_offsets`."""
@@ -287,7 +289,8 @@ class Calibrator:
         rows, pixels = self._check_logits(logits)
         tau = self.tau if tau is None else check_tau(tau, "tau")
         scores = balanced_log_scores_blocks(rows, *self.kernel_tensors(), tau, BLOCK_PIXELS)
-        return scores if pixels is None else scores.reshape(*pixels, -1).movedim(-1, 1)
+        scores = scores if pixels is None else scores.reshape(*pixels, rows.shape[1]).movedim(-1, 1)
+        return scores.to(_device_of(logits))
 
     def predict(
         self, logits: Tensor, tau: float | None = None, threads: int | None = None
@@ -304,7 +307,8 @@ class Calibrator:
         threads = torch.get_num_threads() if threads is None else int(threads)
         tables = self.certify_tables()
         prediction = predict_pruned(rows, self.kernel_tensors(), tables, tau, threads)
-        return prediction if pixels is None else prediction.reshape(pixels)
+        prediction = prediction if pixels is None else prediction.reshape(pixels)
+        return prediction.to(_device_of(logits))
 
     def certify_tables(self) -> CertifyTables:
         """The tables of the pruning bounds, laid out for `blda_tools.calibration.eq7.certify`."""
@@ -315,7 +319,10 @@ class Calibrator:
         """(float32 contiguous rows (n, C), the maps' (B, H, W) or None): see `logit_rows`."""
         names = self._require_fitted()
         # Post-hoc: a model's output may carry a grad_fn; no gradient flows through Eq. 7 here.
-        rows, pixels = logit_rows(torch.as_tensor(logits).detach(), len(names))
+        # The tables and the certificate live on the CPU: a GPU model's output is copied there
+        # (callers return their results to its device). numpy views of any strides are taken.
+        given = logits.detach() if isinstance(logits, Tensor) else np.ascontiguousarray(logits)
+        rows, pixels = logit_rows(torch.as_tensor(given).cpu(), len(names))
         check_float32_range(rows)
         rows = rows.to(torch.float32).contiguous()
         # min and max propagate NaN and show infinities: one cheap pass instead of isfinite.
@@ -447,11 +454,21 @@ def _check_loaded_tables(calibrator: Calibrator, path) -> None:
 MAX_TAU = 1e4
 
 
+def _device_of(logits) -> torch.device:
+    """Where results go back to: the input tensor's device (the CPU for numpy input)."""
+    return logits.device if isinstance(logits, Tensor) else torch.device("cpu")
+
+
 def check_tau(tau: float, option: str = "--tau") -> float:
     """A number 0 <= tau <= MAX_TAU (a string is not one), else BLDAError naming `option`."""
+    if getattr(tau, "ndim", None) == 0 and hasattr(tau, "item"):  # torch.tensor(0.5), numpy
+        tau = tau.item()
     check_number(tau, option)
-    value = float(tau)
-    if not math.isfinite(value) or value < 0:
+    try:
+        value = float(tau)
+    except OverflowError:  # an int beyond float64 (10**400)
+        value = math.inf if tau > 0 else -math.inf
+    if math.isnan(value) or value < 0:
         raise BLDAError(f"{option}: expected a finite tau >= 0, got {tau!r}")
     if value > MAX_TAU:
         raise BLDAError(
