@@ -162,12 +162,12 @@ def _calibrate(inputs: CalibrationInputs, out_dir: Path, options, progress) -> C
         unadjusted_cells=[list(cell) for cell in calibrator.unadjusted_cells_],
         fit=_fit_summary(calibrator, inputs, options),
     )
-    if inputs.averaged:
-        result.eval_classes = [result.classes[c] for c in inputs.averaged]
-        result.notes.append(
-            f"mIoU and mAcc average over {describe(inputs.averaged, result.classes)}."
-        )
     if evaluation is not None:
+        if inputs.averaged:  # only where there are metrics to average
+            result.eval_classes = [result.classes[c] for c in inputs.averaged]
+            result.notes.append(
+                f"mIoU and mAcc average over {describe(inputs.averaged, result.classes)}."
+            )
         _add_metrics(result, evaluation)
     for statistics, what in ((fit_statistics, "fitting"), (anchor_statistics, "anchor")):
         note = statistics.outside_grid_note()

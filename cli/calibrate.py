@@ -249,7 +249,8 @@ def _class_table(result) -> Table:
         summary = [
             f"{_pct(result.before[key])} -> {_pct(result.after[key])}" for key in ("miou", "macc")
         ]
-        table.add_row("mean", *summary, "", "", style="bold")
+        over = f" ({len(result.eval_classes)} classes)" if result.eval_classes else ""
+        table.add_row(f"mean{over}", *summary, "", "", style="bold")
     return table
 
 

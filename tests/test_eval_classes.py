@@ -36,6 +36,10 @@ def test_the_named_subsets_and_class_lists():
     assert [CITYSCAPES[c] for c in thirteen] == [n for n in CITYSCAPES if n not in WITHOUT_13]
     assert evaluation_classes("car, road", CITYSCAPES) == (0, 13)
     assert evaluation_classes(["bus"], CITYSCAPES) == (15,)
+    # the keywords in any case and with spaces; every class named is all of them
+    assert evaluation_classes(" ALL", CITYSCAPES) == ()
+    assert evaluation_classes("Synthia16 ", CITYSCAPES) == sixteen
+    assert evaluation_classes(",".join(CITYSCAPES), CITYSCAPES) == ()
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,7 @@ CHANGE_COLUMNS = {
 
 SUMMARY_COLUMNS = {
     "predictions": "which predictions the row scores",
-    "mIoU": "mean IoU over the classes present (the usual headline metric)",
+    "mIoU": "mean IoU over the classes present, or those of --eval-classes (the usual headline metric)",
     "mAcc": "mean class accuracy: every class counts the same, however rare",
     "IoU std": "population standard deviation of the per-class IoU: lower is more even",
     "Acc std": "population standard deviation of the per-class accuracy",

@@ -22,10 +22,12 @@ def evaluation_classes(
 ) -> tuple[int, ...]:
     """Class ids for `spec`: () for None or "all" (every class), those of "synthia16" /
     "synthia13" (which need the 19 Cityscapes classes), or of names ("road,car" or a list)."""
-    if spec is None or spec == "all":
+    keyword = spec.strip().lower() if isinstance(spec, str) else None
+    if spec is None or keyword == "all":
         return ()
     names = [str(name) for name in class_names]
-    if isinstance(spec, str) and spec in SUBSETS:
+    if keyword in SUBSETS:
+        spec = keyword
         from blda_tools.datasets.synthia import (  # imports torch: only when asked for
             CITYSCAPES_CLASSES,
             SYNTHIA_13_CLASSES,
@@ -49,6 +51,8 @@ def evaluation_classes(
         )
     if len(set(wanted)) != len(wanted):
         raise BLDAError(f"{OPTION}: a class is named twice in {spec!r}")
+    if len(wanted) == len(names):  # every class: the same as "all"
+        return ()
     return tuple(sorted(names.index(name) for name in wanted))
 
 
