@@ -287,6 +287,10 @@ def test_load_refuses_other_files(tmp_path):
             lambda f: f.attrs.__setitem__("label_source", "pseudo-ish"),
             "label_source is 'pseudo-ish'",
         ),
+        (lambda f: f.attrs.__setitem__("num_classes", "abc"), "bad header field"),
+        (lambda f: f.attrs.__setitem__("stores", 7), "bad header field"),
+        (lambda f: f.attrs.__setitem__("num_ignored", -5), "num_ignored is -5"),
+        (lambda f: f.attrs.__setitem__("class_names", ["a", "a", "c"]), "names a class twice"),
     ],
 )
 def test_load_names_the_file_of_a_hand_edited_statistics_file(tmp_path, edit, message):

@@ -104,12 +104,18 @@ def read_statistics(path: str | os.PathLike) -> tuple[StatisticsHeader, dict[str
             )
         except KeyError as error:
             raise BLDAError(f"{path}: statistics file is missing {error}") from None
+        except (ValueError, TypeError) as error:  # an attribute of the wrong type
+            raise BLDAError(f"{path}: statistics file has a bad header field ({error})") from None
+        if header.num_ignored < 0:
+            raise BLDAError(f"{path}: num_ignored is {header.num_ignored}, not a count")
         arrays = {name: _read_array(file, name, header.array_shape(name), path) for name in ARRAYS}
     for name in ("histogram", "count", "confusion", "clipped"):  # counts of pixels
         values = arrays[name]
-        if not (np.isfinite(values).all() and (values >= 0).all()):
+        whole = values.dtype.kind in "iu" or bool((values == np.floor(values)).all())
+        if not (np.isfinite(values).all() and (values >= 0).all() and whole):
             raise BLDAError(
-                f"{path}: dataset '{name}' holds values that are not counts (< 0 or NaN)"
+                f"{path}: dataset '{name}' holds values that are not counts (< 0, NaN or "
+                "fractional)"
             )
     return header, arrays
 
@@ -131,7 +137,10 @@ def _class_names(names, path) -> tuple[str, ...] | None:
         or not all(isinstance(name, str | bytes) for name in names)
     ):
         raise BLDAError(f"{path}: class_names is not a list of class names")
-    return tuple(_optional_text(name) for name in names)
+    names = tuple(_optional_text(name) for name in names)
+    if len(set(names)) != len(names):
+        raise BLDAError(f"{path}: class_names names a class twice")
+    return names
 
 
 def _label_source(value, path) -> str | None:
@@ -158,4 +167,8 @@ def _optional_text(value) -> str | None:
 
 
 def _optional_texts(values) -> tuple[str, ...] | None:
-    return None if values is None else tuple(_optional_text(value) for value in values)
+    if values is None:
+        return None
+    if isinstance(values, str | bytes) or not hasattr(values, "__iter__"):
+        raise TypeError(f"expected a list of texts, got {values!r}")
+    return tuple(_optional_text(value) for value in values)
