@@ -219,6 +219,30 @@ def test_a_failed_evaluation_keeps_the_training_so_far_and_resume_ends_as_a_whol
     for key, value in one["state_dict"].items():
         assert torch.equal(value, two["state_dict"][key]), key
     assert resumed["last_scores"] == whole["last_scores"]
+    # The evaluation that failed is run first on resume: the logs and best.pth agree too.
+    evaluations = [
+        (r["iteration"], r["mIoU"]) for r in read_log(tmp_path / "split") if r["kind"] == "eval"
+    ]
+    assert evaluations == [
+        (r["iteration"], r["mIoU"]) for r in read_log(tmp_path / "whole") if r["kind"] == "eval"
+    ]
+    assert [i for i, _ in evaluations] == [4, 8]
+    best = [torch.load(p / "checkpoints" / "best.pth", weights_only=True) for p in
+            (tmp_path / "whole", tmp_path / "split")]  # fmt: skip
+    assert best[0]["meta"]["iteration"] == best[1]["meta"]["iteration"]
+    assert "evaluation_pending" not in _state(tmp_path / "split")["meta"]
+
+
+def test_a_failed_final_evaluation_is_run_on_resume(tmp_path):
+    config = small_config("run.iterations=4", "evaluation.interval=0")
+    broken = components()
+    broken.val = UnreadableVal(3, shift=40, seed=2)
+    with pytest.raises(BLDAError, match="the evaluation at iteration 4 failed"):
+        run_training(config, tmp_path, broken)
+    resumed = run_training(config, tmp_path, components(), resume=True)
+    assert resumed["iteration"] == 4 and resumed["last_scores"] is not None
+    assert [r["iteration"] for r in read_log(tmp_path) if r["kind"] == "eval"] == [4]
+    assert "evaluation_pending" not in _state(tmp_path)["meta"]  # rewritten after it ran
 
 
 class UnreadableSource(BandsDataset):

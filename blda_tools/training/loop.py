@@ -454,8 +454,9 @@ class Trainer:
         if self.scaler is not None and checkpoint["scaler"]:
             self.scaler.load_state_dict(checkpoint["scaler"])
         load_loss_state(self.loss, checkpoint["loss"])
-        self.iteration = int(checkpoint["meta"]["iteration"])
-        self.best_miou = checkpoint["meta"]["best_miou"]
+        meta = checkpoint["meta"]
+        self.iteration, self.best_miou = int(meta["iteration"]), meta["best_miou"]
+        self.evaluation_pending = bool(meta.get("evaluation_pending", False))  # run_loop's
 
     def micro_batch_loader(self) -> DataLoader:
         """Micro-batches from the current iteration to the end of the run, in order."""

@@ -51,6 +51,11 @@ def run_loop(trainer: Trainer, *, stop_at: int | None, rng_state: dict | None) -
     # The iteration `checkpoints/latest.pth` holds (a resumed run starts from it).
     saved = trainer.iteration if checkpoint_path(run_dir).exists() else None
     try:
+        if getattr(trainer, "evaluation_pending", False):  # it failed where the run stopped
+            written = _evaluate_and_checkpoint(trainer, log, view, stop)
+            trainer.evaluation_pending = False
+            if is_main and not written:  # so that a later --resume does not evaluate again
+                save_checkpoint(checkpoint_path(run_dir), trainer.checkpoint())
         while trainer.iteration < stop:
             for name, value in trainer.iterate(micro_batches).items():
                 interval_losses[name] = interval_losses.get(name, 0.0) + value
@@ -127,7 +132,9 @@ def _training_kept(trainer: Trainer, error: BLDAError) -> BLDAError:
     if trainer.rank != 0:
         return error
     path = checkpoint_path(trainer.run_dir)
-    save_checkpoint(path, trainer.checkpoint())
+    state = trainer.checkpoint()
+    state["meta"]["evaluation_pending"] = True  # --resume evaluates first (`run_loop`)
+    save_checkpoint(path, state)
     return BLDAError(
         f"{error}; the evaluation at iteration {trainer.iteration} failed, the training so far "
         f"is kept in {path}: fix the cause and continue with the same train command and --resume"
