@@ -97,7 +97,9 @@ class CalibrateOptions:
     anchor_from: Paths | None = None
     anchor: str = "global"
     select_on: Paths | None = None
-    metric: str = "miou"
+    # What the choice of tau maximises: "miou" (also when None) or "macc"; given with a
+    # single tau, where nothing is chosen, it is refused.
+    metric: str | None = None
     # The classes mIoU / mAcc average over: "all", "synthia16", "synthia13" or class names.
     eval_classes: str | Sequence[str] | None = "all"
     estimator: str = "gmm"
@@ -110,6 +112,10 @@ class CalibrateOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", as_grid(self.grid))  # (low, high, bins) accepted
+
+    @property
+    def selection_metric(self) -> str:
+        return self.metric or "miou"
 
 
 def calibration_passes(stores: Paths, options: CalibrateOptions) -> int:
@@ -205,7 +211,7 @@ def _choose_tau(calibrator, inputs: CalibrationInputs, options, warnings, progre
     if held_out is not None:
         sweep = sweep_stores(calibrator, held_out, taus, progress, classes=inputs.averaged)
         results = sweep.compute()
-        best = select_tau(results, options.metric, taus)
+        best = select_tau(results, options.selection_metric, taus)
         how = "held-out stores (--select-on)"
         if _overlap(held_out.paths, evaluated.paths):
             warnings.append(
@@ -213,21 +219,21 @@ def _choose_tau(calibrator, inputs: CalibrationInputs, options, warnings, progre
                 "evaluated stores): the reported metrics are optimistic."
             )
             how = "--select-on stores, also evaluated (optimistic)"  # not held out
-        prior = select_tau(results, options.metric, taus, method="prior")
-        return _selection(best, how, options.metric, held_out, prior), None
+        prior = select_tau(results, options.selection_metric, taus, method="prior")
+        return _selection(best, how, options.selection_metric, held_out, prior), None
     if len(taus) == 1:
         given = {"tau": taus[0], "how": "given (--tau with one value)", "metric": None}
         return {**given, "prior_tau": taus[0]}, None
     sweep = sweep_stores(calibrator, evaluated, taus, progress, classes=inputs.averaged)
     results = sweep.compute()
-    best = select_tau(results, options.metric, taus)
-    prior = select_tau(results, options.metric, taus, method="prior")
+    best = select_tau(results, options.selection_metric, taus)
+    prior = select_tau(results, options.selection_metric, taus, method="prior")
     warnings.append(
         "TAU IS SELECTED ON THE EVALUATED STORES THEMSELVES (no --select-on): the reported "
         "metrics at the chosen tau are optimistic."
     )
     how = "evaluated stores (optimistic)"
-    return _selection(best, how, options.metric, evaluated, prior), sweep
+    return _selection(best, how, options.selection_metric, evaluated, prior), sweep
 
 
 def _selection(best, how, metric, store, prior) -> dict:

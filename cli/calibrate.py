@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from blda_cli.diagnose import eval_classes_option, parse_grid
-from blda_cli.option_rules import given, option_text, refuse_together
+from blda_cli.option_rules import given, refuse_together
 from blda_cli.progress import console, progress_bar
 from blda_tools.errors import BLDAError
 
@@ -138,7 +138,7 @@ def calibrate_command(ctx, stores, out_dir, tau_spec, apply_path, **options):
         anchor_from=list(options["anchor_from"]) or None,
         anchor=options["anchor"],
         select_on=list(options["select_on"]) or None,
-        metric=options["metric"],
+        metric=options["metric"] if given(ctx, "metric") else None,  # refused with one tau
         eval_classes=options["eval_classes"],
         estimator=options["estimator"],
         n_components=options["components"],
@@ -195,15 +195,6 @@ def _check_options(ctx) -> None:
             f"--components and --estimator {ctx.params['estimator']}: components are those of "
             "a Gaussian mixture (--estimator gmm)"
         )
-    if given(ctx, "tau_spec") and given(ctx, "metric") and not given(ctx, "apply_path"):
-        from blda_tools.calibration.sweep import parse_tau_spec
-
-        if len(parse_tau_spec(ctx.params["tau_spec"])) == 1:  # --select-on: the library's
-            raise BLDAError(
-                f"{option_text(ctx, 'metric')} and --tau {ctx.params['tau_spec']}: one tau "
-                "leaves nothing to choose; give several values (0:1:0.1) or leave "
-                f"{option_text(ctx, 'metric')} out"
-            )
 
 
 def _apply(apply_path, stores, out_dir, tau_spec) -> None:

@@ -294,6 +294,20 @@ def test_the_exported_module_keeps_working_after_a_model_output_with_gradients(s
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [  # the library refuses what the CLI does, before any pass
+        (dict(metric="macc", taus=[0.2]), r"--metric macc and --tau \[0.2\]: one tau leaves"),
+        (dict(metric="iou"), "--metric: expected one of miou, macc, got 'iou'"),
+    ],
+)
+def test_a_metric_with_nothing_to_choose_or_unknown_is_refused(stores, tmp_path, options, message):
+    from blda_tools.calibration.inputs import open_inputs
+
+    with pytest.raises(BLDAError, match=message):
+        open_inputs(stores["eval"], CalibrateOptions(**options))
+
+
 def test_apply_with_a_tau_of_its_own_predicts_at_that_tau(stores, tmp_path):
     # --apply --tau 0.3 was refused ("expected a number, got '0.3'") for every value.
     options = CalibrateOptions(
