@@ -288,6 +288,7 @@ def test_load_refuses_other_files(tmp_path):
             "label_source is 'pseudo-ish'",
         ),
         (lambda f: f.attrs.__setitem__("num_classes", "abc"), "bad header field"),
+        (lambda f: f.attrs.__setitem__("grid_low", 1e9), "grid_low / grid_high / grid_bins: "),
         (lambda f: f.attrs.__setitem__("stores", 7), "bad header field"),
         (lambda f: f.attrs.__setitem__("num_ignored", -5), "num_ignored is -5"),
         (lambda f: f.attrs.__setitem__("class_names", ["a", "a", "c"]), "names a class twice"),

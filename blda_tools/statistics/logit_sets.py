@@ -304,7 +304,9 @@ class LogitSetStatistics:
                 class_names=header.class_names,
             )
         except BLDAError as error:  # a header the constructor refuses: name the file
-            raise BLDAError(f"{path}: {error}") from None
+            # and the header's fields, not the --grid option the user did not give
+            message = str(error).replace("--grid: ", "grid_low / grid_high / grid_bins: ", 1)
+            raise BLDAError(f"{path}: {message}") from None
         statistics.num_ignored = header.num_ignored
         statistics.label_source, statistics.stores = header.label_source, header.stores
         for name in ARRAYS:
