@@ -17,7 +17,7 @@ from cityscapesscripts.helpers.labels import id2label
 from fixtures_datasets import random_image, write_gray, write_rgb
 from PIL import Image
 
-from blda_tools.datasets import SegmentationSample
+from blda_tools.datasets import SegmentationSample, build_dataset
 from blda_tools.diagnose import diagnose
 from blda_tools.inference.dump import (
     CorruptImageWarning,
@@ -264,6 +264,28 @@ def test_default_streams_share_the_cpu_threads():
         assert default_streams(torch.device("cpu")) == (1, 1)
     finally:
         torch.set_num_threads(previous)
+
+
+def test_more_workers_than_cpus_is_said_once_and_than_images_not_started(tmp_path, monkeypatch):
+    # torch warned twice, after the progress bar; 8 workers were started for 2 images.
+    import warnings
+
+    from blda_tools.inference import loader
+
+    monkeypatch.setattr(loader.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert loader.cpu_warning(8, 6) == (
+        "warning: --workers 8 (6 started, one per image): more decoding processes than the 2 "
+        "CPUs here; they compete with the model for them"
+    )
+    assert loader.cpu_warning(2, 10) is None and loader.cpu_warning(8, 2) is None
+    make_cityscapes(tmp_path / "data", count=3, size=(9, 11))
+    data = build_dataset("cityscapes", tmp_path / "data", "val")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = loader.start_loader(data, [0, 1, 2], workers=8, batch_size=1)
+        assert batches._num_workers == 3
+        assert len(list(batches)) == 3
+    assert not [w for w in caught if "DataLoader will create" in str(w.message)]
 
 
 def test_labels_sent_from_workers_as_uint8_only_when_they_fit():

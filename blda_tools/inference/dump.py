@@ -55,6 +55,7 @@ from blda_tools.inference.dump_files import (
     shard_path,
 )
 from blda_tools.inference.loader import (
+    cpu_warning,
     decode,
     reissue,
     runs_of_equal_size,
@@ -437,6 +438,7 @@ def prepare_dump(
         keep_freed_memory()
     pending = [index for index in planned if data.names[index] not in stored]
     notices = protocol_notices(protocol, inference, data, pending[0] if pending else None)
+    notices += [line for line in [cpu_warning(workers, len(pending))] if line]
     # Workers fork before the model exists: pages this process writes after a fork are
     # copied (copy-on-write) while the workers live, and the model's weights and
     # activations would be, image after image.

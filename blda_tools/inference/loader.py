@@ -103,14 +103,32 @@ def start_loader(dataset, pending: list[int], workers: int, batch_size: int) -> 
     warnings)` decoded by that many processes, which start now; without, lists of dataset indices that
     the inference streams decode themselves (a thread beside them would take CPU time from
     them)."""
+    workers = min(workers, len(pending))  # more processes than images only cost start-up
     if workers == 0:
         return (pending[start : start + batch_size] for start in range(0, len(pending), batch_size))
-    loader = DataLoader(
-        _DecodedItems(dataset, pending),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_as_list,
-        worker_init_fn=functools.partial(_start_worker, os.getpid()),
-        prefetch_factor=4,
+    with warnings.catch_warnings():
+        # torch's advice on workers beyond the CPU count, twice and after the progress bar;
+        # the dump says it once, up front (`cpu_warning`)
+        warnings.filterwarnings("ignore", "This DataLoader will create", UserWarning)
+        loader = DataLoader(
+            _DecodedItems(dataset, pending),
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=_as_list,
+            worker_init_fn=functools.partial(_start_worker, os.getpid()),
+            prefetch_factor=4,
+        )
+        return iter(loader)  # iter() starts the workers now
+
+
+def cpu_warning(workers: int, pending: int) -> str | None:
+    """A warning line when the decoding processes outnumber the CPUs this process may use."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    used = min(workers, pending)
+    if not cpus or used <= cpus:
+        return None
+    fewer = f" ({used} started, one per image)" if used < workers else ""
+    return (
+        f"warning: --workers {workers}{fewer}: more decoding processes than the {cpus} CPUs "
+        "here; they compete with the model for them"
     )
-    return iter(loader)  # iter() starts the workers now
