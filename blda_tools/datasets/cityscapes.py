@@ -18,11 +18,10 @@ from blda_tools.datasets.base import (
     SegmentationDataset,
     identity_lookup,
     map_ids,
-    pair_labels,
     read_id_image,
-    require_dir,
     train_id_lookup,
 )
+from blda_tools.datasets.listing import pair_labels, require_dir
 from blda_tools.errors import BLDAError
 
 IMAGE_SUFFIX = "_leftImg8bit.png"

@@ -15,10 +15,9 @@ from blda_tools.datasets.base import (
     SegmentationSample,
     array_to_tensor,
     default_palette,
-    read_names_option,
     read_rgb_array,
-    require_dir,
 )
+from blda_tools.datasets.listing import read_names_option, require_dir
 from blda_tools.errors import BLDAError
 
 

@@ -15,12 +15,10 @@ from blda_tools.datasets.base import (
     default_palette,
     identity_lookup,
     map_ids,
-    paired_listing,
     read_id_image,
-    read_names_option,
-    require_dir,
 )
 from blda_tools.datasets.cityscapes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
+from blda_tools.datasets.listing import paired_listing, read_names_option, require_dir
 
 
 class FolderDataset(SegmentationDataset):

@@ -15,18 +15,16 @@ import torch
 from PIL import Image
 
 from blda_tools.datasets.base import (
-    DAFORMER_CONVERTED,
     SegmentationDataset,
     map_ids,
-    paired_listing,
     read_id_image,
-    require_dir,
 )
 from blda_tools.datasets.cityscapes import (
     CITYSCAPES_CLASSES,
     CITYSCAPES_PALETTE,
     cityscapes_id_lookup,
 )
+from blda_tools.datasets.listing import DAFORMER_CONVERTED, paired_listing, require_dir
 from blda_tools.errors import BLDAError
 
 SIZE_MISMATCH_POLICIES = ("resize-image", "skip", "error")

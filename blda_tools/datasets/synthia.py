@@ -18,16 +18,14 @@ import torch
 from PIL import Image
 
 from blda_tools.datasets.base import (
-    DAFORMER_CONVERTED,
     CorruptSampleError,
     SegmentationDataset,
     map_ids,
-    paired_listing,
     read_id_image,
-    require_dir,
     train_id_lookup,
 )
 from blda_tools.datasets.cityscapes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
+from blda_tools.datasets.listing import DAFORMER_CONVERTED, paired_listing, require_dir
 
 # SYNTHIA class id -> Cityscapes train id, from the dataset's README; every other id -> 255.
 SYNTHIA_TO_TRAIN_ID = {
