@@ -42,7 +42,7 @@ from blda_tools.fileio import atomic_output, json_ready, none_to_nan, write_json
 from blda_tools.gmm import mixture_pdf
 from blda_tools.outputs import output_set
 from blda_tools.statistics import LogitGrid, LogitSetStatistics, as_grid
-from blda_tools.statistics.evaluation_classes import describe
+from blda_tools.statistics.evaluation_classes import averaging_note
 from blda_tools.statistics.grid import check_histograms_fit
 from blda_tools.statistics.metrics import SegmentationMetrics, js_divergence
 
@@ -171,9 +171,7 @@ def _calibrate(inputs: CalibrationInputs, out_dir: Path, options, progress) -> C
     if evaluation is not None:
         if inputs.averaged:  # only where there are metrics to average
             result.eval_classes = [result.classes[c] for c in inputs.averaged]
-            result.notes.append(
-                f"mIoU and mAcc average over {describe(inputs.averaged, result.classes)}."
-            )
+            result.notes.append(averaging_note(inputs.averaged, result.classes))
         _add_metrics(result, evaluation)
     for statistics, what in ((fit_statistics, "fitting"), (anchor_statistics, "anchor")):
         note = statistics.outside_grid_note()

@@ -36,7 +36,7 @@ from blda_tools.statistics import (
     metrics,
     resolve_label_source,
 )
-from blda_tools.statistics.evaluation_classes import describe, evaluation_classes
+from blda_tools.statistics.evaluation_classes import averaging_note, evaluation_classes
 from blda_tools.store import LogitStore
 
 PLOT_FILES = {
@@ -250,7 +250,7 @@ def _add_label_metrics(diagnosis: Diagnosis, confusion, bias_estimated, averaged
     scores = metrics.SegmentationMetrics.from_confusion(confusion, averaged)
     if averaged:
         diagnosis.eval_classes = [names[c] for c in averaged]
-        notes.append(f"mIoU and mAcc average over {describe(averaged, names)}.")
+        notes.append(averaging_note(averaged, names))
     bias = metrics.bias_from_confusion(confusion)  # Eq. 4
     groups = metrics.prediction_groups(  # Table 18, with the balanced classes apart
         bias, scores.iou, scores.acc, tolerance=diagnosis.balanced_tolerance

@@ -19,7 +19,7 @@ import h5py
 
 from blda_tools.calibration.alignment import anchor_class
 from blda_tools.calibration.calibrator import Calibrator
-from blda_tools.calibration.sweep import METRICS, parse_tau_spec
+from blda_tools.calibration.sweep import check_metric, parse_tau_spec
 from blda_tools.errors import BLDAError, check_same_classes
 from blda_tools.statistics import LogitGrid, LogitSetStatistics, collect_statistics
 from blda_tools.statistics.evaluation_classes import evaluation_classes
@@ -231,13 +231,13 @@ def open_inputs(stores: Paths, options) -> CalibrationInputs:
     anchors = None
     if options.anchor_from:
         anchors = statistics_source(options.anchor_from, "--anchor-from", names, grid, None)
-    if options.metric is not None and options.metric not in METRICS:
-        raise BLDAError(f"--metric: expected one of {', '.join(METRICS)}, got {options.metric!r}")
-    if options.metric is not None and len(taus) == 1:
-        raise BLDAError(
-            f"--metric {options.metric} and --tau {options.taus}: one tau leaves nothing to "
-            "choose; give several values (0:1:0.1) or leave --metric out"
-        )
+    if options.metric is not None:
+        check_metric(options.metric)
+        if len(taus) == 1:
+            raise BLDAError(
+                f"--metric {options.metric} and --tau {options.taus}: one tau leaves nothing to "
+                "choose; give several values (0:1:0.1) or leave --metric out"
+            )
     held_out = open_held_out(options.select_on, names) if options.select_on else None
     labelled = evaluated.has_labelled_pixel()
     if held_out is None and len(taus) > 1 and not labelled:

@@ -202,13 +202,19 @@ def sweep_stores(
     return sweep
 
 
+def check_metric(metric: str) -> str:
+    """`metric` if it is one of `METRICS`, else BLDAError naming --metric."""
+    if metric not in METRICS:
+        raise BLDAError(f"--metric: expected one of {', '.join(METRICS)}, got {metric!r}")
+    return metric
+
+
 def select_tau(
     rows: Sequence[SweepRow], metric: str, taus: Sequence[float], method: str = "blda"
 ) -> SweepRow:
     """The `method` row ("blda" or "prior") among `taus` with the best `metric` ("miou" or
     "macc"); ties go to the smallest tau (the least adjustment)."""
-    if metric not in METRICS:
-        raise BLDAError(f"--metric: expected one of {METRICS}, got {metric!r}")
+    check_metric(metric)
     wanted = {float(tau) for tau in taus}
     candidates = [row for row in rows if row.method == method and row.tau in wanted]
     scored = [row for row in candidates if not math.isnan(getattr(row.metrics, metric))]

@@ -56,10 +56,11 @@ def evaluation_classes(
     return tuple(sorted(names.index(name) for name in wanted))
 
 
-def describe(classes: Sequence[int], class_names: Sequence[str]) -> str:
-    """ "all 19 classes" or "16 of 19 classes (no terrain, truck, train)", for reports."""
-    total = len(class_names)
-    if not classes or len(classes) == total:
-        return f"all {total} classes"
-    left_out = [str(class_names[c]) for c in range(total) if c not in set(classes)]
-    return f"{len(classes)} of {total} classes (no {', '.join(left_out)})"
+def averaging_note(classes: Sequence[int], class_names: Sequence[str]) -> str:
+    """The report's note on a subset: "mIoU and mAcc average over 16 of 19 classes (no
+    terrain, truck, train)." (`classes` as `evaluation_classes` gives them, not empty)."""
+    left_out = [str(name) for c, name in enumerate(class_names) if c not in set(classes)]
+    return (
+        f"mIoU and mAcc average over {len(classes)} of {len(class_names)} classes "
+        f"(no {', '.join(left_out)})."
+    )
