@@ -111,6 +111,12 @@ def test_all_corrupt_or_float16_overflow_fail_without_leaving_a_store(tmp_path, 
     assert not (tmp_path / "h.h5").exists() and not (tmp_path / "h.h5.partial").exists()
     summary = dump(*arguments, inference=WHOLE, workers=0, dtype="float32")
     assert summary.images_written == 2
+    # a re-run that reads no image fails and keeps the store of the run before it
+    with pytest.warns(CorruptImageWarning), pytest.raises(BLDAError, match="no image could be"):
+        dump(huge, tmp_path / "data", tmp_path / "h.h5", workers=0, dtype="float32")
+    with LogitStore(tmp_path / "h.h5") as store:
+        assert len(store.images) == 2
+    assert not (tmp_path / "h.h5.partial").exists()
 
 
 def test_wrong_checkpoint_and_plugin_errors(tmp_path, plugin):

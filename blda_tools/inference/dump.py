@@ -209,6 +209,14 @@ class DumpJob:
                         self._store(in_flight.popleft(), writer, summary, progress)
                 while in_flight:
                     self._store(in_flight.popleft(), writer, summary, progress)
+                if summary.images_written + self.already_stored == 0:
+                    # Raised before the writer completes: an empty store would replace the
+                    # store of an earlier run, and would only fail later, in every reader.
+                    first = f"; the first: {summary.corrupt[0]}" if summary.corrupt else ""
+                    raise BLDAError(
+                        f"{self.out}: no image could be read ({len(summary.corrupt)} corrupt"
+                        f"{first})"
+                    )
         except BaseException as error:
             stopped = self._stopped(error, writer)
             if stopped is error:
@@ -216,12 +224,6 @@ class DumpJob:
             raise stopped from (None if isinstance(error, KeyboardInterrupt) else error)
         summary.seconds = time.perf_counter() - started
         summary.images_in_store, summary.rows_in_store = writer.num_images, writer.num_rows
-        if summary.images_written + self.already_stored == 0:
-            self.out.unlink()  # an empty store would only fail later, in every reader
-            first = f"; the first: {summary.corrupt[0]}" if summary.corrupt else ""
-            raise BLDAError(
-                f"{self.out}: no image could be read ({len(summary.corrupt)} corrupt{first})"
-            )
         record_file(self.out, COMMAND)
         if self.rank == 0 and self.requested_out is not None:
             remove_other_layouts(self.requested_out, self.world_size)
