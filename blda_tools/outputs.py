@@ -54,6 +54,11 @@ def read_manifest(directory: Path) -> dict[str, list[str]]:
     """Sets recorded in `directory` (set name -> relative file names); empty when none."""
     path = directory / MANIFEST
     if not path.is_file():
+        if path.exists() or path.is_symlink():  # found now, not when the run's work is done
+            raise BLDAError(
+                f"{path}: expected blda's record of the files it wrote here (a file); it is "
+                "not a regular file: remove it"
+            )
         return {}
     try:
         content = json.loads(path.read_text(encoding="utf-8"))

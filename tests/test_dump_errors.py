@@ -119,6 +119,14 @@ def test_all_corrupt_or_float16_overflow_fail_without_leaving_a_store(tmp_path, 
     assert not (tmp_path / "h.h5.partial").exists()
 
 
+def test_a_record_that_is_not_a_file_stops_the_dump_before_any_image(tmp_path, plugin):
+    make_cityscapes(tmp_path / "data", count=1)
+    (tmp_path / "out" / ".blda-outputs.json").mkdir(parents=True)
+    with pytest.raises(BLDAError, match=r"\.blda-outputs\.json: .*not a regular file"):
+        dump(plugin, tmp_path / "data", tmp_path / "out" / "o.h5", inference=WHOLE, workers=0)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".blda-outputs.json"]
+
+
 def test_wrong_checkpoint_and_plugin_errors(tmp_path, plugin):
     make_cityscapes(tmp_path / "data", count=1)
     torch.save(create_model("tiny", 7).state_dict(), tmp_path / "seven.pth")

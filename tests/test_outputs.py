@@ -383,3 +383,14 @@ def test_a_second_train_in_a_running_run_directory_is_refused(tmp_path, monkeypa
     monkeypatch.setattr(runner, "_train", original_train)
     with pytest.raises(BLDAError, match="already holds a run"):  # no longer "running"
         runner.run_training(config, run_dir, components())
+
+
+def test_a_record_that_is_not_a_file_is_refused_before_any_work(inputs, tmp_path):
+    # Found only when the run recorded its files, it left them unrecorded (refused by every
+    # re-run as not blda's).
+    out = tmp_path / "out"
+    (out / ".blda-outputs.json").mkdir(parents=True)
+    result = run("diagnose", inputs["store"], "--out", out, "--grid", GRID, "--no-plots")
+    expect_one_line_error(result, str(out / ".blda-outputs.json"), "not a regular file")
+    assert sorted(p.name for p in out.iterdir()) == [".blda-outputs.json"]
+    assert "diagnose:" not in result.output  # refused before the statistics pass
