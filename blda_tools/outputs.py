@@ -340,10 +340,22 @@ def checked_output_path(path: str | os.PathLike, what: str) -> Path:
     return Path(path)
 
 
+def checked_output_file(path: str | os.PathLike, what: str) -> Path:
+    """`checked_output_path` of a file to write: `path` must end in a file name (not
+    "dir/", ".", "..", "/"), which `Path` would drop or keep as a folder."""
+    checked = checked_output_path(path, what)
+    if os.path.basename(os.fspath(path)) in ("", ".", ".."):
+        raise BLDAError(
+            f"{what}: {os.fspath(path)!r} names a folder; expected the name of the file to "
+            "write, as in DIR/NAME"
+        )
+    return checked
+
+
 @contextlib.contextmanager
 def output_file(path: str | os.PathLike, command: str) -> Iterator[Path]:
     """A single output file as a set of one: yields where to write it."""
-    path = checked_output_path(path, "out")
+    path = checked_output_file(path, "out")
     if _is_dir(path):
         raise BLDAError(f"{path}: is a directory; expected the name of the file to write")
     with output_set(path.parent, command, [path.name], key=path.name) as outputs:
@@ -352,7 +364,7 @@ def output_file(path: str | os.PathLike, command: str) -> Iterator[Path]:
 
 def claim_file(path: str | os.PathLike, command: str) -> None:
     """Before writing `path` outside an `output_set` (a resumable store), check it may be."""
-    path = checked_output_path(path, "out")
+    path = checked_output_file(path, "out")
     if _is_dir(path):
         raise BLDAError(f"{path}: is a directory; expected the name of the file to write")
     directory = path.parent if str(path.parent) else Path(".")

@@ -267,7 +267,8 @@ def _num(value) -> str:
 
 @click.command("export")
 @click.argument("calibrator_path", type=PATH)
-@click.option("--out", "out_path", required=True, type=PATH, help="Output FILE.pt.")
+# A string, not a Path: "dir/" must reach the library as given (a Path drops the slash).
+@click.option("--out", "out_path", required=True, type=click.Path(), help="Output FILE.pt.")
 @click.option(
     "--model",
     "model_path",

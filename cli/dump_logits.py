@@ -97,7 +97,7 @@ class SizeParam(click.ParamType):
 @click.option(
     "--out",
     required=True,
-    type=click.Path(path_type=Path),
+    type=click.Path(),  # a string: "dir/" reaches the library as given (a Path drops the "/")
     help="The logit store to write (.h5). Under torchrun rank r writes "
     "<stem>.rank<r>-of-<W>.h5; pass all shards to later commands.",
 )

@@ -19,6 +19,7 @@ from test_dump import (
 from test_pixel_sampling import round_robin_quota
 
 from blda_cli.dump_logits import dump_logits_command
+from blda_cli.main import _register_commands, cli
 from blda_tools.errors import BLDAError
 from blda_tools.inference.dump import (
     CorruptImageWarning,
@@ -246,3 +247,25 @@ def test_warnings_are_one_line_each_from_workers_too_and_when_the_dump_fails(
     assert result.exit_code != 0
     warned = [line for line in result.output.splitlines() if line.startswith("warning: skipped")]
     assert len(warned) == 4, result.output
+
+
+@pytest.mark.parametrize(
+    ("out", "expected"),
+    [(".", "names a folder"), ("./", "names a folder"), ("/", "names a folder"),
+     ("new/", "names a folder"), ("sub/..", "names a folder"),
+     ("o.h5.partial", "may not end in .partial")],
+)  # fmt: skip
+def test_an_out_that_names_no_store_file_is_refused_in_one_line(tmp_path, plugin, out, expected):
+    # "." and "/" raised a ValueError from pathlib; "new/" wrote a store named "new"; a store
+    # named *.partial was written and then refused by every reader as unfinished.
+    make_cityscapes(tmp_path / "data", count=1)
+    arguments = ["dump-logits", "--model", plugin, "--dataset", "cityscapes", "--data-root",
+                 tmp_path / "data",
+                 "--mode", "whole", "--workers", "0", "--out", out]  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        _register_commands()
+        result = CliRunner().invoke(cli, [str(a) for a in arguments])
+    assert result.exit_code == 2 and expected in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "plugins"]

@@ -33,6 +33,7 @@ import torch
 from blda_tools import __version__
 from blda_tools.errors import BLDAError, Interrupted
 from blda_tools.fileio import (
+    PARTIAL_SUFFIX,
     created_directories,
     partial_path,
     remove_empty_directories,
@@ -75,7 +76,7 @@ from blda_tools.inference.streams import stream_executor, stream_layout
 from blda_tools.inference.tasks import check_task
 from blda_tools.inference.upsample import upsample_to_float16_rows
 from blda_tools.models import load_model
-from blda_tools.outputs import checked_output_path, record_file
+from blda_tools.outputs import checked_output_file, record_file
 from blda_tools.runtime.process import keep_freed_memory, torch_threads
 from blda_tools.store import LogitWriter, PreparedImage
 from blda_tools.store.schema import FLOAT16_MAX
@@ -419,7 +420,12 @@ def prepare_dump(
     """
     rank, world_size = shard_of(rank, world_size)
     check_counts(max_images=max_images, workers=workers, batch_size=batch_size, streams=streams)
-    requested_out = checked_output_path(out, "out")
+    requested_out = checked_output_file(out, "out")
+    if requested_out.name.endswith(PARTIAL_SUFFIX):  # readers would take it as unfinished
+        raise BLDAError(
+            f"out: {requested_out}: a store's name may not end in {PARTIAL_SUFFIX}, the "
+            "suffix of unfinished stores"
+        )
     protocol, inference, task = check_model(model_spec, checkpoint, random_weights, inference)
     check_archive_options(model_spec, weights, trust_checkpoint)
     data = open_dataset(dataset, data_root, split, dataset_options)
