@@ -137,6 +137,12 @@ class HRDASegmentor(Segmentor):
         the crop), detail logits (1/os of the box), context decoder features, detail decoder
         features, deepest context encoder features)`."""
         top, left, height, width = box
+        if min(images.shape[2:]) < 8:  # the context at 0.5 would be empty (a torch error)
+            raise BLDAError(
+                f"model {getattr(self, 'arch', 'hrda')}: window {tuple(images.shape[2:])}; HRDA "
+                "needs window sides divisible by 8 (choose the resize and window to suit: "
+                "dump-logits --resize / --crop, train evaluation.resize / evaluation.crop_size)"
+            )
         head = self.decode_head
         context = F.interpolate(
             images, scale_factor=CONTEXT_SCALE, mode="bilinear", align_corners=False
@@ -192,6 +198,12 @@ class HRDASegmentor(Segmentor):
                 f"model {getattr(self, 'arch', 'hrda')}: in train mode HRDA predicts a crop "
                 "with one detail box (`forward_train`, what `blda train` calls); use eval mode "
                 "for the multi-resolution prediction of a window (inference, evaluation)"
+            )
+        if min(images.shape[2:]) < 8:  # the context at 0.5 would be empty (a torch error)
+            raise BLDAError(
+                f"model {getattr(self, 'arch', 'hrda')}: window {tuple(images.shape[2:])}; HRDA "
+                "needs window sides divisible by 8 (choose the resize and window to suit: "
+                "dump-logits --resize / --crop, train evaluation.resize / evaluation.crop_size)"
             )
         head = self.decode_head
         context = F.interpolate(
