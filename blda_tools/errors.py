@@ -34,6 +34,27 @@ def check_number(value, name: str, *, integer: bool = False, optional: bool = Fa
         raise BLDAError(f"{name}: expected {expected}, got {value!r}")
 
 
+# The largest count an option takes: stored as int64 attributes and passed to C (islice,
+# HDF5), a larger integer raised OverflowError or ValueError part-way through the dump.
+LARGEST_COUNT = 2**31 - 1
+
+
+def check_counts(**values) -> None:
+    """Each option given as a keyword (`max_images` for --max-images) is None or an integer
+    from 1 (0 for `workers`) to `LARGEST_COUNT`."""
+    for option, value in values.items():
+        minimum = 0 if option == "workers" else 1  # streams: None (default) or >= 1
+        if value is not None and (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or not minimum <= value <= LARGEST_COUNT
+        ):
+            raise BLDAError(
+                f"--{option.replace('_', '-')}: expected an integer from {minimum} to "
+                f"{LARGEST_COUNT}, got {value!r}"
+            )
+
+
 def class_difference(expected: Sequence[str], found: Sequence[str], names=("expected", "found")):
     """Only what differs between two class lists, in one phrase (None when they are equal):
     the names missing on either side, or else the positions where the order differs."""

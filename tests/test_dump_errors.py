@@ -269,3 +269,19 @@ def test_an_out_that_names_no_store_file_is_refused_in_one_line(tmp_path, plugin
     assert result.exit_code == 2 and expected in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "plugins"]
+
+
+@pytest.mark.parametrize(
+    "option", ["--stride", "--pixels-per-image", "--batch-size", "--max-images"]
+)
+def test_counts_beyond_what_c_takes_are_refused_in_one_line(tmp_path, plugin, option):
+    # --stride 2**63 raised OverflowError when the store was committed; --batch-size 10**20 a
+    # ValueError from islice
+    make_cityscapes(tmp_path / "data", count=1)
+    arguments = ["dump-logits", "--model", plugin, "--dataset", "cityscapes", "--data-root",
+                 tmp_path / "data", "--workers", "0", option, 2**63, "--out", tmp_path / "o.h5"]  # fmt: skip
+    _register_commands()
+    result = CliRunner().invoke(cli, [str(a) for a in arguments])
+    assert result.exit_code == 2, result.output
+    assert f"{option}: expected an integer from 1 to 2147483647" in result.output
+    assert not (tmp_path / "o.h5").exists()

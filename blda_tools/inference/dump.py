@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from blda_tools import __version__
-from blda_tools.errors import BLDAError, Interrupted
+from blda_tools.errors import BLDAError, Interrupted, check_counts
 from blda_tools.fileio import (
     PARTIAL_SUFFIX,
     created_directories,
@@ -41,7 +41,6 @@ from blda_tools.fileio import (
 )
 from blda_tools.inference.dump_checks import (
     check_archive_options,
-    check_counts,
     check_model,
     check_sampling,
     open_dataset,

@@ -82,13 +82,3 @@ def check_weights(model_spec: str, checkpoint, random_weights: bool) -> None:
             f"--model {model_spec}: no --checkpoint, so the model would run on random weights; "
             "pass --checkpoint FILE, or --random-weights to do that on purpose"
         )
-
-
-def check_counts(**values) -> None:
-    """Each option given as a keyword is None or an integer >= 1 (>= 0 for `workers`)."""
-    for option, value in values.items():
-        minimum = 0 if option == "workers" else 1  # streams: None (default) or >= 1
-        if value is not None and (not isinstance(value, int) or value < minimum):
-            raise BLDAError(
-                f"--{option.replace('_', '-')}: expected an integer >= {minimum}, got {value!r}"
-            )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from blda_tools.errors import BLDAError
+from blda_tools.errors import BLDAError, check_counts
 
 # Seeds whose image generators' 64-bit seeds (`image_generator`) torch accepts.
 SEED_RANGE = (-(2**31), 2**32 - 1)
@@ -31,9 +31,7 @@ class PixelSampling:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for option, value in (("stride", self.stride), ("pixels-per-image", self.pixels_per_image)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise BLDAError(f"--{option}: expected a positive integer, got {value!r}")
+        check_counts(stride=self.stride, pixels_per_image=self.pixels_per_image)
         # the seed of an image's generator is (seed << 32) + crc32(name), a 64-bit seed
         if not isinstance(self.seed, int) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise BLDAError(
