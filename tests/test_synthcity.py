@@ -215,6 +215,7 @@ def test_split_counts_maps_images_to_three_splits():
     "options, message",
     [
         ({"images": 0}, "--images"),
+        ({"images": 10**20}, "--images: expected an integer from 1 to 2147483647"),
         ({"size": (16, 64)}, "--size"),
         ({"seed": -1}, "--seed"),
         ({"val_fraction": 1.0}, "--val-fraction"),

@@ -48,7 +48,7 @@ from blda_tools.datasets.synthcity.scenes import (
     SceneLayout,
     draw_layout,
 )
-from blda_tools.errors import BLDAError
+from blda_tools.errors import BLDAError, check_counts
 from blda_tools.fileio import atomic_output
 from blda_tools.outputs import checked_output_path, output_set, read_manifest, record_set
 from blda_tools.runtime.process import worker_processes
@@ -86,8 +86,7 @@ class SynthCityInfo:
 
 def split_counts(images: int, val_fraction: float) -> dict[str, int]:
     """How `images` maps to the three splits: N source, N target split into train and val."""
-    if not isinstance(images, int) or isinstance(images, bool) or images < 1:
-        raise BLDAError(f"--images: expected a positive whole number, got {images!r}")
+    check_counts(images=images)  # at most 2**31 - 1: numpy takes no larger count
     if not 0.0 <= val_fraction < 1.0:
         raise BLDAError(f"--val-fraction: expected a number in [0, 1), got {val_fraction!r}")
     val = int(round(images * val_fraction))
