@@ -197,6 +197,38 @@ class UnreadableVal(BandsDataset):
         return super().__getitem__(index)
 
 
+def _damaged(state: dict, part: str) -> dict:
+    if part == "weights":  # as a checkpoint of another architecture is
+        state["state_dict"] = dict(list(state["state_dict"].items())[3:])
+    elif part == "optimizer":  # as another loss's parameter groups are
+        state["optimizer"]["param_groups"] = state["optimizer"]["param_groups"][:1]
+    elif part == "iteration text":
+        state["meta"]["iteration"] = "x"
+    elif part == "rng":
+        state["rng"] = {}
+    elif part == "iteration beyond":
+        state["meta"]["iteration"] = 100
+    return state
+
+
+@pytest.mark.parametrize(
+    "part", ["weights", "optimizer", "iteration text", "rng", "iteration beyond"]
+)
+def test_resuming_from_a_checkpoint_that_does_not_fit_fails_in_one_line(tmp_path, part):
+    # Each raised from torch's or Python's loaders (RuntimeError, ValueError, KeyError) with a
+    # traceback; an iteration beyond the run "finished" at once (helper's probe).
+    config = small_config("run.iterations=4", "evaluation.interval=0")
+    run_training(config, tmp_path, components(), stop_at=2)
+    latest = tmp_path / "checkpoints" / "latest.pth"
+    torch.save(_damaged(_state(tmp_path), part), latest)
+    with pytest.raises(BLDAError) as caught:
+        run_training(config, tmp_path, components(), resume=True)
+    message = str(caught.value)
+    assert message.startswith(f"{latest}: ") and "\n" not in message, message
+    expected = "outside this run's 0 to 4" if part == "iteration beyond" else "does not fit"
+    assert expected in message, message
+
+
 def test_a_failed_evaluation_keeps_the_training_so_far_and_resume_ends_as_a_whole_run(tmp_path):
     # Evaluation and the first checkpoint are due at the same iteration, as in the paper
     # configs; the run was removed as one that failed before its first checkpoint.

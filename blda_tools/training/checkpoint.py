@@ -84,3 +84,43 @@ def load_training_checkpoint(path: str | Path) -> dict:
             f"{path}: not a blda training checkpoint (missing {', '.join(sorted(missing))})"
         )
     return checkpoint
+
+
+# What parts of a checkpoint that do not fit the run raise in `load_state_dict`, the
+# optimiser's and scheduler's loaders and the generators' setters.
+_MISFIT = (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError)
+
+
+def resume_into(trainer, path: str | Path, iterations: int) -> dict:
+    """Load the training checkpoint `path` into `trainer` (`Trainer.load`); returns its RNG
+    state, checked here and restored later (`run_loop`). A checkpoint of another run (another
+    architecture, loss or optimiser) or one damaged inside gets one line naming it, not the
+    loaders' exceptions."""
+    checkpoint = load_training_checkpoint(path)
+    try:
+        trainer.load(checkpoint)
+        _check_rng_state(checkpoint["rng"])
+    except _MISFIT as error:
+        lines = str(error).strip().splitlines()
+        cause = lines[0][:300] if lines else type(error).__name__
+        raise BLDAError(
+            f"{path}: does not fit this run ({cause}); it was written by another configuration "
+            "or is damaged: resume with the run it belongs to, or train into a new --work-dir"
+        ) from None
+    if not 0 <= trainer.iteration <= iterations:
+        raise BLDAError(
+            f"{path}: records iteration {trainer.iteration}, outside this run's 0 to "
+            f"{iterations} (run.iterations): not this run's checkpoint, or damaged"
+        )
+    return checkpoint["rng"]
+
+
+def _check_rng_state(state: dict) -> None:
+    """Raise as `restore_rng_state` would, without touching the global generators."""
+    version, python_state, gauss = state["python"]
+    random.Random().setstate((version, tuple(python_state), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.RandomState().set_state(
+        (name, keys.numpy().astype(np.uint32), position, has_gauss, cached)
+    )
+    torch.Generator().set_state(state["torch"])

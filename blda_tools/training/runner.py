@@ -38,7 +38,7 @@ from blda_tools.outputs import (
     read_manifest,
     record_set,
 )
-from blda_tools.training.checkpoint import load_training_checkpoint
+from blda_tools.training.checkpoint import resume_into
 from blda_tools.training.config import (
     TrainingConfig,
     check_class_ids,
@@ -310,9 +310,7 @@ def _train(config, run_dir, components, device, resume, stop_at, rank, world_siz
     check_evaluation(lambda: trainer.evaluate(probe=True), device)
     rng_state = None
     if resume:
-        checkpoint = load_training_checkpoint(checkpoint_path(run_dir))
-        trainer.load(checkpoint)
-        rng_state = checkpoint["rng"]
+        rng_state = resume_into(trainer, checkpoint_path(run_dir), config.run.iterations)
         if rank == 0:
             logger.info(
                 f"resuming from iteration {trainer.iteration} of {config.run.iterations} "
