@@ -35,6 +35,9 @@ def test_a_record_cut_short_at_the_end_is_dropped_and_resume_rewrites_the_log(tm
         ('{"kind": "train", "iteration": 1}\n{"kind": "tr\n', r"log.jsonl:2: not a JSON line"),
         ("[1, 2]\n", r"log.jsonl:1: expected a record"),
         ('{"kind": "train", "iteration": "x"}\n', r"log.jsonl:1: expected a record"),
+        # without an iteration plot-log raised KeyError
+        ('{"kind": "train", "losses": {"source": 1.0}}\n', r"log.jsonl:1: expected a record"),
+        ('{"kind": "eval", "iteration": true}\n', r"log.jsonl:1: expected a record"),
     ],
 )
 def test_lines_that_are_not_records_are_named(tmp_path, text, message):

@@ -62,7 +62,8 @@ def read_log(path: str | Path) -> list[dict]:
             if torn and number == len(lines):
                 break
             raise BLDAError(f"{path}:{number}: not a JSON line") from None
-        if not isinstance(record, dict) or not isinstance(record.get("iteration", 0), int):
+        iteration = record.get("iteration") if isinstance(record, dict) else None
+        if isinstance(iteration, bool) or not isinstance(iteration, int):  # every record has one
             raise BLDAError(
                 f'{path}:{number}: expected a record {{"kind": ..., "iteration": N, ...}}, '
                 f"got {line[:60]}"
