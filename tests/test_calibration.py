@@ -289,11 +289,23 @@ def test_tau_spec_parser(spec, expected):
         ("0:1:-0.1", "step must be > 0"),
         ("1:0:0.1", "below START"),
         ("nan", "expected a number, got nan"),
+        # an infinite range or count raised OverflowError from math.floor
+        ("0:inf:1", "at most 10000"),
+        ("0:1e308:1e-308", "at most 10000"),
+        ("0:10000:1e-305", "more than 1000 values"),
+        ("0:1:inf", "step must be > 0 and finite"),
+        ("0:1:nan", "step must be > 0 and finite"),
     ],
 )
 def test_tau_spec_errors(spec, message):
     with pytest.raises(BLDAError, match=f"--tau.*{message}"):
         parse_tau_spec(spec)
+
+
+def test_a_negative_zero_tau_is_zero():
+    # -0.0 was written as such into sweep.csv, the chosen tau and the exported module
+    taus = parse_tau_spec("-0") + parse_tau_spec("-0:0:1")
+    assert [math.copysign(1.0, tau) for tau in taus] == [1.0, 1.0]
 
 
 def test_fit_errors_are_clear():

@@ -475,4 +475,4 @@ def check_tau(tau: float, option: str = "--tau") -> float:
             f"{option}: expected a tau of at most {MAX_TAU:g} (the paper's lie in [0, 1]; larger "
             f"ones take Eq. 7's float32 arithmetic out of its range), got {tau!r}"
         )
-    return value
+    return value + 0.0  # -0.0 as 0.0 (it was written as -0.0 into sweep.csv and the files)

@@ -49,11 +49,19 @@ def parse_tau_spec(spec: str) -> list[float]:
             if len(parts) != 3:
                 raise ValueError
             start, stop, step = (float(part) for part in parts)
-            if not step > 0:
-                raise BLDAError(f"--tau: step must be > 0 in START:STOP:STEP, got {spec!r}")
+            start, stop = check_tau(start), check_tau(stop)  # finite, within range
+            if not 0 < step < math.inf:
+                raise BLDAError(
+                    f"--tau: step must be > 0 and finite in START:STOP:STEP, got {spec!r}"
+                )
             if stop < start:
                 raise BLDAError(f"--tau: STOP is below START in {spec!r}")
-            count = math.floor((stop - start) / step + 1e-9) + 1
+            steps = (stop - start) / step  # may overflow to inf for a tiny step
+            if not steps < MAX_TAUS:
+                raise BLDAError(
+                    f"--tau: {spec!r} gives more than {MAX_TAUS} values, at most {MAX_TAUS}"
+                )
+            count = math.floor(steps + 1e-9) + 1
             if count > MAX_TAUS:
                 raise BLDAError(f"--tau: {spec!r} gives {count} values, at most {MAX_TAUS}")
             # Rounded so that 0:1:0.1 gives 0.3, not 0.30000000000000004.
