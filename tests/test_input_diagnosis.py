@@ -205,6 +205,9 @@ def test_names_of_the_fixture_classes():
         (dict(anchor="class:bus"), "--anchor: unknown class 'bus'"),
         (dict(eps=0.7), "--eps: expected 0 < eps < 0.5"),
         (dict(taus="0:1:-1"), "--tau: step must be > 0"),
+        # float() made True a tau of 1.0
+        (dict(taus=[True, 0.5]), "taus: expected a number, got True"),
+        (dict(taus=[]), "taus: 0 values; expected 1 to 1000"),
     ],
 )
 def test_calibrate_options_are_checked_before_any_pass(

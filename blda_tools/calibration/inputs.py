@@ -18,8 +18,8 @@ from pathlib import Path
 import h5py
 
 from blda_tools.calibration.alignment import anchor_class
-from blda_tools.calibration.calibrator import Calibrator
-from blda_tools.calibration.sweep import check_metric, parse_tau_spec
+from blda_tools.calibration.calibrator import Calibrator, check_tau
+from blda_tools.calibration.sweep import MAX_TAUS, check_metric, parse_tau_spec
 from blda_tools.errors import BLDAError, check_same_classes
 from blda_tools.statistics import LogitGrid, LogitSetStatistics, collect_statistics
 from blda_tools.statistics.evaluation_classes import evaluation_classes
@@ -260,8 +260,12 @@ def _taus(spec) -> list[float]:
     if isinstance(spec, int | float):
         return parse_tau_spec(str(spec))
     try:
-        return parse_tau_spec(",".join(str(float(tau)) for tau in spec))
-    except (TypeError, ValueError):
+        values = list(spec)
+    except TypeError:
         raise BLDAError(
             f"taus: expected a spec (0:1:0.1) or a sequence of numbers, got {spec!r}"
         ) from None
+    if not values or len(values) > MAX_TAUS:
+        raise BLDAError(f"taus: {len(values)} values; expected 1 to {MAX_TAUS}")
+    # each checked as a number: float() made True a tau of 1.0 and "0.5" a tau
+    return sorted({check_tau(tau, "taus") for tau in values})
