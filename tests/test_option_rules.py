@@ -173,6 +173,9 @@ def test_grids_and_foreign_files_are_named_as_the_user_wrote_them(inputs, tmp_pa
     refused([*base, "--grid=1:0:10"], "--grid: expected finite LOW < HIGH")
     refused(["diagnose", inputs["store"], "--out", tmp_path / "d", "--grid=-1:1:0"],
             "--grid: BINS must be a positive integer")  # fmt: skip
+    # beyond float32 the grid's widths were infinite: zero estimates and a matplotlib traceback
+    refused(["diagnose", inputs["store"], "--out", tmp_path / "d", "--grid=-1e308:1e308:10"],
+            "--grid: expected HIGH - LOW of at most 3.403e+38")  # fmt: skip
     (tmp_path / "p" / "trainIds" / "city").mkdir(parents=True)
     (tmp_path / "p" / "trainIds" / "city" / "image0.png").write_bytes(b"mine")
     refused(["calibrate", "--apply", inputs["calibrator"], inputs["store"], "--out", tmp_path / "p"],

@@ -11,6 +11,9 @@ from blda_tools.errors import BLDAError, check_number
 from blda_tools.runtime.memory import check_fits_in_memory
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 @dataclass(frozen=True)
 class LogitGrid:
     """A uniform grid of `bins` bins on ``[low, high]`` shared by every cell's histogram.
@@ -32,6 +35,13 @@ class LogitGrid:
         if not (math.isfinite(self.low) and math.isfinite(self.high) and self.high > self.low):
             raise BLDAError(
                 f"--grid: expected finite LOW < HIGH, got low={self.low}, high={self.high}"
+            )
+        # Logits are float32: a wider grid has infinite widths and centres in the statistics
+        # and the plots (-1e308:1e308 gave all-zero estimates and a matplotlib traceback).
+        if not self.high - self.low <= _FLOAT32_MAX:
+            raise BLDAError(
+                f"--grid: expected HIGH - LOW of at most {_FLOAT32_MAX:.4g} (the float32 range "
+                f"of logits), got low={self.low}, high={self.high}"
             )
         check_number(self.bins, "--grid: BINS", integer=True)
         if self.bins < 1:
