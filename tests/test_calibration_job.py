@@ -429,3 +429,32 @@ def test_fitting_on_ground_truth_that_is_all_ignored_names_the_store(tmp_path):
     assert not any("nan" in note for note in result.notes), result.notes
     assert result.js["rows"] == "pseudo-labels (uncalibrated argmax)"
     assert all(math.isfinite(value) for value in result.js["positive_before"])
+
+
+def test_each_store_is_scored_with_its_own_ignore_index(stores, tmp_path):
+    # The sweep took the calibrator's ignore index (255, of the fit-on store): a held-out store
+    # marking ignored pixels with 7 failed part-way with "labels: values outside [0, 3)".
+    from sklearn.metrics import confusion_matrix
+
+    from blda_tools.calibration.sweep import sweep_stores
+
+    generator = np.random.default_rng(5)
+    labels = generator.integers(0, 3, 600)
+    labels[:150] = 7
+    logits = generator.standard_normal((600, 3)).astype(np.float32)
+    held_out = tmp_path / "held_out.h5"
+    with LogitWriter(held_out, NAMES, ignore_index=7) as writer:
+        writer.add(logits, labels, name="x")
+    options = CalibrateOptions(taus="0,1", select_on=held_out, min_samples=20,
+                               grid=LogitGrid(-20, 20, 400), plots=False)  # fmt: skip
+    calibrate(stores["eval"], tmp_path / "out", options)
+    selection = json.loads((tmp_path / "out" / "calibration.json").read_text())["selection"]
+    assert selection["how"] == "held-out stores (--select-on)"
+    calibrator = Calibrator.load(tmp_path / "out" / "calibrator.pt")
+    assert calibrator.ignore_index == 255
+    with LogitStore(held_out) as store:
+        sweep = sweep_stores(calibrator, store, [1.0])
+    # at tau 0 the sweep counts the uncalibrated argmax of the 450 pixels not marked 7
+    kept = labels != 7
+    expected = confusion_matrix(labels[kept], logits[kept].argmax(1), labels=[0, 1, 2])
+    assert sweep.confusion["blda"][0].view(3, 3).tolist() == expected.tolist()

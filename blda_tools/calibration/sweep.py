@@ -100,13 +100,16 @@ class TauSweep:
         taus: Sequence[float],
         block: int = SWEEP_BLOCK,
         classes: Sequence[int] = (),
+        ignore_index: int | None = None,
     ):
-        """`classes`: those the metrics' means run over (`evaluation_classes`; all if empty)."""
+        """`classes`: those the metrics' means run over (`evaluation_classes`; all if empty);
+        `ignore_index`: of the labels to come (default the calibrator's, that of the labels
+        it was fitted on)."""
         taus = sorted({check_tau(tau) for tau in taus} | {0.0})  # tau = 0: the uncalibrated model
         self.calibrator, self.taus, self.block = calibrator, taus, int(block)
         self.classes = tuple(classes)
         self.num_classes = calibrator.num_classes
-        self.ignore_index = calibrator.ignore_index
+        self.ignore_index = calibrator.ignore_index if ignore_index is None else ignore_index
         C, T = self.num_classes, len(taus)
         self.confusion = {method: torch.zeros(T, C * C, dtype=torch.int64) for method in METHODS}
         with np.errstate(divide="ignore"):  # a class never seen: log 0 = -inf, as intended
@@ -202,7 +205,9 @@ def sweep_stores(
             "mIoU and mAcc, and this store has none"
         )
     calibrator.check_classes(store.class_names, ", ".join(map(str, store.paths)))
-    sweep = TauSweep(calibrator, taus, classes=classes)
+    # The store's own ignore index: its labels may mark ignored pixels otherwise than those
+    # the calibrator was fitted on.
+    sweep = TauSweep(calibrator, taus, classes=classes, ignore_index=store.ignore_index)
     for chunk in store.iter_chunks(rows=rows_per_chunk, reuse_buffers=True):
         sweep.update(chunk.logits, chunk.labels)
         if progress is not None:

@@ -10,7 +10,6 @@ import numpy as np
 from blda_tools.errors import BLDAError, check_number
 from blda_tools.runtime.memory import check_fits_in_memory
 
-
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
