@@ -128,6 +128,11 @@ def test_calibrate_reuses_a_diagnose_statistics_file(stores, tmp_path, monkeypat
     assert torch.equal(first["offsets"], second["offsets"])
     assert from_file.js == from_store.js
     assert from_file.fit["fit_on_stores"] == [str(stores["fit"])]
+    # listed twice (also by another name), its counts were added twice and changed the fit
+    twice = CalibrateOptions(taus="0.5", fit_on=[saved, tmp_path / "d" / ".." / "d" / saved.name],
+                             fit_labels="gt", **FIT)  # fmt: skip
+    with pytest.raises(BLDAError, match="--fit-on: a statistics file is listed twice"):
+        calibrate(stores["eval"], tmp_path / "c", twice)
 
 
 def test_a_statistics_file_that_does_not_fit_is_refused(stores, tmp_path):

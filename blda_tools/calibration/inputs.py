@@ -108,6 +108,8 @@ def statistics_source(
         raise BLDAError(
             f"{option}: give logit stores or statistics files (statistics.h5), not both"
         )
+    if len({Path(path).resolve() for path in paths}) != len(paths):  # as for store shards
+        raise BLDAError(f"{option}: a statistics file is listed twice in {[str(p) for p in paths]}")
     saved = None
     for path in paths:
         statistics = LogitSetStatistics.load(path)
