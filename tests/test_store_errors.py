@@ -117,6 +117,12 @@ def test_reader_rejects_unusable_files(tmp_path):
     truncated = small_store(tmp_path / "truncated.h5")
     os.truncate(truncated, os.path.getsize(truncated) // 2)
     expect_open_error(truncated, "truncated.h5", "truncated or damaged")
+    # A damaged global heap (where HDF5 keeps the string attributes): its OSError named no file
+    heap = small_store(tmp_path / "heap.h5")
+    content = heap.read_bytes()
+    assert content.count(b"GCOL") >= 1
+    heap.write_bytes(content.replace(b"GCOL", b"XXXX"))
+    expect_open_error(heap, "heap.h5", "the file is damaged")
     with LogitWriter(tmp_path / "empty.h5", CLASSES) as writer:
         writer.add(np.zeros((0, 3), np.float32), np.zeros(0, np.int64), name="nothing")
     expect_open_error(tmp_path / "empty.h5", "empty.h5", "empty (zero rows)")

@@ -70,6 +70,12 @@ def _open_shard(path: Path) -> _Shard:
         ) from None
     try:
         shard = _checked_shard(path, file)
+    except OSError as error:  # HDF5's read of a damaged header or index names no file
+        file.close()
+        raise BLDAError(
+            f"{path}: cannot read the store's attributes or image index, the file is damaged "
+            f"({error})"
+        ) from None
     except BaseException:
         file.close()
         raise
