@@ -326,6 +326,12 @@ def test_fit_errors_are_clear():
     calibrator = Calibrator("empirical", min_samples=1).fit(statistics)
     with pytest.raises(BLDAError, match="NaN"):
         calibrator.predict(torch.tensor([[math.nan, 0.0]]))
+    # finite, but their difference overflows float32: the scores were NaN (inf - inf)
+    huge = torch.tensor([[2e38, -2e38]])
+    for method in (calibrator.predict, calibrator.log_scores):
+        with pytest.raises(BLDAError, match=r"values up to 2e\+38 .* within \+-1.7e\+38"):
+            method(huge)
+    assert not calibrator.log_scores(torch.tensor([[1.7e38, -1.7e38]]), tau=0.2).isnan().any()
     with pytest.raises(BLDAError, match=r"expected shape \(n, 2\) or \(B, 2, H, W\)"):
         calibrator.predict(torch.zeros(4, 3))
     with pytest.raises(BLDAError, match="logits: expected a floating-point array, got int64"):

@@ -58,7 +58,7 @@ from blda_tools.calibration.eq7.pruning import (
 from blda_tools.errors import BLDAError, check_number, check_same_classes
 from blda_tools.fileio import save_torch
 from blda_tools.gmm import GaussianMixture1D
-from blda_tools.runtime.arrays import check_float32_range, logit_rows
+from blda_tools.runtime.arrays import check_eq7_logits, check_float32_range, logit_rows
 from blda_tools.runtime.memory import check_fits_in_memory
 from blda_tools.statistics import LogitSetStatistics
 from blda_tools.torch_files import load_torch
@@ -316,7 +316,8 @@ class Calibrator:
         return self._certify_tables
 
     def _check_logits(self, logits) -> tuple[Tensor, tuple[int, ...] | None]:
-        """(float32 contiguous rows (n, C), the maps' (B, H, W) or None): see `logit_rows`."""
+        """(float32 contiguous rows (n, C), the maps' (B, H, W) or None): see `logit_rows`;
+        finite values within +-1.7e38 (`check_eq7_logits`), else BLDAError."""
         names = self._require_fitted()
         # Post-hoc: a model's output may carry a grad_fn; no gradient flows through Eq. 7 here.
         # The tables and the certificate live on the CPU: a GPU model's output is copied there
@@ -325,9 +326,7 @@ class Calibrator:
         rows, pixels = logit_rows(torch.as_tensor(given).cpu(), len(names))
         check_float32_range(rows)
         rows = rows.to(torch.float32).contiguous()
-        # min and max propagate NaN and show infinities: one cheap pass instead of isfinite.
-        if rows.numel() and not all(map(math.isfinite, map(float, torch.aminmax(rows)))):
-            raise BLDAError("logits: contain NaN or infinite values")
+        check_eq7_logits(rows)
         return rows, pixels
 
     # ------------------------------------------------------------------ persistence

@@ -27,7 +27,7 @@ from blda_tools.calibration.eq7.certify import prediction_dtype
 from blda_tools.calibration.eq7.pruning import thread_pool
 from blda_tools.calibration.sweep_counts import count_sweep
 from blda_tools.errors import BLDAError
-from blda_tools.runtime.arrays import check_float32_range
+from blda_tools.runtime.arrays import check_eq7_logits, check_float32_range
 from blda_tools.runtime.process import torch_threads
 from blda_tools.statistics.metrics import SegmentationMetrics
 
@@ -132,9 +132,7 @@ class TauSweep:
         threads = torch.get_num_threads() if threads is None else int(threads)
         check_float32_range(logits)
         logits = logits.to(torch.float32).contiguous()
-        # min and max propagate NaN and show infinities (the certificates need finite values)
-        if not all(map(math.isfinite, map(float, torch.aminmax(logits)))):
-            raise BLDAError("logits: contain NaN or infinite values")
+        check_eq7_logits(logits)  # the certificates need finite values
         cells = np.zeros((2, T, C, C), dtype=np.int64)
         with torch_threads(1) if threads > 1 else contextlib.nullcontext():
             self._count_blocks(logits, labels, threads, cells)

@@ -7,6 +7,7 @@ second of import time.
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -51,6 +52,26 @@ def check_float32_range(values, name: str = "logits") -> None:
         raise BLDAError(
             f"{name}: finite values up to {largest:.3g} lie beyond the float32 range "
             f"(+-{FLOAT32_MAX:.3g}) they are computed in"
+        )
+
+
+# Eq. 7 takes differences of logits in float32 (f[l] - f[c]): beyond half the float32 range
+# they overflow, and inf - inf made NaN scores from finite logits.
+LARGEST_LOGIT = FLOAT32_MAX / 2
+
+
+def check_eq7_logits(rows) -> None:
+    """BLDAError unless every value of the float32 tensor `rows` is finite and within
+    +-`LARGEST_LOGIT`: one `aminmax` pass (min and max propagate NaN and show infinities)."""
+    if rows.numel() == 0:
+        return
+    low, high = (float(value) for value in loaded_torch().aminmax(rows))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise BLDAError("logits: contain NaN or infinite values")
+    if max(-low, high) > LARGEST_LOGIT:
+        raise BLDAError(
+            f"logits: values up to {max(-low, high):.3g} in magnitude; Eq. 7 takes their "
+            f"differences in float32 and needs them within +-{LARGEST_LOGIT:.3g}"
         )
 
 
