@@ -27,7 +27,7 @@ from blda_tools.calibration.apply import apply_calibrator
 from blda_tools.calibration.calibrator import Calibrator
 from blda_tools.diagnose import diagnose
 from blda_tools.errors import BLDAError
-from blda_tools.statistics import LogitGrid
+from blda_tools.statistics import LogitGrid, LogitSetStatistics
 from blda_tools.store import LogitStore, LogitWriter
 
 NAMES = ["road", "car", "bike"]
@@ -458,3 +458,26 @@ def test_each_store_is_scored_with_its_own_ignore_index(stores, tmp_path):
     kept = labels != 7
     expected = confusion_matrix(labels[kept], logits[kept].argmax(1), labels=[0, 1, 2])
     assert sweep.confusion["blda"][0].view(3, 3).tolist() == expected.tolist()
+
+
+def test_apply_beyond_255_classes_writes_a_prediction_store(tmp_path):
+    # An 8-bit train-id PNG cannot hold class 280: the run failed at its first PNG, after the
+    # work (helper's probe with a 300-class store).
+    names = [f"class{c}" for c in range(300)]
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(300, 8, 8, generator=generator)
+    logits[280, :4] += 10.0
+    store = tmp_path / "wide.h5"
+    with LogitWriter(store, names, ignore_index=-1) as writer:
+        writer.add(logits, logits.argmax(0), name="city/wide")
+    statistics = LogitSetStatistics(300, LogitGrid(-20, 20, 20), -1, class_names=names)
+    rows = logits.permute(1, 2, 0).reshape(-1, 300)
+    statistics.update(rows, rows.argmax(1))
+    Calibrator("empirical", min_samples=1, table_points=16).fit(statistics).save(tmp_path / "c.pt")
+    result = apply_calibrator(tmp_path / "c.pt", store, tmp_path / "pred")
+    assert result.files == ["predictions.h5"]
+    with h5py.File(result.prediction_store, "r") as file:
+        prediction = file["prediction"][()]
+    expected = Calibrator.load(tmp_path / "c.pt").predict(rows).numpy()
+    assert np.array_equal(prediction, expected) and (expected == 280).any()
+    assert not (tmp_path / "pred" / "trainIds").exists()

@@ -57,7 +57,8 @@ def apply_calibrator(
 ) -> ApplyResult:
     """Write Eq. 7 predictions of `stores` with a saved calibrator.
 
-    When every image of the stores is a map: `DIR/trainIds/<name>.png` (8-bit train ids,
+    When every image of the stores is a map and the classes fit 8-bit train ids (at most
+    255: 255 is the ignore index): `DIR/trainIds/<name>.png` (8-bit train ids,
     Cityscapes style, ignore 255 never predicted) and `DIR/color/<name>.png`, at the full label
     size (a map stored with stride s is upsampled by repeating each prediction s x s times).
     Otherwise one prediction store `DIR/predictions.h5`: attributes `format` =
@@ -77,9 +78,16 @@ def apply_calibrator(
     return result
 
 
+def writes_pngs(store: LogitStore) -> bool:
+    """Whether `--apply` writes PNG pairs for `store` (every image a map, and at most 255
+    classes: an 8-bit PNG holds train ids 0 to 254 and the ignore index 255), else one
+    prediction store (which was only found when the first PNG was written)."""
+    return store.num_classes <= 255 and all(record.kind == "map" for record in store.images)
+
+
 def output_names(store: LogitStore) -> list[str]:
-    """The files `--apply` writes for `store`: PNG pairs when every image is a map."""
-    if not all(record.kind == "map" for record in store.images):
+    """The files `--apply` writes for `store` (`writes_pngs`)."""
+    if not writes_pngs(store):
         return [PREDICTION_STORE]
     return [f"{folder}/{name}.png" for name in png_names(store) for folder in ("trainIds", "color")]
 
@@ -107,7 +115,7 @@ def _apply(calibrator, calibrator_path, store, out_dir: Path, tau, progress) -> 
     threads = torch.get_num_threads()
     predict = functools.partial(calibrator.predict, tau=tau, threads=threads)
     with torch_threads(1) if threads > 1 else contextlib.nullcontext():
-        if all(record.kind == "map" for record in store.images):
+        if writes_pngs(store):
             files = _write_prediction_pngs(calibrator, predict, store, out_dir, progress)
             return ApplyResult(tau, store.num_rows, len(store.images), files, None)
         path = _write_prediction_store(
