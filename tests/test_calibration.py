@@ -418,3 +418,23 @@ def test_a_calibrator_refuses_bad_tau_other_anchors_and_damaged_files(tmp_path):
         with pytest.raises(BLDAError, match=message) as raised:
             Calibrator.load(tmp_path / f"{name}.pt")
         assert str(raised.value).startswith(f"{tmp_path / name}.pt: "), raised.value  # the file
+
+
+def test_calibrator_follows_the_scikit_learn_parameter_protocol():
+    from sklearn.base import clone
+
+    calibrator = Calibrator("empirical", eps=0.05, min_samples=7, tau=0.5)
+    assert repr(calibrator) == "Calibrator(estimator='empirical', eps=0.05, min_samples=7, tau=0.5)"
+    copy = clone(calibrator)  # scikit-learn's own check of get_params and the constructor
+    assert copy is not calibrator and copy.get_params() == calibrator.get_params()
+    assert copy.set_params(table_points=32, tau=1.0) is copy and copy.table_points == 32
+    with pytest.raises(BLDAError, match="set_params: unknown parameter"):
+        copy.set_params(n_component=3)
+    with pytest.raises(BLDAError, match="--eps: expected 0 < eps < 0.5"):
+        copy.set_params(eps=5)
+    # assigned after the constructor: refused when fitting (it was saved, and `load` refused it)
+    statistics = LogitSetStatistics(2, LogitGrid(-5, 5, 50), class_names=["road", "car"])
+    statistics.update(torch.randn(200, 2), torch.randint(0, 2, (200,)))
+    calibrator.eps = 5
+    with pytest.raises(BLDAError, match="--eps: expected 0 < eps < 0.5, got 5"):
+        calibrator.fit(statistics)

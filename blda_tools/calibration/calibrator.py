@@ -55,6 +55,7 @@ from blda_tools.calibration.eq7.pruning import (
     predict_pruned,
     predict_taus,  # noqa: F401
 )
+from blda_tools.calibration.parameters import DEFAULTS, checked_parameters
 from blda_tools.errors import BLDAError, check_number, check_same_classes
 from blda_tools.fileio import save_torch
 from blda_tools.gmm import GaussianMixture1D
@@ -68,7 +69,6 @@ from blda_tools.torch_files import load_torch
 
 FORMAT_NAME = "blda-calibrator"
 FORMAT_VERSION = 1
-ESTIMATORS = ("gmm", "empirical")
 
 
 class Calibrator:
@@ -95,34 +95,42 @@ class Calibrator:
         anchor: str = "global",
         tau: float = 1.0,
     ) -> None:
-        if estimator not in ESTIMATORS:
-            raise BLDAError(f"--estimator: expected one of {ESTIMATORS}, got {estimator!r}")
-        for option, value, integer in (("--components", n_components, True), ("--eps", eps, False),
-                                       ("--min-samples", min_samples, True),
-                                       ("--table-points", table_points, True)):  # fmt: skip
-            check_number(value, option, integer=integer)
-        if int(n_components) != n_components or n_components < 1:
-            raise BLDAError(f"--components: expected a positive integer, got {n_components}")
-        if not 0 < eps < 0.5:
-            raise BLDAError(f"--eps: expected 0 < eps < 0.5, got {eps}")
-        fewest = n_components if estimator == "gmm" else 1  # a mixture needs K samples
-        if int(min_samples) != min_samples or min_samples < 1:
-            raise BLDAError(f"--min-samples: expected a positive integer, got {min_samples}")
-        if min_samples < fewest:  # either option may be the one to change
-            raise BLDAError(
-                f"--components {n_components} and --min-samples {min_samples}: a mixture of "
-                f"{n_components} components needs cells of at least as many logits; give "
-                f"--min-samples >= {n_components} or fewer --components"
-            )
-        if int(table_points) != table_points or table_points < 16:
-            raise BLDAError(f"--table-points: expected an integer >= 16, got {table_points}")
-        self.estimator, self.n_components, self.eps = estimator, int(n_components), float(eps)
-        self.min_samples, self.table_points = int(min_samples), int(table_points)
-        self.anchor, self.tau = anchor, tau
+        parameters = checked_parameters(
+            estimator, n_components, eps, min_samples, table_points, anchor
+        )
+        for name, value in parameters.items():
+            setattr(self, name, value)
+        self.tau = tau
         self.class_names: tuple[str, ...] | None = None
         self.ignore_index = 255
         self.cell_mixture_: dict[str, Tensor] | None = None
         self.anchor_mixtures_: dict[str, dict[str, Tensor]] = {}
+
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor's parameters and their values (scikit-learn's convention)."""
+        return {name: getattr(self, name) for name in DEFAULTS}
+
+    def set_params(self, **params) -> Calibrator:
+        """Set constructor parameters by name, checked together; returns self. A fitted
+        calibrator keeps its tables until the next `fit` (only `tau` changes them at once)."""
+        unknown = sorted(set(params) - set(DEFAULTS))
+        if unknown:
+            raise BLDAError(
+                f"set_params: unknown parameter(s) {', '.join(unknown)}; expected some of "
+                f"{', '.join(DEFAULTS)}"
+            )
+        merged = self.get_params() | params
+        tau = merged.pop("tau")
+        for name, value in checked_parameters(**merged).items():
+            setattr(self, name, value)
+        self.tau = tau
+        return self
+
+    def __repr__(self) -> str:
+        """As scikit-learn shows an estimator: the parameters that differ from the defaults."""
+        changed = [f"{name}={value!r}" for name, value in self.get_params().items()
+                   if value != DEFAULTS[name]]  # fmt: skip
+        return f"Calibrator({', '.join(changed)})"
 
     # ------------------------------------------------------------------ fit
     @property
@@ -132,7 +140,11 @@ class Calibrator:
 
     @tau.setter
     def tau(self, value: float) -> None:
-        self._tau = check_tau(value, "tau")
+        checked = check_tau(value, "tau")
+        # A plain float is kept as the object given: scikit-learn's `clone` checks that the
+        # constructor stores its parameters unchanged (`is`); -0.0 and tensors are converted.
+        keep = type(value) is float and checked == value and math.copysign(1.0, value) > 0
+        self._tau = value if keep else checked
 
     def fit(
         self,
@@ -141,6 +153,9 @@ class Calibrator:
     ) -> Calibrator:
         """Tabulate Delta_cl (Eq. 6) from `statistics` (rows = fit-on labels); anchors from
         `anchor_statistics` (default: the same statistics)."""
+        # Checked again: attributes assigned since the constructor (c.eps = 5) were saved and
+        # then refused by `load`.
+        self.set_params()
         anchor_statistics = statistics if anchor_statistics is None else anchor_statistics
         for name, value in (("statistics", statistics), ("anchor_statistics", anchor_statistics)):
             if not isinstance(value, LogitSetStatistics):
