@@ -200,6 +200,21 @@ def test_classifier_on_a_segmentation_dataset_and_the_reverse_are_refused(tmp_pa
         )  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [({"mode": "slide"}, "--mode"), ({"crop": (100, 100), "stride": (50, 50)},
+                                     "--crop, --window-stride")],
+)  # fmt: skip
+def test_window_options_for_a_classifier_are_refused(tmp_path, changes, named):
+    # accepted, printed and recorded as the inference, and without effect on the scores
+    make_image_folder(tmp_path / "folder")
+    with pytest.raises(BLDAError, match=f"^{named}: window options .* a classifier"):
+        prepare_dump(
+            "resnet50", None, "image-folder", tmp_path / "folder", None, tmp_path / "a.h5",
+            random_weights=True, inference=changes,
+        )  # fmt: skip
+
+
 def test_classification_checkpoint_given_to_a_segmentation_model_says_so(tmp_path):
     torch.save(random_state_dict(DEPTHS["resnet101"], 12), tmp_path / "cls.pth")
     with torch.device("meta"):

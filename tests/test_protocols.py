@@ -111,6 +111,10 @@ def test_rescale_warning_names_the_options_and_stays_quiet_up_to_2x():
     assert rescale_warning(PROTOCOLS["daformer"], (1024, 2048)) is None  # 0.5x
     assert rescale_warning(PROTOCOLS["daformer"], (128, 256)) is not None  # 4x
     assert rescale_warning(PROTOCOLS["native"], (128, 256)) is None
+    # a classifier takes no window options: only --resize is offered
+    message = rescale_warning(PROTOCOLS["classifier"], (1024, 1024))
+    assert "choose another with --resize (--resize HxW of at least its 224 x 224" in message
+    assert "--mode" not in message and "--crop" not in message
 
 
 def test_explicit_resize_is_an_exact_size_and_named_as_an_override():

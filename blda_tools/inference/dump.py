@@ -72,7 +72,7 @@ from blda_tools.inference.predict import (
 )
 from blda_tools.inference.protocols import protocol_notices
 from blda_tools.inference.streams import stream_executor, stream_layout
-from blda_tools.inference.tasks import check_task
+from blda_tools.inference.tasks import check_classifier_inference, check_task
 from blda_tools.inference.upsample import upsample_to_float16_rows
 from blda_tools.models import load_model
 from blda_tools.outputs import checked_output_file, record_file
@@ -425,10 +425,12 @@ def prepare_dump(
             f"out: {requested_out}: a store's name may not end in {PARTIAL_SUFFIX}, the "
             "suffix of unfinished stores"
         )
+    inference_changes = inference  # what the caller changed, before the protocol fills it
     protocol, inference, task = check_model(model_spec, checkpoint, random_weights, inference)
     check_archive_options(model_spec, weights, trust_checkpoint)
     data = open_dataset(dataset, data_root, split, dataset_options)
     classification = check_task(model_spec, task, dataset, data.dataset_name == "image-folder")
+    check_classifier_inference(inference_changes, classification)
     sampling = check_sampling(sampling, classification, dataset)
     out = shard_path(requested_out, rank, world_size)
     metadata = dump_metadata(

@@ -10,6 +10,7 @@ from blda_tools.fileio import check_input_file
 from blda_tools.inference.pixel_sampling import PixelSampling
 from blda_tools.inference.predict import InferenceSettings
 from blda_tools.inference.protocols import resolve_inference
+from blda_tools.inference.tasks import check_classifier_inference
 from blda_tools.models.loading import TORCHSCRIPT, declared_family
 
 
@@ -20,6 +21,7 @@ def check_model(model_spec: str, checkpoint, random_weights: bool, inference):
     if checkpoint is not None:
         check_input_file(checkpoint, f"--checkpoint {checkpoint}", "a checkpoint file")
     declared_protocol, task = declared_family(model_spec)
+    check_classifier_inference(inference, task == "classification")  # before the protocol's
     if isinstance(inference, InferenceSettings):
         return "as given", inference, task
     return (*resolve_inference(declared_protocol, inference), task)

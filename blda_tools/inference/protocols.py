@@ -118,14 +118,15 @@ def rescale_warning(settings: InferenceSettings, size) -> str | None:
     if factor <= MAX_QUIET_SCALE:
         return None
     direction = "upsamples" if new_height * new_width > height * width else "downsamples"
-    example = "e.g. --resize none"
-    if settings.center_crop is not None:  # native size may be smaller than the crop
-        crop_height, crop_width = settings.center_crop
+    example, options = "e.g. --resize none", PROTOCOL_OPTIONS
+    if settings.center_crop is not None:  # a classifier: the window options do not apply
+        crop_height, crop_width = settings.center_crop  # native size may be below the crop
         example = f"--resize HxW of at least its {crop_height} x {crop_width} centre crop"
+        options = "--resize"
     return (
         f"the inference protocol {direction} {height} x {width} images {factor:.2f}x (to "
         f"{new_height} x {new_width}); if the model was not trained at that scale, choose "
-        f"another with {PROTOCOL_OPTIONS} ({example})"
+        f"another with {options} ({example})"
     )
 
 

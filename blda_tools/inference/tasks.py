@@ -21,3 +21,20 @@ def check_task(model_spec: str, task: str | None, dataset: str, classification: 
             "resnet101, or a plugin returning (B, C) scores)"
         )
     return classification
+
+
+# The window options of segmentation inference, by their command-line names.
+_WINDOW_OPTIONS = {"mode": "--mode", "crop": "--crop", "stride": "--window-stride"}
+
+
+def check_classifier_inference(inference, classification: bool) -> None:
+    """Refuse window options for a classifier: it scores the whole image (resized, then its
+    centre crop), and the options were accepted, recorded in the store and ignored."""
+    if not classification or not isinstance(inference, dict):
+        return
+    given = [option for key, option in _WINDOW_OPTIONS.items() if inference.get(key) is not None]
+    if given:
+        raise BLDAError(
+            f"{', '.join(given)}: window options of segmentation inference; a classifier "
+            "scores the whole image (resized, then its centre crop: --resize)"
+        )
