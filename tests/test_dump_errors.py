@@ -285,3 +285,16 @@ def test_counts_beyond_what_c_takes_are_refused_in_one_line(tmp_path, plugin, op
     assert result.exit_code == 2, result.output
     assert f"{option}: expected an integer from 1 to 2147483647" in result.output
     assert not (tmp_path / "o.h5").exists()
+
+
+def test_an_image_name_too_long_for_the_store_is_refused_before_any_image(tmp_path, plugin):
+    # Found when that image came up: the dump stopped part-way, and every --resume again.
+    from test_dump import random_image, write_rgb
+
+    deep = tmp_path / "data" / "images" / ("a" * 200) / ("b" * 200) / ("c" * 200)
+    for folder in (tmp_path / "data" / "images", deep):
+        write_rgb(folder / "x.png", random_image(8, 8, seed=0))
+    with pytest.raises(BLDAError, match="its name .* is longer than 512 bytes"):
+        dump_logits(plugin, None, "folder", tmp_path / "data", None, tmp_path / "o.h5",
+                    inference=WHOLE, workers=0)  # fmt: skip
+    assert not (tmp_path / "o.h5").exists() and not (tmp_path / "o.h5.partial").exists()

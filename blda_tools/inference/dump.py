@@ -41,6 +41,7 @@ from blda_tools.fileio import (
 )
 from blda_tools.inference.dump_checks import (
     check_archive_options,
+    check_image_names,
     check_model,
     check_sampling,
     open_dataset,
@@ -446,6 +447,7 @@ def prepare_dump(
     if chosen_device.type == "cpu":
         keep_freed_memory()
     pending = [index for index in planned if data.names[index] not in stored]
+    check_image_names(data.names[index] for index in pending)
     notices = protocol_notices(protocol, inference, data, pending[0] if pending else None)
     notices += [line for line in [cpu_warning(workers, len(pending))] if line]
     # Workers fork before the model exists: pages this process writes after a fork are

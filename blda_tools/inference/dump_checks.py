@@ -12,6 +12,7 @@ from blda_tools.inference.predict import InferenceSettings
 from blda_tools.inference.protocols import resolve_inference
 from blda_tools.inference.tasks import check_classifier_inference
 from blda_tools.models.loading import TORCHSCRIPT, declared_family
+from blda_tools.store.schema import MAX_NAME_BYTES
 
 
 def check_model(model_spec: str, checkpoint, random_weights: bool, inference):
@@ -84,3 +85,15 @@ def check_weights(model_spec: str, checkpoint, random_weights: bool) -> None:
             f"--model {model_spec}: no --checkpoint, so the model would run on random weights; "
             "pass --checkpoint FILE, or --random-weights to do that on purpose"
         )
+
+
+def check_image_names(names) -> None:
+    """Refuse, before any image is predicted, a name the store cannot record (the writer's
+    check found it only when that image came up, leaving an unfinished store that every
+    --resume stopped at)."""
+    for name in names:
+        if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+            raise BLDAError(
+                f"image {name[:80]!r}...: its name (the path below --data-root) is longer than "
+                f"{MAX_NAME_BYTES} bytes (UTF-8), the most a store records; shorten its folders"
+            )
