@@ -21,7 +21,7 @@ from blda_tools.calibrate import CalibrateOptions, calibrate
 from blda_tools.datasets import build_dataset
 from blda_tools.diagnose import diagnose
 from blda_tools.errors import BLDAError
-from blda_tools.inference.dump import prepare_dump
+from blda_tools.inference.dump import dump_logits, prepare_dump
 from blda_tools.models import create_model, load_checkpoint
 from blda_tools.store import LogitStore, LogitWriter
 
@@ -235,3 +235,24 @@ def test_with_256_classes_or_more_class_255_is_a_label_not_the_ignore_value(tmp_
     with LogitWriter(tmp_path / "s.h5", names, ignore_index=dataset.ignore_index) as writer:
         writer.add(np.zeros((1, 300), np.float32), np.array([255]), name="x")
     assert LogitStore(tmp_path / "s.h5").has_labelled_pixel()
+
+
+def test_an_image_smaller_than_the_centre_crop_is_named_and_the_images_before_it_kept(tmp_path):
+    # "center_crop: 224 x 224 is larger than 40 x 40" named neither the image nor --resize,
+    # and the unfinished store it left was not mentioned.
+    write_rgb(tmp_path / "folder" / "val" / "bus" / "0.png", random_image(224, 224, 0))
+    write_rgb(tmp_path / "folder" / "val" / "car" / "0.png", random_image(40, 40, 1))
+    out = tmp_path / "o.h5"
+    with pytest.raises(BLDAError) as caught:
+        dump_logits("resnet50", None, "image-folder", tmp_path / "folder", "val", out,
+                    random_weights=True, inference={"resize": None}, workers=0)  # fmt: skip
+    message = str(caught.value)
+    assert message.startswith("image 'val/car/0': the 40 x 40 image (after --resize) is smaller"), (
+        message
+    )
+    assert "give --resize HxW of at least 224 x 224" in message
+    assert f"1 of 2 images kept in {out}.partial" in message
+    # an exact --resize below the crop fails on every image: refused before the model loads
+    with pytest.raises(BLDAError, match=r"^--resize 100x300: smaller than the 224 x 224 centre"):
+        prepare_dump("resnet50", None, "image-folder", tmp_path / "folder", "val",
+                     tmp_path / "p.h5", random_weights=True, inference={"resize": (100, 300)})  # fmt: skip

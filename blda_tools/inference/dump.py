@@ -250,7 +250,7 @@ class DumpJob:
             if kept == 0:
                 return Interrupted("dump-logits interrupted before any image was stored")
             return Interrupted(f"dump-logits interrupted: {self._kept(kept)}")
-        if isinstance(error, StrictStop) and kept > 0:
+        if isinstance(error, BLDAError) and kept > 0:  # an image the run stopped at, ...
             return BLDAError(f"{error}; {self._kept(kept)}")
         failure = None if kept == 0 else resource_failure(error)
         return error if failure is None else BLDAError(f"{failure}; {self._kept(kept)}")
@@ -310,6 +310,17 @@ class DumpJob:
         return prepared, errors
 
     def _predict(self, group, writer: LogitWriter) -> list[PreparedImage]:
+        """`_predict_group`, whose errors (an image too small for the model or its centre
+        crop) name the image."""
+        try:
+            return self._predict_group(group, writer)
+        except BLDAError as error:
+            if str(error).startswith(str(writer.path)):  # the writer's, naming the image
+                raise
+            more = f" (with {len(group) - 1} more of its batch)" if len(group) > 1 else ""
+            raise BLDAError(f"image {group[0].name!r}{more}: {error}") from None
+
+    def _predict_group(self, group, writer: LogitWriter) -> list[PreparedImage]:
         """One group's logits, laid out as the store keeps them (in a stream thread): uint8
         images resized with OpenCV as mmcv does (`predict_images`), logits at label size."""
         first = group[0]

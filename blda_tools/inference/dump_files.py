@@ -201,6 +201,6 @@ def _check_same_run(path: Path, stored: dict, metadata: dict) -> None:
     if before is not None and before != metadata["checkpoint_fingerprint"]:
         raise BLDAError(
             f"--resume: {path} was dumped from another version of {metadata['checkpoint']} (the "
-            "file has changed since: new weights would mix two models in one store); dump "
-            "again without --resume, or resume with the checkpoint it was dumped from"
+            f"file has changed since: new weights would mix two models in one store); delete "
+            f"{path} and dump again, or resume with the checkpoint it was dumped from"
         )

@@ -74,6 +74,14 @@ class InferenceSettings:
             _checked_size(self.resize, "--resize")
         if self.center_crop is not None:
             _checked_size(self.center_crop, "center_crop")
+        if self.center_crop is not None and self.resize is not None and not self.keep_ratio:
+            if any(side < crop for side, crop in zip(self.resize, self.center_crop, strict=True)):
+                # an exact size below the centre crop fails on every image: refused here
+                raise BLDAError(
+                    f"--resize {self.resize[0]}x{self.resize[1]}: smaller than the "
+                    f"{self.center_crop[0]} x {self.center_crop[1]} centre crop of the "
+                    "classifier protocol; give at least that"
+                )
 
     @property
     def windows_leave_gaps(self) -> bool:
@@ -275,7 +283,10 @@ def center_crop(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     height, width = images.shape[-2:]
     crop_h, crop_w = int(size[0]), int(size[1])
     if crop_h > height or crop_w > width:
-        raise BLDAError(f"center_crop: {crop_h} x {crop_w} is larger than {height} x {width}")
+        raise BLDAError(
+            f"the {height} x {width} image (after --resize) is smaller than its {crop_h} x "
+            f"{crop_w} centre crop; give --resize HxW of at least {crop_h} x {crop_w}"
+        )
     top, left = int(round((height - crop_h) / 2.0)), int(round((width - crop_w) / 2.0))
     return images[..., top : top + crop_h, left : left + crop_w]
 
