@@ -5,6 +5,7 @@ names the path and the cause, and leave no temporary file behind."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -105,6 +106,23 @@ def test_dump_logits_on_a_full_disk_keeps_the_resumable_part(tmp_path, monkeypat
     result = CliRunner().invoke(cli, arguments)
     line = expect_one_line_error(result, str(full_disk), "No space left on device")
     assert "o.h5" in line
+
+
+def test_dump_logits_filling_the_disk_after_a_commit_says_what_is_kept(
+    tmp_path, monkeypatch, small_disk
+):
+    # Every image committed as it comes: the disk fills with images kept. The line said "the
+    # images committed so far are kept: continue with --resume", not docs/outputs.md's form.
+    monkeypatch.setattr("blda_tools.inference.dump.COMMIT_SECONDS", 0.0)
+    plugin = install_plugin(tmp_path, monkeypatch)
+    make_cityscapes(tmp_path / "data", count=6, size=(128, 256))  # 2.5 MB of float32 logits each
+    arguments = ["dump-logits", "--model", plugin, "--dataset", "cityscapes", "--data-root",
+                 str(tmp_path / "data"), "--mode", "whole", "--resize", "none", "--workers", "0",
+                 "--float32", "--out", str(small_disk / "o.h5")]  # fmt: skip
+    result = CliRunner().invoke(cli, arguments)
+    line = expect_one_line_error(result, str(small_disk / "o.h5.partial"), "No space left")
+    assert re.search(r"; [1-5] of 6 images kept in .*o\.h5\.partial; run the same dump-logits "
+                     r"command with --resume to continue$", line), line  # fmt: skip
 
 
 def test_dump_logits_filling_the_disk_before_its_first_commit(tmp_path, monkeypatch, small_disk):

@@ -158,7 +158,7 @@ class LogitWriter:
         kept = self.partial_path.exists() and self.num_images > self.uncommitted_images
         return BLDAError(
             f"{self.partial_path}: cannot write: {describe_os_error(error)}"
-            + ("; the images committed so far are kept: continue with --resume" if kept else "")
+            + ("; the images committed so far stay in it" if kept else "")
         )
 
     def add(
