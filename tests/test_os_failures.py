@@ -123,6 +123,7 @@ def test_dump_logits_filling_the_disk_after_a_commit_says_what_is_kept(
     line = expect_one_line_error(result, str(small_disk / "o.h5.partial"), "No space left")
     assert re.search(r"; [1-5] of 6 images kept in .*o\.h5\.partial; run the same dump-logits "
                      r"command with --resume to continue$", line), line  # fmt: skip
+    assert line.count("--resume") == 1, line  # one piece of advice, not the writer's as well
 
 
 def test_dump_logits_filling_the_disk_before_its_first_commit(tmp_path, monkeypatch, small_disk):
