@@ -30,6 +30,7 @@ from blda_tools.datasets import (
     write_label_png,
 )
 from blda_tools.errors import BLDAError
+from blda_tools.inference.dump_checks import open_dataset
 
 H, W = 6, 8
 # Cityscapes label ids (also GTA5's) and their train ids, worked out by hand from the
@@ -260,6 +261,13 @@ def test_gta5_split_list_file(tmp_path):
         build_dataset("gta5", tmp_path, "train")
     listing.write_text("\ufeff00002\n00001\n", encoding="utf-8")  # as Windows Notepad saves it
     assert build_dataset("gta5", tmp_path, str(listing)).names == ("images/00002", "images/00001")
+    # a folder was "no such file"; unreadable text was blamed on --data-root by dump-logits
+    (tmp_path / "lists").mkdir()
+    with pytest.raises(BLDAError, match=r"--split .*lists: gta5 takes .* list file .*; a folder$"):
+        build_dataset("gta5", tmp_path, str(tmp_path / "lists"))
+    listing.write_bytes(b"caf\xe9\n")
+    with pytest.raises(BLDAError, match=r"^--split .*split.txt: .*UTF-8"):
+        open_dataset("gta5", tmp_path, str(listing), None)
 
 
 def test_gta5_missing_folders_and_orphan_labels(tmp_path):

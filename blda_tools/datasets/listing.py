@@ -60,16 +60,19 @@ def select_split(keys: Sequence[str], split: str, dataset: str, image_dir: Path)
         return list(keys)
     list_file = Path(split)
     if not list_file.is_file():
+        found = "a folder" if list_file.is_dir() else "not a file" if list_file.exists() else None
         raise BLDAError(
             f"--split {split}: {dataset} takes 'all' or an existing list file (one image name "
-            "per line); no such file"
+            f"per line); {found or 'no such file'}"
         )
+    try:
+        text = read_text_file(list_file, "a list of image names")
+    except BLDAError as error:  # the option, not --data-root (`open_dataset`), is at fault
+        raise BLDAError(f"--split {error}") from None
     available = set(keys)
     selected: list[str] = []
     seen: set[str] = set()
-    for number, line in enumerate(
-        read_text_file(list_file, "a list of image names").splitlines(), start=1
-    ):
+    for number, line in enumerate(text.splitlines(), start=1):
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
