@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -45,8 +46,21 @@ def load_torch(
 
     path = _checked_torch_file(path, where, expected, torchscript_advice)
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trusted)
+        with warnings.catch_warnings():
+            # torch's note on a plain pickle's protocol: the error below says what matters
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as error:
+        if "Unsupported operand" in str(error) and _is_plain_pickle(path):
+            advice = (
+                f", or, if you trust its origin, load it with {trust_option}"
+                if trust_option
+                else ""
+            )
+            raise BLDAError(
+                f"{where}: a file written by pickle.dump, not torch.save; torch reads such a "
+                f"file safely only in torch.save's format: save it with torch.save{advice}"
+            ) from None
         unsupported = _UNSUPPORTED_GLOBAL.search(str(error))
         if unsupported and not trusted:
             advice = (
@@ -117,3 +131,11 @@ def _first_sentence(error: BaseException) -> str:
     text = str(error).strip()
     line = text.splitlines()[0] if text else "unreadable"
     return line.split(". ")[0].rstrip(".")
+
+
+def _is_plain_pickle(path) -> bool:
+    """Whether `path` starts as `pickle.dump` writes protocols 2 and up (torch.save writes a
+    zip archive, or its legacy format, which starts with a small pickle of protocol 2)."""
+    with open(path, "rb") as file:
+        head = file.read(2)
+    return len(head) == 2 and head[0] == 0x80 and head[1] >= 4

@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 
 import click
 
@@ -150,7 +151,14 @@ def _insist() -> None:
     os._exit(128 + signal.SIGTERM)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings on stderr as one line each, without the source file and line (a user's
+    terminal is not a traceback)."""
+    return f"warning: {message}\n"
+
+
 def main() -> None:
+    warnings.formatwarning = _one_line_warning
     _stop_on_sigterm()
     _register_commands()
     show_library_notices()

@@ -118,6 +118,19 @@ def test_another_architecture_is_refused_with_sample_keys(tmp_path):
     assert "another architecture" in message
 
 
+def test_a_training_weight_file_that_does_not_fit_is_named_by_its_config_key(tmp_path):
+    # train's model.pretrained / model.backbone_weights were named "--checkpoint", with advice
+    # about dump-logits' --weights, which train does not have
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    for load, option in ((load_checkpoint, "model.pretrained"),
+                         (load_pretrained_backbone, "model.backbone_weights")):  # fmt: skip
+        with pytest.raises(BLDAError) as error:
+            load(create_model("daformer_mitb0", 19), tmp_path / "other.pth", option=option)
+        message = str(error.value)
+        assert message.startswith(f"{option} {tmp_path / 'other.pth'}: does not fit"), message
+        assert "--weights" not in message and "--checkpoint" not in message
+
+
 def test_original_dacs_deeplab_keys_get_an_explanation(tmp_path):
     # Key names of vikolss/DACS model/deeplabv2.py (torchvision-like ResNet + layer5 classifier).
     keys = ["conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "layer5.conv2d_list.0.weight"]

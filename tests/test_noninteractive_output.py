@@ -129,3 +129,16 @@ def test_synthcity_make_in_a_log(tmp_path):
     rows = _table_rows(completed.stdout)
     assert {"source", "target/train", "target/val"} <= set(rows)
     assert all(line.count("│") == 6 for line in rows.values())
+
+
+def test_library_warnings_reach_the_terminal_as_one_line_each():
+    # train's model.trust_checkpoint warning came with the library's file, line and source
+    code = (
+        "import sys, warnings; from blda_cli import main as m; m._register_commands = lambda: 0;"
+        " m.show_library_notices = lambda: 0; m.cli = lambda: warnings.warn('careful', "
+        "UserWarning); m.main()"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               timeout=120)  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stderr == "warning: careful\n"

@@ -176,3 +176,20 @@ def test_a_trusted_pickle_whose_classes_cannot_be_imported_is_one_line(tmp_path,
     monkeypatch.delattr(sys.modules["__main__"], "Config")
     with pytest.raises(BLDAError, match="unpickling needs a class this Python cannot import"):
         load_torch(tmp_path / "main.pth", "--checkpoint", "a checkpoint", trusted=True)
+
+
+def test_a_state_dict_written_by_pickle_dump_is_named_as_such(tmp_path):
+    # "a corrupt pickle: Unsupported operand 149", after a stray torch warning on its protocol
+    import pickle
+    import warnings
+
+    path = tmp_path / "pickled.pth"
+    with open(path, "wb") as file:
+        pickle.dump({"weights": torch.zeros(2)}, file, protocol=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning on the way
+        with pytest.raises(BLDAError) as raised:
+            read_checkpoint(path)
+    message = str(raised.value)
+    assert message.startswith(f"--checkpoint {path}: a file written by pickle.dump, not "), message
+    assert "corrupt" not in message and "--trust-checkpoint" in message

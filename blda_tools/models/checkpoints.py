@@ -55,14 +55,14 @@ def read_checkpoint(
 ) -> object:
     """`torch.load` on the CPU, tensors and plain containers only unless `trust_checkpoint`;
     errors name the file as `option` (the config key of a training run's weights)."""
+    trust = "--trust-checkpoint" if option == "--checkpoint" else "model.trust_checkpoint=true"
     if trust_checkpoint:
         warnings.warn(
-            f"--trust-checkpoint: unpickling {path} with weights_only=False can run arbitrary "
-            "code stored in the file; only do this for checkpoints from a source you trust",
+            f"{trust}: unpickling {path} with weights_only=False can run arbitrary code stored "
+            "in the file; only do this for checkpoints from a source you trust",
             UserWarning,
             stacklevel=2,
         )
-    trust = "--trust-checkpoint" if option == "--checkpoint" else "model.trust_checkpoint=true"
     return load_torch(
         path,
         f"{option} {path}",
@@ -171,7 +171,7 @@ def load_checkpoint(
     ]
     dropped = sorted(k for k in state_dict if k.startswith(tuple(optional)))
     state_dict = apply_filters(state_dict, [drop_prefixes(optional)])
-    return _load_matching(model, state_dict, path, source, dropped, strict)
+    return _load_matching(model, state_dict, path, source, dropped, strict, option)
 
 
 def load_pretrained_backbone(
@@ -193,11 +193,17 @@ def load_pretrained_backbone(
         state_dict = select_prefix("backbone.")(state_dict)
     dropped = sorted(k for k in state_dict if k.startswith("head."))
     state_dict = drop_prefixes(["head."])(state_dict)
-    return _load_matching(model.backbone, state_dict, path, source, dropped, strict=True)
+    return _load_matching(model.backbone, state_dict, path, source, dropped, True, option)
 
 
 def _load_matching(
-    model: nn.Module, state_dict: StateDict, path, source: str, dropped: list[str], strict: bool
+    model: nn.Module,
+    state_dict: StateDict,
+    path,
+    source: str,
+    dropped: list[str],
+    strict: bool,
+    option: str = "--checkpoint",
 ) -> LoadReport:
     model_state = model.state_dict()
     missing = sorted(set(model_state) - set(state_dict))
@@ -207,16 +213,18 @@ def _load_matching(
     )
     matched = len(model_state) - len(missing) - len(mismatched)
     if mismatched or (strict and (missing or unexpected)) or matched == 0:
-        raise BLDAError(
-            _mismatch_message(model, path, model_state, state_dict, missing, unexpected, mismatched)
-        )
+        found = (missing, unexpected, mismatched)
+        raise BLDAError(_mismatch_message(model, path, option, model_state, state_dict, *found))
     model.load_state_dict(state_dict, strict=False)
     return LoadReport(missing=missing, unexpected=unexpected, source=source, dropped=dropped)
 
 
-def _mismatch_message(model, path, model_state, state_dict, missing, unexpected, mismatched) -> str:
+def _mismatch_message(
+    model, path, option, model_state, state_dict, missing, unexpected, mismatched
+) -> str:
+    """`option`: how the user named the file (--checkpoint, or a training config key)."""
     lines = [
-        f"--checkpoint {path}: does not fit model {_model_name(model)} "
+        f"{option} {path}: does not fit model {_model_name(model)} "
         f"({len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} with another shape)"
     ]
     if missing:
@@ -249,7 +257,8 @@ def _mismatch_message(model, path, model_state, state_dict, missing, unexpected,
     elif only_outputs_differ:
         lines.append("  Only output sizes differ: was it trained with another number of classes?")
     else:
-        lines.append("  Is it a checkpoint of another architecture, or --weights of another part?")
+        other_part = ", or --weights of another part" if option == "--checkpoint" else ""
+        lines.append(f"  Is it a checkpoint of another architecture{other_part}?")
     return "\n".join(lines)
 
 
