@@ -148,6 +148,9 @@ def test_dump_logits_options_that_mean_nothing(tmp_path, monkeypatch):
     refused([*base, "--model", "tiny"], "--model tiny: no --checkpoint", "--random-weights")
     refused([*base, "--model", "tiny", "--random-weights", "--checkpoint", tmp_path / "c.pth"],
             "--random-weights and --checkpoint")  # fmt: skip
+    # a plugin or TorchScript model brings its own weights: the flag had no effect
+    refused([*base, "--model", "some_module:factory", "--random-weights"],
+            "--random-weights: only for the built-in architectures")  # fmt: skip
     assert not (tmp_path / "o.h5").exists()
     result = CliRunner().invoke(cli, [str(a) for a in [*base, "--model", "tiny", "--random-weights",
                                                       "--workers", "0", "--resize", "none"]])  # fmt: skip

@@ -80,6 +80,11 @@ def check_weights(model_spec: str, checkpoint, random_weights: bool) -> None:
             "--random-weights and --checkpoint: the weights come from the checkpoint; give one"
         )
     builtin = model_spec != TORCHSCRIPT and ":" not in model_spec
+    if random_weights and not builtin:  # accepted, and without any effect
+        raise BLDAError(
+            f"--random-weights: only for the built-in architectures; --model {model_spec} "
+            "brings its own weights (a TorchScript file, or what a plugin factory returns)"
+        )
     if builtin and checkpoint is None and not random_weights:
         raise BLDAError(
             f"--model {model_spec}: no --checkpoint, so the model would run on random weights; "
