@@ -91,8 +91,9 @@ class SizeParam(click.ParamType):
 @click.option(
     "--split",
     default=None,
-    help="Cityscapes: train, val or test (default val); GTA5, SYNTHIA, folder: all (the "
-    "default) or a list file of image names; image-folder: a split folder (default val).",
+    help="Cityscapes: train, val or test (default val); GTA5, SYNTHIA: all (the default) or "
+    "a list file of image names; folder: all (the default), a subfolder NAME of images/ (with "
+    "labels/NAME) or a list file; image-folder: a split folder (default val).",
 )
 @click.option(
     "--out",
