@@ -197,6 +197,19 @@ class UnreadableVal(BandsDataset):
         return super().__getitem__(index)
 
 
+def test_resuming_a_finished_run_changes_nothing_and_reports_its_scores(tmp_path, caplog):
+    # It ran the probe evaluation, rewrote the log and reported no scores.
+    config = small_config("run.iterations=4", "evaluation.interval=0")
+    finished = run_training(config, tmp_path, components())
+    log_before = (tmp_path / "log.jsonl").read_bytes()
+    with caplog.at_level("INFO", logger="blda_tools"):
+        again = run_training(config, tmp_path, components(), resume=True)
+    assert "already finished at iteration 4 of 4; nothing to resume" in caplog.text
+    assert again["last_scores"] == finished["last_scores"] is not None
+    assert again["iteration"] == 4 and again["best_miou"] == finished["best_miou"]
+    assert (tmp_path / "log.jsonl").read_bytes() == log_before
+
+
 def _damaged(state: dict, part: str) -> dict:
     if part == "weights":  # as a checkpoint of another architecture is
         state["state_dict"] = dict(list(state["state_dict"].items())[3:])

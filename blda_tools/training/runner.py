@@ -51,7 +51,7 @@ from blda_tools.training.config import (
 from blda_tools.training.evaluate import check_evaluation
 from blda_tools.training.loop import Trainer, TrainingComponents, resolve_device
 from blda_tools.training.losses import build_loss
-from blda_tools.training.run_log import JsonlLog
+from blda_tools.training.run_log import JsonlLog, read_log
 from blda_tools.training.run_loop import checkpoint_path, run_loop
 
 COMMAND = "train"
@@ -307,23 +307,51 @@ def _train(config, run_dir, components, device, resume, stop_at, rank, world_siz
     if world_size > 1:
         dist.barrier()
     trainer = Trainer(config, run_dir, components, device=device, rank=rank, world_size=world_size)
-    check_evaluation(lambda: trainer.evaluate(probe=True), device)
     rng_state = None
     if resume:
         rng_state = resume_into(trainer, checkpoint_path(run_dir), config.run.iterations)
+        if trainer.iteration == config.run.iterations and not trainer.evaluation_pending:
+            # Nothing to do: it evaluated and logged its last iteration before it ended (a
+            # resume re-ran the probe evaluation and rewrote the log, and reported no scores).
+            return _finished(trainer, run_dir)
         if rank == 0:
             logger.info(
                 f"resuming from iteration {trainer.iteration} of {config.run.iterations} "
                 f"({checkpoint_path(run_dir)})"
             )
-        if rank == 0:
-            JsonlLog(run_dir).truncate_after(trainer.iteration)
+    check_evaluation(lambda: trainer.evaluate(probe=True), device)
+    if resume and rank == 0:
+        JsonlLog(run_dir).truncate_after(trainer.iteration)
     summary = run_loop(trainer, stop_at=stop_at, rng_state=rng_state)
     if world_size > 1:
         # Rank 0 still evaluates and writes the last checkpoint after the loop; a rank that tears
         # its process group down meanwhile can abort the job (seen with gloo), so all leave together.
         dist.barrier()
     return summary
+
+
+def _finished(trainer: Trainer, run_dir: Path) -> dict:
+    """The summary of a run that already reached its last iteration, from its log."""
+    if trainer.rank == 0:
+        logger.info(
+            f"{run_dir}: already finished at iteration {trainer.iteration} of "
+            f"{trainer.config.run.iterations}; nothing to resume"
+        )
+    evaluations = [r for r in read_log(run_dir) if r.get("kind") == "eval"]
+    last = (
+        evaluations[-1]
+        if evaluations and evaluations[-1]["iteration"] == trainer.iteration
+        else None
+    )
+    scores = (
+        None if last is None else {k: v for k, v in last.items() if k not in ("kind", "iteration")}
+    )
+    return {
+        "iteration": trainer.iteration,
+        "best_miou": trainer.best_miou,
+        "last_scores": scores,
+        "run_dir": str(run_dir),
+    }
 
 
 def _init_distributed(config: TrainingConfig) -> None:
