@@ -25,7 +25,8 @@ import click
     "overrides",
     multiple=True,
     metavar="KEY=VALUE",
-    help="Override a config key, e.g. --set run.iterations=2000 (repeatable; values are TOML).",
+    help="Override a config key, e.g. --set run.iterations=2000 (repeatable; values are TOML, "
+    "and a key that holds text takes the value as written: data.root=2024 is a folder).",
 )
 @click.option(
     "--resume", is_flag=True, help="Continue the run in --work-dir from its latest checkpoint."

@@ -77,6 +77,9 @@ def test_overrides_are_typed():
     assert config.augment.crop_size == [32, 48]
     assert config.run.live is False
     assert config.data.root == "/some/where"  # not TOML: kept as a string
+    # TOML reads these as a number, infinity and a date: a text key takes them as written
+    for written in ("2024", "inf", "2024-01-01", "[1, 2]"):
+        assert load_config("synthcity_tiny", [f"data.root={written}"]).data.root == written
 
 
 @pytest.mark.parametrize(

@@ -155,6 +155,9 @@ def load_config(
         raise BLDAError(f"--set: expected a list of KEY=VALUE, got the string {overrides!r}")
     for override in overrides:
         key, value = parse_override(override)
+        if _is_text_key(key) and not isinstance(value, str):
+            # data.root=2024 or =inf: a folder's name, not the number or date TOML reads
+            value = override.partition("=")[2].strip()
         set_key(config, key, value, source="--set")
         given.append(("--set", key))
     validate(config)
@@ -202,6 +205,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     except tomllib.TOMLDecodeError:
         value = raw.strip()
     return key.strip(), value
+
+
+def _is_text_key(dotted: str) -> bool:
+    """Whether the known key `dotted` holds text (False for unknown keys: `set_key` names them)."""
+    if dotted not in KEY_DOCS:
+        return False
+    section_name, _, key = dotted.partition(".")
+    return typing.get_type_hints(type(getattr(TrainingConfig(), section_name)))[key] is str
 
 
 def apply_table(config: TrainingConfig, table: dict, *, source: str) -> None:
