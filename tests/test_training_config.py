@@ -77,6 +77,7 @@ def test_overrides_are_typed():
     assert config.augment.crop_size == [32, 48]
     assert config.run.live is False
     assert config.data.root == "/some/where"  # not TOML: kept as a string
+    assert load_config("synthcity_tiny", ["optim.betas=[0.0, 0.999]"]).optim.betas == [0.0, 0.999]
     # TOML reads these as a number, infinity and a date: a text key takes them as written
     for written in ("2024", "inf", "2024-01-01", "[1, 2]"):
         assert load_config("synthcity_tiny", [f"data.root={written}"]).data.root == written
@@ -96,7 +97,10 @@ def test_overrides_are_typed():
         # values the types allow but training cannot use (each trained wrongly or failed late)
         ("optim.lr=-1", r"optim\.lr must lie in \(0, inf\), got -1"),
         ("optim.lr=nan", r"optim\.lr must be finite, got nan"),
-        ("optim.betas=[0.9, 1.5]", r"optim\.betas must lie in \[0, 1\)"),
+        ("optim.betas=[0.9, 1.5]", r"optim\.betas must be two numbers in \[0, 1\)"),
+        ("optim.betas=[0.9]", r"optim\.betas must be two numbers in \[0, 1\)"),
+        # the poly decay climbed from lr towards it
+        ("optim.min_lr=1.0", r"optim\.min_lr 1 is above optim\.lr"),
         ("optim.min_lr=-0.5", r"optim\.min_lr must lie in \[0, inf\)"),
         ("optim.weight_decay=-1", r"optim\.weight_decay must lie in \[0, inf\)"),
         ("optim.warmup_iters=-5", r"optim\.warmup_iters must lie in \[0, inf\)"),

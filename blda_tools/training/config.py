@@ -56,9 +56,8 @@ _PAIRS = (
     "augment.scale_range",
     "evaluation.crop_size",
     "evaluation.stride",
-    "optim.betas",
     "hrda.detail_crop_size",
-)
+)  # optim.betas: a pair too, in [0, 1) (`validate`)
 _MINIMA = {
     "run.iterations": 1,
     "run.batch_size": 1,
@@ -304,9 +303,14 @@ def validate(config: TrainingConfig) -> None:
         )
     if not 0 < config.rcs.temperature < math.inf:
         raise BLDAError("config: rcs.temperature must be a finite number > 0")
-    low, high = config.optim.betas
-    if not (0.0 <= low < 1.0 and 0.0 <= high < 1.0):
-        raise BLDAError(f"config: optim.betas must lie in [0, 1), got {config.optim.betas}")
+    betas = config.optim.betas
+    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        raise BLDAError(f"config: optim.betas must be two numbers in [0, 1), got {betas}")
+    if config.optim.min_lr > config.optim.lr:  # the poly decay would climb towards it
+        raise BLDAError(
+            f"config: optim.min_lr {config.optim.min_lr:g} is above optim.lr "
+            f"{config.optim.lr:g}: the learning rate decays from lr to min_lr"
+        )
     if config.feature_distance.enabled and not config.feature_distance.imagenet_weights:
         raise BLDAError(
             "config: feature_distance.enabled needs feature_distance.imagenet_weights, the path "
