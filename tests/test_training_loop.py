@@ -210,6 +210,30 @@ def test_resuming_a_finished_run_changes_nothing_and_reports_its_scores(tmp_path
     assert (tmp_path / "log.jsonl").read_bytes() == log_before
 
 
+def test_a_run_stopped_by_a_failure_after_a_checkpoint_says_it_is_kept(tmp_path, monkeypatch):
+    # A full disk at a later checkpoint gave one correct line without the way to go on.
+    import blda_tools.training.run_loop as run_loop_module
+
+    real_save, calls = run_loop_module.save_checkpoint, []
+
+    def save_then_fill_the_disk(path, checkpoint):
+        calls.append(checkpoint["meta"]["iteration"])
+        if len(calls) > 1:
+            raise BLDAError(f"{path}: cannot write: No space left on device")
+        real_save(path, checkpoint)
+
+    monkeypatch.setattr(run_loop_module, "save_checkpoint", save_then_fill_the_disk)
+    config = small_config("run.iterations=4", "run.checkpoint_interval=2", "evaluation.interval=0")
+    with pytest.raises(BLDAError) as caught:
+        run_training(config, tmp_path, components())
+    latest = tmp_path / "checkpoints" / "latest.pth"
+    assert str(caught.value) == (
+        f"{latest}: cannot write: No space left on device; {latest} (iteration 2) is kept: fix "
+        "the cause and continue with the same train command and --resume"
+    )
+    assert _state(tmp_path)["meta"]["iteration"] == 2
+
+
 def _damaged(state: dict, part: str) -> dict:
     if part == "weights":  # as a checkpoint of another architecture is
         state["state_dict"] = dict(list(state["state_dict"].items())[3:])

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from blda_tools.errors import BLDAError, Interrupted
+from blda_tools.fileio import resource_failure
 from blda_tools.runtime.process import readable_worker_errors
 from blda_tools.training.checkpoint import restore_rng_state, save_checkpoint
 from blda_tools.training.loop import Trainer
@@ -85,6 +86,11 @@ def run_loop(trainer: Trainer, *, stop_at: int | None, rng_state: dict | None) -
                 saved = trainer.iteration
     except KeyboardInterrupt:
         raise Interrupted(_interrupted_message(trainer, saved)) from None
+    except Exception as error:  # a full disk, memory, a loader worker killed, bad data
+        kept = _kept_after_failure(trainer, saved, error)
+        if kept is None:
+            raise
+        raise kept from None
     finally:
         view.close()
     return {
@@ -106,6 +112,19 @@ def _loss_report(trainer: Trainer, log: JsonlLog) -> None:
     )
     if record is not None and is_main:
         log.write({"kind": "loss", "iteration": trainer.iteration, **record})
+
+
+def _kept_after_failure(trainer: Trainer, saved: int | None, error: Exception):
+    """For a run stopped by `error` after a checkpoint: the one-line error, with the checkpoint
+    that is kept (written atomically, so a failed write leaves the one before) and how to go
+    on; None to raise `error` as it is (no checkpoint yet, a bug, or it says so already)."""
+    line = str(error) if isinstance(error, BLDAError) else resource_failure(error)
+    if saved is None or trainer.rank != 0 or line is None or "--resume" in line:
+        return None
+    return BLDAError(
+        f"{line}; {checkpoint_path(trainer.run_dir)} (iteration {saved}) is kept: fix the cause "
+        "and continue with the same train command and --resume"
+    )
 
 
 def _interrupted_message(trainer: Trainer, saved: int | None) -> str:
