@@ -12,7 +12,8 @@ import click
     "--config",
     "config",
     required=True,
-    help="A shipped config by name (e.g. synthcity_tiny, gta2cs_daformer_mitb5) or a TOML file.",
+    help="A shipped config by name (e.g. synthcity_tiny, gta2cs_daformer_mitb5) or a TOML file "
+    "(./NAME for a file named like a shipped config).",
 )
 @click.option(
     "--work-dir",

@@ -13,6 +13,7 @@ from blda_tools.training.config import (
     TrainingConfig,
     config_differences,
     load_config,
+    resolve_config_path,
     shipped_configs,
     to_dict,
     to_toml,
@@ -286,3 +287,19 @@ def test_resuming_reads_the_runs_own_config_without_notes(tmp_path, caplog):
         assert _notes(caplog) == []
         load_config(tmp_path / "config.toml")  # read as a user's file: its notes are due
     assert any("mic.mask_ratio has no effect" in note for note in _notes(caplog))
+
+
+def test_a_shipped_name_is_the_shipped_config_whatever_lies_in_the_working_folder(
+    tmp_path, monkeypatch
+):
+    # a file named synthcity_tiny in the working folder was read instead
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "synthcity_tiny").write_text("x")
+    shipped = resolve_config_path("synthcity_tiny")
+    assert shipped.parent.name == "configs" and shipped.name == "synthcity_tiny.toml"
+    assert (
+        load_config("synthcity_tiny").run.iterations
+        == tomllib.loads(shipped.read_text())["run"]["iterations"]
+    )
+    with pytest.raises(BLDAError, match="synthcity_tiny: cannot read the TOML config"):
+        load_config("./synthcity_tiny")

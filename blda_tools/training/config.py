@@ -117,14 +117,19 @@ def shipped_configs() -> list[str]:
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A shipped config by name (`synthcity_tiny`) or any TOML file by path."""
+    """A shipped config by name (`synthcity_tiny`) or any TOML file by path. A shipped name
+    is that config even when a file of that name lies in the working folder (which was read
+    instead); `./NAME` reads such a file."""
     path = Path(name_or_path)
+    folder = resources.files("blda_tools") / "configs"
+    is_name = (
+        isinstance(name_or_path, str) and "/" not in name_or_path and name_or_path.isidentifier()
+    )
+    shipped = folder / f"{name_or_path}.toml"
+    if is_name and shipped.is_file():
+        return Path(str(shipped))
     if path.is_file():
         return path
-    folder = resources.files("blda_tools") / "configs"
-    shipped = folder / f"{name_or_path}.toml"
-    if shipped.is_file():
-        return Path(str(shipped))
     raise BLDAError(
         f"--config: {name_or_path} is neither a file nor a shipped config; "
         f"shipped: {', '.join(shipped_configs()) or 'none'}"
