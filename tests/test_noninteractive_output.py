@@ -142,3 +142,15 @@ def test_library_warnings_reach_the_terminal_as_one_line_each():
                                timeout=120)  # fmt: skip
     assert completed.returncode == 0, completed.stderr
     assert completed.stderr == "warning: careful\n"
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "nan"])
+def test_a_progress_interval_that_is_not_seconds_is_said_and_the_default_used(monkeypatch, value):
+    # it was ignored without a word
+    from blda_tools.runtime.progress import plain_interval
+
+    monkeypatch.setenv("BLDA_PROGRESS_INTERVAL", value)
+    with pytest.warns(UserWarning, match=f"BLDA_PROGRESS_INTERVAL='{value}': expected seconds"):
+        assert plain_interval() == 10.0
+    monkeypatch.setenv("BLDA_PROGRESS_INTERVAL", "2.5")
+    assert plain_interval() == 2.5

@@ -101,3 +101,10 @@ def test_plot_log_names_the_log_file_of_a_bad_record(tmp_path):
         f"{tmp_path / 'run' / 'log.jsonl'}: the record of iteration 1"
     )
     assert not (tmp_path / "run" / "training_curves.png").exists()
+
+
+def test_a_log_path_that_is_a_folder_is_named_as_given(tmp_path):
+    # read as RUN_DIR: "log.jsonl/log.jsonl: no training log"
+    (tmp_path / "log.jsonl").mkdir()
+    with pytest.raises(BLDAError, match=r"log\.jsonl: a folder; expected the training log file"):
+        read_log(tmp_path / "log.jsonl")

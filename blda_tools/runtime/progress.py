@@ -9,9 +9,11 @@ at most every `interval` seconds (`BLDA_PROGRESS_INTERVAL`, default 10 s) and on
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
+import warnings
 from typing import TextIO
 
 DEFAULT_INTERVAL_SECONDS = 10.0
@@ -20,10 +22,21 @@ DEFAULT_INTERVAL_SECONDS = 10.0
 def plain_interval() -> float:
     """Seconds between plain progress lines: `BLDA_PROGRESS_INTERVAL` or 10."""
     text = os.environ.get("BLDA_PROGRESS_INTERVAL", "")
-    try:
-        return max(0.0, float(text)) if text else DEFAULT_INTERVAL_SECONDS
-    except ValueError:
+    if not text:
         return DEFAULT_INTERVAL_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not seconds >= 0:  # a typo, a negative number or NaN: said, not silently ignored
+        warnings.warn(
+            f"BLDA_PROGRESS_INTERVAL={text!r}: expected seconds (a number >= 0); using "
+            f"{DEFAULT_INTERVAL_SECONDS:g}",
+            UserWarning,
+            stacklevel=2,
+        )
+        return DEFAULT_INTERVAL_SECONDS
+    return seconds
 
 
 class PlainProgress:

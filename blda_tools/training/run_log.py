@@ -44,7 +44,9 @@ def log_path(path: str | Path) -> Path:
 
 def read_log(path: str | Path) -> list[dict]:
     """Records of a `log.jsonl` (or of `RUN_DIR/log.jsonl`)."""
-    path = log_path(path)
+    given, path = Path(path), log_path(path)
+    if given.name == LOG_NAME and given.is_dir():  # not RUN_DIR/log.jsonl/log.jsonl
+        raise BLDAError(f"{given}: a folder; expected the training log file {LOG_NAME}")
     if not path.is_file():
         raise BLDAError(f"{path}: no training log (expected {LOG_NAME} in a run directory)")
     text = read_text_file(path, "a training log")
