@@ -234,6 +234,22 @@ def test_a_run_stopped_by_a_failure_after_a_checkpoint_says_it_is_kept(tmp_path,
     assert _state(tmp_path)["meta"]["iteration"] == 2
 
 
+def test_a_damaged_log_is_found_before_the_resumed_run_evaluates(tmp_path, monkeypatch):
+    # found only after the probe evaluation, with no advice
+    config = small_config("run.iterations=4", "evaluation.interval=0")
+    run_training(config, tmp_path, components(), stop_at=2)
+    with open(tmp_path / "log.jsonl", "a") as log:
+        log.write("{broken\n")
+    monkeypatch.setattr(
+        "blda_tools.training.runner.check_evaluation",
+        lambda *a: pytest.fail("the probe evaluation ran first"),
+    )
+    with pytest.raises(
+        BLDAError, match=r"log.jsonl:\d+: not a JSON line; --resume keeps .* fix or"
+    ):
+        run_training(config, tmp_path, components(), resume=True)
+
+
 def _damaged(state: dict, part: str) -> dict:
     if part == "weights":  # as a checkpoint of another architecture is
         state["state_dict"] = dict(list(state["state_dict"].items())[3:])

@@ -23,7 +23,14 @@ class JsonlLog:
         """On resume: drop records written after the checkpoint's iteration (rewritten atomically)."""
         if not self.path.exists():
             return
-        kept = [r for r in read_log(self.path) if r.get("iteration", 0) <= iteration]
+        try:
+            records = read_log(self.path)
+        except BLDAError as error:
+            raise BLDAError(
+                f"{error}; --resume keeps the log's records up to the checkpoint's iteration "
+                f"{iteration} and needs every line readable: fix or delete that line"
+            ) from None
+        kept = [r for r in records if r["iteration"] <= iteration]
         with atomic_output(self.path) as temporary:
             temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
 

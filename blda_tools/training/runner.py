@@ -319,9 +319,9 @@ def _train(config, run_dir, components, device, resume, stop_at, rank, world_siz
                 f"resuming from iteration {trainer.iteration} of {config.run.iterations} "
                 f"({checkpoint_path(run_dir)})"
             )
+            # before the probe evaluation: a damaged log is found at once
+            JsonlLog(run_dir).truncate_after(trainer.iteration)
     check_evaluation(lambda: trainer.evaluate(probe=True), device)
-    if resume and rank == 0:
-        JsonlLog(run_dir).truncate_after(trainer.iteration)
     summary = run_loop(trainer, stop_at=stop_at, rng_state=rng_state)
     if world_size > 1:
         # Rank 0 still evaluates and writes the last checkpoint after the loop; a rank that tears
