@@ -176,7 +176,9 @@ def calibrate_command(ctx, stores, out_dir, tau_spec, apply_path, **options):
             f"[yellow]note:[/] {len(result.unadjusted_cells)} cells have fewer than "
             f"{config.min_samples} logits and get no offset (listed in calibration.json)"
         )
-    console.print(f"wrote {out_dir}/calibration.json and {out_dir}/calibrator.pt", markup=False)
+    # every file of the set (sweep.csv and the plots too), by name
+    written = sorted(Path(str(name)).name for name in result.files.values())
+    console.print(f"wrote {', '.join(written)} in {out_dir}", markup=False)
     console.print("next:", highlight=False)
     for line in after_calibrate([str(path) for path in stores], out_dir):
         console.print(f"  {line}", highlight=False, markup=False)

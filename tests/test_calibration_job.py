@@ -72,6 +72,9 @@ def test_calibrate_with_held_out_selection_writes_every_output(stores, tmp_path)
     result = CliRunner().invoke(_cli(), arguments)
     assert result.exit_code == 0, result.output
     assert "WARNING" not in result.output  # held-out selection, pseudo-label fit: honest
+    # the last line names every file written (it named calibration.json and calibrator.pt only)
+    written = sorted(p.name for p in out.iterdir() if p.name != ".blda-outputs.json")
+    assert f"wrote {', '.join(written)} in {out}" in " ".join(result.output.split())
     report = json.loads((out / "calibration.json").read_text())
     assert report["selection"]["how"].startswith("held-out")
     assert report["selection"]["selection_stores"] == [str(stores["select"])]
