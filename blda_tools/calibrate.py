@@ -42,7 +42,7 @@ from blda_tools.fileio import atomic_output, json_ready, none_to_nan, write_json
 from blda_tools.gmm import mixture_pdf
 from blda_tools.outputs import output_set
 from blda_tools.statistics import LogitGrid, LogitSetStatistics, as_grid
-from blda_tools.statistics.evaluation_classes import averaging_note
+from blda_tools.statistics.evaluation_classes import UNUSED_EVAL_CLASSES, averaging_note
 from blda_tools.statistics.grid import check_histograms_fit
 from blda_tools.statistics.metrics import SegmentationMetrics, js_divergence
 
@@ -173,6 +173,8 @@ def _calibrate(inputs: CalibrationInputs, out_dir: Path, options, progress) -> C
             result.eval_classes = [result.classes[c] for c in inputs.averaged]
             result.notes.append(averaging_note(inputs.averaged, result.classes))
         _add_metrics(result, evaluation)
+    elif inputs.averaged:  # accepted, and nothing to apply it to
+        result.notes.append(UNUSED_EVAL_CLASSES)
     for statistics, what in ((fit_statistics, "fitting"), (anchor_statistics, "anchor")):
         note = statistics.outside_grid_note()
         if note is not None and (what == "fitting" or anchor_statistics is not fit_statistics):

@@ -36,7 +36,11 @@ from blda_tools.statistics import (
     metrics,
     resolve_label_source,
 )
-from blda_tools.statistics.evaluation_classes import averaging_note, evaluation_classes
+from blda_tools.statistics.evaluation_classes import (
+    UNUSED_EVAL_CLASSES,
+    averaging_note,
+    evaluation_classes,
+)
 from blda_tools.store import LogitStore
 
 PLOT_FILES = {
@@ -238,6 +242,8 @@ def _measure(store, statistics, confusion, source, notes, averaged=()) -> Diagno
     )
     if confusion is None:
         notes.append("No ground truth: IoU, accuracy and Bias from Eq. 4 are not available.")
+        if averaged:  # accepted, and nothing to apply it to
+            notes.append(UNUSED_EVAL_CLASSES)
     else:
         _add_label_metrics(diagnosis, confusion, bias_estimated, averaged)
     return diagnosis

@@ -102,3 +102,28 @@ def test_diagnose_and_the_calibrate_sweep_report_the_subset_means(
         uncalibrated = next(r for r in csv.DictReader(handle) if float(r["tau"]) == 0.0)
     assert (float(uncalibrated["miou"]), float(uncalibrated["macc"])) == pytest.approx(expected)
     assert result.eval_classes == diagnosis.eval_classes
+
+
+def test_eval_classes_on_stores_without_labels_are_noted(tmp_path):
+    # accepted without a word, and nothing was averaged
+    from blda_tools.statistics import LogitGrid
+    from blda_tools.store import LogitWriter
+
+    store = tmp_path / "unlabelled.h5"
+    generator = np.random.default_rng(0)
+    with LogitWriter(store, ["a", "b", "c"]) as writer:
+        writer.add(generator.standard_normal((400, 3)).astype(np.float32), None, name="x")
+    grid = LogitGrid(-10, 10, 100)
+    diagnosis = diagnose(store, tmp_path / "d", plots_and_report=False, eval_classes=["a", "b"],
+                         grid=grid)  # fmt: skip
+    assert any(
+        note.startswith("--eval-classes: the stores have no labelled pixel")
+        for note in diagnosis.notes
+    )
+    options = CalibrateOptions(taus="0.5", eval_classes=["a", "b"], plots=False, grid=grid,
+                               min_samples=20)  # fmt: skip
+    result = calibrate(store, tmp_path / "c", options)
+    assert any(
+        note.startswith("--eval-classes: the stores have no labelled pixel")
+        for note in result.notes
+    )

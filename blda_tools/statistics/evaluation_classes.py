@@ -64,3 +64,10 @@ def averaging_note(classes: Sequence[int], class_names: Sequence[str]) -> str:
         f"mIoU and mAcc average over {len(classes)} of {len(class_names)} classes "
         f"(no {', '.join(left_out)})."
     )
+
+
+# A note for a run with --eval-classes but no metrics (stores without labels).
+UNUSED_EVAL_CLASSES = (
+    "--eval-classes: the stores have no labelled pixel, so there is no mIoU or mAcc to average "
+    "over those classes; the option changes nothing here"
+)
