@@ -4,7 +4,8 @@
   `predict_images` for uint8 images resized as mmcv does, `predict_classes` for classifiers);
 - `protocols`: each model family's test protocol, the default of a dump; `resize`: mmcv's
   keep-ratio sizes and OpenCV resize of uint8 images; `tasks`: segmentation or classification;
-- `dump`: the dump job: appends in dataset order, resume, torchrun shards; `streams`: how many
+- `dump`: the dump job: appends in dataset order, resume, torchrun shards (`dump_summary`:
+  what it did); `streams`: how many
   forward passes run at once, on how many threads;
 - `loader`: where the dump's images come from (loader workers or the streams themselves);
 - `pixel_sampling`: which pixels a dump keeps.
@@ -21,7 +22,7 @@ from blda_tools.runtime.lazy import lazy_exports
 MODES = ("whole", "slide")
 
 _EXPORTS = {
-    "DumpSummary": "dump",
+    "DumpSummary": "dump_summary",
     "dump_logits": "dump",
     "prepare_dump": "dump",
     "PixelSampling": "pixel_sampling",

@@ -33,7 +33,6 @@ import torch
 from blda_tools import __version__
 from blda_tools.errors import BLDAError, Interrupted, check_counts
 from blda_tools.fileio import (
-    PARTIAL_SUFFIX,
     created_directories,
     partial_path,
     remove_empty_directories,
@@ -48,6 +47,7 @@ from blda_tools.inference.dump_checks import (
 )
 from blda_tools.inference.dump_files import (
     COMMAND,
+    checked_store_path,
     dump_metadata,
     images_of_rank,
     names_already_stored,
@@ -55,6 +55,7 @@ from blda_tools.inference.dump_files import (
     shard_of,
     shard_path,
 )
+from blda_tools.inference.dump_summary import CorruptImageWarning, DumpSummary
 from blda_tools.inference.loader import (
     cpu_warning,
     decode,
@@ -76,7 +77,7 @@ from blda_tools.inference.streams import stream_executor, stream_layout
 from blda_tools.inference.tasks import check_classifier_inference, check_task
 from blda_tools.inference.upsample import upsample_to_float16_rows
 from blda_tools.models import load_model
-from blda_tools.outputs import checked_output_file, record_file
+from blda_tools.outputs import record_file
 from blda_tools.runtime.process import keep_freed_memory, torch_threads
 from blda_tools.store import LogitWriter, PreparedImage
 from blda_tools.store.schema import FLOAT16_MAX
@@ -87,33 +88,6 @@ from blda_tools.store.schema import FLOAT16_MAX
 COMMIT_SECONDS = 1.0
 # The torch seed of a model built without a checkpoint (`--random-weights`).
 RANDOM_WEIGHTS_SEED = 0
-
-
-class CorruptImageWarning(UserWarning):
-    """An image that cannot be decoded was skipped (counted in `DumpSummary.corrupt`)."""
-
-
-@dataclass
-class DumpSummary:
-    """What a dump did. `corrupt` lists the skipped images' messages."""
-
-    out: Path
-    has_labels: bool
-    images_already_stored: int = 0
-    images_written: int = 0
-    rows_written: int = 0
-    # The whole store, with what an earlier run stored before `--resume`.
-    images_in_store: int = 0
-    rows_in_store: int = 0
-    corrupt: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    rank: int = 0
-    world_size: int = 1
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def images_per_second(self) -> float:
-        return self.images_written / self.seconds if self.seconds > 0 else 0.0
 
 
 # ---------------------------------------------------------------------------- the job
@@ -431,12 +405,7 @@ def prepare_dump(
     """
     rank, world_size = shard_of(rank, world_size)
     check_counts(max_images=max_images, workers=workers, batch_size=batch_size, streams=streams)
-    requested_out = checked_output_file(out, "out")
-    if requested_out.name.endswith(PARTIAL_SUFFIX):  # readers would take it as unfinished
-        raise BLDAError(
-            f"out: {requested_out}: a store's name may not end in {PARTIAL_SUFFIX}, the "
-            "suffix of unfinished stores"
-        )
+    requested_out = checked_store_path(out)
     inference_changes = inference  # what the caller changed, before the protocol fills it
     protocol, inference, task = check_model(model_spec, checkpoint, random_weights, inference)
     check_archive_options(model_spec, weights, trust_checkpoint)
