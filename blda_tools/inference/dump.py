@@ -81,6 +81,7 @@ from blda_tools.outputs import record_file
 from blda_tools.runtime.process import keep_freed_memory, torch_threads
 from blda_tools.store import LogitWriter, PreparedImage
 from blda_tools.store.schema import FLOAT16_MAX
+from blda_tools.store.writer import StoreWriteError
 
 # Seconds between store commits (`LogitWriter(commit_interval=...)`): an interrupted dump
 # redoes at most this much work on `--resume`; a commit per image (two flushes, nine index
@@ -224,16 +225,25 @@ class DumpJob:
             if kept == 0:
                 return Interrupted("dump-logits interrupted before any image was stored")
             return Interrupted(f"dump-logits interrupted: {self._kept(kept)}")
-        if isinstance(error, BLDAError) and kept > 0:  # an image the run stopped at, ...
+        if kept == 0:
+            return error
+        if isinstance(error, StrictStop | StoreWriteError):  # fixed outside: then resume
             return BLDAError(f"{error}; {self._kept(kept)}")
-        failure = None if kept == 0 else resource_failure(error)
+        if isinstance(error, BLDAError):  # an image the run stopped at: resuming may stop again
+            return BLDAError(f"{error}; {self._kept(kept, after_error=True)}")
+        failure = resource_failure(error)
         return error if failure is None else BLDAError(f"{failure}; {self._kept(kept)}")
 
-    def _kept(self, kept: int) -> str:
-        return (
-            f"{kept} of {self.already_stored + self.total} images kept in "
-            f"{partial_path(self.out)}; run the same dump-logits command with --resume to continue"
+    def _kept(self, kept: int, after_error: bool = False) -> str:
+        where = (
+            f"{kept} of {self.already_stored + self.total} images kept in {partial_path(self.out)}"
         )
+        if after_error:
+            return (
+                f"{where}: fix the cause and run the same dump-logits command with --resume, "
+                "or delete it to start again"
+            )
+        return f"{where}; run the same dump-logits command with --resume to continue"
 
     def _store(self, processed: Future, writer: LogitWriter, summary, progress) -> None:
         """Store one batch's prepared images once its stream has them. While waiting, commit

@@ -50,6 +50,11 @@ from blda_tools.store.schema import (
 )
 
 
+class StoreWriteError(BLDAError):
+    """The file system refused a write of the store (a full disk, ...): what the writer had
+    committed stays in its unfinished file."""
+
+
 @dataclass(frozen=True)
 class PreparedImage:
     """One image's checked rows, ready for `LogitWriter.append`: `(N, C)` logits of the
@@ -154,9 +159,9 @@ class LogitWriter:
         if isinstance(exc, OSError):  # a full disk while appending: the committed part is kept
             raise self._write_failure(exc) from None
 
-    def _write_failure(self, error: OSError) -> BLDAError:
+    def _write_failure(self, error: OSError) -> StoreWriteError:
         kept = self.partial_path.exists() and self.num_images > self.uncommitted_images
-        return BLDAError(
+        return StoreWriteError(
             f"{self.partial_path}: cannot write: {describe_os_error(error)}"
             + ("; the images committed so far stay in it" if kept else "")
         )
