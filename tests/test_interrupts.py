@@ -226,9 +226,10 @@ import time
 import blda_cli.main as main
 main.INSIST_SECONDS = 0.5
 main._stop_on_sigterm()
-print("ready", flush=True)
 for lost in ("first", "second"):  # each KeyboardInterrupt lost, as in a weakref callback
     try:
+        if lost == "first":  # inside the try: a SIGTERM right after it is caught here
+            print("ready", flush=True)
         time.sleep(20)  # a blocking wait: the SIGINT interrupts it
     except KeyboardInterrupt:
         print(lost, "lost", flush=True)
