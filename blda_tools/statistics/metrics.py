@@ -310,14 +310,15 @@ def _js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         p = p / p_total
         q = q / q_total
-    middle = (p + q) / 2
+    total = p + q  # twice the middle distribution m
 
     def relative_entropy(x: np.ndarray) -> np.ndarray:
-        # 0 * log(0 / m) = 0; where x > 0, m > 0 too.
-        x = np.broadcast_to(x, middle.shape)
+        # 0 * log(0 / m) = 0; where x > 0, m > 0 too. x / m as 2 x / (p + q), which lies in
+        # [0, 2]: halving first made a subnormal mass's m zero, and its term infinite.
+        x = np.broadcast_to(x, total.shape)
         positive = x > 0
-        terms = np.zeros(middle.shape)
-        terms[positive] = x[positive] * np.log(x[positive] / middle[positive])
+        terms = np.zeros(total.shape)
+        terms[positive] = x[positive] * np.log(2 * x[positive] / total[positive])
         return terms.sum(-1)
 
     divergence = np.maximum((relative_entropy(p) + relative_entropy(q)) / 2, 0.0)
