@@ -79,13 +79,16 @@ def _check_recorded(record: Path, inside: Path, name: str) -> None:
     entry (absolute, "..", a folder, or a file behind a symbolic link to elsewhere) would make
     a re-run remove a file outside it, and a record may come from anyone: it is refused here,
     when the record is read, before any work and any removal."""
+    folder = name.endswith("/")  # a folder the set owns as a whole (train's blda/)
     relative = PurePosixPath(name)
-    if not name or relative.is_absolute() or ".." in relative.parts:
+    if not name.strip("/") or relative.is_absolute() or ".." in relative.parts:
         raise _damaged_record(record, f" (it lists {name!r}, not a file inside {record.parent})")
     target = record.parent / name
     if not target.parent.resolve().is_relative_to(inside):
         raise _damaged_record(record, f" (it lists {name!r}, which lies outside the directory)")
-    if target.is_dir() and not target.is_symlink():
+    if folder and target.is_symlink():
+        raise _damaged_record(record, f" (it lists {name!r}, which is a symbolic link)")
+    if not folder and target.is_dir() and not target.is_symlink():
         raise _damaged_record(record, f" (it lists {name!r}, which is a folder)")
 
 
@@ -226,6 +229,9 @@ class OutputSet:
 
 def _remove_owned(directory: Path, name: str) -> None:
     target = directory / name  # checked when the record was read (`_check_recorded`)
+    if name.endswith("/"):  # an owned folder, not a link (checked)
+        shutil.rmtree(target, ignore_errors=True)
+        return
     with contextlib.suppress(FileNotFoundError):
         target.unlink()
     parent = target.parent
@@ -386,7 +392,8 @@ def record_set(directory: str | os.PathLike, owner: str, names: Iterable[str]) -
     directory = Path(directory)
     with _locked(directory):
         sets = read_manifest(directory)
-        sets[owner] = [Path(name).as_posix() for name in names]
+        # an owned folder keeps its "/" (which Path drops)
+        sets[owner] = [Path(name).as_posix() + "/" * str(name).endswith("/") for name in names]
         _write_manifest(directory, sets)
 
 

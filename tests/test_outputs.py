@@ -394,3 +394,24 @@ def test_a_record_that_is_not_a_file_is_refused_before_any_work(inputs, tmp_path
     expect_one_line_error(result, str(out / ".blda-outputs.json"), "not a regular file")
     assert sorted(p.name for p in out.iterdir()) == [".blda-outputs.json"]
     assert "diagnose:" not in result.output  # refused before the statistics pass
+
+
+def test_a_folder_a_set_owns_is_recorded_with_a_slash_and_removed_whole(tmp_path):
+    from blda_tools.outputs import read_manifest, record_set, remove_sets
+
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "a.png").write_bytes(b"x")
+    (tmp_path / "mine.txt").write_text("mine")
+    record_set(tmp_path, "train", ["plots/", "log.jsonl"])
+    assert read_manifest(tmp_path) == {"train": ["log.jsonl", "plots/"]}
+    remove_sets(tmp_path, ["train"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+    # an owned folder that became a link elsewhere is refused, not removed through
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.png").write_bytes(b"x")
+    (tmp_path / "plots").symlink_to(elsewhere, target_is_directory=True)
+    record_set(tmp_path, "train", ["plots/"])
+    with pytest.raises(BLDAError, match="it lists 'plots/', which is a symbolic link"):
+        read_manifest(tmp_path)
+    assert (elsewhere / "keep.png").exists()

@@ -321,6 +321,16 @@ def test_synthcity_tiny_blda_end_to_end_writes_plots_and_log(tmp_path, monkeypat
     # The student loads as a plain tiny model: the head lives outside `model.*`.
     load_checkpoint(create_model("tiny", 19), run_dir / "checkpoints" / "latest.pth")
     assert not list(run_dir.rglob("*.partial"))
+    # The record lists blda/ as a folder of the run: plot-log into the run directory refused
+    # it as damaged ("lists 'blda', which is a folder")
+    from blda_cli.train import plot_log_command
+
+    plotted = CliRunner().invoke(plot_log_command, [str(run_dir)])
+    assert plotted.exit_code == 0, plotted.output
+    assert (run_dir / "training_curves.png").stat().st_size > 0
+    from blda_tools.outputs import read_manifest
+
+    assert "blda/" in read_manifest(run_dir)["train"]
 
 
 def test_upsampled_head_prediction_is_a_cdf_value():

@@ -62,7 +62,7 @@ RUN_FILES = (
     "checkpoints/latest.pth",
     "checkpoints/best.pth",
     "rcs_class_pixels.pt",
-    "blda",
+    "blda/",  # a folder of the set (online BLDA's plots): the record marks it with "/"
 )
 # Held by the run training in a directory (`_one_run_at_a_time`); removed when it ends.
 RUN_LOCK = ".blda-train.lock"
