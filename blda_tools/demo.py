@@ -30,7 +30,12 @@ from blda_tools import diagnose as diagnose_stage
 from blda_tools.calibrate import CalibrateOptions, CalibrationResult, calibrate, calibration_passes
 from blda_tools.diagnose import Diagnosis, diagnose
 from blda_tools.errors import BLDAError, Interrupted, check_number
-from blda_tools.fileio import partial_path, write_json
+from blda_tools.fileio import (
+    created_directories,
+    partial_path,
+    remove_empty_directories,
+    write_json,
+)
 from blda_tools.inference.dump import PixelSampling, prepare_dump
 from blda_tools.inference.predict import InferenceSettings
 from blda_tools.outputs import check_set, claim_file, output_set, remove_sets, set_name
@@ -139,7 +144,7 @@ def run_demo(
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    started = False
+    started, created = False, created_directories(out)  # `out` stays if it was there before
     try:
         with output_set(out, "demo", DEMO_FILES) as outputs:
             started = True
@@ -156,6 +161,7 @@ def run_demo(
     except BaseException as error:
         if started:  # the stages' outputs would describe a run without a report
             _remove_demo_outputs(out)
+        remove_empty_directories(created)
         if isinstance(error, KeyboardInterrupt):
             raise Interrupted(
                 "demo interrupted: nothing is kept (its stores take seconds); run the same demo "
@@ -178,7 +184,7 @@ def _remove_demo_outputs(out: Path) -> None:
     remove_sets(stores, [set_name("dump-logits", f"{name}.h5") for name in SPLITS])
     remove_sets(out / "diagnosis", ["diagnose"])
     remove_sets(out / "calibration", ["calibrate"])
-    remove_sets(out, ["demo"])
+    remove_sets(out, ["demo"], keep_directory=True)  # `run_demo` removes it if it made it
 
 
 def _check_stage_outputs(out: Path) -> None:

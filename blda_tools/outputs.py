@@ -397,9 +397,12 @@ def record_set(directory: str | os.PathLike, owner: str, names: Iterable[str]) -
         _write_manifest(directory, sets)
 
 
-def remove_sets(directory: str | os.PathLike, owners: Iterable[str]) -> None:
+def remove_sets(
+    directory: str | os.PathLike, owners: Iterable[str], keep_directory: bool = False
+) -> None:
     """Remove the files of the sets `owners` (set names) recorded in `directory` and forget
-    them; `directory` goes too if that leaves it empty. Other files are not touched."""
+    them; `directory` goes too if that leaves it empty, unless `keep_directory` (a folder
+    the user made). Other files are not touched."""
     directory = Path(directory)
     if not directory.is_dir():
         return
@@ -409,8 +412,9 @@ def remove_sets(directory: str | os.PathLike, owners: Iterable[str]) -> None:
             for name in sets.pop(owner, []):
                 _remove_owned(directory, name)
         _write_manifest(directory, sets)
-    with contextlib.suppress(OSError):
-        directory.rmdir()  # only when empty
+    if not keep_directory:
+        with contextlib.suppress(OSError):
+            directory.rmdir()  # only when empty
 
 
 def _is_dir(path: Path) -> bool:

@@ -205,3 +205,21 @@ def test_an_unreadable_sample_is_refused_before_an_earlier_demo_is_touched(
     with pytest.raises(BLDAError, match=f"--sample-dir {sample}: .*{expected}"):
         run_demo(out, sample_dir=sample, settings=DemoSettings.quick())
     assert snapshot(out) == before  # the earlier demo is all there
+
+
+@pytest.mark.parametrize("existed", [True, False])
+def test_a_failed_demo_keeps_an_output_folder_it_did_not_make(tmp_path, monkeypatch, existed):
+    # An interrupted (or failed) demo removed the user's empty --out folder as its own
+    import blda_tools.demo as demo
+
+    def failed(*arguments):
+        raise RuntimeError("the first stage failed")
+
+    monkeypatch.setattr(demo, "_dump_stores", failed)
+    out = tmp_path / "out"
+    if existed:
+        out.mkdir()
+    with pytest.raises(RuntimeError, match="the first stage failed"):
+        run_demo(out, settings=DemoSettings.quick())
+    assert out.is_dir() == existed
+    assert not existed or list(out.iterdir()) == []
