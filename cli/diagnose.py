@@ -99,10 +99,9 @@ def diagnose_command(stores, out_dir, labels, workers, grid_spec, no_plots, eval
             f"mIoU{over} {result.miou:.1%}  mAcc{over} {result.macc:.1%}  IoU std {result.iou_std:.1%}  "
             f"Spearman(Eq. 4, Eq. 5) {_fmt(result.bias_rank_correlation, '.3f')}"
         )
-    console.print(
-        f"wrote {out_dir}/diagnosis.json" + ("" if no_plots else f", {out_dir}/report.html"),
-        markup=False,
-    )
+    # every file of the set (statistics.h5 and the figures too), by name, as calibrate does
+    written = sorted(Path(str(name)).name for name in result.files.values())
+    console.print(f"wrote {', '.join(written)} in {out_dir}", markup=False)
     from blda_tools.report.explain import after_diagnose
 
     console.print("next:", highlight=False)

@@ -50,6 +50,7 @@ _EXPORTS = {
     "SYNTHIA_16_CLASSES": "synthia",
     "SYNTHIA_TO_TRAIN_ID": "synthia",
     "SynthiaDataset": "synthia",
+    "make_synthcity": "synthcity",  # as docs/architecture.md lists it (synthcity/__init__)
 }
 
 __all__ = sorted([*_EXPORTS, "build_dataset", "list_datasets"])
