@@ -114,12 +114,7 @@ def test_dump_logits_filling_the_disk_after_a_commit_says_what_is_kept(
     # Every image committed as it comes: the disk fills with images kept. The line said "the
     # images committed so far are kept: continue with --resume", not docs/outputs.md's form.
     monkeypatch.setattr("blda_tools.inference.dump.COMMIT_SECONDS", 0.0)
-    plugin = install_plugin(tmp_path, monkeypatch)
-    make_cityscapes(tmp_path / "data", count=6, size=(128, 256))  # 2.5 MB of float32 logits each
-    arguments = ["dump-logits", "--model", plugin, "--dataset", "cityscapes", "--data-root",
-                 str(tmp_path / "data"), "--mode", "whole", "--resize", "none", "--workers", "0",
-                 "--float32", "--out", str(small_disk / "o.h5")]  # fmt: skip
-    result = CliRunner().invoke(cli, arguments)
+    result = _dump_six_images_onto(small_disk, tmp_path, monkeypatch)
     line = expect_one_line_error(result, str(small_disk / "o.h5.partial"), "No space left")
     assert re.search(r"; [1-5] of 6 images kept in .*o\.h5\.partial; run the same dump-logits "
                      r"command with --resume to continue$", line), line  # fmt: skip
@@ -129,14 +124,19 @@ def test_dump_logits_filling_the_disk_after_a_commit_says_what_is_kept(
 def test_dump_logits_filling_the_disk_before_its_first_commit(tmp_path, monkeypatch, small_disk):
     # The first add's rows do not fit: HDF5's close, flushing them, failed too and its
     # RuntimeError replaced the write error with a traceback (helper's probe, 12 MB tmpfs).
-    plugin = install_plugin(tmp_path, monkeypatch)
-    make_cityscapes(tmp_path / "data", count=6, size=(128, 256))  # 2.5 MB of float32 logits each
-    arguments = ["dump-logits", "--model", plugin, "--dataset", "cityscapes", "--data-root",
-                 str(tmp_path / "data"), "--mode", "whole", "--resize", "none", "--workers", "0",
-                 "--float32", "--out", str(small_disk / "o.h5")]  # fmt: skip
-    result = CliRunner().invoke(cli, arguments)
+    result = _dump_six_images_onto(small_disk, tmp_path, monkeypatch)
     line = expect_one_line_error(result, str(small_disk / "o.h5"), "No space left on device")
     assert "continue with --resume" not in line  # no image was committed
+
+
+def _dump_six_images_onto(disk: Path, tmp_path: Path, monkeypatch):
+    """dump-logits of six 128 x 256 images (2.5 MB of float32 logits each) into disk/o.h5."""
+    plugin = install_plugin(tmp_path, monkeypatch)
+    make_cityscapes(tmp_path / "data", count=6, size=(128, 256))
+    arguments = ["dump-logits", "--model", plugin, "--dataset", "cityscapes", "--data-root",
+                 str(tmp_path / "data"), "--mode", "whole", "--resize", "none", "--workers", "0",
+                 "--float32", "--out", str(disk / "o.h5")]  # fmt: skip
+    return CliRunner().invoke(cli, arguments)
 
 
 @pytest.mark.parametrize(
