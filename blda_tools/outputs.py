@@ -33,6 +33,7 @@ from pathlib import Path, PurePosixPath
 
 from blda_tools.errors import BLDAError
 from blda_tools.fileio import (
+    PARTIAL_SUFFIX,
     created_directories,
     describe_os_error,
     remove_empty_directories,
@@ -343,6 +344,14 @@ def checked_output_path(path: str | os.PathLike, what: str) -> Path:
         raise BLDAError(f"{what}: an empty path; give a file or directory ('.' for this one)")
     if not isinstance(path, (str, os.PathLike)):
         raise BLDAError(f"{what}: expected a path, got {type(path).__name__}")
+    name = Path(path).name
+    if name == MANIFEST or name.startswith(STAGING_PREFIX) or name.endswith(PARTIAL_SUFFIX):
+        # blda's record, staging folders and unfinished files: a later run reads, replaces or
+        # removes them as its own
+        raise BLDAError(
+            f"{what}: {os.fspath(path)!r}: a name blda keeps for itself ({MANIFEST}, "
+            f"{STAGING_PREFIX}*, *{PARTIAL_SUFFIX}); choose another name"
+        )
     return Path(path)
 
 

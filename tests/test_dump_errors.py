@@ -253,7 +253,8 @@ def test_warnings_are_one_line_each_from_workers_too_and_when_the_dump_fails(
     ("out", "expected"),
     [(".", "names a folder"), ("./", "names a folder"), ("/", "names a folder"),
      ("new/", "names a folder"), ("sub/..", "names a folder"),
-     ("o.h5.partial", "may not end in .partial")],
+     ("o.h5.partial", "a name blda keeps for itself"),
+     (".blda-outputs.json", "a name blda keeps for itself")],
 )  # fmt: skip
 def test_an_out_that_names_no_store_file_is_refused_in_one_line(tmp_path, plugin, out, expected):
     # "." and "/" raised a ValueError from pathlib; "new/" wrote a store named "new"; a store

@@ -415,3 +415,15 @@ def test_a_folder_a_set_owns_is_recorded_with_a_slash_and_removed_whole(tmp_path
     with pytest.raises(BLDAError, match="it lists 'plots/', which is a symbolic link"):
         read_manifest(tmp_path)
     assert (elsewhere / "keep.png").exists()
+
+
+@pytest.mark.parametrize("name", [".blda-outputs.json", ".blda-partial-diagnose", "x.partial"])
+def test_names_blda_keeps_for_itself_are_refused_as_outputs(inputs, tmp_path, name):
+    # export and plot-log said "wrote x.partial" and left nothing; a diagnose into
+    # .blda-partial-diagnose was removed by the next run into its parent as a staging folder
+    out = tmp_path / name
+    for arguments in (["diagnose", inputs["store"], "--out", out, "--grid", GRID, "--no-plots"],
+                      ["export", inputs["calibrator"], "--out", out]):  # fmt: skip
+        result = run(*arguments)
+        expect_one_line_error(result, "a name blda keeps for itself")
+    assert not out.exists()

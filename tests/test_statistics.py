@@ -428,3 +428,20 @@ def test_confusion_takes_the_first_of_tied_maxima_like_numpy():
     statistics = filled(logits, labels, num_classes=4)
     expected = confusion_matrix(labels, logits.argmax(1), labels=list(range(4)))
     np.testing.assert_array_equal(statistics.confusion, expected)
+
+
+@pytest.mark.parametrize("offset", [64, 200, 512, 4096])
+def test_a_statistics_file_with_a_zeroed_block_names_itself(tmp_path, offset):
+    # h5py's KeyError or RuntimeError ("bad symbol table node signature"), naming no file
+    from blda_tools.errors import BLDAError
+    from blda_tools.statistics import LogitGrid, LogitSetStatistics
+
+    statistics = LogitSetStatistics(2, LogitGrid(-5, 5, 20), class_names=["a", "b"])
+    statistics.update(torch.randn(50, 2), torch.randint(0, 2, (50,)))
+    path = tmp_path / "statistics.h5"
+    statistics.save(path)
+    content = bytearray(path.read_bytes())
+    content[offset : offset + 4096] = bytes(min(4096, len(content) - offset))
+    path.write_bytes(bytes(content))
+    with pytest.raises(BLDAError, match=f"^{path}: "):
+        LogitSetStatistics.load(path)

@@ -123,6 +123,12 @@ def test_reader_rejects_unusable_files(tmp_path):
     assert content.count(b"GCOL") >= 1
     heap.write_bytes(content.replace(b"GCOL", b"XXXX"))
     expect_open_error(heap, "heap.h5", "the file is damaged")
+    # a zeroed block where the objects are: h5py's KeyError ("unable to determine object type")
+    zeroed = small_store(tmp_path / "zeroed.h5")
+    content = bytearray(zeroed.read_bytes())
+    content[200:4296] = bytes(4096)
+    zeroed.write_bytes(bytes(content))
+    expect_open_error(zeroed, "zeroed.h5", "")
     with LogitWriter(tmp_path / "empty.h5", CLASSES) as writer:
         writer.add(np.zeros((0, 3), np.float32), np.zeros(0, np.int64), name="nothing")
     expect_open_error(tmp_path / "empty.h5", "empty.h5", "empty (zero rows)")

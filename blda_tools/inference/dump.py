@@ -47,7 +47,6 @@ from blda_tools.inference.dump_checks import (
 )
 from blda_tools.inference.dump_files import (
     COMMAND,
-    checked_store_path,
     dump_metadata,
     images_of_rank,
     names_already_stored,
@@ -77,7 +76,7 @@ from blda_tools.inference.streams import stream_executor, stream_layout
 from blda_tools.inference.tasks import check_classifier_inference, check_task
 from blda_tools.inference.upsample import upsample_to_float16_rows
 from blda_tools.models import load_model
-from blda_tools.outputs import record_file
+from blda_tools.outputs import checked_output_file, record_file
 from blda_tools.runtime.process import keep_freed_memory, torch_threads
 from blda_tools.store import LogitWriter, PreparedImage
 from blda_tools.store.schema import FLOAT16_MAX
@@ -415,7 +414,7 @@ def prepare_dump(
     """
     rank, world_size = shard_of(rank, world_size)
     check_counts(max_images=max_images, workers=workers, batch_size=batch_size, streams=streams)
-    requested_out = checked_store_path(out)
+    requested_out = checked_output_file(out, "out")  # a file, not a name blda keeps
     inference_changes = inference  # what the caller changed, before the protocol fills it
     protocol, inference, task = check_model(model_spec, checkpoint, random_weights, inference)
     check_archive_options(model_spec, weights, trust_checkpoint)

@@ -15,9 +15,9 @@ from pathlib import Path
 import h5py
 
 from blda_tools.errors import BLDAError
-from blda_tools.fileio import PARTIAL_SUFFIX, partial_path
+from blda_tools.fileio import partial_path
 from blda_tools.inference.predict import distributed_rank
-from blda_tools.outputs import checked_output_file, claim_file, read_manifest, record_set
+from blda_tools.outputs import claim_file, read_manifest, record_set
 
 COMMAND = "dump-logits"
 # Metadata that must match between an unfinished store and a resumed run.
@@ -204,15 +204,3 @@ def _check_same_run(path: Path, stored: dict, metadata: dict) -> None:
             f"file has changed since: new weights would mix two models in one store); delete "
             f"{path} and dump again, or resume with the checkpoint it was dumped from"
         )
-
-
-def checked_store_path(out) -> Path:
-    """`--out` as the path of a store file (`checked_output_file`), whose name may not end in
-    .partial: readers take such a store as unfinished and refuse it."""
-    path = checked_output_file(out, "out")
-    if path.name.endswith(PARTIAL_SUFFIX):
-        raise BLDAError(
-            f"out: {path}: a store's name may not end in {PARTIAL_SUFFIX}, the suffix of "
-            "unfinished stores"
-        )
-    return path

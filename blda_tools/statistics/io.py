@@ -81,34 +81,14 @@ def read_statistics(path: str | os.PathLike) -> tuple[StatisticsHeader, dict[str
         file = h5py.File(path, "r")
     except OSError as error:
         raise BLDAError(f"{path}: cannot open as an HDF5 statistics file ({error})") from None
-    with file:
-        if _optional_text(file.attrs.get("format")) != FORMAT_NAME:  # str or bytes in HDF5
-            raise BLDAError(f"{path}: not a blda statistics file (format attribute missing)")
-        version = int(file.attrs.get("format_version", -1))
-        if version != FORMAT_VERSION:
-            raise BLDAError(
-                f"{path}: statistics format version {version}, expected {FORMAT_VERSION}"
-            )
-        try:
-            names = file.attrs.get("class_names")
-            header = StatisticsHeader(
-                num_classes=int(file.attrs["num_classes"]),
-                ignore_index=int(file.attrs["ignore_index"]),
-                num_ignored=int(file.attrs["num_ignored"]),
-                grid_low=float(file.attrs["grid_low"]),
-                grid_high=float(file.attrs["grid_high"]),
-                grid_bins=int(file.attrs["grid_bins"]),
-                class_names=_class_names(names, path),
-                label_source=_label_source(file.attrs.get("label_source"), path),
-                stores=_optional_texts(file.attrs.get("stores")),
-            )
-        except KeyError as error:
-            raise BLDAError(f"{path}: statistics file is missing {error}") from None
-        except (ValueError, TypeError) as error:  # an attribute of the wrong type
-            raise BLDAError(f"{path}: statistics file has a bad header field ({error})") from None
-        if header.num_ignored < 0:
-            raise BLDAError(f"{path}: num_ignored is {header.num_ignored}, not a count")
-        arrays = {name: _read_array(file, name, header.array_shape(name), path) for name in ARRAYS}
+    try:
+        header, arrays = _read_open(file, path)
+    except (OSError, KeyError, RuntimeError) as error:  # HDF5's, on a damaged file: no name
+        raise BLDAError(
+            f"{path}: cannot read the statistics file, it is damaged ({error})"
+        ) from None
+    finally:
+        file.close()
     for name in ("histogram", "count", "confusion", "clipped"):  # counts of pixels
         values = arrays[name]
         whole = values.dtype.kind in "iu" or bool((values == np.floor(values)).all())
@@ -117,6 +97,36 @@ def read_statistics(path: str | os.PathLike) -> tuple[StatisticsHeader, dict[str
                 f"{path}: dataset '{name}' holds values that are not counts (< 0, NaN or "
                 "fractional)"
             )
+    return header, arrays
+
+
+def _read_open(file: h5py.File, path) -> tuple[StatisticsHeader, dict[str, np.ndarray]]:
+    """The header and arrays of the open statistics file `file`."""
+    if _optional_text(file.attrs.get("format")) != FORMAT_NAME:  # str or bytes in HDF5
+        raise BLDAError(f"{path}: not a blda statistics file (format attribute missing)")
+    version = int(file.attrs.get("format_version", -1))
+    if version != FORMAT_VERSION:
+        raise BLDAError(f"{path}: statistics format version {version}, expected {FORMAT_VERSION}")
+    try:
+        names = file.attrs.get("class_names")
+        header = StatisticsHeader(
+            num_classes=int(file.attrs["num_classes"]),
+            ignore_index=int(file.attrs["ignore_index"]),
+            num_ignored=int(file.attrs["num_ignored"]),
+            grid_low=float(file.attrs["grid_low"]),
+            grid_high=float(file.attrs["grid_high"]),
+            grid_bins=int(file.attrs["grid_bins"]),
+            class_names=_class_names(names, path),
+            label_source=_label_source(file.attrs.get("label_source"), path),
+            stores=_optional_texts(file.attrs.get("stores")),
+        )
+    except KeyError as error:
+        raise BLDAError(f"{path}: statistics file is missing {error}") from None
+    except (ValueError, TypeError) as error:  # an attribute of the wrong type
+        raise BLDAError(f"{path}: statistics file has a bad header field ({error})") from None
+    if header.num_ignored < 0:
+        raise BLDAError(f"{path}: num_ignored is {header.num_ignored}, not a count")
+    arrays = {name: _read_array(file, name, header.array_shape(name), path) for name in ARRAYS}
     return header, arrays
 
 

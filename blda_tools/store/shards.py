@@ -70,7 +70,7 @@ def _open_shard(path: Path) -> _Shard:
         ) from None
     try:
         shard = _checked_shard(path, file)
-    except OSError as error:  # HDF5's read of a damaged header or index names no file
+    except (OSError, KeyError, RuntimeError) as error:  # HDF5's, on a damaged file: no name
         file.close()
         raise BLDAError(
             f"{path}: cannot read the store's attributes or image index, the file is damaged "
