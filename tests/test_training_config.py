@@ -102,6 +102,9 @@ def test_overrides_are_typed():
         ("optim.betas=[0.9]", r"optim\.betas must be two numbers in \[0, 1\)"),
         # the poly decay climbed from lr towards it
         ("optim.min_lr=1.0", r"optim\.min_lr 1 is above optim\.lr"),
+        # beyond a C long: OverflowError tracebacks in torch and the loaders
+        ("run.iterations=100000000000000000000", r"run\.iterations: expected an integer of at most"),
+        ("augment.crop_size=[100000000000000000000, 2]", r"augment\.crop_size: expected an integer"),
         ("optim.min_lr=-0.5", r"optim\.min_lr must lie in \[0, inf\)"),
         ("optim.weight_decay=-1", r"optim\.weight_decay must lie in \[0, inf\)"),
         ("optim.warmup_iters=-5", r"optim\.warmup_iters must lie in \[0, inf\)"),

@@ -49,6 +49,8 @@ _CHOICES = {
     "loss.blda_mode": ("none", "ola_source", "ola", "ola+cde"),
     "loss.blda_regression_loss": ("l2", "l1"),
 }
+# The largest integer a key takes (int64: what torch, numpy and the loaders convert to).
+_LARGEST_INT = 2**63 - 1
 _PAIRS = (
     "data.source_size",
     "data.target_size",
@@ -260,6 +262,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > _LARGEST_INT:  # torch and numpy take C longs: OverflowError
+                raise BLDAError(
+                    f"{where}: expected an integer of at most {_LARGEST_INT}, got {value}"
+                )
             return value
     elif hint is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
