@@ -52,15 +52,21 @@ def capture_rng_state() -> dict:
     return state
 
 
+def _rng_parts(state: dict) -> tuple[tuple, tuple, torch.Tensor]:
+    """The Python, numpy and torch states of a `capture_rng_state` dict, as their setters
+    take them."""
+    version, python_state, gauss = state["python"]
+    name, keys, position, has_gauss, cached = state["numpy"]
+    numpy_state = (name, keys.numpy().astype(np.uint32), position, has_gauss, cached)
+    return (version, tuple(python_state), gauss), numpy_state, state["torch"]
+
+
 def restore_rng_state(state: dict) -> None:
     """Inverse of `capture_rng_state`."""
-    version, python_state, gauss = state["python"]
-    random.setstate((version, tuple(python_state), gauss))
-    name, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state(  # noqa: NPY002
-        (name, keys.numpy().astype(np.uint32), position, has_gauss, cached)
-    )
-    torch.set_rng_state(state["torch"])
+    python_state, numpy_state, torch_state = _rng_parts(state)
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)  # noqa: NPY002
+    torch.set_rng_state(torch_state)
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -116,11 +122,8 @@ def resume_into(trainer, path: str | Path, iterations: int) -> dict:
 
 
 def _check_rng_state(state: dict) -> None:
-    """Raise as `restore_rng_state` would, without touching the global generators."""
-    version, python_state, gauss = state["python"]
-    random.Random().setstate((version, tuple(python_state), gauss))
-    name, keys, position, has_gauss, cached = state["numpy"]
-    np.random.RandomState().set_state(
-        (name, keys.numpy().astype(np.uint32), position, has_gauss, cached)
-    )
-    torch.Generator().set_state(state["torch"])
+    """Raise as `restore_rng_state` would, on fresh generators (the global ones untouched)."""
+    python_state, numpy_state, torch_state = _rng_parts(state)
+    random.Random().setstate(python_state)
+    np.random.RandomState().set_state(numpy_state)
+    torch.Generator().set_state(torch_state)
